@@ -1,0 +1,283 @@
+//! The IDX format of MNIST and Fashion-MNIST, raw or gzip-compressed.
+//!
+//! Header: two zero bytes, a type code (`0x08` = unsigned byte, the only one image sets use),
+//! the number of dimensions, then each dimension as a big-endian `u32`. Nothing is allocated
+//! from what the header claims: data is read as it arrives and then checked against it.
+
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::Path;
+
+use flate2::read::GzDecoder;
+
+use super::Dataset;
+use crate::{Error, Result};
+
+/// An IDX file's dimensions and its bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdxArray {
+    /// Dimensions from the header.
+    pub dims: Vec<usize>,
+    /// The data, `dims.iter().product()` bytes.
+    pub data: Vec<u8>,
+}
+
+fn open(path: &Path) -> Result<Box<dyn Read>> {
+    let mut file = BufReader::new(File::open(path).map_err(|e| Error::io(path, e))?);
+    let mut magic = [0u8; 2];
+    let n = read_up_to(&mut file, &mut magic).map_err(|e| Error::io(path, e))?;
+    let head = std::io::Cursor::new(magic[..n].to_vec());
+    let chained = head.chain(file);
+    if n == 2 && magic == [0x1f, 0x8b] {
+        Ok(Box::new(GzDecoder::new(chained)))
+    } else {
+        Ok(Box::new(chained))
+    }
+}
+
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// Reads an IDX file (raw or gzip) of unsigned bytes.
+///
+/// # Errors
+/// [`Error::BadFile`] with the byte offset (in the decompressed stream) for a wrong magic
+/// number, an unsupported type, a zero dimension, or data shorter or longer than the header says;
+/// [`Error::Io`] when the file cannot be read.
+pub fn read_idx(path: &Path) -> Result<IdxArray> {
+    let mut r = open(path)?;
+    let bad = |offset: u64, msg: String| Error::bad_file(path, offset, msg);
+    let io =
+        |e: std::io::Error| Error::bad_file(path, 0, format!("cannot decompress or read: {e}"));
+    let mut head = [0u8; 4];
+    let n = read_up_to(&mut r, &mut head).map_err(io)?;
+    if n < 4 {
+        return Err(bad(
+            n as u64,
+            format!("file ends after {n} bytes; an IDX header has at least 4"),
+        ));
+    }
+    if head[0] != 0 || head[1] != 0 {
+        return Err(bad(
+            0,
+            format!(
+                "not an IDX file: magic starts {:02x} {:02x}, expected 00 00",
+                head[0], head[1]
+            ),
+        ));
+    }
+    if head[2] != 0x08 {
+        return Err(bad(
+            2,
+            format!(
+                "IDX type code 0x{:02x} is not supported: expected 0x08 (unsigned byte)",
+                head[2]
+            ),
+        ));
+    }
+    let ndim = head[3] as usize;
+    if ndim == 0 || ndim > 4 {
+        return Err(bad(
+            3,
+            format!("IDX file with {ndim} dimensions: expected 1 to 4"),
+        ));
+    }
+    let mut dims = Vec::with_capacity(ndim);
+    for d in 0..ndim {
+        let offset = 4 + 4 * d as u64;
+        let mut b = [0u8; 4];
+        if read_up_to(&mut r, &mut b).map_err(io)? < 4 {
+            return Err(bad(
+                offset,
+                format!("file ends inside the header (dimension {d} of {ndim})"),
+            ));
+        }
+        let v = u32::from_be_bytes(b) as usize;
+        if v == 0 {
+            return Err(bad(offset, format!("dimension {d} is 0")));
+        }
+        dims.push(v);
+    }
+    let header = 4 + 4 * ndim as u64;
+    let expected = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+    let Some(expected) = expected else {
+        return Err(bad(4, format!("dimensions {dims:?} overflow")));
+    };
+    // Read at most one byte more than announced, without reserving what the header claims.
+    let mut data = Vec::new();
+    r.take(expected as u64 + 1)
+        .read_to_end(&mut data)
+        .map_err(io)?;
+    if data.len() < expected {
+        return Err(bad(
+            header + data.len() as u64,
+            format!(
+                "truncated: header announces {dims:?} = {expected} bytes of data, file has {}",
+                data.len()
+            ),
+        ));
+    }
+    if data.len() > expected {
+        return Err(bad(
+            header + expected as u64,
+            format!("trailing data after the {expected} bytes the header announces"),
+        ));
+    }
+    Ok(IdxArray { dims, data })
+}
+
+/// Reads an IDX image file: `[n, height, width]` (grey) or `[n, channels, height, width]`.
+/// Returns `([channels, height, width], pixels, n)`.
+///
+/// # Errors
+/// As [`read_idx`], and [`Error::BadFile`] for a file that is not 3- or 4-dimensional.
+pub fn load_idx_images(path: &Path) -> Result<([usize; 3], Vec<u8>, usize)> {
+    let a = read_idx(path)?;
+    let shape = match a.dims[..] {
+        [_, h, w] => [1, h, w],
+        [_, c, h, w] => [c, h, w],
+        _ => {
+            return Err(Error::bad_file(
+                path,
+                3,
+                format!("images need 3 or 4 dimensions, file has {:?}", a.dims),
+            ));
+        }
+    };
+    Ok((shape, a.data, a.dims[0]))
+}
+
+/// Reads an IDX label file (one dimension).
+///
+/// # Errors
+/// As [`read_idx`], and [`Error::BadFile`] for a file that is not 1-dimensional.
+pub fn load_idx_labels(path: &Path) -> Result<Vec<u32>> {
+    let a = read_idx(path)?;
+    if a.dims.len() != 1 {
+        return Err(Error::bad_file(
+            path,
+            3,
+            format!("labels need 1 dimension, file has {:?}", a.dims),
+        ));
+    }
+    Ok(a.data.into_iter().map(u32::from).collect())
+}
+
+/// Loads an image file and a label file into a [`Dataset`]; the number of classes is the
+/// largest label plus one (at least 2).
+///
+/// # Errors
+/// As [`read_idx`]; [`Error::BadFile`] when the counts differ.
+pub fn load_idx_pair(images: &Path, labels: &Path) -> Result<Dataset> {
+    let (shape, pixels, n) = load_idx_images(images)?;
+    let labels_v = load_idx_labels(labels)?;
+    if labels_v.len() != n {
+        return Err(Error::bad_file(
+            labels,
+            4,
+            format!(
+                "{} labels for the {n} images of {}",
+                labels_v.len(),
+                images.display()
+            ),
+        ));
+    }
+    let classes = labels_v
+        .iter()
+        .max()
+        .map(|&m| m as usize + 1)
+        .unwrap_or(0)
+        .max(2);
+    Dataset::new(shape, pixels, labels_v, classes)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(path: &Path, bytes: &[u8], gz: bool) {
+        let mut f = File::create(path).unwrap();
+        if gz {
+            let mut e = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
+            e.write_all(bytes).unwrap();
+            e.finish().unwrap();
+        } else {
+            f.write_all(bytes).unwrap();
+        }
+    }
+
+    fn idx(dims: &[u32], data: &[u8]) -> Vec<u8> {
+        let mut v = vec![0, 0, 8, dims.len() as u8];
+        for d in dims {
+            v.extend_from_slice(&d.to_be_bytes());
+        }
+        v.extend_from_slice(data);
+        v
+    }
+
+    #[test]
+    fn raw_and_gzip_load_the_same() {
+        let dir = tempdir();
+        let data: Vec<u8> = (0..2 * 3 * 4).map(|v| v as u8).collect();
+        for gz in [false, true] {
+            let p = dir.join(format!("img{gz}"));
+            write(&p, &idx(&[2, 3, 4], &data), gz);
+            let (shape, pixels, n) = load_idx_images(&p).unwrap();
+            assert_eq!((shape, n), ([1, 3, 4], 2));
+            assert_eq!(pixels, data);
+        }
+    }
+
+    #[test]
+    fn damaged_files_name_the_offset() {
+        let dir = tempdir();
+        let p = dir.join("bad");
+        write(&p, &idx(&[2, 3, 4], &[0; 10]), false);
+        let e = read_idx(&p).unwrap_err().to_string();
+        assert!(e.contains("byte 26") && e.contains("truncated"), "{e}");
+
+        write(&p, &[1, 2, 8, 1], false);
+        assert!(read_idx(&p).unwrap_err().to_string().contains("byte 0"));
+
+        // A header that claims 4 GB must not allocate it.
+        write(&p, &idx(&[65535, 65535], &[1, 2, 3]), true);
+        let e = read_idx(&p).unwrap_err().to_string();
+        assert!(e.contains("truncated"), "{e}");
+
+        write(&p, &idx(&[2], &[1, 2, 3]), false);
+        assert!(read_idx(&p).unwrap_err().to_string().contains("trailing"));
+    }
+
+    #[test]
+    fn label_count_must_match() {
+        let dir = tempdir();
+        let (i, l) = (dir.join("i"), dir.join("l"));
+        write(&i, &idx(&[2, 1, 1], &[0, 1]), false);
+        write(&l, &idx(&[3], &[0, 1, 1]), false);
+        assert!(
+            load_idx_pair(&i, &l)
+                .unwrap_err()
+                .to_string()
+                .contains("3 labels for the 2 images")
+        );
+    }
+
+    pub(crate) fn tempdir() -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "shrink-idx-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}

@@ -1,0 +1,242 @@
+//! Channel coupling: which (node, axis) pairs must keep the same set of channels.
+//!
+//! Removing output channel `k` of a convolution also removes entry `k` of the batch norm after
+//! it, input channel `k` of every convolution or linear layer that reads it, and — through a
+//! residual add — channel `k` of every other branch that meets at that add. A
+//! [`CouplingGroup`] lists all of those places, so structured pruning can remove a channel
+//! consistently or not at all.
+
+use super::{Graph, NodeId, Op, ValueShape};
+use crate::Result;
+
+/// How a node touches the channels of a coupling group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChannelRole {
+    /// Produces the channels: axis 0 of its weight and bias (conv filters, linear neurons).
+    Produces,
+    /// Carries per-channel parameters along: batch-norm γ/β/statistics, or a depthwise
+    /// convolution's filters (axis 0 of its weight).
+    Follows,
+    /// Reads the channels: axis 1 of its weight. `features_per_channel` is the number of
+    /// consecutive input features that belong to one channel (h·w after a flatten, else 1).
+    Consumes {
+        /// Input features per channel of the group.
+        features_per_channel: usize,
+    },
+}
+
+/// One place a coupling group touches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CouplingMember {
+    /// The node.
+    pub node: NodeId,
+    /// How it touches the channels.
+    pub role: ChannelRole,
+}
+
+/// A set of channels that must be pruned together, and every place they appear.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CouplingGroup {
+    /// Number of channels in the group.
+    pub channels: usize,
+    /// Parameterised nodes touching the group, in graph order.
+    pub members: Vec<CouplingMember>,
+    /// Nodes whose output carries these channels (including parameter-free ones such as ReLU
+    /// and add), in graph order.
+    pub carriers: Vec<NodeId>,
+    /// Whether channels of this group may be removed: false for the network input, the output
+    /// (logits), and channels entering or leaving a grouped (non-depthwise) convolution.
+    pub prunable: bool,
+}
+
+impl CouplingGroup {
+    /// The producers of the group (convolutions and linear layers whose outputs are its channels).
+    pub fn producers(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.members
+            .iter()
+            .filter(|m| m.role == ChannelRole::Produces)
+            .map(|m| m.node)
+    }
+}
+
+struct UnionFind(Vec<usize>);
+
+impl UnionFind {
+    fn find(&mut self, mut x: usize) -> usize {
+        while self.0[x] != x {
+            self.0[x] = self.0[self.0[x]];
+            x = self.0[x];
+        }
+        x
+    }
+    fn union(&mut self, a: usize, b: usize) {
+        let (a, b) = (self.find(a), self.find(b));
+        if a != b {
+            self.0[b.max(a)] = a.min(b);
+        }
+    }
+    fn fresh(&mut self) -> usize {
+        self.0.push(self.0.len());
+        self.0.len() - 1
+    }
+}
+
+impl Graph {
+    /// The channel-coupling groups of the graph, in order of their first carrier.
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidGraph`] if shape inference fails.
+    pub fn coupling_groups(&self) -> Result<Vec<CouplingGroup>> {
+        let shapes = self.shapes()?;
+        let mut uf = UnionFind(Vec::new());
+        // space[i]: the channel space of node i's output; block[i]: features per channel.
+        let mut space = vec![0usize; self.nodes.len()];
+        let mut block = vec![1usize; self.nodes.len()];
+        let mut fixed = Vec::new();
+        let mut members: Vec<(usize, CouplingMember)> = Vec::new();
+        for (id, node) in self.nodes.iter().enumerate() {
+            let input = node.inputs.first().copied();
+            let same_as_input = |space: &[usize]| space[input.expect("has an input")];
+            match &node.op {
+                Op::Input { .. } => {
+                    space[id] = uf.fresh();
+                    fixed.push(space[id]);
+                }
+                Op::Conv2d {
+                    in_channels,
+                    out_channels,
+                    groups,
+                    ..
+                } => {
+                    let i = input.expect("conv has an input");
+                    if *groups > 1 && groups == in_channels && groups == out_channels {
+                        space[id] = space[i];
+                        members.push((
+                            space[i],
+                            CouplingMember {
+                                node: id,
+                                role: ChannelRole::Follows,
+                            },
+                        ));
+                    } else {
+                        space[id] = uf.fresh();
+                        members.push((space[i], consumes(id, block[i])));
+                        members.push((
+                            space[id],
+                            CouplingMember {
+                                node: id,
+                                role: ChannelRole::Produces,
+                            },
+                        ));
+                        if *groups > 1 {
+                            fixed.push(space[i]);
+                            fixed.push(space[id]);
+                        }
+                    }
+                }
+                Op::Linear { .. } => {
+                    let i = input.expect("linear has an input");
+                    space[id] = uf.fresh();
+                    members.push((space[i], consumes(id, block[i] * spatial(&shapes[i]))));
+                    members.push((
+                        space[id],
+                        CouplingMember {
+                            node: id,
+                            role: ChannelRole::Produces,
+                        },
+                    ));
+                }
+                Op::BatchNorm2d { .. } => {
+                    space[id] = same_as_input(&space);
+                    block[id] = block[input.expect("has an input")];
+                    members.push((
+                        space[id],
+                        CouplingMember {
+                            node: id,
+                            role: ChannelRole::Follows,
+                        },
+                    ));
+                }
+                Op::Flatten => {
+                    let i = input.expect("flatten has an input");
+                    space[id] = space[i];
+                    block[id] = block[i] * spatial(&shapes[i]);
+                }
+                Op::Add => {
+                    for &i in &node.inputs[1..] {
+                        uf.union(space[node.inputs[0]], space[i]);
+                    }
+                    space[id] = space[node.inputs[0]];
+                    block[id] = block[node.inputs[0]];
+                }
+                Op::Relu
+                | Op::Identity
+                | Op::MaxPool2d { .. }
+                | Op::AvgPool2d { .. }
+                | Op::GlobalAvgPool => {
+                    space[id] = same_as_input(&space);
+                    block[id] = block[input.expect("has an input")];
+                }
+            }
+        }
+        fixed.push(space[self.output]);
+
+        let mut roots: Vec<usize> = Vec::new();
+        let mut groups: Vec<CouplingGroup> = Vec::new();
+        for id in 0..self.nodes.len() {
+            let root = uf.find(space[id]);
+            let g = match roots.iter().position(|&r| r == root) {
+                Some(g) => g,
+                None => {
+                    roots.push(root);
+                    groups.push(CouplingGroup {
+                        channels: shapes[id].channels() / block[id],
+                        members: Vec::new(),
+                        carriers: Vec::new(),
+                        prunable: true,
+                    });
+                    groups.len() - 1
+                }
+            };
+            groups[g].carriers.push(id);
+        }
+        for (s, member) in members {
+            let root = uf.find(s);
+            let g = roots
+                .iter()
+                .position(|&r| r == root)
+                .expect("every space has a carrier");
+            groups[g].members.push(member);
+        }
+        for s in fixed {
+            let root = uf.find(s);
+            if let Some(g) = roots.iter().position(|&r| r == root) {
+                groups[g].prunable = false;
+            }
+        }
+        for g in &mut groups {
+            g.members.sort_by_key(|m| m.node);
+            if g.producers().next().is_none() {
+                g.prunable = false;
+            }
+        }
+        Ok(groups)
+    }
+}
+
+fn consumes(node: NodeId, features_per_channel: usize) -> CouplingMember {
+    CouplingMember {
+        node,
+        role: ChannelRole::Consumes {
+            features_per_channel,
+        },
+    }
+}
+
+/// Features per channel when a feature map is read as a vector.
+fn spatial(shape: &ValueShape) -> usize {
+    match *shape {
+        ValueShape::Map { height, width, .. } => height * width,
+        ValueShape::Flat { .. } => 1,
+    }
+}

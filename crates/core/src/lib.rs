@@ -1,0 +1,41 @@
+//! shrink-core: the base every compression technique of shrink stands on.
+//!
+//! - [`graph`]: the one IR — a network as named, typed nodes with edges, parameters as burn
+//!   tensors; a burn `Module`. Shape inference, feature taps and channel-coupling groups.
+//! - [`zoo`]: CIFAR ResNets (6n+2), ImageNet ResNet-18/34, LeNet-5 and MLPs built as graphs.
+//! - [`data`]: IDX (MNIST), CIFAR-10 binary and image-folder loaders; normalisation, seeded
+//!   shuffling, batching, validation splits, augmentation.
+//! - [`train`]: training (SGD, Adam, AdamW; step and cosine schedules with warm-up) and
+//!   evaluation (top-1/top-5, per-class accuracy, confusion matrix).
+//! - [`metrics`]: parameters, non-zeros, bytes, MACs per layer, measured latency.
+//! - [`io`]: model files (safetensors with the graph in the header), atomic writes.
+//! - [`backend`]: the one module that names burn's backends.
+//!
+//! ```
+//! use shrink_core::{BackendKind, zoo::ModelSpec, metrics::model_stats};
+//! let device = BackendKind::Flex.device().unwrap();
+//! let graph = ModelSpec::CifarResnet { depth: 20, width: 1.0 }.build([3, 32, 32], 10, &device).unwrap();
+//! let stats = model_stats(&graph).unwrap();
+//! assert!((0.26e6..0.28e6).contains(&(stats.params as f64)));
+//! ```
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod data;
+mod error;
+pub mod graph;
+pub mod io;
+pub mod metrics;
+pub mod train;
+pub mod zoo;
+
+pub use backend::BackendKind;
+pub use error::{Error, Result};
+pub use graph::Graph;
+
+/// burn, re-exported so that users of shrink-core name the same version.
+pub use burn;
+
+/// The burn version shrink is built and tested against (pinned exactly in the workspace; a test
+/// checks this constant against `cargo metadata`).
+pub const BURN_VERSION: &str = "0.22.1";

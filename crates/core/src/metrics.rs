@@ -1,0 +1,245 @@
+//! Size, cost and speed of a graph, measured in one place for every report.
+//!
+//! Conventions:
+//! - **MACs**: one multiply and one add. Only convolutions and linear layers are counted (batch
+//!   norm folds into the convolution before deployment; ReLU, pooling and adds are memory-bound
+//!   and are not multiply-adds). FLOPs = 2 × MACs.
+//! - **Parameters** are the trainable tensors (weights, biases, batch-norm γ and β); the
+//!   running statistics of batch norms are counted in **bytes** but not in parameters, as
+//!   PyTorch's `numel` over `parameters()`.
+//! - **Bytes** are at the storage the model really uses: f32 here, 4 bytes per value.
+//! - **Latency** is wall time of a forward pass including the read-back of the output, after
+//!   warm-up; median and 90th percentile over repeats.
+
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::tensor::{Device, Distribution, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::graph::{Graph, Op, Params, ValueShape};
+use crate::{BackendKind, Result};
+
+/// Size and cost of one parameterised layer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LayerStats {
+    /// Node name.
+    pub name: String,
+    /// Op kind (`conv2d`, `linear`, `batch_norm2d`).
+    pub kind: String,
+    /// Trainable values.
+    pub params: usize,
+    /// Trainable values that are not exactly zero.
+    pub nonzeros: usize,
+    /// Bytes stored (parameters and buffers).
+    pub bytes: usize,
+    /// Multiply-accumulates per image.
+    pub macs: u64,
+    /// Output shape, batch excluded.
+    pub output: Vec<usize>,
+}
+
+/// Size and cost of a whole graph.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelStats {
+    /// Per parameterised layer, in graph order.
+    pub layers: Vec<LayerStats>,
+    /// Total trainable values.
+    pub params: usize,
+    /// Total non-zero trainable values.
+    pub nonzeros: usize,
+    /// Total bytes stored.
+    pub bytes: usize,
+    /// Total multiply-accumulates per image.
+    pub macs: u64,
+}
+
+impl ModelStats {
+    /// FLOPs per image (2 × MACs).
+    pub fn flops(&self) -> u64 {
+        2 * self.macs
+    }
+}
+
+fn values_and_nonzeros<const D: usize>(t: Tensor<D>) -> (usize, usize) {
+    let data = t.into_data();
+    let v: Vec<f32> = data.try_to_vec().unwrap_or_default();
+    (v.len(), v.iter().filter(|x| **x != 0.0).count())
+}
+
+/// Parameters, non-zeros, bytes and MACs of every layer of `graph`.
+///
+/// # Errors
+/// [`crate::Error::InvalidGraph`] if shape inference fails.
+pub fn model_stats(graph: &Graph) -> Result<ModelStats> {
+    let shapes = graph.shapes()?;
+    let mut layers = Vec::new();
+    for (id, node) in graph.layers() {
+        let out = shapes[id];
+        let (params, nonzeros, buffers, macs) = match (&node.params, &node.op) {
+            (
+                Some(Params::Conv(p)),
+                Op::Conv2d {
+                    in_channels,
+                    kernel,
+                    groups,
+                    ..
+                },
+            ) => {
+                let (n, nz) = values_and_nonzeros(p.weight.val());
+                let (bn, bnz) = p
+                    .bias
+                    .as_ref()
+                    .map(|b| values_and_nonzeros(b.val()))
+                    .unwrap_or((0, 0));
+                let ValueShape::Map {
+                    channels,
+                    height,
+                    width,
+                } = out
+                else {
+                    unreachable!("conv makes maps")
+                };
+                let macs =
+                    (channels * height * width * (in_channels / groups) * kernel[0] * kernel[1])
+                        as u64;
+                (n + bn, nz + bnz, 0, macs)
+            }
+            (
+                Some(Params::Linear(p)),
+                Op::Linear {
+                    in_features,
+                    out_features,
+                    ..
+                },
+            ) => {
+                let (n, nz) = values_and_nonzeros(p.weight.val());
+                let (bn, bnz) = p
+                    .bias
+                    .as_ref()
+                    .map(|b| values_and_nonzeros(b.val()))
+                    .unwrap_or((0, 0));
+                (n + bn, nz + bnz, 0, (in_features * out_features) as u64)
+            }
+            (Some(Params::BatchNorm(bn)), _) => {
+                let (g, gz) = values_and_nonzeros(bn.gamma.val());
+                let (b, bz) = values_and_nonzeros(bn.beta.val());
+                (g + b, gz + bz, 2 * g, 0)
+            }
+            _ => continue,
+        };
+        layers.push(LayerStats {
+            name: node.name.clone(),
+            kind: node.op.kind().to_string(),
+            params,
+            nonzeros,
+            bytes: 4 * (params + buffers),
+            macs,
+            output: out.dims(),
+        });
+    }
+    Ok(ModelStats {
+        params: layers.iter().map(|l| l.params).sum(),
+        nonzeros: layers.iter().map(|l| l.nonzeros).sum(),
+        bytes: layers.iter().map(|l| l.bytes).sum(),
+        macs: layers.iter().map(|l| l.macs).sum(),
+        layers,
+    })
+}
+
+/// How to measure latency.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LatencySettings {
+    /// Batch sizes to measure (e.g. 1 and 32).
+    #[serde(default = "default_batches")]
+    pub batch_sizes: Vec<usize>,
+    /// Untimed runs first.
+    #[serde(default = "default_warmup")]
+    pub warmup: usize,
+    /// Timed runs.
+    #[serde(default = "default_repeats")]
+    pub repeats: usize,
+}
+
+fn default_batches() -> Vec<usize> {
+    vec![1, 32]
+}
+fn default_warmup() -> usize {
+    3
+}
+fn default_repeats() -> usize {
+    20
+}
+
+impl Default for LatencySettings {
+    fn default() -> Self {
+        Self {
+            batch_sizes: default_batches(),
+            warmup: default_warmup(),
+            repeats: default_repeats(),
+        }
+    }
+}
+
+/// Latency of a forward pass at one batch size.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Latency {
+    /// What ran it: `burn-flex`, `burn-ndarray`, `burn-wgpu` (later also `cpu-plan`).
+    pub runner: String,
+    /// Images per forward pass.
+    pub batch_size: usize,
+    /// CPU threads the backend was allowed.
+    pub threads: usize,
+    /// Median over repeats, milliseconds.
+    pub median_ms: f64,
+    /// 90th percentile, milliseconds.
+    pub p90_ms: f64,
+    /// Timed repeats.
+    pub repeats: usize,
+}
+
+/// Measures burn's forward pass of `graph` on `backend` at each batch size of `settings`, with
+/// random inputs. The output is read back each time, so asynchronous backends are timed to
+/// completion.
+///
+/// # Errors
+/// As [`BackendKind::device`].
+pub fn measure_latency(
+    graph: &Graph,
+    backend: BackendKind,
+    settings: &LatencySettings,
+) -> Result<Vec<Latency>> {
+    let device: Device = backend.device()?;
+    let model = graph.clone().valid().to_device(&device);
+    let [c, h, w] = graph.input_shape();
+    let mut out = Vec::new();
+    for &batch in &settings.batch_sizes {
+        let x = Tensor::<4>::random(
+            [batch.max(1), c, h, w],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        for _ in 0..settings.warmup {
+            let _ = model.forward(x.clone()).into_data();
+        }
+        let mut times: Vec<f64> = (0..settings.repeats.max(1))
+            .map(|_| {
+                let start = Instant::now();
+                let _ = model.forward(x.clone()).into_data();
+                start.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        let pick = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+        out.push(Latency {
+            runner: backend.runner_label().to_string(),
+            batch_size: batch.max(1),
+            threads: rayon::current_num_threads(),
+            median_ms: pick(0.5),
+            p90_ms: pick(0.9),
+            repeats: times.len(),
+        });
+    }
+    Ok(out)
+}

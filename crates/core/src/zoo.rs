@@ -1,0 +1,264 @@
+//! Reference models, built as [`Graph`]s so every pass applies to them.
+//!
+//! - [`ModelSpec::CifarResnet`]: the CIFAR ResNets of He et al. (2016), depth 6n+2
+//!   (8, 14, 20, 32, 56, …), three stages of 16/32/64 × width channels. Where a block changes
+//!   shape the shortcut is a 1×1 convolution with batch norm (option B), so that every
+//!   residual add is a real coupling point for structured pruning.
+//! - [`ModelSpec::Resnet`]: the ImageNet ResNet-18/34 of torchvision.
+//! - [`ModelSpec::Lenet5`]: LeNet-5 with ReLU and max pooling.
+//! - [`ModelSpec::Mlp`]: a multi-layer perceptron.
+
+use burn::tensor::Device;
+use serde::{Deserialize, Serialize};
+
+use crate::graph::{Conv2dSpec, Graph, GraphBuilder, NodeId};
+use crate::{Error, Result};
+
+/// Which model to build, as written in an experiment config (`[model] kind = "cifar_resnet"`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ModelSpec {
+    /// CIFAR-style ResNet of depth 6n+2.
+    CifarResnet {
+        /// 8, 14, 20, 32, 44, 56, 110, … (6n+2).
+        depth: usize,
+        /// Channel multiplier on 16/32/64 (default 1.0).
+        #[serde(default = "one")]
+        width: f64,
+    },
+    /// ImageNet-style ResNet with basic blocks.
+    Resnet {
+        /// 18 or 34.
+        depth: usize,
+    },
+    /// LeNet-5 (conv 6 → conv 16 → 120 → 84 → classes).
+    Lenet5,
+    /// Fully connected network on the flattened input.
+    Mlp {
+        /// Sizes of the hidden layers.
+        hidden: Vec<usize>,
+    },
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl ModelSpec {
+    /// A short human name such as `resnet20` or `mlp-256-128`.
+    pub fn name(&self) -> String {
+        match self {
+            ModelSpec::CifarResnet { depth, width } if *width == 1.0 => format!("resnet{depth}"),
+            ModelSpec::CifarResnet { depth, width } => format!("resnet{depth}-w{width}"),
+            ModelSpec::Resnet { depth } => format!("resnet{depth}-imagenet"),
+            ModelSpec::Lenet5 => "lenet5".into(),
+            ModelSpec::Mlp { hidden } => {
+                let sizes: Vec<String> = hidden.iter().map(|h| h.to_string()).collect();
+                format!("mlp-{}", sizes.join("-"))
+            }
+        }
+    }
+
+    /// Checks the settings without building anything.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSetting`] naming the bad field.
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            ModelSpec::CifarResnet { depth, width } => {
+                if *depth < 8 || (depth - 2) % 6 != 0 {
+                    return Err(Error::setting(
+                        "model.depth",
+                        format!(
+                            "a CIFAR ResNet has depth 6n+2 (8, 14, 20, 32, 56, …), got {depth}"
+                        ),
+                    ));
+                }
+                if !(*width > 0.0 && *width <= 64.0) {
+                    return Err(Error::setting(
+                        "model.width",
+                        format!("expected a multiplier in (0, 64], got {width}"),
+                    ));
+                }
+            }
+            ModelSpec::Resnet { depth } => {
+                if *depth != 18 && *depth != 34 {
+                    return Err(Error::setting(
+                        "model.depth",
+                        format!("an ImageNet ResNet here is 18 or 34, got {depth}"),
+                    ));
+                }
+            }
+            ModelSpec::Lenet5 => {}
+            ModelSpec::Mlp { hidden } => {
+                if hidden.contains(&0) {
+                    return Err(Error::setting(
+                        "model.hidden",
+                        "layer sizes must be positive",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the model for inputs of `[channels, height, width]` and `classes` outputs.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSetting`] for bad settings, [`Error::InvalidGraph`] when the input is too
+    /// small for the model (e.g. LeNet-5 on 8×8 images).
+    pub fn build(&self, input: [usize; 3], classes: usize, device: &Device) -> Result<Graph> {
+        self.validate()?;
+        if classes == 0 {
+            return Err(Error::setting("classes", "at least one class is needed"));
+        }
+        match self {
+            ModelSpec::CifarResnet { depth, width } => {
+                cifar_resnet(*depth, *width, input, classes, device)
+            }
+            ModelSpec::Resnet { depth } => imagenet_resnet(*depth, input, classes, device),
+            ModelSpec::Lenet5 => lenet5(input, classes, device),
+            ModelSpec::Mlp { hidden } => mlp(hidden, input, classes, device),
+        }
+    }
+}
+
+/// conv → bn → relu, the stem of every ResNet here.
+fn conv_bn(b: &mut GraphBuilder, prefix: &str, x: NodeId, spec: Conv2dSpec) -> NodeId {
+    let x = b.conv2d(format!("{prefix}.conv"), x, spec);
+    b.batch_norm(format!("{prefix}.bn"), x)
+}
+
+/// A basic residual block: two 3×3 conv-bn pairs, with a projection shortcut when the shape
+/// changes.
+fn basic_block(b: &mut GraphBuilder, name: &str, x: NodeId, out: usize, stride: usize) -> NodeId {
+    let in_channels = b.shape(x).map(|s| s.channels()).unwrap_or(0);
+    let y = conv_bn(
+        b,
+        &format!("{name}.1"),
+        x,
+        Conv2dSpec::new(out, 3).stride(stride).padding(1),
+    );
+    let y = b.relu(format!("{name}.1.relu"), y);
+    let y = conv_bn(
+        b,
+        &format!("{name}.2"),
+        y,
+        Conv2dSpec::new(out, 3).padding(1),
+    );
+    let shortcut = if stride != 1 || in_channels != out {
+        conv_bn(
+            b,
+            &format!("{name}.shortcut"),
+            x,
+            Conv2dSpec::new(out, 1).stride(stride),
+        )
+    } else {
+        x
+    };
+    let sum = b.add(format!("{name}.add"), &[y, shortcut]);
+    b.relu(format!("{name}.relu"), sum)
+}
+
+fn cifar_resnet(
+    depth: usize,
+    width: f64,
+    input: [usize; 3],
+    classes: usize,
+    device: &Device,
+) -> Result<Graph> {
+    let n = (depth - 2) / 6;
+    let widths = [16.0, 32.0, 64.0].map(|c: f64| ((c * width).round() as usize).max(1));
+    let mut b = GraphBuilder::new(input);
+    let input = b.input();
+    let x = conv_bn(
+        &mut b,
+        "stem",
+        input,
+        Conv2dSpec::new(widths[0], 3).padding(1),
+    );
+    let mut x = b.relu("stem.relu", x);
+    for (stage, &w) in widths.iter().enumerate() {
+        for block in 0..n {
+            let stride = if stage > 0 && block == 0 { 2 } else { 1 };
+            x = basic_block(&mut b, &format!("layer{}.{block}", stage + 1), x, w, stride);
+        }
+    }
+    let x = b.global_avg_pool("pool", x);
+    let x = b.flatten("flatten", x);
+    let x = b.linear("fc", x, classes, true);
+    b.build(x, device)
+}
+
+fn imagenet_resnet(
+    depth: usize,
+    input: [usize; 3],
+    classes: usize,
+    device: &Device,
+) -> Result<Graph> {
+    let blocks = if depth == 18 {
+        [2, 2, 2, 2]
+    } else {
+        [3, 4, 6, 3]
+    };
+    let mut b = GraphBuilder::new(input);
+    let input = b.input();
+    let x = conv_bn(
+        &mut b,
+        "stem",
+        input,
+        Conv2dSpec::new(64, 7).stride(2).padding(3),
+    );
+    let x = b.relu("stem.relu", x);
+    let mut x = b.max_pool("stem.pool", x, 3, 2, 1);
+    for (stage, (&n, w)) in blocks.iter().zip([64, 128, 256, 512]).enumerate() {
+        for block in 0..n {
+            let stride = if stage > 0 && block == 0 { 2 } else { 1 };
+            x = basic_block(&mut b, &format!("layer{}.{block}", stage + 1), x, w, stride);
+        }
+    }
+    let x = b.global_avg_pool("pool", x);
+    let x = b.flatten("flatten", x);
+    let x = b.linear("fc", x, classes, true);
+    b.build(x, device)
+}
+
+fn lenet5(input: [usize; 3], classes: usize, device: &Device) -> Result<Graph> {
+    let mut b = GraphBuilder::new(input);
+    // 28×28 inputs (MNIST) get the padding of 2 that makes them the 32×32 of the original paper.
+    let pad = if input[1] == 28 && input[2] == 28 {
+        2
+    } else {
+        0
+    };
+    let input = b.input();
+    let x = b.conv2d(
+        "conv1",
+        input,
+        Conv2dSpec::new(6, 5).padding(pad).bias(true),
+    );
+    let x = b.relu("relu1", x);
+    let x = b.max_pool("pool1", x, 2, 2, 0);
+    let x = b.conv2d("conv2", x, Conv2dSpec::new(16, 5).bias(true));
+    let x = b.relu("relu2", x);
+    let x = b.max_pool("pool2", x, 2, 2, 0);
+    let x = b.flatten("flatten", x);
+    let x = b.linear("fc1", x, 120, true);
+    let x = b.relu("relu3", x);
+    let x = b.linear("fc2", x, 84, true);
+    let x = b.relu("relu4", x);
+    let x = b.linear("fc3", x, classes, true);
+    b.build(x, device)
+}
+
+fn mlp(hidden: &[usize], input: [usize; 3], classes: usize, device: &Device) -> Result<Graph> {
+    let mut b = GraphBuilder::new(input);
+    let input = b.input();
+    let mut x = b.flatten("flatten", input);
+    for (i, &h) in hidden.iter().enumerate() {
+        x = b.linear(format!("fc{}", i + 1), x, h, true);
+        x = b.relu(format!("relu{}", i + 1), x);
+    }
+    let x = b.linear(format!("fc{}", hidden.len() + 1), x, classes, true);
+    b.build(x, device)
+}

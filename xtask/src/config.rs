@@ -1,0 +1,339 @@
+//! The experiment TOML: plain serde structs parsed strictly, then validated into a [`Plan`]
+//! before any data loads.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use shrink_core::BackendKind;
+use shrink_core::data::Augmentation;
+use shrink_core::metrics::LatencySettings;
+use shrink_core::train::TrainSettings;
+use shrink_core::zoo::ModelSpec;
+
+/// A config error: exit code 2, message names the file and the line/column or key.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// An experiment as written in TOML.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Experiment {
+    /// Run name: the run directory is `<out>/<name>/<timestamp>/`.
+    pub name: String,
+    /// Seed for weights, data order and augmentation.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// `flex` (default), `ndarray` or `wgpu`.
+    #[serde(default)]
+    pub backend: BackendKind,
+    /// CPU threads for burn's CPU backends.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    /// The data.
+    pub data: DataConfig,
+    /// The model to build.
+    pub model: ModelSpec,
+    /// How latency is measured after each stage.
+    #[serde(default)]
+    pub latency: LatencySettings,
+    /// The stages, in order.
+    pub stages: Vec<Stage>,
+}
+
+fn default_seed() -> u64 {
+    42
+}
+fn default_threads() -> usize {
+    1
+}
+
+/// Where the data comes from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Source format.
+    pub kind: DataKind,
+    /// File or folder (relative to the working directory); `mnist5k` defaults to `data/mnist5k`.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Use only this many training images (a seeded random subset), for quick runs.
+    #[serde(default)]
+    pub train_limit: Option<usize>,
+    /// Use only this many test images (the first ones of a seeded shuffle).
+    #[serde(default)]
+    pub test_limit: Option<usize>,
+    /// Fraction of the training images held out for validation after each epoch.
+    #[serde(default)]
+    pub validation_fraction: f64,
+    /// Training-time augmentation.
+    #[serde(default)]
+    pub augmentation: Augmentation,
+    /// Image size `[height, width]` for image folders.
+    #[serde(default)]
+    pub image_size: Option<[usize; 2]>,
+    /// Channels (1 or 3) for image folders.
+    #[serde(default)]
+    pub channels: Option<usize>,
+}
+
+/// Data formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataKind {
+    /// The MNIST-5k IDX files that ship in `data/mnist5k`.
+    Mnist5k,
+    /// A folder with `train-images-idx3-ubyte[.gz]`, `train-labels-idx1-ubyte[.gz]`,
+    /// `t10k-images-idx3-ubyte[.gz]`, `t10k-labels-idx1-ubyte[.gz]` (MNIST, Fashion-MNIST).
+    Idx,
+    /// A folder with CIFAR-10's `data_batch_1..5.bin` and `test_batch.bin`.
+    Cifar10,
+    /// A folder with `train/<class>/*.png` and `test/<class>/*.png`.
+    ImageFolder,
+}
+
+/// One stage of an experiment.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Stage {
+    /// Train the current model. The first stage, training the freshly built model, is the
+    /// baseline, and is cached.
+    Train {
+        /// Training settings.
+        #[serde(flatten)]
+        settings: TrainSettings,
+    },
+    /// Evaluate the current model on the test set.
+    Evaluate {
+        /// Images per evaluation batch.
+        #[serde(default = "default_eval_batch")]
+        batch_size: usize,
+    },
+}
+
+fn default_eval_batch() -> usize {
+    250
+}
+
+impl Stage {
+    /// The `kind` as written in the config.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Stage::Train { .. } => "train",
+            Stage::Evaluate { .. } => "evaluate",
+        }
+    }
+}
+
+/// A validated experiment, ready to run.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The config file.
+    pub source: PathBuf,
+    /// The experiment, with every default filled in.
+    pub experiment: Experiment,
+    /// The data folder or file, resolved.
+    pub data_path: PathBuf,
+}
+
+/// Parses `path` strictly and validates it into a plan. Nothing is loaded.
+///
+/// # Errors
+/// A [`ConfigError`] naming the file and the line and column (parse errors) or the key
+/// (validation errors).
+pub fn load_plan(path: &Path) -> Result<Plan> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("{}: cannot read the config: {e}", path.display())))?;
+    let experiment: Experiment = toml::from_str(&text).map_err(|e| {
+        let place = e
+            .span()
+            .map(|span| {
+                let (line, col) = line_col(&text, span.start);
+                format!(":{line}:{col}")
+            })
+            .unwrap_or_default();
+        ConfigError(format!("{}{place}: {}", path.display(), e.message()))
+    })?;
+    validate(path, experiment).map_err(|e| ConfigError(format!("{}: {e:#}", path.display())).into())
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, col)
+}
+
+fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
+    let e = &experiment;
+    if e.name.is_empty()
+        || !e
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        bail!(
+            "key `name`: expected letters, digits, `_` or `-`, got {:?}",
+            e.name
+        );
+    }
+    if !e.backend.is_compiled_in() {
+        // The same message as the device constructor, checked before anything loads.
+        bail!(
+            "key `backend`: {}",
+            e.backend.device().expect_err("not compiled in")
+        );
+    }
+    if e.threads == 0 || e.threads > 256 {
+        bail!("key `threads`: expected 1 to 256, got {}", e.threads);
+    }
+    e.model.validate().map_err(|err| anyhow::anyhow!("{err}"))?;
+    let d = &e.data;
+    if !(0.0..1.0).contains(&d.validation_fraction) {
+        bail!(
+            "key `data.validation_fraction`: expected a fraction in [0, 1), got {}",
+            d.validation_fraction
+        );
+    }
+    if d.train_limit == Some(0) || d.test_limit == Some(0) {
+        bail!("key `data.train_limit` / `data.test_limit`: must be at least 1");
+    }
+    if d.kind == DataKind::ImageFolder {
+        if d.image_size.is_none_or(|s| s.contains(&0)) {
+            bail!("key `data.image_size`: image folders need [height, width], both positive");
+        }
+        if !matches!(d.channels, Some(1) | Some(3)) {
+            bail!("key `data.channels`: image folders need 1 or 3");
+        }
+    } else if d.image_size.is_some() || d.channels.is_some() {
+        bail!("keys `data.image_size` and `data.channels` apply only to kind = \"image_folder\"");
+    }
+    let data_path = match (&d.path, d.kind) {
+        (Some(p), _) => p.clone(),
+        (None, DataKind::Mnist5k) => PathBuf::from("data/mnist5k"),
+        (None, kind) => bail!("key `data.path`: required for kind = {kind:?}"),
+    };
+    if !data_path.exists() {
+        bail!("key `data.path`: {} does not exist", data_path.display());
+    }
+    let l = &e.latency;
+    if l.batch_sizes.is_empty() || l.batch_sizes.contains(&0) || l.repeats == 0 {
+        bail!("key `latency`: batch sizes must be positive and repeats at least 1");
+    }
+    if e.stages.is_empty() {
+        bail!("key `stages`: at least one stage is needed");
+    }
+    for (i, stage) in e.stages.iter().enumerate() {
+        let at = format!("stages[{i}] (kind = \"{}\")", stage.kind());
+        match stage {
+            Stage::Train { settings } => {
+                settings.validate().with_context(|| format!("key `{at}`"))?;
+            }
+            Stage::Evaluate { batch_size } => {
+                if *batch_size == 0 {
+                    bail!("key `{at}.batch_size`: must be at least 1");
+                }
+            }
+        }
+    }
+    Ok(Plan {
+        source: source.to_path_buf(),
+        experiment,
+        data_path,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("shrink-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    const GOOD: &str = r#"
+name = "t"
+[data]
+kind = "mnist5k"
+path = "../data/mnist5k"
+[model]
+kind = "mlp"
+hidden = [8]
+[[stages]]
+kind = "train"
+epochs = 1
+batch_size = 10
+optimizer = { kind = "sgd", lr = 0.1 }
+[[stages]]
+kind = "evaluate"
+"#;
+
+    #[test]
+    fn a_good_config_validates() {
+        let plan = load_plan(&write("good.toml", GOOD)).unwrap();
+        assert_eq!(plan.experiment.seed, 42);
+        assert_eq!(plan.experiment.stages.len(), 2);
+    }
+
+    #[test]
+    fn misspelt_key_names_file_line_column_and_expected_keys() {
+        let text = GOOD.replace("epochs = 1", "epoch = 1");
+        let e = load_plan(&write("typo.toml", &text))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("typo.toml:10:1"), "{e}");
+        assert!(
+            e.contains("unknown field `epoch`") && e.contains("`epochs`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn values_out_of_range_name_the_key() {
+        let cases = [
+            (GOOD.replace("lr = 0.1", "lr = -0.1"), "optimizer.lr"),
+            (GOOD.replace("hidden = [8]", "hidden = [0]"), "model.hidden"),
+            (
+                GOOD.replace("kind = \"mlp\"", "kind = \"transformer\""),
+                "unknown variant `transformer`",
+            ),
+            (
+                GOOD.replace("kind = \"evaluate\"", "kind = \"explode\""),
+                "unknown variant `explode`",
+            ),
+            (
+                GOOD.replace("path = \"../data/mnist5k\"", "path = \"/nope\""),
+                "does not exist",
+            ),
+            (
+                GOOD.replace("name = \"t\"", "name = \"t\"\nbackend = \"tpu\""),
+                "unknown variant `tpu`",
+            ),
+            (
+                GOOD.replace("epochs = 1", "epochs = \"one\""),
+                "invalid type",
+            ),
+        ];
+        for (text, expected) in cases {
+            let e = load_plan(&write("bad.toml", &text))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(expected) && e.contains("bad.toml"),
+                "expected `{expected}` in: {e}"
+            );
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! `cargo xtask`: shrink's experiment runner.
+//!
+//! - `cargo xtask run <config.toml>... [--dry-run] [--out DIR] [-v|-q]` runs experiments;
+//!   stdout carries only the run directories, progress and logs go to stderr and `log.txt`.
+//! - `cargo xtask check` runs the CI steps (fmt, clippy, tests).
+//! - `cargo xtask list` lists configs, models and backends.
+//!
+//! Exit codes: 0 success, 1 a run failed, 2 bad input (config, data or model file).
+
+mod config;
+mod report;
+mod run;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+use crate::config::{ConfigError, load_plan};
+use crate::run::{RunOptions, run_plan};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "shrink's experiment runner", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// More log output on stderr (repeat for more).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run experiments from TOML configs.
+    Run {
+        /// Config files.
+        #[arg(required = true)]
+        configs: Vec<PathBuf>,
+        /// Parse and validate only; load nothing, run nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Root of the run directories.
+        #[arg(long, default_value = "runs")]
+        out: PathBuf,
+        /// Where trained baselines are cached (default: <out>/cache/baselines).
+        #[arg(long)]
+        cache: Option<PathBuf>,
+    },
+    /// Run the CI steps: cargo fmt --check, clippy -D warnings, the test suite.
+    Check,
+    /// List configs, zoo models and compiled-in backends.
+    List,
+}
+
+/// A writer whose target file is swapped for each run, so every run gets its own `log.txt`.
+#[derive(Clone, Default)]
+struct RunLog(Arc<Mutex<Option<std::fs::File>>>);
+
+impl RunLog {
+    fn set(&self, file: Option<std::fs::File>) {
+        *self.0.lock().expect("log lock") = file;
+    }
+}
+
+struct RunLogWriter(Arc<Mutex<Option<std::fs::File>>>);
+
+impl Write for RunLogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.0.lock().expect("log lock").as_mut() {
+            Some(f) => f.write(buf),
+            None => Ok(buf.len()),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self.0.lock().expect("log lock").as_mut() {
+            Some(f) => f.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<'a> MakeWriter<'a> for RunLog {
+    type Writer = RunLogWriter;
+    fn make_writer(&'a self) -> Self::Writer {
+        RunLogWriter(self.0.clone())
+    }
+}
+
+/// Logging: stderr at the level asked (override with `SHRINK_LOG`), `log.txt` at info; the
+/// GPU stack's chatter is filtered out of both.
+fn init_logging(verbose: u8, quiet: bool) -> RunLog {
+    let level = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, 2) => "debug",
+        _ => "trace",
+    };
+    let noise = "wgpu_core=warn,wgpu_hal=warn,naga=warn,cubecl=warn";
+    let stderr_filter = EnvFilter::try_from_env("SHRINK_LOG")
+        .unwrap_or_else(|_| EnvFilter::new(format!("{level},{noise}")));
+    let log = RunLog::default();
+    let file_filter = EnvFilter::new(format!("info,{noise}"));
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(stderr_filter),
+        )
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(log.clone())
+                .with_filter(file_filter),
+        )
+        .init();
+    log
+}
+
+use tracing_subscriber::Layer;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let log = init_logging(cli.verbose, cli.quiet);
+    match cli.command {
+        Command::Run {
+            configs,
+            dry_run,
+            out,
+            cache,
+        } => {
+            let cache = cache.unwrap_or_else(|| out.join("cache").join("baselines"));
+            run_configs(
+                &configs,
+                dry_run,
+                &RunOptions {
+                    out,
+                    cache,
+                    progress: !cli.quiet,
+                },
+                &log,
+            )
+        }
+        Command::Check => check(),
+        Command::List => list(),
+    }
+}
+
+fn is_input_error(err: &anyhow::Error) -> bool {
+    err.downcast_ref::<ConfigError>().is_some()
+        || err.chain().any(|e| {
+            matches!(
+                e.downcast_ref::<shrink_core::Error>(),
+                Some(
+                    shrink_core::Error::BadFile { .. }
+                        | shrink_core::Error::Io { .. }
+                        | shrink_core::Error::InvalidSetting { .. }
+                        | shrink_core::Error::BackendNotCompiled { .. }
+                )
+            )
+        })
+}
+
+fn run_configs(configs: &[PathBuf], dry_run: bool, opts: &RunOptions, log: &RunLog) -> ExitCode {
+    // Every config is validated before anything runs: a typo in the third file must not be
+    // found after the first two have trained for an hour.
+    let mut plans = Vec::new();
+    for path in configs {
+        match load_plan(path) {
+            Ok(plan) => plans.push(plan),
+            Err(err) => {
+                eprintln!("error: {err:#}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if dry_run {
+        for plan in &plans {
+            let e = &plan.experiment;
+            let stages: Vec<&str> = e.stages.iter().map(|s| s.kind()).collect();
+            println!(
+                "{}: ok — {} on {} ({}), backend {}, stages [{}]",
+                plan.source.display(),
+                e.model.name(),
+                plan.data_path.display(),
+                serde_json::to_string(&e.data.kind).unwrap_or_default(),
+                e.backend,
+                stages.join(", ")
+            );
+        }
+        return ExitCode::SUCCESS;
+    }
+    let mut code = ExitCode::SUCCESS;
+    for plan in &plans {
+        let stamp = time::OffsetDateTime::now_utc()
+            .format(time::macros::format_description!(
+                "[year][month][day]T[hour][minute][second]Z"
+            ))
+            .unwrap_or_else(|_| "run".into());
+        let mut dir = opts.out.join(&plan.experiment.name).join(&stamp);
+        let mut n = 1;
+        while dir.exists() {
+            n += 1;
+            dir = opts
+                .out
+                .join(&plan.experiment.name)
+                .join(format!("{stamp}-{n}"));
+        }
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            eprintln!("error: cannot create {}: {e}", dir.display());
+            return ExitCode::from(1);
+        }
+        log.set(std::fs::File::create(dir.join("log.txt")).ok());
+        tracing::info!(config = %plan.source.display(), "run started in {}", dir.display());
+        match run_plan(plan, opts, &dir) {
+            Ok(dir) => println!("{}", dir.display()),
+            Err(err) => {
+                tracing::error!("{err:#}");
+                eprintln!(
+                    "error: {}: {err:#}\nreport: {}",
+                    plan.source.display(),
+                    dir.join("report.json").display()
+                );
+                code = if is_input_error(&err) {
+                    ExitCode::from(2)
+                } else {
+                    ExitCode::from(1)
+                };
+            }
+        }
+        log.set(None);
+    }
+    code
+}
+
+/// The test command of README.md, in one place (`.ci/run` runs the same).
+pub const TEST_COMMAND: &[&str] = &["test", "--workspace", "--release"];
+
+fn check() -> ExitCode {
+    let steps: [(&str, Vec<&str>); 3] = [
+        ("fmt", vec!["fmt", "--all", "--check"]),
+        (
+            "clippy",
+            vec![
+                "clippy",
+                "--workspace",
+                "--release",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
+        ),
+        ("test", TEST_COMMAND.to_vec()),
+    ];
+    for (name, args) in steps {
+        eprintln!("== cargo {}", args.join(" "));
+        let status =
+            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args(&args)
+                .status();
+        match status {
+            Ok(s) if s.success() => {}
+            Ok(_) | Err(_) => {
+                eprintln!("check failed at step `{name}`");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    eprintln!("all checks passed");
+    ExitCode::SUCCESS
+}
+
+fn list() -> ExitCode {
+    println!("configs:");
+    for dir in ["configs", "configs/smoke"] {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        for f in files {
+            let summary = load_plan(Path::new(&f))
+                .map(|p| {
+                    format!(
+                        "{} ({} stages)",
+                        p.experiment.model.name(),
+                        p.experiment.stages.len()
+                    )
+                })
+                .unwrap_or_else(|e| format!("INVALID: {e}"));
+            println!("  {}  {summary}", f.display());
+        }
+    }
+    println!("models: cifar_resnet (depth 6n+2, width), resnet (18, 34), lenet5, mlp (hidden)");
+    println!("data: mnist5k, idx, cifar10, image_folder");
+    println!("stages: train, evaluate");
+    let backends: Vec<String> = shrink_core::BackendKind::ALL
+        .iter()
+        .map(|b| match b.cargo_feature() {
+            Some(f) if !b.is_compiled_in() => format!("{b} (not compiled in: feature `{f}`)"),
+            _ => b.to_string(),
+        })
+        .collect();
+    println!("backends: {}", backends.join(", "));
+    ExitCode::SUCCESS
+}

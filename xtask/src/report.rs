@@ -1,0 +1,440 @@
+//! `report.json`, `report.md` and the training curve of a run.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
+use shrink_core::metrics::{Latency, LayerStats, ModelStats};
+use shrink_core::train::{EpochRecord, Evaluation};
+
+use crate::config::{Experiment, Plan};
+
+/// Where and how the numbers were produced.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Provenance {
+    /// `git rev-parse HEAD`, or `unknown` outside a checkout.
+    pub git_revision: String,
+    /// Whether the working tree had uncommitted changes.
+    pub git_dirty: bool,
+    /// Host name.
+    pub host: String,
+    /// CPU model.
+    pub cpu: String,
+    /// Backend named in the config.
+    pub backend: String,
+    /// CPU threads in use.
+    pub threads: usize,
+    /// Seed.
+    pub seed: u64,
+    /// shrink's version.
+    pub shrink_version: String,
+    /// burn's version.
+    pub burn_version: String,
+    /// Build profile of the xtask (`release` or `debug`).
+    pub profile: String,
+    /// Start, UTC (RFC 3339).
+    pub started_utc: String,
+    /// End, UTC (RFC 3339); empty while running.
+    pub finished_utc: String,
+}
+
+/// RFC 3339 text of a time.
+pub fn utc(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn command(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new(cmd).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+impl Provenance {
+    /// Collects provenance now.
+    pub fn collect(e: &Experiment, started: time::OffsetDateTime) -> Self {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+            })
+            .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+        Self {
+            git_revision: command("git", &["rev-parse", "HEAD"])
+                .unwrap_or_else(|| "unknown".into()),
+            git_dirty: command("git", &["status", "--porcelain", "--untracked-files=no"])
+                .is_some_and(|s| !s.is_empty()),
+            host: command("hostname", &[])
+                .or_else(|| {
+                    std::fs::read_to_string("/etc/hostname")
+                        .ok()
+                        .map(|s| s.trim().to_string())
+                })
+                .unwrap_or_else(|| "unknown".into()),
+            cpu,
+            backend: e.backend.name().into(),
+            threads: e.threads,
+            seed: e.seed,
+            shrink_version: env!("CARGO_PKG_VERSION").into(),
+            burn_version: shrink_core::BURN_VERSION.into(),
+            profile: if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            }
+            .into(),
+            started_utc: utc(started),
+            finished_utc: String::new(),
+        }
+    }
+}
+
+/// Sizes of the data actually used.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DataSummary {
+    /// Training images.
+    pub train: usize,
+    /// Validation images.
+    pub validation: usize,
+    /// Test images.
+    pub test: usize,
+    /// `[channels, height, width]`.
+    pub shape: [usize; 3],
+    /// Classes.
+    pub classes: usize,
+}
+
+/// What one stage did and what the model measured after it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StageReport {
+    /// Position in the config.
+    pub index: usize,
+    /// Stage kind.
+    pub kind: String,
+    /// Test metrics after the stage.
+    pub test: Option<Evaluation>,
+    /// Trainable parameters.
+    pub params: usize,
+    /// Non-zero parameters.
+    pub nonzeros: usize,
+    /// Bytes of the model as stored (f32).
+    pub bytes: usize,
+    /// Multiply-accumulates per image.
+    pub macs: u64,
+    /// Measured forward latency, labelled with what ran it.
+    pub latency: Vec<Latency>,
+    /// Per-layer size and cost.
+    pub layers: Vec<LayerStats>,
+    /// Per-epoch training record (train stages).
+    pub history: Vec<EpochRecord>,
+    /// Training wall time, seconds (train stages; for a cached baseline, the original time).
+    pub train_seconds: Option<f64>,
+    /// Key under which this stage's result was cached.
+    pub cache_key: Option<String>,
+    /// Key of the cached baseline this stage reused instead of training.
+    pub cached_baseline: Option<String>,
+    /// Wall time of the stage in this run, seconds (measurement included).
+    pub wall_seconds: f64,
+}
+
+impl StageReport {
+    /// An empty report for a stage.
+    pub fn new(index: usize, kind: &str) -> Self {
+        Self {
+            index,
+            kind: kind.into(),
+            test: None,
+            params: 0,
+            nonzeros: 0,
+            bytes: 0,
+            macs: 0,
+            latency: Vec::new(),
+            layers: Vec::new(),
+            history: Vec::new(),
+            train_seconds: None,
+            cache_key: None,
+            cached_baseline: None,
+            wall_seconds: 0.0,
+        }
+    }
+
+    /// Fills in the measurements.
+    pub fn set_measurements(&mut self, eval: Evaluation, stats: ModelStats, latency: Vec<Latency>) {
+        self.test = Some(eval);
+        self.params = stats.params;
+        self.nonzeros = stats.nonzeros;
+        self.bytes = stats.bytes;
+        self.macs = stats.macs;
+        self.layers = stats.layers;
+        self.latency = latency;
+    }
+}
+
+/// The whole report of a run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    /// Experiment name.
+    pub name: String,
+    /// Config file.
+    pub config: String,
+    /// `running`, `complete` or `failed`.
+    pub status: String,
+    /// The stage running when the report was written (set while running, and kept on failure).
+    pub current_stage: Option<String>,
+    /// Error, when failed.
+    pub error: Option<String>,
+    /// Provenance.
+    pub provenance: Provenance,
+    /// Model name.
+    pub model: String,
+    /// Data used.
+    pub data: Option<DataSummary>,
+    /// Stages finished.
+    pub stages: Vec<StageReport>,
+    /// Model file in the run directory.
+    pub model_file: Option<String>,
+    /// Conventions behind the numbers.
+    pub conventions: Vec<String>,
+}
+
+impl Report {
+    /// A report for a plan that has not run yet.
+    pub fn new(plan: &Plan, provenance: Provenance) -> Self {
+        Self {
+            name: plan.experiment.name.clone(),
+            config: plan.source.display().to_string(),
+            status: "pending".into(),
+            current_stage: None,
+            error: None,
+            provenance,
+            model: plan.experiment.model.name(),
+            data: None,
+            stages: Vec::new(),
+            model_file: None,
+            conventions: vec![
+                "MACs: 1 MAC = one multiply and one add, conv and linear layers only; FLOPs = 2 x MACs".into(),
+                "parameters: trainable values (weights, biases, batch-norm gamma/beta); bytes include batch-norm running statistics, f32".into(),
+                "latency: measured wall time of burn's forward pass incl. read-back, after warm-up; median and p90".into(),
+                "accuracy: measured on the test split after each stage".into(),
+            ],
+        }
+    }
+}
+
+/// Writes `report.json` and `report.md` into `dir`, atomically.
+pub fn write_report(report: &Report, dir: &Path) -> Result<()> {
+    let json = serde_json::to_string_pretty(report).context("serialising the report")?;
+    shrink_core::io::write_atomic(&dir.join("report.json"), json.as_bytes())?;
+    shrink_core::io::write_atomic(&dir.join("report.md"), markdown(report).as_bytes())?;
+    Ok(())
+}
+
+fn mb(bytes: usize) -> String {
+    format!("{:.3} MB", bytes as f64 / 1e6)
+}
+
+/// The report as a table a person reads.
+pub fn markdown(r: &Report) -> String {
+    let p = &r.provenance;
+    let mut s = format!("# {} — {}\n\n", r.name, r.status);
+    s += &format!(
+        "- config: `{}`; model: `{}`\n- backend: {} ({} thread(s)); seed {}\n- git {}{}; host {}; CPU {}\n- shrink {}, burn {}, {} build\n- started {} finished {}\n",
+        r.config,
+        r.model,
+        p.backend,
+        p.threads,
+        p.seed,
+        p.git_revision,
+        if p.git_dirty { " (dirty)" } else { "" },
+        p.host,
+        p.cpu,
+        p.shrink_version,
+        p.burn_version,
+        p.profile,
+        p.started_utc,
+        if p.finished_utc.is_empty() {
+            "-"
+        } else {
+            &p.finished_utc
+        },
+    );
+    if let Some(d) = &r.data {
+        s += &format!(
+            "- data: {} train, {} validation, {} test images of {:?}, {} classes\n",
+            d.train, d.validation, d.test, d.shape, d.classes
+        );
+    }
+    if let Some(err) = &r.error {
+        s += &format!(
+            "\n**Failed** in stage {}: {err}\n",
+            r.current_stage.as_deref().unwrap_or("?")
+        );
+    }
+    s += "\n| # | stage | test top-1 | top-5 | loss | params | non-zeros | size | MACs | latency (median / p90) | wall |\n";
+    s += "|---|---|---|---|---|---|---|---|---|---|---|\n";
+    for st in &r.stages {
+        let (top1, top5, loss) = st
+            .test
+            .as_ref()
+            .map(|t| {
+                (
+                    format!("{:.4}", t.top1),
+                    format!("{:.4}", t.top5),
+                    format!("{:.4}", t.loss),
+                )
+            })
+            .unwrap_or_default();
+        let lat: Vec<String> = st
+            .latency
+            .iter()
+            .map(|l| {
+                format!(
+                    "b{}: {:.3} / {:.3} ms ({}, {}t)",
+                    l.batch_size, l.median_ms, l.p90_ms, l.runner, l.threads
+                )
+            })
+            .collect();
+        let mut kind = st.kind.clone();
+        if let Some(k) = &st.cached_baseline {
+            kind += &format!(" (cached baseline {k})");
+        }
+        s += &format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1}s |\n",
+            st.index,
+            kind,
+            top1,
+            top5,
+            loss,
+            st.params,
+            st.nonzeros,
+            mb(st.bytes),
+            st.macs,
+            lat.join("<br>"),
+            st.wall_seconds
+        );
+    }
+    for st in r.stages.iter().filter(|st| !st.history.is_empty()) {
+        s += &format!("\n## Training, stage {}\n\n", st.index);
+        if let Some(t) = st.train_seconds {
+            s += &format!(
+                "Training time: {t:.1} s{}\n\n",
+                if st.cached_baseline.is_some() {
+                    " (when the cached baseline was trained)"
+                } else {
+                    ""
+                }
+            );
+        }
+        s += "| epoch | train loss | train acc | val acc | lr | seconds |\n|---|---|---|---|---|---|\n";
+        for h in &st.history {
+            let val = h
+                .validation
+                .as_ref()
+                .map(|v| format!("{:.4}", v.top1))
+                .unwrap_or_else(|| "-".into());
+            s += &format!(
+                "| {} | {:.4} | {:.4} | {} | {:.5} | {:.1} |\n",
+                h.epoch, h.train_loss, h.train_accuracy, val, h.lr, h.seconds
+            );
+        }
+    }
+    if let Some(last) = r.stages.last() {
+        if let Some(t) = &last.test {
+            s += "\n## Per-class test accuracy (last stage)\n\n| class | accuracy |\n|---|---|\n";
+            for (c, a) in t.per_class_accuracy.iter().enumerate() {
+                s += &format!("| {c} | {a:.4} |\n");
+            }
+        }
+        s += "\n## Layers (last stage)\n\n| layer | kind | params | non-zeros | MACs | output |\n|---|---|---|---|---|---|\n";
+        for l in &last.layers {
+            s += &format!(
+                "| {} | {} | {} | {} | {} | {:?} |\n",
+                l.name, l.kind, l.params, l.nonzeros, l.macs, l.output
+            );
+        }
+    }
+    s += "\n## Conventions\n\n";
+    for c in &r.conventions {
+        s += &format!("- {c}\n");
+    }
+    s
+}
+
+/// Draws training loss and accuracy per epoch of every train stage as an SVG.
+pub fn write_training_curve(r: &Report, path: &Path) -> Result<()> {
+    let points: Vec<(f64, f64, f64, Option<f64>)> = r
+        .stages
+        .iter()
+        .flat_map(|st| st.history.iter())
+        .enumerate()
+        .map(|(i, h)| {
+            (
+                (i + 1) as f64,
+                h.train_loss,
+                h.train_accuracy,
+                h.validation.as_ref().map(|v| v.top1),
+            )
+        })
+        .collect();
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (800, 400)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (left, right) = root.split_horizontally(400);
+        let n = points.len().max(1) as f64;
+        let max_loss = points.iter().map(|p| p.1).fold(0.0, f64::max).max(1e-3) * 1.05;
+        let mut loss_chart = ChartBuilder::on(&left)
+            .caption(format!("{}: training loss", r.name), ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(45)
+            .build_cartesian_2d(0.5..n + 0.5, 0.0..max_loss)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        loss_chart
+            .configure_mesh()
+            .x_desc("epoch")
+            .y_desc("loss")
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        loss_chart
+            .draw_series(LineSeries::new(points.iter().map(|p| (p.0, p.1)), &RED))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let min_acc = points
+            .iter()
+            .map(|p| p.2.min(p.3.unwrap_or(1.0)))
+            .fold(1.0, f64::min)
+            .min(0.9);
+        let mut acc_chart = ChartBuilder::on(&right)
+            .caption(
+                "accuracy (train: blue, validation: green)",
+                ("sans-serif", 16),
+            )
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(45)
+            .build_cartesian_2d(0.5..n + 0.5, min_acc..1.0)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        acc_chart
+            .configure_mesh()
+            .x_desc("epoch")
+            .y_desc("accuracy")
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        acc_chart
+            .draw_series(LineSeries::new(points.iter().map(|p| (p.0, p.2)), &BLUE))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        acc_chart
+            .draw_series(LineSeries::new(
+                points.iter().filter_map(|p| p.3.map(|v| (p.0, v))),
+                &GREEN,
+            ))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    shrink_core::io::write_atomic(path, svg.as_bytes())?;
+    Ok(())
+}

@@ -1,0 +1,335 @@
+//! Runs a validated [`Plan`]: loads the data, builds the model, runs each stage, measures the
+//! model after each, and writes the run directory.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use shrink_core::data::{
+    Batcher, Dataset, load_cifar10_bin, load_idx_pair, load_image_folder, load_mnist_dir, shuffled,
+};
+use shrink_core::graph::Graph;
+use shrink_core::metrics::{ModelStats, measure_latency, model_stats};
+use shrink_core::train::{EpochRecord, Evaluation, TrainObserver, evaluate, train};
+use shrink_core::{BackendKind, io};
+
+use crate::config::{DataKind, Plan, Stage};
+use crate::report::{Provenance, Report, StageReport, write_report};
+
+/// Options from the command line.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Root of run directories (`runs` by default).
+    pub out: PathBuf,
+    /// Where trained baselines are cached.
+    pub cache: PathBuf,
+    /// Show progress bars.
+    pub progress: bool,
+}
+
+/// The loaded data of a run.
+pub struct Data {
+    pub train: Dataset,
+    pub validation: Option<Dataset>,
+    pub test: Dataset,
+    pub batcher: Batcher,
+}
+
+fn load_data(plan: &Plan) -> Result<Data> {
+    let d = &plan.experiment.data;
+    let p = &plan.data_path;
+    let find = |stem: &str| -> PathBuf {
+        let gz = p.join(format!("{stem}.gz"));
+        if gz.exists() { gz } else { p.join(stem) }
+    };
+    let (train_set, test_set) = match d.kind {
+        DataKind::Mnist5k => load_mnist_dir(p)?,
+        DataKind::Idx => (
+            load_idx_pair(
+                &find("train-images-idx3-ubyte"),
+                &find("train-labels-idx1-ubyte"),
+            )?,
+            load_idx_pair(
+                &find("t10k-images-idx3-ubyte"),
+                &find("t10k-labels-idx1-ubyte"),
+            )?,
+        ),
+        DataKind::Cifar10 => {
+            let train_files: Vec<PathBuf> = (1..=5)
+                .map(|i| p.join(format!("data_batch_{i}.bin")))
+                .collect();
+            let refs: Vec<&Path> = train_files.iter().map(|f| f.as_path()).collect();
+            (
+                load_cifar10_bin(&refs)?,
+                load_cifar10_bin(&[&p.join("test_batch.bin")])?,
+            )
+        }
+        DataKind::ImageFolder => {
+            let size = d.image_size.expect("validated");
+            let channels = d.channels.expect("validated");
+            (
+                load_image_folder(&p.join("train"), size, channels)?,
+                load_image_folder(&p.join("test"), size, channels)?,
+            )
+        }
+    };
+    if train_set.shape != test_set.shape {
+        return Err(anyhow!(
+            "{}: training images are {:?} but test images are {:?}",
+            p.display(),
+            train_set.shape,
+            test_set.shape
+        ));
+    }
+    let seed = plan.experiment.seed;
+    let limit = |set: Dataset, limit: Option<usize>, salt: u64| match limit {
+        Some(n) if n < set.len() => set.subset(&shuffled(set.len(), seed ^ salt)[..n]),
+        _ => set,
+    };
+    let train_set = limit(train_set, d.train_limit, 0x7472);
+    let test_set = limit(test_set, d.test_limit, 0x7465);
+    let (train_set, validation) = if d.validation_fraction > 0.0 {
+        let (t, v) = train_set.split(d.validation_fraction, seed)?;
+        (t, Some(v))
+    } else {
+        (train_set, None)
+    };
+    let batcher = Batcher {
+        normalization: train_set.channel_stats(),
+        augmentation: d.augmentation.clone(),
+    };
+    tracing::info!(
+        train = train_set.len(),
+        test = test_set.len(),
+        "data loaded from {}",
+        p.display()
+    );
+    Ok(Data {
+        train: train_set,
+        validation,
+        test: test_set,
+        batcher,
+    })
+}
+
+/// What a cached baseline keeps beside its model file.
+#[derive(Serialize, Deserialize)]
+struct CacheEntry {
+    key: String,
+    history: Vec<EpochRecord>,
+    train_seconds: f64,
+}
+
+/// The cache key of a baseline: everything that decides its weights.
+fn baseline_key(plan: &Plan, stage: &Stage) -> String {
+    let e = &plan.experiment;
+    let mut data = e.data.clone();
+    data.path = Some(plan.data_path.clone());
+    let described = serde_json::json!({
+        "model": e.model, "data": data, "stage": stage, "seed": e.seed,
+        "backend": e.backend, "threads": e.threads,
+        "shrink": env!("CARGO_PKG_VERSION"), "burn": shrink_core::BURN_VERSION,
+    });
+    let digest = Sha256::digest(described.to_string().as_bytes());
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+struct Progress {
+    bar: Option<ProgressBar>,
+    epochs: usize,
+}
+
+impl TrainObserver for Progress {
+    fn on_step(&mut self, epoch: usize, step: usize, steps: usize, loss: f64) {
+        if let Some(bar) = &self.bar {
+            if step == 1 {
+                bar.set_length(steps as u64);
+                bar.set_position(0);
+            }
+            bar.set_message(format!("epoch {epoch}/{} loss {loss:.4}", self.epochs));
+            bar.inc(1);
+        }
+    }
+    fn on_epoch(&mut self, r: &EpochRecord) {
+        let val = r
+            .validation
+            .as_ref()
+            .map(|v| format!(" val acc {:.4}", v.top1))
+            .unwrap_or_default();
+        let line = format!(
+            "epoch {}/{}: loss {:.4} train acc {:.4}{val} lr {:.4} ({:.1}s)",
+            r.epoch, self.epochs, r.train_loss, r.train_accuracy, r.lr, r.seconds
+        );
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+}
+
+/// Measures the current model: test metrics, size, cost and latency.
+fn measure(
+    graph: &Graph,
+    data: &Data,
+    backend: BackendKind,
+    plan: &Plan,
+    batch: usize,
+) -> Result<(Evaluation, ModelStats, Vec<shrink_core::metrics::Latency>)> {
+    let device = backend.device()?;
+    let eval = evaluate(graph, &data.test, &data.batcher, batch, &device)?;
+    let stats = model_stats(graph)?;
+    let latency = measure_latency(graph, backend, &plan.experiment.latency)?;
+    Ok((eval, stats, latency))
+}
+
+/// Runs one plan; returns the run directory. The report is written even when a stage fails.
+pub fn run_plan(plan: &Plan, opts: &RunOptions, run_dir: &Path) -> Result<PathBuf> {
+    let e = &plan.experiment;
+    let started = time::OffsetDateTime::now_utc();
+    let mut report = Report::new(plan, Provenance::collect(e, started));
+    std::fs::create_dir_all(run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    let resolved = toml::to_string_pretty(e).context("serialising the resolved config")?;
+    io::write_atomic(&run_dir.join("config.resolved.toml"), resolved.as_bytes())?;
+    report.status = "running".into();
+    write_report(&report, run_dir)?;
+
+    let result = run_stages(plan, opts, run_dir, &mut report);
+    report.provenance.finished_utc = crate::report::utc(time::OffsetDateTime::now_utc());
+    match &result {
+        Ok(()) => report.status = "complete".into(),
+        Err(err) => {
+            report.status = "failed".into();
+            report.error = Some(format!("{err:#}"));
+        }
+    }
+    write_report(&report, run_dir)?;
+    result.map(|()| run_dir.to_path_buf())
+}
+
+fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Report) -> Result<()> {
+    let e = &plan.experiment;
+    let threads = shrink_core::backend::set_cpu_threads(e.threads);
+    report.provenance.threads = threads;
+    let data = {
+        let _span = tracing::info_span!("load_data").entered();
+        load_data(plan)?
+    };
+    report.data = Some(crate::report::DataSummary {
+        train: data.train.len(),
+        validation: data.validation.as_ref().map_or(0, |v| v.len()),
+        test: data.test.len(),
+        shape: data.train.shape,
+        classes: data.train.classes,
+    });
+    let device = e.backend.device()?;
+    device.seed(e.seed);
+    let mut graph = e
+        .model
+        .build(data.train.shape, data.train.classes, &device)?;
+    tracing::info!(model = %e.model.name(), nodes = graph.nodes.len(), "model built");
+    let mut fresh = true;
+    for (index, stage) in e.stages.iter().enumerate() {
+        report.current_stage = Some(format!("{index}:{}", stage.kind()));
+        let _span = tracing::info_span!("stage", index, kind = stage.kind()).entered();
+        let start = Instant::now();
+        let mut stage_report = StageReport::new(index, stage.kind());
+        match stage {
+            Stage::Train { settings } => {
+                let cached = fresh.then(|| baseline_key(plan, stage));
+                let hit = cached.as_ref().and_then(|key| {
+                    let model = opts.cache.join(format!("{key}.safetensors"));
+                    let meta = opts.cache.join(format!("{key}.json"));
+                    let entry: CacheEntry =
+                        serde_json::from_slice(&std::fs::read(&meta).ok()?).ok()?;
+                    let g = io::load(&model, &device).ok()?;
+                    (entry.key == *key).then_some((g, entry))
+                });
+                if let Some((g, entry)) = hit {
+                    tracing::info!(key = %entry.key, "reusing the cached baseline from {}", opts.cache.display());
+                    eprintln!(
+                        "reusing cached baseline {} ({})",
+                        entry.key,
+                        opts.cache.display()
+                    );
+                    graph = g;
+                    stage_report.cached_baseline = Some(entry.key.clone());
+                    stage_report.history = entry.history;
+                    stage_report.train_seconds = Some(entry.train_seconds);
+                } else {
+                    let bar = opts.progress.then(|| {
+                        let bar = ProgressBar::new(1);
+                        bar.set_style(
+                            ProgressStyle::with_template(
+                                "{bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]",
+                            )
+                            .expect("valid template"),
+                        );
+                        bar
+                    });
+                    let mut progress = Progress {
+                        bar,
+                        epochs: settings.epochs,
+                    };
+                    let t0 = Instant::now();
+                    let (trained, history) = train(
+                        graph,
+                        &data.train,
+                        data.validation.as_ref(),
+                        &data.batcher,
+                        settings,
+                        &device,
+                        e.seed.wrapping_add(index as u64),
+                        &mut progress,
+                    )?;
+                    if let Some(bar) = progress.bar {
+                        bar.finish_and_clear();
+                    }
+                    graph = trained;
+                    let train_seconds = t0.elapsed().as_secs_f64();
+                    if let Some(key) = cached {
+                        let entry = CacheEntry {
+                            key: key.clone(),
+                            history: history.clone(),
+                            train_seconds,
+                        };
+                        io::save(&graph, &opts.cache.join(format!("{key}.safetensors")))?;
+                        io::write_atomic(
+                            &opts.cache.join(format!("{key}.json")),
+                            serde_json::to_string_pretty(&entry)?.as_bytes(),
+                        )?;
+                        tracing::info!(%key, "baseline cached in {}", opts.cache.display());
+                        stage_report.cache_key = Some(key);
+                    }
+                    stage_report.history = history;
+                    stage_report.train_seconds = Some(train_seconds);
+                }
+                fresh = false;
+            }
+            Stage::Evaluate { .. } => {}
+        }
+        let batch = match stage {
+            Stage::Evaluate { batch_size } => *batch_size,
+            _ => 250,
+        };
+        let (eval, stats, latency) = measure(&graph, &data, e.backend, plan, batch)?;
+        tracing::info!(
+            top1 = eval.top1,
+            params = stats.params,
+            macs = stats.macs,
+            "stage measured"
+        );
+        stage_report.set_measurements(eval, stats, latency);
+        stage_report.wall_seconds = start.elapsed().as_secs_f64();
+        report.stages.push(stage_report);
+        report.current_stage = None;
+        write_report(report, run_dir)?;
+    }
+    io::save(&graph, &run_dir.join("model.safetensors"))?;
+    report.model_file = Some("model.safetensors".into());
+    crate::report::write_training_curve(report, &run_dir.join("training_curve.svg"))?;
+    Ok(())
+}
