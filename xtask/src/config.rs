@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use shrink_core::BackendKind;
 use shrink_core::data::Augmentation;
 use shrink_core::metrics::LatencySettings;
-use shrink_core::train::TrainSettings;
+use shrink_core::train::{OptimizerSettings, Schedule, TrainSettings};
 use shrink_core::zoo::ModelSpec;
 
 /// A config error: exit code 2, message names the file and the line/column or key.
@@ -107,9 +107,18 @@ pub enum Stage {
     /// Train the current model. The first stage, training the freshly built model, is the
     /// baseline, and is cached.
     Train {
-        /// Training settings.
-        #[serde(flatten)]
-        settings: TrainSettings,
+        /// Passes over the training set.
+        epochs: usize,
+        /// Images per step.
+        batch_size: usize,
+        /// Optimiser.
+        optimizer: OptimizerSettings,
+        /// Learning-rate schedule.
+        #[serde(default)]
+        schedule: Schedule,
+        /// Epochs of linear warm-up.
+        #[serde(default)]
+        warmup_epochs: f64,
     },
     /// Evaluate the current model on the test set.
     Evaluate {
@@ -124,6 +133,26 @@ fn default_eval_batch() -> usize {
 }
 
 impl Stage {
+    /// The training settings of a train stage.
+    pub fn train_settings(&self) -> Option<TrainSettings> {
+        match self {
+            Stage::Train {
+                epochs,
+                batch_size,
+                optimizer,
+                schedule,
+                warmup_epochs,
+            } => Some(TrainSettings {
+                epochs: *epochs,
+                batch_size: *batch_size,
+                optimizer: optimizer.clone(),
+                schedule: schedule.clone(),
+                warmup_epochs: *warmup_epochs,
+            }),
+            Stage::Evaluate { .. } => None,
+        }
+    }
+
     /// The `kind` as written in the config.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -156,13 +185,38 @@ pub fn load_plan(path: &Path) -> Result<Plan> {
         let place = e
             .span()
             .map(|span| {
-                let (line, col) = line_col(&text, span.start);
+                let (line, col) = line_col(&text, refine_span(&text, span, e.message()));
                 format!(":{line}:{col}")
             })
             .unwrap_or_default();
         ConfigError(format!("{}{place}: {}", path.display(), e.message()))
     })?;
     validate(path, experiment).map_err(|e| ConfigError(format!("{}: {e:#}", path.display())).into())
+}
+
+/// Tagged tables (`[[stages]]`, `optimizer = { kind = .. }`) are parsed as a whole, so toml
+/// reports the span of the table for an unknown key inside it; point at the key itself.
+fn refine_span(text: &str, span: std::ops::Range<usize>, message: &str) -> usize {
+    let key = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next());
+    let Some(key) = key else { return span.start };
+    let region = &text[span.start.min(text.len())..span.end.min(text.len())];
+    let mut offset = 0;
+    for line in region.split_inclusive('\n') {
+        for (i, _) in line.match_indices(key) {
+            let before = &line[..i];
+            let after = line[i + key.len()..].trim_start();
+            let starts_entry = before.trim().is_empty()
+                || before.trim_end().ends_with('{')
+                || before.trim_end().ends_with(',');
+            if starts_entry && after.starts_with('=') {
+                return span.start + offset + i;
+            }
+        }
+        offset += line.len();
+    }
+    span.start
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -234,7 +288,8 @@ fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
     for (i, stage) in e.stages.iter().enumerate() {
         let at = format!("stages[{i}] (kind = \"{}\")", stage.kind());
         match stage {
-            Stage::Train { settings } => {
+            Stage::Train { .. } => {
+                let settings = stage.train_settings().expect("a train stage");
                 settings.validate().with_context(|| format!("key `{at}`"))?;
             }
             Stage::Evaluate { batch_size } => {
@@ -293,7 +348,7 @@ kind = "evaluate"
         let e = load_plan(&write("typo.toml", &text))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("typo.toml:10:1"), "{e}");
+        assert!(e.contains("typo.toml:11:1"), "{e}");
         assert!(
             e.contains("unknown field `epoch`") && e.contains("`epochs`"),
             "{e}"

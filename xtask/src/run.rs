@@ -13,7 +13,7 @@ use shrink_core::data::{
 };
 use shrink_core::graph::Graph;
 use shrink_core::metrics::{ModelStats, measure_latency, model_stats};
-use shrink_core::train::{EpochRecord, Evaluation, TrainObserver, evaluate, train};
+use shrink_core::train::{EpochRecord, Evaluation, TrainData, TrainObserver, evaluate, train};
 use shrink_core::{BackendKind, io};
 
 use crate::config::{DataKind, Plan, Stage};
@@ -238,7 +238,8 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
         let start = Instant::now();
         let mut stage_report = StageReport::new(index, stage.kind());
         match stage {
-            Stage::Train { settings } => {
+            Stage::Train { .. } => {
+                let settings = &stage.train_settings().expect("a train stage");
                 let cached = fresh.then(|| baseline_key(plan, stage));
                 let hit = cached.as_ref().and_then(|key| {
                     let model = opts.cache.join(format!("{key}.safetensors"));
@@ -277,9 +278,11 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                     let t0 = Instant::now();
                     let (trained, history) = train(
                         graph,
-                        &data.train,
-                        data.validation.as_ref(),
-                        &data.batcher,
+                        TrainData {
+                            train: &data.train,
+                            validation: data.validation.as_ref(),
+                            batcher: &data.batcher,
+                        },
                         settings,
                         &device,
                         e.seed.wrapping_add(index as u64),

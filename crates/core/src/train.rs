@@ -201,7 +201,7 @@ impl TrainSettings {
             ));
         }
         match &self.schedule {
-            Schedule::Step { gamma, .. } if !(*gamma > 0.0) => {
+            Schedule::Step { gamma, .. } if !(gamma.is_finite() && *gamma > 0.0) => {
                 Err(Error::setting("schedule.gamma", "must be positive"))
             }
             Schedule::Cosine { min_lr } if !(*min_lr >= 0.0 && *min_lr <= lr) => Err(
@@ -268,7 +268,18 @@ pub fn cross_entropy(logits: Tensor<2>, labels: Tensor<1, Int>) -> Tensor<1> {
     log_p.gather(1, labels.unsqueeze_dim(1)).mean().neg()
 }
 
-/// Trains `graph` on `train_set`, evaluating on `validation` after each epoch when given.
+/// The data a training run reads.
+#[derive(Clone, Copy, Debug)]
+pub struct TrainData<'a> {
+    /// Training images.
+    pub train: &'a Dataset,
+    /// Images evaluated after each epoch, if any.
+    pub validation: Option<&'a Dataset>,
+    /// Normalisation and augmentation.
+    pub batcher: &'a Batcher,
+}
+
+/// Trains `graph` on `data.train`, evaluating on `data.validation` after each epoch when given.
 /// Returns the trained graph (in evaluation mode, on `device`) and one record per epoch.
 ///
 /// `device` is the inference device; training uses its autodiff counterpart. The data order and
@@ -279,14 +290,17 @@ pub fn cross_entropy(logits: Tensor<2>, labels: Tensor<1, Int>) -> Tensor<1> {
 /// [`Error::RunFailed`] when the loss becomes NaN or infinite (naming the epoch and step).
 pub fn train(
     graph: Graph,
-    train_set: &Dataset,
-    validation: Option<&Dataset>,
-    batcher: &Batcher,
+    data: TrainData<'_>,
     settings: &TrainSettings,
     device: &Device,
     seed: u64,
     observer: &mut dyn TrainObserver,
 ) -> Result<(Graph, Vec<EpochRecord>)> {
+    let TrainData {
+        train: train_set,
+        validation,
+        batcher,
+    } = data;
     settings.validate()?;
     if train_set.shape != graph.input_shape() {
         return Err(Error::setting(

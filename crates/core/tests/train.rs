@@ -4,7 +4,9 @@ use std::path::Path;
 
 use shrink_core::BackendKind;
 use shrink_core::data::{Augmentation, Batcher, load_mnist_dir};
-use shrink_core::train::{OptimizerSettings, Quiet, Schedule, TrainSettings, evaluate, train};
+use shrink_core::train::{
+    OptimizerSettings, Quiet, Schedule, TrainData, TrainSettings, evaluate, train,
+};
 use shrink_core::zoo::ModelSpec;
 
 fn mnist() -> (shrink_core::data::Dataset, shrink_core::data::Dataset) {
@@ -46,7 +48,16 @@ fn run(seed: u64) -> (Vec<f64>, f64, Vec<Vec<usize>>) {
     };
     let before = evaluate(&graph, &test_set, &batcher, 500, &device).unwrap();
     let (trained, history) = train(
-        graph, &train_set, None, &batcher, &settings, &device, seed, &mut Quiet,
+        graph,
+        TrainData {
+            train: &train_set,
+            validation: None,
+            batcher: &batcher,
+        },
+        &settings,
+        &device,
+        seed,
+        &mut Quiet,
     )
     .unwrap();
     let after = evaluate(&trained, &test_set, &batcher, 500, &device).unwrap();

@@ -671,7 +671,7 @@ pub(crate) fn infer_shapes<'a>(
                         format!("has {features} features, input has {c} channels"),
                     ));
                 }
-                if !(*epsilon > 0.0) || !(0.0..=1.0).contains(momentum) {
+                if !(epsilon.is_finite() && *epsilon > 0.0 && (0.0..=1.0).contains(momentum)) {
                     return Err(Error::graph(
                         name,
                         "epsilon must be > 0 and momentum in [0, 1]",

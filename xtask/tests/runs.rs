@@ -1,0 +1,224 @@
+//! End-to-end behaviour of `cargo xtask run`: every config dry-runs, the smoke configs run,
+//! baselines are cached, runs are deterministic, bad input exits 2 with a useful message.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn xtask(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("shrink-xtask-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn configs(dir: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(root().join(dir))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .map(|p| p.strip_prefix(root()).unwrap().display().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+fn report(run_dir: &str) -> serde_json::Value {
+    let dir = root().join(run_dir.trim());
+    serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn every_config_dry_runs() {
+    let mut all = configs("configs");
+    all.extend(configs("configs/smoke"));
+    assert!(all.len() >= 3);
+    for c in all {
+        let out = xtask(&["run", "--dry-run", &c]);
+        assert!(
+            out.status.success(),
+            "{c}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains(": ok"));
+    }
+}
+
+#[test]
+fn smoke_configs_run_cache_their_baseline_and_are_deterministic() {
+    let out_dir = tmp("smoke");
+    let out_arg = out_dir.display().to_string();
+    let smoke = configs("configs/smoke");
+    let mut args = vec!["run", "-q", "--out", &out_arg];
+    args.extend(smoke.iter().map(|s| s.as_str()));
+    let first = xtask(&args);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let dirs: Vec<String> = String::from_utf8(first.stdout)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        dirs.len(),
+        smoke.len(),
+        "stdout carries one run directory per config"
+    );
+    for d in &dirs {
+        let r = report(d);
+        assert_eq!(r["status"], "complete", "{d}");
+        for f in [
+            "config.resolved.toml",
+            "report.md",
+            "log.txt",
+            "model.safetensors",
+            "training_curve.svg",
+        ] {
+            assert!(root().join(d).join(f).exists(), "{d}/{f}");
+        }
+        let stages = r["stages"].as_array().unwrap();
+        let last = stages.last().unwrap();
+        assert!(last["params"].as_u64().unwrap() > 0);
+        assert!(last["macs"].as_u64().unwrap() > 0);
+        assert!(!last["latency"].as_array().unwrap().is_empty());
+        assert!(r["provenance"]["git_revision"].as_str().is_some());
+    }
+    // The MLP smoke run learns something real in two epochs on 400 images.
+    let mlp = report(dirs.iter().find(|d| d.contains("smoke_mlp")).unwrap());
+    let acc = mlp["stages"][1]["test"]["top1"].as_f64().unwrap();
+    assert!(acc > 0.6, "smoke MLP accuracy {acc}");
+    assert!(mlp["stages"][0]["cache_key"].as_str().is_some());
+
+    // Second run: the baseline comes from the cache, with the same metrics.
+    let second = xtask(&["run", "--out", &out_arg, "configs/smoke/mlp.toml"]);
+    assert!(second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("reusing cached baseline"));
+    let again = report(String::from_utf8(second.stdout).unwrap().trim());
+    assert_eq!(
+        again["stages"][0]["cached_baseline"],
+        mlp["stages"][0]["cache_key"]
+    );
+    assert_eq!(again["stages"][1]["test"], mlp["stages"][1]["test"]);
+
+    // Determinism: a fresh cache trains again and gets identical metrics.
+    let other = tmp("smoke-fresh");
+    let third = xtask(&[
+        "run",
+        "-q",
+        "--out",
+        &other.display().to_string(),
+        "configs/smoke/mlp.toml",
+    ]);
+    assert!(third.status.success());
+    let fresh = report(String::from_utf8(third.stdout).unwrap().trim());
+    assert!(fresh["stages"][0]["cached_baseline"].is_null());
+    assert_eq!(fresh["stages"][1]["test"], mlp["stages"][1]["test"]);
+    let losses = |r: &serde_json::Value| -> Vec<f64> {
+        r["stages"][0]["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["train_loss"].as_f64().unwrap())
+            .collect()
+    };
+    assert_eq!(losses(&fresh), losses(&mlp));
+}
+
+#[test]
+fn misspelt_key_exits_2_with_file_line_and_expected_keys() {
+    let dir = tmp("typo");
+    let text = std::fs::read_to_string(root().join("configs/smoke/mlp.toml"))
+        .unwrap()
+        .replace("epochs = 2", "epochz = 2");
+    let line = text.lines().position(|l| l.starts_with("epochz")).unwrap() + 1;
+    let path = dir.join("typo.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = xtask(&["run", "--dry-run", &path.display().to_string()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("typo.toml:{line}:1")), "{err}");
+    assert!(
+        err.contains("unknown field `epochz`") && err.contains("`epochs`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn damaged_data_fails_with_a_report_and_exit_2() {
+    let dir = tmp("baddata");
+    let data = dir.join("idx");
+    std::fs::create_dir_all(&data).unwrap();
+    for f in [
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ] {
+        std::fs::write(data.join(f), [0u8, 0, 8, 3, 0, 0, 0, 9]).unwrap();
+    }
+    let text = std::fs::read_to_string(root().join("configs/smoke/mlp.toml"))
+        .unwrap()
+        .replace(
+            "kind = \"mnist5k\"",
+            &format!("kind = \"idx\"\npath = \"{}\"", data.display()),
+        );
+    let path = dir.join("bad_data.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = xtask(&[
+        "run",
+        "-q",
+        "--out",
+        &dir.join("runs").display().to_string(),
+        &path.display().to_string(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("train-images-idx3-ubyte") && err.contains("byte 8"),
+        "{err}"
+    );
+    let run_dir = std::fs::read_dir(dir.join("runs/smoke_mlp"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run_dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(r["status"], "failed");
+    assert!(r["error"].as_str().unwrap().contains("truncated"));
+    assert!(!run_dir.join("model.safetensors").exists());
+}
+
+#[test]
+fn missing_backend_names_its_feature() {
+    if cfg!(feature = "wgpu") {
+        return;
+    }
+    let dir = tmp("wgpu");
+    let text = std::fs::read_to_string(root().join("configs/smoke/mlp.toml"))
+        .unwrap()
+        .replace("threads = 1", "threads = 1\nbackend = \"wgpu\"");
+    let path = dir.join("gpu.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = xtask(&["run", "--dry-run", &path.display().to_string()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("feature `wgpu`"));
+}
