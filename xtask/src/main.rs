@@ -51,7 +51,7 @@ enum Command {
         /// Root of the run directories.
         #[arg(long, default_value = "runs")]
         out: PathBuf,
-        /// Where trained baselines are cached (default: <out>/cache/baselines).
+        /// Where trained baselines are cached (default: `OUT/cache/baselines`).
         #[arg(long)]
         cache: Option<PathBuf>,
     },

@@ -203,7 +203,14 @@ fn damaged_data_fails_with_a_report_and_exit_2() {
     let r: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run_dir.join("report.json")).unwrap()).unwrap();
     assert_eq!(r["status"], "failed");
-    assert!(r["error"].as_str().unwrap().contains("truncated"));
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("ends inside the header"),
+        "{}",
+        r["error"]
+    );
     assert!(!run_dir.join("model.safetensors").exists());
 }
 
