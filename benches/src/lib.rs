@@ -4,6 +4,8 @@
 //! never in timed unit tests.
 #![warn(missing_docs)]
 
+pub mod runtime;
+
 use shrink_core::burn::tensor::{Distribution, Tensor};
 use shrink_core::zoo::ModelSpec;
 use shrink_core::{BackendKind, Graph};

@@ -2,11 +2,13 @@
 //!
 //! - `cargo xtask run <config.toml>... [--dry-run] [--out DIR] [-v|-q]` runs experiments;
 //!   stdout carries only the run directories, progress and logs go to stderr and `log.txt`.
+//! - `cargo xtask bench <suite>` runs a benchmark suite at one thread (`runs/bench/<suite>.json`).
 //! - `cargo xtask check` runs the CI steps (fmt, clippy, tests).
 //! - `cargo xtask list` lists configs, models and backends.
 //!
 //! Exit codes: 0 success, 1 a run failed, 2 bad input (config, data or model file).
 
+mod bench;
 mod config;
 mod report;
 mod run;
@@ -54,6 +56,17 @@ enum Command {
         /// Where trained baselines are cached (default: `OUT/cache/baselines`).
         #[arg(long)]
         cache: Option<PathBuf>,
+    },
+    /// Run a benchmark suite side by side at one thread; writes `OUT/bench/<suite>.json`.
+    Bench {
+        /// Suite: `runtime`.
+        suite: String,
+        /// Root of the output (`runs`).
+        #[arg(long, default_value = "runs")]
+        out: PathBuf,
+        /// Timed runs per contender.
+        #[arg(long, default_value_t = 15)]
+        repeats: usize,
     },
     /// Run the CI steps: cargo fmt --check, clippy -D warnings, the test suite.
     Check,
@@ -150,6 +163,20 @@ fn main() -> ExitCode {
                 &log,
             )
         }
+        Command::Bench {
+            suite,
+            out,
+            repeats,
+        } => match bench::run_suite(&suite, &out, repeats.max(1)) {
+            Ok(path) => {
+                println!("{}", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            }
+        },
         Command::Check => check(),
         Command::List => list(),
     }

@@ -218,7 +218,7 @@ impl Report {
             conventions: vec![
                 "MACs: 1 MAC = one multiply and one add, conv and linear layers only; FLOPs = 2 x MACs".into(),
                 "parameters: trainable values (weights, biases, batch-norm gamma/beta); bytes include batch-norm running statistics, f32".into(),
-                "latency: measured wall time of burn's forward pass incl. read-back, after warm-up; median and p90".into(),
+                "latency: measured wall time of a forward pass after warm-up, median and p90; burn-* = burn's forward incl. read-back, cpu-plan = shrink's frozen CPU plan (batch norm folded, f32 GEMM kernels)".into(),
                 "accuracy: measured on the test split after each stage".into(),
             ],
         }

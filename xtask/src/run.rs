@@ -12,7 +12,7 @@ use shrink_core::data::{
     Batcher, Dataset, load_cifar10_bin, load_idx_pair, load_image_folder, load_mnist_dir, shuffled,
 };
 use shrink_core::graph::Graph;
-use shrink_core::metrics::{ModelStats, measure_latency, model_stats};
+use shrink_core::metrics::{ModelStats, measure_latency, measure_plan_latency, model_stats};
 use shrink_core::train::{EpochRecord, Evaluation, TrainData, TrainObserver, evaluate, train};
 use shrink_core::{BackendKind, io};
 
@@ -181,7 +181,12 @@ fn measure(
     let device = backend.device()?;
     let eval = evaluate(graph, &data.test, &data.batcher, batch, &device)?;
     let stats = model_stats(graph)?;
-    let latency = measure_latency(graph, backend, &plan.experiment.latency)?;
+    let mut latency = measure_latency(graph, backend, &plan.experiment.latency)?;
+    latency.extend(measure_plan_latency(
+        graph,
+        plan.experiment.threads,
+        &plan.experiment.latency,
+    )?);
     Ok((eval, stats, latency))
 }
 

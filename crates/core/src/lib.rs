@@ -9,6 +9,8 @@
 //!   evaluation (top-1/top-5, per-class accuracy, confusion matrix).
 //! - [`metrics`]: parameters, non-zeros, bytes, MACs per layer, measured latency.
 //! - [`io`]: model files (safetensors with the graph in the header), atomic writes.
+//! - [`runtime`]: the CPU inference plan — [`runtime::freeze`] folds batch norms, fuses ReLUs,
+//!   plans buffers and runs f32 GEMM kernels; other crates plug kernels in through a registry.
 //! - [`backend`]: the one module that names burn's backends.
 //!
 //! ```
@@ -26,6 +28,7 @@ mod error;
 pub mod graph;
 pub mod io;
 pub mod metrics;
+pub mod runtime;
 pub mod train;
 pub mod zoo;
 

@@ -9,7 +9,8 @@
 //!   PyTorch's `numel` over `parameters()`.
 //! - **Bytes** are at the storage the model really uses: f32 here, 4 bytes per value.
 //! - **Latency** is wall time of a forward pass including the read-back of the output, after
-//!   warm-up; median and 90th percentile over repeats.
+//!   warm-up; median and 90th percentile over repeats. burn's forward and shrink's frozen CPU
+//!   plan are measured side by side, each labelled with what ran it.
 
 use std::time::Instant;
 
@@ -185,7 +186,7 @@ impl Default for LatencySettings {
 /// Latency of a forward pass at one batch size.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Latency {
-    /// What ran it: `burn-flex`, `burn-ndarray`, `burn-wgpu` (later also `cpu-plan`).
+    /// What ran it: `burn-flex`, `burn-ndarray`, `burn-wgpu`, or `cpu-plan` (shrink's frozen plan).
     pub runner: String,
     /// Images per forward pass.
     pub batch_size: usize,
@@ -236,6 +237,53 @@ pub fn measure_latency(
             runner: backend.runner_label().to_string(),
             batch_size: batch.max(1),
             threads: rayon::current_num_threads(),
+            median_ms: pick(0.5),
+            p90_ms: pick(0.9),
+            repeats: times.len(),
+        });
+    }
+    Ok(out)
+}
+
+/// Measures the frozen CPU plan of `graph` ([`crate::runtime::freeze_with`]) at each batch size
+/// of `settings`, on `threads` threads, with random inputs; labelled `cpu-plan`.
+///
+/// # Errors
+/// As [`crate::runtime::freeze_with`].
+pub fn measure_plan_latency(
+    graph: &Graph,
+    threads: usize,
+    settings: &LatencySettings,
+) -> Result<Vec<Latency>> {
+    use crate::runtime::{FreezeOptions, KernelRegistry, freeze_with};
+    let mut plan = freeze_with(
+        graph,
+        &KernelRegistry::default(),
+        &FreezeOptions { threads },
+    )?;
+    let per = graph.input_shape().iter().product::<usize>();
+    let mut out = Vec::new();
+    for &batch in &settings.batch_sizes {
+        let batch = batch.max(1);
+        // A fixed pseudo-random input: the plan's speed does not depend on the values.
+        let input: Vec<f32> = (0..batch * per)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+            .collect();
+        for _ in 0..settings.warmup {
+            plan.run(&input, batch)?;
+        }
+        let mut times: Vec<f64> = Vec::with_capacity(settings.repeats.max(1));
+        for _ in 0..settings.repeats.max(1) {
+            let start = Instant::now();
+            plan.run(&input, batch)?;
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        let pick = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+        out.push(Latency {
+            runner: "cpu-plan".into(),
+            batch_size: batch,
+            threads: plan.threads(),
             median_ms: pick(0.5),
             p90_ms: pick(0.9),
             repeats: times.len(),

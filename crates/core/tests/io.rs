@@ -98,3 +98,52 @@ fn damaged_files_are_refused() {
             .contains("missing.safetensors")
     );
 }
+
+#[test]
+fn burn_records_work_on_the_graph() {
+    // The graph is a burn Module: burn's own records (burnpack) save and load its parameters.
+    let device = BackendKind::Flex.device().unwrap();
+    device.seed(1);
+    let a = ModelSpec::CifarResnet {
+        depth: 8,
+        width: 0.5,
+    }
+    .build([1, 12, 12], 4, &device)
+    .unwrap();
+    device.seed(2);
+    let b = ModelSpec::CifarResnet {
+        depth: 8,
+        width: 0.5,
+    }
+    .build([1, 12, 12], 4, &device)
+    .unwrap();
+    let x = Tensor::<4>::random([2, 1, 12, 12], Distribution::Default, &device);
+    let ya: Vec<f32> = a
+        .clone()
+        .valid()
+        .forward(x.clone())
+        .into_data()
+        .try_to_vec()
+        .unwrap();
+    let yb: Vec<f32> = b
+        .clone()
+        .valid()
+        .forward(x.clone())
+        .into_data()
+        .try_to_vec()
+        .unwrap();
+    assert_ne!(ya, yb);
+    let path = tmp("a.bpk");
+    a.save_file(&path).unwrap();
+    let loaded = b.load_file(&path);
+    let yl: Vec<f32> = loaded.valid().forward(x).into_data().try_to_vec().unwrap();
+    assert_eq!(ya, yl);
+}
+
+#[test]
+fn layers_lists_parameterised_nodes_in_order() {
+    let device = BackendKind::Flex.device().unwrap();
+    let g = ModelSpec::Lenet5.build([1, 28, 28], 10, &device).unwrap();
+    let names: Vec<&str> = g.layers().map(|(_, n)| n.name.as_str()).collect();
+    assert_eq!(names, ["conv1", "conv2", "fc1", "fc2", "fc3"]);
+}

@@ -1,0 +1,187 @@
+//! The `runtime` suite: shrink's CPU plan against burn-ndarray (and burn-flex, for reference),
+//! on the shapes issue #3 names. Each case runs every contender on the same inputs.
+
+use shrink_core::burn::module::Module;
+use shrink_core::burn::tensor::module::conv2d;
+use shrink_core::burn::tensor::ops::ConvOptions;
+use shrink_core::burn::tensor::{Tensor, TensorData};
+use shrink_core::graph::{Conv2dSpec, GraphBuilder};
+use shrink_core::runtime::{Plan, freeze, sgemm};
+use shrink_core::zoo::ModelSpec;
+use shrink_core::{BackendKind, Graph};
+
+/// One thing to time, prepared so that `run` does only the work being measured.
+pub struct Contender {
+    /// Who runs it: `cpu-plan`, `burn-ndarray`, `burn-flex`.
+    pub runner: String,
+    /// Runs the work once (outputs are read back, so lazy backends finish).
+    pub run: Box<dyn FnMut()>,
+}
+
+/// A benchmark case: a name, its work in FLOPs, and the contenders; the first contender is
+/// ours and `baseline` names the one ratios are taken against.
+pub struct Case {
+    /// Case name.
+    pub name: String,
+    /// Floating-point operations per run (2 × MACs).
+    pub flops: f64,
+    /// Runner the ratio is measured against.
+    pub baseline: String,
+    /// Contenders, ours first.
+    pub contenders: Vec<Contender>,
+}
+
+fn random(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+fn burn_backends() -> Vec<BackendKind> {
+    [BackendKind::Ndarray, BackendKind::Flex]
+        .into_iter()
+        .filter(|b| b.is_compiled_in())
+        .collect()
+}
+
+fn gemm_case(m: usize, k: usize, n: usize) -> Case {
+    let (a, b) = (random(m * k, 1), random(k * n, 2));
+    let mut c = vec![0.0f32; m * n];
+    let ours = {
+        let (a, b) = (a.clone(), b.clone());
+        Contender {
+            runner: "cpu-plan".into(),
+            run: Box::new(move || sgemm(m, n, k, &a, k, &b, n, &mut c, n, false, 1)),
+        }
+    };
+    let mut contenders = vec![ours];
+    for backend in burn_backends() {
+        let device = backend.device().expect("compiled in");
+        let ta = Tensor::<2>::from_data(TensorData::new(a.clone(), [m, k]), &device);
+        let tb = Tensor::<2>::from_data(TensorData::new(b.clone(), [k, n]), &device);
+        contenders.push(Contender {
+            runner: backend.runner_label().into(),
+            run: Box::new(move || {
+                let _ = ta.clone().matmul(tb.clone()).into_data();
+            }),
+        });
+    }
+    Case {
+        name: format!("gemm {m}x{k}x{n}"),
+        flops: 2.0 * (m * n * k) as f64,
+        baseline: "burn-ndarray".into(),
+        contenders,
+    }
+}
+
+fn conv_case() -> Case {
+    let (batch, c, h, w) = (8, 64, 32, 32);
+    let device = BackendKind::Flex.device().expect("flex");
+    device.seed(1);
+    let mut b = GraphBuilder::new([c, h, w]);
+    let x = b.input();
+    let y = b.conv2d("conv", x, Conv2dSpec::new(64, 3).padding(1));
+    let graph = b.build(y, &device).expect("valid conv").valid();
+    let input = random(batch * c * h * w, 3);
+    let mut plan: Plan = freeze(&graph).expect("freezable");
+    let ours = {
+        let input = input.clone();
+        Contender {
+            runner: "cpu-plan".into(),
+            run: Box::new(move || {
+                plan.run(&input, batch).expect("valid input");
+            }),
+        }
+    };
+    let weight = match &graph.nodes[1].params {
+        Some(shrink_core::graph::Params::Conv(p)) => p.weight.val().into_data(),
+        _ => unreachable!("a conv node"),
+    };
+    let mut contenders = vec![ours];
+    for backend in burn_backends() {
+        let device = backend.device().expect("compiled in");
+        let tx = Tensor::<4>::from_data(TensorData::new(input.clone(), [batch, c, h, w]), &device);
+        let tw = Tensor::<4>::from_data(weight.clone(), &device);
+        contenders.push(Contender {
+            runner: backend.runner_label().into(),
+            run: Box::new(move || {
+                let _ = conv2d(
+                    tx.clone(),
+                    tw.clone(),
+                    None,
+                    ConvOptions::new([1, 1], [1, 1], [1, 1], 1),
+                )
+                .into_data();
+            }),
+        });
+    }
+    let flops = 2.0 * (batch * 64 * h * w * c * 9) as f64;
+    Case {
+        name: "conv3x3 64->64 32x32 b8".into(),
+        flops,
+        baseline: "burn-ndarray".into(),
+        contenders,
+    }
+}
+
+fn resnet20_case(batch: usize) -> Case {
+    let device = BackendKind::Flex.device().expect("flex");
+    device.seed(2);
+    let graph: Graph = ModelSpec::CifarResnet {
+        depth: 20,
+        width: 1.0,
+    }
+    .build([3, 32, 32], 10, &device)
+    .expect("zoo")
+    .valid();
+    let macs = shrink_core::metrics::model_stats(&graph)
+        .expect("stats")
+        .macs as f64;
+    let input = random(batch * 3 * 32 * 32, 4);
+    let mut plan = freeze(&graph).expect("freezable");
+    let ours = {
+        let input = input.clone();
+        Contender {
+            runner: "cpu-plan".into(),
+            run: Box::new(move || {
+                plan.run(&input, batch).expect("valid input");
+            }),
+        }
+    };
+    let mut contenders = vec![ours];
+    for backend in burn_backends() {
+        let device = backend.device().expect("compiled in");
+        let g = graph.clone().to_device(&device);
+        let x = Tensor::<4>::from_data(TensorData::new(input.clone(), [batch, 3, 32, 32]), &device);
+        contenders.push(Contender {
+            runner: backend.runner_label().into(),
+            run: Box::new(move || {
+                let _ = g.forward(x.clone()).into_data();
+            }),
+        });
+    }
+    Case {
+        name: format!("resnet20 cifar b{batch}"),
+        flops: 2.0 * macs * batch as f64,
+        baseline: "burn-ndarray".into(),
+        contenders,
+    }
+}
+
+/// The cases of the `runtime` suite (inputs are fixed pseudo-random values: speed does not
+/// depend on them).
+pub fn runtime_cases() -> Vec<Case> {
+    vec![
+        gemm_case(512, 512, 512),
+        gemm_case(64, 576, 1024),
+        conv_case(),
+        resnet20_case(1),
+        resnet20_case(64),
+    ]
+}

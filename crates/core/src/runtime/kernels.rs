@@ -1,0 +1,458 @@
+//! The f32 kernels of the CPU plan. Each implements [`Kernel`]; weights are laid out once, at
+//! freeze time, in the order the GEMM reads them.
+
+use super::gemm::sgemm;
+use super::{Kernel, LayerView, RunContext};
+use crate::graph::{Op, ValueShape};
+
+fn map_dims(shape: ValueShape) -> (usize, usize, usize) {
+    match shape {
+        ValueShape::Map {
+            channels,
+            height,
+            width,
+        } => (channels, height, width),
+        ValueShape::Flat { features } => (features, 1, 1),
+    }
+}
+
+/// Adds the bias and applies ReLU over `[channels, plane]` in one pass (the GEMM's epilogue).
+fn bias_relu(out: &mut [f32], bias: Option<&[f32]>, plane: usize, relu: bool) {
+    match (bias, relu) {
+        (None, false) => {}
+        (bias, relu) => {
+            for (c, row) in out.chunks_exact_mut(plane).enumerate() {
+                let b = bias.map_or(0.0, |b| b[c]);
+                if relu {
+                    row.iter_mut().for_each(|v| *v = (*v + b).max(0.0));
+                } else {
+                    row.iter_mut().for_each(|v| *v += b);
+                }
+            }
+        }
+    }
+}
+
+/// Convolution as im2col + GEMM (1×1 stride-1 convolutions skip the im2col), grouped
+/// convolutions as one GEMM per group, depthwise convolutions as a direct loop.
+#[derive(Debug)]
+pub struct ConvF32 {
+    weight: Vec<f32>,
+    bias: Option<Vec<f32>>,
+    relu: bool,
+    input: (usize, usize, usize),
+    output: (usize, usize, usize),
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 2],
+    dilation: [usize; 2],
+    groups: usize,
+}
+
+impl ConvF32 {
+    /// Builds the kernel from a layer view of a convolution.
+    ///
+    /// # Panics
+    /// If the view is not a convolution (the registry only offers it convolutions).
+    pub fn new(view: &LayerView<'_>) -> Self {
+        let Op::Conv2d {
+            kernel,
+            stride,
+            padding,
+            dilation,
+            groups,
+            ..
+        } = *view.op
+        else {
+            panic!("ConvF32 needs a conv2d view")
+        };
+        Self {
+            weight: view.weight.to_vec(),
+            bias: view.bias.map(|b| b.to_vec()),
+            relu: view.relu,
+            input: map_dims(view.input),
+            output: map_dims(view.output),
+            kernel,
+            stride,
+            padding,
+            dilation,
+            groups,
+        }
+    }
+
+    fn is_pointwise(&self) -> bool {
+        self.kernel == [1, 1] && self.stride == [1, 1] && self.padding == [0, 0]
+    }
+
+    fn is_depthwise(&self) -> bool {
+        self.groups > 1 && self.groups == self.input.0 && self.groups == self.output.0
+    }
+
+    /// im2col of channels `c0..c0+cin` of one image into `col` (`[cin*kh*kw, oh*ow]`).
+    fn im2col(&self, image: &[f32], c0: usize, cin: usize, col: &mut [f32]) {
+        let (_, h, w) = self.input;
+        let (_, oh, ow) = self.output;
+        let [kh, kw] = self.kernel;
+        let [sh, sw] = self.stride;
+        let [ph, pw] = self.padding;
+        let [dh, dw] = self.dilation;
+        let n = oh * ow;
+        for c in 0..cin {
+            let plane = &image[(c0 + c) * h * w..(c0 + c + 1) * h * w];
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    let row = &mut col[((c * kh + ky) * kw + kx) * n..][..n];
+                    for oy in 0..oh {
+                        let iy = (oy * sh + ky * dh) as isize - ph as isize;
+                        let dst = &mut row[oy * ow..(oy + 1) * ow];
+                        if iy < 0 || iy >= h as isize {
+                            dst.fill(0.0);
+                            continue;
+                        }
+                        let src = &plane[iy as usize * w..(iy as usize + 1) * w];
+                        for (ox, d) in dst.iter_mut().enumerate() {
+                            let ix = (ox * sw + kx * dw) as isize - pw as isize;
+                            *d = if ix >= 0 && ix < w as isize {
+                                src[ix as usize]
+                            } else {
+                                0.0
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn depthwise(&self, image: &[f32], out: &mut [f32]) {
+        let (c, h, w) = self.input;
+        let (_, oh, ow) = self.output;
+        let [kh, kw] = self.kernel;
+        for ch in 0..c {
+            let plane = &image[ch * h * w..(ch + 1) * h * w];
+            let k = &self.weight[ch * kh * kw..(ch + 1) * kh * kw];
+            let o = &mut out[ch * oh * ow..(ch + 1) * oh * ow];
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut acc = 0.0;
+                    for ky in 0..kh {
+                        let iy = (oy * self.stride[0] + ky * self.dilation[0]) as isize
+                            - self.padding[0] as isize;
+                        if iy < 0 || iy >= h as isize {
+                            continue;
+                        }
+                        for kx in 0..kw {
+                            let ix = (ox * self.stride[1] + kx * self.dilation[1]) as isize
+                                - self.padding[1] as isize;
+                            if ix >= 0 && ix < w as isize {
+                                acc += plane[iy as usize * w + ix as usize] * k[ky * kw + kx];
+                            }
+                        }
+                    }
+                    o[oy * ow + ox] = acc;
+                }
+            }
+        }
+    }
+
+    fn image(&self, image: &[f32], out: &mut [f32], col: &mut [f32], threads: usize) {
+        let (cin, _, _) = self.input;
+        let (cout, oh, ow) = self.output;
+        let n = oh * ow;
+        if self.is_depthwise() {
+            self.depthwise(image, out);
+        } else {
+            let (gin, gout) = (cin / self.groups, cout / self.groups);
+            let k = gin * self.kernel[0] * self.kernel[1];
+            for g in 0..self.groups {
+                let w = &self.weight[g * gout * k..(g + 1) * gout * k];
+                let dst = &mut out[g * gout * n..(g + 1) * gout * n];
+                if self.is_pointwise() {
+                    sgemm(
+                        gout,
+                        n,
+                        k,
+                        w,
+                        k,
+                        &image[g * gin * n..(g + 1) * gin * n],
+                        n,
+                        dst,
+                        n,
+                        false,
+                        threads,
+                    );
+                } else {
+                    self.im2col(image, g * gin, gin, col);
+                    sgemm(gout, n, k, w, k, col, n, dst, n, false, threads);
+                }
+            }
+        }
+        bias_relu(out, self.bias.as_deref(), n, self.relu);
+    }
+}
+
+impl Kernel for ConvF32 {
+    fn label(&self) -> String {
+        let how = if self.is_depthwise() {
+            "direct-depthwise"
+        } else if self.is_pointwise() {
+            "gemm"
+        } else {
+            "im2col-gemm"
+        };
+        format!("conv2d/f32-{how}{}", if self.relu { "+relu" } else { "" })
+    }
+
+    fn scratch_per_image(&self) -> usize {
+        if self.is_pointwise() || self.is_depthwise() {
+            0
+        } else {
+            let (cin, _, _) = self.input;
+            let (_, oh, ow) = self.output;
+            cin / self.groups * self.kernel[0] * self.kernel[1] * oh * ow
+        }
+    }
+
+    fn run(
+        &self,
+        inputs: &[&[f32]],
+        output: &mut [f32],
+        batch: usize,
+        scratch: &mut [f32],
+        ctx: &RunContext,
+    ) {
+        let (cin, h, w) = self.input;
+        let (cout, oh, ow) = self.output;
+        let (in_len, out_len, s_len) = (cin * h * w, cout * oh * ow, self.scratch_per_image());
+        ctx.for_each_image(
+            batch,
+            output,
+            out_len,
+            scratch,
+            s_len,
+            |i, out, col, gemm_threads| {
+                self.image(
+                    &inputs[0][i * in_len..(i + 1) * in_len],
+                    out,
+                    col,
+                    gemm_threads,
+                );
+            },
+        );
+    }
+}
+
+/// Fully connected layer: one GEMM for the whole batch, `[batch, in] × [in, out]`.
+#[derive(Debug)]
+pub struct LinearF32 {
+    /// `[in, out]`: transposed once at freeze time so the GEMM reads rows.
+    weight_t: Vec<f32>,
+    bias: Option<Vec<f32>>,
+    relu: bool,
+    in_features: usize,
+    out_features: usize,
+}
+
+impl LinearF32 {
+    /// Builds the kernel from a layer view of a linear layer (`weight` is `[out, in]`).
+    pub fn new(view: &LayerView<'_>) -> Self {
+        let (out_features, in_features) = (view.weight_shape[0], view.weight_shape[1]);
+        let mut weight_t = vec![0.0; in_features * out_features];
+        for o in 0..out_features {
+            for i in 0..in_features {
+                weight_t[i * out_features + o] = view.weight[o * in_features + i];
+            }
+        }
+        Self {
+            weight_t,
+            bias: view.bias.map(|b| b.to_vec()),
+            relu: view.relu,
+            in_features,
+            out_features,
+        }
+    }
+}
+
+impl Kernel for LinearF32 {
+    fn label(&self) -> String {
+        format!("linear/f32-gemm{}", if self.relu { "+relu" } else { "" })
+    }
+
+    fn run(
+        &self,
+        inputs: &[&[f32]],
+        output: &mut [f32],
+        batch: usize,
+        _scratch: &mut [f32],
+        ctx: &RunContext,
+    ) {
+        let (k, n) = (self.in_features, self.out_features);
+        sgemm(
+            batch,
+            n,
+            k,
+            inputs[0],
+            k,
+            &self.weight_t,
+            n,
+            output,
+            n,
+            false,
+            ctx.threads,
+        );
+        for row in output.chunks_exact_mut(n) {
+            for (j, v) in row.iter_mut().enumerate() {
+                let x = *v + self.bias.as_ref().map_or(0.0, |b| b[j]);
+                *v = if self.relu { x.max(0.0) } else { x };
+            }
+        }
+    }
+}
+
+/// Element-wise and pooling kernels that have no weights.
+#[derive(Debug)]
+pub enum Simple {
+    /// `max(x, 0)`.
+    Relu,
+    /// Sum of the inputs, optionally followed by ReLU (residual block ends).
+    Add {
+        /// Fused ReLU.
+        relu: bool,
+    },
+    /// Max or average pooling.
+    Pool {
+        /// Max (true) or average (false, padding counted).
+        max: bool,
+        /// Input `(c, h, w)`.
+        input: (usize, usize, usize),
+        /// Output `(c, h, w)`.
+        output: (usize, usize, usize),
+        /// Window.
+        kernel: [usize; 2],
+        /// Stride.
+        stride: [usize; 2],
+        /// Padding.
+        padding: [usize; 2],
+    },
+    /// Mean over each channel's plane.
+    GlobalAvgPool {
+        /// Channels.
+        channels: usize,
+        /// Plane size.
+        plane: usize,
+    },
+    /// Per-channel `x * scale + shift` (a batch norm that could not be folded).
+    Affine {
+        /// Scale per channel.
+        scale: Vec<f32>,
+        /// Shift per channel.
+        shift: Vec<f32>,
+        /// Values per channel.
+        plane: usize,
+        /// Fused ReLU.
+        relu: bool,
+    },
+}
+
+impl Kernel for Simple {
+    fn label(&self) -> String {
+        match self {
+            Simple::Relu => "relu/f32".into(),
+            Simple::Add { relu } => format!("add/f32{}", if *relu { "+relu" } else { "" }),
+            Simple::Pool { max: true, .. } => "max_pool2d/f32".into(),
+            Simple::Pool { max: false, .. } => "avg_pool2d/f32".into(),
+            Simple::GlobalAvgPool { .. } => "global_avg_pool/f32".into(),
+            Simple::Affine { relu, .. } => {
+                format!("batch_norm/f32-affine{}", if *relu { "+relu" } else { "" })
+            }
+        }
+    }
+
+    fn run(
+        &self,
+        inputs: &[&[f32]],
+        output: &mut [f32],
+        _batch: usize,
+        _scratch: &mut [f32],
+        _ctx: &RunContext,
+    ) {
+        match self {
+            Simple::Relu => output
+                .iter_mut()
+                .zip(inputs[0])
+                .for_each(|(o, &x)| *o = x.max(0.0)),
+            Simple::Add { relu } => {
+                output.copy_from_slice(&inputs[0][..output.len()]);
+                for other in &inputs[1..] {
+                    output
+                        .iter_mut()
+                        .zip(other.iter())
+                        .for_each(|(o, &x)| *o += x);
+                }
+                if *relu {
+                    output.iter_mut().for_each(|o| *o = o.max(0.0));
+                }
+            }
+            Simple::Pool {
+                max,
+                input: (_, h, w),
+                output: (_, oh, ow),
+                kernel,
+                stride,
+                padding,
+            } => {
+                let (h, w, oh, ow) = (*h, *w, *oh, *ow);
+                let planes_in = inputs[0].chunks_exact(h * w);
+                for (plane, out) in planes_in.zip(output.chunks_exact_mut(oh * ow)) {
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            let mut acc = if *max { f32::NEG_INFINITY } else { 0.0 };
+                            for ky in 0..kernel[0] {
+                                let iy = (oy * stride[0] + ky) as isize - padding[0] as isize;
+                                if iy < 0 || iy >= h as isize {
+                                    continue;
+                                }
+                                for kx in 0..kernel[1] {
+                                    let ix = (ox * stride[1] + kx) as isize - padding[1] as isize;
+                                    if ix >= 0 && ix < w as isize {
+                                        let v = plane[iy as usize * w + ix as usize];
+                                        acc = if *max { acc.max(v) } else { acc + v };
+                                    }
+                                }
+                            }
+                            out[oy * ow + ox] = if *max {
+                                acc
+                            } else {
+                                acc / (kernel[0] * kernel[1]) as f32
+                            };
+                        }
+                    }
+                }
+            }
+            Simple::GlobalAvgPool { plane, .. } => {
+                for (o, p) in output.iter_mut().zip(inputs[0].chunks_exact(*plane)) {
+                    *o = p.iter().sum::<f32>() / *plane as f32;
+                }
+            }
+            Simple::Affine {
+                scale,
+                shift,
+                plane,
+                relu,
+            } => {
+                let c = scale.len();
+                for (i, (o, p)) in output
+                    .chunks_exact_mut(*plane)
+                    .zip(inputs[0].chunks_exact(*plane))
+                    .enumerate()
+                {
+                    let (s, t) = (scale[i % c], shift[i % c]);
+                    for (o, &x) in o.iter_mut().zip(p) {
+                        let y = x * s + t;
+                        *o = if *relu { y.max(0.0) } else { y };
+                    }
+                }
+            }
+        }
+    }
+}

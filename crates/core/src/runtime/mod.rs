@@ -1,0 +1,640 @@
+//! The CPU runtime: [`freeze`] turns a [`Graph`] into a [`Plan`] — batch norms folded into the
+//! convolutions before them, ReLUs fused into their producers, weights laid out once, buffers
+//! planned by liveness — and runs it on f32 kernels built on a GEMM.
+//!
+//! # Kernel interface
+//! Every step of a plan is a [`Kernel`]. Which kernel implements a layer is decided by a
+//! [`KernelRegistry`]: a list of builders, each offered a [`LayerView`] (the layer's op, its
+//! f32 weights after folding, its shapes and whether a ReLU is fused) and free to decline. The
+//! default f32 builders come last, so another crate — int8 kernels from shrink-quant, sparse
+//! kernels from shrink-prune — plugs in by registering a builder, without shrink-core knowing
+//! it:
+//!
+//! ```
+//! use shrink_core::runtime::{FreezeOptions, Kernel, KernelRegistry, LayerView, RunContext, freeze_with};
+//! use shrink_core::{BackendKind, zoo::ModelSpec};
+//!
+//! /// A (deliberately simple) linear kernel that another crate could provide.
+//! #[derive(Debug)]
+//! struct NaiveLinear { w: Vec<f32>, b: Vec<f32>, n_in: usize, n_out: usize }
+//! impl Kernel for NaiveLinear {
+//!     fn label(&self) -> String { "linear/naive".into() }
+//!     fn run(&self, inputs: &[&[f32]], out: &mut [f32], batch: usize, _: &mut [f32], _: &RunContext) {
+//!         for i in 0..batch {
+//!             for o in 0..self.n_out {
+//!                 let x = &inputs[0][i * self.n_in..(i + 1) * self.n_in];
+//!                 let w = &self.w[o * self.n_in..(o + 1) * self.n_in];
+//!                 out[i * self.n_out + o] = self.b[o] + x.iter().zip(w).map(|(a, b)| a * b).sum::<f32>();
+//!             }
+//!         }
+//!     }
+//! }
+//!
+//! let mut registry = KernelRegistry::default();
+//! registry.register("naive-linear", |view: &LayerView<'_>| {
+//!     (view.op.kind() == "linear" && !view.relu).then(|| Box::new(NaiveLinear {
+//!         w: view.weight.to_vec(),
+//!         b: view.bias.map(|b| b.to_vec()).unwrap_or_else(|| vec![0.0; view.weight_shape[0]]),
+//!         n_in: view.weight_shape[1],
+//!         n_out: view.weight_shape[0],
+//!     }) as Box<dyn Kernel>)
+//! });
+//! let device = BackendKind::Flex.device().unwrap();
+//! let graph = ModelSpec::Mlp { hidden: vec![16] }.build([1, 4, 4], 3, &device).unwrap();
+//! let plan = freeze_with(&graph, &registry, &FreezeOptions::default()).unwrap();
+//! assert!(plan.kernels().iter().any(|(_, label)| label == "linear/naive"));
+//! ```
+
+mod gemm;
+mod kernels;
+
+pub use gemm::sgemm;
+pub use kernels::{ConvF32, LinearF32, Simple};
+
+use std::fmt::Debug;
+
+use burn::module::Module;
+use burn::tensor::Tensor;
+use rayon::prelude::*;
+
+use crate::graph::{Graph, NodeId, Op, Params, ValueShape};
+use crate::{Error, Result};
+
+/// What a kernel builder sees of a layer.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerView<'a> {
+    /// Node name.
+    pub name: &'a str,
+    /// The op (channel counts, kernel size, stride, …).
+    pub op: &'a Op,
+    /// f32 weights in the graph's layout (`[out, in/groups, kh, kw]` or `[out, in]`), with any
+    /// batch norm already folded in.
+    pub weight: &'a [f32],
+    /// Shape of `weight`.
+    pub weight_shape: &'a [usize],
+    /// Bias (after folding), if any.
+    pub bias: Option<&'a [f32]>,
+    /// Input shape, batch excluded.
+    pub input: ValueShape,
+    /// Output shape, batch excluded.
+    pub output: ValueShape,
+    /// Whether a ReLU on the output is fused into this layer.
+    pub relu: bool,
+}
+
+/// How a plan may use threads, passed to every kernel.
+#[derive(Debug)]
+pub struct RunContext {
+    /// Threads the plan may use (1 = single-threaded, the default).
+    pub threads: usize,
+    pool: Option<rayon::ThreadPool>,
+}
+
+impl RunContext {
+    fn new(threads: usize) -> Result<Self> {
+        let threads = threads.max(1);
+        let pool = if threads > 1 {
+            Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .map_err(|e| {
+                        Error::RunFailed(format!("cannot start {threads} threads: {e}"))
+                    })?,
+            )
+        } else {
+            None
+        };
+        Ok(Self { threads, pool })
+    }
+
+    /// Runs `f(image, output, scratch, gemm_threads)` for every image of a batch: in parallel
+    /// over images when there are several threads and images, else one image at a time with
+    /// the threads given to the GEMM. `scratch` must hold `scratch_slots(batch) * scratch_len`.
+    pub fn for_each_image<F>(
+        &self,
+        batch: usize,
+        output: &mut [f32],
+        out_len: usize,
+        scratch: &mut [f32],
+        scratch_len: usize,
+        f: F,
+    ) where
+        F: Fn(usize, &mut [f32], &mut [f32], usize) + Sync,
+    {
+        match &self.pool {
+            Some(pool) if batch > 1 => pool.install(|| {
+                if scratch_len == 0 {
+                    output
+                        .par_chunks_mut(out_len)
+                        .enumerate()
+                        .for_each(|(i, out)| f(i, out, &mut [], 1));
+                } else {
+                    output
+                        .par_chunks_mut(out_len)
+                        .zip(scratch.par_chunks_mut(scratch_len))
+                        .enumerate()
+                        .for_each(|(i, (out, s))| f(i, out, s, 1));
+                }
+            }),
+            Some(pool) => pool.install(|| {
+                f(
+                    0,
+                    &mut output[..out_len],
+                    &mut scratch[..scratch_len],
+                    self.threads,
+                )
+            }),
+            None => {
+                for (i, out) in output.chunks_exact_mut(out_len).enumerate().take(batch) {
+                    f(i, out, &mut scratch[..scratch_len], 1);
+                }
+            }
+        }
+    }
+
+    /// How many per-image scratch areas a batch needs.
+    pub fn scratch_slots(&self, batch: usize) -> usize {
+        if self.pool.is_some() && batch > 1 {
+            batch
+        } else {
+            1
+        }
+    }
+}
+
+/// One step of a plan: computes a value from earlier values.
+pub trait Kernel: Send + Sync + Debug {
+    /// What implements the step, for reports: e.g. `conv2d/f32-im2col-gemm+relu`.
+    fn label(&self) -> String;
+
+    /// Scratch values needed per image (e.g. an im2col buffer).
+    fn scratch_per_image(&self) -> usize {
+        0
+    }
+
+    /// Computes `output` (`batch` images) from `inputs` (`batch` images each), contiguous,
+    /// channel-major.
+    fn run(
+        &self,
+        inputs: &[&[f32]],
+        output: &mut [f32],
+        batch: usize,
+        scratch: &mut [f32],
+        ctx: &RunContext,
+    );
+}
+
+/// A function that may provide a kernel for a layer.
+pub type KernelBuilder = Box<dyn Fn(&LayerView<'_>) -> Option<Box<dyn Kernel>> + Send + Sync>;
+
+/// Kernel builders, tried in order; the f32 defaults come after every registered one.
+#[derive(Default)]
+pub struct KernelRegistry {
+    builders: Vec<(String, KernelBuilder)>,
+}
+
+impl std::fmt::Debug for KernelRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.builders.iter().map(|(n, _)| n))
+            .finish()
+    }
+}
+
+impl KernelRegistry {
+    /// Adds a builder, tried before the ones registered earlier and before the defaults.
+    pub fn register(
+        &mut self,
+        name: impl Into<String>,
+        builder: impl Fn(&LayerView<'_>) -> Option<Box<dyn Kernel>> + Send + Sync + 'static,
+    ) {
+        self.builders.insert(0, (name.into(), Box::new(builder)));
+    }
+
+    fn build(&self, view: &LayerView<'_>) -> Box<dyn Kernel> {
+        for (name, builder) in &self.builders {
+            if let Some(k) = builder(view) {
+                tracing::debug!(layer = view.name, builder = %name, "custom kernel");
+                return k;
+            }
+        }
+        match view.op {
+            Op::Conv2d { .. } => Box::new(ConvF32::new(view)),
+            Op::Linear { .. } => Box::new(LinearF32::new(view)),
+            op => unreachable!(
+                "layer views are only made for conv2d and linear, not {}",
+                op.kind()
+            ),
+        }
+    }
+}
+
+/// Options of [`freeze_with`].
+#[derive(Clone, Debug)]
+pub struct FreezeOptions {
+    /// Threads the plan may use; 1 by default.
+    pub threads: usize,
+}
+
+impl Default for FreezeOptions {
+    fn default() -> Self {
+        Self { threads: 1 }
+    }
+}
+
+struct Step {
+    node: String,
+    kernel: Box<dyn Kernel>,
+    inputs: Vec<usize>,
+    output: usize,
+}
+
+/// A frozen graph, ready to run on the CPU.
+pub struct Plan {
+    steps: Vec<Step>,
+    /// Per value: elements per image.
+    value_len: Vec<usize>,
+    /// Per value: its buffer slot.
+    slot_of: Vec<usize>,
+    /// Per slot: elements per image it must hold.
+    slot_len: Vec<usize>,
+    buffers: Vec<Vec<f32>>,
+    scratch: Vec<f32>,
+    capacity: usize,
+    input_shape: [usize; 3],
+    output_value: usize,
+    ctx: RunContext,
+}
+
+impl std::fmt::Debug for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plan")
+            .field("steps", &self.kernels())
+            .field("slots", &self.slot_len.len())
+            .finish()
+    }
+}
+
+fn floats<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("converted to f32")
+}
+
+/// Freezes `graph` with the default f32 kernels on one thread.
+///
+/// # Errors
+/// As [`freeze_with`].
+pub fn freeze(graph: &Graph) -> Result<Plan> {
+    freeze_with(graph, &KernelRegistry::default(), &FreezeOptions::default())
+}
+
+/// Freezes `graph` into a plan, choosing each layer's kernel from `registry`.
+///
+/// # Errors
+/// [`Error::InvalidGraph`] if the graph does not validate; [`Error::RunFailed`] if the thread
+/// pool cannot start.
+pub fn freeze_with(
+    graph: &Graph,
+    registry: &KernelRegistry,
+    options: &FreezeOptions,
+) -> Result<Plan> {
+    graph.validate()?;
+    let graph = graph.clone().valid();
+    let shapes = graph.shapes()?;
+    let n = graph.nodes.len();
+    let consumers: Vec<Vec<NodeId>> = (0..n).map(|i| graph.consumers(i)).collect();
+    // A node's value may be absorbed by its only consumer (batch norm folded into a conv, ReLU
+    // fused into its producer) unless it is the graph's output.
+    let sole = |id: NodeId, pred: &dyn Fn(&Op) -> bool| -> Option<NodeId> {
+        match consumers[id][..] {
+            [c] if id != graph.output && pred(&graph.nodes[c].op) => Some(c),
+            _ => None,
+        }
+    };
+    let mut value_of: Vec<Option<usize>> = vec![None; n];
+    let mut value_len: Vec<usize> = vec![shapes[0].numel()];
+    value_of[0] = Some(0);
+    let mut steps: Vec<Step> = Vec::new();
+    let mut absorbed = vec![false; n];
+    for (id, node) in graph.nodes.iter().enumerate().skip(1) {
+        if absorbed[id] {
+            continue;
+        }
+        let inputs: Vec<usize> = node
+            .inputs
+            .iter()
+            .map(|&i| value_of[i].expect("topological order"))
+            .collect();
+        // Ops that change nothing in memory share their input's value.
+        if matches!(node.op, Op::Identity | Op::Flatten) {
+            value_of[id] = Some(inputs[0]);
+            continue;
+        }
+        let mut tail = id;
+        let kernel: Box<dyn Kernel> = match (&node.op, &node.params) {
+            (Op::Conv2d { out_channels, .. }, Some(Params::Conv(p))) => {
+                let mut weight = floats(p.weight.val());
+                let mut bias = p.bias.as_ref().map(|b| floats(b.val()));
+                if let Some(bn_id) = sole(id, &|op| matches!(op, Op::BatchNorm2d { .. })) {
+                    let Some(Params::BatchNorm(bn)) = &graph.nodes[bn_id].params else {
+                        unreachable!("validated")
+                    };
+                    let Op::BatchNorm2d { epsilon, .. } = graph.nodes[bn_id].op else {
+                        unreachable!("validated")
+                    };
+                    let (gamma, beta) = (floats(bn.gamma.val()), floats(bn.beta.val()));
+                    let (mean, var) = (
+                        floats(bn.running_mean.value()),
+                        floats(bn.running_var.value()),
+                    );
+                    let per = weight.len() / out_channels;
+                    let mut b = bias.unwrap_or_else(|| vec![0.0; *out_channels]);
+                    for c in 0..*out_channels {
+                        let s = gamma[c] / (var[c] + epsilon as f32).sqrt();
+                        weight[c * per..(c + 1) * per]
+                            .iter_mut()
+                            .for_each(|w| *w *= s);
+                        b[c] = (b[c] - mean[c]) * s + beta[c];
+                    }
+                    bias = Some(b);
+                    absorbed[bn_id] = true;
+                    tail = bn_id;
+                }
+                let relu = fuse_relu(&sole, tail, &mut absorbed);
+                let relu_tail = if relu { consumers[tail][0] } else { tail };
+                let view = LayerView {
+                    name: &node.name,
+                    op: &node.op,
+                    weight: &weight,
+                    weight_shape: &p.weight.dims(),
+                    bias: bias.as_deref(),
+                    input: shapes[node.inputs[0]],
+                    output: shapes[id],
+                    relu,
+                };
+                tail = relu_tail;
+                registry.build(&view)
+            }
+            (Op::Linear { .. }, Some(Params::Linear(p))) => {
+                let weight = floats(p.weight.val());
+                let bias = p.bias.as_ref().map(|b| floats(b.val()));
+                let relu = fuse_relu(&sole, id, &mut absorbed);
+                let view = LayerView {
+                    name: &node.name,
+                    op: &node.op,
+                    weight: &weight,
+                    weight_shape: &p.weight.dims(),
+                    bias: bias.as_deref(),
+                    input: shapes[node.inputs[0]],
+                    output: shapes[id],
+                    relu,
+                };
+                if relu {
+                    tail = consumers[id][0];
+                }
+                registry.build(&view)
+            }
+            (Op::BatchNorm2d { epsilon, .. }, Some(Params::BatchNorm(bn))) => {
+                let (gamma, beta) = (floats(bn.gamma.val()), floats(bn.beta.val()));
+                let (mean, var) = (
+                    floats(bn.running_mean.value()),
+                    floats(bn.running_var.value()),
+                );
+                let scale: Vec<f32> = gamma
+                    .iter()
+                    .zip(&var)
+                    .map(|(g, v)| g / (v + *epsilon as f32).sqrt())
+                    .collect();
+                let shift = beta
+                    .iter()
+                    .zip(&mean)
+                    .zip(&scale)
+                    .map(|((b, m), s)| b - m * s)
+                    .collect();
+                let relu = fuse_relu(&sole, id, &mut absorbed);
+                if relu {
+                    tail = consumers[id][0];
+                }
+                let plane = shapes[id].numel() / scale.len();
+                Box::new(Simple::Affine {
+                    scale,
+                    shift,
+                    plane,
+                    relu,
+                })
+            }
+            (Op::Add, _) => {
+                let relu = fuse_relu(&sole, id, &mut absorbed);
+                if relu {
+                    tail = consumers[id][0];
+                }
+                Box::new(Simple::Add { relu })
+            }
+            (Op::Relu, _) => Box::new(Simple::Relu),
+            (
+                Op::MaxPool2d {
+                    kernel,
+                    stride,
+                    padding,
+                },
+                _,
+            )
+            | (
+                Op::AvgPool2d {
+                    kernel,
+                    stride,
+                    padding,
+                },
+                _,
+            ) => {
+                let dims = |s: ValueShape| match s {
+                    ValueShape::Map {
+                        channels,
+                        height,
+                        width,
+                    } => (channels, height, width),
+                    ValueShape::Flat { features } => (features, 1, 1),
+                };
+                Box::new(Simple::Pool {
+                    max: matches!(node.op, Op::MaxPool2d { .. }),
+                    input: dims(shapes[node.inputs[0]]),
+                    output: dims(shapes[id]),
+                    kernel: *kernel,
+                    stride: *stride,
+                    padding: *padding,
+                })
+            }
+            (Op::GlobalAvgPool, _) => {
+                let s = shapes[node.inputs[0]];
+                Box::new(Simple::GlobalAvgPool {
+                    channels: s.channels(),
+                    plane: s.numel() / s.channels(),
+                })
+            }
+            (op, _) => {
+                return Err(Error::graph(
+                    &node.name,
+                    format!("{} cannot be frozen", op.kind()),
+                ));
+            }
+        };
+        let value = value_len.len();
+        value_len.push(shapes[tail].numel());
+        for v in [id, tail] {
+            value_of[v] = Some(value);
+        }
+        // Nodes absorbed between id and tail (a folded batch norm before a fused ReLU) share it.
+        let mut t = id;
+        while t != tail {
+            t = consumers[t][0];
+            value_of[t] = Some(value);
+        }
+        steps.push(Step {
+            node: node.name.clone(),
+            kernel,
+            inputs,
+            output: value,
+        });
+    }
+    let output_value = value_of[graph.output].expect("output computed");
+
+    // Buffer planning: a value's slot is freed after its last reader and reused.
+    let mut last_use = vec![0usize; value_len.len()];
+    for (s, step) in steps.iter().enumerate() {
+        for &v in &step.inputs {
+            last_use[v] = s;
+        }
+    }
+    last_use[output_value] = usize::MAX;
+    let mut slot_of = vec![usize::MAX; value_len.len()];
+    let mut slot_len: Vec<usize> = vec![value_len[0]];
+    slot_of[0] = 0;
+    let mut free: Vec<usize> = Vec::new();
+    for (s, step) in steps.iter().enumerate() {
+        let slot = match free.pop() {
+            Some(slot) => slot,
+            None => {
+                slot_len.push(0);
+                slot_len.len() - 1
+            }
+        };
+        slot_len[slot] = slot_len[slot].max(value_len[step.output]);
+        slot_of[step.output] = slot;
+        for &v in &step.inputs {
+            if last_use[v] == s && !free.contains(&slot_of[v]) && v != step.output {
+                free.push(slot_of[v]);
+            }
+        }
+    }
+    let [c, h, w] = graph.input_shape();
+    Ok(Plan {
+        steps,
+        value_len,
+        slot_of,
+        buffers: vec![Vec::new(); slot_len.len()],
+        slot_len,
+        scratch: Vec::new(),
+        capacity: 0,
+        input_shape: [c, h, w],
+        output_value,
+        ctx: RunContext::new(options.threads)?,
+    })
+}
+
+/// "The only consumer of this node, if it satisfies this predicate".
+type SoleConsumer<'a> = &'a dyn Fn(NodeId, &dyn Fn(&Op) -> bool) -> Option<NodeId>;
+
+fn fuse_relu(sole: SoleConsumer<'_>, id: NodeId, absorbed: &mut [bool]) -> bool {
+    match sole(id, &|op| matches!(op, Op::Relu)) {
+        Some(r) => {
+            absorbed[r] = true;
+            true
+        }
+        None => false,
+    }
+}
+
+impl Plan {
+    /// Each step's node and kernel label, in order.
+    pub fn kernels(&self) -> Vec<(String, String)> {
+        self.steps
+            .iter()
+            .map(|s| (s.node.clone(), s.kernel.label()))
+            .collect()
+    }
+
+    /// Threads the plan uses.
+    pub fn threads(&self) -> usize {
+        self.ctx.threads
+    }
+
+    /// Number of buffers the plan cycles through (fewer than values: slots are reused).
+    pub fn buffer_count(&self) -> usize {
+        self.slot_len.len()
+    }
+
+    /// Elements per image of the output.
+    pub fn output_len(&self) -> usize {
+        self.value_len[self.output_value]
+    }
+
+    /// Runs a batch of `[batch, c, h, w]` images (contiguous f32) and returns the outputs,
+    /// `[batch, outputs]`. Buffers grow on the first call with a larger batch and are reused
+    /// after that: a call at the same or a smaller batch size allocates nothing.
+    ///
+    /// # Errors
+    /// [`Error::InputShape`] when `input` does not hold `batch` images of the graph's shape.
+    pub fn run(&mut self, input: &[f32], batch: usize) -> Result<&[f32]> {
+        let per = self.input_shape.iter().product::<usize>();
+        if batch == 0 || input.len() != batch * per {
+            let mut got = vec![batch];
+            got.push(input.len() / batch.max(1));
+            return Err(Error::InputShape {
+                got,
+                expected: self.input_shape,
+            });
+        }
+        if batch > self.capacity {
+            for (buf, len) in self.buffers.iter_mut().zip(&self.slot_len) {
+                buf.resize(len * batch, 0.0);
+            }
+            let scratch = self
+                .steps
+                .iter()
+                .map(|s| s.kernel.scratch_per_image())
+                .max()
+                .unwrap_or(0);
+            self.scratch
+                .resize(scratch * self.ctx.scratch_slots(batch), 0.0);
+            self.capacity = batch;
+        }
+        self.buffers[self.slot_of[0]][..input.len()].copy_from_slice(input);
+        for step in &self.steps {
+            let out_slot = self.slot_of[step.output];
+            let out_len = self.value_len[step.output] * batch;
+            // The output slot is never one of the step's input slots (planned so), so it can be
+            // taken out while the inputs are borrowed.
+            let mut out = std::mem::take(&mut self.buffers[out_slot]);
+            {
+                let inputs: Vec<&[f32]> = step
+                    .inputs
+                    .iter()
+                    .map(|&v| &self.buffers[self.slot_of[v]][..self.value_len[v] * batch])
+                    .collect();
+                step.kernel.run(
+                    &inputs,
+                    &mut out[..out_len],
+                    batch,
+                    &mut self.scratch,
+                    &self.ctx,
+                );
+            }
+            self.buffers[out_slot] = out;
+        }
+        let len = self.value_len[self.output_value] * batch;
+        Ok(&self.buffers[self.slot_of[self.output_value]][..len])
+    }
+}

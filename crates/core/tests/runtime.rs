@@ -1,0 +1,180 @@
+//! The frozen CPU plan computes what burn's forward computes, for every zoo model.
+
+use burn::module::Module;
+use burn::tensor::{Distribution, Tensor};
+use shrink_core::graph::{Conv2dSpec, GraphBuilder};
+use shrink_core::runtime::{FreezeOptions, KernelRegistry, freeze, freeze_with};
+use shrink_core::zoo::ModelSpec;
+use shrink_core::{BackendKind, Graph};
+
+/// Trains nothing, but gives batch norms non-trivial statistics, so folding is really tested.
+fn with_random_bn_stats(graph: Graph) -> Graph {
+    use burn::module::{Param, RunningState};
+    use shrink_core::graph::Params;
+    let device = BackendKind::Flex.device().unwrap();
+    let mut g = graph;
+    for node in &mut g.nodes {
+        if let Some(Params::BatchNorm(bn)) = &mut node.params {
+            let c = bn.gamma.dims()[0];
+            bn.gamma = Param::from_tensor(Tensor::random(
+                [c],
+                Distribution::Uniform(0.5, 1.5),
+                &device,
+            ));
+            bn.beta = Param::from_tensor(Tensor::random(
+                [c],
+                Distribution::Uniform(-0.5, 0.5),
+                &device,
+            ));
+            bn.running_mean = RunningState::new(Tensor::random(
+                [c],
+                Distribution::Uniform(-0.3, 0.3),
+                &device,
+            ));
+            bn.running_var = RunningState::new(Tensor::random(
+                [c],
+                Distribution::Uniform(0.5, 2.0),
+                &device,
+            ));
+        }
+    }
+    g
+}
+
+fn assert_close(graph: &Graph, batch: usize, threads: usize) {
+    let device = BackendKind::Flex.device().unwrap();
+    let g = graph.clone().valid();
+    let [c, h, w] = g.input_shape();
+    let x = Tensor::<4>::random([batch, c, h, w], Distribution::Normal(0.0, 1.0), &device);
+    let expected: Vec<f32> = g.forward(x.clone()).into_data().try_to_vec().unwrap();
+    let input: Vec<f32> = x.into_data().try_to_vec().unwrap();
+    let mut plan = freeze_with(&g, &KernelRegistry::default(), &FreezeOptions { threads }).unwrap();
+    for _ in 0..2 {
+        let got = plan.run(&input, batch).unwrap();
+        assert_eq!(got.len(), expected.len());
+        let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        for (a, b) in got.iter().zip(&expected) {
+            assert!((a - b).abs() <= 1e-4 * scale, "{a} vs {b} (scale {scale})");
+        }
+    }
+}
+
+#[test]
+fn every_zoo_model_matches_burn() {
+    let device = BackendKind::Flex.device().unwrap();
+    device.seed(9);
+    let cases = [
+        (
+            ModelSpec::CifarResnet {
+                depth: 20,
+                width: 1.0,
+            },
+            [3, 32, 32],
+        ),
+        (
+            ModelSpec::CifarResnet {
+                depth: 8,
+                width: 0.5,
+            },
+            [1, 28, 28],
+        ),
+        (ModelSpec::Resnet { depth: 18 }, [3, 64, 64]),
+        (ModelSpec::Resnet { depth: 34 }, [3, 32, 32]),
+        (ModelSpec::Lenet5, [1, 28, 28]),
+        (
+            ModelSpec::Mlp {
+                hidden: vec![32, 16],
+            },
+            [1, 28, 28],
+        ),
+    ];
+    for (spec, input) in cases {
+        let g = with_random_bn_stats(spec.build(input, 10, &device).unwrap());
+        assert_close(&g, 3, 1);
+    }
+    let g = with_random_bn_stats(
+        ModelSpec::CifarResnet {
+            depth: 8,
+            width: 1.0,
+        }
+        .build([3, 16, 16], 10, &device)
+        .unwrap(),
+    );
+    assert_close(&g, 4, 2);
+    assert_close(&g, 1, 2);
+}
+
+#[test]
+fn grouped_depthwise_strided_dilated_and_pooling_layers_match() {
+    let device = BackendKind::Flex.device().unwrap();
+    device.seed(4);
+    let mut b = GraphBuilder::new([4, 13, 11]);
+    let x = b.input();
+    let a = b.conv2d(
+        "grouped",
+        x,
+        Conv2dSpec::new(8, 3).groups(2).padding(1).bias(true),
+    );
+    let a = b.conv2d(
+        "depthwise",
+        a,
+        Conv2dSpec::new(8, 3).groups(8).stride(2).padding(1),
+    );
+    let a = b.batch_norm("bn", a);
+    let a = b.conv2d(
+        "dilated",
+        a,
+        Conv2dSpec::new(6, 3).dilation(2).padding(2).bias(true),
+    );
+    let r = b.relu("relu", a);
+    let m = b.max_pool("max", r, 3, 2, 1);
+    let v = b.avg_pool("avg", r, 3, 2, 1);
+    let s = b.add("sum", &[m, v]);
+    let y = b.linear("fc", s, 5, true);
+    let g = with_random_bn_stats(b.build(y, &device).unwrap());
+    assert_close(&g, 2, 1);
+}
+
+#[test]
+fn batch_norm_is_folded_and_relu_fused() {
+    let device = BackendKind::Flex.device().unwrap();
+    let g = ModelSpec::CifarResnet {
+        depth: 8,
+        width: 1.0,
+    }
+    .build([1, 28, 28], 10, &device)
+    .unwrap();
+    let plan = freeze(&g).unwrap();
+    let kernels = plan.kernels();
+    // No batch norm and no standalone ReLU survive in a ResNet: all are folded or fused.
+    assert!(
+        kernels
+            .iter()
+            .all(|(_, k)| !k.starts_with("batch_norm") && k != "relu/f32"),
+        "{kernels:?}"
+    );
+    let stem = kernels.iter().find(|(n, _)| n == "stem.conv").unwrap();
+    assert_eq!(stem.1, "conv2d/f32-im2col-gemm+relu");
+    assert!(
+        kernels
+            .iter()
+            .any(|(n, k)| n == "layer1.0.add" && k == "add/f32+relu")
+    );
+    // Buffers are reused: far fewer than steps.
+    assert!(
+        plan.buffer_count() <= 5,
+        "{} buffers for {} steps",
+        plan.buffer_count(),
+        kernels.len()
+    );
+}
+
+#[test]
+fn wrong_input_size_is_an_error() {
+    let device = BackendKind::Flex.device().unwrap();
+    let g = ModelSpec::Lenet5.build([1, 28, 28], 10, &device).unwrap();
+    let mut plan = freeze(&g).unwrap();
+    assert!(plan.run(&[0.0; 100], 1).is_err());
+    assert!(plan.run(&[], 0).is_err());
+    assert_eq!(plan.run(&vec![0.0; 2 * 784], 2).unwrap().len(), 20);
+}
