@@ -13,22 +13,8 @@ use shrink_core::{BackendKind, Graph};
 /// The zoo models the forward benchmark covers: `(label, spec, input shape)`.
 pub fn forward_cases() -> Vec<(&'static str, ModelSpec, [usize; 3])> {
     vec![
-        (
-            "resnet20-mnist",
-            ModelSpec::CifarResnet {
-                depth: 20,
-                width: 1.0,
-            },
-            [1, 28, 28],
-        ),
-        (
-            "resnet20-cifar",
-            ModelSpec::CifarResnet {
-                depth: 20,
-                width: 1.0,
-            },
-            [3, 32, 32],
-        ),
+        ("resnet20-mnist", ModelSpec::CifarResnet { depth: 20, width: 1.0 }, [1, 28, 28]),
+        ("resnet20-cifar", ModelSpec::CifarResnet { depth: 20, width: 1.0 }, [3, 32, 32]),
         ("lenet5-mnist", ModelSpec::Lenet5, [1, 28, 28]),
     ]
 }
@@ -37,24 +23,12 @@ pub fn forward_cases() -> Vec<(&'static str, ModelSpec, [usize; 3])> {
 ///
 /// # Panics
 /// If the backend is not compiled in or the case is invalid (benchmarks are not user input).
-pub fn model_and_input(
-    spec: &ModelSpec,
-    input: [usize; 3],
-    batch: usize,
-    backend: BackendKind,
-) -> (Graph, Tensor<4>) {
+pub fn model_and_input(spec: &ModelSpec, input: [usize; 3], batch: usize, backend: BackendKind) -> (Graph, Tensor<4>) {
     use shrink_core::burn::module::Module;
     let device = backend.device().expect("backend compiled in");
     device.seed(0);
-    let graph = spec
-        .build(input, 10, &device)
-        .expect("valid zoo model")
-        .valid();
-    let x = Tensor::<4>::random(
-        [batch, input[0], input[1], input[2]],
-        Distribution::Normal(0.0, 1.0),
-        &device,
-    );
+    let graph = spec.build(input, 10, &device).expect("valid zoo model").valid();
+    let x = Tensor::<4>::random([batch, input[0], input[1], input[2]], Distribution::Normal(0.0, 1.0), &device);
     (graph, x)
 }
 

@@ -6,7 +6,7 @@ use shrink_core::burn::tensor::module::conv2d;
 use shrink_core::burn::tensor::ops::ConvOptions;
 use shrink_core::burn::tensor::{Tensor, TensorData};
 use shrink_core::graph::{Conv2dSpec, GraphBuilder};
-use shrink_core::runtime::{Plan, freeze, sgemm};
+use shrink_core::runtime::{Plan, sgemm};
 use shrink_core::zoo::ModelSpec;
 use shrink_core::{BackendKind, Graph};
 
@@ -43,24 +43,77 @@ fn random(len: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// The frozen plan of `graph` as a contender: default kernels (`gemm` crate) or rten-gemm ones.
+fn plan_contender(graph: &Graph, input: &[f32], batch: usize, rten: bool) -> Contender {
+    use shrink_core::runtime::{FreezeOptions, KernelRegistry, freeze_with};
+    let registry = if rten { KernelRegistry::rten() } else { KernelRegistry::default() };
+    let mut plan: Plan = freeze_with(graph, &registry, &FreezeOptions::default()).expect("freezable");
+    let input = input.to_vec();
+    Contender {
+        runner: if rten { "cpu-plan-rten".into() } else { "cpu-plan".into() },
+        run: Box::new(move || {
+            plan.run(&input, batch).expect("valid input");
+        }),
+    }
+}
+
 fn burn_backends() -> Vec<BackendKind> {
-    [BackendKind::Ndarray, BackendKind::Flex]
-        .into_iter()
-        .filter(|b| b.is_compiled_in())
-        .collect()
+    [BackendKind::Ndarray, BackendKind::Flex].into_iter().filter(|b| b.is_compiled_in()).collect()
 }
 
 fn gemm_case(m: usize, k: usize, n: usize) -> Case {
     let (a, b) = (random(m * k, 1), random(k * n, 2));
-    let mut c = vec![0.0f32; m * n];
+    let c = vec![0.0f32; m * n];
     let ours = {
-        let (a, b) = (a.clone(), b.clone());
+        // Operands in 64-byte-aligned storage, as the plan keeps weights and activations (and as
+        // burn's backends keep tensors).
+        let (a, b) = (shrink_core::runtime::aligned(&a), shrink_core::runtime::aligned(&b));
+        let mut c = shrink_core::runtime::aligned(&c);
         Contender {
             runner: "cpu-plan".into(),
             run: Box::new(move || sgemm(m, n, k, &a, k, &b, n, &mut c, n, false, 1)),
         }
     };
-    let mut contenders = vec![ours];
+    let rten = {
+        let (a, b) = (a.clone(), b.clone());
+        let exec = rten_gemm::GemmExecutor::<f32, f32, f32>::default();
+        let mut c = vec![0.0f32; m * n];
+        Contender {
+            runner: "rten-gemm".into(),
+            run: Box::new(move || {
+                let a = rten_tensor::NdTensorView::from_data([m, k], &a[..]);
+                let b = rten_tensor::NdTensorView::from_data([k, n], &b[..]);
+                exec.gemm(
+                    &mut c,
+                    rten_gemm::GemmInputA::Unpacked(a),
+                    rten_gemm::GemmInputB::Unpacked(b),
+                    rten_gemm::GemmOptions::default(),
+                )
+                .expect("valid shapes");
+            }),
+        }
+    };
+    let rten_prepacked = {
+        let b = b.clone();
+        let exec = rten_gemm::GemmExecutor::<f32, f32, f32>::default();
+        // The weight-like operand packed once, outside the timed loop.
+        let packed = exec.prepack_a(rten_tensor::NdTensorView::from_data([m, k], &a[..]));
+        let mut c = vec![0.0f32; m * n];
+        Contender {
+            runner: "rten-gemm-prepacked".into(),
+            run: Box::new(move || {
+                let b = rten_tensor::NdTensorView::from_data([k, n], &b[..]);
+                exec.gemm(
+                    &mut c,
+                    rten_gemm::GemmInputA::Packed(&packed),
+                    rten_gemm::GemmInputB::Unpacked(b),
+                    rten_gemm::GemmOptions::default(),
+                )
+                .expect("valid shapes");
+            }),
+        }
+    };
+    let mut contenders = vec![ours, rten, rten_prepacked];
     for backend in burn_backends() {
         let device = backend.device().expect("compiled in");
         let ta = Tensor::<2>::from_data(TensorData::new(a.clone(), [m, k]), &device);
@@ -89,21 +142,13 @@ fn conv_case() -> Case {
     let y = b.conv2d("conv", x, Conv2dSpec::new(64, 3).padding(1));
     let graph = b.build(y, &device).expect("valid conv").valid();
     let input = random(batch * c * h * w, 3);
-    let mut plan: Plan = freeze(&graph).expect("freezable");
-    let ours = {
-        let input = input.clone();
-        Contender {
-            runner: "cpu-plan".into(),
-            run: Box::new(move || {
-                plan.run(&input, batch).expect("valid input");
-            }),
-        }
-    };
+    let ours = plan_contender(&graph, &input, batch, false);
+    let rten = plan_contender(&graph, &input, batch, true);
     let weight = match &graph.nodes[1].params {
         Some(shrink_core::graph::Params::Conv(p)) => p.weight.val().into_data(),
         _ => unreachable!("a conv node"),
     };
-    let mut contenders = vec![ours];
+    let mut contenders = vec![ours, rten];
     for backend in burn_backends() {
         let device = backend.device().expect("compiled in");
         let tx = Tensor::<4>::from_data(TensorData::new(input.clone(), [batch, c, h, w]), &device);
@@ -111,50 +156,24 @@ fn conv_case() -> Case {
         contenders.push(Contender {
             runner: backend.runner_label().into(),
             run: Box::new(move || {
-                let _ = conv2d(
-                    tx.clone(),
-                    tw.clone(),
-                    None,
-                    ConvOptions::new([1, 1], [1, 1], [1, 1], 1),
-                )
-                .into_data();
+                let _ = conv2d(tx.clone(), tw.clone(), None, ConvOptions::new([1, 1], [1, 1], [1, 1], 1)).into_data();
             }),
         });
     }
     let flops = 2.0 * (batch * 64 * h * w * c * 9) as f64;
-    Case {
-        name: "conv3x3 64->64 32x32 b8".into(),
-        flops,
-        baseline: "burn-ndarray".into(),
-        contenders,
-    }
+    Case { name: "conv3x3 64->64 32x32 b8".into(), flops, baseline: "burn-ndarray".into(), contenders }
 }
 
 fn resnet20_case(batch: usize) -> Case {
     let device = BackendKind::Flex.device().expect("flex");
     device.seed(2);
-    let graph: Graph = ModelSpec::CifarResnet {
-        depth: 20,
-        width: 1.0,
-    }
-    .build([3, 32, 32], 10, &device)
-    .expect("zoo")
-    .valid();
-    let macs = shrink_core::metrics::model_stats(&graph)
-        .expect("stats")
-        .macs as f64;
+    let graph: Graph =
+        ModelSpec::CifarResnet { depth: 20, width: 1.0 }.build([3, 32, 32], 10, &device).expect("zoo").valid();
+    let macs = shrink_core::metrics::model_stats(&graph).expect("stats").macs as f64;
     let input = random(batch * 3 * 32 * 32, 4);
-    let mut plan = freeze(&graph).expect("freezable");
-    let ours = {
-        let input = input.clone();
-        Contender {
-            runner: "cpu-plan".into(),
-            run: Box::new(move || {
-                plan.run(&input, batch).expect("valid input");
-            }),
-        }
-    };
-    let mut contenders = vec![ours];
+    let ours = plan_contender(&graph, &input, batch, false);
+    let rten = plan_contender(&graph, &input, batch, true);
+    let mut contenders = vec![ours, rten];
     for backend in burn_backends() {
         let device = backend.device().expect("compiled in");
         let g = graph.clone().to_device(&device);
@@ -174,6 +193,39 @@ fn resnet20_case(batch: usize) -> Case {
     }
 }
 
+/// One thread against two for the plan on ResNet-20 at batch 64 (on a busy 2-core machine two
+/// threads must not be slower than one).
+fn threads_case() -> Case {
+    use shrink_core::runtime::{FreezeOptions, KernelRegistry, freeze_with};
+    let device = BackendKind::Flex.device().expect("flex");
+    device.seed(2);
+    let graph: Graph =
+        ModelSpec::CifarResnet { depth: 20, width: 1.0 }.build([3, 32, 32], 10, &device).expect("zoo").valid();
+    let macs = shrink_core::metrics::model_stats(&graph).expect("stats").macs as f64;
+    let batch = 64;
+    let input = random(batch * 3 * 32 * 32, 5);
+    let contenders = [1usize, 2]
+        .into_iter()
+        .map(|threads| {
+            let mut plan =
+                freeze_with(&graph, &KernelRegistry::default(), &FreezeOptions { threads }).expect("freezable");
+            let input = input.clone();
+            Contender {
+                runner: if threads == 1 { "cpu-plan".into() } else { format!("cpu-plan-{threads}t") },
+                run: Box::new(move || {
+                    plan.run(&input, batch).expect("valid input");
+                }),
+            }
+        })
+        .collect();
+    Case {
+        name: "resnet20 cifar b64 threads".into(),
+        flops: 2.0 * macs * batch as f64,
+        baseline: "cpu-plan".into(),
+        contenders,
+    }
+}
+
 /// The cases of the `runtime` suite (inputs are fixed pseudo-random values: speed does not
 /// depend on them).
 pub fn runtime_cases() -> Vec<Case> {
@@ -183,5 +235,6 @@ pub fn runtime_cases() -> Vec<Case> {
         conv_case(),
         resnet20_case(1),
         resnet20_case(64),
+        threads_case(),
     ]
 }

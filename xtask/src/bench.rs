@@ -56,11 +56,7 @@ fn measure(mut case: Case, repeats: usize) -> Vec<Row> {
             t[t.len() / 2]
         })
         .collect();
-    let base = case
-        .contenders
-        .iter()
-        .position(|c| c.runner == case.baseline)
-        .map(|i| medians[i]);
+    let base = case.contenders.iter().position(|c| c.runner == case.baseline).map(|i| medians[i]);
     case.contenders
         .iter()
         .zip(&medians)
@@ -104,14 +100,7 @@ pub fn run_suite(suite: &str, out: &Path, repeats: usize) -> Result<PathBuf> {
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         })
         .unwrap_or_default();
-    let report = SuiteReport {
-        suite: suite.into(),
-        threads,
-        repeats,
-        git_revision,
-        cpu,
-        rows,
-    };
+    let report = SuiteReport { suite: suite.into(), threads, repeats, git_revision, cpu, rows };
     let dir = out.join("bench");
     let json = dir.join(format!("{suite}.json"));
     shrink_core::io::write_atomic(&json, serde_json::to_string_pretty(&report)?.as_bytes())?;

@@ -136,13 +136,7 @@ impl Stage {
     /// The training settings of a train stage.
     pub fn train_settings(&self) -> Option<TrainSettings> {
         match self {
-            Stage::Train {
-                epochs,
-                batch_size,
-                optimizer,
-                schedule,
-                warmup_epochs,
-            } => Some(TrainSettings {
+            Stage::Train { epochs, batch_size, optimizer, schedule, warmup_epochs } => Some(TrainSettings {
                 epochs: *epochs,
                 batch_size: *batch_size,
                 optimizer: optimizer.clone(),
@@ -197,9 +191,7 @@ pub fn load_plan(path: &Path) -> Result<Plan> {
 /// Tagged tables (`[[stages]]`, `optimizer = { kind = .. }`) are parsed as a whole, so toml
 /// reports the span of the table for an unknown key inside it; point at the key itself.
 fn refine_span(text: &str, span: std::ops::Range<usize>, message: &str) -> usize {
-    let key = message
-        .strip_prefix("unknown field `")
-        .and_then(|rest| rest.split('`').next());
+    let key = message.strip_prefix("unknown field `").and_then(|rest| rest.split('`').next());
     let Some(key) = key else { return span.start };
     let region = &text[span.start.min(text.len())..span.end.min(text.len())];
     let mut offset = 0;
@@ -207,9 +199,8 @@ fn refine_span(text: &str, span: std::ops::Range<usize>, message: &str) -> usize
         for (i, _) in line.match_indices(key) {
             let before = &line[..i];
             let after = line[i + key.len()..].trim_start();
-            let starts_entry = before.trim().is_empty()
-                || before.trim_end().ends_with('{')
-                || before.trim_end().ends_with(',');
+            let starts_entry =
+                before.trim().is_empty() || before.trim_end().ends_with('{') || before.trim_end().ends_with(',');
             if starts_entry && after.starts_with('=') {
                 return span.start + offset + i;
             }
@@ -228,23 +219,12 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 
 fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
     let e = &experiment;
-    if e.name.is_empty()
-        || !e
-            .name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-    {
-        bail!(
-            "key `name`: expected letters, digits, `_` or `-`, got {:?}",
-            e.name
-        );
+    if e.name.is_empty() || !e.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        bail!("key `name`: expected letters, digits, `_` or `-`, got {:?}", e.name);
     }
     if !e.backend.is_compiled_in() {
         // The same message as the device constructor, checked before anything loads.
-        bail!(
-            "key `backend`: {}",
-            e.backend.device().expect_err("not compiled in")
-        );
+        bail!("key `backend`: {}", e.backend.device().expect_err("not compiled in"));
     }
     if e.threads == 0 || e.threads > 256 {
         bail!("key `threads`: expected 1 to 256, got {}", e.threads);
@@ -252,10 +232,7 @@ fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
     e.model.validate().map_err(|err| anyhow::anyhow!("{err}"))?;
     let d = &e.data;
     if !(0.0..1.0).contains(&d.validation_fraction) {
-        bail!(
-            "key `data.validation_fraction`: expected a fraction in [0, 1), got {}",
-            d.validation_fraction
-        );
+        bail!("key `data.validation_fraction`: expected a fraction in [0, 1), got {}", d.validation_fraction);
     }
     if d.train_limit == Some(0) || d.test_limit == Some(0) {
         bail!("key `data.train_limit` / `data.test_limit`: must be at least 1");
@@ -299,11 +276,7 @@ fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
             }
         }
     }
-    Ok(Plan {
-        source: source.to_path_buf(),
-        experiment,
-        data_path,
-    })
+    Ok(Plan { source: source.to_path_buf(), experiment, data_path })
 }
 
 #[cfg(test)]
@@ -345,14 +318,9 @@ kind = "evaluate"
     #[test]
     fn misspelt_key_names_file_line_column_and_expected_keys() {
         let text = GOOD.replace("epochs = 1", "epoch = 1");
-        let e = load_plan(&write("typo.toml", &text))
-            .unwrap_err()
-            .to_string();
+        let e = load_plan(&write("typo.toml", &text)).unwrap_err().to_string();
         assert!(e.contains("typo.toml:11:1"), "{e}");
-        assert!(
-            e.contains("unknown field `epoch`") && e.contains("`epochs`"),
-            "{e}"
-        );
+        assert!(e.contains("unknown field `epoch`") && e.contains("`epochs`"), "{e}");
     }
 
     #[test]
@@ -360,35 +328,15 @@ kind = "evaluate"
         let cases = [
             (GOOD.replace("lr = 0.1", "lr = -0.1"), "optimizer.lr"),
             (GOOD.replace("hidden = [8]", "hidden = [0]"), "model.hidden"),
-            (
-                GOOD.replace("kind = \"mlp\"", "kind = \"transformer\""),
-                "unknown variant `transformer`",
-            ),
-            (
-                GOOD.replace("kind = \"evaluate\"", "kind = \"explode\""),
-                "unknown variant `explode`",
-            ),
-            (
-                GOOD.replace("path = \"../data/mnist5k\"", "path = \"/nope\""),
-                "does not exist",
-            ),
-            (
-                GOOD.replace("name = \"t\"", "name = \"t\"\nbackend = \"tpu\""),
-                "unknown variant `tpu`",
-            ),
-            (
-                GOOD.replace("epochs = 1", "epochs = \"one\""),
-                "invalid type",
-            ),
+            (GOOD.replace("kind = \"mlp\"", "kind = \"transformer\""), "unknown variant `transformer`"),
+            (GOOD.replace("kind = \"evaluate\"", "kind = \"explode\""), "unknown variant `explode`"),
+            (GOOD.replace("path = \"../data/mnist5k\"", "path = \"/nope\""), "does not exist"),
+            (GOOD.replace("name = \"t\"", "name = \"t\"\nbackend = \"tpu\""), "unknown variant `tpu`"),
+            (GOOD.replace("epochs = 1", "epochs = \"one\""), "invalid type"),
         ];
         for (text, expected) in cases {
-            let e = load_plan(&write("bad.toml", &text))
-                .unwrap_err()
-                .to_string();
-            assert!(
-                e.contains(expected) && e.contains("bad.toml"),
-                "expected `{expected}` in: {e}"
-            );
+            let e = load_plan(&write("bad.toml", &text)).unwrap_err().to_string();
+            assert!(e.contains(expected) && e.contains("bad.toml"), "expected `{expected}` in: {e}");
         }
     }
 }

@@ -119,22 +119,13 @@ fn init_logging(verbose: u8, quiet: bool) -> RunLog {
         _ => "trace",
     };
     let noise = "wgpu_core=warn,wgpu_hal=warn,naga=warn,cubecl=warn";
-    let stderr_filter = EnvFilter::try_from_env("SHRINK_LOG")
-        .unwrap_or_else(|_| EnvFilter::new(format!("{level},{noise}")));
+    let stderr_filter =
+        EnvFilter::try_from_env("SHRINK_LOG").unwrap_or_else(|_| EnvFilter::new(format!("{level},{noise}")));
     let log = RunLog::default();
     let file_filter = EnvFilter::new(format!("info,{noise}"));
     tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_filter(stderr_filter),
-        )
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_ansi(false)
-                .with_writer(log.clone())
-                .with_filter(file_filter),
-        )
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(stderr_filter))
+        .with(tracing_subscriber::fmt::layer().with_ansi(false).with_writer(log.clone()).with_filter(file_filter))
         .init();
     log
 }
@@ -145,29 +136,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let log = init_logging(cli.verbose, cli.quiet);
     match cli.command {
-        Command::Run {
-            configs,
-            dry_run,
-            out,
-            cache,
-        } => {
+        Command::Run { configs, dry_run, out, cache } => {
             let cache = cache.unwrap_or_else(|| out.join("cache").join("baselines"));
-            run_configs(
-                &configs,
-                dry_run,
-                &RunOptions {
-                    out,
-                    cache,
-                    progress: !cli.quiet,
-                },
-                &log,
-            )
+            run_configs(&configs, dry_run, &RunOptions { out, cache, progress: !cli.quiet }, &log)
         }
-        Command::Bench {
-            suite,
-            out,
-            repeats,
-        } => match bench::run_suite(&suite, &out, repeats.max(1)) {
+        Command::Bench { suite, out, repeats } => match bench::run_suite(&suite, &out, repeats.max(1)) {
             Ok(path) => {
                 println!("{}", path.display());
                 ExitCode::SUCCESS
@@ -229,18 +202,13 @@ fn run_configs(configs: &[PathBuf], dry_run: bool, opts: &RunOptions, log: &RunL
     let mut code = ExitCode::SUCCESS;
     for plan in &plans {
         let stamp = time::OffsetDateTime::now_utc()
-            .format(time::macros::format_description!(
-                "[year][month][day]T[hour][minute][second]Z"
-            ))
+            .format(time::macros::format_description!("[year][month][day]T[hour][minute][second]Z"))
             .unwrap_or_else(|_| "run".into());
         let mut dir = opts.out.join(&plan.experiment.name).join(&stamp);
         let mut n = 1;
         while dir.exists() {
             n += 1;
-            dir = opts
-                .out
-                .join(&plan.experiment.name)
-                .join(format!("{stamp}-{n}"));
+            dir = opts.out.join(&plan.experiment.name).join(format!("{stamp}-{n}"));
         }
         if let Err(e) = std::fs::create_dir_all(&dir) {
             eprintln!("error: cannot create {}: {e}", dir.display());
@@ -252,16 +220,8 @@ fn run_configs(configs: &[PathBuf], dry_run: bool, opts: &RunOptions, log: &RunL
             Ok(dir) => println!("{}", dir.display()),
             Err(err) => {
                 tracing::error!("{err:#}");
-                eprintln!(
-                    "error: {}: {err:#}\nreport: {}",
-                    plan.source.display(),
-                    dir.join("report.json").display()
-                );
-                code = if is_input_error(&err) {
-                    ExitCode::from(2)
-                } else {
-                    ExitCode::from(1)
-                };
+                eprintln!("error: {}: {err:#}\nreport: {}", plan.source.display(), dir.join("report.json").display());
+                code = if is_input_error(&err) { ExitCode::from(2) } else { ExitCode::from(1) };
             }
         }
         log.set(None);
@@ -275,26 +235,13 @@ pub const TEST_COMMAND: &[&str] = &["test", "--workspace", "--release"];
 fn check() -> ExitCode {
     let steps: [(&str, Vec<&str>); 3] = [
         ("fmt", vec!["fmt", "--all", "--check"]),
-        (
-            "clippy",
-            vec![
-                "clippy",
-                "--workspace",
-                "--release",
-                "--all-targets",
-                "--",
-                "-D",
-                "warnings",
-            ],
-        ),
+        ("clippy", vec!["clippy", "--workspace", "--release", "--all-targets", "--", "-D", "warnings"]),
         ("test", TEST_COMMAND.to_vec()),
     ];
     for (name, args) in steps {
         eprintln!("== cargo {}", args.join(" "));
         let status =
-            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args(&args)
-                .status();
+            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args(&args).status();
         match status {
             Ok(s) if s.success() => {}
             Ok(_) | Err(_) => {
@@ -320,13 +267,7 @@ fn list() -> ExitCode {
         files.sort();
         for f in files {
             let summary = load_plan(Path::new(&f))
-                .map(|p| {
-                    format!(
-                        "{} ({} stages)",
-                        p.experiment.model.name(),
-                        p.experiment.stages.len()
-                    )
-                })
+                .map(|p| format!("{} ({} stages)", p.experiment.model.name(), p.experiment.stages.len()))
                 .unwrap_or_else(|e| format!("INVALID: {e}"));
             println!("  {}  {summary}", f.display());
         }

@@ -41,15 +41,12 @@ pub struct Provenance {
 
 /// RFC 3339 text of a time.
 pub fn utc(t: time::OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 fn command(cmd: &str, args: &[&str]) -> Option<String> {
     let out = std::process::Command::new(cmd).args(args).output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 impl Provenance {
@@ -64,16 +61,11 @@ impl Provenance {
             })
             .unwrap_or_else(|| std::env::consts::ARCH.to_string());
         Self {
-            git_revision: command("git", &["rev-parse", "HEAD"])
-                .unwrap_or_else(|| "unknown".into()),
+            git_revision: command("git", &["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into()),
             git_dirty: command("git", &["status", "--porcelain", "--untracked-files=no"])
                 .is_some_and(|s| !s.is_empty()),
             host: command("hostname", &[])
-                .or_else(|| {
-                    std::fs::read_to_string("/etc/hostname")
-                        .ok()
-                        .map(|s| s.trim().to_string())
-                })
+                .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
                 .unwrap_or_else(|| "unknown".into()),
             cpu,
             backend: e.backend.name().into(),
@@ -81,12 +73,7 @@ impl Provenance {
             seed: e.seed,
             shrink_version: env!("CARGO_PKG_VERSION").into(),
             burn_version: shrink_core::BURN_VERSION.into(),
-            profile: if cfg!(debug_assertions) {
-                "debug"
-            } else {
-                "release"
-            }
-            .into(),
+            profile: if cfg!(debug_assertions) { "debug" } else { "release" }.into(),
             started_utc: utc(started),
             finished_utc: String::new(),
         }
@@ -256,11 +243,7 @@ pub fn markdown(r: &Report) -> String {
         p.burn_version,
         p.profile,
         p.started_utc,
-        if p.finished_utc.is_empty() {
-            "-"
-        } else {
-            &p.finished_utc
-        },
+        if p.finished_utc.is_empty() { "-" } else { &p.finished_utc },
     );
     if let Some(d) = &r.data {
         s += &format!(
@@ -269,10 +252,7 @@ pub fn markdown(r: &Report) -> String {
         );
     }
     if let Some(err) = &r.error {
-        s += &format!(
-            "\n**Failed** in stage {}: {err}\n",
-            r.current_stage.as_deref().unwrap_or("?")
-        );
+        s += &format!("\n**Failed** in stage {}: {err}\n", r.current_stage.as_deref().unwrap_or("?"));
     }
     s += "\n| # | stage | test top-1 | top-5 | loss | params | non-zeros | size | MACs | latency (median / p90) | wall |\n";
     s += "|---|---|---|---|---|---|---|---|---|---|---|\n";
@@ -280,22 +260,13 @@ pub fn markdown(r: &Report) -> String {
         let (top1, top5, loss) = st
             .test
             .as_ref()
-            .map(|t| {
-                (
-                    format!("{:.4}", t.top1),
-                    format!("{:.4}", t.top5),
-                    format!("{:.4}", t.loss),
-                )
-            })
+            .map(|t| (format!("{:.4}", t.top1), format!("{:.4}", t.top5), format!("{:.4}", t.loss)))
             .unwrap_or_default();
         let lat: Vec<String> = st
             .latency
             .iter()
             .map(|l| {
-                format!(
-                    "b{}: {:.3} / {:.3} ms ({}, {}t)",
-                    l.batch_size, l.median_ms, l.p90_ms, l.runner, l.threads
-                )
+                format!("b{}: {:.3} / {:.3} ms ({}, {}t)", l.batch_size, l.median_ms, l.p90_ms, l.runner, l.threads)
             })
             .collect();
         let mut kind = st.kind.clone();
@@ -322,20 +293,12 @@ pub fn markdown(r: &Report) -> String {
         if let Some(t) = st.train_seconds {
             s += &format!(
                 "Training time: {t:.1} s{}\n\n",
-                if st.cached_baseline.is_some() {
-                    " (when the cached baseline was trained)"
-                } else {
-                    ""
-                }
+                if st.cached_baseline.is_some() { " (when the cached baseline was trained)" } else { "" }
             );
         }
         s += "| epoch | train loss | train acc | val acc | lr | seconds |\n|---|---|---|---|---|---|\n";
         for h in &st.history {
-            let val = h
-                .validation
-                .as_ref()
-                .map(|v| format!("{:.4}", v.top1))
-                .unwrap_or_else(|| "-".into());
+            let val = h.validation.as_ref().map(|v| format!("{:.4}", v.top1)).unwrap_or_else(|| "-".into());
             s += &format!(
                 "| {} | {:.4} | {:.4} | {} | {:.5} | {:.1} |\n",
                 h.epoch, h.train_loss, h.train_accuracy, val, h.lr, h.seconds
@@ -351,10 +314,8 @@ pub fn markdown(r: &Report) -> String {
         }
         s += "\n## Layers (last stage)\n\n| layer | kind | params | non-zeros | MACs | output |\n|---|---|---|---|---|---|\n";
         for l in &last.layers {
-            s += &format!(
-                "| {} | {} | {} | {} | {} | {:?} |\n",
-                l.name, l.kind, l.params, l.nonzeros, l.macs, l.output
-            );
+            s +=
+                &format!("| {} | {} | {} | {} | {} | {:?} |\n", l.name, l.kind, l.params, l.nonzeros, l.macs, l.output);
         }
     }
     s += "\n## Conventions\n\n";
@@ -371,14 +332,7 @@ pub fn write_training_curve(r: &Report, path: &Path) -> Result<()> {
         .iter()
         .flat_map(|st| st.history.iter())
         .enumerate()
-        .map(|(i, h)| {
-            (
-                (i + 1) as f64,
-                h.train_loss,
-                h.train_accuracy,
-                h.validation.as_ref().map(|v| v.top1),
-            )
-        })
+        .map(|(i, h)| ((i + 1) as f64, h.train_loss, h.train_accuracy, h.validation.as_ref().map(|v| v.top1)))
         .collect();
     let mut svg = String::new();
     {
@@ -394,44 +348,24 @@ pub fn write_training_curve(r: &Report, path: &Path) -> Result<()> {
             .y_label_area_size(45)
             .build_cartesian_2d(0.5..n + 0.5, 0.0..max_loss)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        loss_chart
-            .configure_mesh()
-            .x_desc("epoch")
-            .y_desc("loss")
-            .draw()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        loss_chart.configure_mesh().x_desc("epoch").y_desc("loss").draw().map_err(|e| anyhow::anyhow!("{e}"))?;
         loss_chart
             .draw_series(LineSeries::new(points.iter().map(|p| (p.0, p.1)), &RED))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let min_acc = points
-            .iter()
-            .map(|p| p.2.min(p.3.unwrap_or(1.0)))
-            .fold(1.0, f64::min)
-            .min(0.9);
+        let min_acc = points.iter().map(|p| p.2.min(p.3.unwrap_or(1.0))).fold(1.0, f64::min).min(0.9);
         let mut acc_chart = ChartBuilder::on(&right)
-            .caption(
-                "accuracy (train: blue, validation: green)",
-                ("sans-serif", 16),
-            )
+            .caption("accuracy (train: blue, validation: green)", ("sans-serif", 16))
             .margin(10)
             .x_label_area_size(30)
             .y_label_area_size(45)
             .build_cartesian_2d(0.5..n + 0.5, min_acc..1.0)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        acc_chart
-            .configure_mesh()
-            .x_desc("epoch")
-            .y_desc("accuracy")
-            .draw()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        acc_chart.configure_mesh().x_desc("epoch").y_desc("accuracy").draw().map_err(|e| anyhow::anyhow!("{e}"))?;
         acc_chart
             .draw_series(LineSeries::new(points.iter().map(|p| (p.0, p.2)), &BLUE))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         acc_chart
-            .draw_series(LineSeries::new(
-                points.iter().filter_map(|p| p.3.map(|v| (p.0, v))),
-                &GREEN,
-            ))
+            .draw_series(LineSeries::new(points.iter().filter_map(|p| p.3.map(|v| (p.0, v))), &GREEN))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     }

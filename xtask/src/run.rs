@@ -48,32 +48,18 @@ fn load_data(plan: &Plan) -> Result<Data> {
     let (train_set, test_set) = match d.kind {
         DataKind::Mnist5k => load_mnist_dir(p)?,
         DataKind::Idx => (
-            load_idx_pair(
-                &find("train-images-idx3-ubyte"),
-                &find("train-labels-idx1-ubyte"),
-            )?,
-            load_idx_pair(
-                &find("t10k-images-idx3-ubyte"),
-                &find("t10k-labels-idx1-ubyte"),
-            )?,
+            load_idx_pair(&find("train-images-idx3-ubyte"), &find("train-labels-idx1-ubyte"))?,
+            load_idx_pair(&find("t10k-images-idx3-ubyte"), &find("t10k-labels-idx1-ubyte"))?,
         ),
         DataKind::Cifar10 => {
-            let train_files: Vec<PathBuf> = (1..=5)
-                .map(|i| p.join(format!("data_batch_{i}.bin")))
-                .collect();
+            let train_files: Vec<PathBuf> = (1..=5).map(|i| p.join(format!("data_batch_{i}.bin"))).collect();
             let refs: Vec<&Path> = train_files.iter().map(|f| f.as_path()).collect();
-            (
-                load_cifar10_bin(&refs)?,
-                load_cifar10_bin(&[&p.join("test_batch.bin")])?,
-            )
+            (load_cifar10_bin(&refs)?, load_cifar10_bin(&[&p.join("test_batch.bin")])?)
         }
         DataKind::ImageFolder => {
             let size = d.image_size.expect("validated");
             let channels = d.channels.expect("validated");
-            (
-                load_image_folder(&p.join("train"), size, channels)?,
-                load_image_folder(&p.join("test"), size, channels)?,
-            )
+            (load_image_folder(&p.join("train"), size, channels)?, load_image_folder(&p.join("test"), size, channels)?)
         }
     };
     if train_set.shape != test_set.shape {
@@ -97,22 +83,9 @@ fn load_data(plan: &Plan) -> Result<Data> {
     } else {
         (train_set, None)
     };
-    let batcher = Batcher {
-        normalization: train_set.channel_stats(),
-        augmentation: d.augmentation.clone(),
-    };
-    tracing::info!(
-        train = train_set.len(),
-        test = test_set.len(),
-        "data loaded from {}",
-        p.display()
-    );
-    Ok(Data {
-        train: train_set,
-        validation,
-        test: test_set,
-        batcher,
-    })
+    let batcher = Batcher { normalization: train_set.channel_stats(), augmentation: d.augmentation.clone() };
+    tracing::info!(train = train_set.len(), test = test_set.len(), "data loaded from {}", p.display());
+    Ok(Data { train: train_set, validation, test: test_set, batcher })
 }
 
 /// What a cached baseline keeps beside its model file.
@@ -154,11 +127,7 @@ impl TrainObserver for Progress {
         }
     }
     fn on_epoch(&mut self, r: &EpochRecord) {
-        let val = r
-            .validation
-            .as_ref()
-            .map(|v| format!(" val acc {:.4}", v.top1))
-            .unwrap_or_default();
+        let val = r.validation.as_ref().map(|v| format!(" val acc {:.4}", v.top1)).unwrap_or_default();
         let line = format!(
             "epoch {}/{}: loss {:.4} train acc {:.4}{val} lr {:.4} ({:.1}s)",
             r.epoch, self.epochs, r.train_loss, r.train_accuracy, r.lr, r.seconds
@@ -182,11 +151,7 @@ fn measure(
     let eval = evaluate(graph, &data.test, &data.batcher, batch, &device)?;
     let stats = model_stats(graph)?;
     let mut latency = measure_latency(graph, backend, &plan.experiment.latency)?;
-    latency.extend(measure_plan_latency(
-        graph,
-        plan.experiment.threads,
-        &plan.experiment.latency,
-    )?);
+    latency.extend(measure_plan_latency(graph, plan.experiment.threads, &plan.experiment.latency)?);
     Ok((eval, stats, latency))
 }
 
@@ -195,8 +160,7 @@ pub fn run_plan(plan: &Plan, opts: &RunOptions, run_dir: &Path) -> Result<PathBu
     let e = &plan.experiment;
     let started = time::OffsetDateTime::now_utc();
     let mut report = Report::new(plan, Provenance::collect(e, started));
-    std::fs::create_dir_all(run_dir)
-        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
     let resolved = toml::to_string_pretty(e).context("serialising the resolved config")?;
     io::write_atomic(&run_dir.join("config.resolved.toml"), resolved.as_bytes())?;
     report.status = "running".into();
@@ -232,9 +196,7 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
     });
     let device = e.backend.device()?;
     device.seed(e.seed);
-    let mut graph = e
-        .model
-        .build(data.train.shape, data.train.classes, &device)?;
+    let mut graph = e.model.build(data.train.shape, data.train.classes, &device)?;
     tracing::info!(model = %e.model.name(), nodes = graph.nodes.len(), "model built");
     let mut fresh = true;
     for (index, stage) in e.stages.iter().enumerate() {
@@ -249,18 +211,13 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                 let hit = cached.as_ref().and_then(|key| {
                     let model = opts.cache.join(format!("{key}.safetensors"));
                     let meta = opts.cache.join(format!("{key}.json"));
-                    let entry: CacheEntry =
-                        serde_json::from_slice(&std::fs::read(&meta).ok()?).ok()?;
+                    let entry: CacheEntry = serde_json::from_slice(&std::fs::read(&meta).ok()?).ok()?;
                     let g = io::load(&model, &device).ok()?;
                     (entry.key == *key).then_some((g, entry))
                 });
                 if let Some((g, entry)) = hit {
                     tracing::info!(key = %entry.key, "reusing the cached baseline from {}", opts.cache.display());
-                    eprintln!(
-                        "reusing cached baseline {} ({})",
-                        entry.key,
-                        opts.cache.display()
-                    );
+                    eprintln!("reusing cached baseline {} ({})", entry.key, opts.cache.display());
                     graph = g;
                     stage_report.cached_baseline = Some(entry.key.clone());
                     stage_report.history = entry.history;
@@ -269,25 +226,16 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                     let bar = opts.progress.then(|| {
                         let bar = ProgressBar::new(1);
                         bar.set_style(
-                            ProgressStyle::with_template(
-                                "{bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]",
-                            )
-                            .expect("valid template"),
+                            ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]")
+                                .expect("valid template"),
                         );
                         bar
                     });
-                    let mut progress = Progress {
-                        bar,
-                        epochs: settings.epochs,
-                    };
+                    let mut progress = Progress { bar, epochs: settings.epochs };
                     let t0 = Instant::now();
                     let (trained, history) = train(
                         graph,
-                        TrainData {
-                            train: &data.train,
-                            validation: data.validation.as_ref(),
-                            batcher: &data.batcher,
-                        },
+                        TrainData { train: &data.train, validation: data.validation.as_ref(), batcher: &data.batcher },
                         settings,
                         &device,
                         e.seed.wrapping_add(index as u64),
@@ -299,11 +247,7 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                     graph = trained;
                     let train_seconds = t0.elapsed().as_secs_f64();
                     if let Some(key) = cached {
-                        let entry = CacheEntry {
-                            key: key.clone(),
-                            history: history.clone(),
-                            train_seconds,
-                        };
+                        let entry = CacheEntry { key: key.clone(), history: history.clone(), train_seconds };
                         io::save(&graph, &opts.cache.join(format!("{key}.safetensors")))?;
                         io::write_atomic(
                             &opts.cache.join(format!("{key}.json")),
@@ -324,12 +268,7 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
             _ => 250,
         };
         let (eval, stats, latency) = measure(&graph, &data, e.backend, plan, batch)?;
-        tracing::info!(
-            top1 = eval.top1,
-            params = stats.params,
-            macs = stats.macs,
-            "stage measured"
-        );
+        tracing::info!(top1 = eval.top1, params = stats.params, macs = stats.macs, "stage measured");
         stage_report.set_measurements(eval, stats, latency);
         stage_report.wall_seconds = start.elapsed().as_secs_f64();
         report.stages.push(stage_report);

@@ -5,18 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 fn xtask(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .unwrap()
+    Command::new(env!("CARGO_BIN_EXE_xtask")).args(args).current_dir(root()).output().unwrap()
 }
 
 fn tmp(name: &str) -> PathBuf {
@@ -49,11 +42,7 @@ fn every_config_dry_runs() {
     assert!(all.len() >= 3);
     for c in all {
         let out = xtask(&["run", "--dry-run", &c]);
-        assert!(
-            out.status.success(),
-            "{c}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{c}: {}", String::from_utf8_lossy(&out.stderr));
         assert!(String::from_utf8_lossy(&out.stdout).contains(": ok"));
     }
 }
@@ -66,31 +55,13 @@ fn smoke_configs_run_cache_their_baseline_and_are_deterministic() {
     let mut args = vec!["run", "-q", "--out", &out_arg];
     args.extend(smoke.iter().map(|s| s.as_str()));
     let first = xtask(&args);
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
-    let dirs: Vec<String> = String::from_utf8(first.stdout)
-        .unwrap()
-        .lines()
-        .map(String::from)
-        .collect();
-    assert_eq!(
-        dirs.len(),
-        smoke.len(),
-        "stdout carries one run directory per config"
-    );
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let dirs: Vec<String> = String::from_utf8(first.stdout).unwrap().lines().map(String::from).collect();
+    assert_eq!(dirs.len(), smoke.len(), "stdout carries one run directory per config");
     for d in &dirs {
         let r = report(d);
         assert_eq!(r["status"], "complete", "{d}");
-        for f in [
-            "config.resolved.toml",
-            "report.md",
-            "log.txt",
-            "model.safetensors",
-            "training_curve.svg",
-        ] {
+        for f in ["config.resolved.toml", "report.md", "log.txt", "model.safetensors", "training_curve.svg"] {
             assert!(root().join(d).join(f).exists(), "{d}/{f}");
         }
         let stages = r["stages"].as_array().unwrap();
@@ -111,32 +82,18 @@ fn smoke_configs_run_cache_their_baseline_and_are_deterministic() {
     assert!(second.status.success());
     assert!(String::from_utf8_lossy(&second.stderr).contains("reusing cached baseline"));
     let again = report(String::from_utf8(second.stdout).unwrap().trim());
-    assert_eq!(
-        again["stages"][0]["cached_baseline"],
-        mlp["stages"][0]["cache_key"]
-    );
+    assert_eq!(again["stages"][0]["cached_baseline"], mlp["stages"][0]["cache_key"]);
     assert_eq!(again["stages"][1]["test"], mlp["stages"][1]["test"]);
 
     // Determinism: a fresh cache trains again and gets identical metrics.
     let other = tmp("smoke-fresh");
-    let third = xtask(&[
-        "run",
-        "-q",
-        "--out",
-        &other.display().to_string(),
-        "configs/smoke/mlp.toml",
-    ]);
+    let third = xtask(&["run", "-q", "--out", &other.display().to_string(), "configs/smoke/mlp.toml"]);
     assert!(third.status.success());
     let fresh = report(String::from_utf8(third.stdout).unwrap().trim());
     assert!(fresh["stages"][0]["cached_baseline"].is_null());
     assert_eq!(fresh["stages"][1]["test"], mlp["stages"][1]["test"]);
     let losses = |r: &serde_json::Value| -> Vec<f64> {
-        r["stages"][0]["history"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| h["train_loss"].as_f64().unwrap())
-            .collect()
+        r["stages"][0]["history"].as_array().unwrap().iter().map(|h| h["train_loss"].as_f64().unwrap()).collect()
     };
     assert_eq!(losses(&fresh), losses(&mlp));
 }
@@ -144,9 +101,8 @@ fn smoke_configs_run_cache_their_baseline_and_are_deterministic() {
 #[test]
 fn misspelt_key_exits_2_with_file_line_and_expected_keys() {
     let dir = tmp("typo");
-    let text = std::fs::read_to_string(root().join("configs/smoke/mlp.toml"))
-        .unwrap()
-        .replace("epochs = 2", "epochz = 2");
+    let text =
+        std::fs::read_to_string(root().join("configs/smoke/mlp.toml")).unwrap().replace("epochs = 2", "epochz = 2");
     let line = text.lines().position(|l| l.starts_with("epochz")).unwrap() + 1;
     let path = dir.join("typo.toml");
     std::fs::write(&path, text).unwrap();
@@ -154,10 +110,7 @@ fn misspelt_key_exits_2_with_file_line_and_expected_keys() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("typo.toml:{line}:1")), "{err}");
-    assert!(
-        err.contains("unknown field `epochz`") && err.contains("`epochs`"),
-        "{err}"
-    );
+    assert!(err.contains("unknown field `epochz`") && err.contains("`epochs`"), "{err}");
 }
 
 #[test]
@@ -165,52 +118,23 @@ fn damaged_data_fails_with_a_report_and_exit_2() {
     let dir = tmp("baddata");
     let data = dir.join("idx");
     std::fs::create_dir_all(&data).unwrap();
-    for f in [
-        "train-images-idx3-ubyte",
-        "train-labels-idx1-ubyte",
-        "t10k-images-idx3-ubyte",
-        "t10k-labels-idx1-ubyte",
-    ] {
+    for f in ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    {
         std::fs::write(data.join(f), [0u8, 0, 8, 3, 0, 0, 0, 9]).unwrap();
     }
     let text = std::fs::read_to_string(root().join("configs/smoke/mlp.toml"))
         .unwrap()
-        .replace(
-            "kind = \"mnist5k\"",
-            &format!("kind = \"idx\"\npath = \"{}\"", data.display()),
-        );
+        .replace("kind = \"mnist5k\"", &format!("kind = \"idx\"\npath = \"{}\"", data.display()));
     let path = dir.join("bad_data.toml");
     std::fs::write(&path, text).unwrap();
-    let out = xtask(&[
-        "run",
-        "-q",
-        "--out",
-        &dir.join("runs").display().to_string(),
-        &path.display().to_string(),
-    ]);
+    let out = xtask(&["run", "-q", "--out", &dir.join("runs").display().to_string(), &path.display().to_string()]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("train-images-idx3-ubyte") && err.contains("byte 8"),
-        "{err}"
-    );
-    let run_dir = std::fs::read_dir(dir.join("runs/smoke_mlp"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-    let r: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(run_dir.join("report.json")).unwrap()).unwrap();
+    assert!(err.contains("train-images-idx3-ubyte") && err.contains("byte 8"), "{err}");
+    let run_dir = std::fs::read_dir(dir.join("runs/smoke_mlp")).unwrap().next().unwrap().unwrap().path();
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(run_dir.join("report.json")).unwrap()).unwrap();
     assert_eq!(r["status"], "failed");
-    assert!(
-        r["error"]
-            .as_str()
-            .unwrap()
-            .contains("ends inside the header"),
-        "{}",
-        r["error"]
-    );
+    assert!(r["error"].as_str().unwrap().contains("ends inside the header"), "{}", r["error"]);
     assert!(!run_dir.join("model.safetensors").exists());
 }
 

@@ -11,25 +11,13 @@ fn metadata() -> serde_json::Value {
         .current_dir(root)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-const OURS: [&str; 6] = [
-    "shrink-core",
-    "shrink-prune",
-    "shrink-quant",
-    "shrink-distill",
-    "shrink-bench",
-    "xtask",
-];
-const BACKEND_FEATURES: [&str; 10] = [
-    "flex", "ndarray", "wgpu", "vulkan", "metal", "webgpu", "cuda", "rocm", "cpu", "tch",
-];
+const OURS: [&str; 6] = ["shrink-core", "shrink-prune", "shrink-quant", "shrink-distill", "shrink-bench", "xtask"];
+const BACKEND_FEATURES: [&str; 10] =
+    ["flex", "ndarray", "wgpu", "vulkan", "metal", "webgpu", "cuda", "rocm", "cpu", "tch"];
 
 #[test]
 fn technique_crates_depend_on_shrink_core_only() {
@@ -48,11 +36,7 @@ fn technique_crates_depend_on_shrink_core_only() {
         deps.insert(name, ours);
     }
     for c in ["shrink-prune", "shrink-quant", "shrink-distill"] {
-        assert_eq!(
-            deps[c],
-            vec!["shrink-core".to_string()],
-            "{c} may depend on shrink-core only"
-        );
+        assert_eq!(deps[c], vec!["shrink-core".to_string()], "{c} may depend on shrink-core only");
     }
     assert!(deps["shrink-core"].is_empty());
 }
@@ -72,10 +56,7 @@ fn only_shrink_core_names_burn_backend_features() {
                     "{name} depends on {dep}"
                 );
                 for f in d["features"].as_array().unwrap() {
-                    assert!(
-                        !BACKEND_FEATURES.contains(&f.as_str().unwrap()),
-                        "{name} enables burn feature {f}"
-                    );
+                    assert!(!BACKEND_FEATURES.contains(&f.as_str().unwrap()), "{name} enables burn feature {f}");
                 }
             }
         }
@@ -96,10 +77,6 @@ fn only_shrink_core_names_burn_backend_features() {
 
 #[test]
 fn burn_version_constant_matches_the_pin() {
-    let toml = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"))
-        .unwrap();
-    assert!(toml.contains(&format!(
-        "burn = {{ version = \"={}\"",
-        shrink_core::BURN_VERSION
-    )));
+    let toml = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml")).unwrap();
+    assert!(toml.contains(&format!("burn = {{ version = \"={}\"", shrink_core::BURN_VERSION)));
 }

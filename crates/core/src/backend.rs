@@ -97,10 +97,7 @@ fn ndarray_device() -> Result<Device, Error> {
 
 #[cfg(not(feature = "ndarray"))]
 fn ndarray_device() -> Result<Device, Error> {
-    Err(Error::BackendNotCompiled {
-        backend: "ndarray",
-        feature: "ndarray",
-    })
+    Err(Error::BackendNotCompiled { backend: "ndarray", feature: "ndarray" })
 }
 
 #[cfg(feature = "wgpu")]
@@ -110,10 +107,7 @@ fn wgpu_device() -> Result<Device, Error> {
 
 #[cfg(not(feature = "wgpu"))]
 fn wgpu_device() -> Result<Device, Error> {
-    Err(Error::BackendNotCompiled {
-        backend: "wgpu",
-        feature: "wgpu",
-    })
+    Err(Error::BackendNotCompiled { backend: "wgpu", feature: "wgpu" })
 }
 
 impl fmt::Display for BackendKind {
@@ -126,10 +120,7 @@ impl FromStr for BackendKind {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        BackendKind::ALL
-            .into_iter()
-            .find(|b| b.name() == s)
-            .ok_or_else(|| Error::UnknownBackend(s.to_string()))
+        BackendKind::ALL.into_iter().find(|b| b.name() == s).ok_or_else(|| Error::UnknownBackend(s.to_string()))
     }
 }
 
@@ -141,9 +132,7 @@ pub fn set_cpu_threads(threads: usize) -> usize {
     let threads = threads.max(1);
     // An error here means the pool was already built (by an earlier call or by burn itself);
     // the thread count reported below is then the one really in use.
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global();
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
     rayon::current_num_threads()
 }
 
@@ -156,10 +145,7 @@ mod tests {
         for b in BackendKind::ALL {
             assert_eq!(b.name().parse::<BackendKind>().unwrap(), b);
         }
-        assert!(matches!(
-            "cuda".parse::<BackendKind>(),
-            Err(Error::UnknownBackend(_))
-        ));
+        assert!(matches!("cuda".parse::<BackendKind>(), Err(Error::UnknownBackend(_))));
     }
 
     #[test]

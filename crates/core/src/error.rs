@@ -74,36 +74,19 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn graph(node: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::InvalidGraph {
-            node: node.into(),
-            message: message.into(),
-        }
+        Error::InvalidGraph { node: node.into(), message: message.into() }
     }
 
-    pub(crate) fn bad_file(
-        path: impl Into<PathBuf>,
-        offset: u64,
-        message: impl Into<String>,
-    ) -> Self {
-        Error::BadFile {
-            path: path.into(),
-            offset,
-            message: message.into(),
-        }
+    pub(crate) fn bad_file(path: impl Into<PathBuf>, offset: u64, message: impl Into<String>) -> Self {
+        Error::BadFile { path: path.into(), offset, message: message.into() }
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
 
     pub(crate) fn setting(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::InvalidSetting {
-            key: key.into(),
-            message: message.into(),
-        }
+        Error::InvalidSetting { key: key.into(), message: message.into() }
     }
 }
 

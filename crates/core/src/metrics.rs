@@ -78,48 +78,16 @@ pub fn model_stats(graph: &Graph) -> Result<ModelStats> {
     for (id, node) in graph.layers() {
         let out = shapes[id];
         let (params, nonzeros, buffers, macs) = match (&node.params, &node.op) {
-            (
-                Some(Params::Conv(p)),
-                Op::Conv2d {
-                    in_channels,
-                    kernel,
-                    groups,
-                    ..
-                },
-            ) => {
+            (Some(Params::Conv(p)), Op::Conv2d { in_channels, kernel, groups, .. }) => {
                 let (n, nz) = values_and_nonzeros(p.weight.val());
-                let (bn, bnz) = p
-                    .bias
-                    .as_ref()
-                    .map(|b| values_and_nonzeros(b.val()))
-                    .unwrap_or((0, 0));
-                let ValueShape::Map {
-                    channels,
-                    height,
-                    width,
-                } = out
-                else {
-                    unreachable!("conv makes maps")
-                };
-                let macs =
-                    (channels * height * width * (in_channels / groups) * kernel[0] * kernel[1])
-                        as u64;
+                let (bn, bnz) = p.bias.as_ref().map(|b| values_and_nonzeros(b.val())).unwrap_or((0, 0));
+                let ValueShape::Map { channels, height, width } = out else { unreachable!("conv makes maps") };
+                let macs = (channels * height * width * (in_channels / groups) * kernel[0] * kernel[1]) as u64;
                 (n + bn, nz + bnz, 0, macs)
             }
-            (
-                Some(Params::Linear(p)),
-                Op::Linear {
-                    in_features,
-                    out_features,
-                    ..
-                },
-            ) => {
+            (Some(Params::Linear(p)), Op::Linear { in_features, out_features, .. }) => {
                 let (n, nz) = values_and_nonzeros(p.weight.val());
-                let (bn, bnz) = p
-                    .bias
-                    .as_ref()
-                    .map(|b| values_and_nonzeros(b.val()))
-                    .unwrap_or((0, 0));
+                let (bn, bnz) = p.bias.as_ref().map(|b| values_and_nonzeros(b.val())).unwrap_or((0, 0));
                 (n + bn, nz + bnz, 0, (in_features * out_features) as u64)
             }
             (Some(Params::BatchNorm(bn)), _) => {
@@ -175,11 +143,7 @@ fn default_repeats() -> usize {
 
 impl Default for LatencySettings {
     fn default() -> Self {
-        Self {
-            batch_sizes: default_batches(),
-            warmup: default_warmup(),
-            repeats: default_repeats(),
-        }
+        Self { batch_sizes: default_batches(), warmup: default_warmup(), repeats: default_repeats() }
     }
 }
 
@@ -206,21 +170,13 @@ pub struct Latency {
 ///
 /// # Errors
 /// As [`BackendKind::device`].
-pub fn measure_latency(
-    graph: &Graph,
-    backend: BackendKind,
-    settings: &LatencySettings,
-) -> Result<Vec<Latency>> {
+pub fn measure_latency(graph: &Graph, backend: BackendKind, settings: &LatencySettings) -> Result<Vec<Latency>> {
     let device: Device = backend.device()?;
     let model = graph.clone().valid().to_device(&device);
     let [c, h, w] = graph.input_shape();
     let mut out = Vec::new();
     for &batch in &settings.batch_sizes {
-        let x = Tensor::<4>::random(
-            [batch.max(1), c, h, w],
-            Distribution::Normal(0.0, 1.0),
-            &device,
-        );
+        let x = Tensor::<4>::random([batch.max(1), c, h, w], Distribution::Normal(0.0, 1.0), &device);
         for _ in 0..settings.warmup {
             let _ = model.forward(x.clone()).into_data();
         }
@@ -250,25 +206,15 @@ pub fn measure_latency(
 ///
 /// # Errors
 /// As [`crate::runtime::freeze_with`].
-pub fn measure_plan_latency(
-    graph: &Graph,
-    threads: usize,
-    settings: &LatencySettings,
-) -> Result<Vec<Latency>> {
+pub fn measure_plan_latency(graph: &Graph, threads: usize, settings: &LatencySettings) -> Result<Vec<Latency>> {
     use crate::runtime::{FreezeOptions, KernelRegistry, freeze_with};
-    let mut plan = freeze_with(
-        graph,
-        &KernelRegistry::default(),
-        &FreezeOptions { threads },
-    )?;
+    let mut plan = freeze_with(graph, &KernelRegistry::default(), &FreezeOptions { threads })?;
     let per = graph.input_shape().iter().product::<usize>();
     let mut out = Vec::new();
     for &batch in &settings.batch_sizes {
         let batch = batch.max(1);
         // A fixed pseudo-random input: the plan's speed does not depend on the values.
-        let input: Vec<f32> = (0..batch * per)
-            .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
-            .collect();
+        let input: Vec<f32> = (0..batch * per).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
         for _ in 0..settings.warmup {
             plan.run(&input, batch)?;
         }

@@ -70,33 +70,20 @@ impl OptimizerSettings {
 
     fn init(&self) -> ModuleOptimizer {
         match *self {
-            OptimizerSettings::Sgd {
-                momentum,
-                nesterov,
-                weight_decay,
-                ..
-            } => SgdConfig::new()
+            OptimizerSettings::Sgd { momentum, nesterov, weight_decay, .. } => SgdConfig::new()
                 .with_momentum((momentum > 0.0).then(|| {
                     // PyTorch's SGD has no dampening by default; burn's default is 0.1.
-                    MomentumConfig::new()
-                        .with_momentum(momentum)
-                        .with_dampening(0.0)
-                        .with_nesterov(nesterov)
+                    MomentumConfig::new().with_momentum(momentum).with_dampening(0.0).with_nesterov(nesterov)
                 }))
-                .with_weight_decay(
-                    (weight_decay > 0.0).then(|| WeightDecayConfig::new(weight_decay as f32)),
-                )
+                .with_weight_decay((weight_decay > 0.0).then(|| WeightDecayConfig::new(weight_decay as f32)))
                 .init(),
             OptimizerSettings::Adam { weight_decay, .. } => AdamConfig::new()
                 .with_epsilon(1e-8)
-                .with_weight_decay(
-                    (weight_decay > 0.0).then(|| WeightDecayConfig::new(weight_decay as f32)),
-                )
+                .with_weight_decay((weight_decay > 0.0).then(|| WeightDecayConfig::new(weight_decay as f32)))
                 .init(),
-            OptimizerSettings::Adamw { weight_decay, .. } => AdamWConfig::new()
-                .with_epsilon(1e-8)
-                .with_weight_decay(weight_decay as f32)
-                .init(),
+            OptimizerSettings::Adamw { weight_decay, .. } => {
+                AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(weight_decay as f32).init()
+            }
         }
     }
 }
@@ -160,53 +147,33 @@ impl TrainSettings {
         }
         let lr = self.optimizer.lr();
         if !(lr > 0.0 && lr.is_finite()) {
-            return Err(Error::setting(
-                "optimizer.lr",
-                format!("must be a positive number, got {lr}"),
-            ));
+            return Err(Error::setting("optimizer.lr", format!("must be a positive number, got {lr}")));
         }
         match &self.optimizer {
-            OptimizerSettings::Sgd {
-                momentum,
-                weight_decay,
-                ..
-            } => {
+            OptimizerSettings::Sgd { momentum, weight_decay, .. } => {
                 if !(0.0..1.0).contains(momentum) {
-                    return Err(Error::setting(
-                        "optimizer.momentum",
-                        format!("must be in [0, 1), got {momentum}"),
-                    ));
+                    return Err(Error::setting("optimizer.momentum", format!("must be in [0, 1), got {momentum}")));
                 }
                 if *weight_decay < 0.0 {
-                    return Err(Error::setting(
-                        "optimizer.weight_decay",
-                        "must not be negative",
-                    ));
+                    return Err(Error::setting("optimizer.weight_decay", "must not be negative"));
                 }
             }
-            OptimizerSettings::Adam { weight_decay, .. }
-            | OptimizerSettings::Adamw { weight_decay, .. } => {
+            OptimizerSettings::Adam { weight_decay, .. } | OptimizerSettings::Adamw { weight_decay, .. } => {
                 if *weight_decay < 0.0 {
-                    return Err(Error::setting(
-                        "optimizer.weight_decay",
-                        "must not be negative",
-                    ));
+                    return Err(Error::setting("optimizer.weight_decay", "must not be negative"));
                 }
             }
         }
         if !(self.warmup_epochs >= 0.0 && self.warmup_epochs <= self.epochs as f64) {
-            return Err(Error::setting(
-                "warmup_epochs",
-                "must be between 0 and epochs",
-            ));
+            return Err(Error::setting("warmup_epochs", "must be between 0 and epochs"));
         }
         match &self.schedule {
             Schedule::Step { gamma, .. } if !(gamma.is_finite() && *gamma > 0.0) => {
                 Err(Error::setting("schedule.gamma", "must be positive"))
             }
-            Schedule::Cosine { min_lr } if !(*min_lr >= 0.0 && *min_lr <= lr) => Err(
-                Error::setting("schedule.min_lr", "must be between 0 and the learning rate"),
-            ),
+            Schedule::Cosine { min_lr } if !(*min_lr >= 0.0 && *min_lr <= lr) => {
+                Err(Error::setting("schedule.min_lr", "must be between 0 and the learning rate"))
+            }
             _ => Ok(()),
         }
     }
@@ -296,20 +263,12 @@ pub fn train(
     seed: u64,
     observer: &mut dyn TrainObserver,
 ) -> Result<(Graph, Vec<EpochRecord>)> {
-    let TrainData {
-        train: train_set,
-        validation,
-        batcher,
-    } = data;
+    let TrainData { train: train_set, validation, batcher } = data;
     settings.validate()?;
     if train_set.shape != graph.input_shape() {
         return Err(Error::setting(
             "data",
-            format!(
-                "images are {:?}, the model takes {:?}",
-                train_set.shape,
-                graph.input_shape()
-            ),
+            format!("images are {:?}, the model takes {:?}", train_set.shape, graph.input_shape()),
         ));
     }
     if train_set.is_empty() {
@@ -334,11 +293,7 @@ pub fn train(
             let loss = cross_entropy(logits.clone(), y.clone());
             let loss_value: f64 = loss.clone().into_scalar::<f32>() as f64;
             if !loss_value.is_finite() {
-                return Err(Error::RunFailed(format!(
-                    "loss is {loss_value} at epoch {} step {}",
-                    epoch + 1,
-                    step + 1
-                )));
+                return Err(Error::RunFailed(format!("loss is {loss_value} at epoch {} step {}", epoch + 1, step + 1)));
             }
             let hits = count_correct(logits.detach(), y);
             let grads = GradientsParams::from_grads(loss.backward(), &model);
@@ -350,13 +305,7 @@ pub fn train(
         }
         let eval_model = model.clone().valid().to_device(device);
         let validation = match validation {
-            Some(v) if !v.is_empty() => Some(evaluate(
-                &eval_model,
-                v,
-                batcher,
-                settings.batch_size.max(256),
-                device,
-            )?),
+            Some(v) if !v.is_empty() => Some(evaluate(&eval_model, v, batcher, settings.batch_size.max(256), device)?),
             _ => None,
         };
         let record = EpochRecord {
@@ -406,13 +355,7 @@ pub struct Evaluation {
 impl Evaluation {
     /// Number of misclassified images.
     pub fn errors(&self) -> usize {
-        self.samples
-            - self
-                .confusion
-                .iter()
-                .enumerate()
-                .map(|(i, row)| row[i])
-                .sum::<usize>()
+        self.samples - self.confusion.iter().enumerate().map(|(i, row)| row[i]).sum::<usize>()
     }
 }
 
@@ -430,11 +373,7 @@ pub fn evaluate(
     if data.shape != graph.input_shape() {
         return Err(Error::setting(
             "data",
-            format!(
-                "images are {:?}, the model takes {:?}",
-                data.shape,
-                graph.input_shape()
-            ),
+            format!("images are {:?}, the model takes {:?}", data.shape, graph.input_shape()),
         ));
     }
     if data.is_empty() {
@@ -442,13 +381,7 @@ pub fn evaluate(
     }
     let classes = graph.num_outputs();
     if data.classes > classes {
-        return Err(Error::setting(
-            "data",
-            format!(
-                "{} classes in the data, {classes} model outputs",
-                data.classes
-            ),
-        ));
+        return Err(Error::setting("data", format!("{} classes in the data, {classes} model outputs", data.classes)));
     }
     let mut confusion = vec![vec![0usize; classes]; classes];
     let (mut loss_sum, mut top5) = (0.0f64, 0usize);
@@ -456,8 +389,7 @@ pub fn evaluate(
     for chunk in indices.chunks(batch_size.max(1)) {
         let (x, y) = batcher.batch(data, chunk, device, None);
         let logits = graph.forward(x);
-        loss_sum +=
-            cross_entropy(logits.clone(), y).into_scalar::<f32>() as f64 * chunk.len() as f64;
+        loss_sum += cross_entropy(logits.clone(), y).into_scalar::<f32>() as f64 * chunk.len() as f64;
         let values: Vec<f32> = logits.into_data().try_to_vec().expect("f32 logits");
         for (row, &i) in values.chunks_exact(classes).zip(chunk) {
             let label = data.labels[i] as usize;
@@ -467,10 +399,7 @@ pub fn evaluate(
             if higher < 5 {
                 top5 += 1;
             }
-            let pred = row
-                .iter()
-                .enumerate()
-                .fold(0, |best, (k, &v)| if v > row[best] { k } else { best });
+            let pred = row.iter().enumerate().fold(0, |best, (k, &v)| if v > row[best] { k } else { best });
             confusion[label][pred] += 1;
         }
     }
@@ -480,11 +409,7 @@ pub fn evaluate(
         .enumerate()
         .map(|(c, row)| {
             let total: usize = row.iter().sum();
-            if total == 0 {
-                0.0
-            } else {
-                row[c] as f64 / total as f64
-            }
+            if total == 0 { 0.0 } else { row[c] as f64 / total as f64 }
         })
         .collect();
     let correct: usize = (0..classes).map(|c| confusion[c][c]).sum();
@@ -506,12 +431,7 @@ mod tests {
         TrainSettings {
             epochs: 10,
             batch_size: 8,
-            optimizer: OptimizerSettings::Sgd {
-                lr: 0.1,
-                momentum: 0.9,
-                nesterov: true,
-                weight_decay: 0.0,
-            },
+            optimizer: OptimizerSettings::Sgd { lr: 0.1, momentum: 0.9, nesterov: true, weight_decay: 0.0 },
             schedule,
             warmup_epochs: warmup,
         }
@@ -519,13 +439,7 @@ mod tests {
 
     #[test]
     fn schedules() {
-        let s = settings(
-            Schedule::Step {
-                milestones: vec![5, 8],
-                gamma: 0.1,
-            },
-            0.0,
-        );
+        let s = settings(Schedule::Step { milestones: vec![5, 8], gamma: 0.1 }, 0.0);
         assert!((s.lr_at(4.9) - 0.1).abs() < 1e-12);
         assert!((s.lr_at(5.0) - 0.01).abs() < 1e-12);
         assert!((s.lr_at(9.0) - 0.001).abs() < 1e-12);
@@ -540,18 +454,8 @@ mod tests {
     #[test]
     fn validation_names_the_key() {
         let mut s = settings(Schedule::Constant, 0.0);
-        s.optimizer = OptimizerSettings::Sgd {
-            lr: -1.0,
-            momentum: 0.0,
-            nesterov: false,
-            weight_decay: 0.0,
-        };
-        assert!(
-            s.validate()
-                .unwrap_err()
-                .to_string()
-                .contains("optimizer.lr")
-        );
+        s.optimizer = OptimizerSettings::Sgd { lr: -1.0, momentum: 0.0, nesterov: false, weight_decay: 0.0 };
+        assert!(s.validate().unwrap_err().to_string().contains("optimizer.lr"));
         let mut s = settings(Schedule::Constant, 0.0);
         s.epochs = 0;
         assert!(s.validate().unwrap_err().to_string().contains("epochs"));

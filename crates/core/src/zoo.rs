@@ -69,9 +69,7 @@ impl ModelSpec {
                 if *depth < 8 || (depth - 2) % 6 != 0 {
                     return Err(Error::setting(
                         "model.depth",
-                        format!(
-                            "a CIFAR ResNet has depth 6n+2 (8, 14, 20, 32, 56, …), got {depth}"
-                        ),
+                        format!("a CIFAR ResNet has depth 6n+2 (8, 14, 20, 32, 56, …), got {depth}"),
                     ));
                 }
                 if !(*width > 0.0 && *width <= 64.0) {
@@ -92,10 +90,7 @@ impl ModelSpec {
             ModelSpec::Lenet5 => {}
             ModelSpec::Mlp { hidden } => {
                 if hidden.contains(&0) {
-                    return Err(Error::setting(
-                        "model.hidden",
-                        "layer sizes must be positive",
-                    ));
+                    return Err(Error::setting("model.hidden", "layer sizes must be positive"));
                 }
             }
         }
@@ -113,9 +108,7 @@ impl ModelSpec {
             return Err(Error::setting("classes", "at least one class is needed"));
         }
         match self {
-            ModelSpec::CifarResnet { depth, width } => {
-                cifar_resnet(*depth, *width, input, classes, device)
-            }
+            ModelSpec::CifarResnet { depth, width } => cifar_resnet(*depth, *width, input, classes, device),
             ModelSpec::Resnet { depth } => imagenet_resnet(*depth, input, classes, device),
             ModelSpec::Lenet5 => lenet5(input, classes, device),
             ModelSpec::Mlp { hidden } => mlp(hidden, input, classes, device),
@@ -133,26 +126,11 @@ fn conv_bn(b: &mut GraphBuilder, prefix: &str, x: NodeId, spec: Conv2dSpec) -> N
 /// changes.
 fn basic_block(b: &mut GraphBuilder, name: &str, x: NodeId, out: usize, stride: usize) -> NodeId {
     let in_channels = b.shape(x).map(|s| s.channels()).unwrap_or(0);
-    let y = conv_bn(
-        b,
-        &format!("{name}.1"),
-        x,
-        Conv2dSpec::new(out, 3).stride(stride).padding(1),
-    );
+    let y = conv_bn(b, &format!("{name}.1"), x, Conv2dSpec::new(out, 3).stride(stride).padding(1));
     let y = b.relu(format!("{name}.1.relu"), y);
-    let y = conv_bn(
-        b,
-        &format!("{name}.2"),
-        y,
-        Conv2dSpec::new(out, 3).padding(1),
-    );
+    let y = conv_bn(b, &format!("{name}.2"), y, Conv2dSpec::new(out, 3).padding(1));
     let shortcut = if stride != 1 || in_channels != out {
-        conv_bn(
-            b,
-            &format!("{name}.shortcut"),
-            x,
-            Conv2dSpec::new(out, 1).stride(stride),
-        )
+        conv_bn(b, &format!("{name}.shortcut"), x, Conv2dSpec::new(out, 1).stride(stride))
     } else {
         x
     };
@@ -160,23 +138,12 @@ fn basic_block(b: &mut GraphBuilder, name: &str, x: NodeId, out: usize, stride: 
     b.relu(format!("{name}.relu"), sum)
 }
 
-fn cifar_resnet(
-    depth: usize,
-    width: f64,
-    input: [usize; 3],
-    classes: usize,
-    device: &Device,
-) -> Result<Graph> {
+fn cifar_resnet(depth: usize, width: f64, input: [usize; 3], classes: usize, device: &Device) -> Result<Graph> {
     let n = (depth - 2) / 6;
     let widths = [16.0, 32.0, 64.0].map(|c: f64| ((c * width).round() as usize).max(1));
     let mut b = GraphBuilder::new(input);
     let input = b.input();
-    let x = conv_bn(
-        &mut b,
-        "stem",
-        input,
-        Conv2dSpec::new(widths[0], 3).padding(1),
-    );
+    let x = conv_bn(&mut b, "stem", input, Conv2dSpec::new(widths[0], 3).padding(1));
     let mut x = b.relu("stem.relu", x);
     for (stage, &w) in widths.iter().enumerate() {
         for block in 0..n {
@@ -190,25 +157,11 @@ fn cifar_resnet(
     b.build(x, device)
 }
 
-fn imagenet_resnet(
-    depth: usize,
-    input: [usize; 3],
-    classes: usize,
-    device: &Device,
-) -> Result<Graph> {
-    let blocks = if depth == 18 {
-        [2, 2, 2, 2]
-    } else {
-        [3, 4, 6, 3]
-    };
+fn imagenet_resnet(depth: usize, input: [usize; 3], classes: usize, device: &Device) -> Result<Graph> {
+    let blocks = if depth == 18 { [2, 2, 2, 2] } else { [3, 4, 6, 3] };
     let mut b = GraphBuilder::new(input);
     let input = b.input();
-    let x = conv_bn(
-        &mut b,
-        "stem",
-        input,
-        Conv2dSpec::new(64, 7).stride(2).padding(3),
-    );
+    let x = conv_bn(&mut b, "stem", input, Conv2dSpec::new(64, 7).stride(2).padding(3));
     let x = b.relu("stem.relu", x);
     let mut x = b.max_pool("stem.pool", x, 3, 2, 1);
     for (stage, (&n, w)) in blocks.iter().zip([64, 128, 256, 512]).enumerate() {
@@ -226,17 +179,9 @@ fn imagenet_resnet(
 fn lenet5(input: [usize; 3], classes: usize, device: &Device) -> Result<Graph> {
     let mut b = GraphBuilder::new(input);
     // 28×28 inputs (MNIST) get the padding of 2 that makes them the 32×32 of the original paper.
-    let pad = if input[1] == 28 && input[2] == 28 {
-        2
-    } else {
-        0
-    };
+    let pad = if input[1] == 28 && input[2] == 28 { 2 } else { 0 };
     let input = b.input();
-    let x = b.conv2d(
-        "conv1",
-        input,
-        Conv2dSpec::new(6, 5).padding(pad).bias(true),
-    );
+    let x = b.conv2d("conv1", input, Conv2dSpec::new(6, 5).padding(pad).bias(true));
     let x = b.relu("relu1", x);
     let x = b.max_pool("pool1", x, 2, 2, 0);
     let x = b.conv2d("conv2", x, Conv2dSpec::new(16, 5).bias(true));

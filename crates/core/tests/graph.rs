@@ -8,84 +8,40 @@ use shrink_core::zoo::ModelSpec;
 #[test]
 fn resnet_coupling_groups_follow_residual_adds() {
     let device = BackendKind::Flex.device().unwrap();
-    let g = ModelSpec::CifarResnet {
-        depth: 20,
-        width: 1.0,
-    }
-    .build([3, 32, 32], 10, &device)
-    .unwrap();
+    let g = ModelSpec::CifarResnet { depth: 20, width: 1.0 }.build([3, 32, 32], 10, &device).unwrap();
     let groups = g.coupling_groups().unwrap();
     let name = |id: usize| g.nodes[id].name.as_str();
 
     // The stem's channels flow through every block of stage 1 via the identity shortcuts:
     // stem.conv and each layer1.*.2.conv produce them; stem.bn and layer1.*.2.bn follow.
-    let stem = groups
-        .iter()
-        .find(|gr| gr.producers().any(|p| name(p) == "stem.conv"))
-        .unwrap();
+    let stem = groups.iter().find(|gr| gr.producers().any(|p| name(p) == "stem.conv")).unwrap();
     let producers: Vec<&str> = stem.producers().map(name).collect();
-    assert_eq!(
-        producers,
-        [
-            "stem.conv",
-            "layer1.0.2.conv",
-            "layer1.1.2.conv",
-            "layer1.2.2.conv"
-        ]
-    );
+    assert_eq!(producers, ["stem.conv", "layer1.0.2.conv", "layer1.1.2.conv", "layer1.2.2.conv"]);
     assert_eq!(stem.channels, 16);
     assert!(stem.prunable);
     // Consumers: the first conv of each block of stage 1, and stage 2's first block (both paths).
-    let consumers: Vec<&str> = stem
-        .members
-        .iter()
-        .filter(|m| matches!(m.role, ChannelRole::Consumes { .. }))
-        .map(|m| name(m.node))
-        .collect();
+    let consumers: Vec<&str> =
+        stem.members.iter().filter(|m| matches!(m.role, ChannelRole::Consumes { .. })).map(|m| name(m.node)).collect();
     assert_eq!(
         consumers,
-        [
-            "layer1.0.1.conv",
-            "layer1.1.1.conv",
-            "layer1.2.1.conv",
-            "layer2.0.1.conv",
-            "layer2.0.shortcut.conv"
-        ]
+        ["layer1.0.1.conv", "layer1.1.1.conv", "layer1.2.1.conv", "layer2.0.1.conv", "layer2.0.shortcut.conv"]
     );
 
     // Stage 3 channels reach the classifier through pool and flatten: fc consumes them 1:1.
-    let last = groups
-        .iter()
-        .find(|gr| gr.producers().any(|p| name(p) == "layer3.0.shortcut.conv"))
-        .unwrap();
-    assert!(last.members.iter().any(|m| name(m.node) == "fc"
-        && m.role
-            == ChannelRole::Consumes {
-                features_per_channel: 1
-            }));
+    let last = groups.iter().find(|gr| gr.producers().any(|p| name(p) == "layer3.0.shortcut.conv")).unwrap();
+    assert!(
+        last.members
+            .iter()
+            .any(|m| name(m.node) == "fc" && m.role == ChannelRole::Consumes { features_per_channel: 1 })
+    );
 
     // The inner channels of a block are a group of their own: one conv, one bn, one consumer.
-    let inner = groups
-        .iter()
-        .find(|gr| gr.producers().any(|p| name(p) == "layer2.1.1.conv"))
-        .unwrap();
+    let inner = groups.iter().find(|gr| gr.producers().any(|p| name(p) == "layer2.1.1.conv")).unwrap();
     assert_eq!(inner.members.len(), 3);
 
     // The input and the logits cannot be pruned.
-    assert!(
-        !groups
-            .iter()
-            .find(|gr| gr.carriers.contains(&0))
-            .unwrap()
-            .prunable
-    );
-    assert!(
-        !groups
-            .iter()
-            .find(|gr| gr.carriers.contains(&g.output))
-            .unwrap()
-            .prunable
-    );
+    assert!(!groups.iter().find(|gr| gr.carriers.contains(&0)).unwrap().prunable);
+    assert!(!groups.iter().find(|gr| gr.carriers.contains(&g.output)).unwrap().prunable);
     // ResNet-20: 1 input + stage groups (3) + 9 inner groups + logits = 14 groups.
     assert_eq!(groups.len(), 14);
 }
@@ -97,16 +53,9 @@ fn flatten_couples_channels_in_blocks() {
     let groups = g.coupling_groups().unwrap();
     let conv2 = g.node_id("conv2").unwrap();
     let fc1 = g.node_id("fc1").unwrap();
-    let gr = groups
-        .iter()
-        .find(|gr| gr.producers().any(|p| p == conv2))
-        .unwrap();
+    let gr = groups.iter().find(|gr| gr.producers().any(|p| p == conv2)).unwrap();
     assert_eq!(gr.channels, 16);
-    assert!(gr.members.iter().any(|m| m.node == fc1
-        && m.role
-            == ChannelRole::Consumes {
-                features_per_channel: 25
-            }));
+    assert!(gr.members.iter().any(|m| m.node == fc1 && m.role == ChannelRole::Consumes { features_per_channel: 25 }));
     assert_eq!(g.producers(fc1), &[g.node_id("flatten").unwrap()]);
     assert_eq!(g.consumers(conv2), vec![g.node_id("relu2").unwrap()]);
 }
@@ -114,13 +63,7 @@ fn flatten_couples_channels_in_blocks() {
 #[test]
 fn taps_return_intermediate_values() {
     let device = BackendKind::Flex.device().unwrap();
-    let g = ModelSpec::CifarResnet {
-        depth: 8,
-        width: 1.0,
-    }
-    .build([1, 16, 16], 10, &device)
-    .unwrap()
-    .valid_graph();
+    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 16, 16], 10, &device).unwrap().valid_graph();
     let x = Tensor::<4>::random([2, 1, 16, 16], Distribution::Default, &device);
     let pool = g.node_id("pool").unwrap();
     let stem = g.node_id("stem.relu").unwrap();
@@ -129,21 +72,11 @@ fn taps_return_intermediate_values() {
     assert_eq!(taps[1].clone().map().unwrap().dims(), [2, 16, 16, 16]);
     // The classifier applied to the tapped pool output gives the logits.
     let fc = g.node_id("fc").unwrap();
-    let Some(shrink_core::graph::Params::Linear(p)) = &g.nodes[fc].params else {
-        panic!()
-    };
-    let manual = taps[0].clone().flatten().matmul(p.weight.val().transpose())
-        + p.bias.as_ref().unwrap().val().unsqueeze::<2>();
-    y.into_data()
-        .assert_approx_eq::<f32>(&manual.into_data(), Tolerance::default());
-    assert!(
-        g.forward(x)
-            .into_data()
-            .as_slice::<f32>()
-            .unwrap()
-            .iter()
-            .all(|v| v.is_finite())
-    );
+    let Some(shrink_core::graph::Params::Linear(p)) = &g.nodes[fc].params else { panic!() };
+    let manual =
+        taps[0].clone().flatten().matmul(p.weight.val().transpose()) + p.bias.as_ref().unwrap().val().unsqueeze::<2>();
+    y.into_data().assert_approx_eq::<f32>(&manual.into_data(), Tolerance::default());
+    assert!(g.forward(x).into_data().as_slice::<f32>().unwrap().iter().all(|v| v.is_finite()));
 }
 
 #[test]
@@ -161,30 +94,12 @@ fn builder_reports_the_node_at_fault() {
     let x = b.input();
     let a = b.conv2d("a", x, Conv2dSpec::new(4, 3));
     let a2 = b.conv2d("a", a, Conv2dSpec::new(4, 3));
-    assert!(
-        b.build(a2, &device)
-            .unwrap_err()
-            .to_string()
-            .contains("duplicate")
-    );
+    assert!(b.build(a2, &device).unwrap_err().to_string().contains("duplicate"));
 
     let mut b = GraphBuilder::new([3, 8, 8]);
     let x = b.input();
-    let bad = b.push(
-        "bn",
-        Op::BatchNorm2d {
-            features: 7,
-            epsilon: 1e-5,
-            momentum: 0.1,
-        },
-        vec![x],
-    );
-    assert!(
-        b.build(bad, &device)
-            .unwrap_err()
-            .to_string()
-            .contains("7 features")
-    );
+    let bad = b.push("bn", Op::BatchNorm2d { features: 7, epsilon: 1e-5, momentum: 0.1 }, vec![x]);
+    assert!(b.build(bad, &device).unwrap_err().to_string().contains("7 features"));
 }
 
 trait Valid {

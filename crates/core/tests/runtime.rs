@@ -16,26 +16,10 @@ fn with_random_bn_stats(graph: Graph) -> Graph {
     for node in &mut g.nodes {
         if let Some(Params::BatchNorm(bn)) = &mut node.params {
             let c = bn.gamma.dims()[0];
-            bn.gamma = Param::from_tensor(Tensor::random(
-                [c],
-                Distribution::Uniform(0.5, 1.5),
-                &device,
-            ));
-            bn.beta = Param::from_tensor(Tensor::random(
-                [c],
-                Distribution::Uniform(-0.5, 0.5),
-                &device,
-            ));
-            bn.running_mean = RunningState::new(Tensor::random(
-                [c],
-                Distribution::Uniform(-0.3, 0.3),
-                &device,
-            ));
-            bn.running_var = RunningState::new(Tensor::random(
-                [c],
-                Distribution::Uniform(0.5, 2.0),
-                &device,
-            ));
+            bn.gamma = Param::from_tensor(Tensor::random([c], Distribution::Uniform(0.5, 1.5), &device));
+            bn.beta = Param::from_tensor(Tensor::random([c], Distribution::Uniform(-0.5, 0.5), &device));
+            bn.running_mean = RunningState::new(Tensor::random([c], Distribution::Uniform(-0.3, 0.3), &device));
+            bn.running_var = RunningState::new(Tensor::random([c], Distribution::Uniform(0.5, 2.0), &device));
         }
     }
     g
@@ -64,42 +48,19 @@ fn every_zoo_model_matches_burn() {
     let device = BackendKind::Flex.device().unwrap();
     device.seed(9);
     let cases = [
-        (
-            ModelSpec::CifarResnet {
-                depth: 20,
-                width: 1.0,
-            },
-            [3, 32, 32],
-        ),
-        (
-            ModelSpec::CifarResnet {
-                depth: 8,
-                width: 0.5,
-            },
-            [1, 28, 28],
-        ),
+        (ModelSpec::CifarResnet { depth: 20, width: 1.0 }, [3, 32, 32]),
+        (ModelSpec::CifarResnet { depth: 8, width: 0.5 }, [1, 28, 28]),
         (ModelSpec::Resnet { depth: 18 }, [3, 64, 64]),
         (ModelSpec::Resnet { depth: 34 }, [3, 32, 32]),
         (ModelSpec::Lenet5, [1, 28, 28]),
-        (
-            ModelSpec::Mlp {
-                hidden: vec![32, 16],
-            },
-            [1, 28, 28],
-        ),
+        (ModelSpec::Mlp { hidden: vec![32, 16] }, [1, 28, 28]),
     ];
     for (spec, input) in cases {
         let g = with_random_bn_stats(spec.build(input, 10, &device).unwrap());
         assert_close(&g, 3, 1);
     }
-    let g = with_random_bn_stats(
-        ModelSpec::CifarResnet {
-            depth: 8,
-            width: 1.0,
-        }
-        .build([3, 16, 16], 10, &device)
-        .unwrap(),
-    );
+    let g =
+        with_random_bn_stats(ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([3, 16, 16], 10, &device).unwrap());
     assert_close(&g, 4, 2);
     assert_close(&g, 1, 2);
 }
@@ -110,22 +71,10 @@ fn grouped_depthwise_strided_dilated_and_pooling_layers_match() {
     device.seed(4);
     let mut b = GraphBuilder::new([4, 13, 11]);
     let x = b.input();
-    let a = b.conv2d(
-        "grouped",
-        x,
-        Conv2dSpec::new(8, 3).groups(2).padding(1).bias(true),
-    );
-    let a = b.conv2d(
-        "depthwise",
-        a,
-        Conv2dSpec::new(8, 3).groups(8).stride(2).padding(1),
-    );
+    let a = b.conv2d("grouped", x, Conv2dSpec::new(8, 3).groups(2).padding(1).bias(true));
+    let a = b.conv2d("depthwise", a, Conv2dSpec::new(8, 3).groups(8).stride(2).padding(1));
     let a = b.batch_norm("bn", a);
-    let a = b.conv2d(
-        "dilated",
-        a,
-        Conv2dSpec::new(6, 3).dilation(2).padding(2).bias(true),
-    );
+    let a = b.conv2d("dilated", a, Conv2dSpec::new(6, 3).dilation(2).padding(2).bias(true));
     let r = b.relu("relu", a);
     let m = b.max_pool("max", r, 3, 2, 1);
     let v = b.avg_pool("avg", r, 3, 2, 1);
@@ -138,35 +87,16 @@ fn grouped_depthwise_strided_dilated_and_pooling_layers_match() {
 #[test]
 fn batch_norm_is_folded_and_relu_fused() {
     let device = BackendKind::Flex.device().unwrap();
-    let g = ModelSpec::CifarResnet {
-        depth: 8,
-        width: 1.0,
-    }
-    .build([1, 28, 28], 10, &device)
-    .unwrap();
+    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 28, 28], 10, &device).unwrap();
     let plan = freeze(&g).unwrap();
     let kernels = plan.kernels();
     // No batch norm and no standalone ReLU survive in a ResNet: all are folded or fused.
-    assert!(
-        kernels
-            .iter()
-            .all(|(_, k)| !k.starts_with("batch_norm") && k != "relu/f32"),
-        "{kernels:?}"
-    );
+    assert!(kernels.iter().all(|(_, k)| !k.starts_with("batch_norm") && k != "relu/f32"), "{kernels:?}");
     let stem = kernels.iter().find(|(n, _)| n == "stem.conv").unwrap();
     assert_eq!(stem.1, "conv2d/f32-im2col-gemm+relu");
-    assert!(
-        kernels
-            .iter()
-            .any(|(n, k)| n == "layer1.0.add" && k == "add/f32+relu")
-    );
+    assert!(kernels.iter().any(|(n, k)| n == "layer1.0.add" && k == "add/f32+relu"));
     // Buffers are reused: far fewer than steps.
-    assert!(
-        plan.buffer_count() <= 5,
-        "{} buffers for {} steps",
-        plan.buffer_count(),
-        kernels.len()
-    );
+    assert!(plan.buffer_count() <= 5, "{} buffers for {} steps", plan.buffer_count(), kernels.len());
 }
 
 #[test]
@@ -177,4 +107,24 @@ fn wrong_input_size_is_an_error() {
     assert!(plan.run(&[0.0; 100], 1).is_err());
     assert!(plan.run(&[], 0).is_err());
     assert_eq!(plan.run(&vec![0.0; 2 * 784], 2).unwrap().len(), 20);
+}
+
+#[test]
+fn folded_conv_batch_norm_matches_within_1e5() {
+    let device = BackendKind::Flex.device().unwrap();
+    device.seed(12);
+    let mut b = GraphBuilder::new([8, 10, 10]);
+    let x = b.input();
+    let c = b.conv2d("conv", x, Conv2dSpec::new(16, 3).padding(1).bias(true));
+    let n = b.batch_norm("bn", c);
+    let g = with_random_bn_stats(b.build(n, &device).unwrap()).valid();
+    let xin = Tensor::<4>::random([2, 8, 10, 10], Distribution::Normal(0.0, 1.0), &device);
+    let expected: Vec<f32> = g.forward(xin.clone()).into_data().try_to_vec().unwrap();
+    let mut plan = freeze(&g).unwrap();
+    assert_eq!(plan.kernels().len(), 1, "batch norm folded into the conv: one step");
+    let got = plan.run(&xin.into_data().try_to_vec::<f32>().unwrap(), 2).unwrap();
+    let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (a, b) in got.iter().zip(&expected) {
+        assert!((a - b).abs() <= 1e-5 * scale, "{a} vs {b}");
+    }
 }

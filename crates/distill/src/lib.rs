@@ -37,11 +37,7 @@ pub fn kd_loss(
     alpha: f64,
 ) -> Tensor<1> {
     assert!(temperature > 0.0, "temperature must be positive");
-    assert_eq!(
-        student.dims(),
-        teacher.dims(),
-        "student and teacher logits differ in shape"
-    );
+    assert_eq!(student.dims(), teacher.dims(), "student and teacher logits differ in shape");
     let [batch, _] = student.dims();
     let teacher = teacher.detach();
     let p_t = softmax(teacher.clone().div_scalar(temperature), 1);

@@ -52,11 +52,7 @@ impl MagnitudePruner {
         if !(0.0..1.0).contains(&sparsity) {
             return Err(Error::InvalidSparsity(sparsity));
         }
-        Ok(Self {
-            sparsity,
-            pruned: 0,
-            total: 0,
-        })
+        Ok(Self { sparsity, pruned: 0, total: 0 })
     }
 }
 
@@ -85,12 +81,7 @@ impl ModuleMapper for MagnitudePruner {
         let param = param.map(|tensor| {
             let device = tensor.device();
             let shape = tensor.shape();
-            let values: Vec<f32> = tensor
-                .clone()
-                .into_data()
-                .convert::<f32>()
-                .try_to_vec()
-                .expect("f32 values");
+            let values: Vec<f32> = tensor.clone().into_data().convert::<f32>().try_to_vec().expect("f32 values");
             let mask = magnitude_mask(&values, sparsity);
             pruned = mask.iter().filter(|m| **m == 0.0).count();
             total = mask.len();
@@ -112,10 +103,7 @@ mod tests {
     fn mask_removes_exactly_the_smallest() {
         let m = magnitude_mask(&[0.5, -0.1, 2.0, 0.05, -3.0], 0.4);
         assert_eq!(m, vec![1.0, 0.0, 1.0, 0.0, 1.0]);
-        assert_eq!(
-            magnitude_mask(&[1.0, 1.0, 1.0, 1.0], 0.5),
-            vec![0.0, 0.0, 1.0, 1.0]
-        );
+        assert_eq!(magnitude_mask(&[1.0, 1.0, 1.0, 1.0], 0.5), vec![0.0, 0.0, 1.0, 1.0]);
         assert!(MagnitudePruner::new(1.0).is_err());
     }
 
@@ -124,16 +112,12 @@ mod tests {
         use burn::module::Module;
         use shrink_core::graph::Params;
         let device = shrink_core::BackendKind::Flex.device().unwrap();
-        let g = shrink_core::zoo::ModelSpec::Mlp { hidden: vec![16] }
-            .build([1, 4, 4], 3, &device)
-            .unwrap();
+        let g = shrink_core::zoo::ModelSpec::Mlp { hidden: vec![16] }.build([1, 4, 4], 3, &device).unwrap();
         let mut pruner = MagnitudePruner::new(0.75).unwrap();
         let p = g.clone().map(&mut pruner);
         assert_eq!(pruner.total, 16 * 16 + 3 * 16);
         assert_eq!(pruner.pruned, 12 * 16 + 36);
-        let (Some(Params::Linear(a)), Some(Params::Linear(b))) =
-            (&g.nodes[2].params, &p.nodes[2].params)
-        else {
+        let (Some(Params::Linear(a)), Some(Params::Linear(b))) = (&g.nodes[2].params, &p.nodes[2].params) else {
             panic!("fc1 is linear")
         };
         let before: Vec<f32> = a.weight.val().into_data().try_to_vec().unwrap();
@@ -141,22 +125,8 @@ mod tests {
         for (x, y) in before.iter().zip(&after) {
             assert!(*y == 0.0 || x == y);
         }
-        let bias_a: Vec<f32> = a
-            .bias
-            .as_ref()
-            .unwrap()
-            .val()
-            .into_data()
-            .try_to_vec()
-            .unwrap();
-        let bias_b: Vec<f32> = b
-            .bias
-            .as_ref()
-            .unwrap()
-            .val()
-            .into_data()
-            .try_to_vec()
-            .unwrap();
+        let bias_a: Vec<f32> = a.bias.as_ref().unwrap().val().into_data().try_to_vec().unwrap();
+        let bias_b: Vec<f32> = b.bias.as_ref().unwrap().val().into_data().try_to_vec().unwrap();
         assert_eq!(bias_a, bias_b);
     }
 }

@@ -56,11 +56,7 @@ pub struct QuantScheme {
 impl QuantScheme {
     /// int8, symmetric, per tensor.
     pub fn int8_symmetric_per_tensor() -> Self {
-        Self {
-            bits: 8,
-            symmetric: true,
-            granularity: Granularity::PerTensor,
-        }
+        Self { bits: 8, symmetric: true, granularity: Granularity::PerTensor }
     }
 
     /// The integer range `(min, max)` of the scheme.
@@ -89,24 +85,11 @@ pub fn params_for_range(min: f32, max: f32, scheme: QuantScheme) -> QuantParams 
     let (min, max) = (min.min(0.0), max.max(0.0));
     if scheme.symmetric {
         let bound = min.abs().max(max.abs());
-        let scale = if bound > 0.0 {
-            bound / qmax as f32
-        } else {
-            1.0
-        };
-        QuantParams {
-            scale,
-            zero_point: 0,
-        }
+        let scale = if bound > 0.0 { bound / qmax as f32 } else { 1.0 };
+        QuantParams { scale, zero_point: 0 }
     } else {
-        let scale = if max > min {
-            (max - min) / (qmax - qmin) as f32
-        } else {
-            1.0
-        };
-        let zero_point = (qmin as f32 - min / scale)
-            .round()
-            .clamp(qmin as f32, qmax as f32) as i32;
+        let scale = if max > min { (max - min) / (qmax - qmin) as f32 } else { 1.0 };
+        let zero_point = (qmin as f32 - min / scale).round().clamp(qmin as f32, qmax as f32) as i32;
         QuantParams { scale, zero_point }
     }
 }
@@ -125,10 +108,7 @@ pub fn fake_quantize(
         return Err(Error::InvalidBits(scheme.bits));
     }
     if shape.iter().product::<usize>() != values.len() || values.is_empty() {
-        return Err(Error::ShapeMismatch {
-            values: values.len(),
-            shape: shape.to_vec(),
-        });
+        return Err(Error::ShapeMismatch { values: values.len(), shape: shape.to_vec() });
     }
     let slices = match scheme.granularity {
         Granularity::PerTensor => 1,
@@ -159,9 +139,7 @@ mod tests {
         let mut s = 12345u64;
         (0..n)
             .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
             })
             .collect()
@@ -172,22 +150,10 @@ mod tests {
         let w = lcg(4096);
         for bits in [8, 4, 2] {
             for symmetric in [true, false] {
-                let scheme = QuantScheme {
-                    bits,
-                    symmetric,
-                    granularity: Granularity::PerTensor,
-                };
+                let scheme = QuantScheme { bits, symmetric, granularity: Granularity::PerTensor };
                 let (q, p) = fake_quantize(&w, &[64, 64], scheme).unwrap();
-                let max_err = w
-                    .iter()
-                    .zip(&q)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0.0, f32::max);
-                assert!(
-                    max_err <= p[0].scale / 2.0 + 1e-6,
-                    "{bits} bits sym={symmetric}: {max_err} vs {}",
-                    p[0].scale
-                );
+                let max_err = w.iter().zip(&q).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+                assert!(max_err <= p[0].scale / 2.0 + 1e-6, "{bits} bits sym={symmetric}: {max_err} vs {}", p[0].scale);
                 let levels: std::collections::BTreeSet<i64> =
                     q.iter().map(|v| (v / p[0].scale).round() as i64).collect();
                 assert!(levels.len() <= 1 << bits);
@@ -202,21 +168,9 @@ mod tests {
             *v *= 100.0; // channel 0 is 100x wider than channel 1
         }
         let err = |g| {
-            let (q, _) = fake_quantize(
-                &w,
-                &[2, 128],
-                QuantScheme {
-                    bits: 8,
-                    symmetric: true,
-                    granularity: g,
-                },
-            )
-            .unwrap();
-            w[128..]
-                .iter()
-                .zip(&q[128..])
-                .map(|(a, b)| (a - b).powi(2))
-                .sum::<f32>()
+            let (q, _) =
+                fake_quantize(&w, &[2, 128], QuantScheme { bits: 8, symmetric: true, granularity: g }).unwrap();
+            w[128..].iter().zip(&q[128..]).map(|(a, b)| (a - b).powi(2)).sum::<f32>()
         };
         assert!(err(Granularity::PerChannel) * 100.0 < err(Granularity::PerTensor));
     }
@@ -226,26 +180,14 @@ mod tests {
         let (q, p) = fake_quantize(
             &[0.0, 0.3, 1.7],
             &[3],
-            QuantScheme {
-                bits: 4,
-                symmetric: false,
-                granularity: Granularity::PerTensor,
-            },
+            QuantScheme { bits: 4, symmetric: false, granularity: Granularity::PerTensor },
         )
         .unwrap();
         assert_eq!(q[0], 0.0);
         assert!(p[0].zero_point == 0);
         assert!(
-            fake_quantize(
-                &[1.0],
-                &[1],
-                QuantScheme {
-                    bits: 9,
-                    symmetric: true,
-                    granularity: Granularity::PerTensor
-                }
-            )
-            .is_err()
+            fake_quantize(&[1.0], &[1], QuantScheme { bits: 9, symmetric: true, granularity: Granularity::PerTensor })
+                .is_err()
         );
         assert!(fake_quantize(&[1.0], &[2], QuantScheme::int8_symmetric_per_tensor()).is_err());
     }

@@ -25,39 +25,21 @@ pub fn load_cifar10_bin(files: &[&Path]) -> Result<Dataset> {
             return Err(Error::bad_file(
                 *path,
                 whole as u64,
-                format!(
-                    "{} bytes is not a whole number of {RECORD}-byte CIFAR-10 records",
-                    bytes.len()
-                ),
+                format!("{} bytes is not a whole number of {RECORD}-byte CIFAR-10 records", bytes.len()),
             ));
         }
         for (i, rec) in bytes.chunks_exact(RECORD).enumerate() {
             if rec[0] >= 10 {
-                return Err(Error::bad_file(
-                    *path,
-                    (i * RECORD) as u64,
-                    format!("label {} is not below 10", rec[0]),
-                ));
+                return Err(Error::bad_file(*path, (i * RECORD) as u64, format!("label {} is not below 10", rec[0])));
             }
             labels.push(rec[0] as u32);
             pixels.extend_from_slice(&rec[1..]);
         }
     }
     let mut d = Dataset::new([3, 32, 32], pixels, labels, 10)?;
-    d.class_names = [
-        "airplane",
-        "automobile",
-        "bird",
-        "cat",
-        "deer",
-        "dog",
-        "frog",
-        "horse",
-        "ship",
-        "truck",
-    ]
-    .map(String::from)
-    .to_vec();
+    d.class_names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+        .map(String::from)
+        .to_vec();
     Ok(d)
 }
 

@@ -15,36 +15,19 @@ use crate::{Error, Result};
 /// channel count other than 1 or 3.
 pub fn load_image_folder(root: &Path, size: [usize; 2], channels: usize) -> Result<Dataset> {
     if channels != 1 && channels != 3 {
-        return Err(Error::setting(
-            "data.channels",
-            format!("expected 1 or 3, got {channels}"),
-        ));
+        return Err(Error::setting("data.channels", format!("expected 1 or 3, got {channels}")));
     }
     if size.contains(&0) {
-        return Err(Error::setting(
-            "data.size",
-            "height and width must be positive",
-        ));
+        return Err(Error::setting("data.size", "height and width must be positive"));
     }
     let mut classes: Vec<(String, PathBuf)> = read_dir(root)?
         .into_iter()
         .filter(|p| p.is_dir())
-        .map(|p| {
-            (
-                p.file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned(),
-                p,
-            )
-        })
+        .map(|p| (p.file_name().unwrap_or_default().to_string_lossy().into_owned(), p))
         .collect();
     classes.sort();
     if classes.is_empty() {
-        return Err(Error::setting(
-            "data.path",
-            format!("{}: no class folders", root.display()),
-        ));
+        return Err(Error::setting("data.path", format!("{}: no class folders", root.display())));
     }
     let mut pixels = Vec::new();
     let mut labels = Vec::new();
@@ -52,22 +35,14 @@ pub fn load_image_folder(root: &Path, size: [usize; 2], channels: usize) -> Resu
         let mut files: Vec<PathBuf> = read_dir(dir)?
             .into_iter()
             .filter(|p| {
-                let ext = p
-                    .extension()
-                    .map(|e| e.to_string_lossy().to_lowercase())
-                    .unwrap_or_default();
+                let ext = p.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
                 matches!(ext.as_str(), "png" | "jpg" | "jpeg")
             })
             .collect();
         files.sort();
         for file in files {
-            let img = image::open(&file)
-                .map_err(|e| Error::bad_file(&file, 0, format!("cannot decode image: {e}")))?;
-            let img = img.resize_exact(
-                size[1] as u32,
-                size[0] as u32,
-                image::imageops::FilterType::Triangle,
-            );
+            let img = image::open(&file).map_err(|e| Error::bad_file(&file, 0, format!("cannot decode image: {e}")))?;
+            let img = img.resize_exact(size[1] as u32, size[0] as u32, image::imageops::FilterType::Triangle);
             if channels == 1 {
                 pixels.extend_from_slice(img.to_luma8().as_raw());
             } else {
@@ -82,10 +57,7 @@ pub fn load_image_folder(root: &Path, size: [usize; 2], channels: usize) -> Resu
         }
     }
     if labels.is_empty() {
-        return Err(Error::setting(
-            "data.path",
-            format!("{}: no PNG or JPEG images", root.display()),
-        ));
+        return Err(Error::setting("data.path", format!("{}: no PNG or JPEG images", root.display())));
     }
     let mut d = Dataset::new([channels, size[0], size[1]], pixels, labels, classes.len())?;
     d.class_names = classes.into_iter().map(|(n, _)| n).collect();
@@ -94,9 +66,7 @@ pub fn load_image_folder(root: &Path, size: [usize; 2], channels: usize) -> Resu
 
 fn read_dir(dir: &Path) -> Result<Vec<PathBuf>> {
     let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
-    entries
-        .map(|e| e.map(|e| e.path()).map_err(|e| Error::io(dir, e)))
-        .collect()
+    entries.map(|e| e.map(|e| e.path()).map_err(|e| Error::io(dir, e))).collect()
 }
 
 #[cfg(test)]

@@ -28,11 +28,7 @@ fn open(path: &Path) -> Result<Box<dyn Read>> {
     let n = read_up_to(&mut file, &mut magic).map_err(|e| Error::io(path, e))?;
     let head = std::io::Cursor::new(magic[..n].to_vec());
     let chained = head.chain(file);
-    if n == 2 && magic == [0x1f, 0x8b] {
-        Ok(Box::new(GzDecoder::new(chained)))
-    } else {
-        Ok(Box::new(chained))
-    }
+    if n == 2 && magic == [0x1f, 0x8b] { Ok(Box::new(GzDecoder::new(chained))) } else { Ok(Box::new(chained)) }
 }
 
 fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -55,50 +51,28 @@ fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 pub fn read_idx(path: &Path) -> Result<IdxArray> {
     let mut r = open(path)?;
     let bad = |offset: u64, msg: String| Error::bad_file(path, offset, msg);
-    let io =
-        |e: std::io::Error| Error::bad_file(path, 0, format!("cannot decompress or read: {e}"));
+    let io = |e: std::io::Error| Error::bad_file(path, 0, format!("cannot decompress or read: {e}"));
     let mut head = [0u8; 4];
     let n = read_up_to(&mut r, &mut head).map_err(io)?;
     if n < 4 {
-        return Err(bad(
-            n as u64,
-            format!("file ends after {n} bytes; an IDX header has at least 4"),
-        ));
+        return Err(bad(n as u64, format!("file ends after {n} bytes; an IDX header has at least 4")));
     }
     if head[0] != 0 || head[1] != 0 {
-        return Err(bad(
-            0,
-            format!(
-                "not an IDX file: magic starts {:02x} {:02x}, expected 00 00",
-                head[0], head[1]
-            ),
-        ));
+        return Err(bad(0, format!("not an IDX file: magic starts {:02x} {:02x}, expected 00 00", head[0], head[1])));
     }
     if head[2] != 0x08 {
-        return Err(bad(
-            2,
-            format!(
-                "IDX type code 0x{:02x} is not supported: expected 0x08 (unsigned byte)",
-                head[2]
-            ),
-        ));
+        return Err(bad(2, format!("IDX type code 0x{:02x} is not supported: expected 0x08 (unsigned byte)", head[2])));
     }
     let ndim = head[3] as usize;
     if ndim == 0 || ndim > 4 {
-        return Err(bad(
-            3,
-            format!("IDX file with {ndim} dimensions: expected 1 to 4"),
-        ));
+        return Err(bad(3, format!("IDX file with {ndim} dimensions: expected 1 to 4")));
     }
     let mut dims = Vec::with_capacity(ndim);
     for d in 0..ndim {
         let offset = 4 + 4 * d as u64;
         let mut b = [0u8; 4];
         if read_up_to(&mut r, &mut b).map_err(io)? < 4 {
-            return Err(bad(
-                offset,
-                format!("file ends inside the header (dimension {d} of {ndim})"),
-            ));
+            return Err(bad(offset, format!("file ends inside the header (dimension {d} of {ndim})")));
         }
         let v = u32::from_be_bytes(b) as usize;
         if v == 0 {
@@ -113,16 +87,11 @@ pub fn read_idx(path: &Path) -> Result<IdxArray> {
     };
     // Read at most one byte more than announced, without reserving what the header claims.
     let mut data = Vec::new();
-    r.take(expected as u64 + 1)
-        .read_to_end(&mut data)
-        .map_err(io)?;
+    r.take(expected as u64 + 1).read_to_end(&mut data).map_err(io)?;
     if data.len() < expected {
         return Err(bad(
             header + data.len() as u64,
-            format!(
-                "truncated: header announces {dims:?} = {expected} bytes of data, file has {}",
-                data.len()
-            ),
+            format!("truncated: header announces {dims:?} = {expected} bytes of data, file has {}", data.len()),
         ));
     }
     if data.len() > expected {
@@ -145,11 +114,7 @@ pub fn load_idx_images(path: &Path) -> Result<([usize; 3], Vec<u8>, usize)> {
         [_, h, w] => [1, h, w],
         [_, c, h, w] => [c, h, w],
         _ => {
-            return Err(Error::bad_file(
-                path,
-                3,
-                format!("images need 3 or 4 dimensions, file has {:?}", a.dims),
-            ));
+            return Err(Error::bad_file(path, 3, format!("images need 3 or 4 dimensions, file has {:?}", a.dims)));
         }
     };
     Ok((shape, a.data, a.dims[0]))
@@ -162,11 +127,7 @@ pub fn load_idx_images(path: &Path) -> Result<([usize; 3], Vec<u8>, usize)> {
 pub fn load_idx_labels(path: &Path) -> Result<Vec<u32>> {
     let a = read_idx(path)?;
     if a.dims.len() != 1 {
-        return Err(Error::bad_file(
-            path,
-            3,
-            format!("labels need 1 dimension, file has {:?}", a.dims),
-        ));
+        return Err(Error::bad_file(path, 3, format!("labels need 1 dimension, file has {:?}", a.dims)));
     }
     Ok(a.data.into_iter().map(u32::from).collect())
 }
@@ -183,19 +144,10 @@ pub fn load_idx_pair(images: &Path, labels: &Path) -> Result<Dataset> {
         return Err(Error::bad_file(
             labels,
             4,
-            format!(
-                "{} labels for the {n} images of {}",
-                labels_v.len(),
-                images.display()
-            ),
+            format!("{} labels for the {n} images of {}", labels_v.len(), images.display()),
         ));
     }
-    let classes = labels_v
-        .iter()
-        .max()
-        .map(|&m| m as usize + 1)
-        .unwrap_or(0)
-        .max(2);
+    let classes = labels_v.iter().max().map(|&m| m as usize + 1).unwrap_or(0).max(2);
     Dataset::new(shape, pixels, labels_v, classes)
 }
 
@@ -263,20 +215,12 @@ pub(crate) mod tests {
         let (i, l) = (dir.join("i"), dir.join("l"));
         write(&i, &idx(&[2, 1, 1], &[0, 1]), false);
         write(&l, &idx(&[3], &[0, 1, 1]), false);
-        assert!(
-            load_idx_pair(&i, &l)
-                .unwrap_err()
-                .to_string()
-                .contains("3 labels for the 2 images")
-        );
+        assert!(load_idx_pair(&i, &l).unwrap_err().to_string().contains("3 labels for the 2 images"));
     }
 
     pub(crate) fn tempdir() -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!(
-            "shrink-idx-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
+        let d =
+            std::env::temp_dir().join(format!("shrink-idx-{}-{:?}", std::process::id(), std::thread::current().id()));
         std::fs::create_dir_all(&d).unwrap();
         d
     }

@@ -42,41 +42,19 @@ impl Dataset {
     ///
     /// # Errors
     /// [`Error::InvalidSetting`] when sizes disagree or a label is out of range.
-    pub fn new(
-        shape: [usize; 3],
-        pixels: Vec<u8>,
-        labels: Vec<u32>,
-        classes: usize,
-    ) -> Result<Self> {
+    pub fn new(shape: [usize; 3], pixels: Vec<u8>, labels: Vec<u32>, classes: usize) -> Result<Self> {
         let per = shape.iter().product::<usize>();
         if per == 0 || pixels.len() != per * labels.len() {
             return Err(Error::setting(
                 "dataset",
-                format!(
-                    "{} bytes of pixels for {} images of {shape:?}",
-                    pixels.len(),
-                    labels.len()
-                ),
+                format!("{} bytes of pixels for {} images of {shape:?}", pixels.len(), labels.len()),
             ));
         }
-        if let Some((i, l)) = labels
-            .iter()
-            .enumerate()
-            .find(|(_, l)| **l as usize >= classes)
-        {
-            return Err(Error::setting(
-                "dataset",
-                format!("label {l} of image {i} is not below {classes} classes"),
-            ));
+        if let Some((i, l)) = labels.iter().enumerate().find(|(_, l)| **l as usize >= classes) {
+            return Err(Error::setting("dataset", format!("label {l} of image {i} is not below {classes} classes")));
         }
         let class_names = (0..classes).map(|c| c.to_string()).collect();
-        Ok(Self {
-            shape,
-            pixels,
-            labels,
-            classes,
-            class_names,
-        })
+        Ok(Self { shape, pixels, labels, classes, class_names })
     }
 
     /// Number of images.
@@ -116,10 +94,7 @@ impl Dataset {
     /// [`Error::InvalidSetting`] unless `0 <= fraction < 1`.
     pub fn split(&self, fraction: f64, seed: u64) -> Result<(Dataset, Dataset)> {
         if !(0.0..1.0).contains(&fraction) {
-            return Err(Error::setting(
-                "data.validation_fraction",
-                format!("expected [0, 1), got {fraction}"),
-            ));
+            return Err(Error::setting("data.validation_fraction", format!("expected [0, 1), got {fraction}")));
         }
         let order = shuffled(self.len(), seed);
         let n_val = (self.len() as f64 * fraction).round() as usize;
@@ -143,11 +118,7 @@ impl Dataset {
         }
         let n = (self.len() * h * w).max(1) as f64;
         let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
-        let std = sq
-            .iter()
-            .zip(&mean)
-            .map(|(s, m)| (s / n - m * m).max(1e-12).sqrt())
-            .collect();
+        let std = sq.iter().zip(&mean).map(|(s, m)| (s / n - m * m).max(1e-12).sqrt()).collect();
         Normalization { mean, std }
     }
 
@@ -230,21 +201,9 @@ impl Batcher {
             let (dy, dx, flip) = match rng.as_deref_mut() {
                 Some(r) if self.augmentation.is_active() => {
                     let p = self.augmentation.random_crop_padding as i64;
-                    let dy = if p > 0 {
-                        r.random_range(-p..=p) as isize
-                    } else {
-                        0
-                    };
-                    let dx = if p > 0 {
-                        r.random_range(-p..=p) as isize
-                    } else {
-                        0
-                    };
-                    (
-                        dy,
-                        dx,
-                        self.augmentation.horizontal_flip && r.random_bool(0.5),
-                    )
+                    let dy = if p > 0 { r.random_range(-p..=p) as isize } else { 0 };
+                    let dx = if p > 0 { r.random_range(-p..=p) as isize } else { 0 };
+                    (dy, dx, self.augmentation.horizontal_flip && r.random_bool(0.5))
                 }
                 _ => (0, 0, false),
             };
@@ -266,8 +225,7 @@ impl Batcher {
                 }
             }
         }
-        let images =
-            Tensor::<4>::from_data(TensorData::new(values, [indices.len(), c, h, w]), device);
+        let images = Tensor::<4>::from_data(TensorData::new(values, [indices.len(), c, h, w]), device);
         let labels: Vec<i64> = indices.iter().map(|&i| data.labels[i] as i64).collect();
         let labels = Tensor::<1, Int>::from_data(TensorData::new(labels, [indices.len()]), device);
         (images, labels)
@@ -285,14 +243,8 @@ pub fn rng(seed: u64) -> ChaCha8Rng {
 /// # Errors
 /// As [`load_idx_pair`], when the files are missing or damaged.
 pub fn load_mnist_dir(dir: &Path) -> Result<(Dataset, Dataset)> {
-    let train = load_idx_pair(
-        &dir.join("train-images-idx3-ubyte.gz"),
-        &dir.join("train-labels-idx1-ubyte.gz"),
-    )?;
-    let test = load_idx_pair(
-        &dir.join("t10k-images-idx3-ubyte.gz"),
-        &dir.join("t10k-labels-idx1-ubyte.gz"),
-    )?;
+    let train = load_idx_pair(&dir.join("train-images-idx3-ubyte.gz"), &dir.join("train-labels-idx1-ubyte.gz"))?;
+    let test = load_idx_pair(&dir.join("t10k-images-idx3-ubyte.gz"), &dir.join("t10k-labels-idx1-ubyte.gz"))?;
     Ok((train, test))
 }
 
@@ -302,13 +254,7 @@ mod tests {
 
     fn tiny() -> Dataset {
         // 4 images of 1×2×2, labels 0..4 % 2.
-        Dataset::new(
-            [1, 2, 2],
-            (0..16).map(|v| v as u8 * 10).collect(),
-            vec![0, 1, 0, 1],
-            2,
-        )
-        .unwrap()
+        Dataset::new([1, 2, 2], (0..16).map(|v| v as u8 * 10).collect(), vec![0, 1, 0, 1], 2).unwrap()
     }
 
     #[test]
@@ -339,33 +285,18 @@ mod tests {
         let d = tiny();
         let device = Device::flex();
         let b = Batcher {
-            normalization: Normalization {
-                mean: vec![0.0],
-                std: vec![1.0],
-            },
+            normalization: Normalization { mean: vec![0.0], std: vec![1.0] },
             augmentation: Augmentation::default(),
         };
         let (x, y) = b.batch(&d, &[1], &device, None);
         let v: Vec<f32> = x.into_data().try_to_vec().unwrap();
-        let expect: Vec<f32> = [40u8, 50, 60, 70]
-            .iter()
-            .map(|&p| p as f32 / 255.0)
-            .collect();
+        let expect: Vec<f32> = [40u8, 50, 60, 70].iter().map(|&p| p as f32 / 255.0).collect();
         for (a, e) in v.iter().zip(&expect) {
             assert!((a - e).abs() < 1e-6);
         }
-        assert_eq!(
-            y.into_data().convert::<i64>().try_to_vec::<i64>().unwrap(),
-            vec![1]
-        );
+        assert_eq!(y.into_data().convert::<i64>().try_to_vec::<i64>().unwrap(), vec![1]);
 
-        let flip = Batcher {
-            augmentation: Augmentation {
-                random_crop_padding: 0,
-                horizontal_flip: true,
-            },
-            ..b
-        };
+        let flip = Batcher { augmentation: Augmentation { random_crop_padding: 0, horizontal_flip: true }, ..b };
         let mut r = rng(0);
         let mut saw_flip = false;
         for _ in 0..20 {

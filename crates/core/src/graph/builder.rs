@@ -30,15 +30,7 @@ pub struct Conv2dSpec {
 impl Conv2dSpec {
     /// A `kernel`×`kernel` convolution to `out_channels`, stride 1, no padding, no bias.
     pub fn new(out_channels: usize, kernel: usize) -> Self {
-        Self {
-            out_channels,
-            kernel,
-            stride: 1,
-            padding: 0,
-            dilation: 1,
-            groups: 1,
-            bias: false,
-        }
+        Self { out_channels, kernel, stride: 1, padding: 0, dilation: 1, groups: 1, bias: false }
     }
     /// With this stride.
     pub fn stride(mut self, stride: usize) -> Self {
@@ -93,20 +85,8 @@ pub struct GraphBuilder {
 impl GraphBuilder {
     /// A builder for images of `[channels, height, width]`; the input node is called `input`.
     pub fn new(input: [usize; 3]) -> Self {
-        let mut b = Self {
-            nodes: Vec::new(),
-            shapes: Vec::new(),
-            first_error: None,
-        };
-        b.push(
-            "input",
-            Op::Input {
-                channels: input[0],
-                height: input[1],
-                width: input[2],
-            },
-            vec![],
-        );
+        let mut b = Self { nodes: Vec::new(), shapes: Vec::new(), first_error: None };
+        b.push("input", Op::Input { channels: input[0], height: input[1], width: input[2] }, vec![]);
         b
     }
 
@@ -160,32 +140,14 @@ impl GraphBuilder {
 
     /// A batch norm (ε = 1e-5, momentum 0.1 as in PyTorch).
     pub fn batch_norm(&mut self, name: impl Into<String>, input: NodeId) -> NodeId {
-        let op = Op::BatchNorm2d {
-            features: self.channels(input),
-            epsilon: 1e-5,
-            momentum: 0.1,
-        };
+        let op = Op::BatchNorm2d { features: self.channels(input), epsilon: 1e-5, momentum: 0.1 };
         self.push(name, op, vec![input])
     }
 
     /// A linear layer to `out_features` (its input is flattened if it is a feature map).
-    pub fn linear(
-        &mut self,
-        name: impl Into<String>,
-        input: NodeId,
-        out_features: usize,
-        bias: bool,
-    ) -> NodeId {
+    pub fn linear(&mut self, name: impl Into<String>, input: NodeId, out_features: usize, bias: bool) -> NodeId {
         let in_features = self.shape(input).map(|s| s.numel()).unwrap_or(0);
-        self.push(
-            name,
-            Op::Linear {
-                in_features,
-                out_features,
-                bias,
-            },
-            vec![input],
-        )
+        self.push(name, Op::Linear { in_features, out_features, bias }, vec![input])
     }
 
     /// A ReLU.
@@ -202,11 +164,7 @@ impl GraphBuilder {
         stride: usize,
         padding: usize,
     ) -> NodeId {
-        let op = Op::MaxPool2d {
-            kernel: [kernel; 2],
-            stride: [stride; 2],
-            padding: [padding; 2],
-        };
+        let op = Op::MaxPool2d { kernel: [kernel; 2], stride: [stride; 2], padding: [padding; 2] };
         self.push(name, op, vec![input])
     }
 
@@ -219,11 +177,7 @@ impl GraphBuilder {
         stride: usize,
         padding: usize,
     ) -> NodeId {
-        let op = Op::AvgPool2d {
-            kernel: [kernel; 2],
-            stride: [stride; 2],
-            padding: [padding; 2],
-        };
+        let op = Op::AvgPool2d { kernel: [kernel; 2], stride: [stride; 2], padding: [padding; 2] };
         self.push(name, op, vec![input])
     }
 
@@ -263,33 +217,17 @@ impl GraphBuilder {
     ///
     /// # Errors
     /// As [`GraphBuilder::build`], and whatever `make` returns.
-    pub fn build_with(
-        self,
-        output: NodeId,
-        mut make: impl FnMut(&str, &Op) -> Result<Params>,
-    ) -> Result<Graph> {
+    pub fn build_with(self, output: NodeId, mut make: impl FnMut(&str, &Op) -> Result<Params>) -> Result<Graph> {
         if let Some(e) = self.first_error {
             return Err(e);
         }
         if output >= self.nodes.len() {
-            return Err(Error::graph(
-                "<output>",
-                format!("output id {output} is not a node"),
-            ));
+            return Err(Error::graph("<output>", format!("output id {output} is not a node")));
         }
         let mut nodes = Vec::with_capacity(self.nodes.len());
         for (name, op, inputs) in self.nodes {
-            let params = if op.has_params() {
-                Some(make(&name, &op)?)
-            } else {
-                None
-            };
-            nodes.push(Node {
-                params,
-                name,
-                op,
-                inputs,
-            });
+            let params = if op.has_params() { Some(make(&name, &op)?) } else { None };
+            nodes.push(Node { params, name, op, inputs });
         }
         let graph = Graph { nodes, output };
         graph.validate()?;
@@ -299,51 +237,26 @@ impl GraphBuilder {
 
 fn init_params(op: &Op, device: &Device) -> Result<Params> {
     Ok(match *op {
-        Op::Conv2d {
-            in_channels,
-            out_channels,
-            kernel,
-            groups,
-            bias,
-            ..
-        } => {
+        Op::Conv2d { in_channels, out_channels, kernel, groups, bias, .. } => {
             // He initialisation with fan-out, as torchvision's ResNets (kaiming_normal_, mode=fan_out).
             let fan_out = out_channels * kernel[0] * kernel[1] / groups;
             let std = (2.0 / fan_out as f64).sqrt();
             let shape = [out_channels, in_channels / groups, kernel[0], kernel[1]];
             let weight = Tensor::<4>::random(shape, Distribution::Normal(0.0, std), device);
             let bias = bias.then(|| Param::from_tensor(Tensor::<1>::zeros([out_channels], device)));
-            Params::Conv(ConvParams {
-                weight: Param::from_tensor(weight),
-                bias,
-            })
+            Params::Conv(ConvParams { weight: Param::from_tensor(weight), bias })
         }
-        Op::Linear {
-            in_features,
-            out_features,
-            bias,
-        } => {
+        Op::Linear { in_features, out_features, bias } => {
             // PyTorch's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
             let bound = 1.0 / (in_features as f64).sqrt();
             let dist = Distribution::Uniform(-bound, bound);
             let weight = Tensor::<2>::random([out_features, in_features], dist, device);
-            let bias =
-                bias.then(|| Param::from_tensor(Tensor::<1>::random([out_features], dist, device)));
-            Params::Linear(LinearParams {
-                weight: Param::from_tensor(weight),
-                bias,
-            })
+            let bias = bias.then(|| Param::from_tensor(Tensor::<1>::random([out_features], dist, device)));
+            Params::Linear(LinearParams { weight: Param::from_tensor(weight), bias })
         }
-        Op::BatchNorm2d {
-            features,
-            epsilon,
-            momentum,
-        } => Params::BatchNorm(
-            BatchNormConfig::new(features)
-                .with_epsilon(epsilon)
-                .with_momentum(momentum)
-                .init(device),
-        ),
+        Op::BatchNorm2d { features, epsilon, momentum } => {
+            Params::BatchNorm(BatchNormConfig::new(features).with_epsilon(epsilon).with_momentum(momentum).init(device))
+        }
         _ => unreachable!("only called for ops with parameters"),
     })
 }
@@ -358,10 +271,7 @@ pub(crate) fn batch_norm_from(
     momentum: f64,
 ) -> BatchNorm {
     let device = gamma.device();
-    let mut bn = BatchNormConfig::new(gamma.dims()[0])
-        .with_epsilon(epsilon)
-        .with_momentum(momentum)
-        .init(&device);
+    let mut bn = BatchNormConfig::new(gamma.dims()[0]).with_epsilon(epsilon).with_momentum(momentum).init(&device);
     bn.gamma = Param::from_tensor(gamma);
     bn.beta = Param::from_tensor(beta);
     bn.running_mean = RunningState::new(mean);

@@ -52,10 +52,7 @@ pub struct CouplingGroup {
 impl CouplingGroup {
     /// The producers of the group (convolutions and linear layers whose outputs are its channels).
     pub fn producers(&self) -> impl Iterator<Item = NodeId> + '_ {
-        self.members
-            .iter()
-            .filter(|m| m.role == ChannelRole::Produces)
-            .map(|m| m.node)
+        self.members.iter().filter(|m| m.role == ChannelRole::Produces).map(|m| m.node)
     }
 }
 
@@ -102,32 +99,15 @@ impl Graph {
                     space[id] = uf.fresh();
                     fixed.push(space[id]);
                 }
-                Op::Conv2d {
-                    in_channels,
-                    out_channels,
-                    groups,
-                    ..
-                } => {
+                Op::Conv2d { in_channels, out_channels, groups, .. } => {
                     let i = input.expect("conv has an input");
                     if *groups > 1 && groups == in_channels && groups == out_channels {
                         space[id] = space[i];
-                        members.push((
-                            space[i],
-                            CouplingMember {
-                                node: id,
-                                role: ChannelRole::Follows,
-                            },
-                        ));
+                        members.push((space[i], CouplingMember { node: id, role: ChannelRole::Follows }));
                     } else {
                         space[id] = uf.fresh();
                         members.push((space[i], consumes(id, block[i])));
-                        members.push((
-                            space[id],
-                            CouplingMember {
-                                node: id,
-                                role: ChannelRole::Produces,
-                            },
-                        ));
+                        members.push((space[id], CouplingMember { node: id, role: ChannelRole::Produces }));
                         if *groups > 1 {
                             fixed.push(space[i]);
                             fixed.push(space[id]);
@@ -138,24 +118,12 @@ impl Graph {
                     let i = input.expect("linear has an input");
                     space[id] = uf.fresh();
                     members.push((space[i], consumes(id, block[i] * spatial(&shapes[i]))));
-                    members.push((
-                        space[id],
-                        CouplingMember {
-                            node: id,
-                            role: ChannelRole::Produces,
-                        },
-                    ));
+                    members.push((space[id], CouplingMember { node: id, role: ChannelRole::Produces }));
                 }
                 Op::BatchNorm2d { .. } => {
                     space[id] = same_as_input(&space);
                     block[id] = block[input.expect("has an input")];
-                    members.push((
-                        space[id],
-                        CouplingMember {
-                            node: id,
-                            role: ChannelRole::Follows,
-                        },
-                    ));
+                    members.push((space[id], CouplingMember { node: id, role: ChannelRole::Follows }));
                 }
                 Op::Flatten => {
                     let i = input.expect("flatten has an input");
@@ -169,11 +137,7 @@ impl Graph {
                     space[id] = space[node.inputs[0]];
                     block[id] = block[node.inputs[0]];
                 }
-                Op::Relu
-                | Op::Identity
-                | Op::MaxPool2d { .. }
-                | Op::AvgPool2d { .. }
-                | Op::GlobalAvgPool => {
+                Op::Relu | Op::Identity | Op::MaxPool2d { .. } | Op::AvgPool2d { .. } | Op::GlobalAvgPool => {
                     space[id] = same_as_input(&space);
                     block[id] = block[input.expect("has an input")];
                 }
@@ -202,10 +166,7 @@ impl Graph {
         }
         for (s, member) in members {
             let root = uf.find(s);
-            let g = roots
-                .iter()
-                .position(|&r| r == root)
-                .expect("every space has a carrier");
+            let g = roots.iter().position(|&r| r == root).expect("every space has a carrier");
             groups[g].members.push(member);
         }
         for s in fixed {
@@ -225,12 +186,7 @@ impl Graph {
 }
 
 fn consumes(node: NodeId, features_per_channel: usize) -> CouplingMember {
-    CouplingMember {
-        node,
-        role: ChannelRole::Consumes {
-            features_per_channel,
-        },
-    }
+    CouplingMember { node, role: ChannelRole::Consumes { features_per_channel } }
 }
 
 /// Features per channel when a feature map is read as a vector.

@@ -136,10 +136,7 @@ impl Op {
 
     /// Whether the op carries parameters.
     pub fn has_params(&self) -> bool {
-        matches!(
-            self,
-            Op::Conv2d { .. } | Op::BatchNorm2d { .. } | Op::Linear { .. }
-        )
+        matches!(self, Op::Conv2d { .. } | Op::BatchNorm2d { .. } | Op::Linear { .. })
     }
 }
 
@@ -174,11 +171,7 @@ impl ValueShape {
     /// Number of elements per sample.
     pub fn numel(&self) -> usize {
         match *self {
-            ValueShape::Map {
-                channels,
-                height,
-                width,
-            } => channels * height * width,
+            ValueShape::Map { channels, height, width } => channels * height * width,
             ValueShape::Flat { features } => features,
         }
     }
@@ -186,11 +179,7 @@ impl ValueShape {
     /// As a list of dimensions, batch excluded.
     pub fn dims(&self) -> Vec<usize> {
         match *self {
-            ValueShape::Map {
-                channels,
-                height,
-                width,
-            } => vec![channels, height, width],
+            ValueShape::Map { channels, height, width } => vec![channels, height, width],
             ValueShape::Flat { features } => vec![features],
         }
     }
@@ -290,20 +279,14 @@ impl Graph {
     /// The input shape `[channels, height, width]`.
     pub fn input_shape(&self) -> [usize; 3] {
         match self.nodes[0].op {
-            Op::Input {
-                channels,
-                height,
-                width,
-            } => [channels, height, width],
+            Op::Input { channels, height, width } => [channels, height, width],
             _ => unreachable!("validated graphs start with an input node"),
         }
     }
 
     /// The number of outputs (classes) of the network.
     pub fn num_outputs(&self) -> usize {
-        self.shapes()
-            .map(|s| s[self.output].channels())
-            .unwrap_or(0)
+        self.shapes().map(|s| s[self.output].channels()).unwrap_or(0)
     }
 
     /// The id of the node called `name`.
@@ -311,17 +294,12 @@ impl Graph {
     /// # Errors
     /// [`Error::UnknownNode`] if there is none.
     pub fn node_id(&self, name: &str) -> Result<NodeId> {
-        self.nodes
-            .iter()
-            .position(|n| n.name == name)
-            .ok_or_else(|| Error::UnknownNode(name.to_string()))
+        self.nodes.iter().position(|n| n.name == name).ok_or_else(|| Error::UnknownNode(name.to_string()))
     }
 
     /// The nodes whose inputs include `id`, in order.
     pub fn consumers(&self, id: NodeId) -> Vec<NodeId> {
-        (0..self.nodes.len())
-            .filter(|&c| self.nodes[c].inputs.contains(&id))
-            .collect()
+        (0..self.nodes.len()).filter(|&c| self.nodes[c].inputs.contains(&id)).collect()
     }
 
     /// The producers of `id`'s inputs.
@@ -331,10 +309,7 @@ impl Graph {
 
     /// The nodes that carry parameters (conv, batch norm, linear), in order.
     pub fn layers(&self) -> impl Iterator<Item = (NodeId, &Node)> {
-        self.nodes
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| n.params.is_some())
+        self.nodes.iter().enumerate().filter(|(_, n)| n.params.is_some())
     }
 
     /// Output shape of every node (batch excluded), checking every edge on the way.
@@ -342,11 +317,7 @@ impl Graph {
     /// # Errors
     /// [`Error::InvalidGraph`] naming the first node whose input does not fit its op.
     pub fn shapes(&self) -> Result<Vec<ValueShape>> {
-        infer_shapes(
-            self.nodes
-                .iter()
-                .map(|n| (&n.name, &n.op, n.inputs.as_slice())),
-        )
+        infer_shapes(self.nodes.iter().map(|n| (&n.name, &n.op, n.inputs.as_slice())))
     }
 
     /// Checks the invariants: topological order, unique names, one input node, shapes that fit,
@@ -363,10 +334,7 @@ impl Graph {
             check_params(node)?;
         }
         if self.output >= self.nodes.len() {
-            return Err(Error::graph(
-                "<output>",
-                format!("output id {} out of range", self.output),
-            ));
+            return Err(Error::graph("<output>", format!("output id {} out of range", self.output)));
         }
         self.shapes()?;
         Ok(())
@@ -393,10 +361,7 @@ impl Graph {
     pub fn check_input(&self, dims: &[usize]) -> Result<()> {
         let expected = self.input_shape();
         if dims.len() != 4 || dims[1..] != expected || dims[0] == 0 {
-            return Err(Error::InputShape {
-                got: dims.to_vec(),
-                expected,
-            });
+            return Err(Error::InputShape { got: dims.to_vec(), expected });
         }
         Ok(())
     }
@@ -407,11 +372,7 @@ impl Graph {
     /// # Panics
     /// As [`Graph::forward`]; a tap id out of range also panics (ids come from
     /// [`Graph::node_id`]).
-    pub fn forward_with_taps(
-        &self,
-        input: Tensor<4>,
-        taps: &[NodeId],
-    ) -> (Tensor<2>, Vec<Activation>) {
+    pub fn forward_with_taps(&self, input: Tensor<4>, taps: &[NodeId]) -> (Tensor<2>, Vec<Activation>) {
         // Count uses so that each intermediate value is dropped as soon as its last consumer ran.
         let mut uses = vec![0usize; self.nodes.len()];
         for node in &self.nodes {
@@ -432,12 +393,8 @@ impl Graph {
                 .iter()
                 .map(|&i| {
                     uses[i] -= 1;
-                    if uses[i] == 0 {
-                        values[i].take()
-                    } else {
-                        values[i].clone()
-                    }
-                    .expect("topological order guarantees inputs are computed")
+                    if uses[i] == 0 { values[i].take() } else { values[i].clone() }
+                        .expect("topological order guarantees inputs are computed")
                 })
                 .collect();
             let out = match &node.op {
@@ -454,17 +411,8 @@ impl Graph {
                 values[id] = Some(out);
             }
         }
-        let logits = values[self.output]
-            .take()
-            .expect("output computed")
-            .flatten();
-        (
-            logits,
-            tapped
-                .into_iter()
-                .map(|t| t.expect("tap computed"))
-                .collect(),
-        )
+        let logits = values[self.output].take().expect("output computed").flatten();
+        (logits, tapped.into_iter().map(|t| t.expect("tap computed")).collect())
     }
 
     /// The graph on another device (a deep copy of the parameters).
@@ -476,24 +424,10 @@ impl Graph {
 fn apply(op: &Op, params: Option<&Params>, mut args: Vec<Activation>) -> Activation {
     let first = || -> Activation { args[0].clone() };
     match (op, params) {
-        (
-            Op::Conv2d {
-                stride,
-                padding,
-                dilation,
-                groups,
-                ..
-            },
-            Some(Params::Conv(p)),
-        ) => {
+        (Op::Conv2d { stride, padding, dilation, groups, .. }, Some(Params::Conv(p))) => {
             let x = first().map().expect("conv input is a feature map");
             let options = ConvOptions::new(*stride, *padding, *dilation, *groups);
-            Activation::Map(F::conv2d(
-                x,
-                p.weight.val(),
-                p.bias.as_ref().map(|b| b.val()),
-                options,
-            ))
+            Activation::Map(F::conv2d(x, p.weight.val(), p.bias.as_ref().map(|b| b.val()), options))
         }
         (Op::BatchNorm2d { .. }, Some(Params::BatchNorm(bn))) => match first() {
             Activation::Map(x) => Activation::Map(bn.forward(x)),
@@ -511,32 +445,14 @@ fn apply(op: &Op, params: Option<&Params>, mut args: Vec<Activation>) -> Activat
             Activation::Map(x) => Activation::Map(activation::relu(x)),
             Activation::Flat(x) => Activation::Flat(activation::relu(x)),
         },
-        (
-            Op::MaxPool2d {
-                kernel,
-                stride,
-                padding,
-            },
-            _,
-        ) => {
+        (Op::MaxPool2d { kernel, stride, padding }, _) => {
             let x = first().map().expect("pool input is a feature map");
-            let options = MaxPoolOptions::new(*kernel)
-                .with_stride(*stride)
-                .with_padding(*padding);
+            let options = MaxPoolOptions::new(*kernel).with_stride(*stride).with_padding(*padding);
             Activation::Map(F::max_pool2d(x, options))
         }
-        (
-            Op::AvgPool2d {
-                kernel,
-                stride,
-                padding,
-            },
-            _,
-        ) => {
+        (Op::AvgPool2d { kernel, stride, padding }, _) => {
             let x = first().map().expect("pool input is a feature map");
-            let options = AvgPoolOptions::new(*kernel)
-                .with_stride(*stride)
-                .with_padding(*padding);
+            let options = AvgPoolOptions::new(*kernel).with_stride(*stride).with_padding(*padding);
             Activation::Map(F::avg_pool2d(x, options))
         }
         (Op::GlobalAvgPool, _) => {
@@ -563,10 +479,7 @@ pub(crate) fn infer_shapes<'a>(
     let mut shapes: Vec<ValueShape> = Vec::new();
     for (id, (name, op, inputs)) in nodes.enumerate() {
         if let Some(&bad) = inputs.iter().find(|&&i| i >= id) {
-            return Err(Error::graph(
-                name,
-                format!("input {bad} is not an earlier node"),
-            ));
+            return Err(Error::graph(name, format!("input {bad} is not an earlier node")));
         }
         let arity = match op {
             Op::Input { .. } => 0,
@@ -574,10 +487,7 @@ pub(crate) fn infer_shapes<'a>(
             _ => 1,
         };
         if inputs.len() != arity {
-            return Err(Error::graph(
-                name,
-                format!("{} takes {arity} input(s), got {}", op.kind(), inputs.len()),
-            ));
+            return Err(Error::graph(name, format!("{} takes {arity} input(s), got {}", op.kind(), inputs.len())));
         }
         if id == 0 && !matches!(op, Op::Input { .. }) {
             return Err(Error::graph(name, "the first node must be the input"));
@@ -588,162 +498,80 @@ pub(crate) fn infer_shapes<'a>(
         let ins: Vec<ValueShape> = inputs.iter().map(|&i| shapes[i]).collect();
         let map_input = |what: &str| -> Result<(usize, usize, usize)> {
             match ins[0] {
-                ValueShape::Map {
-                    channels,
-                    height,
-                    width,
-                } => Ok((channels, height, width)),
-                ValueShape::Flat { .. } => Err(Error::graph(
-                    name,
-                    format!("{what} needs a feature map, got a flat vector"),
-                )),
+                ValueShape::Map { channels, height, width } => Ok((channels, height, width)),
+                ValueShape::Flat { .. } => {
+                    Err(Error::graph(name, format!("{what} needs a feature map, got a flat vector")))
+                }
             }
         };
         let out = match op {
-            Op::Input {
-                channels,
-                height,
-                width,
-            } => {
+            Op::Input { channels, height, width } => {
                 if *channels == 0 || *height == 0 || *width == 0 {
                     return Err(Error::graph(name, "input dimensions must be positive"));
                 }
-                ValueShape::Map {
-                    channels: *channels,
-                    height: *height,
-                    width: *width,
-                }
+                ValueShape::Map { channels: *channels, height: *height, width: *width }
             }
-            Op::Conv2d {
-                in_channels,
-                out_channels,
-                kernel,
-                stride,
-                padding,
-                dilation,
-                groups,
-                ..
-            } => {
+            Op::Conv2d { in_channels, out_channels, kernel, stride, padding, dilation, groups, .. } => {
                 let (c, h, w) = map_input("conv2d")?;
                 if c != *in_channels {
-                    return Err(Error::graph(
-                        name,
-                        format!("expects {in_channels} input channels, gets {c}"),
-                    ));
+                    return Err(Error::graph(name, format!("expects {in_channels} input channels, gets {c}")));
                 }
-                if *groups == 0
-                    || in_channels % groups != 0
-                    || out_channels % groups != 0
-                    || *out_channels == 0
-                {
+                if *groups == 0 || in_channels % groups != 0 || out_channels % groups != 0 || *out_channels == 0 {
                     return Err(Error::graph(
                         name,
-                        format!(
-                            "groups {groups} must divide in {in_channels} and out {out_channels} channels"
-                        ),
+                        format!("groups {groups} must divide in {in_channels} and out {out_channels} channels"),
                     ));
                 }
                 if stride.contains(&0) || dilation.contains(&0) || kernel.contains(&0) {
-                    return Err(Error::graph(
-                        name,
-                        "kernel, stride and dilation must be positive",
-                    ));
+                    return Err(Error::graph(name, "kernel, stride and dilation must be positive"));
                 }
                 let height = conv_out(h, kernel[0], stride[0], padding[0], dilation[0])
                     .ok_or_else(|| Error::graph(name, format!("kernel does not fit height {h}")))?;
                 let width = conv_out(w, kernel[1], stride[1], padding[1], dilation[1])
                     .ok_or_else(|| Error::graph(name, format!("kernel does not fit width {w}")))?;
-                ValueShape::Map {
-                    channels: *out_channels,
-                    height,
-                    width,
-                }
+                ValueShape::Map { channels: *out_channels, height, width }
             }
-            Op::BatchNorm2d {
-                features,
-                epsilon,
-                momentum,
-            } => {
+            Op::BatchNorm2d { features, epsilon, momentum } => {
                 let (c, _, _) = map_input("batch_norm2d")?;
                 if c != *features {
-                    return Err(Error::graph(
-                        name,
-                        format!("has {features} features, input has {c} channels"),
-                    ));
+                    return Err(Error::graph(name, format!("has {features} features, input has {c} channels")));
                 }
                 if !(epsilon.is_finite() && *epsilon > 0.0 && (0.0..=1.0).contains(momentum)) {
-                    return Err(Error::graph(
-                        name,
-                        "epsilon must be > 0 and momentum in [0, 1]",
-                    ));
+                    return Err(Error::graph(name, "epsilon must be > 0 and momentum in [0, 1]"));
                 }
                 ins[0]
             }
-            Op::Linear {
-                in_features,
-                out_features,
-                ..
-            } => {
+            Op::Linear { in_features, out_features, .. } => {
                 let n = ins[0].numel();
                 if n != *in_features || *out_features == 0 {
-                    return Err(Error::graph(
-                        name,
-                        format!("expects {in_features} input features, gets {n}"),
-                    ));
+                    return Err(Error::graph(name, format!("expects {in_features} input features, gets {n}")));
                 }
-                ValueShape::Flat {
-                    features: *out_features,
-                }
+                ValueShape::Flat { features: *out_features }
             }
             Op::Relu | Op::Identity => ins[0],
-            Op::MaxPool2d {
-                kernel,
-                stride,
-                padding,
-            }
-            | Op::AvgPool2d {
-                kernel,
-                stride,
-                padding,
-            } => {
+            Op::MaxPool2d { kernel, stride, padding } | Op::AvgPool2d { kernel, stride, padding } => {
                 let (c, h, w) = map_input(op.kind())?;
                 if stride.contains(&0) || kernel.contains(&0) {
                     return Err(Error::graph(name, "kernel and stride must be positive"));
                 }
                 if padding[0] * 2 > kernel[0] || padding[1] * 2 > kernel[1] {
-                    return Err(Error::graph(
-                        name,
-                        "padding must be at most half the window",
-                    ));
+                    return Err(Error::graph(name, "padding must be at most half the window"));
                 }
                 let height = conv_out(h, kernel[0], stride[0], padding[0], 1)
                     .ok_or_else(|| Error::graph(name, format!("window does not fit height {h}")))?;
                 let width = conv_out(w, kernel[1], stride[1], padding[1], 1)
                     .ok_or_else(|| Error::graph(name, format!("window does not fit width {w}")))?;
-                ValueShape::Map {
-                    channels: c,
-                    height,
-                    width,
-                }
+                ValueShape::Map { channels: c, height, width }
             }
             Op::GlobalAvgPool => {
                 let (c, _, _) = map_input("global_avg_pool")?;
-                ValueShape::Map {
-                    channels: c,
-                    height: 1,
-                    width: 1,
-                }
+                ValueShape::Map { channels: c, height: 1, width: 1 }
             }
-            Op::Flatten => ValueShape::Flat {
-                features: ins[0].numel(),
-            },
+            Op::Flatten => ValueShape::Flat { features: ins[0].numel() },
             Op::Add => {
                 if ins.iter().any(|s| *s != ins[0]) {
                     let all: Vec<_> = ins.iter().map(|s| s.dims()).collect();
-                    return Err(Error::graph(
-                        name,
-                        format!("add inputs differ in shape: {all:?}"),
-                    ));
+                    return Err(Error::graph(name, format!("add inputs differ in shape: {all:?}")));
                 }
                 ins[0]
             }
@@ -751,21 +579,12 @@ pub(crate) fn infer_shapes<'a>(
         shapes.push(out);
     }
     if shapes.is_empty() {
-        return Err(Error::graph(
-            "<graph>",
-            "a graph needs at least an input node",
-        ));
+        return Err(Error::graph("<graph>", "a graph needs at least an input node"));
     }
     Ok(shapes)
 }
 
-fn conv_out(
-    size: usize,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-    dilation: usize,
-) -> Option<usize> {
+fn conv_out(size: usize, kernel: usize, stride: usize, padding: usize, dilation: usize) -> Option<usize> {
     let span = dilation * (kernel - 1) + 1;
     let padded = size + 2 * padding;
     (padded >= span).then(|| (padded - span) / stride + 1)
@@ -774,71 +593,33 @@ fn conv_out(
 fn check_params(node: &Node) -> Result<()> {
     let bad = |what: String| Err(Error::graph(&node.name, what));
     match (&node.op, &node.params) {
-        (
-            Op::Conv2d {
-                in_channels,
-                out_channels,
-                kernel,
-                groups,
-                bias,
-                ..
-            },
-            Some(Params::Conv(p)),
-        ) => {
-            let expected = [
-                *out_channels,
-                in_channels / groups.max(&1),
-                kernel[0],
-                kernel[1],
-            ];
+        (Op::Conv2d { in_channels, out_channels, kernel, groups, bias, .. }, Some(Params::Conv(p))) => {
+            let expected = [*out_channels, in_channels / groups.max(&1), kernel[0], kernel[1]];
             if p.weight.dims() != expected {
-                return bad(format!(
-                    "weight shape {:?}, op says {expected:?}",
-                    p.weight.dims()
-                ));
+                return bad(format!("weight shape {:?}, op says {expected:?}", p.weight.dims()));
             }
             check_bias(node, *bias, p.bias.as_ref(), *out_channels)
         }
-        (
-            Op::Linear {
-                in_features,
-                out_features,
-                bias,
-            },
-            Some(Params::Linear(p)),
-        ) => {
+        (Op::Linear { in_features, out_features, bias }, Some(Params::Linear(p))) => {
             let expected = [*out_features, *in_features];
             if p.weight.dims() != expected {
-                return bad(format!(
-                    "weight shape {:?}, op says {expected:?}",
-                    p.weight.dims()
-                ));
+                return bad(format!("weight shape {:?}, op says {expected:?}", p.weight.dims()));
             }
             check_bias(node, *bias, p.bias.as_ref(), *out_features)
         }
         (Op::BatchNorm2d { features, .. }, Some(Params::BatchNorm(bn))) => {
             let dims = [bn.gamma.dims()[0], bn.beta.dims()[0]];
             if dims != [*features; 2] {
-                return bad(format!(
-                    "gamma/beta have {dims:?} entries, op says {features}"
-                ));
+                return bad(format!("gamma/beta have {dims:?} entries, op says {features}"));
             }
             Ok(())
         }
         (op, None) if !op.has_params() => Ok(()),
-        (op, _) => bad(format!(
-            "{} has parameters of the wrong kind or none",
-            op.kind()
-        )),
+        (op, _) => bad(format!("{} has parameters of the wrong kind or none", op.kind())),
     }
 }
 
-fn check_bias(
-    node: &Node,
-    has_bias: bool,
-    bias: Option<&Param<Tensor<1>>>,
-    out: usize,
-) -> Result<()> {
+fn check_bias(node: &Node, has_bias: bool, bias: Option<&Param<Tensor<1>>>, out: usize) -> Result<()> {
     match (has_bias, bias) {
         (false, None) => Ok(()),
         (true, Some(b)) if b.dims() == [out] => Ok(()),

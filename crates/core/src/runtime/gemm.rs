@@ -30,24 +30,11 @@ pub fn sgemm(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(
-        lda >= k && ldb >= n && ldc >= n,
-        "strides shorter than rows"
-    );
-    assert!(
-        k == 0 || a.len() >= (m - 1) * lda + k,
-        "lhs slice too short"
-    );
-    assert!(
-        k == 0 || b.len() >= (k - 1) * ldb + n,
-        "rhs slice too short"
-    );
+    assert!(lda >= k && ldb >= n && ldc >= n, "strides shorter than rows");
+    assert!(k == 0 || a.len() >= (m - 1) * lda + k, "lhs slice too short");
+    assert!(k == 0 || b.len() >= (k - 1) * ldb + n, "rhs slice too short");
     assert!(c.len() >= (m - 1) * ldc + n, "dst slice too short");
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     // SAFETY: the asserts above guarantee that every element addressed through the given shapes
     // and strides lies inside the slices; `c` is borrowed mutably, so it aliases neither input.
     unsafe {

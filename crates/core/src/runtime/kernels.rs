@@ -2,16 +2,13 @@
 //! freeze time, in the order the GEMM reads them.
 
 use super::gemm::sgemm;
+use super::{Aligned, aligned};
 use super::{Kernel, LayerView, RunContext};
 use crate::graph::{Op, ValueShape};
 
 fn map_dims(shape: ValueShape) -> (usize, usize, usize) {
     match shape {
-        ValueShape::Map {
-            channels,
-            height,
-            width,
-        } => (channels, height, width),
+        ValueShape::Map { channels, height, width } => (channels, height, width),
         ValueShape::Flat { features } => (features, 1, 1),
     }
 }
@@ -37,7 +34,7 @@ fn bias_relu(out: &mut [f32], bias: Option<&[f32]>, plane: usize, relu: bool) {
 /// convolutions as one GEMM per group, depthwise convolutions as a direct loop.
 #[derive(Debug)]
 pub struct ConvF32 {
-    weight: Vec<f32>,
+    weight: Aligned,
     bias: Option<Vec<f32>>,
     relu: bool,
     input: (usize, usize, usize),
@@ -55,19 +52,11 @@ impl ConvF32 {
     /// # Panics
     /// If the view is not a convolution (the registry only offers it convolutions).
     pub fn new(view: &LayerView<'_>) -> Self {
-        let Op::Conv2d {
-            kernel,
-            stride,
-            padding,
-            dilation,
-            groups,
-            ..
-        } = *view.op
-        else {
+        let Op::Conv2d { kernel, stride, padding, dilation, groups, .. } = *view.op else {
             panic!("ConvF32 needs a conv2d view")
         };
         Self {
-            weight: view.weight.to_vec(),
+            weight: aligned(view.weight),
             bias: view.bias.map(|b| b.to_vec()),
             relu: view.relu,
             input: map_dims(view.input),
@@ -112,11 +101,7 @@ impl ConvF32 {
                         let src = &plane[iy as usize * w..(iy as usize + 1) * w];
                         for (ox, d) in dst.iter_mut().enumerate() {
                             let ix = (ox * sw + kx * dw) as isize - pw as isize;
-                            *d = if ix >= 0 && ix < w as isize {
-                                src[ix as usize]
-                            } else {
-                                0.0
-                            };
+                            *d = if ix >= 0 && ix < w as isize { src[ix as usize] } else { 0.0 };
                         }
                     }
                 }
@@ -136,14 +121,12 @@ impl ConvF32 {
                 for ox in 0..ow {
                     let mut acc = 0.0;
                     for ky in 0..kh {
-                        let iy = (oy * self.stride[0] + ky * self.dilation[0]) as isize
-                            - self.padding[0] as isize;
+                        let iy = (oy * self.stride[0] + ky * self.dilation[0]) as isize - self.padding[0] as isize;
                         if iy < 0 || iy >= h as isize {
                             continue;
                         }
                         for kx in 0..kw {
-                            let ix = (ox * self.stride[1] + kx * self.dilation[1]) as isize
-                                - self.padding[1] as isize;
+                            let ix = (ox * self.stride[1] + kx * self.dilation[1]) as isize - self.padding[1] as isize;
                             if ix >= 0 && ix < w as isize {
                                 acc += plane[iy as usize * w + ix as usize] * k[ky * kw + kx];
                             }
@@ -168,19 +151,7 @@ impl ConvF32 {
                 let w = &self.weight[g * gout * k..(g + 1) * gout * k];
                 let dst = &mut out[g * gout * n..(g + 1) * gout * n];
                 if self.is_pointwise() {
-                    sgemm(
-                        gout,
-                        n,
-                        k,
-                        w,
-                        k,
-                        &image[g * gin * n..(g + 1) * gin * n],
-                        n,
-                        dst,
-                        n,
-                        false,
-                        threads,
-                    );
+                    sgemm(gout, n, k, w, k, &image[g * gin * n..(g + 1) * gin * n], n, dst, n, false, threads);
                 } else {
                     self.im2col(image, g * gin, gin, col);
                     sgemm(gout, n, k, w, k, col, n, dst, n, false, threads);
@@ -213,32 +184,13 @@ impl Kernel for ConvF32 {
         }
     }
 
-    fn run(
-        &self,
-        inputs: &[&[f32]],
-        output: &mut [f32],
-        batch: usize,
-        scratch: &mut [f32],
-        ctx: &RunContext,
-    ) {
+    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, scratch: &mut [f32], ctx: &RunContext) {
         let (cin, h, w) = self.input;
         let (cout, oh, ow) = self.output;
         let (in_len, out_len, s_len) = (cin * h * w, cout * oh * ow, self.scratch_per_image());
-        ctx.for_each_image(
-            batch,
-            output,
-            out_len,
-            scratch,
-            s_len,
-            |i, out, col, gemm_threads| {
-                self.image(
-                    &inputs[0][i * in_len..(i + 1) * in_len],
-                    out,
-                    col,
-                    gemm_threads,
-                );
-            },
-        );
+        ctx.for_each_image(batch, output, out_len, scratch, s_len, |i, out, col, gemm_threads| {
+            self.image(&inputs[0][i * in_len..(i + 1) * in_len], out, col, gemm_threads);
+        });
     }
 }
 
@@ -246,7 +198,7 @@ impl Kernel for ConvF32 {
 #[derive(Debug)]
 pub struct LinearF32 {
     /// `[in, out]`: transposed once at freeze time so the GEMM reads rows.
-    weight_t: Vec<f32>,
+    weight_t: Aligned,
     bias: Option<Vec<f32>>,
     relu: bool,
     in_features: usize,
@@ -264,7 +216,7 @@ impl LinearF32 {
             }
         }
         Self {
-            weight_t,
+            weight_t: aligned(&weight_t),
             bias: view.bias.map(|b| b.to_vec()),
             relu: view.relu,
             in_features,
@@ -278,28 +230,9 @@ impl Kernel for LinearF32 {
         format!("linear/f32-gemm{}", if self.relu { "+relu" } else { "" })
     }
 
-    fn run(
-        &self,
-        inputs: &[&[f32]],
-        output: &mut [f32],
-        batch: usize,
-        _scratch: &mut [f32],
-        ctx: &RunContext,
-    ) {
+    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], ctx: &RunContext) {
         let (k, n) = (self.in_features, self.out_features);
-        sgemm(
-            batch,
-            n,
-            k,
-            inputs[0],
-            k,
-            &self.weight_t,
-            n,
-            output,
-            n,
-            false,
-            ctx.threads,
-        );
+        sgemm(batch, n, k, inputs[0], k, &self.weight_t, n, output, n, false, ctx.threads);
         for row in output.chunks_exact_mut(n) {
             for (j, v) in row.iter_mut().enumerate() {
                 let x = *v + self.bias.as_ref().map_or(0.0, |b| b[j]);
@@ -368,39 +301,19 @@ impl Kernel for Simple {
         }
     }
 
-    fn run(
-        &self,
-        inputs: &[&[f32]],
-        output: &mut [f32],
-        _batch: usize,
-        _scratch: &mut [f32],
-        _ctx: &RunContext,
-    ) {
+    fn run(&self, inputs: &[&[f32]], output: &mut [f32], _batch: usize, _scratch: &mut [f32], _ctx: &RunContext) {
         match self {
-            Simple::Relu => output
-                .iter_mut()
-                .zip(inputs[0])
-                .for_each(|(o, &x)| *o = x.max(0.0)),
+            Simple::Relu => output.iter_mut().zip(inputs[0]).for_each(|(o, &x)| *o = x.max(0.0)),
             Simple::Add { relu } => {
                 output.copy_from_slice(&inputs[0][..output.len()]);
                 for other in &inputs[1..] {
-                    output
-                        .iter_mut()
-                        .zip(other.iter())
-                        .for_each(|(o, &x)| *o += x);
+                    output.iter_mut().zip(other.iter()).for_each(|(o, &x)| *o += x);
                 }
                 if *relu {
                     output.iter_mut().for_each(|o| *o = o.max(0.0));
                 }
             }
-            Simple::Pool {
-                max,
-                input: (_, h, w),
-                output: (_, oh, ow),
-                kernel,
-                stride,
-                padding,
-            } => {
+            Simple::Pool { max, input: (_, h, w), output: (_, oh, ow), kernel, stride, padding } => {
                 let (h, w, oh, ow) = (*h, *w, *oh, *ow);
                 let planes_in = inputs[0].chunks_exact(h * w);
                 for (plane, out) in planes_in.zip(output.chunks_exact_mut(oh * ow)) {
@@ -420,11 +333,7 @@ impl Kernel for Simple {
                                     }
                                 }
                             }
-                            out[oy * ow + ox] = if *max {
-                                acc
-                            } else {
-                                acc / (kernel[0] * kernel[1]) as f32
-                            };
+                            out[oy * ow + ox] = if *max { acc } else { acc / (kernel[0] * kernel[1]) as f32 };
                         }
                     }
                 }
@@ -434,18 +343,9 @@ impl Kernel for Simple {
                     *o = p.iter().sum::<f32>() / *plane as f32;
                 }
             }
-            Simple::Affine {
-                scale,
-                shift,
-                plane,
-                relu,
-            } => {
+            Simple::Affine { scale, shift, plane, relu } => {
                 let c = scale.len();
-                for (i, (o, p)) in output
-                    .chunks_exact_mut(*plane)
-                    .zip(inputs[0].chunks_exact(*plane))
-                    .enumerate()
-                {
+                for (i, (o, p)) in output.chunks_exact_mut(*plane).zip(inputs[0].chunks_exact(*plane)).enumerate() {
                     let (s, t) = (scale[i % c], shift[i % c]);
                     for (o, &x) in o.iter_mut().zip(p) {
                         let y = x * s + t;
@@ -454,5 +354,91 @@ impl Kernel for Simple {
                 }
             }
         }
+    }
+}
+
+/// Convolution on rten-gemm: the weights of each group are packed once, at freeze time, into
+/// the GEMM's panel layout; packing buffers for the image side are thread-local and reused, so
+/// a forward pass allocates nothing; the bias is added in the GEMM's epilogue.
+pub struct ConvRten {
+    inner: ConvF32,
+    packed: Vec<rten_gemm::PackedAMatrix<f32>>,
+}
+
+thread_local! {
+    // rten's executor is not `Send`; each thread keeps its own. All pick the same kernel for the
+    // CPU, so weights packed by one are valid for every other.
+    static RTEN: rten_gemm::GemmExecutor<f32, f32, f32> = rten_gemm::GemmExecutor::default();
+}
+
+impl std::fmt::Debug for ConvRten {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConvRten").field("conv", &self.inner).finish()
+    }
+}
+
+impl ConvRten {
+    /// Builds the kernel, or `None` for depthwise convolutions (left to the direct kernel).
+    pub fn new(view: &LayerView<'_>) -> Option<Self> {
+        let inner = ConvF32::new(view);
+        if inner.is_depthwise() {
+            return None;
+        }
+        let (cin, cout) = (inner.input.0, inner.output.0);
+        let (gin, gout) = (cin / inner.groups, cout / inner.groups);
+        let k = gin * inner.kernel[0] * inner.kernel[1];
+        let packed = (0..inner.groups)
+            .map(|g| {
+                let w = &inner.weight[g * gout * k..(g + 1) * gout * k];
+                RTEN.with(|exec| exec.prepack_a(rten_tensor::NdTensorView::from_data([gout, k], w)))
+            })
+            .collect();
+        Some(Self { inner, packed })
+    }
+}
+
+impl Kernel for ConvRten {
+    fn label(&self) -> String {
+        let how = if self.inner.is_pointwise() { "rten-gemm-prepacked" } else { "im2col-rten-gemm-prepacked" };
+        format!("conv2d/f32-{how}{}", if self.inner.relu { "+relu" } else { "" })
+    }
+
+    fn scratch_per_image(&self) -> usize {
+        self.inner.scratch_per_image()
+    }
+
+    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, scratch: &mut [f32], ctx: &RunContext) {
+        let c = &self.inner;
+        let (cin, h, w) = c.input;
+        let (cout, oh, ow) = c.output;
+        let (in_len, out_len, s_len) = (cin * h * w, cout * oh * ow, self.scratch_per_image());
+        let (gin, gout) = (cin / c.groups, cout / c.groups);
+        let k = gin * c.kernel[0] * c.kernel[1];
+        let n = oh * ow;
+        ctx.for_each_image(batch, output, out_len, scratch, s_len, |i, out, col, _| {
+            let image = &inputs[0][i * in_len..(i + 1) * in_len];
+            for g in 0..c.groups {
+                let rhs: &[f32] = if c.is_pointwise() {
+                    &image[g * gin * n..(g + 1) * gin * n]
+                } else {
+                    c.im2col(image, g * gin, gin, col);
+                    &col[..k * n]
+                };
+                let bias = c.bias.as_ref().map(|b| rten_gemm::BiasVector::Column(&b[g * gout..(g + 1) * gout]));
+                let opts = rten_gemm::GemmOptions { bias, ..Default::default() };
+                RTEN.with(|exec| {
+                    exec.gemm(
+                        &mut out[g * gout * n..(g + 1) * gout * n],
+                        rten_gemm::GemmInputA::Packed(&self.packed[g]),
+                        rten_gemm::GemmInputB::Unpacked(rten_tensor::NdTensorView::from_data([k, n], rhs)),
+                        opts,
+                    )
+                })
+                .expect("shapes checked at freeze time");
+            }
+            if c.relu {
+                out.iter_mut().for_each(|v| *v = v.max(0.0));
+            }
+        });
     }
 }

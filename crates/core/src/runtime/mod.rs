@@ -49,7 +49,7 @@ mod gemm;
 mod kernels;
 
 pub use gemm::sgemm;
-pub use kernels::{ConvF32, LinearF32, Simple};
+pub use kernels::{ConvF32, ConvRten, LinearF32, Simple};
 
 use std::fmt::Debug;
 
@@ -59,6 +59,15 @@ use rayon::prelude::*;
 
 use crate::graph::{Graph, NodeId, Op, Params, ValueShape};
 use crate::{Error, Result};
+
+/// f32 storage aligned to 64 bytes (a cache line, an AVX-512 register): the GEMM reads
+/// unpacked operands straight from memory, and misaligned rows were measured to halve its speed.
+pub type Aligned = aligned_vec::AVec<f32, aligned_vec::ConstAlign<64>>;
+
+/// A 64-byte-aligned copy of `values`.
+pub fn aligned(values: &[f32]) -> Aligned {
+    Aligned::from_slice(64, values)
+}
 
 /// What a kernel builder sees of a layer.
 #[derive(Clone, Copy, Debug)]
@@ -98,9 +107,7 @@ impl RunContext {
                 rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)
                     .build()
-                    .map_err(|e| {
-                        Error::RunFailed(format!("cannot start {threads} threads: {e}"))
-                    })?,
+                    .map_err(|e| Error::RunFailed(format!("cannot start {threads} threads: {e}")))?,
             )
         } else {
             None
@@ -125,10 +132,7 @@ impl RunContext {
         match &self.pool {
             Some(pool) if batch > 1 => pool.install(|| {
                 if scratch_len == 0 {
-                    output
-                        .par_chunks_mut(out_len)
-                        .enumerate()
-                        .for_each(|(i, out)| f(i, out, &mut [], 1));
+                    output.par_chunks_mut(out_len).enumerate().for_each(|(i, out)| f(i, out, &mut [], 1));
                 } else {
                     output
                         .par_chunks_mut(out_len)
@@ -137,14 +141,7 @@ impl RunContext {
                         .for_each(|(i, (out, s))| f(i, out, s, 1));
                 }
             }),
-            Some(pool) => pool.install(|| {
-                f(
-                    0,
-                    &mut output[..out_len],
-                    &mut scratch[..scratch_len],
-                    self.threads,
-                )
-            }),
+            Some(pool) => pool.install(|| f(0, &mut output[..out_len], &mut scratch[..scratch_len], self.threads)),
             None => {
                 for (i, out) in output.chunks_exact_mut(out_len).enumerate().take(batch) {
                     f(i, out, &mut scratch[..scratch_len], 1);
@@ -155,11 +152,7 @@ impl RunContext {
 
     /// How many per-image scratch areas a batch needs.
     pub fn scratch_slots(&self, batch: usize) -> usize {
-        if self.pool.is_some() && batch > 1 {
-            batch
-        } else {
-            1
-        }
+        if self.pool.is_some() && batch > 1 { batch } else { 1 }
     }
 }
 
@@ -175,14 +168,7 @@ pub trait Kernel: Send + Sync + Debug {
 
     /// Computes `output` (`batch` images) from `inputs` (`batch` images each), contiguous,
     /// channel-major.
-    fn run(
-        &self,
-        inputs: &[&[f32]],
-        output: &mut [f32],
-        batch: usize,
-        scratch: &mut [f32],
-        ctx: &RunContext,
-    );
+    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, scratch: &mut [f32], ctx: &RunContext);
 }
 
 /// A function that may provide a kernel for a layer.
@@ -196,9 +182,7 @@ pub struct KernelRegistry {
 
 impl std::fmt::Debug for KernelRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list()
-            .entries(self.builders.iter().map(|(n, _)| n))
-            .finish()
+        f.debug_list().entries(self.builders.iter().map(|(n, _)| n)).finish()
     }
 }
 
@@ -212,6 +196,19 @@ impl KernelRegistry {
         self.builders.insert(0, (name.into(), Box::new(builder)));
     }
 
+    /// A registry whose convolutions run on rten-gemm with weights pre-packed at freeze time
+    /// (measured against the default `gemm`-crate kernels by `cargo xtask bench runtime`).
+    pub fn rten() -> Self {
+        let mut r = Self::default();
+        r.register("conv2d/rten-gemm", |view: &LayerView<'_>| {
+            matches!(view.op, Op::Conv2d { .. })
+                .then(|| ConvRten::new(view))
+                .flatten()
+                .map(|k| Box::new(k) as Box<dyn Kernel>)
+        });
+        r
+    }
+
     fn build(&self, view: &LayerView<'_>) -> Box<dyn Kernel> {
         for (name, builder) in &self.builders {
             if let Some(k) = builder(view) {
@@ -222,10 +219,7 @@ impl KernelRegistry {
         match view.op {
             Op::Conv2d { .. } => Box::new(ConvF32::new(view)),
             Op::Linear { .. } => Box::new(LinearF32::new(view)),
-            op => unreachable!(
-                "layer views are only made for conv2d and linear, not {}",
-                op.kind()
-            ),
+            op => unreachable!("layer views are only made for conv2d and linear, not {}", op.kind()),
         }
     }
 }
@@ -243,6 +237,9 @@ impl Default for FreezeOptions {
     }
 }
 
+/// Most inputs one step may have (adds of more branches are refused at freeze time).
+pub const MAX_INPUTS: usize = 8;
+
 struct Step {
     node: String,
     kernel: Box<dyn Kernel>,
@@ -259,8 +256,8 @@ pub struct Plan {
     slot_of: Vec<usize>,
     /// Per slot: elements per image it must hold.
     slot_len: Vec<usize>,
-    buffers: Vec<Vec<f32>>,
-    scratch: Vec<f32>,
+    buffers: Vec<Aligned>,
+    scratch: Aligned,
     capacity: usize,
     input_shape: [usize; 3],
     output_value: usize,
@@ -269,18 +266,12 @@ pub struct Plan {
 
 impl std::fmt::Debug for Plan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Plan")
-            .field("steps", &self.kernels())
-            .field("slots", &self.slot_len.len())
-            .finish()
+        f.debug_struct("Plan").field("steps", &self.kernels()).field("slots", &self.slot_len.len()).finish()
     }
 }
 
 fn floats<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .expect("converted to f32")
+    t.into_data().convert::<f32>().try_to_vec::<f32>().expect("converted to f32")
 }
 
 /// Freezes `graph` with the default f32 kernels on one thread.
@@ -296,11 +287,7 @@ pub fn freeze(graph: &Graph) -> Result<Plan> {
 /// # Errors
 /// [`Error::InvalidGraph`] if the graph does not validate; [`Error::RunFailed`] if the thread
 /// pool cannot start.
-pub fn freeze_with(
-    graph: &Graph,
-    registry: &KernelRegistry,
-    options: &FreezeOptions,
-) -> Result<Plan> {
+pub fn freeze_with(graph: &Graph, registry: &KernelRegistry, options: &FreezeOptions) -> Result<Plan> {
     graph.validate()?;
     let graph = graph.clone().valid();
     let shapes = graph.shapes()?;
@@ -323,11 +310,10 @@ pub fn freeze_with(
         if absorbed[id] {
             continue;
         }
-        let inputs: Vec<usize> = node
-            .inputs
-            .iter()
-            .map(|&i| value_of[i].expect("topological order"))
-            .collect();
+        let inputs: Vec<usize> = node.inputs.iter().map(|&i| value_of[i].expect("topological order")).collect();
+        if inputs.len() > MAX_INPUTS {
+            return Err(Error::graph(&node.name, format!("the CPU plan takes at most {MAX_INPUTS} inputs per node")));
+        }
         // Ops that change nothing in memory share their input's value.
         if matches!(node.op, Op::Identity | Op::Flatten) {
             value_of[id] = Some(inputs[0]);
@@ -339,24 +325,15 @@ pub fn freeze_with(
                 let mut weight = floats(p.weight.val());
                 let mut bias = p.bias.as_ref().map(|b| floats(b.val()));
                 if let Some(bn_id) = sole(id, &|op| matches!(op, Op::BatchNorm2d { .. })) {
-                    let Some(Params::BatchNorm(bn)) = &graph.nodes[bn_id].params else {
-                        unreachable!("validated")
-                    };
-                    let Op::BatchNorm2d { epsilon, .. } = graph.nodes[bn_id].op else {
-                        unreachable!("validated")
-                    };
+                    let Some(Params::BatchNorm(bn)) = &graph.nodes[bn_id].params else { unreachable!("validated") };
+                    let Op::BatchNorm2d { epsilon, .. } = graph.nodes[bn_id].op else { unreachable!("validated") };
                     let (gamma, beta) = (floats(bn.gamma.val()), floats(bn.beta.val()));
-                    let (mean, var) = (
-                        floats(bn.running_mean.value()),
-                        floats(bn.running_var.value()),
-                    );
+                    let (mean, var) = (floats(bn.running_mean.value()), floats(bn.running_var.value()));
                     let per = weight.len() / out_channels;
                     let mut b = bias.unwrap_or_else(|| vec![0.0; *out_channels]);
                     for c in 0..*out_channels {
                         let s = gamma[c] / (var[c] + epsilon as f32).sqrt();
-                        weight[c * per..(c + 1) * per]
-                            .iter_mut()
-                            .for_each(|w| *w *= s);
+                        weight[c * per..(c + 1) * per].iter_mut().for_each(|w| *w *= s);
                         b[c] = (b[c] - mean[c]) * s + beta[c];
                     }
                     bias = Some(b);
@@ -399,32 +376,15 @@ pub fn freeze_with(
             }
             (Op::BatchNorm2d { epsilon, .. }, Some(Params::BatchNorm(bn))) => {
                 let (gamma, beta) = (floats(bn.gamma.val()), floats(bn.beta.val()));
-                let (mean, var) = (
-                    floats(bn.running_mean.value()),
-                    floats(bn.running_var.value()),
-                );
-                let scale: Vec<f32> = gamma
-                    .iter()
-                    .zip(&var)
-                    .map(|(g, v)| g / (v + *epsilon as f32).sqrt())
-                    .collect();
-                let shift = beta
-                    .iter()
-                    .zip(&mean)
-                    .zip(&scale)
-                    .map(|((b, m), s)| b - m * s)
-                    .collect();
+                let (mean, var) = (floats(bn.running_mean.value()), floats(bn.running_var.value()));
+                let scale: Vec<f32> = gamma.iter().zip(&var).map(|(g, v)| g / (v + *epsilon as f32).sqrt()).collect();
+                let shift = beta.iter().zip(&mean).zip(&scale).map(|((b, m), s)| b - m * s).collect();
                 let relu = fuse_relu(&sole, id, &mut absorbed);
                 if relu {
                     tail = consumers[id][0];
                 }
                 let plane = shapes[id].numel() / scale.len();
-                Box::new(Simple::Affine {
-                    scale,
-                    shift,
-                    plane,
-                    relu,
-                })
+                Box::new(Simple::Affine { scale, shift, plane, relu })
             }
             (Op::Add, _) => {
                 let relu = fuse_relu(&sole, id, &mut absorbed);
@@ -434,28 +394,9 @@ pub fn freeze_with(
                 Box::new(Simple::Add { relu })
             }
             (Op::Relu, _) => Box::new(Simple::Relu),
-            (
-                Op::MaxPool2d {
-                    kernel,
-                    stride,
-                    padding,
-                },
-                _,
-            )
-            | (
-                Op::AvgPool2d {
-                    kernel,
-                    stride,
-                    padding,
-                },
-                _,
-            ) => {
+            (Op::MaxPool2d { kernel, stride, padding }, _) | (Op::AvgPool2d { kernel, stride, padding }, _) => {
                 let dims = |s: ValueShape| match s {
-                    ValueShape::Map {
-                        channels,
-                        height,
-                        width,
-                    } => (channels, height, width),
+                    ValueShape::Map { channels, height, width } => (channels, height, width),
                     ValueShape::Flat { features } => (features, 1, 1),
                 };
                 Box::new(Simple::Pool {
@@ -469,16 +410,10 @@ pub fn freeze_with(
             }
             (Op::GlobalAvgPool, _) => {
                 let s = shapes[node.inputs[0]];
-                Box::new(Simple::GlobalAvgPool {
-                    channels: s.channels(),
-                    plane: s.numel() / s.channels(),
-                })
+                Box::new(Simple::GlobalAvgPool { channels: s.channels(), plane: s.numel() / s.channels() })
             }
             (op, _) => {
-                return Err(Error::graph(
-                    &node.name,
-                    format!("{} cannot be frozen", op.kind()),
-                ));
+                return Err(Error::graph(&node.name, format!("{} cannot be frozen", op.kind())));
             }
         };
         let value = value_len.len();
@@ -492,12 +427,7 @@ pub fn freeze_with(
             t = consumers[t][0];
             value_of[t] = Some(value);
         }
-        steps.push(Step {
-            node: node.name.clone(),
-            kernel,
-            inputs,
-            output: value,
-        });
+        steps.push(Step { node: node.name.clone(), kernel, inputs, output: value });
     }
     let output_value = value_of[graph.output].expect("output computed");
 
@@ -534,9 +464,9 @@ pub fn freeze_with(
         steps,
         value_len,
         slot_of,
-        buffers: vec![Vec::new(); slot_len.len()],
+        buffers: (0..slot_len.len()).map(|_| Aligned::new(64)).collect(),
         slot_len,
-        scratch: Vec::new(),
+        scratch: Aligned::new(64),
         capacity: 0,
         input_shape: [c, h, w],
         output_value,
@@ -560,10 +490,7 @@ fn fuse_relu(sole: SoleConsumer<'_>, id: NodeId, absorbed: &mut [bool]) -> bool 
 impl Plan {
     /// Each step's node and kernel label, in order.
     pub fn kernels(&self) -> Vec<(String, String)> {
-        self.steps
-            .iter()
-            .map(|s| (s.node.clone(), s.kernel.label()))
-            .collect()
+        self.steps.iter().map(|s| (s.node.clone(), s.kernel.label())).collect()
     }
 
     /// Threads the plan uses.
@@ -592,23 +519,14 @@ impl Plan {
         if batch == 0 || input.len() != batch * per {
             let mut got = vec![batch];
             got.push(input.len() / batch.max(1));
-            return Err(Error::InputShape {
-                got,
-                expected: self.input_shape,
-            });
+            return Err(Error::InputShape { got, expected: self.input_shape });
         }
         if batch > self.capacity {
             for (buf, len) in self.buffers.iter_mut().zip(&self.slot_len) {
                 buf.resize(len * batch, 0.0);
             }
-            let scratch = self
-                .steps
-                .iter()
-                .map(|s| s.kernel.scratch_per_image())
-                .max()
-                .unwrap_or(0);
-            self.scratch
-                .resize(scratch * self.ctx.scratch_slots(batch), 0.0);
+            let scratch = self.steps.iter().map(|s| s.kernel.scratch_per_image()).max().unwrap_or(0);
+            self.scratch.resize(scratch * self.ctx.scratch_slots(batch), 0.0);
             self.capacity = batch;
         }
         self.buffers[self.slot_of[0]][..input.len()].copy_from_slice(input);
@@ -617,20 +535,15 @@ impl Plan {
             let out_len = self.value_len[step.output] * batch;
             // The output slot is never one of the step's input slots (planned so), so it can be
             // taken out while the inputs are borrowed.
-            let mut out = std::mem::take(&mut self.buffers[out_slot]);
+            let mut out = std::mem::replace(&mut self.buffers[out_slot], Aligned::new(64));
             {
-                let inputs: Vec<&[f32]> = step
-                    .inputs
-                    .iter()
-                    .map(|&v| &self.buffers[self.slot_of[v]][..self.value_len[v] * batch])
-                    .collect();
-                step.kernel.run(
-                    &inputs,
-                    &mut out[..out_len],
-                    batch,
-                    &mut self.scratch,
-                    &self.ctx,
-                );
+                // A fixed array, not a Vec: a forward pass must not allocate.
+                let mut inputs: [&[f32]; MAX_INPUTS] = [&[]; MAX_INPUTS];
+                for (slot, &v) in inputs.iter_mut().zip(&step.inputs) {
+                    *slot = &self.buffers[self.slot_of[v]][..self.value_len[v] * batch];
+                }
+                let inputs = &inputs[..step.inputs.len()];
+                step.kernel.run(inputs, &mut out[..out_len], batch, &mut self.scratch, &self.ctx);
             }
             self.buffers[out_slot] = out;
         }
