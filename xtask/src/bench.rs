@@ -71,6 +71,26 @@ fn measure(mut case: Case, repeats: usize) -> Vec<Row> {
         .collect()
 }
 
+/// burn-ndarray's matmul (matrixmultiply) runs its own thread pool, sized by
+/// `MATMUL_NUM_THREADS` and read once per process. A one-thread suite therefore runs in a child
+/// process with that variable set; returns `Some(exit code)` when it did so.
+pub fn in_single_threaded_child() -> Option<std::process::ExitCode> {
+    if std::env::var("MATMUL_NUM_THREADS").as_deref() == Ok("1") {
+        return None;
+    }
+    let exe = std::env::current_exe().ok()?;
+    let status =
+        std::process::Command::new(exe).args(std::env::args_os().skip(1)).env("MATMUL_NUM_THREADS", "1").status();
+    Some(match status {
+        Ok(s) if s.success() => std::process::ExitCode::SUCCESS,
+        Ok(s) => std::process::ExitCode::from(s.code().unwrap_or(1).clamp(1, 255) as u8),
+        Err(e) => {
+            eprintln!("error: cannot start the benchmark process: {e}");
+            std::process::ExitCode::from(1)
+        }
+    })
+}
+
 /// Runs `suite`, writes its report under `out/bench/`, returns the JSON path.
 pub fn run_suite(suite: &str, out: &Path, repeats: usize) -> Result<PathBuf> {
     let cases = match suite {

@@ -140,15 +140,18 @@ fn main() -> ExitCode {
             let cache = cache.unwrap_or_else(|| out.join("cache").join("baselines"));
             run_configs(&configs, dry_run, &RunOptions { out, cache, progress: !cli.quiet }, &log)
         }
-        Command::Bench { suite, out, repeats } => match bench::run_suite(&suite, &out, repeats.max(1)) {
-            Ok(path) => {
-                println!("{}", path.display());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::from(2)
-            }
+        Command::Bench { suite, out, repeats } => match bench::in_single_threaded_child() {
+            Some(code) => code,
+            None => match bench::run_suite(&suite, &out, repeats.max(1)) {
+                Ok(path) => {
+                    println!("{}", path.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(2)
+                }
+            },
         },
         Command::Check => check(),
         Command::List => list(),
