@@ -3,7 +3,7 @@
 //! - `cargo xtask run <config.toml>... [--dry-run] [--out DIR] [-v|-q]` runs experiments;
 //!   stdout carries only the run directories, progress and logs go to stderr and `log.txt`.
 //! - `cargo xtask bench <suite>` runs a benchmark suite at one thread (`runs/bench/<suite>.json`).
-//! - `cargo xtask check` runs the CI steps (fmt, clippy, tests).
+//! - `cargo xtask check` runs the CI steps (fmt, clippy, docs, tests), as `.ci/run` does.
 //! - `cargo xtask list` lists configs, models and backends.
 //!
 //! Exit codes: 0 success, 1 a run failed, 2 bad input (config, data or model file).
@@ -68,7 +68,7 @@ enum Command {
         #[arg(long, default_value_t = 15)]
         repeats: usize,
     },
-    /// Run the CI steps: cargo fmt --check, clippy -D warnings, the test suite.
+    /// Run the CI steps: cargo fmt --check, clippy -D warnings, docs -D warnings, the tests.
     Check,
     /// List configs, zoo models and compiled-in backends.
     List,
@@ -236,15 +236,18 @@ fn run_configs(configs: &[PathBuf], dry_run: bool, opts: &RunOptions, log: &RunL
 pub const TEST_COMMAND: &[&str] = &["test", "--workspace", "--release"];
 
 fn check() -> ExitCode {
-    let steps: [(&str, Vec<&str>); 3] = [
+    let steps: [(&str, Vec<&str>); 4] = [
         ("fmt", vec!["fmt", "--all", "--check"]),
         ("clippy", vec!["clippy", "--workspace", "--release", "--all-targets", "--", "-D", "warnings"]),
+        ("doc", vec!["doc", "--workspace", "--no-deps", "--release"]),
         ("test", TEST_COMMAND.to_vec()),
     ];
     for (name, args) in steps {
         eprintln!("== cargo {}", args.join(" "));
-        let status =
-            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args(&args).status();
+        let status = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(&args)
+            .env("RUSTDOCFLAGS", "-D warnings")
+            .status();
         match status {
             Ok(s) if s.success() => {}
             Ok(_) | Err(_) => {
