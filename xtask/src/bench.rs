@@ -106,20 +106,7 @@ pub fn run_suite(suite: &str, out: &Path, repeats: usize) -> Result<PathBuf> {
         eprintln!("bench: {}", case.name);
         rows.extend(measure(case, repeats));
     }
-    let git_revision = std::process::Command::new("git")
-        .args(["rev-parse", "HEAD"])
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
+    let (git_revision, cpu) = (crate::report::git_revision(), crate::report::cpu_model());
     let report = SuiteReport { suite: suite.into(), threads, repeats, git_revision, cpu, rows };
     let dir = out.join("bench");
     let json = dir.join(format!("{suite}.json"));

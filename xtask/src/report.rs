@@ -49,25 +49,34 @@ fn command(cmd: &str, args: &[&str]) -> Option<String> {
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// `git rev-parse HEAD`, or `unknown` outside a checkout.
+pub fn git_revision() -> String {
+    command("git", &["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into())
+}
+
+/// The CPU's model name (Linux), else the architecture.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
 impl Provenance {
     /// Collects provenance now.
     pub fn collect(e: &Experiment, started: time::OffsetDateTime) -> Self {
-        let cpu = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("model name"))
-                    .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-            })
-            .unwrap_or_else(|| std::env::consts::ARCH.to_string());
         Self {
-            git_revision: command("git", &["rev-parse", "HEAD"]).unwrap_or_else(|| "unknown".into()),
+            git_revision: git_revision(),
             git_dirty: command("git", &["status", "--porcelain", "--untracked-files=no"])
                 .is_some_and(|s| !s.is_empty()),
             host: command("hostname", &[])
                 .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
                 .unwrap_or_else(|| "unknown".into()),
-            cpu,
+            cpu: cpu_model(),
             backend: e.backend.name().into(),
             threads: e.threads,
             seed: e.seed,

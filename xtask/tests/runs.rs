@@ -153,3 +153,25 @@ fn missing_backend_names_its_feature() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("feature `wgpu`"));
 }
+
+#[test]
+fn every_broken_config_is_refused_with_its_expected_message() {
+    // configs/broken/*.toml: each starts with `# expect: <text>`; a dry run must exit 2 and
+    // print that text and the file's name, before anything is loaded.
+    let broken = configs("configs/broken");
+    assert!(broken.len() >= 40, "the corpus has {} configs", broken.len());
+    for c in broken {
+        let text = std::fs::read_to_string(root().join(&c)).unwrap();
+        let expect = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{c}: no expect line"));
+        let out = xtask(&["run", "--dry-run", &c]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{c}: {err}");
+        assert!(err.contains(expect), "{c}: expected `{expect}` in: {err}");
+        assert!(err.contains(&c), "{c}: the message names the file: {err}");
+        assert!(out.stdout.is_empty(), "{c}: nothing on stdout");
+    }
+}

@@ -144,8 +144,21 @@ fn cifar_resnet(depth: usize, width: f64, input: [usize; 3], classes: usize, dev
     let mut b = GraphBuilder::new(input);
     let input = b.input();
     let x = conv_bn(&mut b, "stem", input, Conv2dSpec::new(widths[0], 3).padding(1));
-    let mut x = b.relu("stem.relu", x);
-    for (stage, &w) in widths.iter().enumerate() {
+    let x = b.relu("stem.relu", x);
+    let stages: Vec<(usize, usize)> = widths.iter().map(|&w| (n, w)).collect();
+    resnet_body(b, x, &stages, classes, device)
+}
+
+/// Stages of basic blocks (`(blocks, width)`, stride 2 at the start of every stage but the
+/// first), then global pooling and the classifier.
+fn resnet_body(
+    mut b: GraphBuilder,
+    mut x: NodeId,
+    stages: &[(usize, usize)],
+    classes: usize,
+    device: &Device,
+) -> Result<Graph> {
+    for (stage, &(n, w)) in stages.iter().enumerate() {
         for block in 0..n {
             let stride = if stage > 0 && block == 0 { 2 } else { 1 };
             x = basic_block(&mut b, &format!("layer{}.{block}", stage + 1), x, w, stride);
@@ -163,17 +176,9 @@ fn imagenet_resnet(depth: usize, input: [usize; 3], classes: usize, device: &Dev
     let input = b.input();
     let x = conv_bn(&mut b, "stem", input, Conv2dSpec::new(64, 7).stride(2).padding(3));
     let x = b.relu("stem.relu", x);
-    let mut x = b.max_pool("stem.pool", x, 3, 2, 1);
-    for (stage, (&n, w)) in blocks.iter().zip([64, 128, 256, 512]).enumerate() {
-        for block in 0..n {
-            let stride = if stage > 0 && block == 0 { 2 } else { 1 };
-            x = basic_block(&mut b, &format!("layer{}.{block}", stage + 1), x, w, stride);
-        }
-    }
-    let x = b.global_avg_pool("pool", x);
-    let x = b.flatten("flatten", x);
-    let x = b.linear("fc", x, classes, true);
-    b.build(x, device)
+    let x = b.max_pool("stem.pool", x, 3, 2, 1);
+    let stages: Vec<(usize, usize)> = blocks.into_iter().zip([64, 128, 256, 512]).collect();
+    resnet_body(b, x, &stages, classes, device)
 }
 
 fn lenet5(input: [usize; 3], classes: usize, device: &Device) -> Result<Graph> {

@@ -320,6 +320,19 @@ pub fn freeze_with(graph: &Graph, registry: &KernelRegistry, options: &FreezeOpt
             continue;
         }
         let mut tail = id;
+        // Offers a conv or linear layer, as a view, to the registry.
+        let build = |weight: &[f32], weight_shape: &[usize], bias: Option<&[f32]>, relu: bool| -> Box<dyn Kernel> {
+            registry.build(&LayerView {
+                name: &node.name,
+                op: &node.op,
+                weight,
+                weight_shape,
+                bias,
+                input: shapes[node.inputs[0]],
+                output: shapes[id],
+                relu,
+            })
+        };
         let kernel: Box<dyn Kernel> = match (&node.op, &node.params) {
             (Op::Conv2d { out_channels, .. }, Some(Params::Conv(p))) => {
                 let mut weight = floats(p.weight.val());
@@ -341,38 +354,20 @@ pub fn freeze_with(graph: &Graph, registry: &KernelRegistry, options: &FreezeOpt
                     tail = bn_id;
                 }
                 let relu = fuse_relu(&sole, tail, &mut absorbed);
-                let relu_tail = if relu { consumers[tail][0] } else { tail };
-                let view = LayerView {
-                    name: &node.name,
-                    op: &node.op,
-                    weight: &weight,
-                    weight_shape: &p.weight.dims(),
-                    bias: bias.as_deref(),
-                    input: shapes[node.inputs[0]],
-                    output: shapes[id],
-                    relu,
-                };
-                tail = relu_tail;
-                registry.build(&view)
+                let kernel = build(&weight, &p.weight.dims(), bias.as_deref(), relu);
+                if relu {
+                    tail = consumers[tail][0];
+                }
+                kernel
             }
             (Op::Linear { .. }, Some(Params::Linear(p))) => {
                 let weight = floats(p.weight.val());
                 let bias = p.bias.as_ref().map(|b| floats(b.val()));
                 let relu = fuse_relu(&sole, id, &mut absorbed);
-                let view = LayerView {
-                    name: &node.name,
-                    op: &node.op,
-                    weight: &weight,
-                    weight_shape: &p.weight.dims(),
-                    bias: bias.as_deref(),
-                    input: shapes[node.inputs[0]],
-                    output: shapes[id],
-                    relu,
-                };
                 if relu {
                     tail = consumers[id][0];
                 }
-                registry.build(&view)
+                build(&weight, &p.weight.dims(), bias.as_deref(), relu)
             }
             (Op::BatchNorm2d { epsilon, .. }, Some(Params::BatchNorm(bn))) => {
                 let (gamma, beta) = (floats(bn.gamma.val()), floats(bn.beta.val()));
