@@ -3,7 +3,7 @@
 //! - `cargo xtask run <config.toml>... [--dry-run] [--out DIR] [-v|-q]` runs experiments;
 //!   stdout carries only the run directories, progress and logs go to stderr and `log.txt`.
 //! - `cargo xtask bench <suite>` runs a benchmark suite at one thread (`runs/bench/<suite>.json`).
-//! - `cargo xtask check` runs the CI steps (fmt, clippy, docs, tests), as `.ci/run` does.
+//! - `cargo xtask check` runs the CI steps (fmt, clippy, docs, wgpu type-check, tests), as `.ci/run`.
 //! - `cargo xtask list` lists configs, models and backends.
 //!
 //! Exit codes: 0 success, 1 a run failed, 2 bad input (config, data or model file).
@@ -68,7 +68,7 @@ enum Command {
         #[arg(long, default_value_t = 15)]
         repeats: usize,
     },
-    /// Run the CI steps: cargo fmt --check, clippy -D warnings, docs -D warnings, the tests.
+    /// Run the CI steps: fmt --check, clippy -D warnings, docs -D warnings, the wgpu type-check, the tests.
     Check,
     /// List configs, zoo models and compiled-in backends.
     List,
@@ -236,10 +236,11 @@ fn run_configs(configs: &[PathBuf], dry_run: bool, opts: &RunOptions, log: &RunL
 pub const TEST_COMMAND: &[&str] = &["test", "--workspace", "--release"];
 
 fn check() -> ExitCode {
-    let steps: [(&str, Vec<&str>); 4] = [
+    let steps: [(&str, Vec<&str>); 5] = [
         ("fmt", vec!["fmt", "--all", "--check"]),
         ("clippy", vec!["clippy", "--workspace", "--release", "--all-targets", "--", "-D", "warnings"]),
         ("doc", vec!["doc", "--workspace", "--no-deps", "--release"]),
+        ("wgpu", vec!["check", "-p", "xtask", "--features", "wgpu", "--release"]),
         ("test", TEST_COMMAND.to_vec()),
     ];
     for (name, args) in steps {

@@ -256,12 +256,77 @@ pub struct Plan {
     slot_of: Vec<usize>,
     /// Per slot: elements per image it must hold.
     slot_len: Vec<usize>,
+    input_shape: [usize; 3],
+    output_value: usize,
+    /// Buffers for a batch run on the calling thread (one thread, or one image).
+    main: Workspace,
+    /// One workspace per worker thread: with several threads a batch is split into chunks of
+    /// images and each worker runs the whole plan on its chunk, so threads meet once per
+    /// forward pass instead of once per layer (on a busy machine a descheduled thread would
+    /// otherwise hold up every layer).
+    workers: Vec<std::sync::Mutex<Workspace>>,
+    /// Where the workers put their outputs.
+    output: Aligned,
+    ctx: RunContext,
+    /// Kernels inside a worker run single-threaded.
+    sequential: RunContext,
+}
+
+/// The buffers one executor of a plan cycles through.
+struct Workspace {
     buffers: Vec<Aligned>,
     scratch: Aligned,
     capacity: usize,
-    input_shape: [usize; 3],
+}
+
+impl Workspace {
+    fn new(slots: usize) -> Self {
+        Self { buffers: (0..slots).map(|_| Aligned::new(64)).collect(), scratch: Aligned::new(64), capacity: 0 }
+    }
+}
+
+/// The fixed part of a plan that every executor reads.
+struct Program<'a> {
+    steps: &'a [Step],
+    value_len: &'a [usize],
+    slot_of: &'a [usize],
+    slot_len: &'a [usize],
     output_value: usize,
-    ctx: RunContext,
+}
+
+impl Program<'_> {
+    /// Runs `batch` images through the steps in `ws`; buffers grow only when `batch` exceeds
+    /// what `ws` held before.
+    fn execute<'w>(&self, ws: &'w mut Workspace, input: &[f32], batch: usize, ctx: &RunContext) -> &'w [f32] {
+        if batch > ws.capacity {
+            for (buf, len) in ws.buffers.iter_mut().zip(self.slot_len) {
+                buf.resize(len * batch, 0.0);
+            }
+            let scratch = self.steps.iter().map(|s| s.kernel.scratch_per_image()).max().unwrap_or(0);
+            ws.scratch.resize(scratch * ctx.scratch_slots(batch), 0.0);
+            ws.capacity = batch;
+        }
+        ws.buffers[self.slot_of[0]][..input.len()].copy_from_slice(input);
+        for step in self.steps {
+            let out_slot = self.slot_of[step.output];
+            let out_len = self.value_len[step.output] * batch;
+            // The output slot is never one of the step's input slots (planned so), so it can be
+            // taken out while the inputs are borrowed.
+            let mut out = std::mem::replace(&mut ws.buffers[out_slot], Aligned::new(64));
+            {
+                // A fixed array, not a Vec: a forward pass must not allocate.
+                let mut inputs: [&[f32]; MAX_INPUTS] = [&[]; MAX_INPUTS];
+                for (slot, &v) in inputs.iter_mut().zip(&step.inputs) {
+                    *slot = &ws.buffers[self.slot_of[v]][..self.value_len[v] * batch];
+                }
+                let inputs = &inputs[..step.inputs.len()];
+                step.kernel.run(inputs, &mut out[..out_len], batch, &mut ws.scratch, ctx);
+            }
+            ws.buffers[out_slot] = out;
+        }
+        let len = self.value_len[self.output_value] * batch;
+        &ws.buffers[self.slot_of[self.output_value]][..len]
+    }
 }
 
 impl std::fmt::Debug for Plan {
@@ -459,13 +524,14 @@ pub fn freeze_with(graph: &Graph, registry: &KernelRegistry, options: &FreezeOpt
         steps,
         value_len,
         slot_of,
-        buffers: (0..slot_len.len()).map(|_| Aligned::new(64)).collect(),
+        main: Workspace::new(slot_len.len()),
+        workers: (0..options.threads.max(1)).map(|_| std::sync::Mutex::new(Workspace::new(slot_len.len()))).collect(),
         slot_len,
-        scratch: Aligned::new(64),
-        capacity: 0,
         input_shape: [c, h, w],
         output_value,
+        output: Aligned::new(64),
         ctx: RunContext::new(options.threads)?,
+        sequential: RunContext::new(1)?,
     })
 }
 
@@ -516,33 +582,35 @@ impl Plan {
             got.push(input.len() / batch.max(1));
             return Err(Error::InputShape { got, expected: self.input_shape });
         }
-        if batch > self.capacity {
-            for (buf, len) in self.buffers.iter_mut().zip(&self.slot_len) {
-                buf.resize(len * batch, 0.0);
-            }
-            let scratch = self.steps.iter().map(|s| s.kernel.scratch_per_image()).max().unwrap_or(0);
-            self.scratch.resize(scratch * self.ctx.scratch_slots(batch), 0.0);
-            self.capacity = batch;
-        }
-        self.buffers[self.slot_of[0]][..input.len()].copy_from_slice(input);
-        for step in &self.steps {
-            let out_slot = self.slot_of[step.output];
-            let out_len = self.value_len[step.output] * batch;
-            // The output slot is never one of the step's input slots (planned so), so it can be
-            // taken out while the inputs are borrowed.
-            let mut out = std::mem::replace(&mut self.buffers[out_slot], Aligned::new(64));
-            {
-                // A fixed array, not a Vec: a forward pass must not allocate.
-                let mut inputs: [&[f32]; MAX_INPUTS] = [&[]; MAX_INPUTS];
-                for (slot, &v) in inputs.iter_mut().zip(&step.inputs) {
-                    *slot = &self.buffers[self.slot_of[v]][..self.value_len[v] * batch];
+        let program = Program {
+            steps: &self.steps,
+            value_len: &self.value_len,
+            slot_of: &self.slot_of,
+            slot_len: &self.slot_len,
+            output_value: self.output_value,
+        };
+        match &self.ctx.pool {
+            Some(pool) if batch > 1 => {
+                // Two chunks per thread, so a thread that finishes early takes another.
+                let chunk = batch.div_ceil(2 * self.ctx.threads).max(1);
+                let out_per = self.value_len[self.output_value];
+                if self.output.len() < batch * out_per {
+                    self.output.resize(batch * out_per, 0.0);
                 }
-                let inputs = &inputs[..step.inputs.len()];
-                step.kernel.run(inputs, &mut out[..out_len], batch, &mut self.scratch, &self.ctx);
+                let (workers, sequential) = (&self.workers, &self.sequential);
+                pool.install(|| {
+                    self.output[..batch * out_per]
+                        .par_chunks_mut(chunk * out_per)
+                        .zip(input.par_chunks(chunk * per))
+                        .for_each(|(out, images)| {
+                            let worker = rayon::current_thread_index().unwrap_or(0) % workers.len();
+                            let mut ws = workers[worker].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                            out.copy_from_slice(program.execute(&mut ws, images, images.len() / per, sequential));
+                        })
+                });
+                Ok(&self.output[..batch * out_per])
             }
-            self.buffers[out_slot] = out;
+            _ => Ok(program.execute(&mut self.main, input, batch, &self.ctx)),
         }
-        let len = self.value_len[self.output_value] * batch;
-        Ok(&self.buffers[self.slot_of[self.output_value]][..len])
     }
 }
