@@ -115,10 +115,9 @@ impl RunContext {
         Ok(Self { threads, pool })
     }
 
-    /// Runs `f(image, output, scratch, gemm_threads)` for every image of a batch, one after
-    /// another, giving the context's threads to the GEMM. (A plan parallelises a batch by
-    /// running chunks of it on separate workers, each with a one-thread context, so images are
-    /// never split across threads here.) `scratch` must hold `scratch_len` values.
+    /// Runs `f(image, output, scratch, gemm_threads)` for every image of a batch: in parallel
+    /// over images when there are several threads and images, else one image at a time with
+    /// the threads given to the GEMM. `scratch` must hold `scratch_slots(batch) * scratch_len`.
     pub fn for_each_image<F>(
         &self,
         batch: usize,
@@ -130,15 +129,30 @@ impl RunContext {
     ) where
         F: Fn(usize, &mut [f32], &mut [f32], usize) + Sync,
     {
-        let mut each = || {
-            for (i, out) in output.chunks_exact_mut(out_len).enumerate().take(batch) {
-                f(i, out, &mut scratch[..scratch_len], self.threads);
-            }
-        };
         match &self.pool {
-            Some(pool) => pool.install(each),
-            None => each(),
+            Some(pool) if batch > 1 => pool.install(|| {
+                if scratch_len == 0 {
+                    output.par_chunks_mut(out_len).enumerate().for_each(|(i, out)| f(i, out, &mut [], 1));
+                } else {
+                    output
+                        .par_chunks_mut(out_len)
+                        .zip(scratch.par_chunks_mut(scratch_len))
+                        .enumerate()
+                        .for_each(|(i, (out, s))| f(i, out, s, 1));
+                }
+            }),
+            Some(pool) => pool.install(|| f(0, &mut output[..out_len], &mut scratch[..scratch_len], self.threads)),
+            None => {
+                for (i, out) in output.chunks_exact_mut(out_len).enumerate().take(batch) {
+                    f(i, out, &mut scratch[..scratch_len], 1);
+                }
+            }
         }
+    }
+
+    /// How many per-image scratch areas a batch needs.
+    pub fn scratch_slots(&self, batch: usize) -> usize {
+        if self.pool.is_some() && batch > 1 { batch } else { 1 }
     }
 }
 
@@ -289,7 +303,7 @@ impl Program<'_> {
                 buf.resize(len * batch, 0.0);
             }
             let scratch = self.steps.iter().map(|s| s.kernel.scratch_per_image()).max().unwrap_or(0);
-            ws.scratch.resize(scratch, 0.0);
+            ws.scratch.resize(scratch * ctx.scratch_slots(batch), 0.0);
             ws.capacity = batch;
         }
         ws.buffers[self.slot_of[0]][..input.len()].copy_from_slice(input);
