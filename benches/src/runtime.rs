@@ -43,14 +43,14 @@ fn random(len: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// The frozen plan of `graph` as a contender: default kernels (`gemm` crate) or rten-gemm ones.
-fn plan_contender(graph: &Graph, input: &[f32], batch: usize, rten: bool) -> Contender {
+/// The frozen plan of `graph` as a contender: default kernels (rten-gemm) or the `gemm`-crate ones.
+fn plan_contender(graph: &Graph, input: &[f32], batch: usize, gemm_crate: bool) -> Contender {
     use shrink_core::runtime::{FreezeOptions, KernelRegistry, freeze_with};
-    let registry = if rten { KernelRegistry::rten() } else { KernelRegistry::default() };
+    let registry = if gemm_crate { KernelRegistry::gemm_crate() } else { KernelRegistry::default() };
     let mut plan: Plan = freeze_with(graph, &registry, &FreezeOptions::default()).expect("freezable");
     let input = input.to_vec();
     Contender {
-        runner: if rten { "cpu-plan-rten".into() } else { "cpu-plan".into() },
+        runner: if gemm_crate { "cpu-plan-gemm-crate".into() } else { "cpu-plan".into() },
         run: Box::new(move || {
             plan.run(&input, batch).expect("valid input");
         }),
@@ -70,7 +70,7 @@ fn gemm_case(m: usize, k: usize, n: usize) -> Case {
         let (a, b) = (shrink_core::runtime::aligned(&a), shrink_core::runtime::aligned(&b));
         let mut c = shrink_core::runtime::aligned(&c);
         Contender {
-            runner: "cpu-plan".into(),
+            runner: "gemm-crate".into(),
             run: Box::new(move || sgemm(m, n, k, &a, k, &b, n, &mut c, n, false, 1)),
         }
     };
@@ -100,7 +100,8 @@ fn gemm_case(m: usize, k: usize, n: usize) -> Case {
         let packed = exec.prepack_a(rten_tensor::NdTensorView::from_data([m, k], &a[..]));
         let mut c = vec![0.0f32; m * n];
         Contender {
-            runner: "rten-gemm-prepacked".into(),
+            // What the plan's convolutions run: weights packed once, at freeze time.
+            runner: "cpu-plan".into(),
             run: Box::new(move || {
                 let b = rten_tensor::NdTensorView::from_data([k, n], &b[..]);
                 exec.gemm(
@@ -113,7 +114,7 @@ fn gemm_case(m: usize, k: usize, n: usize) -> Case {
             }),
         }
     };
-    let mut contenders = vec![ours, rten, rten_prepacked];
+    let mut contenders = vec![rten_prepacked, ours, rten];
     for backend in burn_backends() {
         let device = backend.device().expect("compiled in");
         let ta = Tensor::<2>::from_data(TensorData::new(a.clone(), [m, k]), &device);
@@ -193,9 +194,47 @@ fn resnet20_case(batch: usize) -> Case {
     }
 }
 
-/// One thread against two for the plan on ResNet-20 at batch 64 (on a busy 2-core machine two
-/// threads must not be slower than one).
-fn threads_case() -> Case {
+/// Threads that keep every core busy while a contender runs (`busy` set) and sleep otherwise,
+/// standing in for the other work of a shared machine. Stopped when dropped.
+struct Hogs {
+    busy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Hogs {
+    fn start(count: usize) -> Self {
+        use std::sync::atomic::Ordering;
+        let busy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for _ in 0..count {
+            let (busy, stop) = (busy.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut x = 1u64;
+                while !stop.load(Ordering::Relaxed) {
+                    if busy.load(Ordering::Relaxed) {
+                        for _ in 0..10_000 {
+                            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                        }
+                    } else {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                }
+            });
+        }
+        Self { busy, stop }
+    }
+}
+
+impl Drop for Hogs {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// One thread against two for the plan on ResNet-20 at batch 64: on an idle machine, and with
+/// `hogs` threads spinning beside it (on a busy 2-core machine two threads must not be slower
+/// than one).
+fn threads_case(hogs: usize) -> Case {
     use shrink_core::runtime::{FreezeOptions, KernelRegistry, freeze_with};
     let device = BackendKind::Flex.device().expect("flex");
     device.seed(2);
@@ -204,26 +243,29 @@ fn threads_case() -> Case {
     let macs = shrink_core::metrics::model_stats(&graph).expect("stats").macs as f64;
     let batch = 64;
     let input = random(batch * 3 * 32 * 32, 5);
+    let load = std::sync::Arc::new(Hogs::start(hogs));
     let contenders = [1usize, 2]
         .into_iter()
         .map(|threads| {
             let mut plan =
                 freeze_with(&graph, &KernelRegistry::default(), &FreezeOptions { threads }).expect("freezable");
             let input = input.clone();
+            let load = load.clone();
             Contender {
                 runner: if threads == 1 { "cpu-plan".into() } else { format!("cpu-plan-{threads}t") },
                 run: Box::new(move || {
+                    load.busy.store(true, std::sync::atomic::Ordering::Relaxed);
                     plan.run(&input, batch).expect("valid input");
+                    load.busy.store(false, std::sync::atomic::Ordering::Relaxed);
                 }),
             }
         })
         .collect();
-    Case {
-        name: "resnet20 cifar b64 threads".into(),
-        flops: 2.0 * macs * batch as f64,
-        baseline: "cpu-plan".into(),
-        contenders,
-    }
+    let name = match hogs {
+        0 => "resnet20 cifar b64 threads".into(),
+        n => format!("resnet20 cifar b64 threads, {n} busy threads beside"),
+    };
+    Case { name, flops: 2.0 * macs * batch as f64, baseline: "cpu-plan".into(), contenders }
 }
 
 /// The cases of the `runtime` suite (inputs are fixed pseudo-random values: speed does not
@@ -235,6 +277,7 @@ pub fn runtime_cases() -> Vec<Case> {
         conv_case(),
         resnet20_case(1),
         resnet20_case(64),
-        threads_case(),
+        threads_case(0),
+        threads_case(2),
     ]
 }

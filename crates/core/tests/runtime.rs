@@ -26,13 +26,20 @@ fn with_random_bn_stats(graph: Graph) -> Graph {
 }
 
 fn assert_close(graph: &Graph, batch: usize, threads: usize) {
+    // The default kernels (rten-gemm) and the `gemm`-crate alternative.
+    for registry in [KernelRegistry::default(), KernelRegistry::gemm_crate()] {
+        assert_close_with(graph, batch, threads, &registry);
+    }
+}
+
+fn assert_close_with(graph: &Graph, batch: usize, threads: usize, registry: &KernelRegistry) {
     let device = BackendKind::Flex.device().unwrap();
     let g = graph.clone().valid();
     let [c, h, w] = g.input_shape();
     let x = Tensor::<4>::random([batch, c, h, w], Distribution::Normal(0.0, 1.0), &device);
     let expected: Vec<f32> = g.forward(x.clone()).into_data().try_to_vec().unwrap();
     let input: Vec<f32> = x.into_data().try_to_vec().unwrap();
-    let mut plan = freeze_with(&g, &KernelRegistry::default(), &FreezeOptions { threads }).unwrap();
+    let mut plan = freeze_with(&g, registry, &FreezeOptions { threads }).unwrap();
     for _ in 0..2 {
         let got = plan.run(&input, batch).unwrap();
         assert_eq!(got.len(), expected.len());
@@ -93,7 +100,7 @@ fn batch_norm_is_folded_and_relu_fused() {
     // No batch norm and no standalone ReLU survive in a ResNet: all are folded or fused.
     assert!(kernels.iter().all(|(_, k)| !k.starts_with("batch_norm") && k != "relu/f32"), "{kernels:?}");
     let stem = kernels.iter().find(|(n, _)| n == "stem.conv").unwrap();
-    assert_eq!(stem.1, "conv2d/f32-im2col-gemm+relu");
+    assert_eq!(stem.1, "conv2d/f32-im2col-rten-gemm+relu");
     assert!(kernels.iter().any(|(n, k)| n == "layer1.0.add" && k == "add/f32+relu"));
     // Buffers are reused: far fewer than steps.
     assert!(plan.buffer_count() <= 5, "{} buffers for {} steps", plan.buffer_count(), kernels.len());

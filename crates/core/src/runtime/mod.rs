@@ -49,13 +49,12 @@ mod gemm;
 mod kernels;
 
 pub use gemm::sgemm;
-pub use kernels::{ConvF32, ConvRten, LinearF32, Simple};
+pub use kernels::{ConvF32, ConvRten, LinearF32, LinearRten, Simple};
 
 use std::fmt::Debug;
 
 use burn::module::Module;
 use burn::tensor::Tensor;
-use rayon::prelude::*;
 
 use crate::graph::{Graph, NodeId, Op, Params, ValueShape};
 use crate::{Error, Result};
@@ -91,33 +90,17 @@ pub struct LayerView<'a> {
     pub relu: bool,
 }
 
-/// How a plan may use threads, passed to every kernel.
+/// What a kernel may use while it runs, passed to every kernel.
 #[derive(Debug)]
 pub struct RunContext {
-    /// Threads the plan may use (1 = single-threaded, the default).
+    /// Threads one call may spread its GEMMs over (1 inside a plan's workers, which already
+    /// split the batch between them; more only for a single image on a multi-threaded plan).
     pub threads: usize,
-    pool: Option<rayon::ThreadPool>,
 }
 
 impl RunContext {
-    fn new(threads: usize) -> Result<Self> {
-        let threads = threads.max(1);
-        let pool = if threads > 1 {
-            Some(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(threads)
-                    .build()
-                    .map_err(|e| Error::RunFailed(format!("cannot start {threads} threads: {e}")))?,
-            )
-        } else {
-            None
-        };
-        Ok(Self { threads, pool })
-    }
-
-    /// Runs `f(image, output, scratch, gemm_threads)` for every image of a batch: in parallel
-    /// over images when there are several threads and images, else one image at a time with
-    /// the threads given to the GEMM. `scratch` must hold `scratch_slots(batch) * scratch_len`.
+    /// Runs `f(image, output, scratch, gemm_threads)` for every image of a batch, one after the
+    /// other, reusing `scratch` (which must hold `scratch_len` values).
     pub fn for_each_image<F>(
         &self,
         batch: usize,
@@ -127,32 +110,11 @@ impl RunContext {
         scratch_len: usize,
         f: F,
     ) where
-        F: Fn(usize, &mut [f32], &mut [f32], usize) + Sync,
+        F: Fn(usize, &mut [f32], &mut [f32], usize),
     {
-        match &self.pool {
-            Some(pool) if batch > 1 => pool.install(|| {
-                if scratch_len == 0 {
-                    output.par_chunks_mut(out_len).enumerate().for_each(|(i, out)| f(i, out, &mut [], 1));
-                } else {
-                    output
-                        .par_chunks_mut(out_len)
-                        .zip(scratch.par_chunks_mut(scratch_len))
-                        .enumerate()
-                        .for_each(|(i, (out, s))| f(i, out, s, 1));
-                }
-            }),
-            Some(pool) => pool.install(|| f(0, &mut output[..out_len], &mut scratch[..scratch_len], self.threads)),
-            None => {
-                for (i, out) in output.chunks_exact_mut(out_len).enumerate().take(batch) {
-                    f(i, out, &mut scratch[..scratch_len], 1);
-                }
-            }
+        for (i, out) in output.chunks_exact_mut(out_len).enumerate().take(batch) {
+            f(i, out, &mut scratch[..scratch_len], self.threads);
         }
-    }
-
-    /// How many per-image scratch areas a batch needs.
-    pub fn scratch_slots(&self, batch: usize) -> usize {
-        if self.pool.is_some() && batch > 1 { batch } else { 1 }
     }
 }
 
@@ -196,15 +158,16 @@ impl KernelRegistry {
         self.builders.insert(0, (name.into(), Box::new(builder)));
     }
 
-    /// A registry whose convolutions run on rten-gemm with weights pre-packed at freeze time
-    /// (measured against the default `gemm`-crate kernels by `cargo xtask bench runtime`).
-    pub fn rten() -> Self {
+    /// A registry whose convolutions and linear layers run on the `gemm` crate (faer's GEMM,
+    /// burn-flex's matmul) with a materialised im2col: the alternative the default rten-gemm
+    /// kernels are measured against (`cargo xtask bench runtime`). It cannot pre-pack weights
+    /// and allocates its packing buffers inside every GEMM call.
+    pub fn gemm_crate() -> Self {
         let mut r = Self::default();
-        r.register("conv2d/rten-gemm", |view: &LayerView<'_>| {
-            matches!(view.op, Op::Conv2d { .. })
-                .then(|| ConvRten::new(view))
-                .flatten()
-                .map(|k| Box::new(k) as Box<dyn Kernel>)
+        r.register("f32/gemm-crate", |view: &LayerView<'_>| match view.op {
+            Op::Conv2d { .. } => Some(Box::new(ConvF32::new(view)) as Box<dyn Kernel>),
+            Op::Linear { .. } => Some(Box::new(LinearF32::new(view)) as Box<dyn Kernel>),
+            _ => None,
         });
         r
     }
@@ -217,8 +180,11 @@ impl KernelRegistry {
             }
         }
         match view.op {
-            Op::Conv2d { .. } => Box::new(ConvF32::new(view)),
-            Op::Linear { .. } => Box::new(LinearF32::new(view)),
+            Op::Conv2d { .. } => match ConvRten::new(view) {
+                Some(k) => Box::new(k),
+                None => Box::new(ConvF32::new(view)),
+            },
+            Op::Linear { .. } => Box::new(LinearRten::new(view)),
             op => unreachable!("layer views are only made for conv2d and linear, not {}", op.kind()),
         }
     }
@@ -261,15 +227,27 @@ pub struct Plan {
     /// Buffers for a batch run on the calling thread (one thread, or one image).
     main: Workspace,
     /// One workspace per worker thread: with several threads a batch is split into chunks of
-    /// images and each worker runs the whole plan on its chunk, so threads meet once per
-    /// forward pass instead of once per layer (on a busy machine a descheduled thread would
+    /// images and each worker runs the whole plan on the chunks it takes, so threads meet once
+    /// per forward pass instead of once per layer (on a busy machine a descheduled thread would
     /// otherwise hold up every layer).
-    workers: Vec<std::sync::Mutex<Workspace>>,
+    workers: Vec<Workspace>,
     /// Where the workers put their outputs.
     output: Aligned,
-    ctx: RunContext,
-    /// Kernels inside a worker run single-threaded.
-    sequential: RunContext,
+    threads: usize,
+    /// With several threads: a pool in which the GEMMs of a single image spread over all threads.
+    outer: Option<rayon::ThreadPool>,
+    /// One single-thread pool per worker. rten-gemm spreads a GEMM over whatever rayon pool it
+    /// is called in; inside these it runs sequentially, so a worker never waits on another in
+    /// the middle of a layer, and a one-thread plan really uses one thread. Waiting for a
+    /// worker blocks on a condition variable (no spinning).
+    single: Vec<rayon::ThreadPool>,
+}
+
+fn thread_pool(threads: usize) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| Error::RunFailed(format!("cannot start {threads} threads: {e}")))
 }
 
 /// The buffers one executor of a plan cycles through.
@@ -303,7 +281,7 @@ impl Program<'_> {
                 buf.resize(len * batch, 0.0);
             }
             let scratch = self.steps.iter().map(|s| s.kernel.scratch_per_image()).max().unwrap_or(0);
-            ws.scratch.resize(scratch * ctx.scratch_slots(batch), 0.0);
+            ws.scratch.resize(scratch, 0.0);
             ws.capacity = batch;
         }
         ws.buffers[self.slot_of[0]][..input.len()].copy_from_slice(input);
@@ -525,14 +503,28 @@ pub fn freeze_with(graph: &Graph, registry: &KernelRegistry, options: &FreezeOpt
         value_len,
         slot_of,
         main: Workspace::new(slot_len.len()),
-        workers: (0..options.threads.max(1)).map(|_| std::sync::Mutex::new(Workspace::new(slot_len.len()))).collect(),
+        workers: (0..options.threads.max(1)).map(|_| Workspace::new(slot_len.len())).collect(),
         slot_len,
         input_shape: [c, h, w],
         output_value,
         output: Aligned::new(64),
-        ctx: RunContext::new(options.threads)?,
-        sequential: RunContext::new(1)?,
+        threads: options.threads.max(1),
+        outer: if options.threads > 1 { Some(thread_pool(options.threads)?) } else { None },
+        single: (0..options.threads.max(1)).map(|_| thread_pool(1)).collect::<Result<_>>()?,
     })
+}
+
+/// Runs `work` once on each of `pools` (single-thread pools), each with its own workspace, and
+/// returns when all have finished.
+fn dispatch(pools: &[rayon::ThreadPool], workspaces: &mut [Workspace], work: &(dyn Fn(&mut Workspace) + Sync)) {
+    match (pools, workspaces) {
+        ([], _) | (_, []) => {}
+        ([pool], [ws, ..]) => pool.install(|| work(ws)),
+        ([pool, rest @ ..], [ws, other @ ..]) => pool.in_place_scope(|scope| {
+            scope.spawn(|_| work(ws));
+            dispatch(rest, other, work);
+        }),
+    }
 }
 
 /// "The only consumer of this node, if it satisfies this predicate".
@@ -556,7 +548,7 @@ impl Plan {
 
     /// Threads the plan uses.
     pub fn threads(&self) -> usize {
-        self.ctx.threads
+        self.threads
     }
 
     /// Number of buffers the plan cycles through (fewer than values: slots are reused).
@@ -589,28 +581,42 @@ impl Plan {
             slot_len: &self.slot_len,
             output_value: self.output_value,
         };
-        match &self.ctx.pool {
-            Some(pool) if batch > 1 => {
-                // Two chunks per thread, so a thread that finishes early takes another.
-                let chunk = batch.div_ceil(2 * self.ctx.threads).max(1);
+        match &self.outer {
+            Some(_) if batch > 1 => {
+                // Two chunks per thread, taken by whichever worker is free, so a thread that the
+                // OS deschedules on a busy machine simply takes fewer.
+                let chunk = batch.div_ceil(2 * self.threads).max(1);
                 let out_per = self.value_len[self.output_value];
                 if self.output.len() < batch * out_per {
                     self.output.resize(batch * out_per, 0.0);
                 }
-                let (workers, sequential) = (&self.workers, &self.sequential);
-                pool.install(|| {
-                    self.output[..batch * out_per]
-                        .par_chunks_mut(chunk * out_per)
-                        .zip(input.par_chunks(chunk * per))
-                        .for_each(|(out, images)| {
-                            let worker = rayon::current_thread_index().unwrap_or(0) % workers.len();
-                            let mut ws = workers[worker].lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                            out.copy_from_slice(program.execute(&mut ws, images, images.len() / per, sequential));
-                        })
-                });
+                let chunks = std::sync::Mutex::new(
+                    self.output[..batch * out_per].chunks_mut(chunk * out_per).zip(input.chunks(chunk * per)),
+                );
+                let work = |ws: &mut Workspace| {
+                    let sequential = RunContext { threads: 1 };
+                    loop {
+                        let next = chunks.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).next();
+                        let Some((out, images)) = next else { break };
+                        out.copy_from_slice(program.execute(ws, images, images.len() / per, &sequential));
+                    }
+                };
+                dispatch(&self.single, &mut self.workers, &work);
                 Ok(&self.output[..batch * out_per])
             }
-            _ => Ok(program.execute(&mut self.main, input, batch, &self.ctx)),
+            Some(pool) => {
+                let ctx = RunContext { threads: self.threads };
+                let main = &mut self.main;
+                Ok(pool.install(|| program.execute(main, input, batch, &ctx)))
+            }
+            // Already on a single thread (e.g. rayon's global pool has one): no hand-over needed.
+            None if rayon::current_num_threads() == 1 => {
+                Ok(program.execute(&mut self.main, input, batch, &RunContext { threads: 1 }))
+            }
+            None => {
+                let main = &mut self.main;
+                Ok(self.single[0].install(|| program.execute(main, input, batch, &RunContext { threads: 1 })))
+            }
         }
     }
 }
