@@ -38,6 +38,57 @@ struct GraphHeader {
     format: String,
     nodes: Vec<NodeHeader>,
     output: NodeId,
+    /// What a technique crate records about the model (quantization parameters, …), opaque here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    annotations: Option<serde_json::Value>,
+}
+
+/// A conv or linear weight stored as integers: `weight = values * scales[output channel]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IntWeights {
+    /// Bits per value: 8 (stored as I8), 4 or 2 (packed into bytes, low bits first).
+    pub bits: u32,
+    /// Integers in the weight's layout, each in `[-2^(bits-1), 2^(bits-1) - 1]`.
+    pub values: Vec<i8>,
+    /// One scale per output channel.
+    pub scales: Vec<f32>,
+}
+
+impl IntWeights {
+    /// The tensor name suffix and the stored bytes.
+    fn encode(&self) -> (String, Vec<u8>) {
+        match self.bits {
+            8 => ("weight_q8".into(), self.values.iter().map(|&v| v as u8).collect()),
+            bits => {
+                let per = 8 / bits as usize;
+                let mask = (1u8 << bits) - 1;
+                let bytes = self
+                    .values
+                    .chunks(per)
+                    .map(|c| {
+                        c.iter().enumerate().fold(0u8, |acc, (i, &v)| acc | (((v as u8) & mask) << (i * bits as usize)))
+                    })
+                    .collect();
+                (format!("weight_q{bits}"), bytes)
+            }
+        }
+    }
+
+    /// The inverse of `encode` for `count` values.
+    fn decode(bits: u32, bytes: &[u8], count: usize) -> Vec<i8> {
+        if bits == 8 {
+            return bytes.iter().map(|&b| b as i8).collect();
+        }
+        let per = 8 / bits as usize;
+        let shift = 8 - bits;
+        (0..count)
+            .map(|i| {
+                let raw = bytes[i / per] >> ((i % per) * bits as usize);
+                // Sign-extend the low `bits` bits.
+                ((raw << shift) as i8) >> shift
+            })
+            .collect()
+    }
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder, synced, then
@@ -76,21 +127,64 @@ fn to_f32<const D: usize>(t: Tensor<D>) -> (Vec<usize>, Vec<u8>) {
 /// # Errors
 /// [`Error::InvalidGraph`] if the graph does not validate.
 pub fn to_bytes(graph: &Graph) -> Result<Vec<u8>> {
+    to_bytes_with(graph, &BTreeMap::new(), None)
+}
+
+/// The model file's bytes for `graph`, with the weights of the layers named in `ints` stored as
+/// integers and scales instead of f32 (the values in `graph` are not read for them), and
+/// `annotations` kept in the header.
+///
+/// # Errors
+/// [`Error::InvalidGraph`] if the graph does not validate, or an entry of `ints` names no conv
+/// or linear layer, or does not fit its weight.
+pub fn to_bytes_with(
+    graph: &Graph,
+    ints: &BTreeMap<String, IntWeights>,
+    annotations: Option<&serde_json::Value>,
+) -> Result<Vec<u8>> {
     graph.validate()?;
+    for (name, w) in ints {
+        let id =
+            graph.node_id(name).map_err(|_| Error::graph(name, "integer weights for a node that does not exist"))?;
+        let dims = match &graph.nodes[id].params {
+            Some(Params::Conv(p)) => p.weight.dims().to_vec(),
+            Some(Params::Linear(p)) => p.weight.dims().to_vec(),
+            _ => return Err(Error::graph(name, "integer weights for a node that is not a conv or linear layer")),
+        };
+        let lo = -(1i32 << (w.bits - 1));
+        if ![2, 4, 8].contains(&w.bits)
+            || w.values.len() != dims.iter().product::<usize>()
+            || w.scales.len() != dims[0]
+            || w.values.iter().any(|&v| (v as i32) < lo || (v as i32) > -lo - 1)
+        {
+            return Err(Error::graph(name, "integer weights do not fit the layer's weight"));
+        }
+    }
     let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
     for node in &graph.nodes {
         let mut put = |param: &str, value: (Vec<usize>, Vec<u8>)| {
             tensors.insert(format!("{}.{param}", node.name), value);
         };
+        if let Some(w) = ints.get(&node.name) {
+            let (suffix, bytes) = w.encode();
+            let len = bytes.len();
+            put(&suffix, (vec![len], bytes));
+            put("weight_scale", (vec![w.scales.len()], w.scales.iter().flat_map(|v| v.to_le_bytes()).collect()));
+        }
+        let quantized = ints.contains_key(&node.name);
         match &node.params {
             Some(Params::Conv(p)) => {
-                put("weight", to_f32(p.weight.val()));
+                if !quantized {
+                    put("weight", to_f32(p.weight.val()));
+                }
                 if let Some(b) = &p.bias {
                     put("bias", to_f32(b.val()));
                 }
             }
             Some(Params::Linear(p)) => {
-                put("weight", to_f32(p.weight.val()));
+                if !quantized {
+                    put("weight", to_f32(p.weight.val()));
+                }
                 if let Some(b) = &p.bias {
                     put("bias", to_f32(b.val()));
                 }
@@ -112,6 +206,7 @@ pub fn to_bytes(graph: &Graph) -> Result<Vec<u8>> {
             .map(|n| NodeHeader { name: n.name.clone(), op: n.op.clone(), inputs: n.inputs.clone() })
             .collect(),
         output: graph.output,
+        annotations: annotations.cloned(),
     };
     // One metadata entry only: safetensors writes its metadata map in hash order, and a model
     // file should be byte-for-byte reproducible.
@@ -120,7 +215,14 @@ pub fn to_bytes(graph: &Graph) -> Result<Vec<u8>> {
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
         .map(|(k, (shape, bytes))| {
-            (k.clone(), TensorView::new(Dtype::F32, shape.clone(), bytes).expect("consistent view"))
+            let dtype = if k.ends_with(".weight_q8") {
+                Dtype::I8
+            } else if k.ends_with(".weight_q4") || k.ends_with(".weight_q2") {
+                Dtype::U8
+            } else {
+                Dtype::F32
+            };
+            (k.clone(), TensorView::new(dtype, shape.clone(), bytes).expect("consistent view"))
         })
         .collect();
     Ok(safetensors::serialize(views, Some(meta)).expect("in-memory serialisation"))
@@ -150,6 +252,26 @@ pub fn load(path: &Path, device: &Device) -> Result<Graph> {
 /// # Errors
 /// As [`load`].
 pub fn from_bytes(bytes: &[u8], path: &Path, device: &Device) -> Result<Graph> {
+    from_bytes_with(bytes, path, device).map(|m| m.graph)
+}
+
+/// A model file as read by [`from_bytes_with`].
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// The graph; integer weights dequantized (`value * scale`) into its f32 weights.
+    pub graph: Graph,
+    /// The integer weights as stored, by node name.
+    pub int_weights: BTreeMap<String, IntWeights>,
+    /// The header's annotations.
+    pub annotations: Option<serde_json::Value>,
+}
+
+/// As [`from_bytes`], also returning the integer weights and the header's annotations.
+///
+/// # Errors
+/// As [`load`]; also integer weights out of their range, and scales that are not finite and
+/// positive.
+pub fn from_bytes_with(bytes: &[u8], path: &Path, device: &Device) -> Result<LoadedModel> {
     let bad = |offset: u64, msg: String| Error::bad_file(path, offset, msg);
     let st = SafeTensors::deserialize(bytes).map_err(|e| bad(0, format!("not a valid safetensors file: {e}")))?;
     let (header_len, metadata) =
@@ -178,8 +300,9 @@ pub fn from_bytes(bytes: &[u8], path: &Path, device: &Device) -> Result<Graph> {
     if names[0] != "input" {
         return Err(bad(8, format!("the input node must be called `input`, not `{}`", names[0])));
     }
-    let mut used = HashSet::new();
-    let mut tensor = |name: &str, param: &str, shape: &[usize]| -> Result<TensorData> {
+    let used = std::cell::RefCell::new(HashSet::new());
+    let ints = std::cell::RefCell::new(BTreeMap::new());
+    let tensor = |name: &str, param: &str, shape: &[usize]| -> Result<TensorData> {
         let key = format!("{name}.{param}");
         let view = st.tensor(&key).map_err(|_| bad(8, format!("tensor `{key}` is missing")))?;
         let offset = data_start + metadata.info(&key).map(|i| i.data_offsets.0 as u64).unwrap_or(0);
@@ -194,14 +317,57 @@ pub fn from_bytes(bytes: &[u8], path: &Path, device: &Device) -> Result<Graph> {
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             return Err(bad(offset + 4 * i as u64, format!("tensor `{key}` holds {} at index {i}", values[i])));
         }
-        used.insert(key);
+        used.borrow_mut().insert(key);
         Ok(TensorData::new(values, shape.to_vec()))
+    };
+    // A weight: f32, or integers and per-channel scales.
+    let weight = |name: &str, shape: &[usize]| -> Result<TensorData> {
+        let q = [8u32, 4, 2].into_iter().find(|b| st.tensor(&format!("{name}.weight_q{b}")).is_ok());
+        let Some(bits) = q else { return tensor(name, "weight", shape) };
+        let key = format!("{name}.weight_q{bits}");
+        let view = st.tensor(&key).expect("found above");
+        let offset = data_start + metadata.info(&key).map(|i| i.data_offsets.0 as u64).unwrap_or(0);
+        let count: usize = shape.iter().product();
+        let (dtype, stored) =
+            if bits == 8 { (Dtype::I8, count) } else { (Dtype::U8, count.div_ceil(8 / bits as usize)) };
+        if view.dtype() != dtype || view.shape() != [stored] {
+            return Err(bad(
+                offset,
+                format!(
+                    "tensor `{key}` is {:?} {:?}, expected {dtype:?} [{stored}] for a weight of shape {shape:?}",
+                    view.dtype(),
+                    view.shape()
+                ),
+            ));
+        }
+        let values = IntWeights::decode(bits, view.data(), count);
+        if bits == 8
+            && let Some(i) = values.iter().position(|&v| v == i8::MIN)
+        {
+            return Err(bad(
+                offset + i as u64,
+                format!("tensor `{key}` holds -128 at index {i}: int8 weights are symmetric"),
+            ));
+        }
+        used.borrow_mut().insert(key);
+        let scales = tensor(name, "weight_scale", &[shape[0]])?;
+        let scales: Vec<f32> = scales.try_to_vec().expect("f32");
+        if let Some(i) = scales.iter().position(|&s| s <= 0.0) {
+            return Err(bad(
+                8,
+                format!("tensor `{name}.weight_scale` holds {} at index {i}: scales must be positive", scales[i]),
+            ));
+        }
+        let per = count / shape[0];
+        let deq: Vec<f32> = values.iter().enumerate().map(|(i, &q)| q as f32 * scales[i / per]).collect();
+        ints.borrow_mut().insert(name.to_string(), IntWeights { bits, values, scales });
+        Ok(TensorData::new(deq, shape.to_vec()))
     };
     let graph = builder
         .build_with(header.output, |name, op| {
             Ok(match *op {
                 Op::Conv2d { in_channels, out_channels, kernel, groups, bias, .. } => {
-                    let w = tensor(name, "weight", &[out_channels, in_channels / groups, kernel[0], kernel[1]])?;
+                    let w = weight(name, &[out_channels, in_channels / groups, kernel[0], kernel[1]])?;
                     let b = if bias { Some(tensor(name, "bias", &[out_channels])?) } else { None };
                     Params::Conv(ConvParams {
                         weight: Param::from_tensor(Tensor::from_data(w, device)),
@@ -209,7 +375,7 @@ pub fn from_bytes(bytes: &[u8], path: &Path, device: &Device) -> Result<Graph> {
                     })
                 }
                 Op::Linear { in_features, out_features, bias } => {
-                    let w = tensor(name, "weight", &[out_features, in_features])?;
+                    let w = weight(name, &[out_features, in_features])?;
                     let b = if bias { Some(tensor(name, "bias", &[out_features])?) } else { None };
                     Params::Linear(LinearParams {
                         weight: Param::from_tensor(Tensor::from_data(w, device)),
@@ -217,7 +383,7 @@ pub fn from_bytes(bytes: &[u8], path: &Path, device: &Device) -> Result<Graph> {
                     })
                 }
                 Op::BatchNorm2d { features, epsilon, momentum } => {
-                    let mut t = |p: &str| tensor(name, p, &[features]).map(|d| Tensor::<1>::from_data(d, device));
+                    let t = |p: &str| tensor(name, p, &[features]).map(|d| Tensor::<1>::from_data(d, device));
                     Params::BatchNorm(batch_norm_from(
                         t("gamma")?,
                         t("beta")?,
@@ -236,9 +402,10 @@ pub fn from_bytes(bytes: &[u8], path: &Path, device: &Device) -> Result<Graph> {
             }
             other => other,
         })?;
+    let used = used.into_inner();
     let extra: Vec<&str> = st.names().into_iter().filter(|n| !used.contains(*n)).collect();
     if let Some(name) = extra.first() {
         return Err(bad(8, format!("tensor `{name}` belongs to no node of the graph")));
     }
-    Ok(graph)
+    Ok(LoadedModel { graph, int_weights: ints.into_inner(), annotations: header.annotations })
 }

@@ -380,6 +380,46 @@ pub fn evaluate(
         return Err(Error::setting("data", "the evaluation set is empty"));
     }
     let classes = graph.num_outputs();
+    evaluate_with(data, batcher, batch_size, classes, device, &mut |x| Ok(graph.forward(x)))
+}
+
+/// As [`evaluate`], on a frozen CPU plan (its kernels decide the arithmetic: f32, int8, …).
+///
+/// # Errors
+/// As [`evaluate_with`]; [`Error::InputShape`] if the data does not fit the plan.
+pub fn evaluate_plan(
+    plan: &mut crate::runtime::Plan,
+    data: &Dataset,
+    batcher: &Batcher,
+    batch_size: usize,
+    device: &Device,
+) -> Result<Evaluation> {
+    let classes = plan.output_len();
+    evaluate_with(data, batcher, batch_size, classes, device, &mut |x| {
+        let batch = x.dims()[0];
+        let input: Vec<f32> = x.into_data().convert::<f32>().try_to_vec().expect("f32 input");
+        let logits = plan.run(&input, batch)?.to_vec();
+        Ok(Tensor::from_data(burn::tensor::TensorData::new(logits, [batch, classes]), device))
+    })
+}
+
+/// As [`evaluate`], with the logits of each batch computed by `forward` (a frozen plan, a
+/// quantized model, …) for a model with `classes` outputs.
+///
+/// # Errors
+/// [`Error::InvalidSetting`] for an empty set or more classes than outputs; whatever `forward`
+/// returns.
+pub fn evaluate_with(
+    data: &Dataset,
+    batcher: &Batcher,
+    batch_size: usize,
+    classes: usize,
+    device: &Device,
+    forward: &mut dyn FnMut(Tensor<4>) -> Result<Tensor<2>>,
+) -> Result<Evaluation> {
+    if data.is_empty() {
+        return Err(Error::setting("data", "the evaluation set is empty"));
+    }
     if data.classes > classes {
         return Err(Error::setting("data", format!("{} classes in the data, {classes} model outputs", data.classes)));
     }
@@ -388,7 +428,7 @@ pub fn evaluate(
     let indices: Vec<usize> = (0..data.len()).collect();
     for chunk in indices.chunks(batch_size.max(1)) {
         let (x, y) = batcher.batch(data, chunk, device, None);
-        let logits = graph.forward(x);
+        let logits = forward(x)?;
         loss_sum += cross_entropy(logits.clone(), y).into_scalar::<f32>() as f64 * chunk.len() as f64;
         let values: Vec<f32> = logits.into_data().try_to_vec().expect("f32 logits");
         for (row, &i) in values.chunks_exact(classes).zip(chunk) {

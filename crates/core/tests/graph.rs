@@ -1,5 +1,6 @@
 //! Graph queries: coupling groups, producers/consumers, feature taps, validation.
 
+use burn::module::Module;
 use burn::tensor::{Distribution, Tensor, Tolerance};
 use shrink_core::BackendKind;
 use shrink_core::graph::{ChannelRole, Conv2dSpec, GraphBuilder, Op};
@@ -109,5 +110,25 @@ impl Valid for shrink_core::Graph {
     fn valid_graph(self) -> Self {
         use burn::module::Module;
         self.valid()
+    }
+}
+
+#[test]
+fn folding_batch_norms_keeps_the_function_and_the_names() {
+    let device = BackendKind::Flex.device().unwrap();
+    device.seed(4);
+    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 12, 12], 10, &device).unwrap();
+    let g = g.valid();
+    let x = Tensor::<4>::random([3, 1, 12, 12], Distribution::Normal(0.0, 1.0), &device);
+    let (folded, names) = g.fold_batch_norms();
+    folded.validate().unwrap();
+    assert_eq!(names.len(), g.nodes.iter().filter(|n| n.op.kind() == "batch_norm2d").count());
+    assert!(folded.nodes.iter().all(|n| n.op.kind() != "batch_norm2d"));
+    assert_eq!(folded.nodes.len(), g.nodes.len());
+    let a: Vec<f32> = g.forward(x.clone()).into_data().try_to_vec().unwrap();
+    let b: Vec<f32> = folded.forward(x).into_data().try_to_vec().unwrap();
+    let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (a, b) in a.iter().zip(&b) {
+        assert!((a - b).abs() <= 1e-4 * scale, "{a} vs {b}");
     }
 }

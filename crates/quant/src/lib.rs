@@ -1,10 +1,13 @@
 //! shrink-quant: quantization for shrink graphs and for any burn module.
 //!
-//! This first slice holds the arithmetic every scheme shares — affine quantization parameters
-//! (scale and zero-point) for symmetric and asymmetric schemes at 2 to 8 bits, per tensor or
-//! per output channel — and a weight-only round trip ([`fake_quantize`]) that reports the
-//! error each scheme introduces. Calibration, static and dynamic PTQ, QAT and the integer
-//! kernels build on it (see the project's issues).
+//! - the arithmetic every scheme shares: affine quantization parameters (scale and zero-point)
+//!   for symmetric and asymmetric schemes at 2 to 8 bits, per tensor or per output channel, and a
+//!   weight-only round trip ([`fake_quantize`]);
+//! - [`calibrate`]: observers that choose activation ranges (min-max, moving average,
+//!   percentile, MSE);
+//! - [`ptq`]: static post-training quantization of a graph ([`ptq::quantize_static`]) into a
+//!   [`ptq::QuantizedModel`] that runs on burn with simulated rounding, or frozen into a CPU plan
+//!   on real integer kernels ([`kernels`]: u8 × i8 → i32 GEMMs on rten-gemm).
 //!
 //! ```
 //! use shrink_quant::{QuantScheme, fake_quantize};
@@ -15,6 +18,13 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod calibrate;
+pub mod kernels;
+pub mod ptq;
+
+pub use calibrate::{Calibrator, Observer};
+pub use ptq::{LayerQuant, Override, PtqSettings, QuantizedModel, quantize_static};
+
 /// Errors of shrink-quant.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -22,6 +32,12 @@ pub enum Error {
     /// A bit width outside 2..=8.
     #[error("bits must be between 2 and 8, got {0}")]
     InvalidBits(u32),
+    /// A setting or override that cannot work.
+    #[error("{0}")]
+    Setting(String),
+    /// Calibration could not choose a range.
+    #[error("calibration: {0}")]
+    Calibration(String),
     /// Values and shape disagree.
     #[error("{values} values do not fill a tensor of shape {shape:?}")]
     ShapeMismatch {

@@ -17,6 +17,7 @@
 
 mod builder;
 mod coupling;
+mod fold;
 
 pub(crate) use builder::batch_norm_from;
 pub use builder::{Conv2dSpec, GraphBuilder};
@@ -373,6 +374,22 @@ impl Graph {
     /// As [`Graph::forward`]; a tap id out of range also panics (ids come from
     /// [`Graph::node_id`]).
     pub fn forward_with_taps(&self, input: Tensor<4>, taps: &[NodeId]) -> (Tensor<2>, Vec<Activation>) {
+        self.forward_hooked(input, taps, &mut |_, x| x)
+    }
+
+    /// As [`Graph::forward_with_taps`], with `layer_input(node, x)` applied to the input of
+    /// every convolution and linear layer before the layer runs: how quantization observes the
+    /// values its integer kernels will see (calibration) and simulates their rounding
+    /// (fake-quant), without changing what the other consumers of the same value read.
+    ///
+    /// # Panics
+    /// As [`Graph::forward_with_taps`].
+    pub fn forward_hooked(
+        &self,
+        input: Tensor<4>,
+        taps: &[NodeId],
+        layer_input: &mut dyn FnMut(NodeId, Activation) -> Activation,
+    ) -> (Tensor<2>, Vec<Activation>) {
         // Count uses so that each intermediate value is dropped as soon as its last consumer ran.
         let mut uses = vec![0usize; self.nodes.len()];
         for node in &self.nodes {
@@ -388,7 +405,7 @@ impl Graph {
         let mut tapped: Vec<Option<Activation>> = vec![None; taps.len()];
         let mut input = Some(input);
         for (id, node) in self.nodes.iter().enumerate() {
-            let args: Vec<Activation> = node
+            let mut args: Vec<Activation> = node
                 .inputs
                 .iter()
                 .map(|&i| {
@@ -397,6 +414,10 @@ impl Graph {
                         .expect("topological order guarantees inputs are computed")
                 })
                 .collect();
+            if matches!(node.op, Op::Conv2d { .. } | Op::Linear { .. }) {
+                let x = args.remove(0);
+                args.insert(0, layer_input(id, x));
+            }
             let out = match &node.op {
                 Op::Input { .. } => Activation::Map(input.take().expect("one input node")),
                 op => apply(op, node.params.as_ref(), args),

@@ -1,0 +1,406 @@
+//! Static post-training quantization of a graph: batch norms folded, per-channel symmetric
+//! weights, per-tensor u8 activations calibrated on data, per-layer overrides by node name.
+
+use std::collections::BTreeMap;
+
+use burn::module::{Module, Param};
+use burn::tensor::{Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use shrink_core::graph::{Activation, Graph, NodeId, Op, Params};
+use shrink_core::runtime::{FreezeOptions, Kernel, KernelRegistry, LayerView, Plan, freeze_with};
+
+use crate::calibrate::{Calibrator, Observer};
+use crate::kernels::{ConvInt8, IntLayer, LinearInt8, quantize_weight};
+use crate::{Error, Granularity, QuantParams, QuantScheme};
+
+/// What an override does to the layers whose names it matches.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Override {
+    /// Regular expression over node names (anchored: it must match the whole name).
+    pub pattern: String,
+    /// Keep matching layers in f32.
+    #[serde(default)]
+    pub keep_float: bool,
+    /// Weight bits for matching layers (2, 4 or 8), instead of the config's.
+    #[serde(default)]
+    pub weight_bits: Option<u32>,
+}
+
+/// Settings of static post-training quantization.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PtqSettings {
+    /// Weight bits: 8, 4 or 2 (symmetric; int4/int2 weights run on the int8 kernels and are
+    /// stored packed).
+    pub weight_bits: u32,
+    /// One weight scale per output channel (true) or one per layer.
+    pub per_channel: bool,
+    /// How activation ranges are chosen.
+    pub calibrator: Calibrator,
+    /// Per-layer exceptions; the first matching override wins.
+    pub overrides: Vec<Override>,
+}
+
+impl Default for PtqSettings {
+    fn default() -> Self {
+        Self { weight_bits: 8, per_channel: true, calibrator: Calibrator::MinMax, overrides: Vec::new() }
+    }
+}
+
+/// The u8 asymmetric per-tensor scheme of activations.
+pub const ACTIVATION_SCHEME: QuantScheme =
+    QuantScheme { bits: 8, symmetric: false, granularity: Granularity::PerTensor };
+
+/// How one layer is quantized.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LayerQuant {
+    /// Weight bits.
+    pub weight_bits: u32,
+    /// Weight scale per output channel (all equal for per-tensor).
+    pub weight_scales: Vec<f32>,
+    /// Scale of the layer's u8 input.
+    pub input_scale: f32,
+    /// Zero point of the layer's u8 input.
+    pub input_zero_point: i32,
+}
+
+impl LayerQuant {
+    /// The input's quantization parameters.
+    pub fn input(&self) -> QuantParams {
+        QuantParams { scale: self.input_scale, zero_point: self.input_zero_point }
+    }
+
+    fn int_layer(&self) -> IntLayer {
+        IntLayer { weight_bits: self.weight_bits, weight_scales: self.weight_scales.clone(), input: self.input() }
+    }
+}
+
+/// A quantized model: the graph with batch norms folded and every quantized weight replaced by
+/// its dequantized value (so burn's forward shows the weight rounding), and the integer form of
+/// each quantized layer, by node name.
+#[derive(Clone, Debug)]
+pub struct QuantizedModel {
+    /// The folded graph with dequantized weights.
+    pub graph: Graph,
+    /// Quantized layers by node name.
+    pub layers: BTreeMap<String, LayerQuant>,
+    /// Layers left in f32, with the reason.
+    pub float_layers: Vec<(String, String)>,
+}
+
+/// Which layers an override list sends where, checked against the graph: a pattern that matches
+/// no layer is an error (a typo would otherwise silently quantize everything).
+fn resolve_overrides<'a>(graph: &Graph, overrides: &'a [Override]) -> Result<Vec<(regex::Regex, &'a Override)>, Error> {
+    let mut out = Vec::new();
+    for (i, o) in overrides.iter().enumerate() {
+        let re = regex::Regex::new(&format!("^(?:{})$", o.pattern))
+            .map_err(|e| Error::Setting(format!("overrides[{i}].pattern `{}`: {e}", o.pattern)))?;
+        if !graph.layers().any(|(_, n)| matches!(n.op, Op::Conv2d { .. } | Op::Linear { .. }) && re.is_match(&n.name)) {
+            return Err(Error::Setting(format!(
+                "overrides[{i}].pattern `{}` matches no conv or linear layer (layers: {})",
+                o.pattern,
+                graph
+                    .layers()
+                    .filter(|(_, n)| matches!(n.op, Op::Conv2d { .. } | Op::Linear { .. }))
+                    .map(|(_, n)| n.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        if let Some(bits) = o.weight_bits
+            && ![2, 4, 8].contains(&bits)
+        {
+            return Err(Error::Setting(format!("overrides[{i}].weight_bits must be 2, 4 or 8, got {bits}")));
+        }
+        out.push((re, o));
+    }
+    Ok(out)
+}
+
+fn values(a: &Activation) -> Vec<f32> {
+    let t = match a {
+        Activation::Map(t) => t.clone().into_data(),
+        Activation::Flat(t) => t.clone().into_data(),
+    };
+    t.convert::<f32>().try_to_vec::<f32>().expect("f32 activations")
+}
+
+/// Quantizes `graph` statically: folds its batch norms, observes the input of every conv and
+/// linear layer on the `calibration` batches, quantizes the weights.
+///
+/// # Errors
+/// [`Error::Setting`] for bad settings or overrides; [`Error::Calibration`] if a calibration
+/// value is not finite or there was no batch.
+pub fn quantize_static(
+    graph: &Graph,
+    calibration: &mut dyn Iterator<Item = Tensor<4>>,
+    settings: &PtqSettings,
+) -> Result<QuantizedModel, Error> {
+    if ![2, 4, 8].contains(&settings.weight_bits) {
+        return Err(Error::Setting(format!("weight_bits must be 2, 4 or 8, got {}", settings.weight_bits)));
+    }
+    let overrides = resolve_overrides(graph, &settings.overrides)?;
+    let (mut folded, _) = graph.valid().fold_batch_norms();
+    // Which layers become integer layers, and with how many weight bits.
+    let mut plan: BTreeMap<NodeId, u32> = BTreeMap::new();
+    let mut float_layers = Vec::new();
+    for (id, node) in folded.layers() {
+        let grouped = matches!(node.op, Op::Conv2d { groups, .. } if groups != 1);
+        if !matches!(node.op, Op::Conv2d { .. } | Op::Linear { .. }) {
+            continue;
+        }
+        let rule = overrides.iter().find(|(re, _)| re.is_match(&node.name)).map(|(_, o)| *o);
+        if rule.is_some_and(|o| o.keep_float) {
+            float_layers.push((node.name.clone(), "kept in f32 by an override".to_string()));
+        } else if grouped {
+            float_layers.push((node.name.clone(), "grouped convolution: no integer kernel yet".to_string()));
+        } else {
+            plan.insert(id, rule.and_then(|o| o.weight_bits).unwrap_or(settings.weight_bits));
+        }
+    }
+    // Calibration.
+    let mut observers: BTreeMap<NodeId, Observer> =
+        plan.keys().map(|&id| (id, Observer::new(settings.calibrator))).collect();
+    let mut failure = None;
+    let mut batches = 0;
+    for x in calibration {
+        batches += 1;
+        folded.forward_hooked(x, &[], &mut |id, a| {
+            if let Some(o) = observers.get_mut(&id)
+                && let Err(i) = o.observe(&values(&a))
+                && failure.is_none()
+            {
+                failure = Some((id, i));
+            }
+            a
+        });
+        if let Some((id, i)) = failure {
+            return Err(Error::Calibration(format!(
+                "the input of layer `{}` holds a non-finite value (element {i}) in calibration batch {batches}",
+                folded.nodes[id].name
+            )));
+        }
+    }
+    if batches == 0 {
+        return Err(Error::Calibration("no calibration batch".into()));
+    }
+    // Weights.
+    let mut layers = BTreeMap::new();
+    for (&id, &bits) in &plan {
+        let input = observers[&id].params(ACTIVATION_SCHEME).expect("observed");
+        let node = &mut folded.nodes[id];
+        let (weight, dims) = match &node.params {
+            Some(Params::Conv(p)) => (p.weight.val().into_data(), p.weight.dims().to_vec()),
+            Some(Params::Linear(p)) => (p.weight.val().into_data(), p.weight.dims().to_vec()),
+            _ => unreachable!("conv or linear"),
+        };
+        let w: Vec<f32> = weight.convert::<f32>().try_to_vec().expect("f32 weights");
+        let out = dims[0];
+        let per = w.len() / out;
+        let qmax = (1 << (bits - 1)) - 1;
+        let absmax = |s: &[f32]| s.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scales: Vec<f32> = if settings.per_channel {
+            w.chunks_exact(per).map(|c| (absmax(c) / qmax as f32).max(f32::MIN_POSITIVE)).collect()
+        } else {
+            vec![(absmax(&w) / qmax as f32).max(f32::MIN_POSITIVE); out]
+        };
+        let deq: Vec<f32> = w
+            .chunks_exact(per)
+            .zip(&scales)
+            .flat_map(|(c, &s)| c.iter().map(move |&v| quantize_weight(v, s, qmax) as f32 * s))
+            .collect();
+        match &mut node.params {
+            Some(Params::Conv(p)) => {
+                let dev = p.weight.val().device();
+                p.weight = Param::from_tensor(Tensor::from_data(TensorData::new(deq, dims), &dev));
+            }
+            Some(Params::Linear(p)) => {
+                let dev = p.weight.val().device();
+                p.weight = Param::from_tensor(Tensor::from_data(TensorData::new(deq, dims), &dev));
+            }
+            _ => unreachable!("conv or linear"),
+        }
+        tracing::debug!(layer = %node.name, bits, input_scale = input.scale, input_zero = input.zero_point, "quantized");
+        layers.insert(
+            node.name.clone(),
+            LayerQuant {
+                weight_bits: bits,
+                weight_scales: scales,
+                input_scale: input.scale,
+                input_zero_point: input.zero_point,
+            },
+        );
+    }
+    Ok(QuantizedModel { graph: folded, layers, float_layers })
+}
+
+/// `x` rounded as the integer kernels round it: `scale * (clamp(round(x / scale) + zp) - zp)`.
+fn fake_quant_tensor<const D: usize>(x: Tensor<D>, p: QuantParams) -> Tensor<D> {
+    let zp = p.zero_point as f32;
+    x.div_scalar(p.scale).round().add_scalar(zp).clamp(0.0, 255.0).sub_scalar(zp).mul_scalar(p.scale)
+}
+
+impl QuantizedModel {
+    /// Simulated (fake-quant) forward on burn: dequantized weights, and each quantized layer's
+    /// input rounded to its u8 grid. The integer plan computes the same within float rounding.
+    pub fn forward_simulated(&self, x: Tensor<4>) -> Tensor<2> {
+        let ids: BTreeMap<NodeId, QuantParams> = self
+            .layers
+            .iter()
+            .map(|(name, l)| (self.graph.node_id(name).expect("layer of this graph"), l.input()))
+            .collect();
+        self.graph
+            .forward_hooked(x, &[], &mut |id, a| match ids.get(&id) {
+                Some(&p) => match a {
+                    Activation::Map(t) => Activation::Map(fake_quant_tensor(t, p)),
+                    Activation::Flat(t) => Activation::Flat(fake_quant_tensor(t, p)),
+                },
+                None => a,
+            })
+            .0
+    }
+
+    /// A kernel registry whose builders give each quantized layer its integer kernel.
+    pub fn registry(&self) -> KernelRegistry {
+        let layers: BTreeMap<String, IntLayer> =
+            self.layers.iter().map(|(name, l)| (name.clone(), l.int_layer())).collect();
+        let mut registry = KernelRegistry::default();
+        registry.register("int8/rten", move |view: &LayerView<'_>| {
+            let layer = layers.get(view.name)?;
+            match view.op {
+                Op::Conv2d { .. } => ConvInt8::new(view, layer).map(|k| Box::new(k) as Box<dyn Kernel>),
+                Op::Linear { .. } => LinearInt8::new(view, layer).map(|k| Box::new(k) as Box<dyn Kernel>),
+                _ => None,
+            }
+        });
+        registry
+    }
+
+    /// Freezes the model into a CPU plan running the integer kernels.
+    ///
+    /// # Errors
+    /// As [`freeze_with`].
+    pub fn freeze(&self, threads: usize) -> shrink_core::Result<Plan> {
+        freeze_with(&self.graph, &self.registry(), &FreezeOptions { threads })
+    }
+}
+
+/// Format tag of the quantization annotations in a model file's header.
+pub const ANNOTATION_FORMAT: &str = "shrink-quant/1";
+
+/// What the header records per quantized layer (weight bits and scales are in the tensors).
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InputAnnotation {
+    scale: f32,
+    zero_point: i32,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Annotations {
+    format: String,
+    inputs: BTreeMap<String, InputAnnotation>,
+    float_layers: Vec<(String, String)>,
+}
+
+impl QuantizedModel {
+    /// The integer weights of every quantized layer, recovered exactly from the dequantized
+    /// graph weights (`round(w / scale)` of `q * scale` is `q`).
+    fn int_weights(&self) -> BTreeMap<String, shrink_core::io::IntWeights> {
+        self.layers
+            .iter()
+            .map(|(name, l)| {
+                let node = &self.graph.nodes[self.graph.node_id(name).expect("layer of this graph")];
+                let w: Vec<f32> = match &node.params {
+                    Some(Params::Conv(p)) => p.weight.val().into_data(),
+                    Some(Params::Linear(p)) => p.weight.val().into_data(),
+                    _ => unreachable!("conv or linear"),
+                }
+                .convert::<f32>()
+                .try_to_vec()
+                .expect("f32 weights");
+                let per = w.len() / l.weight_scales.len();
+                let qmax = (1 << (l.weight_bits - 1)) - 1;
+                let values = w
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| quantize_weight(v, l.weight_scales[i / per], qmax) as i8)
+                    .collect();
+                (
+                    name.clone(),
+                    shrink_core::io::IntWeights { bits: l.weight_bits, values, scales: l.weight_scales.clone() },
+                )
+            })
+            .collect()
+    }
+
+    /// The model file: the folded graph, quantized weights as packed integers with their scales,
+    /// f32 for the rest, the activation parameters in the header.
+    ///
+    /// # Errors
+    /// As [`shrink_core::io::to_bytes_with`].
+    pub fn to_bytes(&self) -> shrink_core::Result<Vec<u8>> {
+        let annotations = Annotations {
+            format: ANNOTATION_FORMAT.into(),
+            inputs: self
+                .layers
+                .iter()
+                .map(|(n, l)| (n.clone(), InputAnnotation { scale: l.input_scale, zero_point: l.input_zero_point }))
+                .collect(),
+            float_layers: self.float_layers.clone(),
+        };
+        let value = serde_json::to_value(&annotations).expect("serialisable");
+        shrink_core::io::to_bytes_with(&self.graph, &self.int_weights(), Some(&value))
+    }
+
+    /// Saves the model file atomically.
+    ///
+    /// # Errors
+    /// As [`QuantizedModel::to_bytes`] and [`shrink_core::io::write_atomic`].
+    pub fn save(&self, path: &std::path::Path) -> shrink_core::Result<()> {
+        shrink_core::io::write_atomic(path, &self.to_bytes()?)
+    }
+
+    /// Loads a quantized model file.
+    ///
+    /// # Errors
+    /// As [`shrink_core::io::load`]; [`shrink_core::Error::BadFile`] when the header has no
+    /// quantization annotations or they do not fit the graph.
+    pub fn load(path: &std::path::Path, device: &burn::tensor::Device) -> shrink_core::Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| shrink_core::Error::Io { path: path.into(), source: e })?;
+        let loaded = shrink_core::io::from_bytes_with(&bytes, path, device)?;
+        let bad = |m: String| shrink_core::Error::BadFile { path: path.into(), offset: 8, message: m };
+        let a: Annotations = serde_json::from_value(
+            loaded.annotations.ok_or_else(|| bad("no quantization annotations: not a quantized model file".into()))?,
+        )
+        .map_err(|e| bad(format!("quantization annotations are not valid: {e}")))?;
+        if a.format != ANNOTATION_FORMAT {
+            return Err(bad(format!("annotations `{}` are not supported: expected `{ANNOTATION_FORMAT}`", a.format)));
+        }
+        let mut layers = BTreeMap::new();
+        for (name, input) in a.inputs {
+            let w = loaded
+                .int_weights
+                .get(&name)
+                .ok_or_else(|| bad(format!("quantized layer `{name}` has no integer weights in the file")))?;
+            if !(input.scale.is_finite() && input.scale > 0.0 && (0..=255).contains(&input.zero_point)) {
+                return Err(bad(format!("input parameters of layer `{name}` are out of range")));
+            }
+            layers.insert(
+                name,
+                LayerQuant {
+                    weight_bits: w.bits,
+                    weight_scales: w.scales.clone(),
+                    input_scale: input.scale,
+                    input_zero_point: input.zero_point,
+                },
+            );
+        }
+        if let Some(name) = loaded.int_weights.keys().find(|n| !layers.contains_key(*n)) {
+            return Err(bad(format!("layer `{name}` has integer weights but no input parameters")));
+        }
+        let graph = loaded.graph;
+        Ok(Self { graph, layers, float_layers: a.float_layers })
+    }
+}

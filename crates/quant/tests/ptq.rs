@@ -1,0 +1,208 @@
+//! Static PTQ end to end on small graphs: the integer kernels against a reference integer loop,
+//! the integer plan against the simulated (fake-quant) forward, overrides, error budgets.
+
+use burn::tensor::{Distribution, Tensor};
+use shrink_core::BackendKind;
+use shrink_core::graph::{Conv2dSpec, GraphBuilder};
+use shrink_core::zoo::ModelSpec;
+use shrink_quant::calibrate::Calibrator;
+use shrink_quant::{Override, PtqSettings, QuantScheme, quantize_static};
+
+fn batches(shape: [usize; 3], n: usize, seed: u64) -> Vec<Tensor<4>> {
+    let device = BackendKind::Flex.device().unwrap();
+    device.seed(seed);
+    (0..n).map(|_| Tensor::random([8, shape[0], shape[1], shape[2]], Distribution::Normal(0.0, 1.0), &device)).collect()
+}
+
+fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_to_vec().unwrap()
+}
+
+#[test]
+fn integer_conv_equals_a_reference_integer_loop() {
+    let device = BackendKind::Flex.device().unwrap();
+    device.seed(3);
+    // One padded, strided 3x3 conv (+bias, ReLU) and a linear layer.
+    let mut b = GraphBuilder::new([3, 9, 9]);
+    let x = b.input();
+    let c = b.conv2d("conv", x, Conv2dSpec { stride: 2, padding: 1, bias: true, ..Conv2dSpec::new(5, 3) });
+    let r = b.relu("relu", c);
+    let f = b.flatten("flat", r);
+    let l = b.linear("fc", f, 4, true);
+    let g = b.build(l, &device).unwrap();
+    let calib = batches([3, 9, 9], 2, 5);
+    let q = quantize_static(&g, &mut calib.clone().into_iter(), &PtqSettings::default()).unwrap();
+    let mut plan = q.freeze(1).unwrap();
+    let labels = plan.kernels();
+    assert!(labels.iter().any(|(n, k)| n == "conv" && k.starts_with("conv2d/int8")), "{labels:?}");
+    assert!(labels.iter().any(|(n, k)| n == "fc" && k.starts_with("linear/int8")), "{labels:?}");
+
+    // Reference: the same integer arithmetic written out as plain loops.
+    let input = to_vec(calib[0].clone().narrow(0, 0, 1));
+    let lq = &q.layers["conv"];
+    let quant_u8 = |v: f32, s: f32, zp: i32| ((v / s + zp as f32 + 0.5).clamp(0.0, 255.49)) as i32;
+    let node = &q.graph.nodes[q.graph.node_id("conv").unwrap()];
+    let shrink_core::graph::Params::Conv(p) = node.params.as_ref().unwrap() else { panic!() };
+    let w = to_vec(p.weight.val());
+    let bias = to_vec(p.bias.as_ref().unwrap().val());
+    let mut conv_out = vec![0f32; 5 * 5 * 5];
+    for o in 0..5 {
+        for oy in 0..5 {
+            for ox in 0..5 {
+                let mut acc = 0i32;
+                for c in 0..3 {
+                    for ky in 0..3 {
+                        for kx in 0..3 {
+                            let (iy, ix) = ((oy * 2 + ky) as isize - 1, (ox * 2 + kx) as isize - 1);
+                            let xq = if (0..9).contains(&iy) && (0..9).contains(&ix) {
+                                quant_u8(
+                                    input[c * 81 + iy as usize * 9 + ix as usize],
+                                    lq.input_scale,
+                                    lq.input_zero_point,
+                                )
+                            } else {
+                                lq.input_zero_point
+                            };
+                            let wq = (w[((o * 3 + c) * 3 + ky) * 3 + kx] / lq.weight_scales[o]).round() as i32;
+                            acc += (xq - lq.input_zero_point) * wq;
+                        }
+                    }
+                }
+                let y = acc as f32 * (lq.weight_scales[o] * lq.input_scale) + bias[o];
+                conv_out[(o * 5 + oy) * 5 + ox] = y.max(0.0);
+            }
+        }
+    }
+    let lf = &q.layers["fc"];
+    let node = &q.graph.nodes[q.graph.node_id("fc").unwrap()];
+    let shrink_core::graph::Params::Linear(p) = node.params.as_ref().unwrap() else { panic!() };
+    let (w, bias) = (to_vec(p.weight.val()), to_vec(p.bias.as_ref().unwrap().val()));
+    let expected: Vec<f32> = (0..4)
+        .map(|o| {
+            let acc: i32 = (0..125)
+                .map(|i| {
+                    let xq = quant_u8(conv_out[i], lf.input_scale, lf.input_zero_point) - lf.input_zero_point;
+                    xq * (w[o * 125 + i] / lf.weight_scales[o]).round() as i32
+                })
+                .sum();
+            acc as f32 * (lf.weight_scales[o] * lf.input_scale) + bias[o]
+        })
+        .collect();
+    let got = plan.run(&input, 1).unwrap();
+    assert_eq!(got, &expected[..], "integer plan vs reference loop");
+}
+
+#[test]
+fn integer_plan_agrees_with_the_simulated_forward() {
+    let device = BackendKind::Flex.device().unwrap();
+    device.seed(11);
+    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 16, 16], 10, &device).unwrap();
+    let calib = batches([1, 16, 16], 4, 12);
+    for calibrator in [Calibrator::MinMax, Calibrator::Percentile { percentile: 99.99 }, Calibrator::Mse] {
+        let settings = PtqSettings { calibrator, ..PtqSettings::default() };
+        let q = quantize_static(&g, &mut calib.clone().into_iter(), &settings).unwrap();
+        // Every conv and the classifier run in integers.
+        let int_layers = q.freeze(1).unwrap().kernels().iter().filter(|(_, k)| k.contains("int8")).count();
+        assert_eq!(int_layers, q.layers.len());
+        assert_eq!(q.layers.len(), g.layers().filter(|(_, n)| n.op.kind() != "batch_norm2d").count());
+        let x = batches([1, 16, 16], 1, 99).remove(0);
+        let simulated = to_vec(q.forward_simulated(x.clone()));
+        let input = to_vec(x);
+        for threads in [1, 2] {
+            let mut plan = q.freeze(threads).unwrap();
+            let got = plan.run(&input, 8).unwrap();
+            let scale = simulated.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = got.iter().zip(&simulated).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            // Rounding ties and float summation order differ; a flipped rounding in one layer moves
+            // the logits by about one input step of the next layers, far below 2 % of their range.
+            assert!(worst <= 0.02 * scale, "{calibrator:?}, {threads} threads: {worst} vs scale {scale}");
+        }
+    }
+}
+
+#[test]
+fn overrides_keep_layers_float_or_change_their_bits_and_typos_are_errors() {
+    let device = BackendKind::Flex.device().unwrap();
+    let g = ModelSpec::CifarResnet { depth: 8, width: 0.5 }.build([1, 12, 12], 10, &device).unwrap();
+    let calib = batches([1, 12, 12], 1, 1);
+    let settings = PtqSettings {
+        overrides: vec![
+            Override { pattern: "stem\\.conv".into(), keep_float: true, weight_bits: None },
+            Override { pattern: "layer2\\..*".into(), keep_float: false, weight_bits: Some(4) },
+        ],
+        ..PtqSettings::default()
+    };
+    let q = quantize_static(&g, &mut calib.clone().into_iter(), &settings).unwrap();
+    assert!(!q.layers.contains_key("stem.conv"));
+    assert!(q.float_layers.iter().any(|(n, _)| n == "stem.conv"));
+    assert!(q.layers.iter().filter(|(n, _)| n.starts_with("layer2.")).all(|(_, l)| l.weight_bits == 4));
+    assert!(q.layers.iter().filter(|(n, _)| n.starts_with("layer1.")).all(|(_, l)| l.weight_bits == 8));
+    let labels = q.freeze(1).unwrap().kernels();
+    assert!(labels.iter().any(|(n, k)| n == "stem.conv" && k.starts_with("conv2d/f32")), "{labels:?}");
+
+    let typo = PtqSettings {
+        overrides: vec![Override { pattern: "stem\\.cnv".into(), keep_float: true, weight_bits: None }],
+        ..PtqSettings::default()
+    };
+    let err = quantize_static(&g, &mut calib.clone().into_iter(), &typo).unwrap_err().to_string();
+    assert!(err.contains("matches no conv or linear layer") && err.contains("stem.conv"), "{err}");
+    let bad_bits = PtqSettings { weight_bits: 3, ..PtqSettings::default() };
+    assert!(quantize_static(&g, &mut calib.into_iter(), &bad_bits).is_err());
+    assert!(quantize_static(&g, &mut std::iter::empty(), &PtqSettings::default()).is_err());
+}
+
+#[test]
+fn int8_per_channel_weights_keep_38_db_of_sqnr() {
+    // N(0,1) weights, 64 channels of 576: the error budget of int8 per-channel symmetric.
+    let device = BackendKind::Flex.device().unwrap();
+    device.seed(21);
+    let w = to_vec(Tensor::<2>::random([64, 576], Distribution::Normal(0.0, 1.0), &device));
+    let scheme = QuantScheme { bits: 8, symmetric: true, granularity: shrink_quant::Granularity::PerChannel };
+    let (q, _) = shrink_quant::fake_quantize(&w, &[64, 576], scheme).unwrap();
+    let signal: f64 = w.iter().map(|v| (*v as f64).powi(2)).sum();
+    let noise: f64 = w.iter().zip(&q).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let sqnr = 10.0 * (signal / noise).log10();
+    assert!(sqnr >= 38.0, "SQNR {sqnr:.1} dB");
+    let scheme4 = QuantScheme { bits: 4, ..scheme };
+    let (q4, _) = shrink_quant::fake_quantize(&w, &[64, 576], scheme4).unwrap();
+    let noise4: f64 = w.iter().zip(&q4).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    assert!(noise4 > noise * 100.0, "4 bits must be far noisier than 8");
+}
+
+#[test]
+fn model_file_is_compact_and_loads_back_bit_identical() {
+    let device = BackendKind::Flex.device().unwrap();
+    device.seed(31);
+    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 16, 16], 10, &device).unwrap();
+    let calib = batches([1, 16, 16], 2, 32);
+    let dir = std::env::temp_dir().join(format!("shrink-quant-file-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = to_vec(batches([1, 16, 16], 1, 77).remove(0));
+    let mut sizes = Vec::new();
+    for bits in [8, 4, 2] {
+        let settings = PtqSettings { weight_bits: bits, ..PtqSettings::default() };
+        let q = quantize_static(&g, &mut calib.clone().into_iter(), &settings).unwrap();
+        let path = dir.join(format!("int{bits}.safetensors"));
+        q.save(&path).unwrap();
+        let size = std::fs::metadata(&path).unwrap().len() as usize;
+        sizes.push(size);
+        let loaded = shrink_quant::QuantizedModel::load(&path, &device).unwrap();
+        assert_eq!(loaded.layers, q.layers);
+        let a = q.freeze(1).unwrap().run(&input, 8).unwrap().to_vec();
+        let b = loaded.freeze(1).unwrap().run(&input, 8).unwrap().to_vec();
+        assert_eq!(a, b, "int{bits}: outputs after reload must be bit-identical");
+    }
+    assert!(sizes[1] < sizes[0] && sizes[2] < sizes[1], "{sizes:?}");
+    // ResNet-20's int8 file against its f32 model file.
+    let g20 = ModelSpec::CifarResnet { depth: 20, width: 1.0 }.build([3, 16, 16], 10, &device).unwrap();
+    let q20 = quantize_static(&g20, &mut batches([3, 16, 16], 1, 5).into_iter(), &PtqSettings::default()).unwrap();
+    let (int8, f32_file) = (q20.to_bytes().unwrap().len(), shrink_core::io::to_bytes(&g20).unwrap().len());
+    let ratio = int8 as f64 / f32_file as f64;
+    assert!(ratio <= 0.27, "ResNet-20 int8 file is {ratio:.3} of the f32 file ({int8} vs {f32_file} bytes)");
+    // A plain f32 model file is not a quantized one.
+    let plain = dir.join("plain.safetensors");
+    shrink_core::io::save(&g, &plain).unwrap();
+    let err = shrink_quant::QuantizedModel::load(&plain, &device).unwrap_err().to_string();
+    assert!(err.contains("not a quantized model file"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
