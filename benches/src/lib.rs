@@ -4,6 +4,7 @@
 //! never in timed unit tests.
 #![warn(missing_docs)]
 
+pub mod quant;
 pub mod runtime;
 
 use shrink_core::burn::tensor::{Distribution, Tensor};

@@ -31,7 +31,7 @@ pub struct Case {
     pub contenders: Vec<Contender>,
 }
 
-fn random(len: usize, seed: u64) -> Vec<f32> {
+pub(crate) fn random(len: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
         .map(|_| {

@@ -95,7 +95,8 @@ pub fn in_single_threaded_child() -> Option<std::process::ExitCode> {
 pub fn run_suite(suite: &str, out: &Path, repeats: usize) -> Result<PathBuf> {
     let cases = match suite {
         "runtime" => runtime_cases,
-        other => bail!("unknown bench suite `{other}`: expected one of runtime"),
+        "quant" => shrink_bench::quant::quant_cases,
+        other => bail!("unknown bench suite `{other}`: expected one of runtime, quant"),
     };
     let threads = shrink_core::backend::set_cpu_threads(1);
     if threads != 1 {

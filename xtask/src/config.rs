@@ -10,6 +10,7 @@ use shrink_core::data::Augmentation;
 use shrink_core::metrics::LatencySettings;
 use shrink_core::train::{OptimizerSettings, Schedule, TrainSettings};
 use shrink_core::zoo::ModelSpec;
+use shrink_quant::{Calibrator, Override};
 
 /// A config error: exit code 2, message names the file and the line/column or key.
 #[derive(Debug)]
@@ -120,6 +121,30 @@ pub enum Stage {
         #[serde(default)]
         warmup_epochs: f64,
     },
+    /// Static post-training quantization: batch norms folded, weights per channel, activations
+    /// calibrated on training images; the model then runs on integer kernels in the CPU plan.
+    Quantize {
+        /// Weight bits: 8, 4 or 2.
+        #[serde(default = "default_weight_bits")]
+        weight_bits: u32,
+        /// One weight scale per output channel (true) or per layer.
+        #[serde(default = "default_true")]
+        per_channel: bool,
+        /// How activation ranges are chosen: `{ kind = "min_max" }`, `{ kind = "moving_average",
+        /// momentum = 0.9 }`, `{ kind = "percentile", percentile = 99.99 }`, `{ kind = "mse" }`.
+        #[serde(default = "default_calibrator")]
+        calibrator: Calibrator,
+        /// Batches of training images (without augmentation) to calibrate on.
+        #[serde(default = "default_calibration_batches")]
+        calibration_batches: usize,
+        /// Images per calibration batch.
+        #[serde(default = "default_calibration_batch")]
+        batch_size: usize,
+        /// Per-layer exceptions by node-name regex; the first match wins:
+        /// `{ pattern = "stem\\.conv", keep_float = true }`, `{ pattern = "layer2\\..*", weight_bits = 4 }`.
+        #[serde(default)]
+        overrides: Vec<Override>,
+    },
     /// Evaluate the current model on the test set.
     Evaluate {
         /// Images per evaluation batch.
@@ -130,6 +155,21 @@ pub enum Stage {
 
 fn default_eval_batch() -> usize {
     250
+}
+fn default_weight_bits() -> u32 {
+    8
+}
+fn default_true() -> bool {
+    true
+}
+fn default_calibrator() -> Calibrator {
+    Calibrator::MinMax
+}
+fn default_calibration_batches() -> usize {
+    8
+}
+fn default_calibration_batch() -> usize {
+    64
 }
 
 impl Stage {
@@ -143,7 +183,7 @@ impl Stage {
                 schedule: schedule.clone(),
                 warmup_epochs: *warmup_epochs,
             }),
-            Stage::Evaluate { .. } => None,
+            Stage::Evaluate { .. } | Stage::Quantize { .. } => None,
         }
     }
 
@@ -152,6 +192,7 @@ impl Stage {
         match self {
             Stage::Train { .. } => "train",
             Stage::Evaluate { .. } => "evaluate",
+            Stage::Quantize { .. } => "quantize",
         }
     }
 }
@@ -262,8 +303,18 @@ fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
     if e.stages.is_empty() {
         bail!("key `stages`: at least one stage is needed");
     }
+    let mut quantized_at = None;
     for (i, stage) in e.stages.iter().enumerate() {
         let at = format!("stages[{i}] (kind = \"{}\")", stage.kind());
+        match (stage, quantized_at) {
+            (Stage::Train { .. }, Some(q)) => bail!(
+                "key `{at}`: a train stage cannot follow the quantize stage stages[{q}] (quantization-aware training is not available yet); train before quantizing"
+            ),
+            (Stage::Quantize { .. }, Some(q)) => {
+                bail!("key `{at}`: the model is already quantized by stages[{q}]; use one quantize stage")
+            }
+            _ => {}
+        }
         match stage {
             Stage::Train { .. } => {
                 let settings = stage.train_settings().expect("a train stage");
@@ -272,6 +323,37 @@ fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
             Stage::Evaluate { batch_size } => {
                 if *batch_size == 0 {
                     bail!("key `{at}.batch_size`: must be at least 1");
+                }
+            }
+            Stage::Quantize { weight_bits, calibrator, calibration_batches, batch_size, overrides, .. } => {
+                quantized_at = Some(i);
+                if ![2, 4, 8].contains(weight_bits) {
+                    bail!("key `{at}.weight_bits`: expected 2, 4 or 8, got {weight_bits}");
+                }
+                if *calibration_batches == 0 || *batch_size == 0 {
+                    bail!("key `{at}.calibration_batches` / `batch_size`: must be at least 1");
+                }
+                match *calibrator {
+                    Calibrator::MovingAverage { momentum } if !(0.0..1.0).contains(&momentum) => {
+                        bail!("key `{at}.calibrator.momentum`: expected a value in [0, 1), got {momentum}")
+                    }
+                    Calibrator::Percentile { percentile } if !(percentile > 50.0 && percentile <= 100.0) => {
+                        bail!("key `{at}.calibrator.percentile`: expected a value in (50, 100], got {percentile}")
+                    }
+                    _ => {}
+                }
+                for (j, o) in overrides.iter().enumerate() {
+                    if let Err(err) = regex::Regex::new(&o.pattern) {
+                        bail!("key `{at}.overrides[{j}].pattern`: not a valid regular expression: {err}");
+                    }
+                    if let Some(bits) = o.weight_bits
+                        && ![2, 4, 8].contains(&bits)
+                    {
+                        bail!("key `{at}.overrides[{j}].weight_bits`: expected 2, 4 or 8, got {bits}");
+                    }
+                    if o.keep_float && o.weight_bits.is_some() {
+                        bail!("key `{at}.overrides[{j}]`: `keep_float` and `weight_bits` exclude each other");
+                    }
                 }
             }
         }

@@ -135,6 +135,40 @@ pub struct StageReport {
     pub cached_baseline: Option<String>,
     /// Wall time of the stage in this run, seconds (measurement included).
     pub wall_seconds: f64,
+    /// What computed `test`: `burn-flex` (f32 on burn) or `cpu-plan-int8` (the integer kernels).
+    #[serde(default)]
+    pub evaluated_on: String,
+    /// Size of this stage's model file, bytes (as written: f32, or packed integers + scales).
+    #[serde(default)]
+    pub file_bytes: usize,
+    /// What a quantize stage did and measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<QuantSummary>,
+}
+
+/// What a quantize stage did, and the accuracy of both ways of running the result.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QuantSummary {
+    /// `static post-training`.
+    pub method: String,
+    /// e.g. `int8 weights, symmetric, per channel`.
+    pub weights: String,
+    /// e.g. `u8 asymmetric per tensor`.
+    pub activations: String,
+    /// Calibrator and its parameters.
+    pub calibrator: String,
+    /// Training images the calibration saw.
+    pub calibration_images: usize,
+    /// Each quantized layer: name, weight bits, and the kernel the plan runs it on.
+    pub quantized_layers: Vec<(String, u32, String)>,
+    /// Layers left in f32 and why.
+    pub float_layers: Vec<(String, String)>,
+    /// Integer GEMM kernel rten picked for this CPU.
+    pub int8_gemm: String,
+    /// Test metrics of the simulated model (fake-quant on burn, f32 arithmetic).
+    pub simulated_test: Evaluation,
+    /// Size of the f32 model file before quantization, bytes.
+    pub f32_file_bytes: usize,
 }
 
 impl StageReport {
@@ -155,6 +189,9 @@ impl StageReport {
             cache_key: None,
             cached_baseline: None,
             wall_seconds: 0.0,
+            evaluated_on: String::new(),
+            file_bytes: 0,
+            quantization: None,
         }
     }
 
@@ -214,8 +251,9 @@ impl Report {
             conventions: vec![
                 "MACs: 1 MAC = one multiply and one add, conv and linear layers only; FLOPs = 2 x MACs".into(),
                 "parameters: trainable values (weights, biases, batch-norm gamma/beta); bytes include batch-norm running statistics, f32".into(),
-                "latency: measured wall time of a forward pass after warm-up, median and p90; burn-* = burn's forward incl. read-back, cpu-plan = shrink's frozen CPU plan (batch norm folded, f32 GEMM kernels)".into(),
-                "accuracy: measured on the test split after each stage".into(),
+                "latency: measured wall time of a forward pass after warm-up, median and p90; burn-* = burn's forward incl. read-back, cpu-plan = shrink's frozen CPU plan (batch norm folded, f32 GEMM kernels), cpu-plan-int8 = the same plan with quantized layers on integer kernels".into(),
+                "accuracy: measured on the test split after each stage, by what `evaluated on` names: after a quantize stage, the integer kernels; the simulated (fake-quant) accuracy is shown beside it".into(),
+                "file: size of the stage's model file as shrink writes it (safetensors; f32, or packed integer weights + f32 scales)".into(),
             ],
         }
     }
@@ -263,8 +301,8 @@ pub fn markdown(r: &Report) -> String {
     if let Some(err) = &r.error {
         s += &format!("\n**Failed** in stage {}: {err}\n", r.current_stage.as_deref().unwrap_or("?"));
     }
-    s += "\n| # | stage | test top-1 | top-5 | loss | params | non-zeros | size | MACs | latency (median / p90) | wall |\n";
-    s += "|---|---|---|---|---|---|---|---|---|---|---|\n";
+    s += "\n| # | stage | test top-1 | top-5 | loss | evaluated on | params | non-zeros | file | MACs | latency (median / p90) | wall |\n";
+    s += "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     for st in &r.stages {
         let (top1, top5, loss) = st
             .test
@@ -283,19 +321,46 @@ pub fn markdown(r: &Report) -> String {
             kind += &format!(" (cached baseline {k})");
         }
         s += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1}s |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1}s |\n",
             st.index,
             kind,
             top1,
             top5,
             loss,
+            st.evaluated_on,
             st.params,
             st.nonzeros,
-            mb(st.bytes),
+            mb(st.file_bytes),
             st.macs,
             lat.join("<br>"),
             st.wall_seconds
         );
+    }
+    for st in &r.stages {
+        let Some(q) = &st.quantization else { continue };
+        let int = st.test.as_ref().map(|t| t.top1).unwrap_or_default();
+        s += &format!("\n## Quantization, stage {}\n\n", st.index);
+        s += &format!(
+            "- method: {}; weights: {}; activations: {}; calibrator: {} on {} training images\n",
+            q.method, q.weights, q.activations, q.calibrator, q.calibration_images
+        );
+        s += &format!(
+            "- test top-1 **measured on the integer kernels** (`cpu-plan-int8`, {}): {int:.4}; simulated (fake-quant on burn, f32 arithmetic): {:.4}\n",
+            q.int8_gemm, q.simulated_test.top1
+        );
+        s += &format!(
+            "- model file: {} (f32 before: {}, ratio {:.3})\n",
+            mb(st.file_bytes),
+            mb(q.f32_file_bytes),
+            st.file_bytes as f64 / q.f32_file_bytes.max(1) as f64
+        );
+        s += "\n| layer | weight bits | kernel |\n|---|---|---|\n";
+        for (name, bits, kernel) in &q.quantized_layers {
+            s += &format!("| {name} | {bits} | {kernel} |\n");
+        }
+        for (name, why) in &q.float_layers {
+            s += &format!("| {name} | f32 | {why} |\n");
+        }
     }
     for st in r.stages.iter().filter(|st| !st.history.is_empty()) {
         s += &format!("\n## Training, stage {}\n\n", st.index);

@@ -12,12 +12,15 @@ use shrink_core::data::{
     Batcher, Dataset, load_cifar10_bin, load_idx_pair, load_image_folder, load_mnist_dir, shuffled,
 };
 use shrink_core::graph::Graph;
-use shrink_core::metrics::{ModelStats, measure_latency, measure_plan_latency, model_stats};
-use shrink_core::train::{EpochRecord, Evaluation, TrainData, TrainObserver, evaluate, train};
+use shrink_core::metrics::{ModelStats, measure_frozen_latency, measure_latency, measure_plan_latency, model_stats};
+use shrink_core::train::{
+    EpochRecord, Evaluation, TrainData, TrainObserver, evaluate, evaluate_plan, evaluate_with, train,
+};
 use shrink_core::{BackendKind, io};
+use shrink_quant::{PtqSettings, QuantizedModel, quantize_static};
 
 use crate::config::{DataKind, Plan, Stage};
-use crate::report::{Provenance, Report, StageReport, write_report};
+use crate::report::{Provenance, QuantSummary, Report, StageReport, write_report};
 
 /// Options from the command line.
 #[derive(Clone, Debug)]
@@ -139,6 +142,34 @@ impl TrainObserver for Progress {
     }
 }
 
+/// Measures a quantized model: test metrics on the integer plan (and simulated on burn), size,
+/// cost, and latency of burn's forward, the f32 plan and the integer plan.
+fn measure_quantized(
+    q: &QuantizedModel,
+    data: &Data,
+    backend: BackendKind,
+    plan: &Plan,
+    batch: usize,
+) -> Result<(Evaluation, Evaluation, ModelStats, Vec<shrink_core::metrics::Latency>)> {
+    let device = backend.device()?;
+    let threads = plan.experiment.threads;
+    let mut int8 = q.freeze(threads)?;
+    let integer = evaluate_plan(&mut int8, &data.test, &data.batcher, batch, &device)?;
+    let classes = q.graph.num_outputs();
+    let simulated =
+        evaluate_with(&data.test, &data.batcher, batch, classes, &device, &mut |x| Ok(q.forward_simulated(x)))?;
+    let stats = model_stats(&q.graph)?;
+    let mut latency = measure_latency(&q.graph, backend, &plan.experiment.latency)?;
+    latency.extend(measure_plan_latency(&q.graph, threads, &plan.experiment.latency)?);
+    latency.extend(measure_frozen_latency(
+        &mut int8,
+        q.graph.input_shape(),
+        "cpu-plan-int8",
+        &plan.experiment.latency,
+    )?);
+    Ok((integer, simulated, stats, latency))
+}
+
 /// Measures the current model: test metrics, size, cost and latency.
 fn measure(
     graph: &Graph,
@@ -199,6 +230,7 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
     let mut graph = e.model.build(data.train.shape, data.train.classes, &device)?;
     tracing::info!(model = %e.model.name(), nodes = graph.nodes.len(), "model built");
     let mut fresh = true;
+    let mut quantized: Option<QuantizedModel> = None;
     for (index, stage) in e.stages.iter().enumerate() {
         report.current_stage = Some(format!("{index}:{}", stage.kind()));
         let _span = tracing::info_span!("stage", index, kind = stage.kind()).entered();
@@ -261,13 +293,66 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                 }
                 fresh = false;
             }
+            Stage::Quantize { weight_bits, per_channel, calibrator, calibration_batches, batch_size, overrides } => {
+                let settings = PtqSettings {
+                    weight_bits: *weight_bits,
+                    per_channel: *per_channel,
+                    calibrator: *calibrator,
+                    overrides: overrides.clone(),
+                };
+                // Calibration images: a seeded shuffle of the training set, no augmentation.
+                let order = shrink_core::data::shuffled(data.train.len(), e.seed ^ 0x7175);
+                let chunks: Vec<&[usize]> = order.chunks(*batch_size).take(*calibration_batches).collect();
+                let images: usize = chunks.iter().map(|c| c.len()).sum();
+                let mut batches = chunks.iter().map(|c| data.batcher.batch(&data.train, c, &device, None).0);
+                let q = quantize_static(&graph, &mut batches, &settings)
+                    .with_context(|| format!("stage {index} (quantize)"))?;
+                tracing::info!(layers = q.layers.len(), float = q.float_layers.len(), images, "quantized");
+                let labels = q.freeze(1)?.kernels();
+                let kernel_of = |name: &str| labels.iter().find(|(n, _)| n == name).map(|(_, k)| k.clone());
+                stage_report.quantization = Some(QuantSummary {
+                    method: "static post-training".into(),
+                    weights: format!(
+                        "int{weight_bits} weights, symmetric, {} (batch norms folded first)",
+                        if *per_channel { "per output channel" } else { "per layer" }
+                    ),
+                    activations: "u8 asymmetric, per tensor, at the input of each quantized layer".into(),
+                    calibrator: format!("{calibrator:?}"),
+                    calibration_images: images,
+                    quantized_layers: q
+                        .layers
+                        .iter()
+                        .map(|(n, l)| (n.clone(), l.weight_bits, kernel_of(n).unwrap_or_default()))
+                        .collect(),
+                    float_layers: q.float_layers.clone(),
+                    int8_gemm: shrink_quant::kernels::int8_gemm_kernel_name(),
+                    simulated_test: Evaluation::default(),
+                    f32_file_bytes: io::to_bytes(&graph)?.len(),
+                });
+                quantized = Some(q);
+            }
             Stage::Evaluate { .. } => {}
         }
         let batch = match stage {
             Stage::Evaluate { batch_size } => *batch_size,
             _ => 250,
         };
-        let (eval, stats, latency) = measure(&graph, &data, e.backend, plan, batch)?;
+        let (eval, stats, latency) = match &quantized {
+            Some(q) => {
+                let (integer, simulated, stats, latency) = measure_quantized(q, &data, e.backend, plan, batch)?;
+                if let Some(summary) = stage_report.quantization.as_mut() {
+                    summary.simulated_test = simulated;
+                }
+                stage_report.evaluated_on = "cpu-plan-int8".into();
+                stage_report.file_bytes = q.to_bytes()?.len();
+                (integer, stats, latency)
+            }
+            None => {
+                stage_report.evaluated_on = e.backend.runner_label().into();
+                stage_report.file_bytes = io::to_bytes(&graph)?.len();
+                measure(&graph, &data, e.backend, plan, batch)?
+            }
+        };
         tracing::info!(top1 = eval.top1, params = stats.params, macs = stats.macs, "stage measured");
         stage_report.set_measurements(eval, stats, latency);
         stage_report.wall_seconds = start.elapsed().as_secs_f64();
@@ -275,7 +360,10 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
         report.current_stage = None;
         write_report(report, run_dir)?;
     }
-    io::save(&graph, &run_dir.join("model.safetensors"))?;
+    match &quantized {
+        Some(q) => q.save(&run_dir.join("model.safetensors"))?,
+        None => io::save(&graph, &run_dir.join("model.safetensors"))?,
+    }
     report.model_file = Some("model.safetensors".into());
     crate::report::write_training_curve(report, &run_dir.join("training_curve.svg"))?;
     Ok(())

@@ -77,6 +77,27 @@ fn smoke_configs_run_cache_their_baseline_and_are_deterministic() {
     assert!(acc > 0.6, "smoke MLP accuracy {acc}");
     assert!(mlp["stages"][0]["cache_key"].as_str().is_some());
 
+    // The int8 smoke run: evaluated on the integer kernels, close to its f32 baseline and to its
+    // own simulation, a model file about a quarter of the f32 one that loads back.
+    let int8_dir = dirs.iter().find(|d| d.contains("smoke_lenet_int8")).unwrap();
+    let int8 = report(int8_dir);
+    let (base, q) = (&int8["stages"][0], &int8["stages"][1]);
+    assert_eq!(q["kind"], "quantize");
+    assert_eq!(q["evaluated_on"], "cpu-plan-int8");
+    let top1 = |v: &serde_json::Value| v["top1"].as_f64().unwrap();
+    let (f32_acc, int_acc) = (top1(&base["test"]), top1(&q["test"]));
+    let sim_acc = top1(&q["quantization"]["simulated_test"]);
+    assert!((f32_acc - int_acc).abs() <= 0.03, "f32 {f32_acc} vs int8 {int_acc}");
+    assert!((sim_acc - int_acc).abs() <= 0.01, "simulated {sim_acc} vs integer {int_acc}");
+    let ratio = q["file_bytes"].as_f64().unwrap() / base["file_bytes"].as_f64().unwrap();
+    assert!(ratio < 0.3, "int8 file ratio {ratio}");
+    assert!(q["latency"].as_array().unwrap().iter().any(|l| l["runner"] == "cpu-plan-int8"));
+    let layers = q["quantization"]["quantized_layers"].as_array().unwrap();
+    assert!(layers.iter().any(|l| l[0] == "fc3" && l[1] == 4), "the override gave fc3 4-bit weights: {layers:?}");
+    let device = shrink_core::BackendKind::Flex.device().unwrap();
+    let loaded = shrink_quant::QuantizedModel::load(&root().join(int8_dir).join("model.safetensors"), &device).unwrap();
+    assert_eq!(loaded.layers.len(), layers.len());
+
     // Second run: the baseline comes from the cache, with the same metrics.
     let second = xtask(&["run", "--out", &out_arg, "configs/smoke/mlp.toml"]);
     assert!(second.status.success());

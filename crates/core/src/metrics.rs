@@ -209,7 +209,21 @@ pub fn measure_latency(graph: &Graph, backend: BackendKind, settings: &LatencySe
 pub fn measure_plan_latency(graph: &Graph, threads: usize, settings: &LatencySettings) -> Result<Vec<Latency>> {
     use crate::runtime::{FreezeOptions, KernelRegistry, freeze_with};
     let mut plan = freeze_with(graph, &KernelRegistry::default(), &FreezeOptions { threads })?;
-    let per = graph.input_shape().iter().product::<usize>();
+    measure_frozen_latency(&mut plan, graph.input_shape(), "cpu-plan", settings)
+}
+
+/// Measures an already frozen plan (e.g. one on integer kernels) at each batch size of
+/// `settings`, with a fixed input of `input_shape` images; labelled `runner`.
+///
+/// # Errors
+/// [`Error::InputShape`] if `input_shape` is not the plan's.
+pub fn measure_frozen_latency(
+    plan: &mut crate::runtime::Plan,
+    input_shape: [usize; 3],
+    runner: &str,
+    settings: &LatencySettings,
+) -> Result<Vec<Latency>> {
+    let per = input_shape.iter().product::<usize>();
     let mut out = Vec::new();
     for &batch in &settings.batch_sizes {
         let batch = batch.max(1);
@@ -227,7 +241,7 @@ pub fn measure_plan_latency(graph: &Graph, threads: usize, settings: &LatencySet
         times.sort_by(f64::total_cmp);
         let pick = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
         out.push(Latency {
-            runner: "cpu-plan".into(),
+            runner: runner.into(),
             batch_size: batch,
             threads: plan.threads(),
             median_ms: pick(0.5),

@@ -336,7 +336,7 @@ fn count_correct(logits: Tensor<2>, labels: Tensor<1, Int>) -> usize {
 }
 
 /// Metrics of a model on a labelled set.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Evaluation {
     /// Images evaluated.
     pub samples: usize,

@@ -135,3 +135,14 @@ fn folded_conv_batch_norm_matches_within_1e5() {
         assert!((a - b).abs() <= 1e-5 * scale, "{a} vs {b}");
     }
 }
+
+#[test]
+fn relu_fuses_through_a_folded_batch_norm() {
+    let device = BackendKind::Flex.device().unwrap();
+    let g =
+        with_random_bn_stats(ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 12, 12], 10, &device).unwrap());
+    let (folded, _) = g.fold_batch_norms();
+    let kernels = freeze(&folded).unwrap().kernels();
+    assert!(kernels.iter().all(|(_, k)| k != "relu/f32"), "{kernels:?}");
+    assert_close(&folded, 2, 1);
+}

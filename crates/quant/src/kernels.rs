@@ -23,7 +23,7 @@ thread_local! {
     /// Quantized inputs, zero points and i32 accumulators, reused across calls: a forward pass
     /// allocates only when a layer needs more than any before it on this thread.
     static BUFFERS: RefCell<Buffers> =
-        const { RefCell::new(Buffers { image: Vec::new(), cols: Vec::new(), row_zero: Vec::new(), acc: Vec::new() }) };
+        const { RefCell::new(Buffers { signed: Vec::new(), cols: Vec::new(), col_zero: Vec::new(), image: Vec::new(), row_zero: Vec::new(), acc: Vec::new() }) };
 }
 
 /// The name of the integer GEMM kernel rten picked for this CPU (e.g. `x86_64-u8i8i32-avx512`).
@@ -32,23 +32,31 @@ pub fn int8_gemm_kernel_name() -> String {
 }
 
 struct Buffers {
-    /// A quantized image (conv) or batch (linear).
+    /// A quantized image of a conv, shifted to i8.
+    signed: Vec<i8>,
+    /// Its unrolled patches.
+    cols: Vec<i8>,
+    /// One zero point per column of a conv's right-hand side.
+    col_zero: Vec<i8>,
+    /// A quantized batch of a linear layer.
     image: Vec<u8>,
-    /// The unrolled image of a conv.
-    cols: Vec<u8>,
-    /// One zero point per row of the left-hand side.
+    /// One zero point per row of a linear layer's left-hand side.
     row_zero: Vec<u8>,
     acc: Vec<i32>,
 }
 
 /// Quantizes `x` to u8 with `p` (round half up, saturating): `q = clamp(x / scale + zp)`.
 /// Written so that it vectorises: multiply, add, clamp, truncate.
-fn quantize_u8(x: &[f32], p: QuantParams, out: &mut [u8]) {
+pub fn quantize_u8(x: &[f32], p: QuantParams, out: &mut [u8]) {
     let (inv, zp) = (1.0 / p.scale, p.zero_point as f32 + 0.5);
     for (o, &v) in out.iter_mut().zip(x) {
         *o = (v * inv + zp).clamp(0.0, 255.49) as u8;
     }
 }
+
+/// Bytes of unrolled patches one integer conv call works on (several images per GEMM when they
+/// are small).
+const ROWS_BUDGET: usize = 1 << 20;
 
 /// Rounds `w / scale` to the nearest integer in `[-qmax, qmax]`.
 pub(crate) fn quantize_weight(w: f32, scale: f32, qmax: i32) -> i32 {
@@ -79,14 +87,17 @@ fn dims(shape: ValueShape) -> (usize, usize, usize) {
     }
 }
 
-/// Integer convolution (groups = 1), computed transposed: `im2col(image)ᵀ [h·w, k] (u8) ×
-/// Wᵀ [k, cout] (i8, packed once)`. The weights sit on the GEMM's right-hand side because rten
-/// keeps their packing valid only with a zero point of 0, which symmetric weights have; the
-/// input is quantized and unrolled in one pass, and the epilogue writes channel-major f32.
+/// Integer convolution (groups = 1): `W [cout, k] (u8: weights + 128) × im2col(image) [k, h·w]
+/// (i8: activations - 128)`. The image is quantized into a buffer already padded with the zero
+/// point, then unrolled row by row with plain copies (rten's virtual im2col gathers one byte at
+/// a time, which measured slower than the integer GEMM itself, and pads with a raw 0, which is
+/// not the zero point of an asymmetric input). The weights are quantized and laid out once, at freeze
+/// time; rten re-packs that small panel on every call because its pre-packed left-hand side
+/// ignores zero points (tested in this module), which shifted weights need.
 pub struct ConvInt8 {
-    packed: rten_gemm::PackedBMatrix<i8>,
-    /// Per output channel: 0 (symmetric weights).
-    weight_zero: Vec<i8>,
+    weights: Vec<u8>,
+    /// Per output channel: 128, the zero point of the shifted weights.
+    weight_zero: Vec<u8>,
     /// Per output channel: input scale × weight scale.
     out_scale: Vec<f32>,
     bias: Vec<f32>,
@@ -98,6 +109,7 @@ pub struct ConvInt8 {
     stride: [usize; 2],
     padding: [usize; 2],
     dilation: [usize; 2],
+    pointwise: bool,
     bits: u32,
 }
 
@@ -118,17 +130,15 @@ impl ConvInt8 {
         }
         let k = view.weight.len() / out_channels;
         let qmax = layer.qmax();
-        let mut wt = vec![0i8; k * out_channels];
-        for (o, row) in view.weight.chunks_exact(k).enumerate() {
-            let s = layer.weight_scales[o];
-            for (p, &w) in row.iter().enumerate() {
-                wt[p * out_channels + o] = quantize_weight(w, s, qmax) as i8;
-            }
-        }
-        let packed = INT8.with(|e| e.prepack_b(NdTensorView::from_data([k, out_channels], &wt[..])));
+        let weights = view
+            .weight
+            .chunks_exact(k)
+            .zip(&layer.weight_scales)
+            .flat_map(|(row, &s)| row.iter().map(move |&w| (quantize_weight(w, s, qmax) + 128) as u8))
+            .collect();
         Some(Self {
-            packed,
-            weight_zero: vec![0; out_channels],
+            weights,
+            weight_zero: vec![128; out_channels],
             out_scale: layer.weight_scales.iter().map(|s| s * layer.input.scale).collect(),
             bias: view.bias.map(|b| b.to_vec()).unwrap_or_else(|| vec![0.0; out_channels]),
             relu: view.relu,
@@ -139,77 +149,133 @@ impl ConvInt8 {
             stride,
             padding,
             dilation,
+            pointwise: kernel == [1, 1] && stride == [1, 1] && padding == [0, 0],
             bits: layer.weight_bits,
         })
     }
 
-    /// Unrolls the quantized image `q` (`[c, h, w]` u8) into `cols` (`[oh·ow, c·kh·kw]`), the
-    /// padding filled with the zero point.
-    fn unroll(&self, q: &[u8], cols: &mut [u8]) {
-        let (cin, h, w) = self.input;
+    /// Height and width of the padded image.
+    fn padded(&self) -> (usize, usize) {
+        (self.input.1 + 2 * self.padding[0], self.input.2 + 2 * self.padding[1])
+    }
+
+    /// Unrolls the padded quantized image into columns `[col0, col0 + oh·ow)` of `cols`, a
+    /// `[c·kh·kw, stride]` matrix.
+    fn unroll(&self, padded: &[i8], cols: &mut [i8], stride: usize, col0: usize) {
+        let cin = self.input.0;
+        let (hp, wp) = self.padded();
         let (_, oh, ow) = self.output;
         let [kh, kw] = self.kernel;
-        let k = cin * kh * kw;
-        let zero = self.input_params.zero_point as u8;
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let row = &mut cols[(oy * ow + ox) * k..][..k];
-                let mut p = 0;
-                for c in 0..cin {
-                    let plane = &q[c * h * w..(c + 1) * h * w];
-                    for ky in 0..kh {
-                        let iy = (oy * self.stride[0] + ky * self.dilation[0]) as isize - self.padding[0] as isize;
-                        for kx in 0..kw {
-                            let ix = (ox * self.stride[1] + kx * self.dilation[1]) as isize - self.padding[1] as isize;
-                            row[p] = if iy >= 0 && iy < h as isize && ix >= 0 && ix < w as isize {
-                                plane[iy as usize * w + ix as usize]
-                            } else {
-                                zero
-                            };
-                            p += 1;
+        let [sh, sw] = self.stride;
+        let [dh, dw] = self.dilation;
+        let n = oh * ow;
+        for c in 0..cin {
+            let plane = &padded[c * hp * wp..(c + 1) * hp * wp];
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    let row = &mut cols[((c * kh + ky) * kw + kx) * stride + col0..][..n];
+                    for (oy, dst) in row.chunks_exact_mut(ow).enumerate() {
+                        let src = &plane[(oy * sh + ky * dh) * wp + kx * dw..];
+                        if sw == 1 {
+                            dst.copy_from_slice(&src[..ow]);
+                        } else {
+                            dst.iter_mut().zip(src.iter().step_by(sw)).for_each(|(d, &s)| *d = s);
                         }
                     }
                 }
             }
         }
     }
+
+    /// Quantizes image `x` into `out`, the padded `[c, hp, wp]` buffer (border = zero point).
+    fn quantize_padded(&self, x: &[f32], out: &mut [i8]) {
+        let (c, h, w) = self.input;
+        let (hp, wp) = self.padded();
+        let [ph, pw] = self.padding;
+        if ph == 0 && pw == 0 {
+            return quantize_shifted_i8(x, self.input_params, out);
+        }
+        out.fill((self.input_params.zero_point - 128) as i8);
+        for ch in 0..c {
+            for y in 0..h {
+                let src = &x[(ch * h + y) * w..][..w];
+                let dst = &mut out[(ch * hp + y + ph) * wp + pw..][..w];
+                quantize_shifted_i8(src, self.input_params, dst);
+            }
+        }
+    }
+}
+
+/// As [`quantize_u8`], stored shifted into i8 (`q - 128`): the activations take the GEMM's
+/// signed side.
+fn quantize_shifted_i8(x: &[f32], p: QuantParams, out: &mut [i8]) {
+    let (inv, zp) = (1.0 / p.scale, p.zero_point as f32 + 0.5);
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = ((v * inv + zp).clamp(0.0, 255.49) as i32 - 128) as i8;
+    }
 }
 
 impl Kernel for ConvInt8 {
     fn label(&self) -> String {
         let bits = if self.bits == 8 { String::new() } else { format!(" (int{} weights)", self.bits) };
-        format!("conv2d/int8-im2col-gemm-rten{}{bits}", if self.relu { "+relu" } else { "" })
+        let how = if self.pointwise { "gemm" } else { "im2col-gemm" };
+        format!("conv2d/int8-{how}-rten{}{bits}", if self.relu { "+relu" } else { "" })
     }
 
     fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], _ctx: &RunContext) {
         let (cin, h, w) = self.input;
+        let (hp, wp) = self.padded();
         let (cout, oh, ow) = self.output;
         let (in_len, out_len, n) = (cin * h * w, cout * oh * ow, oh * ow);
         let k = cin * self.kernel[0] * self.kernel[1];
+        // Several images side by side in one GEMM (up to about 1 MiB of unrolled patches): layers
+        // with small feature maps would otherwise make many small, overhead-bound calls.
+        let group = (ROWS_BUDGET / (k * n).max(1)).clamp(1, batch.max(1));
         BUFFERS.with(|b| {
-            let Buffers { image, cols, row_zero, acc } = &mut *b.borrow_mut();
-            image.resize(in_len, 0);
-            cols.resize(n * k, 0);
-            acc.resize(n * cout, 0);
-            row_zero.clear();
-            row_zero.resize(n, self.input_params.zero_point as u8);
-            for (i, out) in output.chunks_exact_mut(out_len).enumerate().take(batch) {
-                quantize_u8(&inputs[0][i * in_len..(i + 1) * in_len], self.input_params, image);
-                self.unroll(image, cols);
+            let Buffers { signed, cols, col_zero, acc, .. } = &mut *b.borrow_mut();
+            signed.resize(cin * hp * wp, 0);
+            cols.resize(k * n * group, 0);
+            acc.resize(cout * n * group, 0);
+            // rten wants one zero point per column of the right-hand side.
+            col_zero.clear();
+            col_zero.resize(n * group, (self.input_params.zero_point - 128) as i8);
+            let mut first = 0;
+            while first < batch {
+                let g = group.min(batch - first);
+                let width = g * n;
+                for i in 0..g {
+                    let image = &inputs[0][(first + i) * in_len..(first + i + 1) * in_len];
+                    self.quantize_padded(image, signed);
+                    if self.pointwise && g == 1 {
+                        break;
+                    }
+                    self.unroll(signed, cols, width, i * n);
+                }
+                let rhs: &[i8] = if self.pointwise && g == 1 { &signed[..k * n] } else { &cols[..k * width] };
+                let a = GemmInputA::Unpacked(NdTensorView::from_data([cout, k], &self.weights[..]));
                 let opts = GemmOptions {
-                    a_quant: Some(RtenQuant { zero_point: &row_zero[..] }),
-                    b_quant: Some(RtenQuant { zero_point: &self.weight_zero[..] }),
+                    a_quant: Some(RtenQuant { zero_point: &self.weight_zero[..] }),
+                    b_quant: Some(RtenQuant { zero_point: &col_zero[..width] }),
                     ..Default::default()
                 };
-                let a = GemmInputA::Unpacked(NdTensorView::from_data([n, k], &cols[..]));
-                INT8.with(|e| e.gemm(&mut acc[..], a, GemmInputB::Packed(&self.packed), opts))
-                    .expect("shapes checked at freeze time");
-                for (j, a) in acc.chunks_exact(cout).enumerate() {
-                    for c in 0..cout {
-                        let y = a[c] as f32 * self.out_scale[c] + self.bias[c];
-                        out[c * n + j] = if self.relu { y.max(0.0) } else { y };
+                INT8.with(|e| {
+                    let b = GemmInputB::Unpacked(NdTensorView::from_data([k, width], rhs));
+                    e.gemm(&mut acc[..cout * width], a, b, opts)
+                })
+                .expect("shapes checked at freeze time");
+                for i in 0..g {
+                    let out = &mut output[(first + i) * out_len..(first + i + 1) * out_len];
+                    for (c, o) in out.chunks_exact_mut(n).enumerate() {
+                        let a = &acc[c * width + i * n..][..n];
+                        let (s, b) = (self.out_scale[c], self.bias[c]);
+                        if self.relu {
+                            o.iter_mut().zip(a).for_each(|(o, &a)| *o = (a as f32 * s + b).max(0.0));
+                        } else {
+                            o.iter_mut().zip(a).for_each(|(o, &a)| *o = a as f32 * s + b);
+                        }
                     }
                 }
+                first += g;
             }
         });
     }

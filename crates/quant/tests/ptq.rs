@@ -90,6 +90,14 @@ fn integer_conv_equals_a_reference_integer_loop() {
         .collect();
     let got = plan.run(&input, 1).unwrap();
     assert_eq!(got, &expected[..], "integer plan vs reference loop");
+
+    // Several images in one call (the conv then multiplies them side by side in one GEMM) give
+    // exactly what each gives alone.
+    let batch = to_vec(calib[1].clone());
+    let together = plan.run(&batch, 8).unwrap().to_vec();
+    for (i, image) in batch.chunks_exact(3 * 9 * 9).enumerate() {
+        assert_eq!(plan.run(image, 1).unwrap(), &together[i * 4..(i + 1) * 4], "image {i}");
+    }
 }
 
 #[test]

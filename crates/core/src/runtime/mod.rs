@@ -395,6 +395,11 @@ pub fn freeze_with(graph: &Graph, registry: &KernelRegistry, options: &FreezeOpt
                     bias = Some(b);
                     absorbed[bn_id] = true;
                     tail = bn_id;
+                } else if let Some(identity) = sole(id, &|op| matches!(op, Op::Identity)) {
+                    // A batch norm already folded by `Graph::fold_batch_norms` left an identity:
+                    // look through it for a ReLU to fuse.
+                    absorbed[identity] = true;
+                    tail = identity;
                 }
                 let relu = fuse_relu(&sole, tail, &mut absorbed);
                 let kernel = build(&weight, &p.weight.dims(), bias.as_deref(), relu);

@@ -1,0 +1,173 @@
+//! The `quant` suite: shrink-quant's integer kernels against the f32 CPU plan they replace, on
+//! the shapes issue #4 names. Each case runs every contender on the same inputs.
+
+use shrink_core::burn::module::Module;
+use shrink_core::burn::tensor::{Tensor, TensorData};
+use shrink_core::graph::{Conv2dSpec, GraphBuilder};
+use shrink_core::runtime::{Plan, freeze};
+use shrink_core::zoo::ModelSpec;
+use shrink_core::{BackendKind, Graph};
+use shrink_quant::{PtqSettings, QuantParams, quantize_static};
+
+use crate::runtime::{Case, Contender, random};
+
+fn gemm_case(m: usize, k: usize, n: usize) -> Case {
+    let (a, b) = (random(m * k, 1), random(k * n, 2));
+    // f32: the plan's GEMM (rten-gemm, right-hand side packed once).
+    let f32_gemm = {
+        let exec = rten_gemm::GemmExecutor::<f32, f32, f32>::default();
+        let packed = exec.prepack_b(rten_tensor::NdTensorView::from_data([k, n], &b[..]));
+        let a = shrink_core::runtime::aligned(&a);
+        let mut c = vec![0.0f32; m * n];
+        Contender {
+            runner: "f32 cpu-plan".into(),
+            run: Box::new(move || {
+                exec.gemm(
+                    &mut c,
+                    rten_gemm::GemmInputA::Unpacked(rten_tensor::NdTensorView::from_data([m, k], &a[..])),
+                    rten_gemm::GemmInputB::Packed(&packed),
+                    rten_gemm::GemmOptions::default(),
+                )
+                .expect("valid shapes");
+            }),
+        }
+    };
+    // int8: u8 activations with a zero point × i8 weights packed once, as the integer kernels run it.
+    let int8_gemm = {
+        let exec = rten_gemm::GemmExecutor::<u8, i8, i32>::default();
+        let qa: Vec<u8> = a.iter().map(|v| ((v + 0.5) * 255.0) as u8).collect();
+        let qb: Vec<i8> = b.iter().map(|v| (v * 254.0) as i8).collect();
+        let packed = exec.prepack_b(rten_tensor::NdTensorView::from_data([k, n], &qb[..]));
+        let (za, zb) = (vec![128u8; m], vec![0i8; n]);
+        let mut c = vec![0i32; m * n];
+        Contender {
+            runner: format!("int8 {}", exec.kernel_name()),
+            run: Box::new(move || {
+                let opts = rten_gemm::GemmOptions {
+                    a_quant: Some(rten_gemm::QuantParams { zero_point: &za }),
+                    b_quant: Some(rten_gemm::QuantParams { zero_point: &zb }),
+                    ..Default::default()
+                };
+                exec.gemm(
+                    &mut c,
+                    rten_gemm::GemmInputA::Unpacked(rten_tensor::NdTensorView::from_data([m, k], &qa[..])),
+                    rten_gemm::GemmInputB::Packed(&packed),
+                    opts,
+                )
+                .expect("valid shapes");
+            }),
+        }
+    };
+    Case {
+        name: format!("gemm {m}x{k}x{n}"),
+        flops: 2.0 * (m * n * k) as f64,
+        baseline: "f32 cpu-plan".into(),
+        contenders: vec![int8_gemm, f32_gemm],
+    }
+}
+
+/// The f32 plan and the int8 plan of `graph` (calibrated on two random batches), as contenders.
+fn plan_pair(graph: &Graph, input: &[f32], batch: usize) -> Vec<Contender> {
+    let device = BackendKind::Flex.device().expect("flex");
+    let [c, h, w] = graph.input_shape();
+    let calibration: Vec<Tensor<4>> = (0..2)
+        .map(|i| Tensor::from_data(TensorData::new(random(8 * c * h * w, 10 + i), [8, c, h, w]), &device))
+        .collect();
+    let q = quantize_static(graph, &mut calibration.into_iter(), &PtqSettings::default()).expect("quantizable");
+    let mut int8: Plan = q.freeze(1).expect("freezable");
+    let mut f32_plan: Plan = freeze(&q.graph).expect("freezable");
+    let (i1, i2) = (input.to_vec(), input.to_vec());
+    vec![
+        Contender {
+            runner: "int8 cpu-plan".into(),
+            run: Box::new(move || {
+                int8.run(&i1, batch).expect("valid input");
+            }),
+        },
+        Contender {
+            runner: "f32 cpu-plan".into(),
+            run: Box::new(move || {
+                f32_plan.run(&i2, batch).expect("valid input");
+            }),
+        },
+    ]
+}
+
+fn conv_case() -> Case {
+    let (batch, c, h, w) = (8, 64, 32, 32);
+    let device = BackendKind::Flex.device().expect("flex");
+    device.seed(1);
+    let mut b = GraphBuilder::new([c, h, w]);
+    let x = b.input();
+    let y = b.conv2d("conv", x, Conv2dSpec::new(64, 3).padding(1));
+    let graph = b.build(y, &device).expect("valid conv").valid();
+    let input = random(batch * c * h * w, 3);
+    let flops = 2.0 * (batch * 64 * h * w * c * 9) as f64;
+    Case {
+        name: "conv3x3 64->64 32x32 b8".into(),
+        flops,
+        baseline: "f32 cpu-plan".into(),
+        contenders: plan_pair(&graph, &input, batch),
+    }
+}
+
+fn resnet20_case(batch: usize) -> Case {
+    let device = BackendKind::Flex.device().expect("flex");
+    device.seed(2);
+    let graph: Graph =
+        ModelSpec::CifarResnet { depth: 20, width: 1.0 }.build([3, 32, 32], 10, &device).expect("zoo").valid();
+    let macs = shrink_core::metrics::model_stats(&graph).expect("stats").macs as f64;
+    let input = random(batch * 3 * 32 * 32, 4);
+    Case {
+        name: format!("resnet20 cifar b{batch}"),
+        flops: 2.0 * macs * batch as f64,
+        baseline: "f32 cpu-plan".into(),
+        contenders: plan_pair(&graph, &input, batch),
+    }
+}
+
+/// Quantizing a tensor far larger than the caches (16 Mi values, 64 MiB) against copying it:
+/// "GFLOP/s" counts values per second here.
+fn quantize_case() -> Case {
+    let len = 16 << 20;
+    let x = random(len, 7);
+    let p = QuantParams { scale: 1.0 / 255.0, zero_point: 128 };
+    let (x1, x2) = (x.clone(), x);
+    let mut q = vec![0u8; len];
+    let mut copy = vec![0f32; len];
+    Case {
+        name: "quantize 16Mi f32 (values/s)".into(),
+        flops: len as f64,
+        baseline: "memcpy f32".into(),
+        contenders: vec![
+            Contender {
+                runner: "quantize f32->u8".into(),
+                run: Box::new(move || {
+                    shrink_quant::kernels::quantize_u8(&x1, p, &mut q);
+                    std::hint::black_box(&q);
+                }),
+            },
+            Contender {
+                runner: "memcpy f32".into(),
+                run: Box::new(move || {
+                    copy.copy_from_slice(&x2);
+                    std::hint::black_box(&copy);
+                }),
+            },
+        ],
+    }
+}
+
+/// The cases of the `quant` suite.
+pub fn quant_cases() -> Vec<Case> {
+    vec![
+        gemm_case(256, 256, 256),
+        gemm_case(512, 512, 512),
+        gemm_case(1024, 1024, 1024),
+        gemm_case(64, 576, 1024),
+        conv_case(),
+        resnet20_case(1),
+        resnet20_case(64),
+        quantize_case(),
+    ]
+}
