@@ -216,7 +216,7 @@ pub fn measure_plan_latency(graph: &Graph, threads: usize, settings: &LatencySet
 /// `settings`, with a fixed input of `input_shape` images; labelled `runner`.
 ///
 /// # Errors
-/// [`Error::InputShape`] if `input_shape` is not the plan's.
+/// [`crate::Error::InputShape`] if `input_shape` is not the plan's.
 pub fn measure_frozen_latency(
     plan: &mut crate::runtime::Plan,
     input_shape: [usize; 3],
