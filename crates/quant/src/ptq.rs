@@ -234,10 +234,11 @@ pub fn quantize_static(
     Ok(QuantizedModel { graph: folded, layers, float_layers })
 }
 
-/// `x` rounded as the integer kernels round it: `scale * (clamp(round(x / scale) + zp) - zp)`.
+/// `x` rounded as the integer kernels round it: `scale * (clamp(round(x / scale + zp)) - zp)`
+/// (burn's `round` rounds ties to even, as the kernels do).
 fn fake_quant_tensor<const D: usize>(x: Tensor<D>, p: QuantParams) -> Tensor<D> {
     let zp = p.zero_point as f32;
-    x.div_scalar(p.scale).round().add_scalar(zp).clamp(0.0, 255.0).sub_scalar(zp).mul_scalar(p.scale)
+    x.mul_scalar(1.0 / p.scale).add_scalar(zp).round().clamp(0.0, 255.0).sub_scalar(zp).mul_scalar(p.scale)
 }
 
 impl QuantizedModel {

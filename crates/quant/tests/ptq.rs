@@ -40,7 +40,8 @@ fn integer_conv_equals_a_reference_integer_loop() {
     // Reference: the same integer arithmetic written out as plain loops.
     let input = to_vec(calib[0].clone().narrow(0, 0, 1));
     let lq = &q.layers["conv"];
-    let quant_u8 = |v: f32, s: f32, zp: i32| ((v / s + zp as f32 + 0.5).clamp(0.0, 255.49)) as i32;
+    // The kernels' rounding: multiply by the reciprocal scale, round half to even, saturate.
+    let quant_u8 = |v: f32, s: f32, zp: i32| (v * (1.0 / s) + zp as f32).clamp(0.0, 255.0).round_ties_even() as i32;
     let node = &q.graph.nodes[q.graph.node_id("conv").unwrap()];
     let shrink_core::graph::Params::Conv(p) = node.params.as_ref().unwrap() else { panic!() };
     let w = to_vec(p.weight.val());
