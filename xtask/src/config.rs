@@ -144,6 +144,10 @@ pub enum Stage {
         /// `{ pattern = "stem\\.conv", keep_float = true }`, `{ pattern = "layer2\\..*", weight_bits = 4 }`.
         #[serde(default)]
         overrides: Vec<Override>,
+        /// Also quantize one layer at a time (the others in f32) and report each layer's effect
+        /// on test accuracy and loss, measured on the integer kernels (table + SVG chart).
+        #[serde(default)]
+        sensitivity: bool,
     },
     /// Evaluate the current model on the test set.
     Evaluate {

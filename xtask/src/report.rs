@@ -169,6 +169,23 @@ pub struct QuantSummary {
     pub simulated_test: Evaluation,
     /// Size of the f32 model file before quantization, bytes.
     pub f32_file_bytes: usize,
+    /// Per-layer sensitivity (when asked for): the f32 reference, then each layer quantized
+    /// alone, most harmful first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sensitivity: Option<Sensitivity>,
+}
+
+/// One layer at a time quantized, measured on the integer kernels.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Sensitivity {
+    /// Test top-1 and loss of the folded f32 model on the CPU plan.
+    pub reference_top1: f64,
+    /// See `reference_top1`.
+    pub reference_loss: f64,
+    /// `(layer, top-1, loss)` with only that layer quantized, sorted by loss, highest first.
+    pub layers: Vec<(String, f64, f64)>,
+    /// The chart's file name in the run directory.
+    pub chart: String,
 }
 
 impl StageReport {
@@ -354,6 +371,23 @@ pub fn markdown(r: &Report) -> String {
             mb(q.f32_file_bytes),
             st.file_bytes as f64 / q.f32_file_bytes.max(1) as f64
         );
+        if let Some(sens) = &q.sensitivity {
+            let worst: Vec<&str> = sens.layers.iter().take(3).map(|(n, _, _)| n.as_str()).collect();
+            s += &format!(
+                "\n### Sensitivity: one layer quantized at a time\n\nMeasured on the integer kernels against the f32 plan (top-1 {:.4}, loss {:.4}); most sensitive: {}. Chart: `{}`.\n\n| layer | top-1 | Δ top-1 (pp) | loss | Δ loss |\n|---|---|---|---|---|\n",
+                sens.reference_top1,
+                sens.reference_loss,
+                worst.join(", "),
+                sens.chart
+            );
+            for (name, top1, loss) in &sens.layers {
+                s += &format!(
+                    "| {name} | {top1:.4} | {:+.2} | {loss:.4} | {:+.5} |\n",
+                    (top1 - sens.reference_top1) * 100.0,
+                    loss - sens.reference_loss
+                );
+            }
+        }
         s += "\n| layer | weight bits | kernel |\n|---|---|---|\n";
         for (name, bits, kernel) in &q.quantized_layers {
             s += &format!("| {name} | {bits} | {kernel} |\n");
@@ -397,6 +431,51 @@ pub fn markdown(r: &Report) -> String {
         s += &format!("- {c}\n");
     }
     s
+}
+
+/// Draws the loss increase of each layer quantized alone as a horizontal bar chart (SVG).
+pub fn write_sensitivity_chart(title: &str, sens: &Sensitivity, path: &Path) -> Result<()> {
+    let n = sens.layers.len().max(1);
+    let deltas: Vec<f64> = sens.layers.iter().map(|(_, _, loss)| loss - sens.reference_loss).collect();
+    let lo = deltas.iter().copied().fold(0.0, f64::min);
+    let hi = deltas.iter().copied().fold(0.0, f64::max).max(lo + 1e-6);
+    let mut svg = String::new();
+    {
+        let height = 80 + 22 * n as u32;
+        let root = SVGBackend::with_string(&mut svg, (800, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let names: Vec<String> = sens.layers.iter().map(|(name, _, _)| name.clone()).collect();
+        let mut chart = ChartBuilder::on(&root)
+            .caption(format!("{title}: test-loss increase, one layer quantized"), ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(170)
+            .build_cartesian_2d(lo..hi * 1.05, -0.5..n as f64 - 0.5)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        // Bar i (most harmful first, at the top) is centred on y = n - 1 - i.
+        chart
+            .configure_mesh()
+            .y_labels(n)
+            .y_label_formatter(&|y| {
+                let i = n as f64 - 1.0 - y;
+                if (y - y.round()).abs() > 1e-6 || i < -1e-6 {
+                    return String::new();
+                }
+                names.get(i.round() as usize).cloned().unwrap_or_default()
+            })
+            .x_desc("Δ loss vs f32")
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        chart
+            .draw_series(deltas.iter().enumerate().map(|(i, &d)| {
+                let y = (n - 1 - i) as f64;
+                Rectangle::new([(0.0, y - 0.35), (d, y + 0.35)], BLUE.filled())
+            }))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    shrink_core::io::write_atomic(path, svg.as_bytes())?;
+    Ok(())
 }
 
 /// Draws training loss and accuracy per epoch of every train stage as an SVG.

@@ -142,6 +142,40 @@ impl TrainObserver for Progress {
     }
 }
 
+/// Quantizes one layer at a time (the others f32) and measures each on the integer plan; draws
+/// the chart into the run directory.
+fn measure_sensitivity(
+    original: &Graph,
+    q: &QuantizedModel,
+    data: &Data,
+    plan: &Plan,
+    index: usize,
+    run_dir: &Path,
+) -> Result<crate::report::Sensitivity> {
+    let device = plan.experiment.backend.device()?;
+    let threads = plan.experiment.threads;
+    let (folded, _) = original.clone().fold_batch_norms();
+    let mut f32_plan = shrink_core::runtime::freeze_with(
+        &folded,
+        &shrink_core::runtime::KernelRegistry::default(),
+        &shrink_core::runtime::FreezeOptions { threads },
+    )?;
+    let reference = evaluate_plan(&mut f32_plan, &data.test, &data.batcher, 250, &device)?;
+    let mut layers = Vec::new();
+    for name in q.layers.keys() {
+        let one = q.with_only(original, name)?;
+        let eval = evaluate_plan(&mut one.freeze(threads)?, &data.test, &data.batcher, 250, &device)?;
+        tracing::info!(layer = %name, top1 = eval.top1, loss = eval.loss, "sensitivity");
+        layers.push((name.clone(), eval.top1, eval.loss));
+    }
+    layers.sort_by(|a, b| b.2.total_cmp(&a.2));
+    let chart = format!("sensitivity_stage{index}.svg");
+    let sens =
+        crate::report::Sensitivity { reference_top1: reference.top1, reference_loss: reference.loss, layers, chart };
+    crate::report::write_sensitivity_chart(&plan.experiment.name, &sens, &run_dir.join(&sens.chart))?;
+    Ok(sens)
+}
+
 /// Measures a quantized model: test metrics on the integer plan (and simulated on burn), size,
 /// cost, and latency of burn's forward, the f32 plan and the integer plan.
 fn measure_quantized(
@@ -293,7 +327,15 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                 }
                 fresh = false;
             }
-            Stage::Quantize { weight_bits, per_channel, calibrator, calibration_batches, batch_size, overrides } => {
+            Stage::Quantize {
+                weight_bits,
+                per_channel,
+                calibrator,
+                calibration_batches,
+                batch_size,
+                overrides,
+                sensitivity,
+            } => {
                 let settings = PtqSettings {
                     weight_bits: *weight_bits,
                     per_channel: *per_channel,
@@ -328,7 +370,14 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                     int8_gemm: shrink_quant::kernels::int8_gemm_kernel_name(),
                     simulated_test: Evaluation::default(),
                     f32_file_bytes: io::to_bytes(&graph)?.len(),
+                    sensitivity: None,
                 });
+                if *sensitivity {
+                    let sens = measure_sensitivity(&graph, &q, &data, plan, index, run_dir)?;
+                    if let Some(summary) = stage_report.quantization.as_mut() {
+                        summary.sensitivity = Some(sens);
+                    }
+                }
                 quantized = Some(q);
             }
             Stage::Evaluate { .. } => {}

@@ -405,3 +405,28 @@ impl QuantizedModel {
         Ok(Self { graph, layers, float_layers: a.float_layers })
     }
 }
+
+impl QuantizedModel {
+    /// The model with only `layer` quantized as in `self`, every other layer in f32: what
+    /// per-layer sensitivity analysis measures. `original` is the graph `self` was quantized
+    /// from.
+    ///
+    /// # Errors
+    /// [`Error::Setting`] if `layer` is not one of the quantized layers.
+    pub fn with_only(&self, original: &Graph, layer: &str) -> Result<QuantizedModel, Error> {
+        let lq = self
+            .layers
+            .get(layer)
+            .ok_or_else(|| Error::Setting(format!("`{layer}` is not a quantized layer of this model")))?;
+        let (mut graph, _) = original.valid().fold_batch_norms();
+        let id = self.graph.node_id(layer).map_err(|e| Error::Setting(e.to_string()))?;
+        graph.nodes[id].params = self.graph.nodes[id].params.clone();
+        let float_layers = self
+            .layers
+            .keys()
+            .filter(|n| n.as_str() != layer)
+            .map(|n| (n.clone(), format!("f32 while `{layer}` alone is quantized")))
+            .collect();
+        Ok(QuantizedModel { graph, layers: BTreeMap::from([(layer.to_string(), lq.clone())]), float_layers })
+    }
+}

@@ -215,3 +215,25 @@ fn model_file_is_compact_and_loads_back_bit_identical() {
     assert!(err.contains("not a quantized model file"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn one_layer_at_a_time_models_quantize_exactly_that_layer() {
+    let device = BackendKind::Flex.device().unwrap();
+    device.seed(41);
+    let g = ModelSpec::CifarResnet { depth: 8, width: 0.5 }.build([1, 12, 12], 10, &device).unwrap();
+    let q = quantize_static(&g, &mut batches([1, 12, 12], 1, 2).into_iter(), &PtqSettings::default()).unwrap();
+    let input = to_vec(batches([1, 12, 12], 1, 3).remove(0));
+    let f32_out = shrink_core::runtime::freeze(&g).unwrap().run(&input, 8).unwrap().to_vec();
+    for name in q.layers.keys() {
+        let one = q.with_only(&g, name).unwrap();
+        let labels = one.freeze(1).unwrap().kernels();
+        let ints: Vec<&String> = labels.iter().filter(|(_, k)| k.contains("int8")).map(|(n, _)| n).collect();
+        assert_eq!(ints, vec![name], "{labels:?}");
+        // Close to f32, not equal to it: that layer's rounding is all that differs.
+        let out = one.freeze(1).unwrap().run(&input, 8).unwrap().to_vec();
+        assert_ne!(out, f32_out, "{name}");
+        let scale = f32_out.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(out.iter().zip(&f32_out).all(|(a, b)| (a - b).abs() < 0.05 * scale), "{name}");
+    }
+    assert!(q.with_only(&g, "nope").is_err());
+}
