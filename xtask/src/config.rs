@@ -124,6 +124,10 @@ pub enum Stage {
     /// Static post-training quantization: batch norms folded, weights per channel, activations
     /// calibrated on training images; the model then runs on integer kernels in the CPU plan.
     Quantize {
+        /// `static` (calibrated activation ranges, every conv and linear layer) or `dynamic`
+        /// (linear layers only, activation ranges measured per batch at run time).
+        #[serde(default)]
+        mode: QuantMode,
         /// Weight bits: 8, 4 or 2.
         #[serde(default = "default_weight_bits")]
         weight_bits: u32,
@@ -155,6 +159,17 @@ pub enum Stage {
         #[serde(default = "default_eval_batch")]
         batch_size: usize,
     },
+}
+
+/// How activations are quantized.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuantMode {
+    /// Ranges calibrated on training images.
+    #[default]
+    Static,
+    /// Ranges measured on each batch at run time; linear layers only.
+    Dynamic,
 }
 
 fn default_eval_batch() -> usize {

@@ -328,6 +328,7 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                 fresh = false;
             }
             Stage::Quantize {
+                mode,
                 weight_bits,
                 per_channel,
                 calibrator,
@@ -336,15 +337,18 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                 overrides,
                 sensitivity,
             } => {
+                let dynamic = *mode == crate::config::QuantMode::Dynamic;
                 let settings = PtqSettings {
                     weight_bits: *weight_bits,
                     per_channel: *per_channel,
                     calibrator: *calibrator,
                     overrides: overrides.clone(),
+                    dynamic,
                 };
                 // Calibration images: a seeded shuffle of the training set, no augmentation.
                 let order = shrink_core::data::shuffled(data.train.len(), e.seed ^ 0x7175);
-                let chunks: Vec<&[usize]> = order.chunks(*batch_size).take(*calibration_batches).collect();
+                let wanted = if dynamic { 0 } else { *calibration_batches };
+                let chunks: Vec<&[usize]> = order.chunks(*batch_size).take(wanted).collect();
                 let images: usize = chunks.iter().map(|c| c.len()).sum();
                 let mut batches = chunks.iter().map(|c| data.batcher.batch(&data.train, c, &device, None).0);
                 let q = quantize_static(&graph, &mut batches, &settings)
@@ -353,13 +357,17 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                 let labels = q.freeze(1)?.kernels();
                 let kernel_of = |name: &str| labels.iter().find(|(n, _)| n == name).map(|(_, k)| k.clone());
                 stage_report.quantization = Some(QuantSummary {
-                    method: "static post-training".into(),
+                    method: if dynamic { "dynamic post-training" } else { "static post-training" }.into(),
                     weights: format!(
                         "int{weight_bits} weights, symmetric, {} (batch norms folded first)",
                         if *per_channel { "per output channel" } else { "per layer" }
                     ),
-                    activations: "u8 asymmetric, per tensor, at the input of each quantized layer".into(),
-                    calibrator: format!("{calibrator:?}"),
+                    activations: if dynamic {
+                        "u8 asymmetric, per tensor, range measured on each batch at run time".into()
+                    } else {
+                        "u8 asymmetric, per tensor, at the input of each quantized layer".into()
+                    },
+                    calibrator: if dynamic { "none (dynamic)".into() } else { format!("{calibrator:?}") },
                     calibration_images: images,
                     quantized_layers: q
                         .layers

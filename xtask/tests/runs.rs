@@ -101,6 +101,15 @@ fn smoke_configs_run_cache_their_baseline_and_are_deterministic() {
     let loaded = shrink_quant::QuantizedModel::load(&root().join(int8_dir).join("model.safetensors"), &device).unwrap();
     assert_eq!(loaded.layers.len(), layers.len());
 
+    // Dynamic quantization: the MLP's linear layers on integer kernels, no calibration.
+    let dynamic = report(dirs.iter().find(|d| d.contains("smoke_mlp_dynamic")).unwrap());
+    let dq = &dynamic["stages"][1];
+    assert_eq!(dq["quantization"]["method"], "dynamic post-training");
+    let kernels = dq["quantization"]["quantized_layers"].as_array().unwrap();
+    assert!(!kernels.is_empty() && kernels.iter().all(|l| l[2].as_str().unwrap().starts_with("linear/int8-dynamic")));
+    let (f32_acc, dyn_acc) = (top1(&dynamic["stages"][0]["test"]), top1(&dq["test"]));
+    assert!((f32_acc - dyn_acc).abs() <= 0.03, "f32 {f32_acc} vs dynamic int8 {dyn_acc}");
+
     // Second run: the baseline comes from the cache, with the same metrics.
     let second = xtask(&["run", "--out", &out_arg, "configs/smoke/mlp.toml"]);
     assert!(second.status.success());

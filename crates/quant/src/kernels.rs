@@ -77,8 +77,10 @@ pub struct IntLayer {
     pub weight_bits: u32,
     /// Symmetric weight scale per output channel.
     pub weight_scales: Vec<f32>,
-    /// u8 parameters of the layer's input.
+    /// u8 parameters of the layer's input (ignored when `dynamic`).
     pub input: QuantParams,
+    /// Dynamic quantization: the input's range is measured on each batch at run time.
+    pub dynamic: bool,
 }
 
 impl IntLayer {
@@ -293,6 +295,10 @@ impl Kernel for ConvInt8 {
 
 /// Integer linear layer: `[batch, in] (u8 activations) × [in, out] (i8 weights, packed)`.
 pub struct LinearInt8 {
+    /// Input range measured per batch at run time instead of calibrated.
+    dynamic: bool,
+    /// Per output channel: the weight scale (× the input scale, when static).
+    weight_scales: Vec<f32>,
     packed: rten_gemm::PackedBMatrix<i8>,
     weight_zero: Vec<i8>,
     out_scale: Vec<f32>,
@@ -328,6 +334,8 @@ impl LinearInt8 {
         }
         let packed = INT8.with(|e| e.prepack_b(NdTensorView::from_data([in_features, out_features], &wt[..])));
         Some(Self {
+            dynamic: layer.dynamic,
+            weight_scales: layer.weight_scales.clone(),
             packed,
             weight_zero: vec![0; out_features],
             out_scale: layer.weight_scales.iter().map(|s| s * layer.input.scale).collect(),
@@ -344,7 +352,8 @@ impl LinearInt8 {
 impl Kernel for LinearInt8 {
     fn label(&self) -> String {
         let bits = if self.bits == 8 { String::new() } else { format!(" (int{} weights)", self.bits) };
-        format!("linear/int8-gemm-rten{}{bits}", if self.relu { "+relu" } else { "" })
+        let how = if self.dynamic { "int8-dynamic" } else { "int8" };
+        format!("linear/{how}-gemm-rten{}{bits}", if self.relu { "+relu" } else { "" })
     }
 
     fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], _ctx: &RunContext) {
@@ -353,9 +362,17 @@ impl Kernel for LinearInt8 {
             let Buffers { image: x, row_zero, acc, .. } = &mut *b.borrow_mut();
             x.resize(batch * k, 0);
             acc.resize(batch * n, 0);
-            quantize_u8(&inputs[0][..batch * k], self.input_params, x);
+            let input = &inputs[0][..batch * k];
+            // Dynamic: this batch's own range (widened to include 0), as calibration would set it.
+            let params = if self.dynamic {
+                let (lo, hi) = input.iter().fold((0f32, 0f32), |(a, b), &v| (a.min(v), b.max(v)));
+                crate::params_for_range(lo, hi, crate::ptq::ACTIVATION_SCHEME)
+            } else {
+                self.input_params
+            };
+            quantize_u8(input, params, x);
             row_zero.clear();
-            row_zero.resize(batch, self.input_params.zero_point as u8);
+            row_zero.resize(batch, params.zero_point as u8);
             let opts = GemmOptions {
                 a_quant: Some(RtenQuant { zero_point: &row_zero[..] }),
                 b_quant: Some(RtenQuant { zero_point: &self.weight_zero[..] }),
@@ -364,9 +381,11 @@ impl Kernel for LinearInt8 {
             let a = GemmInputA::Unpacked(NdTensorView::from_data([batch, k], &x[..]));
             INT8.with(|e| e.gemm(&mut acc[..batch * n], a, GemmInputB::Packed(&self.packed), opts))
                 .expect("shapes checked at freeze time");
+            let input_scale = if self.dynamic { params.scale } else { 1.0 };
             for (o, a) in output.chunks_exact_mut(n).zip(acc.chunks_exact(n)).take(batch) {
                 for j in 0..n {
-                    let y = a[j] as f32 * self.out_scale[j] + self.bias[j];
+                    let s = if self.dynamic { self.weight_scales[j] * input_scale } else { self.out_scale[j] };
+                    let y = a[j] as f32 * s + self.bias[j];
                     o[j] = if self.relu { y.max(0.0) } else { y };
                 }
             }

@@ -39,11 +39,20 @@ pub struct PtqSettings {
     pub calibrator: Calibrator,
     /// Per-layer exceptions; the first matching override wins.
     pub overrides: Vec<Override>,
+    /// Dynamic quantization: linear layers only, their inputs quantized with each batch's own
+    /// range at run time; no calibration (the calibration batches may be empty).
+    pub dynamic: bool,
 }
 
 impl Default for PtqSettings {
     fn default() -> Self {
-        Self { weight_bits: 8, per_channel: true, calibrator: Calibrator::MinMax, overrides: Vec::new() }
+        Self {
+            weight_bits: 8,
+            per_channel: true,
+            calibrator: Calibrator::MinMax,
+            overrides: Vec::new(),
+            dynamic: false,
+        }
     }
 }
 
@@ -62,6 +71,10 @@ pub struct LayerQuant {
     pub input_scale: f32,
     /// Zero point of the layer's u8 input.
     pub input_zero_point: i32,
+    /// Dynamic quantization: the input's range is measured on each batch at run time (the two
+    /// fields above are then unused).
+    #[serde(default)]
+    pub dynamic: bool,
 }
 
 impl LayerQuant {
@@ -71,7 +84,12 @@ impl LayerQuant {
     }
 
     fn int_layer(&self) -> IntLayer {
-        IntLayer { weight_bits: self.weight_bits, weight_scales: self.weight_scales.clone(), input: self.input() }
+        IntLayer {
+            weight_bits: self.weight_bits,
+            weight_scales: self.weight_scales.clone(),
+            input: self.input(),
+            dynamic: self.dynamic,
+        }
     }
 }
 
@@ -152,6 +170,8 @@ pub fn quantize_static(
         let rule = overrides.iter().find(|(re, _)| re.is_match(&node.name)).map(|(_, o)| *o);
         if rule.is_some_and(|o| o.keep_float) {
             float_layers.push((node.name.clone(), "kept in f32 by an override".to_string()));
+        } else if settings.dynamic && !matches!(node.op, Op::Linear { .. }) {
+            float_layers.push((node.name.clone(), "dynamic quantization covers linear layers only".to_string()));
         } else if grouped {
             float_layers.push((node.name.clone(), "grouped convolution: no integer kernel yet".to_string()));
         } else {
@@ -159,11 +179,17 @@ pub fn quantize_static(
         }
     }
     // Calibration.
-    let mut observers: BTreeMap<NodeId, Observer> =
-        plan.keys().map(|&id| (id, Observer::new(settings.calibrator))).collect();
+    let mut observers: BTreeMap<NodeId, Observer> = if settings.dynamic {
+        BTreeMap::new()
+    } else {
+        plan.keys().map(|&id| (id, Observer::new(settings.calibrator))).collect()
+    };
     let mut failure = None;
     let mut batches = 0;
     for x in calibration {
+        if settings.dynamic {
+            break;
+        }
         batches += 1;
         folded.forward_hooked(x, &[], &mut |id, a| {
             if let Some(o) = observers.get_mut(&id)
@@ -181,13 +207,16 @@ pub fn quantize_static(
             )));
         }
     }
-    if batches == 0 {
+    if batches == 0 && !settings.dynamic {
         return Err(Error::Calibration("no calibration batch".into()));
     }
     // Weights.
     let mut layers = BTreeMap::new();
     for (&id, &bits) in &plan {
-        let input = observers[&id].params(ACTIVATION_SCHEME).expect("observed");
+        let input = match observers.get(&id) {
+            Some(o) => o.params(ACTIVATION_SCHEME).expect("observed"),
+            None => QuantParams { scale: 1.0, zero_point: 0 },
+        };
         let node = &mut folded.nodes[id];
         let (weight, dims) = match &node.params {
             Some(Params::Conv(p)) => (p.weight.val().into_data(), p.weight.dims().to_vec()),
@@ -228,6 +257,7 @@ pub fn quantize_static(
                 weight_scales: scales,
                 input_scale: input.scale,
                 input_zero_point: input.zero_point,
+                dynamic: settings.dynamic,
             },
         );
     }
@@ -245,17 +275,26 @@ impl QuantizedModel {
     /// Simulated (fake-quant) forward on burn: dequantized weights, and each quantized layer's
     /// input rounded to its u8 grid. The integer plan computes the same within float rounding.
     pub fn forward_simulated(&self, x: Tensor<4>) -> Tensor<2> {
-        let ids: BTreeMap<NodeId, QuantParams> = self
+        let ids: BTreeMap<NodeId, (QuantParams, bool)> = self
             .layers
             .iter()
-            .map(|(name, l)| (self.graph.node_id(name).expect("layer of this graph"), l.input()))
+            .map(|(name, l)| (self.graph.node_id(name).expect("layer of this graph"), (l.input(), l.dynamic)))
             .collect();
+        // Dynamic layers: the batch's own range, as the kernel measures it.
+        let batch_params = |t: &Tensor<2>| {
+            let lo = t.clone().min().into_scalar::<f32>().min(0.0);
+            let hi = t.clone().max().into_scalar::<f32>().max(0.0);
+            crate::params_for_range(lo, hi, ACTIVATION_SCHEME)
+        };
         self.graph
             .forward_hooked(x, &[], &mut |id, a| match ids.get(&id) {
-                Some(&p) => match a {
-                    Activation::Map(t) => Activation::Map(fake_quant_tensor(t, p)),
-                    Activation::Flat(t) => Activation::Flat(fake_quant_tensor(t, p)),
-                },
+                Some(&(p, dynamic)) => {
+                    let p = if dynamic { batch_params(&a.clone().flatten()) } else { p };
+                    match a {
+                        Activation::Map(t) => Activation::Map(fake_quant_tensor(t, p)),
+                        Activation::Flat(t) => Activation::Flat(fake_quant_tensor(t, p)),
+                    }
+                }
                 None => a,
             })
             .0
@@ -295,6 +334,8 @@ pub const ANNOTATION_FORMAT: &str = "shrink-quant/1";
 struct InputAnnotation {
     scale: f32,
     zero_point: i32,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    dynamic: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -347,7 +388,12 @@ impl QuantizedModel {
             inputs: self
                 .layers
                 .iter()
-                .map(|(n, l)| (n.clone(), InputAnnotation { scale: l.input_scale, zero_point: l.input_zero_point }))
+                .map(|(n, l)| {
+                    (
+                        n.clone(),
+                        InputAnnotation { scale: l.input_scale, zero_point: l.input_zero_point, dynamic: l.dynamic },
+                    )
+                })
                 .collect(),
             float_layers: self.float_layers.clone(),
         };
@@ -395,6 +441,7 @@ impl QuantizedModel {
                     weight_scales: w.scales.clone(),
                     input_scale: input.scale,
                     input_zero_point: input.zero_point,
+                    dynamic: input.dynamic,
                 },
             );
         }

@@ -237,3 +237,34 @@ fn one_layer_at_a_time_models_quantize_exactly_that_layer() {
     }
     assert!(q.with_only(&g, "nope").is_err());
 }
+
+#[test]
+fn dynamic_quantization_covers_linear_layers_without_calibration() {
+    let device = BackendKind::Flex.device().unwrap();
+    device.seed(51);
+    let g = ModelSpec::Lenet5.build([1, 28, 28], 10, &device).unwrap();
+    let settings = PtqSettings { dynamic: true, ..PtqSettings::default() };
+    let q = quantize_static(&g, &mut std::iter::empty(), &settings).unwrap();
+    assert_eq!(q.layers.keys().cloned().collect::<Vec<_>>(), ["fc1", "fc2", "fc3"]);
+    assert!(q.layers.values().all(|l| l.dynamic));
+    assert!(q.float_layers.iter().any(|(n, why)| n == "conv1" && why.contains("linear layers only")));
+    let labels = q.freeze(1).unwrap().kernels();
+    assert!(labels.iter().any(|(n, k)| n == "fc1" && k.starts_with("linear/int8-dynamic")), "{labels:?}");
+    assert!(labels.iter().any(|(n, k)| n == "conv1" && k.starts_with("conv2d/f32")), "{labels:?}");
+    // Each batch brings its own range: the integer plan agrees with the simulated forward, on
+    // inputs of very different scales.
+    for scale in [0.1f32, 1.0, 30.0] {
+        let x = batches([1, 28, 28], 1, 52).remove(0).mul_scalar(scale);
+        let simulated = to_vec(q.forward_simulated(x.clone()));
+        let got = q.freeze(1).unwrap().run(&to_vec(x), 8).unwrap().to_vec();
+        let range = simulated.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = got.iter().zip(&simulated).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= 0.02 * range, "input scale {scale}: {worst} vs {range}");
+    }
+    // The flag survives the model file.
+    let path = std::env::temp_dir().join(format!("shrink-dynamic-{}.safetensors", std::process::id()));
+    q.save(&path).unwrap();
+    let loaded = shrink_quant::QuantizedModel::load(&path, &device).unwrap();
+    assert_eq!(loaded.layers, q.layers);
+    let _ = std::fs::remove_file(&path);
+}
