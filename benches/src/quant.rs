@@ -1,15 +1,12 @@
 //! The `quant` suite: shrink-quant's integer kernels against the f32 CPU plan they replace, on
 //! the shapes issue #4 names. Each case runs every contender on the same inputs.
 
-use shrink_core::burn::module::Module;
 use shrink_core::burn::tensor::{Tensor, TensorData};
-use shrink_core::graph::{Conv2dSpec, GraphBuilder};
 use shrink_core::runtime::{Plan, freeze};
-use shrink_core::zoo::ModelSpec;
 use shrink_core::{BackendKind, Graph};
 use shrink_quant::{PtqSettings, QuantParams, quantize_static};
 
-use crate::runtime::{Case, Contender, random};
+use crate::runtime::{Case, Contender, conv3x3_graph, random, resnet20_graph};
 
 fn gemm_case(m: usize, k: usize, n: usize) -> Case {
     let (a, b) = (random(m * k, 1), random(k * n, 2));
@@ -95,12 +92,7 @@ fn plan_pair(graph: &Graph, input: &[f32], batch: usize) -> Vec<Contender> {
 
 fn conv_case() -> Case {
     let (batch, c, h, w) = (8, 64, 32, 32);
-    let device = BackendKind::Flex.device().expect("flex");
-    device.seed(1);
-    let mut b = GraphBuilder::new([c, h, w]);
-    let x = b.input();
-    let y = b.conv2d("conv", x, Conv2dSpec::new(64, 3).padding(1));
-    let graph = b.build(y, &device).expect("valid conv").valid();
+    let graph = conv3x3_graph();
     let input = random(batch * c * h * w, 3);
     let flops = 2.0 * (batch * 64 * h * w * c * 9) as f64;
     Case {
@@ -112,11 +104,7 @@ fn conv_case() -> Case {
 }
 
 fn resnet20_case(batch: usize) -> Case {
-    let device = BackendKind::Flex.device().expect("flex");
-    device.seed(2);
-    let graph: Graph =
-        ModelSpec::CifarResnet { depth: 20, width: 1.0 }.build([3, 32, 32], 10, &device).expect("zoo").valid();
-    let macs = shrink_core::metrics::model_stats(&graph).expect("stats").macs as f64;
+    let (graph, macs) = resnet20_graph();
     let input = random(batch * 3 * 32 * 32, 4);
     Case {
         name: format!("resnet20 cifar b{batch}"),

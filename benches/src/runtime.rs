@@ -134,14 +134,29 @@ fn gemm_case(m: usize, k: usize, n: usize) -> Case {
     }
 }
 
-fn conv_case() -> Case {
-    let (batch, c, h, w) = (8, 64, 32, 32);
+/// The conv case's layer: 3×3, 64 → 64 channels, padding 1, on 32×32 maps (seeded weights).
+pub(crate) fn conv3x3_graph() -> Graph {
     let device = BackendKind::Flex.device().expect("flex");
     device.seed(1);
-    let mut b = GraphBuilder::new([c, h, w]);
+    let mut b = GraphBuilder::new([64, 32, 32]);
     let x = b.input();
     let y = b.conv2d("conv", x, Conv2dSpec::new(64, 3).padding(1));
-    let graph = b.build(y, &device).expect("valid conv").valid();
+    b.build(y, &device).expect("valid conv").valid()
+}
+
+/// ResNet-20 for 3×32×32 inputs (seeded weights) and its MACs per image.
+pub(crate) fn resnet20_graph() -> (Graph, f64) {
+    let device = BackendKind::Flex.device().expect("flex");
+    device.seed(2);
+    let graph: Graph =
+        ModelSpec::CifarResnet { depth: 20, width: 1.0 }.build([3, 32, 32], 10, &device).expect("zoo").valid();
+    let macs = shrink_core::metrics::model_stats(&graph).expect("stats").macs as f64;
+    (graph, macs)
+}
+
+fn conv_case() -> Case {
+    let (batch, c, h, w) = (8, 64, 32, 32);
+    let graph = conv3x3_graph();
     let input = random(batch * c * h * w, 3);
     let ours = plan_contender(&graph, &input, batch, false);
     let rten = plan_contender(&graph, &input, batch, true);
@@ -166,11 +181,7 @@ fn conv_case() -> Case {
 }
 
 fn resnet20_case(batch: usize) -> Case {
-    let device = BackendKind::Flex.device().expect("flex");
-    device.seed(2);
-    let graph: Graph =
-        ModelSpec::CifarResnet { depth: 20, width: 1.0 }.build([3, 32, 32], 10, &device).expect("zoo").valid();
-    let macs = shrink_core::metrics::model_stats(&graph).expect("stats").macs as f64;
+    let (graph, macs) = resnet20_graph();
     let input = random(batch * 3 * 32 * 32, 4);
     let ours = plan_contender(&graph, &input, batch, false);
     let rten = plan_contender(&graph, &input, batch, true);
@@ -236,11 +247,7 @@ impl Drop for Hogs {
 /// than one).
 fn threads_case(hogs: usize) -> Case {
     use shrink_core::runtime::{FreezeOptions, KernelRegistry, freeze_with};
-    let device = BackendKind::Flex.device().expect("flex");
-    device.seed(2);
-    let graph: Graph =
-        ModelSpec::CifarResnet { depth: 20, width: 1.0 }.build([3, 32, 32], 10, &device).expect("zoo").valid();
-    let macs = shrink_core::metrics::model_stats(&graph).expect("stats").macs as f64;
+    let (graph, macs) = resnet20_graph();
     let batch = 64;
     let input = random(batch * 3 * 32 * 32, 5);
     let load = std::sync::Arc::new(Hogs::start(hogs));

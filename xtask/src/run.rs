@@ -176,22 +176,24 @@ fn measure_sensitivity(
     Ok(sens)
 }
 
-/// Measures a quantized model: test metrics on the integer plan (and simulated on burn), size,
-/// cost, and latency of burn's forward, the f32 plan and the integer plan.
+/// Measures a quantized model: test metrics on the integer plan (and, with `simulate`, on burn
+/// with fake-quant), size, cost, and latency of burn's forward, the f32 plan and the integer plan.
 fn measure_quantized(
     q: &QuantizedModel,
     data: &Data,
     backend: BackendKind,
     plan: &Plan,
     batch: usize,
-) -> Result<(Evaluation, Evaluation, ModelStats, Vec<shrink_core::metrics::Latency>)> {
+    simulate: bool,
+) -> Result<(Evaluation, Option<Evaluation>, ModelStats, Vec<shrink_core::metrics::Latency>)> {
     let device = backend.device()?;
     let threads = plan.experiment.threads;
     let mut int8 = q.freeze(threads)?;
     let integer = evaluate_plan(&mut int8, &data.test, &data.batcher, batch, &device)?;
     let classes = q.graph.num_outputs();
-    let simulated =
-        evaluate_with(&data.test, &data.batcher, batch, classes, &device, &mut |x| Ok(q.forward_simulated(x)))?;
+    let simulated = simulate
+        .then(|| evaluate_with(&data.test, &data.batcher, batch, classes, &device, &mut |x| Ok(q.forward_simulated(x))))
+        .transpose()?;
     let stats = model_stats(&q.graph)?;
     let mut latency = measure_latency(&q.graph, backend, &plan.experiment.latency)?;
     latency.extend(measure_plan_latency(&q.graph, threads, &plan.experiment.latency)?);
@@ -396,8 +398,11 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
         };
         let (eval, stats, latency) = match &quantized {
             Some(q) => {
-                let (integer, simulated, stats, latency) = measure_quantized(q, &data, e.backend, plan, batch)?;
-                if let Some(summary) = stage_report.quantization.as_mut() {
+                // The simulated accuracy is reported by the quantize stage only.
+                let simulate = stage_report.quantization.is_some();
+                let (integer, simulated, stats, latency) =
+                    measure_quantized(q, &data, e.backend, plan, batch, simulate)?;
+                if let (Some(summary), Some(simulated)) = (stage_report.quantization.as_mut(), simulated) {
                     summary.simulated_test = simulated;
                 }
                 stage_report.evaluated_on = "cpu-plan-int8".into();

@@ -85,7 +85,7 @@ pub struct IntLayer {
 
 impl IntLayer {
     fn qmax(&self) -> i32 {
-        (1 << (self.weight_bits - 1)) - 1
+        crate::symmetric_max(self.weight_bits)
     }
 }
 
@@ -297,11 +297,10 @@ impl Kernel for ConvInt8 {
 pub struct LinearInt8 {
     /// Input range measured per batch at run time instead of calibrated.
     dynamic: bool,
-    /// Per output channel: the weight scale (× the input scale, when static).
+    /// Per output channel: the weight scale (times the input scale of the call in the epilogue).
     weight_scales: Vec<f32>,
     packed: rten_gemm::PackedBMatrix<i8>,
     weight_zero: Vec<i8>,
-    out_scale: Vec<f32>,
     bias: Vec<f32>,
     relu: bool,
     input_params: QuantParams,
@@ -338,7 +337,6 @@ impl LinearInt8 {
             weight_scales: layer.weight_scales.clone(),
             packed,
             weight_zero: vec![0; out_features],
-            out_scale: layer.weight_scales.iter().map(|s| s * layer.input.scale).collect(),
             bias: view.bias.map(|b| b.to_vec()).unwrap_or_else(|| vec![0.0; out_features]),
             relu: view.relu,
             input_params: layer.input,
@@ -381,11 +379,9 @@ impl Kernel for LinearInt8 {
             let a = GemmInputA::Unpacked(NdTensorView::from_data([batch, k], &x[..]));
             INT8.with(|e| e.gemm(&mut acc[..batch * n], a, GemmInputB::Packed(&self.packed), opts))
                 .expect("shapes checked at freeze time");
-            let input_scale = if self.dynamic { params.scale } else { 1.0 };
             for (o, a) in output.chunks_exact_mut(n).zip(acc.chunks_exact(n)).take(batch) {
                 for j in 0..n {
-                    let s = if self.dynamic { self.weight_scales[j] * input_scale } else { self.out_scale[j] };
-                    let y = a[j] as f32 * s + self.bias[j];
+                    let y = a[j] as f32 * (self.weight_scales[j] * params.scale) + self.bias[j];
                     o[j] = if self.relu { y.max(0.0) } else { y };
                 }
             }

@@ -78,12 +78,17 @@ impl QuantScheme {
     /// The integer range `(min, max)` of the scheme.
     pub fn range(&self) -> (i32, i32) {
         if self.symmetric {
-            let m = (1 << (self.bits - 1)) - 1;
+            let m = symmetric_max(self.bits);
             (-m, m)
         } else {
             (0, (1 << self.bits) - 1)
         }
     }
+}
+
+/// The largest integer of a symmetric `bits`-bit scheme: `2^(bits-1) - 1`.
+pub(crate) fn symmetric_max(bits: u32) -> i32 {
+    (1 << (bits - 1)) - 1
 }
 
 /// Scale and zero-point of one quantized slice: `real = scale * (q - zero_point)`.

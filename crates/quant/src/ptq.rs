@@ -186,10 +186,10 @@ pub fn quantize_static(
     };
     let mut failure = None;
     let mut batches = 0;
+    // Dynamic quantization measures ranges at run time: the batches are not even drawn.
+    let calibration: &mut dyn Iterator<Item = Tensor<4>> =
+        if settings.dynamic { &mut std::iter::empty() } else { calibration };
     for x in calibration {
-        if settings.dynamic {
-            break;
-        }
         batches += 1;
         folded.forward_hooked(x, &[], &mut |id, a| {
             if let Some(o) = observers.get_mut(&id)
@@ -226,7 +226,7 @@ pub fn quantize_static(
         let w: Vec<f32> = weight.convert::<f32>().try_to_vec().expect("f32 weights");
         let out = dims[0];
         let per = w.len() / out;
-        let qmax = (1 << (bits - 1)) - 1;
+        let qmax = crate::symmetric_max(bits);
         let absmax = |s: &[f32]| s.iter().fold(0f32, |m, v| m.max(v.abs()));
         let scales: Vec<f32> = if settings.per_channel {
             w.chunks_exact(per).map(|c| (absmax(c) / qmax as f32).max(f32::MIN_POSITIVE)).collect()
@@ -363,7 +363,7 @@ impl QuantizedModel {
                 .try_to_vec()
                 .expect("f32 weights");
                 let per = w.len() / l.weight_scales.len();
-                let qmax = (1 << (l.weight_bits - 1)) - 1;
+                let qmax = crate::symmetric_max(l.weight_bits);
                 let values = w
                     .iter()
                     .enumerate()

@@ -13,6 +13,17 @@ fn map_dims(shape: ValueShape) -> (usize, usize, usize) {
     }
 }
 
+/// A linear layer's `[out, in]` weight as `[in, out]`, the GEMM's right-hand side.
+fn transposed(weight: &[f32], out_features: usize, in_features: usize) -> Vec<f32> {
+    let mut t = vec![0.0; in_features * out_features];
+    for o in 0..out_features {
+        for i in 0..in_features {
+            t[i * out_features + o] = weight[o * in_features + i];
+        }
+    }
+    t
+}
+
 /// Adds the bias and applies ReLU over `[channels, plane]` in one pass (the GEMM's epilogue).
 fn bias_relu(out: &mut [f32], bias: Option<&[f32]>, plane: usize, relu: bool) {
     match (bias, relu) {
@@ -224,12 +235,7 @@ impl LinearF32 {
     /// Builds the kernel from a layer view of a linear layer (`weight` is `[out, in]`).
     pub fn new(view: &LayerView<'_>) -> Self {
         let (out_features, in_features) = (view.weight_shape[0], view.weight_shape[1]);
-        let mut weight_t = vec![0.0; in_features * out_features];
-        for o in 0..out_features {
-            for i in 0..in_features {
-                weight_t[i * out_features + o] = view.weight[o * in_features + i];
-            }
-        }
+        let weight_t = transposed(view.weight, out_features, in_features);
         Self {
             weight_t: aligned(&weight_t),
             bias: view.bias.map(|b| b.to_vec()),
@@ -476,12 +482,7 @@ impl LinearRten {
     /// Builds the kernel from a layer view of a linear layer (`weight` is `[out, in]`).
     pub fn new(view: &LayerView<'_>) -> Self {
         let (out_features, in_features) = (view.weight_shape[0], view.weight_shape[1]);
-        let mut weight_t = vec![0.0; in_features * out_features];
-        for o in 0..out_features {
-            for i in 0..in_features {
-                weight_t[i * out_features + o] = view.weight[o * in_features + i];
-            }
-        }
+        let weight_t = transposed(view.weight, out_features, in_features);
         let packed = RTEN.with(|exec| {
             exec.prepack_b(rten_tensor::NdTensorView::from_data([in_features, out_features], &weight_t[..]))
         });
