@@ -10,6 +10,7 @@ use shrink_core::data::Augmentation;
 use shrink_core::metrics::LatencySettings;
 use shrink_core::train::{OptimizerSettings, Schedule, TrainSettings};
 use shrink_core::zoo::ModelSpec;
+use shrink_distill::{DistillSettings, FeaturePair};
 use shrink_quant::{Calibrator, Override};
 
 /// A config error: exit code 2, message names the file and the line/column or key.
@@ -153,12 +154,71 @@ pub enum Stage {
         #[serde(default)]
         sensitivity: bool,
     },
+    /// Knowledge distillation: a student learns from one teacher or an ensemble (their softened
+    /// outputs, and optionally hint and attention pairs named by node) as well as the labels.
+    Distill {
+        /// Passes over the training set (the student's budget; the scratch comparison gets the same).
+        epochs: usize,
+        /// Images per step.
+        batch_size: usize,
+        /// Optimiser.
+        optimizer: OptimizerSettings,
+        /// Learning-rate schedule.
+        #[serde(default)]
+        schedule: Schedule,
+        /// Epochs of linear warm-up.
+        #[serde(default)]
+        warmup_epochs: f64,
+        /// Softening temperature T (> 0).
+        #[serde(default = "default_temperature")]
+        temperature: f64,
+        /// Weight α of the teacher term; `1 − α` weighs the labels.
+        #[serde(default = "default_alpha")]
+        alpha: f64,
+        /// The student to build (a zoo model); absent: the current model is the student.
+        #[serde(default)]
+        student: Option<ModelSpec>,
+        /// Teachers, each a baseline trained (and cached) with the settings of the first train
+        /// stage: `{ seed = 1 }`, `{ model = { kind = "lenet5" }, seed = 2, weight = 0.5 }`.
+        /// Absent: the uncompressed model (the one the last train stage produced).
+        #[serde(default)]
+        teachers: Vec<TeacherSpec>,
+        /// FitNets hints `{ student = "layer2.0.relu", teacher = "layer2.2.relu", weight = 1.0 }`
+        /// (first teacher; a learned 1×1 conv maps channel counts that differ).
+        #[serde(default)]
+        hints: Vec<FeaturePair>,
+        /// Attention-transfer pairs, as `hints` (weights of about 1000 are usual).
+        #[serde(default)]
+        attention: Vec<FeaturePair>,
+        /// Students trained with seeds `seed`, `seed + 1`, …; the report gives each and the mean.
+        #[serde(default = "default_one")]
+        seeds: usize,
+        /// Also train the same student alone, same budget and seeds, for comparison (default:
+        /// on when `student` is given).
+        #[serde(default)]
+        compare_scratch: Option<bool>,
+    },
     /// Evaluate the current model on the test set.
     Evaluate {
         /// Images per evaluation batch.
         #[serde(default = "default_eval_batch")]
         batch_size: usize,
     },
+}
+
+/// One teacher of a distill stage.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherSpec {
+    /// Architecture; absent: the experiment's model.
+    #[serde(default)]
+    pub model: Option<ModelSpec>,
+    /// Seed of its weights and data order; absent: the experiment's seed.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Weight of its softened outputs in the ensemble mean.
+    #[serde(default = "default_weight")]
+    pub weight: f64,
 }
 
 /// How activations are quantized.
@@ -172,6 +232,18 @@ pub enum QuantMode {
     Dynamic,
 }
 
+fn default_temperature() -> f64 {
+    4.0
+}
+fn default_alpha() -> f64 {
+    0.9
+}
+fn default_one() -> usize {
+    1
+}
+fn default_weight() -> f64 {
+    1.0
+}
 fn default_eval_batch() -> usize {
     250
 }
@@ -195,7 +267,8 @@ impl Stage {
     /// The training settings of a train stage.
     pub fn train_settings(&self) -> Option<TrainSettings> {
         match self {
-            Stage::Train { epochs, batch_size, optimizer, schedule, warmup_epochs } => Some(TrainSettings {
+            Stage::Train { epochs, batch_size, optimizer, schedule, warmup_epochs }
+            | Stage::Distill { epochs, batch_size, optimizer, schedule, warmup_epochs, .. } => Some(TrainSettings {
                 epochs: *epochs,
                 batch_size: *batch_size,
                 optimizer: optimizer.clone(),
@@ -206,12 +279,26 @@ impl Stage {
         }
     }
 
+    /// The distillation settings of a distill stage.
+    pub fn distill_settings(&self) -> Option<DistillSettings> {
+        match self {
+            Stage::Distill { temperature, alpha, hints, attention, .. } => Some(DistillSettings {
+                temperature: *temperature,
+                alpha: *alpha,
+                hints: hints.clone(),
+                attention: attention.clone(),
+            }),
+            _ => None,
+        }
+    }
+
     /// The `kind` as written in the config.
     pub fn kind(&self) -> &'static str {
         match self {
             Stage::Train { .. } => "train",
             Stage::Evaluate { .. } => "evaluate",
             Stage::Quantize { .. } => "quantize",
+            Stage::Distill { .. } => "distill",
         }
     }
 }
@@ -326,6 +413,9 @@ fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
     for (i, stage) in e.stages.iter().enumerate() {
         let at = format!("stages[{i}] (kind = \"{}\")", stage.kind());
         match (stage, quantized_at) {
+            (Stage::Distill { .. }, Some(q)) => bail!(
+                "key `{at}`: a distill stage cannot follow the quantize stage stages[{q}]: the quantized model is not trainable (quantization-aware training is not available yet); distill before quantizing"
+            ),
             (Stage::Train { .. }, Some(q)) => bail!(
                 "key `{at}`: a train stage cannot follow the quantize stage stages[{q}] (quantization-aware training is not available yet); train before quantizing"
             ),
@@ -338,6 +428,55 @@ fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
             Stage::Train { .. } => {
                 let settings = stage.train_settings().expect("a train stage");
                 settings.validate().with_context(|| format!("key `{at}`"))?;
+            }
+            Stage::Distill {
+                temperature, alpha, student, teachers, hints, attention, seeds, compare_scratch, ..
+            } => {
+                let settings = stage.train_settings().expect("a distill stage");
+                settings.validate().with_context(|| format!("key `{at}`"))?;
+                if !(temperature.is_finite() && *temperature > 0.0) {
+                    bail!("key `{at}.temperature`: expected a positive number, got {temperature}");
+                }
+                if !(0.0..=1.0).contains(alpha) {
+                    bail!("key `{at}.alpha`: expected a value in [0, 1], got {alpha}");
+                }
+                if let Some(spec) = student {
+                    spec.validate().map_err(|err| anyhow::anyhow!("key `{at}.student`: {err}"))?;
+                }
+                let trained_before = e.stages[..i].iter().any(|s| matches!(s, Stage::Train { .. }));
+                if !trained_before {
+                    bail!(
+                        "key `{at}`: a distill stage needs a train stage before it: {}",
+                        if teachers.is_empty() {
+                            "without `teachers`, the teacher is the model that stage trains"
+                        } else {
+                            "the teachers are trained with the settings of the first train stage"
+                        }
+                    );
+                }
+                for (j, t) in teachers.iter().enumerate() {
+                    if !(t.weight.is_finite() && t.weight > 0.0) {
+                        bail!("key `{at}.teachers[{j}].weight`: expected a positive number, got {}", t.weight);
+                    }
+                    if let Some(spec) = &t.model {
+                        spec.validate().map_err(|err| anyhow::anyhow!("key `{at}.teachers[{j}].model`: {err}"))?;
+                    }
+                }
+                for (name, pairs) in [("hints", hints), ("attention", attention)] {
+                    for (j, p) in pairs.iter().enumerate() {
+                        if !(p.weight.is_finite() && p.weight >= 0.0) {
+                            bail!("key `{at}.{name}[{j}].weight`: expected a non-negative number, got {}", p.weight);
+                        }
+                    }
+                }
+                if *seeds == 0 || *seeds > 100 {
+                    bail!("key `{at}.seeds`: expected 1 to 100, got {seeds}");
+                }
+                if student.is_none() && (*seeds > 1 || *compare_scratch == Some(true)) {
+                    bail!(
+                        "key `{at}.student`: `seeds` > 1 and `compare_scratch` need a student to build; without `student` the current model is the student"
+                    );
+                }
             }
             Stage::Evaluate { batch_size } => {
                 if *batch_size == 0 {
@@ -377,7 +516,63 @@ fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
             }
         }
     }
+    check_distill_pairs(e)?;
     Ok(Plan { source: source.to_path_buf(), experiment, data_path })
+}
+
+/// The image shape a data source gives, as far as the config tells (10 classes assumed: node
+/// names and feature shapes do not depend on it).
+fn expected_input(d: &DataConfig) -> [usize; 3] {
+    match d.kind {
+        DataKind::Mnist5k | DataKind::Idx => [1, 28, 28],
+        DataKind::Cifar10 => [3, 32, 32],
+        DataKind::ImageFolder => {
+            let [h, w] = d.image_size.unwrap_or([1, 1]);
+            [d.channels.unwrap_or(1), h, w]
+        }
+    }
+}
+
+/// Checks every distill stage's hint and attention pairs on the architectures they will name
+/// (built here with untrained weights), so a misspelt node fails before anything trains.
+fn check_distill_pairs(e: &Experiment) -> Result<()> {
+    if !e
+        .stages
+        .iter()
+        .any(|s| matches!(s, Stage::Distill { hints, attention, .. } if !hints.is_empty() || !attention.is_empty()))
+    {
+        return Ok(());
+    }
+    let device = BackendKind::Flex.device()?;
+    let shape = expected_input(&e.data);
+    let build = |spec: &ModelSpec| spec.build(shape, 10, &device);
+    // The architecture of the current model as the stages go (a distill stage with a student
+    // replaces it), and of the model the last train stage left (the default teacher).
+    let mut current = e.model.clone();
+    let mut uncompressed = e.model.clone();
+    for (i, stage) in e.stages.iter().enumerate() {
+        match stage {
+            Stage::Train { .. } => uncompressed = current.clone(),
+            Stage::Distill { student, teachers, .. } => {
+                let student_spec = student.clone().unwrap_or_else(|| current.clone());
+                let teacher_spec = match teachers.first() {
+                    Some(t) => t.model.clone().unwrap_or_else(|| e.model.clone()),
+                    None => uncompressed.clone(),
+                };
+                let settings = stage.distill_settings().expect("a distill stage");
+                if !settings.hints.is_empty() || !settings.attention.is_empty() {
+                    shrink_distill::check_pairs(&build(&student_spec)?, &build(&teacher_spec)?, &settings)
+                        .map_err(|err| anyhow::anyhow!("key `stages[{i}] (kind = \"distill\")`: {err}"))?;
+                }
+                if student.is_some() {
+                    uncompressed = student_spec.clone();
+                }
+                current = student_spec;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

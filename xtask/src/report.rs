@@ -144,6 +144,122 @@ pub struct StageReport {
     /// What a quantize stage did and measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization: Option<QuantSummary>,
+    /// What a distill stage did and measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distillation: Option<DistillSummary>,
+}
+
+/// Test accuracy of one model of a distill stage (measured on burn, f32).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ModelResult {
+    /// What it is: `teacher 0`, `ensemble of 3`, `distilled`, `trained alone`.
+    pub label: String,
+    /// Architecture name.
+    pub model: String,
+    /// Seed of its weights and data order.
+    pub seed: Option<u64>,
+    /// Test top-1.
+    pub top1: f64,
+    /// Misclassified test images.
+    pub errors: usize,
+    /// Test cross-entropy (for the ensemble: negative log-likelihood of its mean probabilities).
+    pub loss: f64,
+}
+
+/// One student seed: distilled, and trained alone with the same budget.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StudentRun {
+    /// Seed of the student's initial weights and data order.
+    pub seed: u64,
+    /// Distilled from the teachers.
+    pub distilled: ModelResult,
+    /// The same student, same initial weights, budget and data order, trained on labels only.
+    pub scratch: Option<ModelResult>,
+}
+
+/// What a distill stage did and what it achieved.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DistillSummary {
+    /// Objective, in words (temperature, α, hint and attention pairs).
+    pub objective: String,
+    /// Each teacher.
+    pub teachers: Vec<ModelResult>,
+    /// The ensemble, when there are several teachers.
+    pub ensemble: Option<ModelResult>,
+    /// Student architecture.
+    pub student: String,
+    /// One entry per student seed.
+    pub runs: Vec<StudentRun>,
+    /// Whether the teachers' softened outputs were computed once and reused each epoch.
+    pub teacher_outputs_cached: bool,
+    /// Mean test errors of the distilled students.
+    pub mean_errors_distilled: f64,
+    /// Mean test errors of the students trained alone.
+    pub mean_errors_scratch: Option<f64>,
+    /// `1 − distilled / alone` mean errors: the fraction of errors distillation removed.
+    pub error_reduction: Option<f64>,
+    /// With several teachers: `(best teacher's errors − distilled errors) / (best teacher's
+    /// errors − ensemble's errors)`, the share of the ensemble's gain the student keeps; absent
+    /// when the ensemble is not better than its best teacher.
+    pub ensemble_gain_kept: Option<f64>,
+}
+
+impl DistillSummary {
+    /// Derives the means and ratios from the measured runs.
+    pub fn new(
+        settings: &shrink_distill::DistillSettings,
+        teachers: Vec<ModelResult>,
+        ensemble: Option<ModelResult>,
+        student: String,
+        runs: Vec<StudentRun>,
+        teacher_outputs_cached: bool,
+        adapters: Vec<shrink_distill::AdapterInfo>,
+    ) -> Self {
+        let mean = |v: Vec<usize>| v.iter().sum::<usize>() as f64 / v.len().max(1) as f64;
+        let mean_errors_distilled = mean(runs.iter().map(|r| r.distilled.errors).collect());
+        let mean_errors_scratch = runs
+            .iter()
+            .all(|r| r.scratch.is_some())
+            .then(|| mean(runs.iter().filter_map(|r| r.scratch.as_ref().map(|s| s.errors)).collect()));
+        let error_reduction = mean_errors_scratch.filter(|s| *s > 0.0).map(|s| 1.0 - mean_errors_distilled / s);
+        let best_teacher = teachers.iter().map(|t| t.errors).min().unwrap_or(0) as f64;
+        let ensemble_gain_kept = ensemble
+            .as_ref()
+            .filter(|en| (en.errors as f64) < best_teacher)
+            .map(|en| (best_teacher - mean_errors_distilled) / (best_teacher - en.errors as f64));
+        // Short decimals: 1 - 0.9 prints as 0.1, not 0.09999999999999998.
+        let num = |v: f64| format!("{}", (v * 1e6).round() / 1e6);
+        let mut objective = format!(
+            "{} · T² · KL(teacher ‖ student) at T = {} + {} · cross-entropy on the labels",
+            num(settings.alpha),
+            num(settings.temperature),
+            num(1.0 - settings.alpha)
+        );
+        for p in &settings.hints {
+            let adapter = adapters
+                .iter()
+                .find(|a| a.student == p.student && a.teacher == p.teacher)
+                .map(|a| format!(" through a learned 1×1 conv {}→{}", a.channels[0], a.channels[1]))
+                .unwrap_or_default();
+            objective += &format!(" + {} · hint MSE(`{}`{adapter}, teacher `{}`)", num(p.weight), p.student, p.teacher);
+        }
+        for p in &settings.attention {
+            objective +=
+                &format!(" + {} · attention transfer(`{}`, teacher `{}`)", num(p.weight), p.student, p.teacher);
+        }
+        DistillSummary {
+            objective,
+            teachers,
+            ensemble,
+            student,
+            runs,
+            teacher_outputs_cached,
+            mean_errors_distilled,
+            mean_errors_scratch,
+            error_reduction,
+            ensemble_gain_kept,
+        }
+    }
 }
 
 /// What a quantize stage did, and the accuracy of both ways of running the result.
@@ -209,6 +325,7 @@ impl StageReport {
             evaluated_on: String::new(),
             file_bytes: 0,
             quantization: None,
+            distillation: None,
         }
     }
 
@@ -394,6 +511,74 @@ pub fn markdown(r: &Report) -> String {
         }
         for (name, why) in &q.float_layers {
             s += &format!("| {name} | f32 | {why} |\n");
+        }
+    }
+    for st in &r.stages {
+        let Some(d) = &st.distillation else { continue };
+        s += &format!("\n## Distillation, stage {}\n\n", st.index);
+        s += &format!("- objective: {}\n", d.objective);
+        s += &format!(
+            "- teachers run frozen, without autodiff; their softened outputs were {}\n",
+            if d.teacher_outputs_cached {
+                "computed once and reused every epoch (no augmentation, no feature pairs)"
+            } else {
+                "computed on every batch"
+            }
+        );
+        s += "- every accuracy below is measured on the test split, on burn (f32)\n\n";
+        s += "| model | architecture | seed | test top-1 | errors | loss |\n|---|---|---|---|---|---|\n";
+        let row = |m: &ModelResult| {
+            format!(
+                "| {} | {} | {} | {:.4} | {} | {:.4} |\n",
+                m.label,
+                m.model,
+                m.seed.map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
+                m.top1,
+                m.errors,
+                m.loss
+            )
+        };
+        for t in &d.teachers {
+            s += &row(t);
+        }
+        if let Some(en) = &d.ensemble {
+            s += &row(en);
+        }
+        for run in &d.runs {
+            if let Some(alone) = &run.scratch {
+                s += &row(alone);
+            }
+            s += &row(&run.distilled);
+        }
+        s += &format!(
+            "\nStudent `{}`, {} seed(s): mean test errors distilled {:.1}",
+            d.student,
+            d.runs.len(),
+            d.mean_errors_distilled
+        );
+        if let Some(alone) = d.mean_errors_scratch {
+            s += &format!(", trained alone {alone:.1}");
+        }
+        if let Some(red) = d.error_reduction {
+            s += &format!("; distillation removed **{:.1} %** of the errors", red * 100.0);
+        }
+        s += ".\n";
+        if let Some(en) = &d.ensemble {
+            match d.ensemble_gain_kept {
+                Some(kept) => {
+                    s += &format!(
+                        "The ensemble makes {} errors; the student keeps **{:.0} %** of its gain over the best single teacher.\n",
+                        en.errors,
+                        kept * 100.0
+                    )
+                }
+                None => {
+                    s += &format!(
+                        "The ensemble ({} errors) is not better than its best teacher: no gain to keep.\n",
+                        en.errors
+                    )
+                }
+            }
         }
     }
     for st in r.stages.iter().filter(|st| !st.history.is_empty()) {

@@ -16,11 +16,15 @@ use shrink_core::metrics::{ModelStats, measure_frozen_latency, measure_latency, 
 use shrink_core::train::{
     EpochRecord, Evaluation, TrainData, TrainObserver, evaluate, evaluate_plan, evaluate_with, train,
 };
+use shrink_core::zoo::ModelSpec;
 use shrink_core::{BackendKind, io};
+use shrink_distill::{Teacher, distill, ensemble_log_probs};
 use shrink_quant::{PtqSettings, QuantizedModel, quantize_static};
 
 use crate::config::{DataKind, Plan, Stage};
-use crate::report::{Provenance, QuantSummary, Report, StageReport, write_report};
+use crate::report::{
+    DistillSummary, ModelResult, Provenance, QuantSummary, Report, StageReport, StudentRun, write_report,
+};
 
 /// Options from the command line.
 #[derive(Clone, Debug)]
@@ -99,18 +103,98 @@ struct CacheEntry {
     train_seconds: f64,
 }
 
-/// The cache key of a baseline: everything that decides its weights.
-fn baseline_key(plan: &Plan, stage: &Stage) -> String {
+/// The cache key of a model trained from scratch: everything that decides its weights (the
+/// architecture, the seed of its initial weights, the data, the train stage, and the stage's
+/// position, which offsets the seed of the data order).
+fn baseline_key(plan: &Plan, model: &ModelSpec, seed: u64, stage: &Stage, index: usize) -> String {
     let e = &plan.experiment;
     let mut data = e.data.clone();
     data.path = Some(plan.data_path.clone());
-    let described = serde_json::json!({
-        "model": e.model, "data": data, "stage": stage, "seed": e.seed,
+    let mut described = serde_json::json!({
+        "model": model, "data": data, "stage": stage, "seed": seed,
         "backend": e.backend, "threads": e.threads,
         "shrink": env!("CARGO_PKG_VERSION"), "burn": shrink_core::BURN_VERSION,
     });
+    if index != 0 {
+        // Keys of first-stage baselines stay as they were before the index counted.
+        described["stage_index"] = index.into();
+    }
     let digest = Sha256::digest(described.to_string().as_bytes());
     digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// A model trained from a fresh build (or reused from the cache).
+struct Trained {
+    graph: Graph,
+    history: Vec<EpochRecord>,
+    train_seconds: f64,
+    key: String,
+    reused: bool,
+}
+
+fn progress_bar(opts: &RunOptions, epochs: usize, label: &str) -> Progress {
+    let bar = opts.progress.then(|| {
+        let bar = ProgressBar::new(1);
+        bar.set_style(
+            ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]")
+                .expect("valid template"),
+        );
+        bar.set_prefix(label.to_string());
+        bar
+    });
+    Progress { bar, epochs }
+}
+
+/// Builds `model` with `seed`, trains it with the train stage `stage` (at position `index`) and
+/// caches it; a second call with the same inputs loads the cached model instead.
+#[allow(clippy::too_many_arguments)] // everything the cache key and the progress bar need
+fn train_cached(
+    plan: &Plan,
+    opts: &RunOptions,
+    data: &Data,
+    model: &ModelSpec,
+    seed: u64,
+    stage: &Stage,
+    index: usize,
+    label: &str,
+) -> Result<Trained> {
+    let settings = stage.train_settings().expect("a train stage");
+    let device = plan.experiment.backend.device()?;
+    let key = baseline_key(plan, model, seed, stage, index);
+    let model_file = opts.cache.join(format!("{key}.safetensors"));
+    let meta = opts.cache.join(format!("{key}.json"));
+    let hit = (|| {
+        let entry: CacheEntry = serde_json::from_slice(&std::fs::read(&meta).ok()?).ok()?;
+        let g = io::load(&model_file, &device).ok()?;
+        (entry.key == key).then_some((g, entry))
+    })();
+    if let Some((graph, entry)) = hit {
+        tracing::info!(%key, %label, "reusing the cached model from {}", opts.cache.display());
+        eprintln!("reusing cached {label} {key} ({})", opts.cache.display());
+        return Ok(Trained { graph, history: entry.history, train_seconds: entry.train_seconds, key, reused: true });
+    }
+    device.seed(seed);
+    let graph = model.build(data.train.shape, data.train.classes, &device)?;
+    let mut progress = progress_bar(opts, settings.epochs, label);
+    let t0 = Instant::now();
+    let (graph, history) = train(
+        graph,
+        TrainData { train: &data.train, validation: data.validation.as_ref(), batcher: &data.batcher },
+        &settings,
+        &device,
+        seed.wrapping_add(index as u64),
+        &mut progress,
+    )
+    .with_context(|| format!("training the {label}"))?;
+    if let Some(bar) = progress.bar {
+        bar.finish_and_clear();
+    }
+    let train_seconds = t0.elapsed().as_secs_f64();
+    let entry = CacheEntry { key: key.clone(), history: history.clone(), train_seconds };
+    io::save(&graph, &model_file)?;
+    io::write_atomic(&meta, serde_json::to_string_pretty(&entry)?.as_bytes())?;
+    tracing::info!(%key, %label, "cached in {}", opts.cache.display());
+    Ok(Trained { graph, history, train_seconds, key, reused: false })
 }
 
 struct Progress {
@@ -266,6 +350,8 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
     let mut graph = e.model.build(data.train.shape, data.train.classes, &device)?;
     tracing::info!(model = %e.model.name(), nodes = graph.nodes.len(), "model built");
     let mut fresh = true;
+    // The model as the last train stage left it: the default teacher of a distill stage.
+    let mut uncompressed: Option<Graph> = None;
     let mut quantized: Option<QuantizedModel> = None;
     for (index, stage) in e.stages.iter().enumerate() {
         report.current_stage = Some(format!("{index}:{}", stage.kind()));
@@ -273,61 +359,49 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
         let start = Instant::now();
         let mut stage_report = StageReport::new(index, stage.kind());
         match stage {
+            Stage::Train { .. } if fresh => {
+                let t = train_cached(plan, opts, &data, &e.model, e.seed, stage, index, "baseline")?;
+                graph = t.graph;
+                if t.reused {
+                    stage_report.cached_baseline = Some(t.key);
+                } else {
+                    stage_report.cache_key = Some(t.key);
+                }
+                stage_report.history = t.history;
+                stage_report.train_seconds = Some(t.train_seconds);
+                fresh = false;
+                uncompressed = Some(graph.clone());
+            }
             Stage::Train { .. } => {
                 let settings = &stage.train_settings().expect("a train stage");
-                let cached = fresh.then(|| baseline_key(plan, stage));
-                let hit = cached.as_ref().and_then(|key| {
-                    let model = opts.cache.join(format!("{key}.safetensors"));
-                    let meta = opts.cache.join(format!("{key}.json"));
-                    let entry: CacheEntry = serde_json::from_slice(&std::fs::read(&meta).ok()?).ok()?;
-                    let g = io::load(&model, &device).ok()?;
-                    (entry.key == *key).then_some((g, entry))
-                });
-                if let Some((g, entry)) = hit {
-                    tracing::info!(key = %entry.key, "reusing the cached baseline from {}", opts.cache.display());
-                    eprintln!("reusing cached baseline {} ({})", entry.key, opts.cache.display());
-                    graph = g;
-                    stage_report.cached_baseline = Some(entry.key.clone());
-                    stage_report.history = entry.history;
-                    stage_report.train_seconds = Some(entry.train_seconds);
-                } else {
-                    let bar = opts.progress.then(|| {
-                        let bar = ProgressBar::new(1);
-                        bar.set_style(
-                            ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed}<{eta}]")
-                                .expect("valid template"),
-                        );
-                        bar
-                    });
-                    let mut progress = Progress { bar, epochs: settings.epochs };
-                    let t0 = Instant::now();
-                    let (trained, history) = train(
-                        graph,
-                        TrainData { train: &data.train, validation: data.validation.as_ref(), batcher: &data.batcher },
-                        settings,
-                        &device,
-                        e.seed.wrapping_add(index as u64),
-                        &mut progress,
-                    )?;
-                    if let Some(bar) = progress.bar {
-                        bar.finish_and_clear();
-                    }
-                    graph = trained;
-                    let train_seconds = t0.elapsed().as_secs_f64();
-                    if let Some(key) = cached {
-                        let entry = CacheEntry { key: key.clone(), history: history.clone(), train_seconds };
-                        io::save(&graph, &opts.cache.join(format!("{key}.safetensors")))?;
-                        io::write_atomic(
-                            &opts.cache.join(format!("{key}.json")),
-                            serde_json::to_string_pretty(&entry)?.as_bytes(),
-                        )?;
-                        tracing::info!(%key, "baseline cached in {}", opts.cache.display());
-                        stage_report.cache_key = Some(key);
-                    }
-                    stage_report.history = history;
-                    stage_report.train_seconds = Some(train_seconds);
+                let mut progress = progress_bar(opts, settings.epochs, "train");
+                let t0 = Instant::now();
+                let (trained, history) = train(
+                    graph,
+                    TrainData { train: &data.train, validation: data.validation.as_ref(), batcher: &data.batcher },
+                    settings,
+                    &device,
+                    e.seed.wrapping_add(index as u64),
+                    &mut progress,
+                )?;
+                if let Some(bar) = progress.bar {
+                    bar.finish_and_clear();
+                }
+                graph = trained;
+                stage_report.history = history;
+                stage_report.train_seconds = Some(t0.elapsed().as_secs_f64());
+                uncompressed = Some(graph.clone());
+            }
+            Stage::Distill { .. } => {
+                let out = run_distill(plan, opts, &data, stage, index, &graph, uncompressed.as_ref())?;
+                graph = out.graph;
+                if out.new_student {
+                    uncompressed = Some(graph.clone());
                 }
                 fresh = false;
+                stage_report.history = out.history;
+                stage_report.train_seconds = Some(out.train_seconds);
+                stage_report.distillation = Some(out.summary);
             }
             Stage::Quantize {
                 mode,
@@ -429,4 +503,171 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
     report.model_file = Some("model.safetensors".into());
     crate::report::write_training_curve(report, &run_dir.join("training_curve.svg"))?;
     Ok(())
+}
+
+/// What a distill stage leaves behind.
+struct DistillOutcome {
+    graph: Graph,
+    new_student: bool,
+    history: Vec<EpochRecord>,
+    train_seconds: f64,
+    summary: DistillSummary,
+}
+
+/// A train stage with a distill stage's budget, for the student trained alone.
+fn as_train_stage(stage: &Stage) -> Stage {
+    let s = stage.train_settings().expect("a distill stage");
+    Stage::Train {
+        epochs: s.epochs,
+        batch_size: s.batch_size,
+        optimizer: s.optimizer,
+        schedule: s.schedule,
+        warmup_epochs: s.warmup_epochs,
+    }
+}
+
+fn model_result(label: String, model: &ModelSpec, seed: Option<u64>, eval: &Evaluation) -> ModelResult {
+    ModelResult { label, model: model.name(), seed, top1: eval.top1, errors: eval.errors(), loss: eval.loss }
+}
+
+/// Runs a distill stage: trains (or reuses) the teachers, distills them into the student for
+/// each seed, trains the same student alone for comparison, and measures all of them.
+fn run_distill(
+    plan: &Plan,
+    opts: &RunOptions,
+    data: &Data,
+    stage: &Stage,
+    index: usize,
+    current: &Graph,
+    uncompressed: Option<&Graph>,
+) -> Result<DistillOutcome> {
+    let e = &plan.experiment;
+    let Stage::Distill { student, teachers: teacher_specs, seeds, compare_scratch, .. } = stage else {
+        unreachable!("a distill stage")
+    };
+    let device = e.backend.device()?;
+    let eval = |g: &Graph| evaluate(g, &data.test, &data.batcher, 250, &device);
+    let settings = stage.distill_settings().expect("a distill stage");
+    let train_settings = stage.train_settings().expect("a distill stage");
+
+    // Teachers.
+    let mut teachers = Vec::new();
+    let mut teacher_results = Vec::new();
+    if teacher_specs.is_empty() {
+        let graph = uncompressed.context("a distill stage needs a trained teacher")?.clone();
+        let r = eval(&graph)?;
+        teacher_results.push(model_result("teacher (the uncompressed model)".into(), &e.model, None, &r));
+        teachers.push(Teacher { graph, weight: 1.0 });
+    } else {
+        let first_train = e.stages.iter().position(|s| matches!(s, Stage::Train { .. })).expect("validated");
+        for (j, t) in teacher_specs.iter().enumerate() {
+            let spec = t.model.clone().unwrap_or_else(|| e.model.clone());
+            let seed = t.seed.unwrap_or(e.seed);
+            let label = format!("teacher {j}");
+            let trained = train_cached(plan, opts, data, &spec, seed, &e.stages[first_train], first_train, &label)?;
+            let r = eval(&trained.graph)?;
+            tracing::info!(teacher = j, model = %spec.name(), seed, top1 = r.top1, reused = trained.reused, "teacher ready");
+            let mut result = model_result(label, &spec, Some(seed), &r);
+            if trained.reused {
+                result.label += &format!(" (cached {})", trained.key);
+            }
+            teacher_results.push(result);
+            teachers.push(Teacher { graph: trained.graph, weight: t.weight });
+        }
+    }
+    let ensemble = (teachers.len() > 1)
+        .then(|| {
+            let classes = teachers[0].graph.num_outputs();
+            evaluate_with(&data.test, &data.batcher, 250, classes, &device, &mut |x| {
+                Ok(ensemble_log_probs(&teachers, x))
+            })
+        })
+        .transpose()?
+        .map(|r| ModelResult {
+            label: format!("ensemble of {} (mean of probabilities)", teachers.len()),
+            model: String::new(),
+            seed: None,
+            top1: r.top1,
+            errors: r.errors(),
+            loss: r.loss,
+        });
+
+    // Students.
+    let student_spec = student.clone();
+    let compare = compare_scratch.unwrap_or(student_spec.is_some());
+    let scratch_stage = as_train_stage(stage);
+    let mut runs = Vec::new();
+    let mut first: Option<(Graph, Vec<EpochRecord>)> = None;
+    let mut cached_outputs = false;
+    let mut adapters = Vec::new();
+    let t0 = Instant::now();
+    for r in 0..*seeds {
+        let seed = e.seed.wrapping_add(r as u64);
+        let initial = match &student_spec {
+            Some(spec) => {
+                device.seed(seed);
+                spec.build(data.train.shape, data.train.classes, &device)?
+            }
+            None => current.clone(),
+        };
+        let mut progress = progress_bar(opts, train_settings.epochs, &format!("distill (seed {seed})"));
+        let out = distill(
+            initial,
+            &teachers,
+            TrainData { train: &data.train, validation: data.validation.as_ref(), batcher: &data.batcher },
+            &train_settings,
+            &settings,
+            &device,
+            seed.wrapping_add(index as u64),
+            &mut progress,
+        )
+        .with_context(|| format!("stage {index} (distill), student seed {seed}"))?;
+        if let Some(bar) = progress.bar {
+            bar.finish_and_clear();
+        }
+        cached_outputs = out.teacher_outputs_cached;
+        adapters = out.adapters;
+        let name = student_spec.as_ref().map_or_else(|| "current model".into(), |s| s.name());
+        let distilled = eval(&out.student)?;
+        tracing::info!(seed, top1 = distilled.top1, errors = distilled.errors(), "distilled student");
+        let mut run = StudentRun {
+            seed,
+            distilled: ModelResult {
+                label: "distilled".into(),
+                model: name.clone(),
+                seed: Some(seed),
+                top1: distilled.top1,
+                errors: distilled.errors(),
+                loss: distilled.loss,
+            },
+            scratch: None,
+        };
+        if let (true, Some(spec)) = (compare, &student_spec) {
+            let alone = train_cached(plan, opts, data, spec, seed, &scratch_stage, index, "student alone")?;
+            let a = eval(&alone.graph)?;
+            tracing::info!(seed, top1 = a.top1, errors = a.errors(), "student trained alone");
+            run.scratch = Some(model_result("trained alone".into(), spec, Some(seed), &a));
+        }
+        runs.push(run);
+        if first.is_none() {
+            first = Some((out.student, out.history));
+        }
+    }
+    let (graph, history) = first.expect("at least one seed");
+    let summary = DistillSummary::new(
+        &settings,
+        teacher_results,
+        ensemble,
+        student_spec.as_ref().map_or_else(|| "the current model".into(), |s| s.name()),
+        runs,
+        cached_outputs,
+        adapters,
+    );
+    Ok(DistillOutcome {
+        graph,
+        new_student: student_spec.is_some(),
+        history,
+        train_seconds: t0.elapsed().as_secs_f64(),
+        summary,
+    })
 }

@@ -72,7 +72,7 @@ fn smoke_configs_run_cache_their_baseline_and_are_deterministic() {
         assert!(r["provenance"]["git_revision"].as_str().is_some());
     }
     // The MLP smoke run learns something real in two epochs on 400 images.
-    let mlp = report(dirs.iter().find(|d| d.contains("smoke_mlp")).unwrap());
+    let mlp = report(dirs.iter().find(|d| d.contains("smoke_mlp/")).unwrap());
     let acc = mlp["stages"][1]["test"]["top1"].as_f64().unwrap();
     assert!(acc > 0.6, "smoke MLP accuracy {acc}");
     assert!(mlp["stages"][0]["cache_key"].as_str().is_some());
@@ -109,6 +109,30 @@ fn smoke_configs_run_cache_their_baseline_and_are_deterministic() {
     assert!(!kernels.is_empty() && kernels.iter().all(|l| l[2].as_str().unwrap().starts_with("linear/int8-dynamic")));
     let (f32_acc, dyn_acc) = (top1(&dynamic["stages"][0]["test"]), top1(&dq["test"]));
     assert!((f32_acc - dyn_acc).abs() <= 0.03, "f32 {f32_acc} vs dynamic int8 {dyn_acc}");
+
+    // Distillation: two cached teachers (the first is the baseline of stage 0, reused), their
+    // ensemble, and two student seeds each distilled and trained alone; the current model is
+    // then the (smaller) distilled student.
+    let kd = report(dirs.iter().find(|d| d.contains("smoke_mlp_distill/")).unwrap());
+    let (base, d) = (&kd["stages"][0], &kd["stages"][1]);
+    assert_eq!(d["kind"], "distill");
+    let summary = &d["distillation"];
+    let teachers = summary["teachers"].as_array().unwrap();
+    assert_eq!(teachers.len(), 2);
+    assert!(teachers[0]["label"].as_str().unwrap().contains(base["cache_key"].as_str().unwrap()), "{teachers:?}");
+    assert_eq!(teachers[0]["top1"], base["test"]["top1"], "teacher 0 is the stage-0 baseline");
+    assert!(summary["ensemble"]["top1"].as_f64().unwrap() > 0.6);
+    let runs = summary["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    assert!(
+        runs.iter()
+            .all(|r| r["scratch"]["top1"].as_f64().unwrap() > 0.3 && r["distilled"]["top1"].as_f64().unwrap() > 0.3)
+    );
+    assert_eq!(d["test"]["top1"], runs[0]["distilled"]["top1"], "the stage's model is the first distilled student");
+    assert!(d["params"].as_u64().unwrap() < base["params"].as_u64().unwrap() / 3);
+    assert_eq!(summary["teacher_outputs_cached"], false, "a hint pair needs the teacher on every batch");
+    assert!(summary["objective"].as_str().unwrap().contains("1×1 conv 16→64"), "{}", summary["objective"]);
+    assert!(summary["error_reduction"].is_number());
 
     // Second run: the baseline comes from the cache, with the same metrics.
     let second = xtask(&["run", "--out", &out_arg, "configs/smoke/mlp.toml"]);

@@ -246,8 +246,9 @@ pub struct TrainData<'a> {
     pub batcher: &'a Batcher,
 }
 
-/// Trains `graph` on `data.train`, evaluating on `data.validation` after each epoch when given.
-/// Returns the trained graph (in evaluation mode, on `device`) and one record per epoch.
+/// Trains `graph` on `data.train` with cross-entropy on the labels, evaluating on
+/// `data.validation` after each epoch when given. Returns the trained graph (in evaluation mode,
+/// on `device`) and one record per epoch.
 ///
 /// `device` is the inference device; training uses its autodiff counterpart. The data order and
 /// augmentation are seeded with `seed`.
@@ -263,19 +264,69 @@ pub fn train(
     seed: u64,
     observer: &mut dyn TrainObserver,
 ) -> Result<(Graph, Vec<EpochRecord>)> {
+    train_module(graph, data, settings, device, seed, observer, &mut |model: &Graph, batch: Batch| {
+        let logits = model.forward(batch.images);
+        Ok((cross_entropy(logits.clone(), batch.labels), logits))
+    })
+}
+
+/// One training batch, as handed to a [`train_module`] objective.
+#[derive(Clone, Debug)]
+pub struct Batch<'a> {
+    /// Normalised (and, in training, augmented) images `[b, c, h, w]` on the autodiff device.
+    pub images: Tensor<4>,
+    /// Labels `[b]`.
+    pub labels: Tensor<1, Int>,
+    /// The images' indices in the training set (to look up anything cached per image).
+    pub indices: &'a [usize],
+}
+
+/// What a [`train_module`] objective returns for a batch: the loss (averaged over the batch) and
+/// the logits that training accuracy is counted on.
+pub type LossAndLogits = (Tensor<1>, Tensor<2>);
+
+/// A model [`train_module`] can train: a burn module holding the graph that is evaluated.
+///
+/// The graph itself is one; so is a graph with extra trained parts (distillation adapters).
+pub trait Trainable: Module {
+    /// The network evaluated on the validation set.
+    fn graph(&self) -> &Graph;
+}
+
+impl Trainable for Graph {
+    fn graph(&self) -> &Graph {
+        self
+    }
+}
+
+/// The training loop behind [`train`], for any [`Trainable`] module and any objective:
+/// `objective(model, batch)` returns the batch's loss (averaged over the batch) and the logits
+/// that training accuracy is counted on.
+///
+/// # Errors
+/// As [`train`]; whatever `objective` returns.
+pub fn train_module<M: Trainable>(
+    model: M,
+    data: TrainData<'_>,
+    settings: &TrainSettings,
+    device: &Device,
+    seed: u64,
+    observer: &mut dyn TrainObserver,
+    objective: &mut dyn FnMut(&M, Batch<'_>) -> Result<LossAndLogits>,
+) -> Result<(M, Vec<EpochRecord>)> {
     let TrainData { train: train_set, validation, batcher } = data;
     settings.validate()?;
-    if train_set.shape != graph.input_shape() {
+    if train_set.shape != model.graph().input_shape() {
         return Err(Error::setting(
             "data",
-            format!("images are {:?}, the model takes {:?}", train_set.shape, graph.input_shape()),
+            format!("images are {:?}, the model takes {:?}", train_set.shape, model.graph().input_shape()),
         ));
     }
     if train_set.is_empty() {
         return Err(Error::setting("data", "the training set is empty"));
     }
     let ad_device = device.clone().autodiff();
-    let mut model = graph.fork(&ad_device).train();
+    let mut model = model.fork(&ad_device).train();
     let mut optim = settings.optimizer.init();
     let steps = train_set.len().div_ceil(settings.batch_size);
     let mut records = Vec::with_capacity(settings.epochs);
@@ -288,14 +339,13 @@ pub fn train(
         let mut lr = settings.lr_at(epoch as f64);
         for (step, chunk) in order.chunks(settings.batch_size).enumerate() {
             lr = settings.lr_at(epoch as f64 + step as f64 / steps as f64);
-            let (x, y) = batcher.batch(train_set, chunk, &ad_device, Some(&mut aug_rng));
-            let logits = model.forward(x);
-            let loss = cross_entropy(logits.clone(), y.clone());
+            let (images, labels) = batcher.batch(train_set, chunk, &ad_device, Some(&mut aug_rng));
+            let (loss, logits) = objective(&model, Batch { images, labels: labels.clone(), indices: chunk })?;
             let loss_value: f64 = loss.clone().into_scalar::<f32>() as f64;
             if !loss_value.is_finite() {
                 return Err(Error::RunFailed(format!("loss is {loss_value} at epoch {} step {}", epoch + 1, step + 1)));
             }
-            let hits = count_correct(logits.detach(), y);
+            let hits = count_correct(logits.detach(), labels);
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optim.step(lr, model, grads);
             loss_sum += loss_value * chunk.len() as f64;
@@ -303,9 +353,11 @@ pub fn train(
             seen += chunk.len();
             observer.on_step(epoch + 1, step + 1, steps, loss_value);
         }
-        let eval_model = model.clone().valid().to_device(device);
         let validation = match validation {
-            Some(v) if !v.is_empty() => Some(evaluate(&eval_model, v, batcher, settings.batch_size.max(256), device)?),
+            Some(v) if !v.is_empty() => {
+                let eval_graph = model.graph().valid().to_device(device);
+                Some(evaluate(&eval_graph, v, batcher, settings.batch_size.max(256), device)?)
+            }
             _ => None,
         };
         let record = EpochRecord {

@@ -1,8 +1,11 @@
-//! shrink-distill: knowledge distillation on burn tensors.
+//! shrink-distill: knowledge distillation on burn tensors and on shrink graphs.
 //!
-//! This first slice holds Hinton et al.'s knowledge-distillation loss as a plain function on
-//! burn tensors ([`kd_loss`]), usable in any training loop. Feature and attention losses,
-//! ensembles of teachers and the `distill` stage build on it (see the project's issues).
+//! - [`losses`]: Hinton's distillation loss ([`kd_loss`], and [`kd_loss_soft`] on an ensemble's
+//!   [`soft_targets`]), FitNets' [`hint_loss`] and attention transfer ([`attention_loss`]) as
+//!   plain functions on burn tensors, usable in any training loop.
+//! - [`distill()`]: one teacher or an ensemble (frozen, run without autodiff) into a student
+//!   graph, with hint and attention pairs named by node, learned 1×1 adapters where channel
+//!   counts differ, and the teachers' outputs cached when nothing changes between epochs.
 //!
 //! ```
 //! use burn::tensor::{Int, Tensor};
@@ -17,66 +20,40 @@
 //! ```
 #![warn(missing_docs)]
 
-use burn::tensor::activation::{log_softmax, softmax};
-use burn::tensor::{Int, Tensor};
+mod distill;
+pub mod losses;
 
-/// Hinton's distillation loss:
-/// `α · T² · KL(softmax(t/T) ‖ softmax(s/T)) + (1 − α) · CE(s, labels)`, averaged over the batch.
-///
-/// The teacher's logits are detached, so gradients reach only the student. `α = 0` is plain
-/// training on the labels; the T² factor keeps the soft term's gradients on the scale of the
-/// hard term's as T changes.
-///
-/// # Panics
-/// If the logits' shapes differ, or `temperature <= 0`.
-pub fn kd_loss(
-    student: Tensor<2>,
-    teacher: Tensor<2>,
-    labels: Tensor<1, Int>,
-    temperature: f64,
-    alpha: f64,
-) -> Tensor<1> {
-    assert!(temperature > 0.0, "temperature must be positive");
-    assert_eq!(student.dims(), teacher.dims(), "student and teacher logits differ in shape");
-    let [batch, _] = student.dims();
-    let teacher = teacher.detach();
-    let p_t = softmax(teacher.clone().div_scalar(temperature), 1);
-    let log_p_t = log_softmax(teacher.div_scalar(temperature), 1);
-    let log_p_s = log_softmax(student.clone().div_scalar(temperature), 1);
-    let kl = (p_t * (log_p_t - log_p_s)).sum().div_scalar(batch as f64);
-    let hard = shrink_core::train::cross_entropy(student, labels);
-    kl.mul_scalar(alpha * temperature * temperature) + hard.mul_scalar(1.0 - alpha)
+pub use distill::{
+    AdapterInfo, DistillSettings, Distilled, FeaturePair, Learner, Teacher, check_pairs, distill, ensemble_log_probs,
+};
+pub use losses::{attention_loss, attention_map, hint_loss, kd_loss, kd_loss_soft, soft_targets};
+
+/// Everything that can go wrong while distilling.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A setting that cannot work (its key is named first).
+    #[error("{0}")]
+    Setting(String),
+    /// A feature pair names a node that is not in the network.
+    #[error("{key}: the {role} has no node named `{name}` (its nodes: {known})")]
+    UnknownNode {
+        /// Where the name was given, e.g. `hints[0].student`.
+        key: String,
+        /// `student` or `teacher`.
+        role: &'static str,
+        /// The name given.
+        name: String,
+        /// Some of the names that exist.
+        known: String,
+    },
+    /// A teacher produced NaN or an infinity.
+    #[error("non-finite value in the {0}")]
+    NonFinite(String),
+    /// From shrink-core: training, shapes, data.
+    #[error(transparent)]
+    Core(#[from] shrink_core::Error),
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn matches_hand_computed_value() {
-        let device = shrink_core::BackendKind::Flex.device().unwrap();
-        let s = Tensor::<2>::from_floats([[0.0, 1.0]], &device);
-        let t = Tensor::<2>::from_floats([[1.0, 0.0]], &device);
-        let y = Tensor::<1, Int>::from_ints([0], &device);
-        let got = kd_loss(s, t, y, 2.0, 0.5).into_scalar::<f32>() as f64;
-        // At T = 2: teacher p = softmax([0.5, 0]), student q = softmax([0, 0.5]).
-        let e = (0.5f64).exp();
-        let p = [e / (e + 1.0), 1.0 / (e + 1.0)];
-        let q = [p[1], p[0]];
-        let kl = p[0] * (p[0] / q[0]).ln() + p[1] * (p[1] / q[1]).ln();
-        let ce = (1.0f64 + 1.0f64.exp()).ln(); // -log softmax([0, 1])[0]
-        let expected = 0.5 * 4.0 * kl + 0.5 * ce;
-        assert!((got - expected).abs() < 1e-5, "{got} vs {expected}");
-    }
-
-    #[test]
-    fn gradients_reach_only_the_student() {
-        let device = shrink_core::BackendKind::Flex.device().unwrap().autodiff();
-        let s = Tensor::<2>::from_floats([[0.2, -0.3, 0.9]], &device).require_grad();
-        let t = Tensor::<2>::from_floats([[1.0, 0.0, -1.0]], &device).require_grad();
-        let y = Tensor::<1, Int>::from_ints([1], &device);
-        let grads = kd_loss(s.clone(), t.clone(), y, 3.0, 0.7).backward();
-        assert!(s.grad(&grads).is_some());
-        assert!(t.grad(&grads).is_none());
-    }
-}
+/// Result with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
