@@ -154,6 +154,48 @@ pub enum Stage {
         #[serde(default)]
         sensitivity: bool,
     },
+    /// Quantization-aware training: batch norms folded, the layers chosen as static PTQ chooses
+    /// them, activation ranges calibrated, then fine-tuning with weights and layer inputs rounded
+    /// as the integer kernels round them; the result runs on those kernels.
+    Qat {
+        /// Fine-tuning epochs.
+        epochs: usize,
+        /// Images per step.
+        batch_size: usize,
+        /// Optimiser.
+        optimizer: OptimizerSettings,
+        /// Learning-rate schedule.
+        #[serde(default)]
+        schedule: Schedule,
+        /// Epochs of linear warm-up.
+        #[serde(default)]
+        warmup_epochs: f64,
+        /// Weight bits: 8, 4 or 2.
+        #[serde(default = "default_weight_bits")]
+        weight_bits: u32,
+        /// One weight scale per output channel (true) or per layer.
+        #[serde(default = "default_true")]
+        per_channel: bool,
+        /// How the initial activation ranges are chosen (as for `quantize`).
+        #[serde(default = "default_calibrator")]
+        calibrator: Calibrator,
+        /// Batches of training images to calibrate the initial ranges on.
+        #[serde(default = "default_calibration_batches")]
+        calibration_batches: usize,
+        /// Images per calibration batch.
+        #[serde(default = "default_calibration_batch")]
+        calibration_batch_size: usize,
+        /// Per-layer exceptions by node-name regex (as for `quantize`).
+        #[serde(default)]
+        overrides: Vec<Override>,
+        /// Learn the weight and activation scales by gradient descent (LSQ).
+        #[serde(default)]
+        learn_scales: bool,
+        /// Without `learn_scales`: the activation ranges follow the training batches (moving
+        /// average) until this epoch, then stay fixed. Absent: they follow until the end.
+        #[serde(default)]
+        freeze_observers_epoch: Option<f64>,
+    },
     /// Knowledge distillation: a student learns from one teacher or an ensemble (their softened
     /// outputs, and optionally hint and attention pairs named by node) as well as the labels.
     Distill {
@@ -268,7 +310,8 @@ impl Stage {
     pub fn train_settings(&self) -> Option<TrainSettings> {
         match self {
             Stage::Train { epochs, batch_size, optimizer, schedule, warmup_epochs }
-            | Stage::Distill { epochs, batch_size, optimizer, schedule, warmup_epochs, .. } => Some(TrainSettings {
+            | Stage::Distill { epochs, batch_size, optimizer, schedule, warmup_epochs, .. }
+            | Stage::Qat { epochs, batch_size, optimizer, schedule, warmup_epochs, .. } => Some(TrainSettings {
                 epochs: *epochs,
                 batch_size: *batch_size,
                 optimizer: optimizer.clone(),
@@ -299,6 +342,7 @@ impl Stage {
             Stage::Evaluate { .. } => "evaluate",
             Stage::Quantize { .. } => "quantize",
             Stage::Distill { .. } => "distill",
+            Stage::Qat { .. } => "qat",
         }
     }
 }
@@ -414,13 +458,13 @@ fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
         let at = format!("stages[{i}] (kind = \"{}\")", stage.kind());
         match (stage, quantized_at) {
             (Stage::Distill { .. }, Some(q)) => bail!(
-                "key `{at}`: a distill stage cannot follow the quantize stage stages[{q}]: the quantized model is not trainable (quantization-aware training is not available yet); distill before quantizing"
+                "key `{at}`: a distill stage cannot follow the quantizing stage stages[{q}]: the quantized model runs on integer kernels and is not trainable; distill before quantizing"
             ),
             (Stage::Train { .. }, Some(q)) => bail!(
-                "key `{at}`: a train stage cannot follow the quantize stage stages[{q}] (quantization-aware training is not available yet); train before quantizing"
+                "key `{at}`: a train stage cannot follow the quantizing stage stages[{q}]: the quantized model runs on integer kernels and is not trainable; train before quantizing, or fine-tune with a `qat` stage instead of `quantize`"
             ),
-            (Stage::Quantize { .. }, Some(q)) => {
-                bail!("key `{at}`: the model is already quantized by stages[{q}]; use one quantize stage")
+            (Stage::Quantize { .. } | Stage::Qat { .. }, Some(q)) => {
+                bail!("key `{at}`: the model is already quantized by stages[{q}]; use one quantize or qat stage")
             }
             _ => {}
         }
@@ -483,41 +527,78 @@ fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
                     bail!("key `{at}.batch_size`: must be at least 1");
                 }
             }
+            Stage::Qat {
+                weight_bits,
+                calibrator,
+                calibration_batches,
+                calibration_batch_size,
+                overrides,
+                learn_scales,
+                freeze_observers_epoch,
+                epochs,
+                ..
+            } => {
+                quantized_at = Some(i);
+                let settings = stage.train_settings().expect("a qat stage");
+                settings.validate().with_context(|| format!("key `{at}`"))?;
+                if *calibration_batches == 0 || *calibration_batch_size == 0 {
+                    bail!("key `{at}.calibration_batches` / `calibration_batch_size`: must be at least 1");
+                }
+                if let Some(f) = freeze_observers_epoch {
+                    if *learn_scales {
+                        bail!(
+                            "key `{at}.freeze_observers_epoch`: applies without `learn_scales` only (learned scales have no observers)"
+                        );
+                    }
+                    if !(f.is_finite() && *f >= 0.0 && *f <= *epochs as f64) {
+                        bail!(
+                            "key `{at}.freeze_observers_epoch`: expected a value between 0 and epochs ({epochs}), got {f}"
+                        );
+                    }
+                }
+                validate_quant_common(&at, *weight_bits, calibrator, overrides)?;
+            }
             Stage::Quantize { weight_bits, calibrator, calibration_batches, batch_size, overrides, .. } => {
                 quantized_at = Some(i);
-                if ![2, 4, 8].contains(weight_bits) {
-                    bail!("key `{at}.weight_bits`: expected 2, 4 or 8, got {weight_bits}");
-                }
                 if *calibration_batches == 0 || *batch_size == 0 {
                     bail!("key `{at}.calibration_batches` / `batch_size`: must be at least 1");
                 }
-                match *calibrator {
-                    Calibrator::MovingAverage { momentum } if !(0.0..1.0).contains(&momentum) => {
-                        bail!("key `{at}.calibrator.momentum`: expected a value in [0, 1), got {momentum}")
-                    }
-                    Calibrator::Percentile { percentile } if !(percentile > 50.0 && percentile <= 100.0) => {
-                        bail!("key `{at}.calibrator.percentile`: expected a value in (50, 100], got {percentile}")
-                    }
-                    _ => {}
-                }
-                for (j, o) in overrides.iter().enumerate() {
-                    if let Err(err) = regex::Regex::new(&o.pattern) {
-                        bail!("key `{at}.overrides[{j}].pattern`: not a valid regular expression: {err}");
-                    }
-                    if let Some(bits) = o.weight_bits
-                        && ![2, 4, 8].contains(&bits)
-                    {
-                        bail!("key `{at}.overrides[{j}].weight_bits`: expected 2, 4 or 8, got {bits}");
-                    }
-                    if o.keep_float && o.weight_bits.is_some() {
-                        bail!("key `{at}.overrides[{j}]`: `keep_float` and `weight_bits` exclude each other");
-                    }
-                }
+                validate_quant_common(&at, *weight_bits, calibrator, overrides)?;
             }
         }
     }
     check_distill_pairs(e)?;
     Ok(Plan { source: source.to_path_buf(), experiment, data_path })
+}
+
+/// The checks `quantize` and `qat` share: bits, calibrator parameters, overrides.
+fn validate_quant_common(at: &str, weight_bits: u32, calibrator: &Calibrator, overrides: &[Override]) -> Result<()> {
+    if ![2, 4, 8].contains(&weight_bits) {
+        bail!("key `{at}.weight_bits`: expected 2, 4 or 8, got {weight_bits}");
+    }
+    match *calibrator {
+        Calibrator::MovingAverage { momentum } if !(0.0..1.0).contains(&momentum) => {
+            bail!("key `{at}.calibrator.momentum`: expected a value in [0, 1), got {momentum}")
+        }
+        Calibrator::Percentile { percentile } if !(percentile > 50.0 && percentile <= 100.0) => {
+            bail!("key `{at}.calibrator.percentile`: expected a value in (50, 100], got {percentile}")
+        }
+        _ => {}
+    }
+    for (j, o) in overrides.iter().enumerate() {
+        if let Err(err) = regex::Regex::new(&o.pattern) {
+            bail!("key `{at}.overrides[{j}].pattern`: not a valid regular expression: {err}");
+        }
+        if let Some(bits) = o.weight_bits
+            && ![2, 4, 8].contains(&bits)
+        {
+            bail!("key `{at}.overrides[{j}].weight_bits`: expected 2, 4 or 8, got {bits}");
+        }
+        if o.keep_float && o.weight_bits.is_some() {
+            bail!("key `{at}.overrides[{j}]`: `keep_float` and `weight_bits` exclude each other");
+        }
+    }
+    Ok(())
 }
 
 /// The image shape a data source gives, as far as the config tells (10 classes assumed: node

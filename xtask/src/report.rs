@@ -289,6 +289,9 @@ pub struct QuantSummary {
     /// alone, most harmful first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sensitivity: Option<Sensitivity>,
+    /// After QAT: post-training quantization with the same settings, on the integer kernels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ptq_test: Option<Evaluation>,
 }
 
 /// One layer at a time quantized, measured on the integer kernels.
@@ -482,6 +485,12 @@ pub fn markdown(r: &Report) -> String {
             "- test top-1 **measured on the integer kernels** (`cpu-plan-int8`, {}): {int:.4}; simulated (fake-quant on burn, f32 arithmetic): {:.4}\n",
             q.int8_gemm, q.simulated_test.top1
         );
+        if let Some(p) = &q.ptq_test {
+            s += &format!(
+                "- for comparison, post-training quantization with the same settings (integer kernels): {:.4}\n",
+                p.top1
+            );
+        }
         s += &format!(
             "- model file: {} (f32 before: {}, ratio {:.3})\n",
             mb(st.file_bytes),

@@ -19,7 +19,7 @@ use shrink_core::train::{
 use shrink_core::zoo::ModelSpec;
 use shrink_core::{BackendKind, io};
 use shrink_distill::{Teacher, distill, ensemble_log_probs};
-use shrink_quant::{PtqSettings, QuantizedModel, quantize_static};
+use shrink_quant::{PtqSettings, QatSettings, QuantizedModel, quantization_aware_training, quantize_static};
 
 use crate::config::{DataKind, Plan, Stage};
 use crate::report::{
@@ -421,46 +421,105 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                     overrides: overrides.clone(),
                     dynamic,
                 };
-                // Calibration images: a seeded shuffle of the training set, no augmentation.
-                let order = shrink_core::data::shuffled(data.train.len(), e.seed ^ 0x7175);
                 let wanted = if dynamic { 0 } else { *calibration_batches };
-                let chunks: Vec<&[usize]> = order.chunks(*batch_size).take(wanted).collect();
+                let chunks = calibration_batches_of(&data, e.seed, wanted, *batch_size);
                 let images: usize = chunks.iter().map(|c| c.len()).sum();
                 let mut batches = chunks.iter().map(|c| data.batcher.batch(&data.train, c, &device, None).0);
                 let q = quantize_static(&graph, &mut batches, &settings)
                     .with_context(|| format!("stage {index} (quantize)"))?;
                 tracing::info!(layers = q.layers.len(), float = q.float_layers.len(), images, "quantized");
-                let labels = q.freeze(1)?.kernels();
-                let kernel_of = |name: &str| labels.iter().find(|(n, _)| n == name).map(|(_, k)| k.clone());
-                stage_report.quantization = Some(QuantSummary {
-                    method: if dynamic { "dynamic post-training" } else { "static post-training" }.into(),
-                    weights: format!(
-                        "int{weight_bits} weights, symmetric, {} (batch norms folded first)",
-                        if *per_channel { "per output channel" } else { "per layer" }
-                    ),
-                    activations: if dynamic {
+                stage_report.quantization = Some(quant_summary(
+                    &q,
+                    &graph,
+                    if dynamic { "dynamic post-training" } else { "static post-training" }.into(),
+                    weights_text(*weight_bits, *per_channel, false),
+                    if dynamic {
                         "u8 asymmetric, per tensor, range measured on each batch at run time".into()
                     } else {
                         "u8 asymmetric, per tensor, at the input of each quantized layer".into()
                     },
-                    calibrator: if dynamic { "none (dynamic)".into() } else { format!("{calibrator:?}") },
-                    calibration_images: images,
-                    quantized_layers: q
-                        .layers
-                        .iter()
-                        .map(|(n, l)| (n.clone(), l.weight_bits, kernel_of(n).unwrap_or_default()))
-                        .collect(),
-                    float_layers: q.float_layers.clone(),
-                    int8_gemm: shrink_quant::kernels::int8_gemm_kernel_name(),
-                    simulated_test: Evaluation::default(),
-                    f32_file_bytes: io::to_bytes(&graph)?.len(),
-                    sensitivity: None,
-                });
+                    if dynamic { "none (dynamic)".into() } else { format!("{calibrator:?}") },
+                    images,
+                )?);
                 if *sensitivity {
                     let sens = measure_sensitivity(&graph, &q, &data, plan, index, run_dir)?;
                     if let Some(summary) = stage_report.quantization.as_mut() {
                         summary.sensitivity = Some(sens);
                     }
+                }
+                quantized = Some(q);
+            }
+            Stage::Qat {
+                weight_bits,
+                per_channel,
+                calibrator,
+                calibration_batches,
+                calibration_batch_size,
+                overrides,
+                learn_scales,
+                freeze_observers_epoch,
+                ..
+            } => {
+                let ptq = PtqSettings {
+                    weight_bits: *weight_bits,
+                    per_channel: *per_channel,
+                    calibrator: *calibrator,
+                    overrides: overrides.clone(),
+                    dynamic: false,
+                };
+                let batches = calibration_batches_of(&data, e.seed, *calibration_batches, *calibration_batch_size);
+                // Post-training quantization with the same settings, for comparison.
+                let post = quantize_static(
+                    &graph,
+                    &mut batches.iter().map(|c| data.batcher.batch(&data.train, c, &device, None).0),
+                    &ptq,
+                )
+                .with_context(|| format!("stage {index} (qat): post-training quantization for comparison"))?;
+                let ptq_test = evaluate_plan(&mut post.freeze(e.threads)?, &data.test, &data.batcher, 250, &device)?;
+                tracing::info!(top1 = ptq_test.top1, "post-training quantization with the same settings");
+                let settings = stage.train_settings().expect("a qat stage");
+                let qat =
+                    QatSettings { ptq, learn_scales: *learn_scales, freeze_observers_epoch: *freeze_observers_epoch };
+                let mut progress = progress_bar(opts, settings.epochs, "qat");
+                let t0 = Instant::now();
+                let out = quantization_aware_training(
+                    &graph,
+                    &mut batches.iter().map(|c| data.batcher.batch(&data.train, c, &device, None).0),
+                    TrainData { train: &data.train, validation: data.validation.as_ref(), batcher: &data.batcher },
+                    &settings,
+                    &qat,
+                    &device,
+                    e.seed.wrapping_add(index as u64),
+                    &mut progress,
+                )
+                .with_context(|| format!("stage {index} (qat)"))?;
+                if let Some(bar) = progress.bar {
+                    bar.finish_and_clear();
+                }
+                stage_report.history = out.history;
+                stage_report.train_seconds = Some(t0.elapsed().as_secs_f64());
+                let q = out.model;
+                let method = if *learn_scales {
+                    "quantization-aware training, learned scales (LSQ)".to_string()
+                } else {
+                    match freeze_observers_epoch {
+                        Some(f) => format!(
+                            "quantization-aware training, scales from the data (activation observers frozen after epoch {f})"
+                        ),
+                        None => "quantization-aware training, scales from the data".to_string(),
+                    }
+                };
+                stage_report.quantization = Some(quant_summary(
+                    &q,
+                    &graph,
+                    method,
+                    weights_text(*weight_bits, *per_channel, *learn_scales),
+                    "u8 asymmetric, per tensor, at the input of each quantized layer".into(),
+                    format!("{calibrator:?} (initial ranges)"),
+                    out.calibration_images,
+                )?);
+                if let Some(summary) = stage_report.quantization.as_mut() {
+                    summary.ptq_test = Some(ptq_test);
                 }
                 quantized = Some(q);
             }
@@ -669,5 +728,51 @@ fn run_distill(
         history,
         train_seconds: t0.elapsed().as_secs_f64(),
         summary,
+    })
+}
+
+/// Calibration images: `batches` chunks of `batch_size` from a seeded shuffle of the training set.
+fn calibration_batches_of(data: &Data, seed: u64, batches: usize, batch_size: usize) -> Vec<Vec<usize>> {
+    let order = shrink_core::data::shuffled(data.train.len(), seed ^ 0x7175);
+    order.chunks(batch_size.max(1)).take(batches).map(|c| c.to_vec()).collect()
+}
+
+fn weights_text(bits: u32, per_channel: bool, learned: bool) -> String {
+    format!(
+        "int{bits} weights, symmetric, {}{} (batch norms folded first)",
+        if per_channel { "per output channel" } else { "per layer" },
+        if learned { ", scales learned" } else { "" }
+    )
+}
+
+/// The report's summary of a quantized model (the measured accuracies are filled in later).
+fn quant_summary(
+    q: &QuantizedModel,
+    original: &Graph,
+    method: String,
+    weights: String,
+    activations: String,
+    calibrator: String,
+    calibration_images: usize,
+) -> Result<QuantSummary> {
+    let labels = q.freeze(1)?.kernels();
+    let kernel_of = |name: &str| labels.iter().find(|(n, _)| n == name).map(|(_, k)| k.clone());
+    Ok(QuantSummary {
+        method,
+        weights,
+        activations,
+        calibrator,
+        calibration_images,
+        quantized_layers: q
+            .layers
+            .iter()
+            .map(|(n, l)| (n.clone(), l.weight_bits, kernel_of(n).unwrap_or_default()))
+            .collect(),
+        float_layers: q.float_layers.clone(),
+        int8_gemm: shrink_quant::kernels::int8_gemm_kernel_name(),
+        simulated_test: Evaluation::default(),
+        f32_file_bytes: io::to_bytes(original)?.len(),
+        sensitivity: None,
+        ptq_test: None,
     })
 }

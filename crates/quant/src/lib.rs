@@ -7,7 +7,10 @@
 //!   percentile, MSE);
 //! - [`ptq`]: static post-training quantization of a graph ([`ptq::quantize_static`]) into a
 //!   [`ptq::QuantizedModel`] that runs on burn with simulated rounding, or frozen into a CPU plan
-//!   on real integer kernels ([`kernels`]: u8 × i8 → i32 GEMMs on rten-gemm).
+//!   on real integer kernels ([`kernels`]: u8 × i8 → i32 GEMMs on rten-gemm);
+//! - [`qat`]: quantization-aware training ([`quantization_aware_training`]): fake-quant with the
+//!   straight-through estimator on core's training loop, scales from the data or learned (LSQ),
+//!   into the same [`ptq::QuantizedModel`].
 //!
 //! ```
 //! use shrink_quant::{QuantScheme, fake_quantize};
@@ -21,9 +24,11 @@
 pub mod calibrate;
 pub mod kernels;
 pub mod ptq;
+pub mod qat;
 
 pub use calibrate::{Calibrator, Observer};
 pub use ptq::{LayerQuant, Override, PtqSettings, QuantizedModel, quantize_static};
+pub use qat::{QatOutcome, QatSettings, quantization_aware_training};
 
 /// Errors of shrink-quant.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +43,9 @@ pub enum Error {
     /// Calibration could not choose a range.
     #[error("calibration: {0}")]
     Calibration(String),
+    /// From shrink-core: training, shapes, data.
+    #[error(transparent)]
+    Core(#[from] shrink_core::Error),
     /// Values and shape disagree.
     #[error("{values} values do not fill a tensor of shape {shape:?}")]
     ShapeMismatch {

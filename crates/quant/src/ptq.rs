@@ -143,23 +143,17 @@ fn values(a: &Activation) -> Vec<f32> {
     t.convert::<f32>().try_to_vec::<f32>().expect("f32 activations")
 }
 
-/// Quantizes `graph` statically: folds its batch norms, observes the input of every conv and
-/// linear layer on the `calibration` batches, quantizes the weights.
-///
-/// # Errors
-/// [`Error::Setting`] for bad settings or overrides; [`Error::Calibration`] if a calibration
-/// value is not finite or there was no batch.
-pub fn quantize_static(
+/// Layers left in f32, each with the reason.
+pub(crate) type FloatLayers = Vec<(String, String)>;
+
+/// Which layers of the folded graph become integer layers, with how many weight bits, and which
+/// stay in f32 and why; overrides are checked against `graph`.
+pub(crate) fn plan_layers(
     graph: &Graph,
-    calibration: &mut dyn Iterator<Item = Tensor<4>>,
+    folded: &Graph,
     settings: &PtqSettings,
-) -> Result<QuantizedModel, Error> {
-    if ![2, 4, 8].contains(&settings.weight_bits) {
-        return Err(Error::Setting(format!("weight_bits must be 2, 4 or 8, got {}", settings.weight_bits)));
-    }
+) -> Result<(BTreeMap<NodeId, u32>, FloatLayers), Error> {
     let overrides = resolve_overrides(graph, &settings.overrides)?;
-    let (mut folded, _) = graph.valid().fold_batch_norms();
-    // Which layers become integer layers, and with how many weight bits.
     let mut plan: BTreeMap<NodeId, u32> = BTreeMap::new();
     let mut float_layers = Vec::new();
     for (id, node) in folded.layers() {
@@ -178,6 +172,25 @@ pub fn quantize_static(
             plan.insert(id, rule.and_then(|o| o.weight_bits).unwrap_or(settings.weight_bits));
         }
     }
+    Ok((plan, float_layers))
+}
+
+/// Quantizes `graph` statically: folds its batch norms, observes the input of every conv and
+/// linear layer on the `calibration` batches, quantizes the weights.
+///
+/// # Errors
+/// [`Error::Setting`] for bad settings or overrides; [`Error::Calibration`] if a calibration
+/// value is not finite or there was no batch.
+pub fn quantize_static(
+    graph: &Graph,
+    calibration: &mut dyn Iterator<Item = Tensor<4>>,
+    settings: &PtqSettings,
+) -> Result<QuantizedModel, Error> {
+    if ![2, 4, 8].contains(&settings.weight_bits) {
+        return Err(Error::Setting(format!("weight_bits must be 2, 4 or 8, got {}", settings.weight_bits)));
+    }
+    let (folded, _) = graph.valid().fold_batch_norms();
+    let (plan, float_layers) = plan_layers(graph, &folded, settings)?;
     // Calibration.
     let mut observers: BTreeMap<NodeId, Observer> = if settings.dynamic {
         BTreeMap::new()
@@ -210,13 +223,38 @@ pub fn quantize_static(
     if batches == 0 && !settings.dynamic {
         return Err(Error::Calibration("no calibration batch".into()));
     }
-    // Weights.
+    let layers = plan
+        .iter()
+        .map(|(&id, &bits)| {
+            let input = match observers.get(&id) {
+                Some(o) => o.params(ACTIVATION_SCHEME).expect("observed"),
+                None => QuantParams { scale: 1.0, zero_point: 0 },
+            };
+            (id, LayerPlan { bits, input, weight_scales: None })
+        })
+        .collect();
+    Ok(quantize_weights(folded, layers, settings.per_channel, settings.dynamic, float_layers))
+}
+
+/// How [`quantize_weights`] quantizes one layer.
+pub(crate) struct LayerPlan {
+    pub bits: u32,
+    pub input: QuantParams,
+    /// Scales chosen elsewhere (learned by QAT); `None`: the max-abs of each channel (or layer).
+    pub weight_scales: Option<Vec<f32>>,
+}
+
+/// Quantizes the weights of the planned layers of a folded graph: each weight replaced by its
+/// dequantized value, and the integer form recorded by name.
+pub(crate) fn quantize_weights(
+    mut folded: Graph,
+    plan: BTreeMap<NodeId, LayerPlan>,
+    per_channel: bool,
+    dynamic: bool,
+    float_layers: Vec<(String, String)>,
+) -> QuantizedModel {
     let mut layers = BTreeMap::new();
-    for (&id, &bits) in &plan {
-        let input = match observers.get(&id) {
-            Some(o) => o.params(ACTIVATION_SCHEME).expect("observed"),
-            None => QuantParams { scale: 1.0, zero_point: 0 },
-        };
+    for (id, LayerPlan { bits, input, weight_scales }) in plan {
         let node = &mut folded.nodes[id];
         let (weight, dims) = match &node.params {
             Some(Params::Conv(p)) => (p.weight.val().into_data(), p.weight.dims().to_vec()),
@@ -228,7 +266,9 @@ pub fn quantize_static(
         let per = w.len() / out;
         let qmax = crate::symmetric_max(bits);
         let absmax = |s: &[f32]| s.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let scales: Vec<f32> = if settings.per_channel {
+        let scales: Vec<f32> = if let Some(scales) = weight_scales {
+            scales
+        } else if per_channel {
             w.chunks_exact(per).map(|c| (absmax(c) / qmax as f32).max(f32::MIN_POSITIVE)).collect()
         } else {
             vec![(absmax(&w) / qmax as f32).max(f32::MIN_POSITIVE); out]
@@ -257,11 +297,11 @@ pub fn quantize_static(
                 weight_scales: scales,
                 input_scale: input.scale,
                 input_zero_point: input.zero_point,
-                dynamic: settings.dynamic,
+                dynamic,
             },
         );
     }
-    Ok(QuantizedModel { graph: folded, layers, float_layers })
+    QuantizedModel { graph: folded, layers, float_layers }
 }
 
 /// `x` rounded as the integer kernels round it: `scale * (clamp(round(x / scale + zp)) - zp)`

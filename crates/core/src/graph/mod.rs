@@ -390,6 +390,27 @@ impl Graph {
         taps: &[NodeId],
         layer_input: &mut dyn FnMut(NodeId, Activation) -> Activation,
     ) -> (Tensor<2>, Vec<Activation>) {
+        struct Inputs<'a>(&'a mut dyn FnMut(NodeId, Activation) -> Activation);
+        impl ForwardHooks for Inputs<'_> {
+            fn layer_input(&mut self, node: NodeId, x: Activation) -> Activation {
+                (self.0)(node, x)
+            }
+        }
+        self.forward_with_hooks(input, taps, &mut Inputs(layer_input))
+    }
+
+    /// As [`Graph::forward_hooked`], with every hook of [`ForwardHooks`]: also the weights of
+    /// convolutions and linear layers can be replaced by a function of them (quantization-aware
+    /// training fake-quantizes them there, and gradients flow through the hook to the weights).
+    ///
+    /// # Panics
+    /// As [`Graph::forward_with_taps`].
+    pub fn forward_with_hooks(
+        &self,
+        input: Tensor<4>,
+        taps: &[NodeId],
+        hooks: &mut dyn ForwardHooks,
+    ) -> (Tensor<2>, Vec<Activation>) {
         // Count uses so that each intermediate value is dropped as soon as its last consumer ran.
         let mut uses = vec![0usize; self.nodes.len()];
         for node in &self.nodes {
@@ -416,11 +437,11 @@ impl Graph {
                 .collect();
             if matches!(node.op, Op::Conv2d { .. } | Op::Linear { .. }) {
                 let x = args.remove(0);
-                args.insert(0, layer_input(id, x));
+                args.insert(0, hooks.layer_input(id, x));
             }
             let out = match &node.op {
                 Op::Input { .. } => Activation::Map(input.take().expect("one input node")),
-                op => apply(op, node.params.as_ref(), args),
+                op => apply(op, node.params.as_ref(), args, id, hooks),
             };
             for (k, &t) in taps.iter().enumerate() {
                 if t == id {
@@ -442,13 +463,36 @@ impl Graph {
     }
 }
 
-fn apply(op: &Op, params: Option<&Params>, mut args: Vec<Activation>) -> Activation {
+/// Hooks into [`Graph::forward_with_hooks`]; each defaults to passing its value through.
+pub trait ForwardHooks {
+    /// The input of convolution or linear layer `node`, before the layer reads it.
+    fn layer_input(&mut self, _node: NodeId, x: Activation) -> Activation {
+        x
+    }
+    /// The weight `[out, in / groups, kh, kw]` of convolution `node`, as the layer uses it.
+    fn conv_weight(&mut self, _node: NodeId, w: Tensor<4>) -> Tensor<4> {
+        w
+    }
+    /// The weight `[out, in]` of linear layer `node`, as the layer uses it.
+    fn linear_weight(&mut self, _node: NodeId, w: Tensor<2>) -> Tensor<2> {
+        w
+    }
+}
+
+fn apply(
+    op: &Op,
+    params: Option<&Params>,
+    mut args: Vec<Activation>,
+    id: NodeId,
+    hooks: &mut dyn ForwardHooks,
+) -> Activation {
     let first = || -> Activation { args[0].clone() };
     match (op, params) {
         (Op::Conv2d { stride, padding, dilation, groups, .. }, Some(Params::Conv(p))) => {
             let x = first().map().expect("conv input is a feature map");
             let options = ConvOptions::new(*stride, *padding, *dilation, *groups);
-            Activation::Map(F::conv2d(x, p.weight.val(), p.bias.as_ref().map(|b| b.val()), options))
+            let w = hooks.conv_weight(id, p.weight.val());
+            Activation::Map(F::conv2d(x, w, p.bias.as_ref().map(|b| b.val()), options))
         }
         (Op::BatchNorm2d { .. }, Some(Params::BatchNorm(bn))) => match first() {
             Activation::Map(x) => Activation::Map(bn.forward(x)),
@@ -456,7 +500,7 @@ fn apply(op: &Op, params: Option<&Params>, mut args: Vec<Activation>) -> Activat
         },
         (Op::Linear { .. }, Some(Params::Linear(p))) => {
             let x = first().flatten();
-            let y = x.matmul(p.weight.val().transpose());
+            let y = x.matmul(hooks.linear_weight(id, p.weight.val()).transpose());
             Activation::Flat(match &p.bias {
                 Some(b) => y + b.val().unsqueeze::<2>(),
                 None => y,
