@@ -136,7 +136,8 @@ pub enum Stage {
         #[serde(default = "default_true")]
         per_channel: bool,
         /// How activation ranges are chosen: `{ kind = "min_max" }`, `{ kind = "moving_average",
-        /// momentum = 0.9 }`, `{ kind = "percentile", percentile = 99.99 }`, `{ kind = "mse" }`.
+        /// momentum = 0.9 }`, `{ kind = "percentile", percentile = 99.99 }`, `{ kind = "mse" }`,
+        /// `{ kind = "kl" }`.
         #[serde(default = "default_calibrator")]
         calibrator: Calibrator,
         /// Batches of training images (without augmentation) to calibrate on.
@@ -153,6 +154,10 @@ pub enum Stage {
         /// on test accuracy and loss, measured on the integer kernels (table + SVG chart).
         #[serde(default)]
         sensitivity: bool,
+        /// Correct each layer's bias for the mean shift its weight rounding causes (measured on
+        /// the calibration batches; static mode).
+        #[serde(default)]
+        bias_correction: bool,
     },
     /// Quantization-aware training: batch norms folded, the layers chosen as static PTQ chooses
     /// them, activation ranges calibrated, then fine-tuning with weights and layer inputs rounded
@@ -558,8 +563,22 @@ fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
                 }
                 validate_quant_common(&at, *weight_bits, calibrator, overrides)?;
             }
-            Stage::Quantize { weight_bits, calibrator, calibration_batches, batch_size, overrides, .. } => {
+            Stage::Quantize {
+                weight_bits,
+                calibrator,
+                calibration_batches,
+                batch_size,
+                overrides,
+                mode,
+                bias_correction,
+                ..
+            } => {
                 quantized_at = Some(i);
+                if *bias_correction && *mode == QuantMode::Dynamic {
+                    bail!(
+                        "key `{at}.bias_correction`: needs calibrated input means, so it applies to mode = \"static\" only"
+                    );
+                }
                 if *calibration_batches == 0 || *batch_size == 0 {
                     bail!("key `{at}.calibration_batches` / `batch_size`: must be at least 1");
                 }

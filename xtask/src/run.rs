@@ -145,6 +145,18 @@ fn progress_bar(opts: &RunOptions, epochs: usize, label: &str) -> Progress {
     Progress { bar, epochs }
 }
 
+/// A bar over the calibration batches (ticked as each batch is drawn).
+fn calibration_bar(opts: &RunOptions, batches: usize) -> Option<ProgressBar> {
+    (opts.progress && batches > 0).then(|| {
+        let bar = ProgressBar::new(batches as u64);
+        bar.set_style(
+            ProgressStyle::with_template("calibration {bar:30} {pos}/{len} batches [{elapsed}<{eta}]")
+                .expect("valid template"),
+        );
+        bar
+    })
+}
+
 /// Builds `model` with `seed`, trains it with the train stage `stage` (at position `index`) and
 /// caches it; a second call with the same inputs loads the cached model instead.
 #[allow(clippy::too_many_arguments)] // everything the cache key and the progress bar need
@@ -412,6 +424,7 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                 batch_size,
                 overrides,
                 sensitivity,
+                bias_correction,
             } => {
                 let dynamic = *mode == crate::config::QuantMode::Dynamic;
                 let settings = PtqSettings {
@@ -420,19 +433,32 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                     calibrator: *calibrator,
                     overrides: overrides.clone(),
                     dynamic,
+                    bias_correction: *bias_correction,
                 };
                 let wanted = if dynamic { 0 } else { *calibration_batches };
                 let chunks = calibration_batches_of(&data, e.seed, wanted, *batch_size);
                 let images: usize = chunks.iter().map(|c| c.len()).sum();
-                let mut batches = chunks.iter().map(|c| data.batcher.batch(&data.train, c, &device, None).0);
+                let bar = calibration_bar(opts, chunks.len());
+                let mut batches = chunks.iter().map(|c| {
+                    bar.as_ref().inspect(|b| b.inc(1));
+                    data.batcher.batch(&data.train, c, &device, None).0
+                });
                 let q = quantize_static(&graph, &mut batches, &settings)
                     .with_context(|| format!("stage {index} (quantize)"))?;
+                if let Some(bar) = bar {
+                    bar.finish_and_clear();
+                }
                 tracing::info!(layers = q.layers.len(), float = q.float_layers.len(), images, "quantized");
                 stage_report.quantization = Some(quant_summary(
                     &q,
                     &graph,
                     if dynamic { "dynamic post-training" } else { "static post-training" }.into(),
-                    weights_text(*weight_bits, *per_channel, false),
+                    weights_text(*weight_bits, *per_channel, false)
+                        + if *bias_correction && !dynamic {
+                            ", biases corrected for the rounding's mean shift"
+                        } else {
+                            ""
+                        },
                     if dynamic {
                         "u8 asymmetric, per tensor, range measured on each batch at run time".into()
                     } else {
@@ -466,6 +492,7 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                     calibrator: *calibrator,
                     overrides: overrides.clone(),
                     dynamic: false,
+                    bias_correction: false,
                 };
                 let batches = calibration_batches_of(&data, e.seed, *calibration_batches, *calibration_batch_size);
                 // Post-training quantization with the same settings, for comparison.
@@ -482,9 +509,13 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                     QatSettings { ptq, learn_scales: *learn_scales, freeze_observers_epoch: *freeze_observers_epoch };
                 let mut progress = progress_bar(opts, settings.epochs, "qat");
                 let t0 = Instant::now();
+                let bar = calibration_bar(opts, batches.len());
                 let out = quantization_aware_training(
                     &graph,
-                    &mut batches.iter().map(|c| data.batcher.batch(&data.train, c, &device, None).0),
+                    &mut batches.iter().map(|c| {
+                        bar.as_ref().inspect(|b| b.inc(1));
+                        data.batcher.batch(&data.train, c, &device, None).0
+                    }),
                     TrainData { train: &data.train, validation: data.validation.as_ref(), batcher: &data.batcher },
                     &settings,
                     &qat,
@@ -494,6 +525,9 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                 )
                 .with_context(|| format!("stage {index} (qat)"))?;
                 if let Some(bar) = progress.bar {
+                    bar.finish_and_clear();
+                }
+                if let Some(bar) = bar {
                     bar.finish_and_clear();
                 }
                 stage_report.history = out.history;

@@ -24,6 +24,9 @@ pub enum Calibrator {
     },
     /// The clipping range that minimises the mean squared quantization error of the values seen.
     Mse,
+    /// The clipping threshold whose quantized distribution is closest, in KL divergence, to the
+    /// histogram of the values seen (TensorRT's entropy calibration): 2048 bins of `|x|`.
+    Kl,
 }
 
 /// Values kept per observer for the percentile and MSE calibrators: a deterministic strided
@@ -79,7 +82,7 @@ impl Observer {
             }
         }
         self.batches += 1;
-        if matches!(self.calibrator, Calibrator::Percentile { .. } | Calibrator::Mse) {
+        if matches!(self.calibrator, Calibrator::Percentile { .. } | Calibrator::Mse | Calibrator::Kl) {
             let mut i = (self.stride - self.phase % self.stride) % self.stride;
             while i < values.len() {
                 self.sample.push(values[i]);
@@ -119,6 +122,13 @@ impl Observer {
                 (at(100.0 - percentile).min(0.0), at(percentile).max(0.0))
             }
             Calibrator::Mse => mse_range(&self.sample, self.min, self.max, scheme),
+            Calibrator::Kl => {
+                let (qmin, qmax) = scheme.range();
+                let levels = (qmax - qmin + 1) as usize;
+                // Non-negative values use every level on [0, T]; signed ones half on each side.
+                let t = kl_threshold(&self.sample, if self.min >= 0.0 { levels } else { levels / 2 });
+                (self.min.max(-t).min(0.0), self.max.min(t).max(0.0))
+            }
         })
     }
 
@@ -140,6 +150,55 @@ pub fn quantization_mse(values: &[f32], p: QuantParams, scheme: QuantScheme) -> 
         })
         .sum();
     sum / values.len().max(1) as f64
+}
+
+/// Bins of the `|x|` histogram the KL calibrator compares distributions on.
+const KL_BINS: usize = 2048;
+
+/// The threshold `T` on `|x|` that minimises `KL(P ‖ Q)`, where `P` is the histogram of `|x|`
+/// over `[0, T]` (the values beyond folded into the last bin) and `Q` is `P` merged into `levels`
+/// quantization levels and spread back over the bins that were non-empty (TensorRT's entropy
+/// calibration, 2048 bins; the candidates run from `levels` bins to all of them).
+pub fn kl_threshold(values: &[f32], levels: usize) -> f32 {
+    let max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if max == 0.0 || values.is_empty() {
+        return max;
+    }
+    let width = max / KL_BINS as f32;
+    let mut hist = vec![0f64; KL_BINS];
+    for v in values {
+        hist[((v.abs() / width) as usize).min(KL_BINS - 1)] += 1.0;
+    }
+    let mut best = (KL_BINS, f64::INFINITY);
+    for i in (levels.min(KL_BINS)..=KL_BINS).step_by(8) {
+        let mut p: Vec<f64> = hist[..i].to_vec();
+        p[i - 1] += hist[i..].iter().sum::<f64>();
+        // Q: the clipped histogram (without the folded tail: clipping is what Q cannot show)
+        // merged into `levels` groups, each group's mass spread evenly over its non-empty bins.
+        let mut q = vec![0f64; i];
+        for g in 0..levels {
+            let (start, end) = (g * i / levels, ((g + 1) * i / levels).max(g * i / levels + 1).min(i));
+            let mass: f64 = hist[start..end].iter().sum();
+            let nonempty = hist[start..end].iter().filter(|&&v| v > 0.0).count();
+            for k in (start..end).filter(|&k| hist[k] > 0.0) {
+                q[k] = mass / nonempty as f64;
+            }
+        }
+        let (sp, sq): (f64, f64) = (p.iter().sum(), q.iter().sum());
+        let kl: f64 = p
+            .iter()
+            .zip(&q)
+            .filter(|(a, _)| **a > 0.0)
+            .map(|(a, b)| {
+                let (a, b) = (a / sp, (b / sq).max(1e-12));
+                a * (a / b).ln()
+            })
+            .sum();
+        if kl < best.1 {
+            best = (i, kl);
+        }
+    }
+    best.0 as f32 * width
 }
 
 /// Shrinks `[min, max]` by a common factor (1, 0.97, 0.97², … down to about 0.001) and keeps
@@ -204,6 +263,31 @@ mod tests {
         let err = |o: &Observer| quantization_mse(&values, o.params(U4).unwrap(), U4);
         assert!(m.range(U4).unwrap().1 < mm.range(U4).unwrap().1);
         assert!(err(&m) < 0.9 * err(&mm), "{} vs {}", err(&m), err(&mm));
+    }
+
+    #[test]
+    fn kl_ignores_a_lone_outlier_and_keeps_a_plain_range() {
+        // Uniform values on [0, 1): every candidate below 1 cuts real mass, so the threshold is
+        // the maximum (the last candidate bin).
+        let uniform: Vec<f32> = (0..20_000).map(|i| i as f32 / 20_000.0).collect();
+        let t = kl_threshold(&uniform, 256);
+        assert!((t - 1.0).abs() < 0.01, "{t}");
+        // The same values and one outlier at 100: all the mass but one value sits in the first
+        // 21 of 2048 bins, so the smallest candidate (256 bins: 100 · 256 / 2048 = 12.5) already
+        // shows it without loss, and wins: the outlier is clipped, every real value kept.
+        let mut outlier = uniform.clone();
+        outlier[5] = 100.0;
+        let t = kl_threshold(&outlier, 256);
+        assert!((t - 12.5).abs() < 1e-3, "{t}");
+        let mut o = Observer::new(Calibrator::Kl);
+        o.observe(&outlier).unwrap();
+        assert_eq!(o.range(U8), Some((0.0, t)));
+        // Signed values use half the levels on each side: the smallest candidate is 128 bins.
+        let signed: Vec<f32> = outlier.iter().enumerate().map(|(i, v)| if i % 2 == 0 { *v } else { -v }).collect();
+        let mut o = Observer::new(Calibrator::Kl);
+        o.observe(&signed).unwrap();
+        let (lo, hi) = o.range(U8).unwrap();
+        assert!((lo + 6.25).abs() < 1e-3 && hi < 1.0, "the outlier (at -100) is clipped: {lo} {hi}");
     }
 
     #[test]

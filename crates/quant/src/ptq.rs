@@ -42,6 +42,9 @@ pub struct PtqSettings {
     /// Dynamic quantization: linear layers only, their inputs quantized with each batch's own
     /// range at run time; no calibration (the calibration batches may be empty).
     pub dynamic: bool,
+    /// Bias correction: each layer's bias absorbs the mean shift its weight rounding causes,
+    /// measured with the input means seen during calibration (static quantization only).
+    pub bias_correction: bool,
 }
 
 impl Default for PtqSettings {
@@ -52,6 +55,7 @@ impl Default for PtqSettings {
             calibrator: Calibrator::MinMax,
             overrides: Vec::new(),
             dynamic: false,
+            bias_correction: false,
         }
     }
 }
@@ -189,6 +193,9 @@ pub fn quantize_static(
     if ![2, 4, 8].contains(&settings.weight_bits) {
         return Err(Error::Setting(format!("weight_bits must be 2, 4 or 8, got {}", settings.weight_bits)));
     }
+    if settings.dynamic && settings.bias_correction {
+        return Err(Error::Setting("bias correction needs calibration: it applies to static quantization only".into()));
+    }
     let (folded, _) = graph.valid().fold_batch_norms();
     let (plan, float_layers) = plan_layers(graph, &folded, settings)?;
     // Calibration.
@@ -202,6 +209,11 @@ pub fn quantize_static(
     // Dynamic quantization measures ranges at run time: the batches are not even drawn.
     let calibration: &mut dyn Iterator<Item = Tensor<4>> =
         if settings.dynamic { &mut std::iter::empty() } else { calibration };
+    let mut means: BTreeMap<NodeId, ChannelMeans> = if settings.bias_correction && !settings.dynamic {
+        plan.keys().map(|&id| (id, ChannelMeans::default())).collect()
+    } else {
+        BTreeMap::new()
+    };
     for x in calibration {
         batches += 1;
         folded.forward_hooked(x, &[], &mut |id, a| {
@@ -210,6 +222,9 @@ pub fn quantize_static(
                 && failure.is_none()
             {
                 failure = Some((id, i));
+            }
+            if let Some(m) = means.get_mut(&id) {
+                m.add(&a);
             }
             a
         });
@@ -230,10 +245,45 @@ pub fn quantize_static(
                 Some(o) => o.params(ACTIVATION_SCHEME).expect("observed"),
                 None => QuantParams { scale: 1.0, zero_point: 0 },
             };
-            (id, LayerPlan { bits, input, weight_scales: None })
+            let input_mean = means.get(&id).map(|m| m.mean());
+            (id, LayerPlan { bits, input, weight_scales: None, input_mean })
         })
         .collect();
     Ok(quantize_weights(folded, layers, settings.per_channel, settings.dynamic, float_layers))
+}
+
+/// Running per-channel (or per-feature) sums of a layer's input, for bias correction.
+#[derive(Default)]
+struct ChannelMeans {
+    sums: Vec<f64>,
+    count: f64,
+}
+
+impl ChannelMeans {
+    fn add(&mut self, a: &Activation) {
+        let (per_channel, n): (Tensor<1>, usize) = match a {
+            Activation::Map(t) => {
+                let [b, c, h, w] = t.dims();
+                (t.clone().swap_dims(0, 1).reshape([c, b * h * w]).sum_dim(1).reshape([c]), b * h * w)
+            }
+            Activation::Flat(t) => {
+                let [b, f] = t.dims();
+                (t.clone().sum_dim(0).reshape([f]), b)
+            }
+        };
+        let v: Vec<f32> = per_channel.into_data().convert::<f32>().try_to_vec().expect("f32 activations");
+        if self.sums.is_empty() {
+            self.sums = vec![0.0; v.len()];
+        }
+        for (s, x) in self.sums.iter_mut().zip(v) {
+            *s += x as f64;
+        }
+        self.count += n as f64;
+    }
+
+    fn mean(&self) -> Vec<f32> {
+        self.sums.iter().map(|s| (s / self.count.max(1.0)) as f32).collect()
+    }
 }
 
 /// How [`quantize_weights`] quantizes one layer.
@@ -242,6 +292,8 @@ pub(crate) struct LayerPlan {
     pub input: QuantParams,
     /// Scales chosen elsewhere (learned by QAT); `None`: the max-abs of each channel (or layer).
     pub weight_scales: Option<Vec<f32>>,
+    /// Mean of the layer's input per channel (or feature), for bias correction.
+    pub input_mean: Option<Vec<f32>>,
 }
 
 /// Quantizes the weights of the planned layers of a folded graph: each weight replaced by its
@@ -254,7 +306,7 @@ pub(crate) fn quantize_weights(
     float_layers: Vec<(String, String)>,
 ) -> QuantizedModel {
     let mut layers = BTreeMap::new();
-    for (id, LayerPlan { bits, input, weight_scales }) in plan {
+    for (id, LayerPlan { bits, input, weight_scales, input_mean }) in plan {
         let node = &mut folded.nodes[id];
         let (weight, dims) = match &node.params {
             Some(Params::Conv(p)) => (p.weight.val().into_data(), p.weight.dims().to_vec()),
@@ -278,16 +330,51 @@ pub(crate) fn quantize_weights(
             .zip(&scales)
             .flat_map(|(c, &s)| c.iter().map(move |&v| quantize_weight(v, s, qmax) as f32 * s))
             .collect();
+        // Bias correction: the rounding shifts output o's mean by Σ (Wq − W)[o, i] · E[x_i];
+        // subtract that shift from the bias (Nagel et al. 2019, with E[x] measured per input
+        // channel on the calibration batches and shared by a channel's kernel taps).
+        let correction: Option<Vec<f32>> = input_mean.map(|mean| {
+            let taps = (per / mean.len().max(1)).max(1);
+            deq.chunks_exact(per)
+                .zip(w.chunks_exact(per))
+                .map(|(q, f)| {
+                    q.iter()
+                        .zip(f)
+                        .enumerate()
+                        .map(|(i, (a, b))| ((a - b) * mean[(i / taps).min(mean.len() - 1)]) as f64)
+                        .sum::<f64>() as f32
+                })
+                .collect()
+        });
+        let corrected_bias = |bias: Option<Vec<f32>>, c: &[f32]| -> Vec<f32> {
+            let bias = bias.unwrap_or_else(|| vec![0.0; c.len()]);
+            bias.iter().zip(c).map(|(b, d)| b - d).collect()
+        };
+        let to_vec1 = |t: Tensor<1>| t.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 bias");
         match &mut node.params {
             Some(Params::Conv(p)) => {
                 let dev = p.weight.val().device();
                 p.weight = Param::from_tensor(Tensor::from_data(TensorData::new(deq, dims), &dev));
+                if let Some(c) = &correction {
+                    let b = corrected_bias(p.bias.as_ref().map(|b| to_vec1(b.val())), c);
+                    p.bias = Some(Param::from_tensor(Tensor::from_data(TensorData::new(b, [out]), &dev)));
+                }
             }
             Some(Params::Linear(p)) => {
                 let dev = p.weight.val().device();
                 p.weight = Param::from_tensor(Tensor::from_data(TensorData::new(deq, dims), &dev));
+                if let Some(c) = &correction {
+                    let b = corrected_bias(p.bias.as_ref().map(|b| to_vec1(b.val())), c);
+                    p.bias = Some(Param::from_tensor(Tensor::from_data(TensorData::new(b, [out]), &dev)));
+                }
             }
             _ => unreachable!("conv or linear"),
+        }
+        if correction.is_some() {
+            match &mut node.op {
+                Op::Conv2d { bias, .. } | Op::Linear { bias, .. } => *bias = true,
+                _ => unreachable!("conv or linear"),
+            }
         }
         tracing::debug!(layer = %node.name, bits, input_scale = input.scale, input_zero = input.zero_point, "quantized");
         layers.insert(
@@ -508,6 +595,8 @@ impl QuantizedModel {
         let (mut graph, _) = original.valid().fold_batch_norms();
         let id = self.graph.node_id(layer).map_err(|e| Error::Setting(e.to_string()))?;
         graph.nodes[id].params = self.graph.nodes[id].params.clone();
+        // Bias correction may have given the layer a bias it did not have.
+        graph.nodes[id].op = self.graph.nodes[id].op.clone();
         let float_layers = self
             .layers
             .keys()

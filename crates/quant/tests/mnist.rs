@@ -1,6 +1,7 @@
-//! Quantization-aware training on the real MNIST-5k digits: with 2-bit weights, where
-//! post-training quantization loses much of the accuracy, a short QAT recovers it; the result
-//! runs on the integer kernels and agrees with its simulation; LSQ learns its scales.
+//! Quantization on the real MNIST-5k digits with a trained LeNet-5. QAT: with 2-bit weights,
+//! where post-training quantization loses much of the accuracy, a short QAT recovers it; the
+//! result runs on the integer kernels and agrees with its simulation; LSQ learns its scales.
+//! Bias correction: it removes the output mean shift of weight rounding and helps at low bits.
 
 use std::path::Path;
 
@@ -117,4 +118,39 @@ fn lsq_learns_its_scales() {
     assert_eq!(moved, out.model.layers.len(), "every layer's input and weight scales moved from their start");
     let acc = evaluate_plan(&mut out.model.freeze(1).unwrap(), &s.test, &s.batcher, 250, &s.device).unwrap().top1;
     assert!(acc > 0.85, "LSQ int4 LeNet: {acc}");
+}
+
+#[test]
+fn bias_correction_removes_the_mean_shift_of_weight_rounding() {
+    let s = setup();
+    let calib = calibration(&s);
+    let (plain, corrected) = (ptq(2), PtqSettings { bias_correction: true, ..ptq(2) });
+    let q0 = quantize_static(&s.baseline, &mut calib.clone().into_iter(), &plain).unwrap();
+    let q1 = quantize_static(&s.baseline, &mut calib.clone().into_iter(), &corrected).unwrap();
+    // Mean logits over the calibration images: f32, 2-bit, 2-bit corrected (simulated).
+    let mean_logits = |f: &dyn Fn(burn::tensor::Tensor<4>) -> burn::tensor::Tensor<2>| -> Vec<f32> {
+        let all: Vec<burn::tensor::Tensor<2>> = calib.iter().map(|x| f(x.clone())).collect();
+        burn::tensor::Tensor::cat(all, 0).mean_dim(0).into_data().try_to_vec::<f32>().unwrap()
+    };
+    let reference = mean_logits(&|x| s.baseline.forward(x));
+    let shift = |m: Vec<f32>| m.iter().zip(&reference).map(|(a, b)| (a - b).abs()).sum::<f32>();
+    let (before, after) =
+        (shift(mean_logits(&|x| q0.forward_simulated(x))), shift(mean_logits(&|x| q1.forward_simulated(x))));
+    eprintln!("summed |mean logit shift|: plain {before}, corrected {after}");
+    // Measured: 14.4 -> 7.0. What remains is presumably the upstream layers' shift, which the
+    // per-layer analytic correction does not see, and activation rounding.
+    assert!(after < 0.7 * before, "corrected {after} vs plain {before}");
+    // On held-out digits, on the integer kernels.
+    let acc = |q: &shrink_quant::QuantizedModel| {
+        evaluate_plan(&mut q.freeze(1).unwrap(), &s.test, &s.batcher, 250, &s.device).unwrap().top1
+    };
+    let (a0, a1) = (acc(&q0), acc(&q1));
+    eprintln!("2-bit PTQ test top-1: plain {a0}, corrected {a1}");
+    assert!(a1 > a0, "corrected {a1} vs plain {a0}");
+    // The corrected model (LeNet's convs and linears already have biases) reloads to the same
+    // integer accuracy.
+    let path = std::env::temp_dir().join(format!("shrink-bias-corr-{}.safetensors", std::process::id()));
+    q1.save(&path).unwrap();
+    let back = shrink_quant::QuantizedModel::load(&path, &s.device).unwrap();
+    assert_eq!(acc(&back), a1);
 }
