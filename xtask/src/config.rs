@@ -158,6 +158,10 @@ pub enum Stage {
         /// the calibration batches; static mode).
         #[serde(default)]
         bias_correction: bool,
+        /// Cross-layer equalization before calibration: rescale the channels of consecutive
+        /// layers joined by ReLU/pooling so their per-channel weight ranges match (same function).
+        #[serde(default)]
+        cross_layer_equalization: bool,
     },
     /// Quantization-aware training: batch norms folded, the layers chosen as static PTQ chooses
     /// them, activation ranges calibrated, then fine-tuning with weights and layer inputs rounded

@@ -425,6 +425,7 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                 overrides,
                 sensitivity,
                 bias_correction,
+                cross_layer_equalization,
             } => {
                 let dynamic = *mode == crate::config::QuantMode::Dynamic;
                 let settings = PtqSettings {
@@ -434,6 +435,7 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                     overrides: overrides.clone(),
                     dynamic,
                     bias_correction: *bias_correction,
+                    cross_layer_equalization: *cross_layer_equalization,
                 };
                 let wanted = if dynamic { 0 } else { *calibration_batches };
                 let chunks = calibration_batches_of(&data, e.seed, wanted, *batch_size);
@@ -454,6 +456,11 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                     &graph,
                     if dynamic { "dynamic post-training" } else { "static post-training" }.into(),
                     weights_text(*weight_bits, *per_channel, false)
+                        + &if q.equalized.is_empty() {
+                            String::new()
+                        } else {
+                            format!(", cross-layer equalized ({} layer pairs)", q.equalized.len())
+                        }
                         + if *bias_correction && !dynamic {
                             ", biases corrected for the rounding's mean shift"
                         } else {
@@ -493,6 +500,7 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                     overrides: overrides.clone(),
                     dynamic: false,
                     bias_correction: false,
+                    cross_layer_equalization: false,
                 };
                 let batches = calibration_batches_of(&data, e.seed, *calibration_batches, *calibration_batch_size);
                 // Post-training quantization with the same settings, for comparison.

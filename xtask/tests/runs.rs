@@ -94,7 +94,11 @@ fn smoke_configs_run_cache_their_baseline_and_are_deterministic() {
     assert!(q["latency"].as_array().unwrap().iter().any(|l| l["runner"] == "cpu-plan-int8"));
     let layers = q["quantization"]["quantized_layers"].as_array().unwrap();
     assert!(layers.iter().any(|l| l[0] == "fc3" && l[1] == 4), "the override gave fc3 4-bit weights: {layers:?}");
-    assert!(q["quantization"]["weights"].as_str().unwrap().contains("biases corrected"));
+    let weights = q["quantization"]["weights"].as_str().unwrap();
+    assert!(
+        weights.contains("biases corrected") && weights.contains("cross-layer equalized (4 layer pairs)"),
+        "{weights}"
+    );
     let sens = &q["quantization"]["sensitivity"];
     assert_eq!(sens["layers"].as_array().unwrap().len(), layers.len(), "one row per quantized layer");
     assert!(root().join(int8_dir).join(sens["chart"].as_str().unwrap()).exists());

@@ -22,6 +22,7 @@
 #![warn(missing_docs)]
 
 pub mod calibrate;
+pub mod equalize;
 pub mod kernels;
 pub mod ptq;
 pub mod qat;

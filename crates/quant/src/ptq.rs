@@ -45,7 +45,13 @@ pub struct PtqSettings {
     /// Bias correction: each layer's bias absorbs the mean shift its weight rounding causes,
     /// measured with the input means seen during calibration (static quantization only).
     pub bias_correction: bool,
+    /// Cross-layer equalization of the folded graph before calibration (see [`crate::equalize`]);
+    /// helps most with per-layer weight scales.
+    pub cross_layer_equalization: bool,
 }
+
+/// Sweeps of cross-layer equalization over the graph's pairs.
+pub(crate) const EQUALIZATION_SWEEPS: usize = 4;
 
 impl Default for PtqSettings {
     fn default() -> Self {
@@ -56,6 +62,7 @@ impl Default for PtqSettings {
             overrides: Vec::new(),
             dynamic: false,
             bias_correction: false,
+            cross_layer_equalization: false,
         }
     }
 }
@@ -108,6 +115,9 @@ pub struct QuantizedModel {
     pub layers: BTreeMap<String, LayerQuant>,
     /// Layers left in f32, with the reason.
     pub float_layers: Vec<(String, String)>,
+    /// The layer pairs cross-layer equalization rescaled before quantizing (empty when it was
+    /// off; not kept in model files, whose weights already carry it).
+    pub equalized: Vec<crate::equalize::EqualizedPair>,
 }
 
 /// Which layers an override list sends where, checked against the graph: a pattern that matches
@@ -196,7 +206,12 @@ pub fn quantize_static(
     if settings.dynamic && settings.bias_correction {
         return Err(Error::Setting("bias correction needs calibration: it applies to static quantization only".into()));
     }
-    let (folded, _) = graph.valid().fold_batch_norms();
+    let (mut folded, _) = graph.valid().fold_batch_norms();
+    let mut equalized = Vec::new();
+    if settings.cross_layer_equalization {
+        (folded, equalized) = crate::equalize::equalize_cross_layer(&folded, EQUALIZATION_SWEEPS)?;
+        tracing::info!(pairs = equalized.len(), "cross-layer equalization");
+    }
     let (plan, float_layers) = plan_layers(graph, &folded, settings)?;
     // Calibration.
     let mut observers: BTreeMap<NodeId, Observer> = if settings.dynamic {
@@ -249,7 +264,9 @@ pub fn quantize_static(
             (id, LayerPlan { bits, input, weight_scales: None, input_mean })
         })
         .collect();
-    Ok(quantize_weights(folded, layers, settings.per_channel, settings.dynamic, float_layers))
+    let mut model = quantize_weights(folded, layers, settings.per_channel, settings.dynamic, float_layers);
+    model.equalized = equalized;
+    Ok(model)
 }
 
 /// Running per-channel (or per-feature) sums of a layer's input, for bias correction.
@@ -388,7 +405,7 @@ pub(crate) fn quantize_weights(
             },
         );
     }
-    QuantizedModel { graph: folded, layers, float_layers }
+    QuantizedModel { graph: folded, layers, float_layers, equalized: Vec::new() }
 }
 
 /// `x` rounded as the integer kernels round it: `scale * (clamp(round(x / scale + zp)) - zp)`
@@ -576,7 +593,7 @@ impl QuantizedModel {
             return Err(bad(format!("layer `{name}` has integer weights but no input parameters")));
         }
         let graph = loaded.graph;
-        Ok(Self { graph, layers, float_layers: a.float_layers })
+        Ok(Self { graph, layers, float_layers: a.float_layers, equalized: Vec::new() })
     }
 }
 
@@ -593,6 +610,10 @@ impl QuantizedModel {
             .get(layer)
             .ok_or_else(|| Error::Setting(format!("`{layer}` is not a quantized layer of this model")))?;
         let (mut graph, _) = original.valid().fold_batch_norms();
+        if !self.equalized.is_empty() {
+            // The other layers must be the equalized f32 ones, or the rescaling would not cancel.
+            graph = crate::equalize::equalize_cross_layer(&graph, EQUALIZATION_SWEEPS)?.0;
+        }
         let id = self.graph.node_id(layer).map_err(|e| Error::Setting(e.to_string()))?;
         graph.nodes[id].params = self.graph.nodes[id].params.clone();
         // Bias correction may have given the layer a bias it did not have.
@@ -603,6 +624,11 @@ impl QuantizedModel {
             .filter(|n| n.as_str() != layer)
             .map(|n| (n.clone(), format!("f32 while `{layer}` alone is quantized")))
             .collect();
-        Ok(QuantizedModel { graph, layers: BTreeMap::from([(layer.to_string(), lq.clone())]), float_layers })
+        Ok(QuantizedModel {
+            graph,
+            layers: BTreeMap::from([(layer.to_string(), lq.clone())]),
+            float_layers,
+            equalized: self.equalized.clone(),
+        })
     }
 }
