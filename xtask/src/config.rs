@@ -162,6 +162,11 @@ pub enum Stage {
         /// layers joined by ReLU/pooling so their per-channel weight ranges match (same function).
         #[serde(default)]
         cross_layer_equalization: bool,
+        /// Learn each weight's rounding (up or down), layer by layer, on calibration images:
+        /// `adaround = {}` for the defaults, or `{ iterations = 500, batch_size = 32, lr = 0.01,
+        /// lambda = 0.01, images = 128 }`. Static mode.
+        #[serde(default)]
+        adaround: Option<shrink_quant::adaround::AdaRoundSettings>,
     },
     /// Quantization-aware training: batch norms folded, the layers chosen as static PTQ chooses
     /// them, activation ranges calibrated, then fine-tuning with weights and layer inputs rounded
@@ -575,9 +580,18 @@ fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
                 overrides,
                 mode,
                 bias_correction,
+                adaround,
                 ..
             } => {
                 quantized_at = Some(i);
+                if let Some(ada) = adaround {
+                    if *mode == QuantMode::Dynamic {
+                        bail!(
+                            "key `{at}.adaround`: learns from calibration images, so it applies to mode = \"static\" only"
+                        );
+                    }
+                    ada.validate().map_err(|e| anyhow::anyhow!("key `{at}.adaround`: {e}"))?;
+                }
                 if *bias_correction && *mode == QuantMode::Dynamic {
                     bail!(
                         "key `{at}.bias_correction`: needs calibrated input means, so it applies to mode = \"static\" only"

@@ -426,6 +426,7 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                 sensitivity,
                 bias_correction,
                 cross_layer_equalization,
+                adaround,
             } => {
                 let dynamic = *mode == crate::config::QuantMode::Dynamic;
                 let settings = PtqSettings {
@@ -436,6 +437,7 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                     dynamic,
                     bias_correction: *bias_correction,
                     cross_layer_equalization: *cross_layer_equalization,
+                    adaround: adaround.clone(),
                 };
                 let wanted = if dynamic { 0 } else { *calibration_batches };
                 let chunks = calibration_batches_of(&data, e.seed, wanted, *batch_size);
@@ -460,6 +462,13 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                             String::new()
                         } else {
                             format!(", cross-layer equalized ({} layer pairs)", q.equalized.len())
+                        }
+                        + &match adaround {
+                            Some(a) if !dynamic => format!(
+                                ", rounding learned by AdaRound ({} steps per layer on {} calibration images)",
+                                a.iterations, a.images
+                            ),
+                            _ => String::new(),
                         }
                         + if *bias_correction && !dynamic {
                             ", biases corrected for the rounding's mean shift"
@@ -501,6 +510,7 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                     dynamic: false,
                     bias_correction: false,
                     cross_layer_equalization: false,
+                    adaround: None,
                 };
                 let batches = calibration_batches_of(&data, e.seed, *calibration_batches, *calibration_batch_size);
                 // Post-training quantization with the same settings, for comparison.

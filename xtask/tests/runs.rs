@@ -99,6 +99,7 @@ fn smoke_configs_run_cache_their_baseline_and_are_deterministic() {
         weights.contains("biases corrected") && weights.contains("cross-layer equalized (4 layer pairs)"),
         "{weights}"
     );
+    assert!(weights.contains("AdaRound (50 steps per layer on 64 calibration images)"), "{weights}");
     let sens = &q["quantization"]["sensitivity"];
     assert_eq!(sens["layers"].as_array().unwrap().len(), layers.len(), "one row per quantized layer");
     assert!(root().join(int8_dir).join(sens["chart"].as_str().unwrap()).exists());

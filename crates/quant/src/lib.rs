@@ -21,6 +21,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod adaround;
 pub mod calibrate;
 pub mod equalize;
 pub mod kernels;

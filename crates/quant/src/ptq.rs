@@ -48,6 +48,9 @@ pub struct PtqSettings {
     /// Cross-layer equalization of the folded graph before calibration (see [`crate::equalize`]);
     /// helps most with per-layer weight scales.
     pub cross_layer_equalization: bool,
+    /// Learned rounding of the weights, layer by layer, on the calibration images (see
+    /// [`crate::adaround`]); `None`: round to nearest.
+    pub adaround: Option<crate::adaround::AdaRoundSettings>,
 }
 
 /// Sweeps of cross-layer equalization over the graph's pairs.
@@ -63,6 +66,7 @@ impl Default for PtqSettings {
             dynamic: false,
             bias_correction: false,
             cross_layer_equalization: false,
+            adaround: None,
         }
     }
 }
@@ -229,8 +233,16 @@ pub fn quantize_static(
     } else {
         BTreeMap::new()
     };
+    let mut kept_images: Vec<Tensor<4>> = Vec::new();
+    let mut kept = 0usize;
     for x in calibration {
         batches += 1;
+        if let Some(ada) = &settings.adaround
+            && kept < ada.images
+        {
+            kept += x.dims()[0];
+            kept_images.push(x.clone());
+        }
         folded.forward_hooked(x, &[], &mut |id, a| {
             if let Some(o) = observers.get_mut(&id)
                 && let Err(i) = o.observe(&values(&a))
@@ -253,6 +265,27 @@ pub fn quantize_static(
     if batches == 0 && !settings.dynamic {
         return Err(Error::Calibration("no calibration batch".into()));
     }
+    // AdaRound: each planned layer's input on the first calibration images, from one more
+    // forward pass of the float model over them.
+    let mut inputs: BTreeMap<NodeId, Tensor<4>> = BTreeMap::new();
+    if let (Some(ada), false) = (&settings.adaround, settings.dynamic) {
+        let kept = Tensor::cat(kept_images, 0);
+        let n = kept.dims()[0].min(ada.images.max(1));
+        folded.forward_hooked(kept.narrow(0, 0, n), &[], &mut |id, a| {
+            if plan.contains_key(&id) {
+                let x = match (&folded.nodes[id].op, a.clone()) {
+                    (Op::Conv2d { .. }, Activation::Map(t)) => t,
+                    (_, a) => {
+                        let f = a.flatten();
+                        let [b, k] = f.dims();
+                        f.reshape([b, k, 1, 1])
+                    }
+                };
+                inputs.insert(id, x);
+            }
+            a
+        });
+    }
     let layers = plan
         .iter()
         .map(|(&id, &bits)| {
@@ -261,7 +294,8 @@ pub fn quantize_static(
                 None => QuantParams { scale: 1.0, zero_point: 0 },
             };
             let input_mean = means.get(&id).map(|m| m.mean());
-            (id, LayerPlan { bits, input, weight_scales: None, input_mean })
+            let adaround = inputs.remove(&id).zip(settings.adaround.clone());
+            (id, LayerPlan { bits, input, weight_scales: None, input_mean, adaround })
         })
         .collect();
     let mut model = quantize_weights(folded, layers, settings.per_channel, settings.dynamic, float_layers);
@@ -311,6 +345,9 @@ pub(crate) struct LayerPlan {
     pub weight_scales: Option<Vec<f32>>,
     /// Mean of the layer's input per channel (or feature), for bias correction.
     pub input_mean: Option<Vec<f32>>,
+    /// AdaRound: the layer's calibration inputs (`[n, c, h, w]`, or `[n, in, 1, 1]` for a
+    /// linear layer) and the settings; `None`: round to nearest.
+    pub adaround: Option<(Tensor<4>, crate::adaround::AdaRoundSettings)>,
 }
 
 /// Quantizes the weights of the planned layers of a folded graph: each weight replaced by its
@@ -323,7 +360,7 @@ pub(crate) fn quantize_weights(
     float_layers: Vec<(String, String)>,
 ) -> QuantizedModel {
     let mut layers = BTreeMap::new();
-    for (id, LayerPlan { bits, input, weight_scales, input_mean }) in plan {
+    for (id, LayerPlan { bits, input, weight_scales, input_mean, adaround }) in plan {
         let node = &mut folded.nodes[id];
         let (weight, dims) = match &node.params {
             Some(Params::Conv(p)) => (p.weight.val().into_data(), p.weight.dims().to_vec()),
@@ -342,11 +379,25 @@ pub(crate) fn quantize_weights(
         } else {
             vec![(absmax(&w) / qmax as f32).max(f32::MIN_POSITIVE); out]
         };
-        let deq: Vec<f32> = w
-            .chunks_exact(per)
-            .zip(&scales)
-            .flat_map(|(c, &s)| c.iter().map(move |&v| quantize_weight(v, s, qmax) as f32 * s))
-            .collect();
+        let deq: Vec<f32> = match adaround {
+            Some((inputs, settings)) => {
+                let started = std::time::Instant::now();
+                let deq = crate::adaround::adaround_weight(&node.op, &w, &dims, &scales, qmax, &inputs, &settings);
+                let flipped = deq
+                    .iter()
+                    .zip(&w)
+                    .enumerate()
+                    .filter(|(k, (d, v))| **d != quantize_weight(**v, scales[k / per], qmax) as f32 * scales[k / per])
+                    .count();
+                tracing::info!(layer = %node.name, flipped, of = w.len(), seconds = started.elapsed().as_secs_f64(), "AdaRound");
+                deq
+            }
+            None => w
+                .chunks_exact(per)
+                .zip(&scales)
+                .flat_map(|(c, &s)| c.iter().map(move |&v| quantize_weight(v, s, qmax) as f32 * s))
+                .collect(),
+        };
         // Bias correction: the rounding shifts output o's mean by Σ (Wq − W)[o, i] · E[x_i];
         // subtract that shift from the bias (Nagel et al. 2019, with E[x] measured per input
         // channel on the calibration batches and shared by a channel's kernel taps).

@@ -336,7 +336,8 @@ pub fn quantization_aware_training(
             (params_for_range(lo, hi, ACTIVATION_SCHEME), None)
         };
         // No bias correction: training has already absorbed the rounding's mean shift.
-        plan_out.insert(layer.node, LayerPlan { bits: layer.bits, input, weight_scales, input_mean: None });
+        plan_out
+            .insert(layer.node, LayerPlan { bits: layer.bits, input, weight_scales, input_mean: None, adaround: None });
     }
     let graph = trained.graph.valid().to_device(device);
     let model = quantize_weights(graph, plan_out, ptq.per_channel, false, float_layers);

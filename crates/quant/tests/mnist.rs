@@ -181,3 +181,34 @@ fn cross_layer_equalization_helps_per_layer_weight_scales() {
         assert!((one - f32_acc).abs() <= 0.02, "{name} alone: {one} vs f32 {f32_acc}");
     }
 }
+
+#[test]
+fn adaround_beats_rounding_to_nearest_at_low_bits() {
+    let s = setup();
+    let calib = calibration(&s);
+    let ada = shrink_quant::adaround::AdaRoundSettings { iterations: 300, images: 128, ..Default::default() };
+    let acc = |q: &shrink_quant::QuantizedModel| {
+        evaluate_plan(&mut q.freeze(1).unwrap(), &s.test, &s.batcher, 250, &s.device).unwrap().top1
+    };
+    let nearest = quantize_static(&s.baseline, &mut calib.clone().into_iter(), &ptq(2)).unwrap();
+    let learned = PtqSettings { adaround: Some(ada), ..ptq(2) };
+    let started = std::time::Instant::now();
+    let rounded = quantize_static(&s.baseline, &mut calib.clone().into_iter(), &learned).unwrap();
+    let (a0, a1) = (acc(&nearest), acc(&rounded));
+    eprintln!("2-bit PTQ test top-1: nearest {a0}, AdaRound {a1} ({:.1} s)", started.elapsed().as_secs_f64());
+    assert!(a1 > a0 + 0.05, "AdaRound {a1} vs nearest {a0}");
+    // Every weight stays on its grid, within one step of the nearest level.
+    for (name, l) in &rounded.layers {
+        let id = rounded.graph.node_id(name).unwrap();
+        let w: Vec<f32> = match &rounded.graph.nodes[id].params {
+            Some(shrink_core::graph::Params::Conv(p)) => p.weight.val().into_data().try_to_vec().unwrap(),
+            Some(shrink_core::graph::Params::Linear(p)) => p.weight.val().into_data().try_to_vec().unwrap(),
+            _ => unreachable!(),
+        };
+        let per = w.len() / l.weight_scales.len();
+        for (k, v) in w.iter().enumerate() {
+            let level = v / l.weight_scales[k / per];
+            assert!((level - level.round()).abs() < 1e-3 && level.abs() <= 1.0 + 1e-3, "{name}: {level}");
+        }
+    }
+}
