@@ -191,7 +191,8 @@ fn values(a: &Activation) -> Vec<f32> {
 pub struct QatOutcome {
     /// The trained model, ready for the integer kernels.
     pub model: QuantizedModel,
-    /// One record per epoch (accuracy on the fake-quantized forward).
+    /// One record per epoch: training loss and accuracy on the fake-quantized forward; a
+    /// validation accuracy, when there is a validation set, is of the latent f32 weights.
     pub history: Vec<EpochRecord>,
     /// Images the initial calibration saw.
     pub calibration_images: usize,
