@@ -209,6 +209,10 @@ pub enum Stage {
         /// average) until this epoch, then stay fixed. Absent: they follow until the end.
         #[serde(default)]
         freeze_observers_epoch: Option<f64>,
+        /// Also learn from the f32 model QAT starts from (distillation as recovery):
+        /// `distill = { temperature = 4.0, alpha = 0.5 }`.
+        #[serde(default)]
+        distill: Option<QatDistill>,
     },
     /// Knowledge distillation: a student learns from one teacher or an ensemble (their softened
     /// outputs, and optionally hint and attention pairs named by node) as well as the labels.
@@ -260,6 +264,22 @@ pub enum Stage {
         #[serde(default = "default_eval_batch")]
         batch_size: usize,
     },
+}
+
+/// Distillation from the f32 model during QAT.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QatDistill {
+    /// Softening temperature T (> 0).
+    #[serde(default = "default_temperature")]
+    pub temperature: f64,
+    /// Weight α of the teacher term; `1 − α` weighs the labels.
+    #[serde(default = "default_half")]
+    pub alpha: f64,
+}
+
+fn default_half() -> f64 {
+    0.5
 }
 
 /// One teacher of a distill stage.
@@ -550,9 +570,18 @@ fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
                 learn_scales,
                 freeze_observers_epoch,
                 epochs,
+                distill,
                 ..
             } => {
                 quantized_at = Some(i);
+                if let Some(d) = distill {
+                    if !(d.temperature.is_finite() && d.temperature > 0.0) {
+                        bail!("key `{at}.distill.temperature`: expected a positive number, got {}", d.temperature);
+                    }
+                    if !(0.0..=1.0).contains(&d.alpha) {
+                        bail!("key `{at}.distill.alpha`: expected a value in [0, 1], got {}", d.alpha);
+                    }
+                }
                 let settings = stage.train_settings().expect("a qat stage");
                 settings.validate().with_context(|| format!("key `{at}`"))?;
                 if *calibration_batches == 0 || *calibration_batch_size == 0 {

@@ -500,6 +500,7 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                 overrides,
                 learn_scales,
                 freeze_observers_epoch,
+                distill,
                 ..
             } => {
                 let ptq = PtqSettings {
@@ -523,8 +524,17 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                 let ptq_test = evaluate_plan(&mut post.freeze(e.threads)?, &data.test, &data.batcher, 250, &device)?;
                 tracing::info!(top1 = ptq_test.top1, "post-training quantization with the same settings");
                 let settings = stage.train_settings().expect("a qat stage");
-                let qat =
-                    QatSettings { ptq, learn_scales: *learn_scales, freeze_observers_epoch: *freeze_observers_epoch };
+                let teacher = distill.as_ref().map(|d| shrink_quant::QatTeacher {
+                    graph: graph.clone(),
+                    temperature: d.temperature,
+                    alpha: d.alpha,
+                });
+                let qat = QatSettings {
+                    ptq,
+                    learn_scales: *learn_scales,
+                    freeze_observers_epoch: *freeze_observers_epoch,
+                    teacher,
+                };
                 let mut progress = progress_bar(opts, settings.epochs, "qat");
                 let t0 = Instant::now();
                 let bar = calibration_bar(opts, batches.len());
@@ -551,6 +561,10 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                 stage_report.history = out.history;
                 stage_report.train_seconds = Some(t0.elapsed().as_secs_f64());
                 let q = out.model;
+                let taught = distill
+                    .as_ref()
+                    .map(|d| format!(", distilled from the f32 model (T = {}, α = {})", d.temperature, d.alpha))
+                    .unwrap_or_default();
                 let method = if *learn_scales {
                     "quantization-aware training, learned scales (LSQ)".to_string()
                 } else {
@@ -564,7 +578,7 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                 stage_report.quantization = Some(quant_summary(
                     &q,
                     &graph,
-                    method,
+                    method + &taught,
                     weights_text(*weight_bits, *per_channel, *learn_scales),
                     "u8 asymmetric, per tensor, at the input of each quantized layer".into(),
                     format!("{calibrator:?} (initial ranges)"),

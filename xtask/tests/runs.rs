@@ -123,7 +123,8 @@ fn smoke_configs_run_cache_their_baseline_and_are_deterministic() {
     assert_eq!(q["kind"], "qat");
     assert_eq!(q["evaluated_on"], "cpu-plan-int8");
     let summary = &q["quantization"];
-    assert!(summary["method"].as_str().unwrap().starts_with("quantization-aware training"));
+    let method = summary["method"].as_str().unwrap();
+    assert!(method.starts_with("quantization-aware training") && method.contains("distilled from the f32 model"));
     let (qat_acc, ptq_acc) = (top1(&q["test"]), top1(&summary["ptq_test"]));
     assert!(qat_acc > ptq_acc + 0.1, "QAT {qat_acc} vs PTQ {ptq_acc} at 2 bits");
     assert!((qat_acc - top1(&summary["simulated_test"])).abs() <= 0.01);

@@ -235,6 +235,33 @@ pub fn cross_entropy(logits: Tensor<2>, labels: Tensor<1, Int>) -> Tensor<1> {
     log_p.gather(1, labels.unsqueeze_dim(1)).mean().neg()
 }
 
+/// Hinton's distillation loss on teacher probabilities already softened at `temperature`:
+/// `α · T² · KL(p_t ‖ softmax(s/T)) + (1 − α) · CE(s, labels)`, averaged over the batch; the
+/// teacher side is detached. It lives here because more than one technique trains with it
+/// (shrink-distill's `distill`, shrink-quant's QAT with a teacher), and those crates depend on
+/// shrink-core only.
+///
+/// # Panics
+/// If the shapes differ, or `temperature <= 0`.
+pub fn distillation_loss(
+    student: Tensor<2>,
+    teacher_probs: Tensor<2>,
+    labels: Tensor<1, Int>,
+    temperature: f64,
+    alpha: f64,
+) -> Tensor<1> {
+    assert!(temperature > 0.0, "temperature must be positive");
+    assert_eq!(student.dims(), teacher_probs.dims(), "student logits and teacher probabilities differ in shape");
+    let [batch, _] = student.dims();
+    let p_t = teacher_probs.detach();
+    // p·log p is 0 at p = 0; the clamp only keeps log finite there.
+    let log_p_t = p_t.clone().clamp_min(1e-30).log();
+    let log_p_s = activation::log_softmax(student.clone().div_scalar(temperature), 1);
+    let kl = (p_t * (log_p_t - log_p_s)).sum().div_scalar(batch as f64);
+    let hard = cross_entropy(student, labels);
+    kl.mul_scalar(alpha * temperature * temperature) + hard.mul_scalar(1.0 - alpha)
+}
+
 /// The data a training run reads.
 #[derive(Clone, Copy, Debug)]
 pub struct TrainData<'a> {

@@ -1,6 +1,6 @@
 //! Distillation losses as plain functions on burn tensors, usable in any training loop.
 
-use burn::tensor::activation::{log_softmax, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::{Int, Tensor};
 
 /// Hinton's distillation loss:
@@ -26,7 +26,8 @@ pub fn kd_loss(
 }
 
 /// As [`kd_loss`], with the teacher given as probabilities already softened at `temperature`
-/// (one teacher's `softmax(t/T)`, or an ensemble's mean from [`soft_targets`]).
+/// (one teacher's `softmax(t/T)`, or an ensemble's mean from [`soft_targets`]). The same as
+/// [`shrink_core::train::distillation_loss`], which QAT with a teacher uses too.
 ///
 /// # Panics
 /// If the shapes differ, or `temperature <= 0`.
@@ -37,16 +38,7 @@ pub fn kd_loss_soft(
     temperature: f64,
     alpha: f64,
 ) -> Tensor<1> {
-    assert!(temperature > 0.0, "temperature must be positive");
-    assert_eq!(student.dims(), teacher_probs.dims(), "student logits and teacher probabilities differ in shape");
-    let [batch, _] = student.dims();
-    let p_t = teacher_probs.detach();
-    // p·log p is 0 at p = 0; the clamp only keeps log finite there.
-    let log_p_t = p_t.clone().clamp_min(1e-30).log();
-    let log_p_s = log_softmax(student.clone().div_scalar(temperature), 1);
-    let kl = (p_t * (log_p_t - log_p_s)).sum().div_scalar(batch as f64);
-    let hard = shrink_core::train::cross_entropy(student, labels);
-    kl.mul_scalar(alpha * temperature * temperature) + hard.mul_scalar(1.0 - alpha)
+    shrink_core::train::distillation_loss(student, teacher_probs, labels, temperature, alpha)
 }
 
 /// The soft targets of an ensemble: `Σᵢ wᵢ · softmax(tᵢ / T)` with the weights normalised to

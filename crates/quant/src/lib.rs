@@ -30,7 +30,7 @@ pub mod qat;
 
 pub use calibrate::{Calibrator, Observer};
 pub use ptq::{LayerQuant, Override, PtqSettings, QuantizedModel, quantize_static};
-pub use qat::{QatOutcome, QatSettings, quantization_aware_training};
+pub use qat::{QatOutcome, QatSettings, QatTeacher, quantization_aware_training};
 
 /// Errors of shrink-quant.
 #[derive(Debug, thiserror::Error)]

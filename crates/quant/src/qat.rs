@@ -13,17 +13,31 @@
 use std::collections::BTreeMap;
 
 use burn::module::{Module, Param};
+use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 use shrink_core::graph::{Activation, ForwardHooks, Graph, NodeId, Params};
 use shrink_core::train::{
-    Batch, EpochRecord, LossAndLogits, TrainData, TrainObserver, TrainSettings, Trainable, cross_entropy, train_module,
+    Batch, EpochRecord, LossAndLogits, TrainData, TrainObserver, TrainSettings, Trainable, cross_entropy,
+    distillation_loss, train_module,
 };
 
 use crate::ptq::{ACTIVATION_SCHEME, LayerPlan, PtqSettings, QuantizedModel, plan_layers, quantize_weights};
 use crate::{Error, QuantParams, params_for_range, symmetric_max};
 
+/// A teacher for QAT: its softened outputs guide the quantized network alongside the labels
+/// (distillation as recovery from quantization; usually the f32 model QAT starts from).
+#[derive(Clone, Debug)]
+pub struct QatTeacher {
+    /// The teacher, run in inference mode without autodiff.
+    pub graph: Graph,
+    /// Softening temperature T (> 0).
+    pub temperature: f64,
+    /// Weight α of the teacher term; `1 − α` weighs the labels.
+    pub alpha: f64,
+}
+
 /// Settings of quantization-aware training.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct QatSettings {
     /// Weight bits, per-channel weights, the calibrator that sets the initial activation ranges,
     /// overrides (`dynamic` must be false).
@@ -34,6 +48,9 @@ pub struct QatSettings {
     /// Without LSQ: the activation observers follow each training batch (moving average,
     /// momentum 0.9) until this epoch, then keep their range (`None`: until the end).
     pub freeze_observers_epoch: Option<f64>,
+    /// Train against a teacher's softened outputs as well as the labels
+    /// ([`shrink_core::train::distillation_loss`]); `None`: cross-entropy on the labels.
+    pub teacher: Option<QatTeacher>,
 }
 
 /// One quantized layer during QAT.
@@ -230,6 +247,18 @@ pub fn quantization_aware_training(
     {
         return Err(Error::Setting(format!("freeze_observers_epoch must be a non-negative number, got {e}")));
     }
+    if let Some(t) = &settings.teacher {
+        if !(t.temperature.is_finite() && t.temperature > 0.0) {
+            return Err(Error::Setting(format!("teacher temperature must be positive, got {}", t.temperature)));
+        }
+        if !(0.0..=1.0).contains(&t.alpha) {
+            return Err(Error::Setting(format!("teacher alpha must be in [0, 1], got {}", t.alpha)));
+        }
+        if t.graph.num_outputs() != graph.num_outputs() || t.graph.input_shape() != graph.input_shape() {
+            return Err(Error::Setting("the teacher's input or output shape differs from the model's".into()));
+        }
+    }
+    let teacher = settings.teacher.as_ref().map(|t| (t.graph.valid().to_device(device), t.temperature, t.alpha));
     let (folded, _) = graph.valid().to_device(device).fold_batch_norms();
     let (plan, float_layers) = plan_layers(graph, &folded, ptq)?;
     let shapes = folded.shapes()?;
@@ -302,6 +331,10 @@ pub fn quantization_aware_training(
         let fixed: Vec<QuantParams> =
             ranges.iter().map(|&(lo, hi)| params_for_range(lo, hi, ACTIVATION_SCHEME)).collect();
         let mut seen = vec![(0.0, 0.0); ranges.len()];
+        // The teacher sees the same (augmented) images, without autodiff.
+        let teacher_probs = teacher.as_ref().map(|(t, temperature, _)| {
+            softmax(t.forward(batch.images.clone().inner()).div_scalar(*temperature), 1).autodiff()
+        });
         let logits = {
             let mut hooks = QatHooks { model: m, index: &index, fixed: &fixed, seen: live.then_some(&mut seen) };
             m.graph.forward_with_hooks(batch.images, &[], &mut hooks).0
@@ -313,7 +346,13 @@ pub fn quantization_aware_training(
                 }
             }
         }
-        Ok((cross_entropy(logits.clone(), batch.labels), logits))
+        let loss = match (&teacher, teacher_probs) {
+            (Some((_, temperature, alpha)), Some(p)) => {
+                distillation_loss(logits.clone(), p, batch.labels, *temperature, *alpha)
+            }
+            _ => cross_entropy(logits.clone(), batch.labels),
+        };
+        Ok((loss, logits))
     };
     let (trained, history) = train_module(model, data, train, device, seed, observer, &mut objective)?;
 

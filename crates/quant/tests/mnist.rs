@@ -22,6 +22,8 @@ struct Setup {
     baseline: Graph,
 }
 
+static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn setup() -> Setup {
     let (train_set, test_set) =
         load_mnist_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/mnist5k")).unwrap();
@@ -29,8 +31,13 @@ fn setup() -> Setup {
     let test_set = test_set.subset(&shuffled(test_set.len(), 4)[..500]);
     let batcher = Batcher { normalization: train_set.channel_stats(), augmentation: Augmentation::default() };
     let device = BackendKind::Flex.device().unwrap();
-    device.seed(1);
-    let g = ModelSpec::Lenet5.build([1, 28, 28], 10, &device).unwrap();
+    let g = {
+        // The device's random generator is global: tests running in parallel would interleave
+        // their draws between `seed` and `build`, so building happens one test at a time.
+        let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+        device.seed(1);
+        ModelSpec::Lenet5.build([1, 28, 28], 10, &device).unwrap()
+    };
     let settings = settings(3, 0.003);
     let data = TrainData { train: &train_set, validation: None, batcher: &batcher };
     let baseline = train(g, data, &settings, &device, 1, &mut Quiet).unwrap().0;
@@ -64,7 +71,7 @@ fn qat_recovers_what_2bit_ptq_loses_and_runs_on_the_integer_kernels() {
     let ptq_acc = evaluate_plan(&mut post.freeze(1).unwrap(), &s.test, &s.batcher, 250, &s.device).unwrap().top1;
 
     let data = TrainData { train: &s.train, validation: None, batcher: &s.batcher };
-    let qat = QatSettings { ptq: ptq(2), learn_scales: false, freeze_observers_epoch: Some(1.0) };
+    let qat = QatSettings { ptq: ptq(2), learn_scales: false, freeze_observers_epoch: Some(1.0), teacher: None };
     let out = quantization_aware_training(
         &s.baseline,
         &mut calibration(&s).into_iter(),
@@ -92,7 +99,7 @@ fn qat_recovers_what_2bit_ptq_loses_and_runs_on_the_integer_kernels() {
 fn lsq_learns_its_scales() {
     let s = setup();
     let data = TrainData { train: &s.train, validation: None, batcher: &s.batcher };
-    let qat = QatSettings { ptq: ptq(4), learn_scales: true, freeze_observers_epoch: None };
+    let qat = QatSettings { ptq: ptq(4), learn_scales: true, freeze_observers_epoch: None, teacher: None };
     let post = quantize_static(&s.baseline, &mut calibration(&s).into_iter(), &ptq(4)).unwrap();
     let out = quantization_aware_training(
         &s.baseline,
@@ -211,4 +218,28 @@ fn adaround_beats_rounding_to_nearest_at_low_bits() {
             assert!((level - level.round()).abs() < 1e-3 && level.abs() <= 1.0 + 1e-3, "{name}: {level}");
         }
     }
+}
+
+#[test]
+fn qat_with_the_f32_model_as_teacher() {
+    // α = 0 is plain QAT exactly; with α > 0 the f32 model teaches the 2-bit one, which still
+    // recovers far above post-training quantization.
+    let s = setup();
+    let data = TrainData { train: &s.train, validation: None, batcher: &s.batcher };
+    let run = |teacher: Option<shrink_quant::QatTeacher>| {
+        let qat = QatSettings { ptq: ptq(2), learn_scales: false, freeze_observers_epoch: Some(1.0), teacher };
+        let mut calib = calibration(&s).into_iter();
+        quantization_aware_training(&s.baseline, &mut calib, data, &settings(2, 0.001), &qat, &s.device, 1, &mut Quiet)
+            .unwrap()
+    };
+    let teacher = |alpha| Some(shrink_quant::QatTeacher { graph: s.baseline.clone(), temperature: 4.0, alpha });
+    let plain = run(None);
+    let zero = run(teacher(0.0));
+    for (a, b) in plain.history.iter().zip(&zero.history) {
+        assert!((a.train_loss - b.train_loss).abs() < 1e-6, "{} vs {}", a.train_loss, b.train_loss);
+    }
+    let taught = run(teacher(0.7));
+    let acc = evaluate_plan(&mut taught.model.freeze(1).unwrap(), &s.test, &s.batcher, 250, &s.device).unwrap().top1;
+    eprintln!("2-bit QAT with the f32 teacher: {acc}");
+    assert!(acc > 0.85, "{acc}");
 }

@@ -8,10 +8,24 @@ use shrink_core::zoo::ModelSpec;
 use shrink_quant::calibrate::Calibrator;
 use shrink_quant::{Override, PtqSettings, QuantScheme, quantize_static};
 
-fn batches(shape: [usize; 3], n: usize, seed: u64) -> Vec<Tensor<4>> {
+/// The device's random generator is global: tests running in parallel would interleave their
+/// draws between `seed` and the draws, so seeded draws happen one test at a time.
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `draw` right after seeding the device, with no other test drawing in between.
+fn seeded<T>(seed: u64, draw: impl FnOnce(&burn::tensor::Device) -> T) -> T {
+    let _one_at_a_time = RNG.lock().unwrap_or_else(|e| e.into_inner());
     let device = BackendKind::Flex.device().unwrap();
     device.seed(seed);
-    (0..n).map(|_| Tensor::random([8, shape[0], shape[1], shape[2]], Distribution::Normal(0.0, 1.0), &device)).collect()
+    draw(&device)
+}
+
+fn batches(shape: [usize; 3], n: usize, seed: u64) -> Vec<Tensor<4>> {
+    seeded(seed, |device| {
+        (0..n)
+            .map(|_| Tensor::random([8, shape[0], shape[1], shape[2]], Distribution::Normal(0.0, 1.0), device))
+            .collect()
+    })
 }
 
 fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
@@ -20,8 +34,6 @@ fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 
 #[test]
 fn integer_conv_equals_a_reference_integer_loop() {
-    let device = BackendKind::Flex.device().unwrap();
-    device.seed(3);
     // One padded, strided 3x3 conv (+bias, ReLU) and a linear layer.
     let mut b = GraphBuilder::new([3, 9, 9]);
     let x = b.input();
@@ -29,7 +41,7 @@ fn integer_conv_equals_a_reference_integer_loop() {
     let r = b.relu("relu", c);
     let f = b.flatten("flat", r);
     let l = b.linear("fc", f, 4, true);
-    let g = b.build(l, &device).unwrap();
+    let g = seeded(3, |d| b.build(l, d).unwrap());
     let calib = batches([3, 9, 9], 2, 5);
     let q = quantize_static(&g, &mut calib.clone().into_iter(), &PtqSettings::default()).unwrap();
     let mut plan = q.freeze(1).unwrap();
@@ -103,9 +115,7 @@ fn integer_conv_equals_a_reference_integer_loop() {
 
 #[test]
 fn integer_plan_agrees_with_the_simulated_forward() {
-    let device = BackendKind::Flex.device().unwrap();
-    device.seed(11);
-    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 16, 16], 10, &device).unwrap();
+    let g = seeded(11, |d| ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 16, 16], 10, d).unwrap());
     let calib = batches([1, 16, 16], 4, 12);
     for calibrator in [Calibrator::MinMax, Calibrator::Percentile { percentile: 99.99 }, Calibrator::Mse] {
         let settings = PtqSettings { calibrator, ..PtqSettings::default() };
@@ -163,9 +173,7 @@ fn overrides_keep_layers_float_or_change_their_bits_and_typos_are_errors() {
 #[test]
 fn int8_per_channel_weights_keep_38_db_of_sqnr() {
     // N(0,1) weights, 64 channels of 576: the error budget of int8 per-channel symmetric.
-    let device = BackendKind::Flex.device().unwrap();
-    device.seed(21);
-    let w = to_vec(Tensor::<2>::random([64, 576], Distribution::Normal(0.0, 1.0), &device));
+    let w = to_vec(seeded(21, |d| Tensor::<2>::random([64, 576], Distribution::Normal(0.0, 1.0), d)));
     let scheme = QuantScheme { bits: 8, symmetric: true, granularity: shrink_quant::Granularity::PerChannel };
     let (q, _) = shrink_quant::fake_quantize(&w, &[64, 576], scheme).unwrap();
     let signal: f64 = w.iter().map(|v| (*v as f64).powi(2)).sum();
@@ -181,8 +189,7 @@ fn int8_per_channel_weights_keep_38_db_of_sqnr() {
 #[test]
 fn model_file_is_compact_and_loads_back_bit_identical() {
     let device = BackendKind::Flex.device().unwrap();
-    device.seed(31);
-    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 16, 16], 10, &device).unwrap();
+    let g = seeded(31, |d| ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 16, 16], 10, d).unwrap());
     let calib = batches([1, 16, 16], 2, 32);
     let dir = std::env::temp_dir().join(format!("shrink-quant-file-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -218,9 +225,7 @@ fn model_file_is_compact_and_loads_back_bit_identical() {
 
 #[test]
 fn one_layer_at_a_time_models_quantize_exactly_that_layer() {
-    let device = BackendKind::Flex.device().unwrap();
-    device.seed(41);
-    let g = ModelSpec::CifarResnet { depth: 8, width: 0.5 }.build([1, 12, 12], 10, &device).unwrap();
+    let g = seeded(41, |d| ModelSpec::CifarResnet { depth: 8, width: 0.5 }.build([1, 12, 12], 10, d).unwrap());
     let q = quantize_static(&g, &mut batches([1, 12, 12], 1, 2).into_iter(), &PtqSettings::default()).unwrap();
     let input = to_vec(batches([1, 12, 12], 1, 3).remove(0));
     let f32_out = shrink_core::runtime::freeze(&g).unwrap().run(&input, 8).unwrap().to_vec();
@@ -241,8 +246,7 @@ fn one_layer_at_a_time_models_quantize_exactly_that_layer() {
 #[test]
 fn dynamic_quantization_covers_linear_layers_without_calibration() {
     let device = BackendKind::Flex.device().unwrap();
-    device.seed(51);
-    let g = ModelSpec::Lenet5.build([1, 28, 28], 10, &device).unwrap();
+    let g = seeded(51, |d| ModelSpec::Lenet5.build([1, 28, 28], 10, d).unwrap());
     let settings = PtqSettings { dynamic: true, ..PtqSettings::default() };
     let q = quantize_static(&g, &mut std::iter::empty(), &settings).unwrap();
     assert_eq!(q.layers.keys().cloned().collect::<Vec<_>>(), ["fc1", "fc2", "fc3"]);
