@@ -369,6 +369,10 @@ impl Stage {
         }
     }
 
+    /// Every stage kind, in the order they usually run (`cargo xtask list` prints it; a test
+    /// checks it against the kinds the parser accepts).
+    pub const KINDS: [&'static str; 5] = ["train", "distill", "quantize", "qat", "evaluate"];
+
     /// The `kind` as written in the config.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -750,6 +754,15 @@ optimizer = { kind = "sgd", lr = 0.1 }
 [[stages]]
 kind = "evaluate"
 "#;
+
+    #[test]
+    fn the_listed_stage_kinds_are_the_parsed_ones() {
+        let e = load_plan(&write("kinds.toml", &GOOD.replace("kind = \"evaluate\"", "kind = \"nope\""))).unwrap_err();
+        let msg = e.to_string();
+        let listed: std::collections::BTreeSet<&str> =
+            msg.split("expected one of ").nth(1).unwrap().split(", ").map(|k| k.trim().trim_matches('`')).collect();
+        assert_eq!(listed, Stage::KINDS.into_iter().collect(), "{msg}");
+    }
 
     #[test]
     fn a_good_config_validates() {

@@ -281,7 +281,7 @@ fn list() -> ExitCode {
     }
     println!("models: cifar_resnet (depth 6n+2, width), resnet (18, 34), lenet5, mlp (hidden)");
     println!("data: mnist5k, idx, cifar10, image_folder");
-    println!("stages: train, evaluate");
+    println!("stages: {}", crate::config::Stage::KINDS.join(", "));
     let backends: Vec<String> = shrink_core::BackendKind::ALL
         .iter()
         .map(|b| match b.cargo_feature() {
