@@ -513,14 +513,22 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                     cross_layer_equalization: false,
                     adaround: None,
                 };
-                let batches = calibration_batches_of(&data, e.seed, *calibration_batches, *calibration_batch_size);
+                // The calibration images, assembled once for both the comparison and QAT.
+                let bar = calibration_bar(opts, *calibration_batches);
+                let images: Vec<_> =
+                    calibration_batches_of(&data, e.seed, *calibration_batches, *calibration_batch_size)
+                        .iter()
+                        .map(|c| {
+                            bar.as_ref().inspect(|b| b.inc(1));
+                            data.batcher.batch(&data.train, c, &device, None).0
+                        })
+                        .collect();
+                if let Some(bar) = bar {
+                    bar.finish_and_clear();
+                }
                 // Post-training quantization with the same settings, for comparison.
-                let post = quantize_static(
-                    &graph,
-                    &mut batches.iter().map(|c| data.batcher.batch(&data.train, c, &device, None).0),
-                    &ptq,
-                )
-                .with_context(|| format!("stage {index} (qat): post-training quantization for comparison"))?;
+                let post = quantize_static(&graph, &mut images.iter().cloned(), &ptq)
+                    .with_context(|| format!("stage {index} (qat): post-training quantization for comparison"))?;
                 let ptq_test = evaluate_plan(&mut post.freeze(e.threads)?, &data.test, &data.batcher, 250, &device)?;
                 tracing::info!(top1 = ptq_test.top1, "post-training quantization with the same settings");
                 let settings = stage.train_settings().expect("a qat stage");
@@ -537,13 +545,9 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                 };
                 let mut progress = progress_bar(opts, settings.epochs, "qat");
                 let t0 = Instant::now();
-                let bar = calibration_bar(opts, batches.len());
                 let out = quantization_aware_training(
                     &graph,
-                    &mut batches.iter().map(|c| {
-                        bar.as_ref().inspect(|b| b.inc(1));
-                        data.batcher.batch(&data.train, c, &device, None).0
-                    }),
+                    &mut images.into_iter(),
                     TrainData { train: &data.train, validation: data.validation.as_ref(), batcher: &data.batcher },
                     &settings,
                     &qat,
@@ -553,9 +557,6 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                 )
                 .with_context(|| format!("stage {index} (qat)"))?;
                 if let Some(bar) = progress.bar {
-                    bar.finish_and_clear();
-                }
-                if let Some(bar) = bar {
                     bar.finish_and_clear();
                 }
                 stage_report.history = out.history;

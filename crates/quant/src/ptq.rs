@@ -193,6 +193,49 @@ pub(crate) fn plan_layers(
     Ok((plan, float_layers))
 }
 
+/// Runs the calibration batches through `folded` and returns an observer of the input of each
+/// `layers` node, having shown every batch to `on_batch` and every observed input to `on_input`.
+///
+/// # Errors
+/// [`Error::Calibration`] for a non-finite input (naming the layer and the batch) or no batch.
+pub(crate) fn calibrate(
+    folded: &Graph,
+    layers: &BTreeMap<NodeId, u32>,
+    calibrator: Calibrator,
+    calibration: &mut dyn Iterator<Item = Tensor<4>>,
+    on_batch: &mut dyn FnMut(&Tensor<4>),
+    on_input: &mut dyn FnMut(NodeId, &Activation),
+) -> Result<BTreeMap<NodeId, Observer>, Error> {
+    let mut observers: BTreeMap<NodeId, Observer> = layers.keys().map(|&id| (id, Observer::new(calibrator))).collect();
+    let mut batches = 0;
+    for x in calibration {
+        batches += 1;
+        on_batch(&x);
+        let mut failure = None;
+        folded.forward_hooked(x, &[], &mut |id, a| {
+            if let Some(o) = observers.get_mut(&id) {
+                if let Err(i) = o.observe(&values(&a))
+                    && failure.is_none()
+                {
+                    failure = Some((id, i));
+                }
+                on_input(id, &a);
+            }
+            a
+        });
+        if let Some((id, i)) = failure {
+            return Err(Error::Calibration(format!(
+                "the input of layer `{}` holds a non-finite value (element {i}) in calibration batch {batches}",
+                folded.nodes[id].name
+            )));
+        }
+    }
+    if batches == 0 {
+        return Err(Error::Calibration("no calibration batch".into()));
+    }
+    Ok(observers)
+}
+
 /// Quantizes `graph` statically: folds its batch norms, observes the input of every conv and
 /// linear layer on the `calibration` batches, quantizes the weights.
 ///
@@ -217,17 +260,6 @@ pub fn quantize_static(
         tracing::info!(pairs = equalized.len(), "cross-layer equalization");
     }
     let (plan, float_layers) = plan_layers(graph, &folded, settings)?;
-    // Calibration.
-    let mut observers: BTreeMap<NodeId, Observer> = if settings.dynamic {
-        BTreeMap::new()
-    } else {
-        plan.keys().map(|&id| (id, Observer::new(settings.calibrator))).collect()
-    };
-    let mut failure = None;
-    let mut batches = 0;
-    // Dynamic quantization measures ranges at run time: the batches are not even drawn.
-    let calibration: &mut dyn Iterator<Item = Tensor<4>> =
-        if settings.dynamic { &mut std::iter::empty() } else { calibration };
     let mut means: BTreeMap<NodeId, ChannelMeans> = if settings.bias_correction && !settings.dynamic {
         plan.keys().map(|&id| (id, ChannelMeans::default())).collect()
     } else {
@@ -235,36 +267,30 @@ pub fn quantize_static(
     };
     let mut kept_images: Vec<Tensor<4>> = Vec::new();
     let mut kept = 0usize;
-    for x in calibration {
-        batches += 1;
-        if let Some(ada) = &settings.adaround
-            && kept < ada.images
-        {
-            kept += x.dims()[0];
-            kept_images.push(x.clone());
-        }
-        folded.forward_hooked(x, &[], &mut |id, a| {
-            if let Some(o) = observers.get_mut(&id)
-                && let Err(i) = o.observe(&values(&a))
-                && failure.is_none()
-            {
-                failure = Some((id, i));
-            }
-            if let Some(m) = means.get_mut(&id) {
-                m.add(&a);
-            }
-            a
-        });
-        if let Some((id, i)) = failure {
-            return Err(Error::Calibration(format!(
-                "the input of layer `{}` holds a non-finite value (element {i}) in calibration batch {batches}",
-                folded.nodes[id].name
-            )));
-        }
-    }
-    if batches == 0 && !settings.dynamic {
-        return Err(Error::Calibration("no calibration batch".into()));
-    }
+    // Dynamic quantization measures ranges at run time: the batches are not even drawn.
+    let observers = if settings.dynamic {
+        BTreeMap::new()
+    } else {
+        calibrate(
+            &folded,
+            &plan,
+            settings.calibrator,
+            calibration,
+            &mut |x| {
+                if let Some(ada) = &settings.adaround
+                    && kept < ada.images
+                {
+                    kept += x.dims()[0];
+                    kept_images.push(x.clone());
+                }
+            },
+            &mut |id, a| {
+                if let Some(m) = means.get_mut(&id) {
+                    m.add(a);
+                }
+            },
+        )?
+    };
     // AdaRound: each planned layer's input on the first calibration images, from one more
     // forward pass of the float model over them.
     let mut inputs: BTreeMap<NodeId, Tensor<4>> = BTreeMap::new();

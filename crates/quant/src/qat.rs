@@ -21,7 +21,7 @@ use shrink_core::train::{
     distillation_loss, train_module,
 };
 
-use crate::ptq::{ACTIVATION_SCHEME, LayerPlan, PtqSettings, QuantizedModel, plan_layers, quantize_weights};
+use crate::ptq::{ACTIVATION_SCHEME, LayerPlan, PtqSettings, QuantizedModel, calibrate, plan_layers, quantize_weights};
 use crate::{Error, QuantParams, params_for_range, symmetric_max};
 
 /// A teacher for QAT: its softened outputs guide the quantized network alongside the labels
@@ -195,14 +195,6 @@ impl ForwardHooks for QatHooks<'_> {
     }
 }
 
-fn values(a: &Activation) -> Vec<f32> {
-    let t = match a {
-        Activation::Map(t) => t.clone().into_data(),
-        Activation::Flat(t) => t.clone().into_data(),
-    };
-    t.convert::<f32>().try_to_vec::<f32>().unwrap_or_default()
-}
-
 /// What [`quantization_aware_training`] returns.
 #[derive(Debug)]
 pub struct QatOutcome {
@@ -264,32 +256,9 @@ pub fn quantization_aware_training(
     let shapes = folded.shapes()?;
 
     // Initial activation ranges: the calibrator on the calibration batches.
-    let mut observers: BTreeMap<NodeId, crate::Observer> =
-        plan.keys().map(|&id| (id, crate::Observer::new(ptq.calibrator))).collect();
-    let (mut batches, mut images) = (0usize, 0usize);
-    for x in calibration {
-        batches += 1;
-        images += x.dims()[0];
-        let mut failure = None;
-        folded.forward_hooked(x, &[], &mut |id, a| {
-            if let Some(o) = observers.get_mut(&id)
-                && o.observe(&values(&a)).is_err()
-                && failure.is_none()
-            {
-                failure = Some(id);
-            }
-            a
-        });
-        if let Some(id) = failure {
-            return Err(Error::Calibration(format!(
-                "the input of layer `{}` holds a non-finite value in calibration batch {batches}",
-                folded.nodes[id].name
-            )));
-        }
-    }
-    if batches == 0 {
-        return Err(Error::Calibration("no calibration batch".into()));
-    }
+    let mut images = 0usize;
+    let observers =
+        calibrate(&folded, &plan, ptq.calibrator, calibration, &mut |x| images += x.dims()[0], &mut |_, _| {})?;
     let mut layers = Vec::new();
     let mut weight_scales = Vec::new();
     let mut input_scales = Vec::new();
