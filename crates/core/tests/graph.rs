@@ -132,3 +132,94 @@ fn folding_batch_norms_keeps_the_function_and_the_names() {
         assert!((a - b).abs() <= 1e-4 * scale, "{a} vs {b}");
     }
 }
+
+/// Zeroes channels `removed` of a group's producers and followers (filters, biases, γ, β): the
+/// masked dense model that channel removal must equal.
+fn zero_channels(g: &mut shrink_core::Graph, group: &shrink_core::graph::CouplingGroup, removed: &[usize]) {
+    use burn::module::Param;
+    use shrink_core::graph::Params;
+    let mask_of = |n: usize, device: &burn::tensor::Device| {
+        let m: Vec<f32> = (0..n).map(|c| if removed.contains(&c) { 0.0 } else { 1.0 }).collect();
+        Tensor::<1>::from_data(burn::tensor::TensorData::new(m, [n]), device)
+    };
+    for member in group.members.iter().filter(|m| !matches!(m.role, ChannelRole::Consumes { .. })) {
+        match g.nodes[member.node].params.as_mut().unwrap() {
+            Params::Conv(p) => {
+                let w = p.weight.val();
+                let m = mask_of(w.dims()[0], &w.device());
+                p.weight = Param::from_tensor(w * m.clone().reshape([-1, 1, 1, 1]));
+                if let Some(b) = &p.bias {
+                    p.bias = Some(Param::from_tensor(b.val() * m));
+                }
+            }
+            Params::Linear(p) => {
+                let w = p.weight.val();
+                let m = mask_of(w.dims()[0], &w.device());
+                p.weight = Param::from_tensor(w * m.clone().reshape([-1, 1]));
+                if let Some(b) = &p.bias {
+                    p.bias = Some(Param::from_tensor(b.val() * m));
+                }
+            }
+            Params::BatchNorm(bn) => {
+                let m = mask_of(bn.gamma.dims()[0], &bn.gamma.device());
+                bn.gamma = Param::from_tensor(bn.gamma.val() * m.clone());
+                bn.beta = Param::from_tensor(bn.beta.val() * m);
+            }
+        }
+    }
+}
+
+#[test]
+fn removing_channels_equals_zeroing_them_and_shrinks_every_coupled_tensor() {
+    let device = BackendKind::Flex.device().unwrap();
+    device.seed(7);
+    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 16, 16], 10, &device).unwrap();
+    // Give the batch norms non-trivial statistics, so a wrong slice would show.
+    let x = Tensor::<4>::random([8, 1, 16, 16], Distribution::Default, &device);
+    let g = {
+        let ad = device.clone().autodiff();
+        let t = g.fork(&ad).train();
+        let _ = t.forward(x.clone().to_device(&ad));
+        t.valid().to_device(&device)
+    };
+    let groups = g.coupling_groups().unwrap();
+    // The stem group (through residual adds) and an inner group.
+    let name = |id: usize| g.nodes[id].name.clone();
+    let stem = groups.iter().position(|gr| gr.producers().any(|p| name(p) == "stem.conv")).unwrap();
+    let inner = groups.iter().position(|gr| gr.producers().any(|p| name(p) == "layer2.0.1.conv")).unwrap();
+    let last = groups.iter().position(|gr| gr.producers().any(|p| name(p) == "layer3.0.shortcut.conv")).unwrap();
+    let keep_stem: Vec<usize> = (0..16).filter(|c| c % 3 != 1).collect();
+    let keep_inner: Vec<usize> = vec![0, 5, 6, 30, 31];
+    let keep_last: Vec<usize> = (0..64).filter(|c| c % 2 == 0).collect();
+    let pruned = g
+        .keep_channels(&groups, &[(stem, keep_stem.clone()), (inner, keep_inner.clone()), (last, keep_last.clone())])
+        .unwrap();
+
+    let mut masked = g.clone();
+    for (gi, keep) in [(stem, &keep_stem), (inner, &keep_inner), (last, &keep_last)] {
+        let removed: Vec<usize> = (0..groups[gi].channels).filter(|c| !keep.contains(c)).collect();
+        zero_channels(&mut masked, &groups[gi], &removed);
+    }
+    pruned.forward(x.clone()).into_data().assert_approx_eq::<f32>(&masked.forward(x).into_data(), Tolerance::default());
+
+    // Every coupled tensor shrank: the stem's producers and consumers, the classifier's input.
+    let shapes = pruned.shapes().unwrap();
+    assert_eq!(shapes[pruned.node_id("stem.conv").unwrap()].channels(), keep_stem.len());
+    assert_eq!(shapes[pruned.node_id("layer1.0.2.conv").unwrap()].channels(), keep_stem.len());
+    assert!(matches!(pruned.nodes[pruned.node_id("layer1.0.1.conv").unwrap()].op,
+        Op::Conv2d { in_channels, .. } if in_channels == keep_stem.len()));
+    assert!(matches!(
+        pruned.nodes[pruned.node_id("fc").unwrap()].op,
+        Op::Linear { in_features: 32, out_features: 10, .. }
+    ));
+    assert!(
+        shrink_core::metrics::model_stats(&pruned).unwrap().macs < shrink_core::metrics::model_stats(&g).unwrap().macs
+    );
+
+    // Bad selections are refused, not half-applied.
+    assert!(g.keep_channels(&groups, &[(inner, vec![])]).is_err());
+    assert!(g.keep_channels(&groups, &[(inner, vec![3, 2])]).is_err());
+    assert!(g.keep_channels(&groups, &[(inner, vec![64])]).is_err());
+    let logits = groups.iter().position(|gr| gr.carriers.contains(&g.output)).unwrap();
+    assert!(g.keep_channels(&groups, &[(logits, vec![0])]).is_err());
+}

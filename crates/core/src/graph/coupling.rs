@@ -196,3 +196,125 @@ fn spatial(shape: &ValueShape) -> usize {
         ValueShape::Flat { .. } => 1,
     }
 }
+
+/// Indices as an int tensor on `device`.
+fn index_tensor(indices: &[usize], device: &burn::tensor::Device) -> burn::tensor::Tensor<1, burn::tensor::Int> {
+    let values: Vec<i64> = indices.iter().map(|&i| i as i64).collect();
+    burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(values, [indices.len()]), device)
+}
+
+impl Graph {
+    /// A copy of the graph in which each listed coupling group keeps only the channels given
+    /// (ascending indices into the group's channels): the producers lose filters or neurons,
+    /// batch norms and depthwise convolutions lose the matching entries, and every consumer
+    /// loses the matching input channels (or, after a flatten, the matching blocks of input
+    /// features). Tensors really shrink; node ids, names and edges stay as they were.
+    ///
+    /// `groups` are this graph's [`Graph::coupling_groups`]; `keep` pairs a group's index with the
+    /// channels it keeps. In evaluation mode the result computes what the original computes with
+    /// the removed channels' filters, biases and batch-norm γ and β zeroed (physical removal, not
+    /// a mask).
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidGraph`] if a group is not prunable, a selection is empty, unsorted or
+    /// out of range, or the result does not validate.
+    pub fn keep_channels(&self, groups: &[CouplingGroup], keep: &[(usize, Vec<usize>)]) -> Result<Graph> {
+        use super::{ConvParams, LinearParams, Params, builder::batch_norm_from};
+        use burn::module::Param;
+        let mut graph = self.clone();
+        for (g, channels) in keep {
+            let group =
+                groups.get(*g).ok_or_else(|| crate::Error::graph("<coupling>", format!("no coupling group {g}")))?;
+            let what = || format!("coupling group {g} (carried by {})", self.nodes[group.carriers[0]].name);
+            if !group.prunable {
+                return Err(crate::Error::graph(what(), "its channels cannot be removed"));
+            }
+            if channels.is_empty()
+                || channels.windows(2).any(|w| w[0] >= w[1])
+                || channels[channels.len() - 1] >= group.channels
+            {
+                return Err(crate::Error::graph(
+                    what(),
+                    format!("kept channels must be ascending, non-empty and below {}", group.channels),
+                ));
+            }
+            let n = channels.len();
+            for member in &group.members {
+                let node = &mut graph.nodes[member.node];
+                let params = node.params.take().expect("coupling members carry parameters");
+                let device = match &params {
+                    Params::Conv(p) => p.weight.device(),
+                    Params::Linear(p) => p.weight.device(),
+                    Params::BatchNorm(bn) => bn.gamma.device(),
+                };
+                let axis0 = index_tensor(channels, &device);
+                node.params = Some(match (member.role, params) {
+                    (ChannelRole::Produces | ChannelRole::Follows, Params::Conv(p)) => {
+                        if let Op::Conv2d { in_channels, out_channels, groups, .. } = &mut node.op {
+                            *out_channels = n;
+                            if member.role == ChannelRole::Follows {
+                                (*in_channels, *groups) = (n, n);
+                            }
+                        }
+                        Params::Conv(ConvParams {
+                            weight: Param::from_tensor(p.weight.val().select(0, axis0.clone())),
+                            bias: p.bias.map(|b| Param::from_tensor(b.val().select(0, axis0))),
+                        })
+                    }
+                    (ChannelRole::Produces, Params::Linear(p)) => {
+                        if let Op::Linear { out_features, .. } = &mut node.op {
+                            *out_features = n;
+                        }
+                        Params::Linear(LinearParams {
+                            weight: Param::from_tensor(p.weight.val().select(0, axis0.clone())),
+                            bias: p.bias.map(|b| Param::from_tensor(b.val().select(0, axis0))),
+                        })
+                    }
+                    (ChannelRole::Follows, Params::BatchNorm(bn)) => {
+                        let (epsilon, momentum) = match node.op {
+                            Op::BatchNorm2d { epsilon, momentum, .. } => (epsilon, momentum),
+                            _ => unreachable!("batch-norm params belong to a batch-norm op"),
+                        };
+                        node.op = Op::BatchNorm2d { features: n, epsilon, momentum };
+                        Params::BatchNorm(batch_norm_from(
+                            bn.gamma.val().select(0, axis0.clone()),
+                            bn.beta.val().select(0, axis0.clone()),
+                            bn.running_mean.value().select(0, axis0.clone()),
+                            bn.running_var.value().select(0, axis0),
+                            epsilon,
+                            momentum,
+                        ))
+                    }
+                    (ChannelRole::Consumes { features_per_channel: f }, Params::Conv(p)) => {
+                        if let Op::Conv2d { in_channels, .. } = &mut node.op {
+                            *in_channels = n * f;
+                        }
+                        let features: Vec<usize> = channels.iter().flat_map(|&c| c * f..(c + 1) * f).collect();
+                        Params::Conv(ConvParams {
+                            weight: Param::from_tensor(p.weight.val().select(1, index_tensor(&features, &device))),
+                            bias: p.bias,
+                        })
+                    }
+                    (ChannelRole::Consumes { features_per_channel: f }, Params::Linear(p)) => {
+                        if let Op::Linear { in_features, .. } = &mut node.op {
+                            *in_features = n * f;
+                        }
+                        let features: Vec<usize> = channels.iter().flat_map(|&c| c * f..(c + 1) * f).collect();
+                        Params::Linear(LinearParams {
+                            weight: Param::from_tensor(p.weight.val().select(1, index_tensor(&features, &device))),
+                            bias: p.bias,
+                        })
+                    }
+                    (role, _) => {
+                        return Err(crate::Error::graph(
+                            &node.name,
+                            format!("{role:?} is not a role a {} can have", node.op.kind()),
+                        ));
+                    }
+                });
+            }
+        }
+        graph.validate()?;
+        Ok(graph)
+    }
+}
