@@ -316,8 +316,14 @@ pub type LossAndLogits = (Tensor<1>, Tensor<2>);
 ///
 /// The graph itself is one; so is a graph with extra trained parts (distillation adapters).
 pub trait Trainable: Module {
-    /// The network evaluated on the validation set.
+    /// The network being trained.
     fn graph(&self) -> &Graph;
+
+    /// The network as it is evaluated on the validation set after each epoch: the graph itself,
+    /// unless training sees it through something (pruning masks) that evaluation must see too.
+    fn evaluation_graph(&self) -> Graph {
+        self.graph().clone()
+    }
 }
 
 impl Trainable for Graph {
@@ -382,7 +388,7 @@ pub fn train_module<M: Trainable>(
         }
         let validation = match validation {
             Some(v) if !v.is_empty() => {
-                let eval_graph = model.graph().valid().to_device(device);
+                let eval_graph = model.evaluation_graph().valid().to_device(device);
                 Some(evaluate(&eval_graph, v, batcher, settings.batch_size.max(256), device)?)
             }
             _ => None,

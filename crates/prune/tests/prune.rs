@@ -1,0 +1,258 @@
+//! Pruning on the real MNIST-5k digits with a trained LeNet-5 and on ResNets: exact sparsity,
+//! untouched survivors, masks that survive fine-tuning, N:M groups, global bounds, and channels
+//! removed physically through residual coupling.
+
+use std::path::Path;
+
+use burn::module::Module;
+use shrink_core::BackendKind;
+use shrink_core::data::{Augmentation, Batcher, Dataset, load_mnist_dir, shuffled};
+use shrink_core::graph::{Graph, NodeId, Params};
+use shrink_core::metrics::model_stats;
+use shrink_core::train::{OptimizerSettings, Quiet, Schedule, TrainData, TrainSettings, evaluate, train};
+use shrink_core::zoo::ModelSpec;
+use shrink_prune::{Criterion, Granularity, PruneSchedule, PruneSettings, SparsityOverride, prune};
+
+struct Setup {
+    train: Dataset,
+    test: Dataset,
+    batcher: Batcher,
+    device: burn::tensor::Device,
+    baseline: Graph,
+}
+
+static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn build(spec: ModelSpec, shape: [usize; 3], seed: u64, device: &burn::tensor::Device) -> Graph {
+    // The device's random generator is global: builds happen one test at a time.
+    let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+    device.seed(seed);
+    spec.build(shape, 10, device).unwrap()
+}
+
+fn setup() -> Setup {
+    let (train_set, test_set) =
+        load_mnist_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/mnist5k")).unwrap();
+    let train_set = train_set.subset(&shuffled(train_set.len(), 3)[..1500]);
+    let test_set = test_set.subset(&shuffled(test_set.len(), 4)[..500]);
+    let batcher = Batcher { normalization: train_set.channel_stats(), augmentation: Augmentation::default() };
+    let device = BackendKind::Flex.device().unwrap();
+    let g = build(ModelSpec::Lenet5, [1, 28, 28], 1, &device);
+    let data = TrainData { train: &train_set, validation: None, batcher: &batcher };
+    let baseline = train(g, data, &settings(3, 0.003), &device, 1, &mut Quiet).unwrap().0;
+    Setup { train: train_set, test: test_set, batcher, device, baseline }
+}
+
+fn settings(epochs: usize, lr: f64) -> TrainSettings {
+    TrainSettings {
+        epochs,
+        batch_size: 50,
+        optimizer: OptimizerSettings::Adam { lr, weight_decay: 0.0 },
+        schedule: Schedule::Constant,
+        warmup_epochs: 0.0,
+    }
+}
+
+fn weights(g: &Graph, id: NodeId) -> Vec<f32> {
+    match g.nodes[id].params.as_ref().unwrap() {
+        Params::Conv(p) => p.weight.val().into_data().try_to_vec().unwrap(),
+        Params::Linear(p) => p.weight.val().into_data().try_to_vec().unwrap(),
+        Params::BatchNorm(_) => panic!("not a weight layer"),
+    }
+}
+
+fn zeros(v: &[f32]) -> usize {
+    v.iter().filter(|x| **x == 0.0).count()
+}
+
+#[test]
+fn one_shot_reaches_the_sparsity_exactly_and_leaves_survivors_untouched() {
+    let s = setup();
+    let data = TrainData { train: &s.train, validation: None, batcher: &s.batcher };
+    let ps = PruneSettings {
+        sparsity: 0.7,
+        skip: vec!["conv1".into()],
+        overrides: vec![SparsityOverride { pattern: "fc3".into(), sparsity: 0.25 }],
+        ..PruneSettings::default()
+    };
+    let out = prune(&s.baseline, data, None, &ps, &PruneSchedule::OneShot, &s.device, 0, &mut Quiet).unwrap();
+    for (id, node) in s.baseline.layers() {
+        if !matches!(node.op, shrink_core::graph::Op::Conv2d { .. } | shrink_core::graph::Op::Linear { .. }) {
+            continue;
+        }
+        let (before, after) = (weights(&s.baseline, id), weights(&out.graph, id));
+        let expected = match node.name.as_str() {
+            "conv1" => 0,
+            "fc3" => (0.25 * before.len() as f64).floor() as usize,
+            _ => (0.7 * before.len() as f64).floor() as usize,
+        };
+        assert_eq!(zeros(&after), expected, "{}", node.name);
+        // Survivors are bit-identical, and the removed ones are the smallest.
+        let kept_min = after.iter().filter(|v| **v != 0.0).map(|v| v.abs()).fold(f32::INFINITY, f32::min);
+        for (b, a) in before.iter().zip(&after) {
+            assert!(*a == *b || (*a == 0.0 && b.abs() <= kept_min), "{}", node.name);
+        }
+    }
+    let mask = out.masks.as_ref().unwrap();
+    assert!(mask.layers.iter().all(|l| l.name != "conv1"));
+}
+
+#[test]
+fn global_scope_prunes_the_pool_exactly_within_per_layer_bounds() {
+    let s = setup();
+    let data = TrainData { train: &s.train, validation: None, batcher: &s.batcher };
+    let ps = PruneSettings {
+        sparsity: 0.8,
+        global: true,
+        min_layer_sparsity: 0.3,
+        max_layer_sparsity: 0.9,
+        ..PruneSettings::default()
+    };
+    let out = prune(&s.baseline, data, None, &ps, &PruneSchedule::OneShot, &s.device, 0, &mut Quiet).unwrap();
+    let masks = out.masks.unwrap();
+    let total: usize = masks.layers.iter().map(|l| l.keep.len()).sum();
+    let removed: usize = masks.layers.iter().map(|l| l.keep.iter().filter(|k| !**k).count()).sum();
+    assert_eq!(removed, (0.8 * total as f64).floor() as usize);
+    for l in &masks.layers {
+        let sp = l.sparsity();
+        assert!((0.3 - 1e-3..=0.9 + 1e-3).contains(&sp), "{} at {sp}", l.name);
+    }
+    // Global magnitude ranking differs between layers: not every layer sits at 0.8.
+    assert!(masks.layers.iter().any(|l| (l.sparsity() - 0.8).abs() > 0.05));
+}
+
+#[test]
+fn masks_survive_fine_tuning_and_gradual_pruning_keeps_accuracy() {
+    let s = setup();
+    let base_acc = evaluate(&s.baseline, &s.test, &s.batcher, 250, &s.device).unwrap().top1;
+    let data = TrainData { train: &s.train, validation: Some(&s.test), batcher: &s.batcher };
+    let ps = PruneSettings { sparsity: 0.9, global: true, ..PruneSettings::default() };
+    let schedule = PruneSchedule::Agp { initial_sparsity: 0.0, start_epoch: 0.0, end_epoch: Some(2.0), updates: 4 };
+    let out = prune(&s.baseline, data, Some(&settings(3, 0.001)), &ps, &schedule, &s.device, 5, &mut Quiet).unwrap();
+    // Four increasing steps, the last at the target.
+    let sp: Vec<f64> = out.events.iter().map(|e| e.sparsity).collect();
+    assert_eq!(sp.len(), 4);
+    assert!(sp.windows(2).all(|w| w[0] < w[1]) && (sp[3] - 0.9).abs() < 1e-12, "{sp:?}");
+    let masks = out.masks.as_ref().unwrap();
+    assert!((masks.sparsity() - 0.9).abs() < 1e-4);
+    // Every masked weight is zero in the result, every kept one was trained.
+    let mut changed = 0;
+    for l in &masks.layers {
+        let (before, after) = (weights(&s.baseline, l.node), weights(&out.graph, l.node));
+        for ((b, a), keep) in before.iter().zip(&after).zip(&l.keep) {
+            if !keep {
+                assert_eq!(*a, 0.0);
+            } else if a != b {
+                changed += 1;
+            }
+        }
+    }
+    assert!(changed > 0);
+    // The validation accuracy recorded after the last epoch is the masked model's.
+    let acc = evaluate(&out.graph, &s.test, &s.batcher, 250, &s.device).unwrap().top1;
+    let recorded = out.history.last().unwrap().validation.as_ref().unwrap().top1;
+    assert!((acc - recorded).abs() < 1e-9, "evaluated {acc}, recorded {recorded}");
+    eprintln!("LeNet-5, 1500 images: dense {base_acc}, AGP to 90 % over 3 epochs {acc}");
+    // 90 % of LeNet-5's weights removed gradually: within 2 pp of the dense model on 500 images.
+    assert!(acc >= base_acc - 0.02, "dense {base_acc}, 90 % sparse {acc}");
+}
+
+#[test]
+fn n_of_m_keeps_at_most_n_in_every_group() {
+    let s = setup();
+    let data = TrainData { train: &s.train, validation: None, batcher: &s.batcher };
+    let ps = PruneSettings { granularity: Granularity::NOfM { n: 2, m: 4 }, ..PruneSettings::default() };
+    let out =
+        prune(&s.baseline, data, Some(&settings(1, 0.001)), &ps, &PruneSchedule::OneShot, &s.device, 0, &mut Quiet)
+            .unwrap();
+    let masks = out.masks.unwrap();
+    // conv1 and conv2 read 1 and 6 channels, not multiples of 4: left dense.
+    let names: Vec<&str> = masks.layers.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["fc1", "fc2", "fc3"]);
+    for l in &masks.layers {
+        let w = weights(&out.graph, l.node);
+        let (out_ch, inp) = (l.dims[0], l.dims[1]);
+        let spatial: usize = l.dims[2..].iter().product();
+        for o in 0..out_ch {
+            for g in 0..inp / 4 {
+                for pos in 0..spatial {
+                    let nz = (0..4).filter(|j| w[(o * inp + g * 4 + j) * spatial + pos] != 0.0).count();
+                    assert!(nz <= 2, "{}", l.name);
+                }
+            }
+        }
+        assert!((l.sparsity() - 0.5).abs() < 1e-9);
+    }
+}
+
+#[test]
+fn channels_are_removed_through_residual_coupling_by_every_criterion() {
+    let device = BackendKind::Flex.device().unwrap();
+    let g = build(ModelSpec::CifarResnet { depth: 8, width: 1.0 }, [1, 28, 28], 2, &device);
+    let (train_set, _) = load_mnist_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/mnist5k")).unwrap();
+    let train_set = train_set.subset(&shuffled(train_set.len(), 3)[..256]);
+    let batcher = Batcher { normalization: train_set.channel_stats(), augmentation: Augmentation::default() };
+    let data = TrainData { train: &train_set, validation: None, batcher: &batcher };
+    let before = model_stats(&g).unwrap();
+    for criterion in [Criterion::L1, Criterion::L2, Criterion::BnGamma, Criterion::Taylor, Criterion::Random] {
+        let ps = PruneSettings {
+            granularity: Granularity::Channels,
+            criterion,
+            sparsity: 0.5,
+            round_to: 4,
+            taylor_batches: 2,
+            ..PruneSettings::default()
+        };
+        let out = prune(&g, data, None, &ps, &PruneSchedule::OneShot, &device, 0, &mut Quiet).unwrap();
+        out.graph.validate().unwrap();
+        let plans = &out.rounds[0];
+        // Every prunable group: the stem's residual group, the stage groups and the inner ones.
+        assert_eq!(plans.len(), g.coupling_groups().unwrap().iter().filter(|gr| gr.prunable).count());
+        for p in plans {
+            assert_eq!(p.keep.len() % 4, 0, "{:?}", p.producers);
+            assert_eq!(p.keep.len(), p.channels / 2, "{criterion:?} {:?}", p.producers);
+        }
+        let after = model_stats(&out.graph).unwrap();
+        // Half the channels on both sides of each conv: about a quarter of the MACs remain.
+        let ratio = after.macs as f64 / before.macs as f64;
+        assert!((0.2..0.3).contains(&ratio), "{criterion:?}: MACs ratio {ratio}");
+        // It still runs, and the tensors really shrank.
+        let x = burn::tensor::Tensor::<4>::zeros([2, 1, 28, 28], &device);
+        assert_eq!(out.graph.forward(x).dims(), [2, 10]);
+        assert!(after.bytes < before.bytes / 3);
+    }
+    // An unknown skip pattern is an error naming the setting and the layers.
+    let bad = PruneSettings { granularity: Granularity::Channels, skip: vec!["conv9".into()], ..Default::default() };
+    let err = prune(&g, data, None, &bad, &PruneSchedule::OneShot, &device, 0, &mut Quiet).unwrap_err().to_string();
+    assert!(err.contains("skip[0]") && err.contains("stem.conv"), "{err}");
+}
+
+#[test]
+fn iterative_structured_pruning_fine_tunes_between_rounds() {
+    let s = setup();
+    let data = TrainData { train: &s.train, validation: None, batcher: &s.batcher };
+    let ps = PruneSettings { granularity: Granularity::Channels, sparsity: 0.5, ..PruneSettings::default() };
+    let out = prune(
+        &s.baseline,
+        data,
+        Some(&settings(2, 0.001)),
+        &ps,
+        &PruneSchedule::Iterative { rounds: 2 },
+        &s.device,
+        0,
+        &mut Quiet,
+    )
+    .unwrap();
+    assert_eq!(out.rounds.len(), 2);
+    assert_eq!(out.history.len(), 2);
+    assert_eq!(out.history.iter().map(|r| r.epoch).collect::<Vec<_>>(), [1, 2]);
+    // LeNet's channel groups: conv1 (6), conv2 (16), fc1 (120), fc2 (84); half of each in the end.
+    let shapes = out.graph.shapes().unwrap();
+    for (name, n) in [("conv1", 3), ("conv2", 8), ("fc1", 60), ("fc2", 42)] {
+        assert_eq!(shapes[out.graph.node_id(name).unwrap()].channels(), n, "{name}");
+    }
+    let acc = evaluate(&out.graph, &s.test, &s.batcher, 250, &s.device).unwrap().top1;
+    eprintln!("LeNet-5: half the channels, two rounds with an epoch each: {acc}");
+    assert!(acc > 0.85, "half the channels, fine-tuned: {acc}");
+    let _ = out.graph.clone().no_grad();
+}
