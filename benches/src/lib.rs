@@ -4,6 +4,7 @@
 //! never in timed unit tests.
 #![warn(missing_docs)]
 
+pub mod prune;
 pub mod quant;
 pub mod runtime;
 

@@ -96,7 +96,8 @@ pub fn run_suite(suite: &str, out: &Path, repeats: usize) -> Result<PathBuf> {
     let cases = match suite {
         "runtime" => runtime_cases,
         "quant" => shrink_bench::quant::quant_cases,
-        other => bail!("unknown bench suite `{other}`: expected one of runtime, quant"),
+        "prune" => shrink_bench::prune::prune_cases,
+        other => bail!("unknown bench suite `{other}`: expected one of runtime, quant, prune"),
     };
     let threads = shrink_core::backend::set_cpu_threads(1);
     if threads != 1 {

@@ -11,6 +11,7 @@ use shrink_core::metrics::LatencySettings;
 use shrink_core::train::{OptimizerSettings, Schedule, TrainSettings};
 use shrink_core::zoo::ModelSpec;
 use shrink_distill::{DistillSettings, FeaturePair};
+use shrink_prune::{Criterion, Granularity, PruneSchedule, PruneSettings, SparsityOverride};
 use shrink_quant::{Calibrator, Override};
 
 /// A config error: exit code 2, message names the file and the line/column or key.
@@ -258,12 +259,91 @@ pub enum Stage {
         #[serde(default)]
         compare_scratch: Option<bool>,
     },
+    /// Pruning, with fine-tuning: single weights (masked while fine-tuning, zero in the result),
+    /// N:M groups, or whole channels removed physically through the graph's coupling groups.
+    Prune {
+        /// `"weights"` (unstructured), `"channels"` (filters and neurons, removed), or `"N:M"`
+        /// such as `"2:4"` (semi-structured).
+        #[serde(default = "default_granularity")]
+        granularity: Granularity,
+        /// Importance: `"l1"`, `"l2"`, `"bn_gamma"` (channels), `"taylor"` or `"random"`.
+        #[serde(default = "default_criterion")]
+        criterion: Criterion,
+        /// Fraction removed: of the weights in scope, or of the channels. Not for N:M.
+        #[serde(default)]
+        sparsity: Option<f64>,
+        /// `"layer"`: the same sparsity in every layer; `"global"`: one ranking over all layers
+        /// in scope, within `min_layer_sparsity` and `max_layer_sparsity`.
+        #[serde(default)]
+        scope: PruneScope,
+        /// With `scope = "global"`: the least a layer is pruned.
+        #[serde(default)]
+        min_layer_sparsity: f64,
+        /// With `scope = "global"`: the most a layer is pruned.
+        #[serde(default = "default_max_layer_sparsity")]
+        max_layer_sparsity: f64,
+        /// Layers left dense, by node-name regex (for channels: groups whose producers match).
+        #[serde(default)]
+        skip: Vec<String>,
+        /// Fixed sparsities by node-name regex: `{ pattern = "fc.*", sparsity = 0.5 }`.
+        #[serde(default)]
+        overrides: Vec<SparsityOverride>,
+        /// Channels: each group keeps a multiple of this many channels.
+        #[serde(default = "default_one")]
+        round_to: usize,
+        /// Taylor criterion: training batches of 64 images to accumulate gradients over.
+        #[serde(default = "default_taylor_batches")]
+        taylor_batches: usize,
+        /// When pruning happens: `{ kind = "one_shot" }`, `{ kind = "iterative", rounds = 3 }`,
+        /// `{ kind = "agp", updates = 10, start_epoch = 0, end_epoch = 6 }` (weights and N:M).
+        #[serde(default)]
+        prune_schedule: PruneSchedule,
+        /// Fine-tuning epochs (0: prune only).
+        #[serde(default)]
+        epochs: usize,
+        /// Images per fine-tuning step.
+        #[serde(default = "default_calibration_batch")]
+        batch_size: usize,
+        /// Fine-tuning optimiser (needed when `epochs` > 0).
+        #[serde(default)]
+        optimizer: Option<OptimizerSettings>,
+        /// Fine-tuning learning-rate schedule.
+        #[serde(default)]
+        schedule: Schedule,
+        /// Epochs of linear warm-up.
+        #[serde(default)]
+        warmup_epochs: f64,
+    },
     /// Evaluate the current model on the test set.
     Evaluate {
         /// Images per evaluation batch.
         #[serde(default = "default_eval_batch")]
         batch_size: usize,
     },
+}
+
+/// How a prune stage spreads its sparsity.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PruneScope {
+    /// The same sparsity in every layer (or channel group) in scope.
+    #[default]
+    Layer,
+    /// One ranking over all of them.
+    Global,
+}
+
+fn default_granularity() -> Granularity {
+    Granularity::Weights
+}
+fn default_criterion() -> Criterion {
+    Criterion::L1
+}
+fn default_max_layer_sparsity() -> f64 {
+    0.99
+}
+fn default_taylor_batches() -> usize {
+    8
 }
 
 /// Distillation from the f32 model during QAT.
@@ -352,7 +432,50 @@ impl Stage {
                 schedule: schedule.clone(),
                 warmup_epochs: *warmup_epochs,
             }),
-            Stage::Evaluate { .. } | Stage::Quantize { .. } => None,
+            Stage::Prune { epochs, batch_size, optimizer: Some(optimizer), schedule, warmup_epochs, .. }
+                if *epochs > 0 =>
+            {
+                Some(TrainSettings {
+                    epochs: *epochs,
+                    batch_size: *batch_size,
+                    optimizer: optimizer.clone(),
+                    schedule: schedule.clone(),
+                    warmup_epochs: *warmup_epochs,
+                })
+            }
+            Stage::Evaluate { .. } | Stage::Quantize { .. } | Stage::Prune { .. } => None,
+        }
+    }
+
+    /// The pruning settings of a prune stage.
+    pub fn prune_settings(&self, seed: u64) -> Option<PruneSettings> {
+        match self {
+            Stage::Prune {
+                granularity,
+                criterion,
+                sparsity,
+                scope,
+                min_layer_sparsity,
+                max_layer_sparsity,
+                skip,
+                overrides,
+                round_to,
+                taylor_batches,
+                ..
+            } => Some(PruneSettings {
+                granularity: *granularity,
+                criterion: *criterion,
+                sparsity: sparsity.unwrap_or(0.0),
+                global: *scope == PruneScope::Global,
+                min_layer_sparsity: *min_layer_sparsity,
+                max_layer_sparsity: *max_layer_sparsity,
+                skip: skip.clone(),
+                overrides: overrides.clone(),
+                round_to: *round_to,
+                taylor_batches: *taylor_batches,
+                seed,
+            }),
+            _ => None,
         }
     }
 
@@ -371,7 +494,7 @@ impl Stage {
 
     /// Every stage kind, in the order they usually run (`cargo xtask list` prints it; a test
     /// checks it against the kinds the parser accepts).
-    pub const KINDS: [&'static str; 5] = ["train", "distill", "quantize", "qat", "evaluate"];
+    pub const KINDS: [&'static str; 6] = ["train", "distill", "prune", "quantize", "qat", "evaluate"];
 
     /// The `kind` as written in the config.
     pub fn kind(&self) -> &'static str {
@@ -381,6 +504,7 @@ impl Stage {
             Stage::Quantize { .. } => "quantize",
             Stage::Distill { .. } => "distill",
             Stage::Qat { .. } => "qat",
+            Stage::Prune { .. } => "prune",
         }
     }
 }
@@ -492,6 +616,8 @@ fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
         bail!("key `stages`: at least one stage is needed");
     }
     let mut quantized_at = None;
+    // The last prune stage that left masked (zeroed) weights rather than removed channels.
+    let mut masked_at = None;
     for (i, stage) in e.stages.iter().enumerate() {
         let at = format!("stages[{i}] (kind = \"{}\")", stage.kind());
         match (stage, quantized_at) {
@@ -504,7 +630,20 @@ fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
             (Stage::Quantize { .. } | Stage::Qat { .. }, Some(q)) => {
                 bail!("key `{at}`: the model is already quantized by stages[{q}]; use one quantize or qat stage")
             }
+            (Stage::Prune { .. }, Some(q)) => bail!(
+                "key `{at}`: a prune stage cannot follow the quantizing stage stages[{q}]: prune first, then quantize (pruned zeros stay zero in int8)"
+            ),
             _ => {}
+        }
+        let trains_current = match stage {
+            Stage::Train { .. } | Stage::Distill { student: None, .. } | Stage::Qat { .. } => true,
+            Stage::Prune { epochs, .. } => *epochs > 0,
+            _ => false,
+        };
+        if let (true, Some(p)) = (trains_current, masked_at) {
+            bail!(
+                "key `{at}`: training after the weight-pruning stage stages[{p}] would regrow the pruned weights; fine-tune inside that prune stage (`epochs`, `optimizer`), and quantize with `quantize` (zeros stay zero)"
+            );
         }
         match stage {
             Stage::Train { .. } => {
@@ -558,6 +697,40 @@ fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
                     bail!(
                         "key `{at}.student`: `seeds` > 1 and `compare_scratch` need a student to build; without `student` the current model is the student"
                     );
+                }
+            }
+            Stage::Prune { granularity, sparsity, epochs, optimizer, prune_schedule, batch_size, .. } => {
+                if !e.stages[..i].iter().any(|s| matches!(s, Stage::Train { .. } | Stage::Distill { .. })) {
+                    bail!("key `{at}`: pruning ranks trained weights: put a train stage before it");
+                }
+                match (granularity, sparsity) {
+                    (Granularity::NOfM { .. }, Some(_)) => {
+                        bail!("key `{at}.sparsity`: N:M pruning's sparsity is 1 − N/M; leave `sparsity` out")
+                    }
+                    (Granularity::Weights | Granularity::Channels, None) => {
+                        bail!("key `{at}.sparsity`: required (the fraction of {granularity} to remove, in [0, 1))")
+                    }
+                    _ => {}
+                }
+                if *epochs > 0 && optimizer.is_none() {
+                    bail!("key `{at}.optimizer`: fine-tuning for {epochs} epoch(s) needs an optimizer");
+                }
+                if *epochs == 0 && !matches!(prune_schedule, PruneSchedule::OneShot) {
+                    bail!(
+                        "key `{at}.prune_schedule`: iterative and gradual schedules prune during fine-tuning; set `epochs`"
+                    );
+                }
+                if *batch_size == 0 {
+                    bail!("key `{at}.batch_size`: must be at least 1");
+                }
+                if let Some(settings) = stage.train_settings() {
+                    settings.validate().with_context(|| format!("key `{at}`"))?;
+                }
+                let settings = stage.prune_settings(e.seed).expect("a prune stage");
+                settings.validate().map_err(|err| prune_error(&at, err))?;
+                prune_schedule.validate(*epochs, *granularity).map_err(|err| prune_error(&at, err))?;
+                if *granularity != Granularity::Channels {
+                    masked_at = Some(i);
                 }
             }
             Stage::Evaluate { batch_size } => {
@@ -638,6 +811,7 @@ fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
         }
     }
     check_distill_pairs(e)?;
+    check_prune_rules(e)?;
     Ok(Plan { source: source.to_path_buf(), experiment, data_path })
 }
 
@@ -719,6 +893,41 @@ fn check_distill_pairs(e: &Experiment) -> Result<()> {
                     uncompressed = student_spec.clone();
                 }
                 current = student_spec;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A shrink-prune error as a config error naming the key.
+fn prune_error(at: &str, err: shrink_prune::Error) -> anyhow::Error {
+    match err {
+        shrink_prune::Error::Setting { key, message } => anyhow::anyhow!("key `{at}.{key}`: {message}"),
+        other => anyhow::anyhow!("key `{at}`: {other}"),
+    }
+}
+
+/// Checks every prune stage's skip list and overrides against the layers of the model it will
+/// prune (built here with untrained weights), so a pattern that matches nothing fails first.
+fn check_prune_rules(e: &Experiment) -> Result<()> {
+    if !e
+        .stages
+        .iter()
+        .any(|s| matches!(s, Stage::Prune { skip, overrides, .. } if !skip.is_empty() || !overrides.is_empty()))
+    {
+        return Ok(());
+    }
+    let device = BackendKind::Flex.device()?;
+    let shape = expected_input(&e.data);
+    let mut current = e.model.clone();
+    for (i, stage) in e.stages.iter().enumerate() {
+        match stage {
+            Stage::Distill { student: Some(s), .. } => current = s.clone(),
+            Stage::Prune { .. } => {
+                let settings = stage.prune_settings(e.seed).expect("a prune stage");
+                shrink_prune::check_settings(&current.build(shape, 10, &device)?, &settings)
+                    .map_err(|err| prune_error(&format!("stages[{i}] (kind = \"prune\")"), err))?;
             }
             _ => {}
         }

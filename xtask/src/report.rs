@@ -147,6 +147,44 @@ pub struct StageReport {
     /// What a distill stage did and measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distillation: Option<DistillSummary>,
+    /// What a prune stage did and measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pruning: Option<PruneSummary>,
+}
+
+/// What a prune stage did, before and after.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PruneSummary {
+    /// One line: granularity, criterion, scope, schedule, fine-tuning.
+    pub method: String,
+    /// How the pruned model runs and is stored (dense kernels on zeros, or smaller tensors).
+    pub execution: String,
+    /// The pruning steps: when (fine-tuning epoch) and to which sparsity.
+    pub events: Vec<shrink_prune::PruneEvent>,
+    /// Weight sparsity reached over the conv and linear weights in scope (weights and N:M).
+    pub weight_sparsity: Option<f64>,
+    /// Channel groups (structured): producers, channels before, channels kept.
+    pub groups: Vec<(String, usize, usize)>,
+    /// Per-layer size and cost before the stage.
+    pub layers_before: Vec<LayerStats>,
+    /// Totals before the stage: parameters, non-zeros, MACs per image, model file bytes.
+    pub params_before: usize,
+    /// See `params_before`.
+    pub nonzeros_before: usize,
+    /// See `params_before`.
+    pub macs_before: u64,
+    /// See `params_before`.
+    pub file_bytes_before: usize,
+    /// Test metrics and latency of the model before the stage (the previous stage's).
+    pub test_before: Option<Evaluation>,
+    /// See `test_before`.
+    pub latency_before: Vec<Latency>,
+    /// Layers the sparse CPU plan runs on sparse kernels: `(layer, kernel)`.
+    #[serde(default)]
+    pub sparse_kernels: Vec<(String, String)>,
+    /// Test metrics of the sparse CPU plan (the same model, on the sparse kernels).
+    #[serde(default)]
+    pub sparse_test: Option<Evaluation>,
 }
 
 /// Test accuracy of one model of a distill stage (measured on burn, f32).
@@ -329,6 +367,7 @@ impl StageReport {
             file_bytes: 0,
             quantization: None,
             distillation: None,
+            pruning: None,
         }
     }
 
@@ -472,6 +511,94 @@ pub fn markdown(r: &Report) -> String {
             lat.join("<br>"),
             st.wall_seconds
         );
+    }
+    for st in &r.stages {
+        let Some(p) = &st.pruning else { continue };
+        s += &format!("\n## Pruning, stage {}\n\n- method: {}\n- execution: {}\n", st.index, p.method, p.execution);
+        if let (Some(before), Some(after)) = (&p.test_before, &st.test) {
+            s += &format!(
+                "- test top-1 {:.4} → **{:.4}** ({:+.2} pp), {} → {} errors\n",
+                before.top1,
+                after.top1,
+                (after.top1 - before.top1) * 100.0,
+                before.errors(),
+                after.errors()
+            );
+        }
+        if let Some(t) = &p.sparse_test {
+            s += &format!(
+                "- on the sparse CPU plan (`cpu-plan-sparse`): test top-1 {:.4}; sparse kernels for {}\n",
+                t.top1,
+                p.sparse_kernels.iter().map(|(l, k)| format!("{l} ({k})")).collect::<Vec<_>>().join(", ")
+            );
+        }
+        if let Some(w) = p.weight_sparsity {
+            s += &format!("- weight sparsity of the pruned layers: **{:.2} %**\n", w * 100.0);
+        }
+        s += &format!(
+            "- parameters {} → {} ({:.3}×); non-zeros {} → {} ({:.3}×); MACs per image {} → {} ({:.3}×); model file {} → {} ({:.3}×)\n",
+            p.params_before,
+            st.params,
+            st.params as f64 / p.params_before.max(1) as f64,
+            p.nonzeros_before,
+            st.nonzeros,
+            st.nonzeros as f64 / p.nonzeros_before.max(1) as f64,
+            p.macs_before,
+            st.macs,
+            st.macs as f64 / p.macs_before.max(1) as f64,
+            mb(p.file_bytes_before),
+            mb(st.file_bytes),
+            st.file_bytes as f64 / p.file_bytes_before.max(1) as f64
+        );
+        for after in &st.latency {
+            // The sparse plan replaces the dense plan of the model before pruning.
+            let runner = if after.runner == "cpu-plan-sparse" { "cpu-plan" } else { after.runner.as_str() };
+            if let Some(before) = p
+                .latency_before
+                .iter()
+                .find(|b| b.runner == runner && b.batch_size == after.batch_size && b.threads == after.threads)
+            {
+                s += &format!(
+                    "- latency {} b{} ({}t): {:.3} → {:.3} ms median, **{:.2}×** faster (measured in this run, one after the other)\n",
+                    if runner == after.runner {
+                        after.runner.clone()
+                    } else {
+                        format!("{runner} → {}", after.runner)
+                    },
+                    after.batch_size,
+                    after.threads,
+                    before.median_ms,
+                    after.median_ms,
+                    before.median_ms / after.median_ms.max(1e-9)
+                );
+            }
+        }
+        if !p.events.is_empty() {
+            let ev: Vec<String> =
+                p.events.iter().map(|e| format!("{:.2} @ epoch {:.2}", e.sparsity, e.epoch)).collect();
+            s += &format!("- schedule: {}\n", ev.join(", "));
+        }
+        if !p.groups.is_empty() {
+            s += "\n| channel group (producers) | channels | kept |\n|---|---|---|\n";
+            for (name, n, kept) in &p.groups {
+                s += &format!("| {name} | {n} | {kept} |\n");
+            }
+        }
+        s += "\n| layer | params before | after | non-zeros before | after | removed or zero | MACs before | after |\n|---|---|---|---|---|---|---|---|\n";
+        for b in &p.layers_before {
+            let Some(a) = st.layers.iter().find(|l| l.name == b.name) else { continue };
+            s += &format!(
+                "| {} | {} | {} | {} | {} | {:.1} % | {} | {} |\n",
+                b.name,
+                b.params,
+                a.params,
+                b.nonzeros,
+                a.nonzeros,
+                100.0 * (1.0 - a.nonzeros as f64 / b.params.max(1) as f64),
+                b.macs,
+                a.macs
+            );
+        }
     }
     for st in &r.stages {
         let Some(q) = &st.quantization else { continue };

@@ -23,7 +23,7 @@ use shrink_quant::{PtqSettings, QatSettings, QuantizedModel, quantization_aware_
 
 use crate::config::{DataKind, Plan, Stage};
 use crate::report::{
-    DistillSummary, ModelResult, Provenance, QuantSummary, Report, StageReport, StudentRun, write_report,
+    DistillSummary, ModelResult, Provenance, PruneSummary, QuantSummary, Report, StageReport, StudentRun, write_report,
 };
 
 /// Options from the command line.
@@ -302,6 +302,17 @@ fn measure_quantized(
     Ok((integer, simulated, stats, latency))
 }
 
+/// The CPU plan of `graph` with shrink-prune's sparse kernels, if any layer is sparse enough to
+/// run on them.
+fn sparse_plan(graph: &Graph, threads: usize) -> Result<Option<shrink_core::runtime::Plan>> {
+    let plan = shrink_core::runtime::freeze_with(
+        graph,
+        &shrink_prune::sparse_registry(),
+        &shrink_core::runtime::FreezeOptions { threads },
+    )?;
+    Ok(plan.kernels().iter().any(|(_, k)| k.contains("spmm")).then_some(plan))
+}
+
 /// Measures the current model: test metrics, size, cost and latency.
 fn measure(
     graph: &Graph,
@@ -315,6 +326,15 @@ fn measure(
     let stats = model_stats(graph)?;
     let mut latency = measure_latency(graph, backend, &plan.experiment.latency)?;
     latency.extend(measure_plan_latency(graph, plan.experiment.threads, &plan.experiment.latency)?);
+    // Pruned weights: also the plan whose sparse-enough layers run on the sparse kernels.
+    if let Some(mut sparse) = sparse_plan(graph, plan.experiment.threads)? {
+        latency.extend(measure_frozen_latency(
+            &mut sparse,
+            graph.input_shape(),
+            "cpu-plan-sparse",
+            &plan.experiment.latency,
+        )?);
+    }
     Ok((eval, stats, latency))
 }
 
@@ -589,6 +609,108 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                     summary.ptq_test = Some(ptq_test);
                 }
                 quantized = Some(q);
+            }
+            Stage::Prune { granularity, criterion, prune_schedule, scope, epochs, .. } => {
+                let settings = stage.prune_settings(e.seed).expect("a prune stage");
+                let train_settings = stage.train_settings();
+                let before = model_stats(&graph)?;
+                let file_bytes_before = io::to_bytes(&graph)?.len();
+                let previous = report.stages.last();
+                let (test_before, latency_before) =
+                    (previous.and_then(|p| p.test.clone()), previous.map(|p| p.latency.clone()).unwrap_or_default());
+                let mut progress = progress_bar(opts, *epochs, "prune");
+                let t0 = Instant::now();
+                let out = shrink_prune::prune(
+                    &graph,
+                    TrainData { train: &data.train, validation: data.validation.as_ref(), batcher: &data.batcher },
+                    train_settings.as_ref(),
+                    &settings,
+                    prune_schedule,
+                    &device,
+                    e.seed.wrapping_add(index as u64),
+                    &mut progress,
+                )
+                .with_context(|| format!("stage {index} (prune)"))?;
+                if let Some(bar) = progress.bar {
+                    bar.finish_and_clear();
+                }
+                graph = out.graph;
+                stage_report.history = out.history;
+                stage_report.train_seconds = Some(t0.elapsed().as_secs_f64());
+                let structured = *granularity == shrink_prune::Granularity::Channels;
+                let scope_text = match scope {
+                    crate::config::PruneScope::Global => format!(
+                        "global ranking (each layer between {} and {})",
+                        settings.min_layer_sparsity, settings.max_layer_sparsity
+                    ),
+                    crate::config::PruneScope::Layer => "the same sparsity in each layer".into(),
+                };
+                let what = match granularity {
+                    shrink_prune::Granularity::Weights => format!("{:.0} % of the weights", settings.sparsity * 100.0),
+                    shrink_prune::Granularity::Channels => {
+                        format!("{:.0} % of the channels, removed physically", settings.sparsity * 100.0)
+                    }
+                    shrink_prune::Granularity::NOfM { n, m } => format!("{n}:{m} semi-structured"),
+                };
+                let tuning = match &train_settings {
+                    Some(t) => format!("fine-tuned {} epoch(s)", t.epochs),
+                    None => "no fine-tuning".into(),
+                };
+                let skipped = if settings.skip.is_empty() {
+                    String::new()
+                } else {
+                    format!("; left dense: {}", settings.skip.join(", "))
+                };
+                // Which layers the sparse plan runs on sparse kernels, and its accuracy (the same
+                // model: it checks the kernels on the test set).
+                let (sparse_kernels, sparse_test) = match sparse_plan(&graph, e.threads)? {
+                    Some(mut p) => {
+                        let kernels: Vec<(String, String)> =
+                            p.kernels().into_iter().filter(|(_, k)| k.contains("spmm")).collect();
+                        (kernels, Some(evaluate_plan(&mut p, &data.test, &data.batcher, 250, &device)?))
+                    }
+                    None => (Vec::new(), None),
+                };
+                stage_report.pruning = Some(PruneSummary {
+                    sparse_kernels,
+                    sparse_test,
+                    method: format!(
+                        "{what}, ranked by {criterion}, {scope_text}, schedule {prune_schedule}, {tuning}{skipped}"
+                    ),
+                    execution: if structured {
+                        "removed channels are gone: smaller dense tensors in the model file, in burn and in the CPU plan".into()
+                    } else {
+                        format!(
+                            "zeros are stored densely in the model file (no sparse file format yet); in the CPU plan (`cpu-plan-sparse`), layers with at most {:.0} % non-zero weights run on CSR sparse kernels, the others dense",
+                            shrink_prune::SPARSE_MAX_DENSITY * 100.0
+                        )
+                    },
+                    events: out.events,
+                    weight_sparsity: out.masks.as_ref().map(|m| m.sparsity()),
+                    groups: out
+                        .rounds
+                        .last()
+                        .map(|plans| {
+                            // Channels before the first round, kept after the last.
+                            let first = &out.rounds[0];
+                            plans
+                                .iter()
+                                .map(|p| {
+                                    let before =
+                                        first.iter().find(|f| f.group == p.group).map_or(p.channels, |f| f.channels);
+                                    (p.producers.join(", "), before, p.keep.len())
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    layers_before: before.layers,
+                    params_before: before.params,
+                    nonzeros_before: before.nonzeros,
+                    macs_before: before.macs,
+                    file_bytes_before,
+                    test_before,
+                    latency_before,
+                });
             }
             Stage::Evaluate { .. } => {}
         }

@@ -156,6 +156,33 @@ fn smoke_configs_run_cache_their_baseline_and_are_deterministic() {
     assert!(summary["objective"].as_str().unwrap().contains("1×1 conv 16→64"), "{}", summary["objective"]);
     assert!(summary["error_reduction"].is_number());
 
+    // Unstructured pruning then int8: 80 % of the pruned layers' weights are zero after AGP
+    // (conv1 left dense), the int8 model keeps those zeros, and accuracy holds.
+    let pr = report(dirs.iter().find(|d| d.contains("smoke_lenet_prune/")).unwrap());
+    let (base, p, q) = (&pr["stages"][0], &pr["stages"][1], &pr["stages"][2]);
+    assert_eq!(p["kind"], "prune");
+    let ps = &p["pruning"];
+    assert!((ps["weight_sparsity"].as_f64().unwrap() - 0.8).abs() < 1e-3, "{ps}");
+    assert_eq!(ps["events"].as_array().unwrap().len(), 4, "four AGP steps");
+    let conv1 = p["layers"].as_array().unwrap().iter().find(|l| l["name"] == "conv1").unwrap();
+    assert_eq!(conv1["nonzeros"], conv1["params"], "conv1 is skipped");
+    assert!(p["nonzeros"].as_u64().unwrap() < base["nonzeros"].as_u64().unwrap() / 4);
+    assert!(q["nonzeros"].as_u64().unwrap() <= p["nonzeros"].as_u64().unwrap(), "int8 keeps the zeros");
+    assert!(p["test"]["top1"].as_f64().unwrap() >= base["test"]["top1"].as_f64().unwrap() - 0.05);
+    assert_eq!(p["history"].as_array().unwrap().len(), 2);
+
+    // Structured pruning: half the channels of every group, residual groups included, removed
+    // in two rounds; the model really shrinks and the CPU plan runs it faster.
+    let ch = report(dirs.iter().find(|d| d.contains("smoke_resnet_channels/")).unwrap());
+    let (base, p) = (&ch["stages"][0], &ch["stages"][1]);
+    let groups = p["pruning"]["groups"].as_array().unwrap();
+    assert!(groups.iter().any(|g| g[0].as_str().unwrap().contains("stem.conv, layer1.0.2.conv")), "{groups:?}");
+    assert!(groups.iter().all(|g| g[2].as_u64().unwrap() * 2 == g[1].as_u64().unwrap()), "{groups:?}");
+    let macs = p["macs"].as_f64().unwrap() / base["macs"].as_f64().unwrap();
+    assert!(macs < 0.3, "MACs ratio {macs}");
+    assert!(p["file_bytes"].as_u64().unwrap() < base["file_bytes"].as_u64().unwrap() / 2);
+    assert_eq!(p["pruning"]["events"].as_array().unwrap().len(), 2);
+
     // Second run: the baseline comes from the cache, with the same metrics.
     let second = xtask(&["run", "--out", &out_arg, "configs/smoke/mlp.toml"]);
     assert!(second.status.success());

@@ -7,6 +7,8 @@
 //!   lists and per-layer overrides, on a one-shot, iterative or gradual (AGP) schedule with
 //!   fine-tuning on core's training loop. Masks persist through fine-tuning: a pruned weight has
 //!   no effect and gets no gradient.
+//! - [`kernels`]: sparse execution — pruned layers run on CSR sparse × dense kernels in the CPU
+//!   plan ([`sparse_registry`]) when they are sparse enough to beat the dense GEMM.
 //! - [`MagnitudePruner`]: layer-wise magnitude pruning as a burn `ModuleMapper`, for any burn
 //!   module (a user's own struct as well as a graph).
 //!
@@ -26,6 +28,7 @@
 
 mod finetune;
 mod importance;
+pub mod kernels;
 mod magnitude;
 mod masks;
 mod scope;
@@ -34,6 +37,7 @@ mod structured;
 
 pub use finetune::{PruneEvent, PruneOutcome, prune};
 pub use importance::{TaylorStats, channel_scores, taylor_stats, weight_scores};
+pub use kernels::{SPARSE_MAX_DENSITY, register_sparse_kernels, sparse_registry};
 pub use magnitude::{MagnitudePruner, magnitude_mask};
 pub use masks::{LayerMask, MaskHooks, Masks, n_of_m_mask, weight_masks};
 pub use settings::{Criterion, Granularity, PruneSchedule, PruneSettings, SparsityOverride};
@@ -57,6 +61,19 @@ pub enum Error {
     /// From shrink-core: training, shapes, data.
     #[error(transparent)]
     Core(#[from] shrink_core::Error),
+}
+
+/// Checks `settings` against `graph`: ranges, and that every skip and override pattern matches
+/// a layer that pass would prune (for channels: a producer of a prunable group).
+///
+/// # Errors
+/// [`Error::Setting`] naming the setting, with the layers it could have matched.
+pub fn check_settings(graph: &shrink_core::Graph, settings: &PruneSettings) -> Result<(), Error> {
+    settings.validate()?;
+    match settings.granularity {
+        Granularity::Channels => structured::channel_units(graph, &graph.coupling_groups()?, settings).map(|_| ()),
+        _ => masks::weight_units(graph, settings).map(|_| ()),
+    }
 }
 
 impl Error {

@@ -4,15 +4,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 
-/// What one pruning decision removes.
+/// What one pruning decision removes. In configs: `"weights"`, `"channels"`, or `"N:M"` such
+/// as `"2:4"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(try_from = "String", into = "String")]
 pub enum Granularity {
     /// Single weights of convolutions and linear layers (unstructured; masks).
     Weights,
     /// N:M semi-structured sparsity: in every run of `m` consecutive weights along a filter's
-    /// input axis (the GEMM's reduction axis), at most `n` are kept (2:4, 4:8). `sparsity` is then
-    /// `1 − n/m` and not a setting.
+    /// input-channel axis (at each kernel position), at most `n` are kept (2:4, 4:8). The
+    /// sparsity is then `1 − n/m`, not a setting.
     NOfM {
         /// Weights kept per group.
         n: usize,
@@ -22,6 +23,41 @@ pub enum Granularity {
     /// Whole channels — conv filters and linear neurons — removed physically, with everything
     /// coupled to them (batch norms, consumers, residual branches).
     Channels,
+}
+
+impl TryFrom<String> for Granularity {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "weights" => Ok(Granularity::Weights),
+            "channels" => Ok(Granularity::Channels),
+            other => {
+                let parsed = other.split_once(':').and_then(|(n, m)| Some((n.parse().ok()?, m.parse().ok()?)));
+                match parsed {
+                    Some((n, m)) => Ok(Granularity::NOfM { n, m }),
+                    None => {
+                        Err(format!("expected \"weights\", \"channels\" or \"N:M\" such as \"2:4\", got {other:?}"))
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl From<Granularity> for String {
+    fn from(g: Granularity) -> String {
+        g.to_string()
+    }
+}
+
+impl std::fmt::Display for Granularity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Granularity::Weights => f.write_str("weights"),
+            Granularity::Channels => f.write_str("channels"),
+            Granularity::NOfM { n, m } => write!(f, "{n}:{m}"),
+        }
+    }
 }
 
 /// How the importance of a weight or channel is measured.
@@ -53,10 +89,11 @@ pub struct SparsityOverride {
 }
 
 /// When pruning happens during the fine-tuning that follows it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum PruneSchedule {
     /// Everything at once, then fine-tuning.
+    #[default]
     OneShot,
     /// `rounds` prunings, each followed by an equal share of the fine-tuning; round `k` of `R`
     /// reaches `1 − (1 − s)^(k/R)`, so each round removes the same share of what is left.
@@ -81,6 +118,34 @@ pub enum PruneSchedule {
         #[serde(default = "default_updates")]
         updates: usize,
     },
+}
+
+impl std::fmt::Display for PruneSchedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PruneSchedule::OneShot => f.write_str("one-shot"),
+            PruneSchedule::Iterative { rounds } => write!(f, "iterative, {rounds} rounds"),
+            PruneSchedule::Agp { initial_sparsity, start_epoch, end_epoch, updates } => {
+                write!(f, "gradual (AGP) from {initial_sparsity} in {updates} steps, epoch {start_epoch} to ")?;
+                match end_epoch {
+                    Some(e) => write!(f, "{e}"),
+                    None => f.write_str("¾ of the fine-tuning"),
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Criterion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Criterion::L1 => "L1 magnitude",
+            Criterion::L2 => "L2 norm",
+            Criterion::BnGamma => "batch-norm |γ|",
+            Criterion::Taylor => "first-order Taylor",
+            Criterion::Random => "random (control)",
+        })
+    }
 }
 
 fn default_updates() -> usize {

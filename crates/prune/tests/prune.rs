@@ -256,3 +256,29 @@ fn iterative_structured_pruning_fine_tunes_between_rounds() {
     assert!(acc > 0.85, "half the channels, fine-tuned: {acc}");
     let _ = out.graph.clone().no_grad();
 }
+
+#[test]
+fn the_sparse_plan_computes_what_the_dense_plan_computes() {
+    use shrink_core::runtime::{FreezeOptions, KernelRegistry, freeze_with};
+    let device = BackendKind::Flex.device().unwrap();
+    let g = build(ModelSpec::CifarResnet { depth: 8, width: 1.0 }, [1, 28, 28], 4, &device).valid();
+    let (train_set, _) = load_mnist_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/mnist5k")).unwrap();
+    let batcher = Batcher { normalization: train_set.channel_stats(), augmentation: Augmentation::default() };
+    let data = TrainData { train: &train_set, validation: None, batcher: &batcher };
+    let ps = PruneSettings { sparsity: 0.9, ..PruneSettings::default() };
+    let pruned = prune(&g, data, None, &ps, &PruneSchedule::OneShot, &device, 0, &mut Quiet).unwrap().graph;
+    let mut dense = freeze_with(&pruned, &KernelRegistry::default(), &FreezeOptions::default()).unwrap();
+    let mut sparse = freeze_with(&pruned, &shrink_prune::sparse_registry(), &FreezeOptions::default()).unwrap();
+    let kernels = sparse.kernels();
+    // Every conv and the classifier run sparse (stem.conv has 9 weights per filter: 90 % leaves 1).
+    assert!(kernels.iter().filter(|(_, k)| k.contains("spmm")).count() >= 10, "{kernels:?}");
+    for batch in [1, 3, 16] {
+        let (x, _) = batcher.batch(&train_set, &(0..batch).collect::<Vec<_>>(), &device, None);
+        let x: Vec<f32> = x.into_data().try_to_vec().unwrap();
+        let a = dense.run(&x, batch).unwrap().to_vec();
+        let b = sparse.run(&x, batch).unwrap().to_vec();
+        for (u, v) in a.iter().zip(&b) {
+            assert!((u - v).abs() < 1e-3 * (1.0 + u.abs()), "batch {batch}: {u} vs {v}");
+        }
+    }
+}

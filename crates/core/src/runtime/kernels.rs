@@ -41,6 +41,79 @@ fn bias_relu(out: &mut [f32], bias: Option<&[f32]>, plane: usize, relu: bool) {
     }
 }
 
+/// The geometry of a 2-d convolution, for kernels that unroll its input (im2col).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeometry {
+    /// Input `(channels, height, width)`.
+    pub input: (usize, usize, usize),
+    /// Output `(channels, height, width)`.
+    pub output: (usize, usize, usize),
+    /// Kernel height and width.
+    pub kernel: [usize; 2],
+    /// Stride.
+    pub stride: [usize; 2],
+    /// Zero padding.
+    pub padding: [usize; 2],
+    /// Dilation.
+    pub dilation: [usize; 2],
+}
+
+impl ConvGeometry {
+    /// The geometry of a convolution's layer view; `None` for other ops.
+    pub fn of(view: &LayerView<'_>) -> Option<Self> {
+        let Op::Conv2d { kernel, stride, padding, dilation, .. } = *view.op else { return None };
+        Some(Self { input: map_dims(view.input), output: map_dims(view.output), kernel, stride, padding, dilation })
+    }
+
+    /// im2col of channels `c0..c0+cin` of one image into `col` (`[cin*kh*kw, oh*ow]`, rows `ld`
+    /// values apart, so several images can sit side by side in one matrix). Each
+    /// output row is the zero padding at its ends and, between them, a plain copy of the image
+    /// row (strided for stride > 1): measured faster than rten's gather-based virtual im2col.
+    pub fn im2col(&self, image: &[f32], c0: usize, cin: usize, col: &mut [f32], ld: usize) {
+        let (_, h, w) = self.input;
+        let (_, oh, ow) = self.output;
+        let [kh, kw] = self.kernel;
+        let [sh, sw] = self.stride;
+        let [ph, pw] = self.padding;
+        let [dh, dw] = self.dilation;
+        let n = oh * ow;
+        for kx in 0..kw {
+            // Output columns whose input column `ox * sw + kx * dw - pw` lies inside the image.
+            let shift = (kx * dw) as isize - pw as isize;
+            let lo = if shift >= 0 { 0 } else { ((-shift) as usize).div_ceil(sw) }.min(ow);
+            let hi = if (w as isize) - shift <= 0 { 0 } else { (((w as isize - shift) as usize).div_ceil(sw)).min(ow) };
+            let hi = hi.max(lo);
+            for c in 0..cin {
+                let plane = &image[(c0 + c) * h * w..(c0 + c + 1) * h * w];
+                for ky in 0..kh {
+                    let row = &mut col[((c * kh + ky) * kw + kx) * ld..][..n];
+                    for (oy, dst) in row.chunks_exact_mut(ow).enumerate() {
+                        let iy = (oy * sh + ky * dh) as isize - ph as isize;
+                        if iy < 0 || iy >= h as isize {
+                            dst.fill(0.0);
+                            continue;
+                        }
+                        let src = &plane[iy as usize * w..(iy as usize + 1) * w];
+                        dst[..lo].fill(0.0);
+                        dst[hi..].fill(0.0);
+                        let start = (lo * sw) as isize + shift;
+                        if hi > lo {
+                            let start = start as usize;
+                            if sw == 1 {
+                                dst[lo..hi].copy_from_slice(&src[start..start + hi - lo]);
+                            } else {
+                                for (d, s) in dst[lo..hi].iter_mut().zip(src[start..].iter().step_by(sw)) {
+                                    *d = *s;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Convolution as im2col + GEMM (1×1 stride-1 convolutions skip the im2col), grouped
 /// convolutions as one GEMM per group, depthwise convolutions as a direct loop.
 #[derive(Debug)]
@@ -88,51 +161,20 @@ impl ConvF32 {
         self.groups > 1 && self.groups == self.input.0 && self.groups == self.output.0
     }
 
-    /// im2col of channels `c0..c0+cin` of one image into `col` (`[cin*kh*kw, oh*ow]`). Each
-    /// output row is the zero padding at its ends and, between them, a plain copy of the image
-    /// row (strided for stride > 1): measured faster than rten's gather-based virtual im2col.
-    fn im2col(&self, image: &[f32], c0: usize, cin: usize, col: &mut [f32]) {
-        let (_, h, w) = self.input;
-        let (_, oh, ow) = self.output;
-        let [kh, kw] = self.kernel;
-        let [sh, sw] = self.stride;
-        let [ph, pw] = self.padding;
-        let [dh, dw] = self.dilation;
-        let n = oh * ow;
-        for kx in 0..kw {
-            // Output columns whose input column `ox * sw + kx * dw - pw` lies inside the image.
-            let shift = (kx * dw) as isize - pw as isize;
-            let lo = if shift >= 0 { 0 } else { ((-shift) as usize).div_ceil(sw) }.min(ow);
-            let hi = if (w as isize) - shift <= 0 { 0 } else { (((w as isize - shift) as usize).div_ceil(sw)).min(ow) };
-            let hi = hi.max(lo);
-            for c in 0..cin {
-                let plane = &image[(c0 + c) * h * w..(c0 + c + 1) * h * w];
-                for ky in 0..kh {
-                    let row = &mut col[((c * kh + ky) * kw + kx) * n..][..n];
-                    for (oy, dst) in row.chunks_exact_mut(ow).enumerate() {
-                        let iy = (oy * sh + ky * dh) as isize - ph as isize;
-                        if iy < 0 || iy >= h as isize {
-                            dst.fill(0.0);
-                            continue;
-                        }
-                        let src = &plane[iy as usize * w..(iy as usize + 1) * w];
-                        dst[..lo].fill(0.0);
-                        dst[hi..].fill(0.0);
-                        let start = (lo * sw) as isize + shift;
-                        if hi > lo {
-                            let start = start as usize;
-                            if sw == 1 {
-                                dst[lo..hi].copy_from_slice(&src[start..start + hi - lo]);
-                            } else {
-                                for (d, s) in dst[lo..hi].iter_mut().zip(src[start..].iter().step_by(sw)) {
-                                    *d = *s;
-                                }
-                            }
-                        }
-                    }
-                }
-            }
+    fn geometry(&self) -> ConvGeometry {
+        ConvGeometry {
+            input: self.input,
+            output: self.output,
+            kernel: self.kernel,
+            stride: self.stride,
+            padding: self.padding,
+            dilation: self.dilation,
         }
+    }
+
+    fn im2col(&self, image: &[f32], c0: usize, cin: usize, col: &mut [f32]) {
+        let (_, oh, ow) = self.output;
+        self.geometry().im2col(image, c0, cin, col, oh * ow);
     }
 
     fn depthwise(&self, image: &[f32], out: &mut [f32]) {

@@ -49,7 +49,7 @@ mod gemm;
 mod kernels;
 
 pub use gemm::sgemm;
-pub use kernels::{ConvF32, ConvRten, LinearF32, LinearRten, Simple};
+pub use kernels::{ConvF32, ConvGeometry, ConvRten, LinearF32, LinearRten, Simple};
 
 use std::fmt::Debug;
 
