@@ -681,7 +681,8 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                         "removed channels are gone: smaller dense tensors in the model file, in burn and in the CPU plan".into()
                     } else {
                         format!(
-                            "zeros are stored densely in the model file (no sparse file format yet); in the CPU plan (`cpu-plan-sparse`), layers with at most {:.0} % non-zero weights run on CSR sparse kernels, the others dense",
+                            "the model file stores each weight with at most {:.0} % non-zeros as a bitmask and its non-zero values; in the CPU plan (`cpu-plan-sparse`), layers with at most {:.0} % non-zero weights run on CSR sparse kernels, the others dense; burn and `cpu-plan` compute the zeros densely",
+                            io::SPARSE_FILE_MAX_DENSITY * 100.0,
                             shrink_prune::SPARSE_MAX_DENSITY * 100.0
                         )
                     },

@@ -6,6 +6,11 @@
 //! JSON in the header's `__metadata__` under `shrink.graph`, which makes the file self-describing: a pruned
 //! model with new shapes loads back as it is, without the config that made it.
 //!
+//! Sparse weights (pruned: at most [`SPARSE_FILE_MAX_DENSITY`] of the values non-zero) are
+//! stored as a bitmask of the non-zeros (`<node>.weight_mask`, U8, bit `i % 8` of byte `i / 8`)
+//! and the non-zero values in order (`<node>.weight_nz`, F32, or `<node>.weight_q8_nz`, I8, for
+//! int8 weights), which is exact and, at 90 % sparsity, 7.6× (f32) or 4.4× (int8) smaller.
+//!
 //! Every file is written atomically (a temporary file beside it, then a rename), so a crash
 //! never leaves half a model.
 
@@ -24,6 +29,44 @@ use crate::{Error, Result};
 
 /// Format tag in the header, checked on load.
 pub const FORMAT: &str = "shrink-graph/1";
+
+/// Weights with at most this fraction of non-zero values are stored as bitmask + non-zeros (the
+/// bitmask costs 1/32 of the f32 values, 1/8 of the int8 ones).
+pub const SPARSE_FILE_MAX_DENSITY: f64 = 0.75;
+
+type Stored = BTreeMap<String, (Vec<usize>, Vec<u8>)>;
+
+fn put(tensors: &mut Stored, node: &str, param: &str, value: (Vec<usize>, Vec<u8>)) {
+    tensors.insert(format!("{node}.{param}"), value);
+}
+
+/// An f32 weight, as `weight` or — when sparse enough — as `weight_mask` and `weight_nz`.
+fn put_weight(tensors: &mut Stored, node: &str, value: (Vec<usize>, Vec<u8>)) {
+    let (shape, bytes) = value;
+    let count = bytes.len() / 4;
+    let floats = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+    // Zero is +0.0 exactly: a -0.0 is kept as a value, so the round trip stays bit-exact.
+    let nnz = floats.clone().filter(|v| v.to_bits() != 0).count();
+    if count > 0 && (nnz as f64) <= SPARSE_FILE_MAX_DENSITY * count as f64 {
+        let mask = bitmask(floats.clone().map(|v| v.to_bits() != 0), count);
+        put(tensors, node, "weight_mask", (vec![mask.len()], mask));
+        let nz: Vec<u8> = floats.filter(|v| v.to_bits() != 0).flat_map(|v| v.to_le_bytes()).collect();
+        put(tensors, node, "weight_nz", (vec![nnz], nz));
+    } else {
+        put(tensors, node, "weight", (shape, bytes));
+    }
+}
+
+/// The bitmask of the non-zeros among `is_nz` (bit `i % 8` of byte `i / 8`).
+fn bitmask(is_nz: impl Iterator<Item = bool>, count: usize) -> Vec<u8> {
+    let mut mask = vec![0u8; count.div_ceil(8)];
+    for (i, nz) in is_nz.enumerate() {
+        if nz {
+            mask[i / 8] |= 1 << (i % 8);
+        }
+    }
+    mask
+}
 
 #[derive(Serialize, Deserialize)]
 struct NodeHeader {
@@ -160,40 +203,50 @@ pub fn to_bytes_with(
             return Err(Error::graph(name, "integer weights do not fit the layer's weight"));
         }
     }
-    let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
+    let mut tensors: Stored = BTreeMap::new();
     for node in &graph.nodes {
-        let mut put = |param: &str, value: (Vec<usize>, Vec<u8>)| {
-            tensors.insert(format!("{}.{param}", node.name), value);
-        };
         if let Some(w) = ints.get(&node.name) {
-            let (suffix, bytes) = w.encode();
-            let len = bytes.len();
-            put(&suffix, (vec![len], bytes));
-            put("weight_scale", (vec![w.scales.len()], w.scales.iter().flat_map(|v| v.to_le_bytes()).collect()));
+            let nnz = w.values.iter().filter(|v| **v != 0).count();
+            if w.bits == 8 && (nnz as f64) <= SPARSE_FILE_MAX_DENSITY * w.values.len() as f64 {
+                let mask = bitmask(w.values.iter().map(|v| *v != 0), w.values.len());
+                put(&mut tensors, &node.name, "weight_mask", (vec![mask.len()], mask));
+                let nz: Vec<u8> = w.values.iter().filter(|v| **v != 0).map(|&v| v as u8).collect();
+                put(&mut tensors, &node.name, "weight_q8_nz", (vec![nz.len()], nz));
+            } else {
+                let (suffix, bytes) = w.encode();
+                let len = bytes.len();
+                put(&mut tensors, &node.name, &suffix, (vec![len], bytes));
+            }
+            put(
+                &mut tensors,
+                &node.name,
+                "weight_scale",
+                (vec![w.scales.len()], w.scales.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            );
         }
         let quantized = ints.contains_key(&node.name);
         match &node.params {
             Some(Params::Conv(p)) => {
                 if !quantized {
-                    put("weight", to_f32(p.weight.val()));
+                    put_weight(&mut tensors, &node.name, to_f32(p.weight.val()));
                 }
                 if let Some(b) = &p.bias {
-                    put("bias", to_f32(b.val()));
+                    put(&mut tensors, &node.name, "bias", to_f32(b.val()));
                 }
             }
             Some(Params::Linear(p)) => {
                 if !quantized {
-                    put("weight", to_f32(p.weight.val()));
+                    put_weight(&mut tensors, &node.name, to_f32(p.weight.val()));
                 }
                 if let Some(b) = &p.bias {
-                    put("bias", to_f32(b.val()));
+                    put(&mut tensors, &node.name, "bias", to_f32(b.val()));
                 }
             }
             Some(Params::BatchNorm(bn)) => {
-                put("gamma", to_f32(bn.gamma.val()));
-                put("beta", to_f32(bn.beta.val()));
-                put("running_mean", to_f32(bn.running_mean.value()));
-                put("running_var", to_f32(bn.running_var.value()));
+                put(&mut tensors, &node.name, "gamma", to_f32(bn.gamma.val()));
+                put(&mut tensors, &node.name, "beta", to_f32(bn.beta.val()));
+                put(&mut tensors, &node.name, "running_mean", to_f32(bn.running_mean.value()));
+                put(&mut tensors, &node.name, "running_var", to_f32(bn.running_var.value()));
             }
             None => {}
         }
@@ -215,9 +268,9 @@ pub fn to_bytes_with(
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
         .map(|(k, (shape, bytes))| {
-            let dtype = if k.ends_with(".weight_q8") {
+            let dtype = if k.ends_with(".weight_q8") || k.ends_with(".weight_q8_nz") {
                 Dtype::I8
-            } else if k.ends_with(".weight_q4") || k.ends_with(".weight_q2") {
+            } else if k.ends_with(".weight_q4") || k.ends_with(".weight_q2") || k.ends_with(".weight_mask") {
                 Dtype::U8
             } else {
                 Dtype::F32
@@ -320,8 +373,98 @@ pub fn from_bytes_with(bytes: &[u8], path: &Path, device: &Device) -> Result<Loa
         used.borrow_mut().insert(key);
         Ok(TensorData::new(values, shape.to_vec()))
     };
-    // A weight: f32, or integers and per-channel scales.
+    // A sparse weight: the bitmask of its non-zeros, checked against the values stored, and the
+    // values spread back into place (int8 values with their scales).
+    let sparse = |name: &str, shape: &[usize]| -> Result<Option<TensorData>> {
+        let mask_key = format!("{name}.weight_mask");
+        let Ok(mask) = st.tensor(&mask_key) else { return Ok(None) };
+        let offset_of = |key: &str| data_start + metadata.info(key).map(|i| i.data_offsets.0 as u64).unwrap_or(0);
+        let count: usize = shape.iter().product();
+        if mask.dtype() != Dtype::U8 || mask.shape() != [count.div_ceil(8)] {
+            return Err(bad(
+                offset_of(&mask_key),
+                format!(
+                    "tensor `{mask_key}` is {:?} {:?}, expected U8 [{}] for a weight of shape {shape:?}",
+                    mask.dtype(),
+                    mask.shape(),
+                    count.div_ceil(8)
+                ),
+            ));
+        }
+        let bits = mask.data();
+        if count % 8 != 0 && bits[bits.len() - 1] >> (count % 8) != 0 {
+            return Err(bad(
+                offset_of(&mask_key) + bits.len() as u64 - 1,
+                format!("tensor `{mask_key}` marks values past the weight's {count}"),
+            ));
+        }
+        let nnz: usize = bits.iter().map(|b| b.count_ones() as usize).sum();
+        let (f32_key, q8_key) = (format!("{name}.weight_nz"), format!("{name}.weight_q8_nz"));
+        let (key, int8) = match (st.tensor(&f32_key).is_ok(), st.tensor(&q8_key).is_ok()) {
+            (true, false) => (f32_key, false),
+            (false, true) => (q8_key, true),
+            _ => {
+                return Err(bad(
+                    offset_of(&mask_key),
+                    format!("tensor `{mask_key}` needs exactly one of `{f32_key}` and `{q8_key}`"),
+                ));
+            }
+        };
+        let view = st.tensor(&key).expect("found above");
+        let (dtype, size) = if int8 { (Dtype::I8, 1) } else { (Dtype::F32, 4) };
+        if view.dtype() != dtype || view.shape() != [nnz] {
+            return Err(bad(
+                offset_of(&key),
+                format!(
+                    "tensor `{key}` is {:?} {:?}, expected {dtype:?} [{nnz}] (the non-zeros its mask marks)",
+                    view.dtype(),
+                    view.shape()
+                ),
+            ));
+        }
+        let positions = (0..count).filter(|i| bits[i / 8] >> (i % 8) & 1 == 1);
+        let data = view.data();
+        used.borrow_mut().insert(mask_key);
+        used.borrow_mut().insert(key.clone());
+        if !int8 {
+            let mut dense = vec![0.0f32; count];
+            for (j, i) in positions.enumerate() {
+                let c = &data[j * size..j * size + 4];
+                let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                if !v.is_finite() {
+                    return Err(bad(offset_of(&key) + 4 * j as u64, format!("tensor `{key}` holds {v} at index {j}")));
+                }
+                dense[i] = v;
+            }
+            return Ok(Some(TensorData::new(dense, shape.to_vec())));
+        }
+        let mut values = vec![0i8; count];
+        for (j, i) in positions.enumerate() {
+            values[i] = data[j] as i8;
+            if values[i] == i8::MIN {
+                return Err(bad(
+                    offset_of(&key) + j as u64,
+                    format!("tensor `{key}` holds -128 at index {j}: int8 weights are symmetric"),
+                ));
+            }
+        }
+        let scales: Vec<f32> = tensor(name, "weight_scale", &[shape[0]])?.try_to_vec().expect("f32");
+        if let Some(i) = scales.iter().position(|&s| s <= 0.0) {
+            return Err(bad(
+                8,
+                format!("tensor `{name}.weight_scale` holds {} at index {i}: scales must be positive", scales[i]),
+            ));
+        }
+        let per = count / shape[0];
+        let deq: Vec<f32> = values.iter().enumerate().map(|(i, &q)| q as f32 * scales[i / per]).collect();
+        ints.borrow_mut().insert(name.to_string(), IntWeights { bits: 8, values, scales });
+        Ok(Some(TensorData::new(deq, shape.to_vec())))
+    };
+    // A weight: f32, or integers and per-channel scales, dense or sparse.
     let weight = |name: &str, shape: &[usize]| -> Result<TensorData> {
+        if let Some(w) = sparse(name, shape)? {
+            return Ok(w);
+        }
         let q = [8u32, 4, 2].into_iter().find(|b| st.tensor(&format!("{name}.weight_q{b}")).is_ok());
         let Some(bits) = q else { return tensor(name, "weight", shape) };
         let key = format!("{name}.weight_q{bits}");

@@ -94,3 +94,93 @@ fn layers_lists_parameterised_nodes_in_order() {
     let names: Vec<&str> = g.layers().map(|(_, n)| n.name.as_str()).collect();
     assert_eq!(names, ["conv1", "conv2", "fc1", "fc2", "fc3"]);
 }
+
+/// `g` with every conv and linear weight's entries at index `i % 10 != 3` set to zero (90 %).
+fn sparsified(g: &shrink_core::Graph) -> shrink_core::Graph {
+    use burn::module::Param;
+    use burn::tensor::TensorData;
+    let mut g = g.clone();
+    for node in &mut g.nodes {
+        let zero = |v: Vec<f32>| -> Vec<f32> {
+            v.into_iter().enumerate().map(|(i, x)| if i % 10 == 3 { x } else { 0.0 }).collect()
+        };
+        match node.params.as_mut() {
+            Some(Params::Conv(p)) => {
+                let (dims, d) = (p.weight.dims(), p.weight.device());
+                let v = zero(p.weight.val().into_data().try_to_vec().unwrap());
+                p.weight = Param::from_tensor(Tensor::from_data(TensorData::new(v, dims), &d));
+            }
+            Some(Params::Linear(p)) => {
+                let (dims, d) = (p.weight.dims(), p.weight.device());
+                let v = zero(p.weight.val().into_data().try_to_vec().unwrap());
+                p.weight = Param::from_tensor(Tensor::from_data(TensorData::new(v, dims), &d));
+            }
+            _ => {}
+        }
+    }
+    g
+}
+
+#[test]
+fn sparse_weights_are_stored_compactly_and_round_trip_bit_exactly() {
+    let device = BackendKind::Flex.device().unwrap();
+    device.seed(5);
+    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 28, 28], 10, &device).unwrap();
+    let s = sparsified(&g);
+    let (dense_bytes, sparse_bytes) = (io::to_bytes(&g).unwrap(), io::to_bytes(&s).unwrap());
+    // Weights: 1 bit of mask + 10 % of 32 bits per value, against 32 bits.
+    assert!(sparse_bytes.len() * 5 < dense_bytes.len(), "{} vs {}", sparse_bytes.len(), dense_bytes.len());
+    let names = safetensors::SafeTensors::deserialize(&sparse_bytes).unwrap().names().join(" ");
+    assert!(names.contains("layer1.0.1.conv.weight_mask") && names.contains("fc.weight_nz"), "{names}");
+    let back = io::from_bytes(&sparse_bytes, &tmp("sparse.safetensors"), &device).unwrap();
+    assert_eq!(io::to_bytes(&back).unwrap(), sparse_bytes);
+    let x = Tensor::<4>::random([2, 1, 28, 28], Distribution::Default, &device);
+    let (a, b) = (s.valid().forward(x.clone()), back.valid().forward(x));
+    assert_eq!(a.into_data().as_slice::<f32>().unwrap(), b.into_data().as_slice::<f32>().unwrap());
+
+    // int8 weights with zeros: bitmask + int8 non-zeros.
+    let fc = s.node_id("fc").unwrap();
+    let Some(Params::Linear(p)) = &s.nodes[fc].params else { panic!() };
+    let values: Vec<i8> = p
+        .weight
+        .val()
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| if *v == 0.0 { 0 } else { 1 + (v.abs() * 50.0) as i8 % 100 })
+        .collect();
+    let ints = std::collections::BTreeMap::from([(
+        "fc".to_string(),
+        io::IntWeights { bits: 8, values: values.clone(), scales: vec![0.01; 10] },
+    )]);
+    let bytes = io::to_bytes_with(&s, &ints, None).unwrap();
+    let loaded = io::from_bytes_with(&bytes, &tmp("sparse8.safetensors"), &device).unwrap();
+    assert_eq!(loaded.int_weights["fc"].values, values);
+    assert!(safetensors::SafeTensors::deserialize(&bytes).unwrap().names().contains(&"fc.weight_q8_nz"));
+}
+
+#[test]
+fn damaged_sparse_weights_are_refused_with_the_offset() {
+    let device = BackendKind::Flex.device().unwrap();
+    let g = sparsified(&ModelSpec::Mlp { hidden: vec![8] }.build([1, 4, 4], 3, &device).unwrap());
+    let bytes = io::to_bytes(&g).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let header = 8 + bytes[..8].iter().rev().fold(0usize, |a, b| a * 256 + *b as usize);
+    let mask_at = header + meta.info("fc1.weight_mask").unwrap().data_offsets.0;
+    assert_eq!(st.tensor("fc1.weight_mask").unwrap().data().len(), 16);
+    let err = |b: &[u8]| io::from_bytes(b, &tmp("badsparse.safetensors"), &device).unwrap_err().to_string();
+    // One more bit set than there are values stored: the count disagrees.
+    let mut extra = bytes.clone();
+    extra[mask_at] |= 0xFF;
+    let e = err(&extra);
+    assert!(e.contains("fc1.weight_nz") && e.contains("the non-zeros its mask marks"), "{e}");
+    // fc2's 3 × 8 = 24 values fill 3 bytes exactly; fc1's 128 too. No tail bits to test here, so
+    // check the values: a NaN among the non-zeros is named with its byte offset.
+    let nz_at = header + meta.info("fc1.weight_nz").unwrap().data_offsets.0;
+    let mut nan = bytes.clone();
+    nan[nz_at..nz_at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let e = err(&nan);
+    assert!(e.contains("NaN") && e.contains(&format!("byte {nz_at}")), "{e}");
+}
