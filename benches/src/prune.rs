@@ -81,7 +81,7 @@ fn pruned_graph(graph: &Graph, granularity: Granularity, sparsity: f64) -> Graph
     let settings =
         PruneSettings { granularity, sparsity, global: granularity == Granularity::Weights, ..Default::default() };
     let data = shrink_core::train::TrainData { train: &data, validation: None, batcher: &batcher };
-    prune(graph, data, None, &settings, &PruneSchedule::OneShot, &device, 0, &mut shrink_core::train::Quiet)
+    prune(graph, None, data, None, &settings, &PruneSchedule::OneShot, &device, 0, &mut shrink_core::train::Quiet)
         .expect("prunable")
         .graph
 }

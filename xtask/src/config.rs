@@ -294,8 +294,19 @@ pub enum Stage {
         /// Taylor criterion: training batches of 64 images to accumulate gradients over.
         #[serde(default = "default_taylor_batches")]
         taylor_batches: usize,
+        /// Prune each layer (or channel group) alone at these ratios, without fine-tuning, and
+        /// report its top-1 (table + SVG chart): on the validation split if there is one, else
+        /// on the test split (the report says which).
+        #[serde(default)]
+        sensitivity: Vec<f64>,
+        /// With `sensitivity`: instead of `sparsity`, prune each layer to the largest ratio that
+        /// costs at most this much validation top-1 on its own (e.g. 0.01). Needs a validation
+        /// split (`data.validation_fraction`).
+        #[serde(default)]
+        sensitivity_max_drop: Option<f64>,
         /// When pruning happens: `{ kind = "one_shot" }`, `{ kind = "iterative", rounds = 3 }`,
-        /// `{ kind = "agp", updates = 10, start_epoch = 0, end_epoch = 6 }` (weights and N:M).
+        /// `{ kind = "agp", updates = 10, start_epoch = 0, end_epoch = 6 }`, `{ kind = "lottery",
+        /// rounds = 3 }` (the last two for weights and N:M).
         #[serde(default)]
         prune_schedule: PruneSchedule,
         /// Fine-tuning epochs (0: prune only).
@@ -699,7 +710,40 @@ fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
                     );
                 }
             }
-            Stage::Prune { granularity, sparsity, epochs, optimizer, prune_schedule, batch_size, .. } => {
+            Stage::Prune {
+                granularity,
+                sparsity,
+                epochs,
+                optimizer,
+                prune_schedule,
+                batch_size,
+                sensitivity,
+                sensitivity_max_drop,
+                overrides,
+                scope,
+                ..
+            } => {
+                if let Some(r) = sensitivity.iter().find(|r| !(**r > 0.0 && **r < 1.0)) {
+                    bail!("key `{at}.sensitivity`: ratios must be in (0, 1), got {r}");
+                }
+                if let Some(d) = sensitivity_max_drop {
+                    if sensitivity.is_empty() {
+                        bail!("key `{at}.sensitivity_max_drop`: needs `sensitivity` ratios to choose from");
+                    }
+                    if !(0.0..1.0).contains(d) {
+                        bail!("key `{at}.sensitivity_max_drop`: expected a top-1 drop in [0, 1), got {d}");
+                    }
+                    if e.data.validation_fraction <= 0.0 {
+                        bail!(
+                            "key `{at}.sensitivity_max_drop`: choosing ratios on the test split would tune on it; set `data.validation_fraction`"
+                        );
+                    }
+                    if sparsity.is_some() || !overrides.is_empty() || *scope == PruneScope::Global {
+                        bail!(
+                            "key `{at}.sensitivity_max_drop`: it sets every layer's sparsity; leave out `sparsity`, `overrides` and `scope = \"global\"`"
+                        );
+                    }
+                }
                 if !e.stages[..i].iter().any(|s| matches!(s, Stage::Train { .. } | Stage::Distill { .. })) {
                     bail!("key `{at}`: pruning ranks trained weights: put a train stage before it");
                 }
@@ -707,7 +751,7 @@ fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
                     (Granularity::NOfM { .. }, Some(_)) => {
                         bail!("key `{at}.sparsity`: N:M pruning's sparsity is 1 − N/M; leave `sparsity` out")
                     }
-                    (Granularity::Weights | Granularity::Channels, None) => {
+                    (Granularity::Weights | Granularity::Channels, None) if sensitivity_max_drop.is_none() => {
                         bail!("key `{at}.sparsity`: required (the fraction of {granularity} to remove, in [0, 1))")
                     }
                     _ => {}
@@ -731,6 +775,15 @@ fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
                 prune_schedule.validate(*epochs, *granularity).map_err(|err| prune_error(&at, err))?;
                 if *granularity != Granularity::Channels {
                     masked_at = Some(i);
+                }
+                if matches!(prune_schedule, PruneSchedule::Lottery { .. })
+                    && let Some(j) = e.stages[..i]
+                        .iter()
+                        .position(|s| matches!(s, Stage::Distill { student: Some(_), .. } | Stage::Prune { .. }))
+                {
+                    bail!(
+                        "key `{at}.prune_schedule`: lottery tickets rewind to the weights `[model]` was initialised with, but stages[{j}] changed the model; use it on the baseline"
+                    );
                 }
             }
             Stage::Evaluate { batch_size } => {

@@ -185,6 +185,69 @@ pub struct PruneSummary {
     /// Test metrics of the sparse CPU plan (the same model, on the sparse kernels).
     #[serde(default)]
     pub sparse_test: Option<Evaluation>,
+    /// Each layer pruned alone (when asked for).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sensitivity: Option<PruneSensitivity>,
+    /// Lottery tickets: each round's sparsity and its last retraining epoch's training accuracy.
+    #[serde(default)]
+    pub tickets: Vec<(f64, Option<f64>)>,
+}
+
+/// Layers (or channel groups) pruned alone at several ratios, without fine-tuning.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PruneSensitivity {
+    /// `validation` or `test`.
+    pub evaluated_on: String,
+    /// Top-1 and loss of the unpruned model on that split.
+    pub reference_top1: f64,
+    /// See `reference_top1`.
+    pub reference_loss: f64,
+    /// Per unit: `(ratio, top-1, loss)` points.
+    pub units: Vec<shrink_prune::UnitSensitivity>,
+    /// With a top-1 budget: the sparsity each unit got.
+    pub chosen: Vec<(String, f64)>,
+    /// The chart's file name in the run directory.
+    pub chart: String,
+}
+
+/// Draws each unit's top-1 against its pruning ratio (SVG).
+pub fn write_prune_sensitivity_chart(title: &str, sens: &PruneSensitivity, path: &Path) -> Result<()> {
+    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("{e}");
+    let lo = sens.units.iter().flat_map(|u| u.points.iter().map(|p| p.1)).fold(sens.reference_top1, f64::min).max(0.0);
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (900, 520)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(format!("{title}: {} top-1, one layer pruned at a time", sens.evaluated_on), ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(35)
+            .y_label_area_size(55)
+            .build_cartesian_2d(0.0..1.0, (lo - 0.01)..(sens.reference_top1 + 0.01).min(1.0))
+            .map_err(|e| err(&e))?;
+        chart.configure_mesh().x_desc("ratio pruned").y_desc("top-1").draw().map_err(|e| err(&e))?;
+        for (i, u) in sens.units.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            let points: Vec<(f64, f64)> =
+                std::iter::once((0.0, sens.reference_top1)).chain(u.points.iter().map(|p| (p.0, p.1))).collect();
+            chart
+                .draw_series(LineSeries::new(points, color.stroke_width(2)))
+                .map_err(|e| err(&e))?
+                .label(u.name.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2)));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 10))
+            .draw()
+            .map_err(|e| err(&e))?;
+        root.present().map_err(|e| err(&e))?;
+    }
+    shrink_core::io::write_atomic(path, svg.as_bytes())?;
+    Ok(())
 }
 
 /// Test accuracy of one model of a distill stage (measured on burn, f32).
@@ -577,6 +640,31 @@ pub fn markdown(r: &Report) -> String {
             let ev: Vec<String> =
                 p.events.iter().map(|e| format!("{:.2} @ epoch {:.2}", e.sparsity, e.epoch)).collect();
             s += &format!("- schedule: {}\n", ev.join(", "));
+        }
+        if !p.tickets.is_empty() {
+            let t: Vec<String> = p
+                .tickets
+                .iter()
+                .map(|(sp, acc)| match acc {
+                    Some(a) => format!("{:.3} (train top-1 {a:.4})", sp),
+                    None => format!("{sp:.3}"),
+                })
+                .collect();
+            s += &format!("- lottery-ticket rounds (sparsity after each): {}\n", t.join(", "));
+        }
+        if let Some(sens) = &p.sensitivity {
+            s += &format!(
+                "\n### Sensitivity: one layer pruned at a time, no fine-tuning\n\nMeasured on the {} split (unpruned: top-1 {:.4}, loss {:.4}). Chart: `{}`.\n\n| layer | ratio: top-1 |\n|---|---|\n",
+                sens.evaluated_on, sens.reference_top1, sens.reference_loss, sens.chart
+            );
+            for u in &sens.units {
+                let pts: Vec<String> = u.points.iter().map(|(r, t, _)| format!("{r:.2}: {t:.4}")).collect();
+                s += &format!("| {} | {} |\n", u.name, pts.join(", "));
+            }
+            if !sens.chosen.is_empty() {
+                let c: Vec<String> = sens.chosen.iter().map(|(n, r)| format!("{n} {r:.2}")).collect();
+                s += &format!("\nSparsity chosen per layer for the top-1 budget: {}\n", c.join(", "));
+            }
         }
         if !p.groups.is_empty() {
             s += "\n| channel group (producers) | channels | kept |\n|---|---|---|\n";

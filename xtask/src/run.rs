@@ -302,6 +302,51 @@ fn measure_quantized(
     Ok((integer, simulated, stats, latency))
 }
 
+/// Each layer (or channel group) pruned alone at `ratios`, measured on the validation split (or
+/// the test split when there is none); with `max_drop`, the sparsity each unit gets.
+fn prune_sensitivity(
+    graph: &Graph,
+    data: &Data,
+    settings: &shrink_prune::PruneSettings,
+    ratios: &[f64],
+    max_drop: Option<f64>,
+    plan: &Plan,
+    index: usize,
+) -> Result<crate::report::PruneSensitivity> {
+    let device = plan.experiment.backend.device()?;
+    let (set, evaluated_on) = match data.validation.as_ref() {
+        Some(v) if !v.is_empty() => (v, "validation"),
+        _ => (&data.test, "test"),
+    };
+    let reference = evaluate(graph, set, &data.batcher, 250, &device)?;
+    let mut measure = |g: &Graph| -> std::result::Result<(f64, f64), shrink_prune::Error> {
+        let ev = evaluate(g, set, &data.batcher, 250, &device)?;
+        Ok((ev.top1, ev.loss))
+    };
+    let train = TrainData { train: &data.train, validation: data.validation.as_ref(), batcher: &data.batcher };
+    let units = shrink_prune::sensitivity(graph, train, settings, ratios, &device, &mut measure)
+        .with_context(|| format!("stage {index} (prune): sensitivity"))?;
+    for u in &units {
+        tracing::info!(layer = %u.name, points = ?u.points, "pruning sensitivity");
+    }
+    let chosen = match max_drop {
+        Some(d) => shrink_prune::ratios_for_drop(&units, reference.top1, d)
+            .into_iter()
+            .zip(&units)
+            .map(|(o, u)| (u.name.clone(), o.sparsity))
+            .collect(),
+        None => Vec::new(),
+    };
+    Ok(crate::report::PruneSensitivity {
+        evaluated_on: evaluated_on.into(),
+        reference_top1: reference.top1,
+        reference_loss: reference.loss,
+        units,
+        chosen,
+        chart: format!("prune_sensitivity_stage{index}.svg"),
+    })
+}
+
 /// The CPU plan of `graph` with shrink-prune's sparse kernels, if any layer is sparse enough to
 /// run on them.
 fn sparse_plan(graph: &Graph, threads: usize) -> Result<Option<shrink_core::runtime::Plan>> {
@@ -610,8 +655,35 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                 }
                 quantized = Some(q);
             }
-            Stage::Prune { granularity, criterion, prune_schedule, scope, epochs, .. } => {
-                let settings = stage.prune_settings(e.seed).expect("a prune stage");
+            Stage::Prune {
+                granularity,
+                criterion,
+                prune_schedule,
+                scope,
+                epochs,
+                sensitivity,
+                sensitivity_max_drop,
+                ..
+            } => {
+                let mut settings = stage.prune_settings(e.seed).expect("a prune stage");
+                let sens = if sensitivity.is_empty() {
+                    None
+                } else {
+                    let s =
+                        prune_sensitivity(&graph, &data, &settings, sensitivity, *sensitivity_max_drop, plan, index)?;
+                    if !s.chosen.is_empty() {
+                        // Each layer's sparsity comes from the budget.
+                        let chosen = shrink_prune::ratios_for_drop(
+                            &s.units,
+                            s.reference_top1,
+                            sensitivity_max_drop.expect("chosen only with a budget"),
+                        );
+                        settings.overrides = chosen;
+                        settings.global = false;
+                    }
+                    crate::report::write_prune_sensitivity_chart(&e.name, &s, &run_dir.join(&s.chart))?;
+                    Some(s)
+                };
                 let train_settings = stage.train_settings();
                 let before = model_stats(&graph)?;
                 let file_bytes_before = io::to_bytes(&graph)?.len();
@@ -620,8 +692,18 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                     (previous.and_then(|p| p.test.clone()), previous.map(|p| p.latency.clone()).unwrap_or_default());
                 let mut progress = progress_bar(opts, *epochs, "prune");
                 let t0 = Instant::now();
+                // Lottery tickets rewind to the weights the baseline started from: the same seed
+                // builds them again.
+                let initial = match prune_schedule {
+                    shrink_prune::PruneSchedule::Lottery { .. } => {
+                        device.seed(e.seed);
+                        Some(e.model.build(data.train.shape, data.train.classes, &device)?)
+                    }
+                    _ => None,
+                };
                 let out = shrink_prune::prune(
                     &graph,
+                    initial.as_ref(),
                     TrainData { train: &data.train, validation: data.validation.as_ref(), batcher: &data.batcher },
                     train_settings.as_ref(),
                     &settings,
@@ -672,6 +754,8 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                     None => (Vec::new(), None),
                 };
                 stage_report.pruning = Some(PruneSummary {
+                    sensitivity: sens,
+                    tickets: out.tickets.iter().map(|(s, r)| (*s, r.as_ref().map(|r| r.train_accuracy))).collect(),
                     sparse_kernels,
                     sparse_test,
                     method: format!(

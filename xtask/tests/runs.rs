@@ -170,6 +170,25 @@ fn smoke_configs_run_cache_their_baseline_and_are_deterministic() {
     assert!(q["nonzeros"].as_u64().unwrap() <= p["nonzeros"].as_u64().unwrap(), "int8 keeps the zeros");
     assert!(p["test"]["top1"].as_f64().unwrap() >= base["test"]["top1"].as_f64().unwrap() - 0.05);
     assert_eq!(p["history"].as_array().unwrap().len(), 2);
+    let sens = &ps["sensitivity"];
+    assert_eq!(sens["evaluated_on"], "test");
+    assert_eq!(sens["units"].as_array().unwrap().len(), 4, "conv2, fc1, fc2, fc3 (conv1 skipped)");
+    let chart = sens["chart"].as_str().unwrap();
+    let dir = dirs.iter().find(|d| d.contains("smoke_lenet_prune/")).unwrap();
+    assert!(std::fs::read_to_string(root().join(dir).join(chart)).unwrap().contains("<svg"));
+
+    // Lottery tickets with per-layer sparsities from a validation budget: two rounds, each
+    // retraining for the stage's epochs; the chosen sparsities are what the masks reach.
+    let lt = report(dirs.iter().find(|d| d.contains("smoke_mlp_lottery/")).unwrap());
+    let p = &lt["stages"][1]["pruning"];
+    assert_eq!(p["tickets"].as_array().unwrap().len(), 2);
+    assert_eq!(lt["stages"][1]["history"].as_array().unwrap().len(), 6);
+    assert_eq!(p["sensitivity"]["evaluated_on"], "validation");
+    let chosen = p["sensitivity"]["chosen"].as_array().unwrap();
+    assert_eq!(chosen.len(), 2, "fc1 and fc2");
+    let fc1 = lt["stages"][1]["layers"].as_array().unwrap().iter().find(|l| l["name"] == "fc1").unwrap();
+    let zero = 1.0 - fc1["nonzeros"].as_f64().unwrap() / fc1["params"].as_f64().unwrap();
+    assert!((zero - chosen[0][1].as_f64().unwrap()).abs() < 0.01, "fc1: {zero} zero, {chosen:?} chosen");
 
     // Structured pruning: half the channels of every group, residual groups included, removed
     // in two rounds; the model really shrinks and the CPU plan runs it faster.

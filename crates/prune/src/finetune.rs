@@ -36,6 +36,8 @@ pub struct PruneOutcome {
     pub masks: Option<Masks>,
     /// The channels each round kept (structured).
     pub rounds: Vec<Vec<GroupPlan>>,
+    /// Lottery tickets: each round's sparsity and the record of its last retraining epoch.
+    pub tickets: Vec<(f64, Option<EpochRecord>)>,
     /// The pruning steps, in order.
     pub events: Vec<PruneEvent>,
     /// Fine-tuning epochs (all rounds together).
@@ -74,12 +76,15 @@ fn taylor_batches(
 
 /// Prunes `graph` as `settings` say, on `schedule`, fine-tuning with `train_settings` on
 /// `data` (none: prune once, without fine-tuning). Returns the pruned graph on `device`.
+/// `initial` holds the weights `graph` was trained from, for lottery-ticket rewinding.
 ///
 /// - Weights and N:M: masks are held beside the graph and multiplied into the weights in the
 ///   forward pass, so a pruned weight has no effect and gets no gradient; they are recomputed at
 ///   each of the schedule's events (one-shot: before the first step; iterative: at the start of
 ///   each round; AGP: on the cubic) from the current weights and stay removed once removed; at the
 ///   end they are multiplied in.
+/// - Lottery tickets: each round prunes the trained weights, rewinds every parameter to
+///   `initial`, and retrains for `epochs` under the mask.
 /// - Channels: each round (one for one-shot) ranks the channels, removes them physically through
 ///   the coupling groups, then fine-tunes its share of the epochs (the learning-rate schedule
 ///   restarts each round, the optimiser state too, since the tensors changed shape).
@@ -89,6 +94,7 @@ fn taylor_batches(
 #[allow(clippy::too_many_arguments)]
 pub fn prune(
     graph: &Graph,
+    initial: Option<&Graph>,
     data: TrainData<'_>,
     train_settings: Option<&TrainSettings>,
     settings: &PruneSettings,
@@ -100,6 +106,12 @@ pub fn prune(
     settings.validate()?;
     let epochs = train_settings.map_or(0, |t| t.epochs);
     schedule.validate(epochs, settings.granularity)?;
+    if let (PruneSchedule::Lottery { rounds }, Some(ts)) = (schedule, train_settings) {
+        let initial = initial.ok_or_else(|| {
+            Error::setting("prune_schedule", "lottery tickets rewind to the initial weights, and none were given")
+        })?;
+        return lottery(graph, initial, data, ts, settings, *rounds, device, seed, observer);
+    }
     match settings.granularity {
         Granularity::Channels => {
             prune_channels(graph, data, train_settings, settings, schedule, device, seed, observer)
@@ -110,12 +122,14 @@ pub fn prune(
     }
 }
 
-/// Masks for `graph` at `sparsity`, from the criterion's scores.
+/// Masks for `graph` at position `t` of `schedule`, from the criterion's scores.
+#[allow(clippy::too_many_arguments)]
 fn masks_at(
     graph: &Graph,
     data: &TrainData<'_>,
     settings: &PruneSettings,
-    sparsity: f64,
+    schedule: &PruneSchedule,
+    t: f64,
     previous: Option<&Masks>,
     device: &Device,
     seed: u64,
@@ -123,7 +137,7 @@ fn masks_at(
     let layers: Vec<usize> = crate::masks::weight_units(graph, settings)?.into_iter().map(|(id, _)| id).collect();
     let taylor = taylor_if_needed(graph, data, settings, previous, device, seed)?;
     let scores = weight_scores(graph, &layers, settings.criterion, taylor.as_ref(), settings.seed)?;
-    weight_masks(graph, settings, sparsity, &scores, previous)
+    weight_masks(graph, settings, &|s| schedule.sparsity_at(t, s), &scores, previous)
 }
 
 fn taylor_if_needed(
@@ -154,20 +168,21 @@ fn prune_weights(
     seed: u64,
     observer: &mut dyn TrainObserver,
 ) -> Result<PruneOutcome, Error> {
-    let target = settings.final_sparsity();
     let Some(ts) = train_settings else {
-        let masks = masks_at(graph, &data, settings, target, None, device, seed)?;
-        tracing::info!(sparsity = masks.sparsity(), "pruned without fine-tuning");
+        let masks = masks_at(graph, &data, settings, &PruneSchedule::OneShot, 1.0, None, device, seed)?;
+        let sparsity_reached = masks.sparsity();
+        tracing::info!(sparsity = sparsity_reached, "pruned without fine-tuning");
         return Ok(PruneOutcome {
             graph: masks.apply(graph),
             masks: Some(masks),
             rounds: Vec::new(),
-            events: vec![PruneEvent { epoch: 0.0, sparsity: target }],
+            tickets: Vec::new(),
+            events: vec![PruneEvent { epoch: 0.0, sparsity: sparsity_reached }],
             history: Vec::new(),
         });
     };
     let steps = data.train.len().div_ceil(ts.batch_size);
-    let events = schedule.events(ts.epochs, steps, target);
+    let events = schedule.events(ts.epochs, steps);
     let ad = device.clone().autodiff();
     let shared = Arc::new(Mutex::new(Masks::default()));
     let model = Masked { graph: graph.clone(), masks: shared.clone() };
@@ -180,12 +195,13 @@ fn prune_weights(
         while next < events.len() && events[next].0 <= step {
             let current = m.graph.valid();
             let previous = shared.lock().expect("masks lock").clone();
-            match masks_at(&current, &data, settings, events[next].1, Some(&previous), device, seed + next as u64) {
+            let t = events[next].1;
+            match masks_at(&current, &data, settings, schedule, t, Some(&previous), device, seed + next as u64) {
                 Ok(masks) => {
                     tracing::info!(step, sparsity = masks.sparsity(), "pruning step");
                     hooks = masks.hooks(&ad);
+                    done.push(PruneEvent { epoch: step as f64 / steps as f64, sparsity: masks.sparsity() });
                     *shared.lock().expect("masks lock") = masks;
-                    done.push(PruneEvent { epoch: step as f64 / steps as f64, sparsity: events[next].1 });
                 }
                 Err(e) => {
                     let message = e.to_string();
@@ -206,14 +222,15 @@ fn prune_weights(
     let (trained, history) = result?;
     let mut masks = shared.lock().expect("masks lock").clone();
     // Events at the very end of the schedule (AGP ending on the last epoch) apply to the result.
-    for (i, &(_, s)) in events.iter().enumerate().skip(next) {
-        masks = masks_at(&trained.graph, &data, settings, s, Some(&masks), device, seed + i as u64)?;
-        done.push(PruneEvent { epoch: ts.epochs as f64, sparsity: s });
+    for (i, &(_, t)) in events.iter().enumerate().skip(next) {
+        masks = masks_at(&trained.graph, &data, settings, schedule, t, Some(&masks), device, seed + i as u64)?;
+        done.push(PruneEvent { epoch: ts.epochs as f64, sparsity: masks.sparsity() });
     }
     Ok(PruneOutcome {
         graph: masks.apply(&trained.graph),
         masks: Some(masks),
         rounds: Vec::new(),
+        tickets: Vec::new(),
         events: done,
         history,
     })
@@ -230,32 +247,33 @@ fn prune_channels(
     seed: u64,
     observer: &mut dyn TrainObserver,
 ) -> Result<PruneOutcome, Error> {
-    let target = settings.final_sparsity();
     let epochs = train_settings.map_or(0, |t| t.epochs);
-    let sparsities: Vec<f64> = match (schedule, train_settings) {
-        (PruneSchedule::Iterative { rounds }, Some(_)) => {
-            (1..=*rounds).map(|k| 1.0 - (1.0 - target).powf(k as f64 / *rounds as f64)).collect()
-        }
-        _ => vec![target],
+    // Positions of the schedule: one round, or one per iterative round.
+    let positions: Vec<f64> = match (schedule, train_settings) {
+        (PruneSchedule::Iterative { rounds }, Some(_)) => (1..=*rounds).map(|k| k as f64 / *rounds as f64).collect(),
+        _ => vec![1.0],
     };
+    let total: usize = graph.coupling_groups()?.iter().filter(|g| g.prunable).map(|g| g.channels).sum();
     let original: Vec<usize> = graph.coupling_groups()?.iter().map(|g| g.channels).collect();
     let mut current = graph.clone();
     let mut rounds = Vec::new();
     let mut events = Vec::new();
     let mut history: Vec<EpochRecord> = Vec::new();
     let mut epoch_offset = 0usize;
-    for (k, &s) in sparsities.iter().enumerate() {
+    for (k, &t) in positions.iter().enumerate() {
         let groups = current.coupling_groups()?;
         let taylor = taylor_if_needed(&current, &data, settings, None, device, seed + k as u64)?;
-        let plans = plan_channels(&current, &groups, settings, s, &original, taylor.as_ref())?;
+        let now = |s: f64| schedule.sparsity_at(t, s);
+        let plans = plan_channels(&current, &groups, settings, &now, &original, taylor.as_ref())?;
         current = remove_channels(&current, &groups, &plans)?;
-        let removed: usize = plans.iter().map(|p| p.channels - p.keep.len()).sum();
-        tracing::info!(round = k + 1, sparsity = s, removed, "channels removed");
-        events.push(PruneEvent { epoch: epoch_offset as f64, sparsity: s });
+        let left: usize = current.coupling_groups()?.iter().filter(|g| g.prunable).map(|g| g.channels).sum();
+        let sparsity = 1.0 - left as f64 / total.max(1) as f64;
+        tracing::info!(round = k + 1, sparsity, "channels removed");
+        events.push(PruneEvent { epoch: epoch_offset as f64, sparsity });
         rounds.push(plans);
         if let Some(ts) = train_settings {
             // Round k fine-tunes its share of the epochs; the last round takes the remainder.
-            let share = if k + 1 == sparsities.len() { epochs - epoch_offset } else { epochs / sparsities.len() };
+            let share = if k + 1 == positions.len() { epochs - epoch_offset } else { epochs / positions.len() };
             if share > 0 {
                 let round_settings = TrainSettings { epochs: share, ..ts.clone() };
                 let (trained, mut h) =
@@ -267,5 +285,50 @@ fn prune_channels(
             }
         }
     }
-    Ok(PruneOutcome { graph: current, masks: None, rounds, events, history })
+    Ok(PruneOutcome { graph: current, masks: None, rounds, tickets: Vec::new(), events, history })
+}
+
+/// Lottery tickets: prune the trained weights, rewind to `initial`, retrain under the mask; repeat.
+#[allow(clippy::too_many_arguments)]
+fn lottery(
+    graph: &Graph,
+    initial: &Graph,
+    data: TrainData<'_>,
+    ts: &TrainSettings,
+    settings: &PruneSettings,
+    rounds: usize,
+    device: &Device,
+    seed: u64,
+    observer: &mut dyn TrainObserver,
+) -> Result<PruneOutcome, Error> {
+    if initial.shapes()? != graph.shapes()? {
+        return Err(Error::setting("prune_schedule", "the initial weights do not have the trained model's shapes"));
+    }
+    let schedule = PruneSchedule::Lottery { rounds };
+    let ad = device.clone().autodiff();
+    let mut trained = graph.clone();
+    let mut masks: Option<Masks> = None;
+    let (mut events, mut tickets, mut history) = (Vec::new(), Vec::new(), Vec::new());
+    for k in 1..=rounds {
+        let t = k as f64 / rounds as f64;
+        let m = masks_at(&trained, &data, settings, &schedule, t, masks.as_ref(), device, seed + k as u64)?;
+        let s = m.sparsity();
+        tracing::info!(round = k, sparsity = s, "lottery ticket: pruned, rewinding to the initial weights");
+        events.push(PruneEvent { epoch: ((k - 1) * ts.epochs) as f64, sparsity: s });
+        let model = Masked { graph: initial.clone(), masks: Arc::new(Mutex::new(m.clone())) };
+        let mut hooks = m.hooks(&ad);
+        let mut objective = |model: &Masked, batch: Batch<'_>| -> shrink_core::Result<LossAndLogits> {
+            let logits = model.graph.forward_with_hooks(batch.images, &[], &mut hooks).0;
+            Ok((cross_entropy(logits.clone(), batch.labels), logits))
+        };
+        let (t, mut h) = train_module(model, data, ts, device, seed.wrapping_add(k as u64), observer, &mut objective)?;
+        let offset = (k - 1) * ts.epochs;
+        h.iter_mut().for_each(|r| r.epoch += offset);
+        tickets.push((s, h.last().cloned()));
+        history.extend(h);
+        trained = t.graph;
+        masks = Some(m);
+    }
+    let masks = masks.expect("at least one round");
+    Ok(PruneOutcome { graph: masks.apply(&trained), masks: Some(masks), rounds: Vec::new(), tickets, events, history })
 }

@@ -2,7 +2,7 @@
 //! multiplied by the dense activations (SpMM), so the work scales with the non-zeros.
 //!
 //! `out[r, j] = Σ_{k ∈ row r} w[r, k] · b[k, j]`: for each output row the kernel keeps a tile of
-//! 128 output columns in registers and, for each non-zero of the row, adds the broadcast weight
+//! 128 (or, for what is left, 16) output columns in registers and, for each non-zero of the row, adds the broadcast weight
 //! times one contiguous 128-value row segment of `b` (the im2col matrix of a convolution, the
 //! transposed batch of a linear layer). Each non-zero costs one load and one FMA per 16 lanes,
 //! against the register-blocked dense GEMM's better reuse, so sparse wins only above a measured
@@ -109,8 +109,25 @@ mod simd {
         spmm_portable(a, b, ldb, n, out, ldo)
     }
 
-    /// Output columns kept in registers per pass over a row's non-zeros.
-    const TILE: usize = 128;
+    /// Output columns kept in registers per pass over a row's non-zeros: wide tiles first, then
+    /// narrow ones for what is left (a batch of 8, a 7×7 feature map), then a plain tail.
+    const WIDE: usize = 128;
+    const NARROW: usize = 16;
+
+    #[inline(always)]
+    fn tile<const T: usize>(a: &Csr, b: &[f32], ldb: usize, out: &mut [f32], ldo: usize, j0: usize) {
+        for r in 0..a.rows {
+            let (s, e) = (a.row_ptr[r] as usize, a.row_ptr[r + 1] as usize);
+            let mut acc = [0.0f32; T];
+            for (&k, &w) in a.col[s..e].iter().zip(&a.val[s..e]) {
+                let src: &[f32; T] = b[k as usize * ldb + j0..][..T].try_into().expect("tile");
+                for j in 0..T {
+                    acc[j] += w * src[j];
+                }
+            }
+            out[r * ldo + j0..][..T].copy_from_slice(&acc);
+        }
+    }
 
     #[inline(always)]
     fn spmm_portable(a: &Csr, b: &[f32], ldb: usize, n: usize, out: &mut [f32], ldo: usize) {
@@ -122,31 +139,35 @@ mod simd {
             return;
         }
         let mut j0 = 0;
-        while j0 < n {
-            let width = TILE.min(n - j0);
+        while j0 + WIDE <= n {
+            tile::<WIDE>(a, b, ldb, out, ldo, j0);
+            j0 += WIDE;
+        }
+        while j0 + NARROW <= n {
+            tile::<NARROW>(a, b, ldb, out, ldo, j0);
+            j0 += NARROW;
+        }
+        if j0 < n {
+            let width = n - j0;
             for r in 0..a.rows {
                 let (s, e) = (a.row_ptr[r] as usize, a.row_ptr[r + 1] as usize);
-                let mut acc = [0.0f32; TILE];
-                if width == TILE {
-                    for (&k, &w) in a.col[s..e].iter().zip(&a.val[s..e]) {
-                        let src: &[f32; TILE] = b[k as usize * ldb + j0..][..TILE].try_into().expect("tile");
-                        for j in 0..TILE {
-                            acc[j] += w * src[j];
-                        }
-                    }
-                } else {
-                    for (&k, &w) in a.col[s..e].iter().zip(&a.val[s..e]) {
-                        let src = &b[k as usize * ldb + j0..][..width];
-                        for (x, y) in acc[..width].iter_mut().zip(src) {
-                            *x += w * y;
-                        }
+                let mut acc = [0.0f32; NARROW];
+                for (&k, &w) in a.col[s..e].iter().zip(&a.val[s..e]) {
+                    let src = &b[k as usize * ldb + j0..][..width];
+                    for (x, y) in acc[..width].iter_mut().zip(src) {
+                        *x += w * y;
                     }
                 }
                 out[r * ldo + j0..][..width].copy_from_slice(&acc[..width]);
             }
-            j0 += TILE;
         }
     }
+}
+
+/// `n` rounded up to whole narrow tiles: buffers padded so, with their extra columns ignored,
+/// run on fixed-width tiles only.
+fn padded(n: usize) -> usize {
+    n.div_ceil(16) * 16
 }
 
 fn epilogue(row: &mut [f32], bias: f32, relu: bool) {
@@ -207,12 +228,12 @@ impl Kernel for ConvSparse {
         let group = (COLUMNS / n.max(1)).clamp(1, batch.max(1));
         BUFFERS.with(|buffers| {
             let (col, acc) = &mut *buffers.borrow_mut();
-            col.resize(k * group * n, 0.0);
-            acc.resize(cout * group * n, 0.0);
+            col.resize(k * padded(group * n), 0.0);
+            acc.resize(cout * padded(group * n), 0.0);
             let mut first = 0;
             while first < batch {
                 let g = group.min(batch - first);
-                let ld = g * n;
+                let ld = padded(g * n);
                 for i in 0..g {
                     let image = &inputs[0][(first + i) * in_len..(first + i + 1) * in_len];
                     self.geometry.im2col(image, 0, cin, &mut col[i * n..], ld);
@@ -262,19 +283,21 @@ impl Kernel for LinearSparse {
 
     fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], _ctx: &RunContext) {
         let (k, o) = (self.weight.cols, self.weight.rows);
+        // One image: a sparse matrix-vector product; more: the batch as padded columns.
+        let ld = if batch == 1 { 1 } else { padded(batch) };
         BUFFERS.with(|buffers| {
             let (xt, acc) = &mut *buffers.borrow_mut();
-            xt.resize(k * batch, 0.0);
-            acc.resize(o * batch, 0.0);
+            xt.resize(k * ld, 0.0);
+            acc.resize(o * ld, 0.0);
             for (b, x) in inputs[0].chunks_exact(k).take(batch).enumerate() {
                 for (i, &v) in x.iter().enumerate() {
-                    xt[i * batch + b] = v;
+                    xt[i * ld + b] = v;
                 }
             }
-            spmm(&self.weight, xt, batch, batch, acc, batch);
+            spmm(&self.weight, xt, ld, ld, acc, ld);
             for (b, y) in output.chunks_exact_mut(o).take(batch).enumerate() {
                 for (j, v) in y.iter_mut().enumerate() {
-                    let x = acc[j * batch + b] + self.bias[j];
+                    let x = acc[j * ld + b] + self.bias[j];
                     *v = if self.relu { x.max(0.0) } else { x };
                 }
             }

@@ -7,6 +7,8 @@
 //!   lists and per-layer overrides, on a one-shot, iterative or gradual (AGP) schedule with
 //!   fine-tuning on core's training loop. Masks persist through fine-tuning: a pruned weight has
 //!   no effect and gets no gradient.
+//! - [`sensitivity`]: each layer (or channel group) pruned alone at several ratios and measured;
+//!   [`ratios_for_drop`] turns that into per-layer sparsities for an accuracy budget.
 //! - [`kernels`]: sparse execution — pruned layers run on CSR sparse × dense kernels in the CPU
 //!   plan ([`sparse_registry`]) when they are sparse enough to beat the dense GEMM.
 //! - [`MagnitudePruner`]: layer-wise magnitude pruning as a burn `ModuleMapper`, for any burn
@@ -32,6 +34,7 @@ pub mod kernels;
 mod magnitude;
 mod masks;
 mod scope;
+mod sensitivity;
 mod settings;
 mod structured;
 
@@ -40,6 +43,7 @@ pub use importance::{TaylorStats, channel_scores, taylor_stats, weight_scores};
 pub use kernels::{SPARSE_MAX_DENSITY, register_sparse_kernels, sparse_registry};
 pub use magnitude::{MagnitudePruner, magnitude_mask};
 pub use masks::{LayerMask, MaskHooks, Masks, n_of_m_mask, weight_masks};
+pub use sensitivity::{Measure, UnitSensitivity, ratios_for_drop, sensitivity};
 pub use settings::{Criterion, Granularity, PruneSchedule, PruneSettings, SparsityOverride};
 pub use structured::{GroupPlan, plan_channels, remove_channels};
 

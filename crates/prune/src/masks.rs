@@ -126,11 +126,13 @@ pub(crate) fn weight_units(graph: &Graph, settings: &PruneSettings) -> Result<Ve
     Ok(layers.iter().map(|&id| (id, rules.share(std::iter::once(graph.nodes[id].name.as_str())))).collect())
 }
 
-/// Masks that remove the least important weights: `sparsity` of the weights of every layer in
-/// scope (or of all of them together, with `settings.global`), the overrides' sparsities, or
-/// N:M groups. `scores` holds each layer's importance (see [`crate::weight_scores`]);
-/// `previous` masks stay removed, so a schedule's masks only grow. Exactly
-/// `floor(sparsity · n)` weights are removed per layer (per pool, when global, unless the
+/// Masks that remove the least important weights: the settings' sparsity of the weights of
+/// every layer in scope (or of all of them together, with `settings.global`), the overrides'
+/// sparsities, or N:M groups — each passed through `now`, which maps a final sparsity to the
+/// sparsity reached at this point of a schedule (`&|s| s` prunes to the end at once; see
+/// [`crate::PruneSchedule::sparsity_at`]). `scores` holds each layer's importance (see
+/// [`crate::weight_scores`]); `previous` masks stay removed, so a schedule's masks only grow.
+/// Exactly `floor(s · n)` weights are removed per layer (per pool, when global, unless the
 /// bounds forbid it).
 ///
 /// # Errors
@@ -138,10 +140,11 @@ pub(crate) fn weight_units(graph: &Graph, settings: &PruneSettings) -> Result<Ve
 pub fn weight_masks(
     graph: &Graph,
     settings: &PruneSettings,
-    sparsity: f64,
+    now: &dyn Fn(f64) -> f64,
     scores: &BTreeMap<NodeId, Vec<f32>>,
     previous: Option<&Masks>,
 ) -> Result<Masks, Error> {
+    let sparsity = now(settings.final_sparsity());
     let units = weight_units(graph, settings)?;
     // Removed weights score below anything alive.
     let score_of = |id: NodeId| -> Vec<f32> {
@@ -181,7 +184,7 @@ pub fn weight_masks(
             Share::Skip => {}
             Share::Fixed(s) => {
                 let sc = score_of(id);
-                make(id, keep_after_removing(&sc, (s * sc.len() as f64).floor() as usize));
+                make(id, keep_after_removing(&sc, (now(s) * sc.len() as f64).floor() as usize));
             }
             Share::Budget if !settings.global => {
                 let sc = score_of(id);
@@ -193,8 +196,9 @@ pub fn weight_masks(
     if !budget.is_empty() {
         let lens: Vec<usize> = budget.iter().map(|(_, s)| s.len()).collect();
         let total: usize = lens.iter().sum();
-        let min: Vec<usize> = lens.iter().map(|&n| (settings.min_layer_sparsity * n as f64).floor() as usize).collect();
-        let max: Vec<usize> = lens.iter().map(|&n| (settings.max_layer_sparsity * n as f64).floor() as usize).collect();
+        let (lo, hi) = (now(settings.min_layer_sparsity), now(settings.max_layer_sparsity));
+        let min: Vec<usize> = lens.iter().map(|&n| (lo * n as f64).floor() as usize).collect();
+        let max: Vec<usize> = lens.iter().map(|&n| (hi * n as f64).floor() as usize).collect();
         // Weights a previous mask removed are removed again whatever the bounds say.
         let min: Vec<usize> = budget
             .iter()

@@ -101,6 +101,15 @@ pub enum PruneSchedule {
         /// Number of pruning rounds (≥ 1).
         rounds: usize,
     },
+    /// Lottery-ticket rewinding (Frankle & Carbin 2019): `rounds` times, prune the trained
+    /// weights (each round removing the same share of what is left, as `iterative`), reset the
+    /// survivors — and every other parameter — to their values at initialisation, and retrain
+    /// for the fine-tuning's `epochs` with the mask. Weights and N:M only; needs the initial
+    /// weights (the xtask rebuilds them from the experiment's seed, as the baseline began).
+    Lottery {
+        /// Prune–rewind–retrain rounds (≥ 1).
+        rounds: usize,
+    },
     /// Automated gradual pruning (Zhu & Gupta 2017): at `updates` evenly spaced points between
     /// `start_epoch` and `end_epoch`, sparsity `s_f + (s_i − s_f)(1 − k/updates)³`; the fine-tuning
     /// after `end_epoch` runs at the final sparsity. Weights and N:M only.
@@ -125,6 +134,9 @@ impl std::fmt::Display for PruneSchedule {
         match self {
             PruneSchedule::OneShot => f.write_str("one-shot"),
             PruneSchedule::Iterative { rounds } => write!(f, "iterative, {rounds} rounds"),
+            PruneSchedule::Lottery { rounds } => {
+                write!(f, "lottery ticket, {rounds} rounds of prune, rewind to initialisation, retrain")
+            }
             PruneSchedule::Agp { initial_sparsity, start_epoch, end_epoch, updates } => {
                 write!(f, "gradual (AGP) from {initial_sparsity} in {updates} steps, epoch {start_epoch} to ")?;
                 match end_epoch {
@@ -286,6 +298,21 @@ impl PruneSchedule {
                 }
                 Ok(())
             }
+            PruneSchedule::Lottery { rounds } => {
+                if granularity == Granularity::Channels {
+                    return Err(Error::setting(
+                        "prune_schedule",
+                        "lottery tickets rewind masked weights: use it for weights or N:M",
+                    ));
+                }
+                if rounds == 0 || epochs == 0 {
+                    return Err(Error::setting(
+                        "prune_schedule.rounds",
+                        "lottery tickets need at least one round and fine-tuning epochs to retrain",
+                    ));
+                }
+                Ok(())
+            }
             PruneSchedule::Agp { initial_sparsity, start_epoch, end_epoch, updates } => {
                 if granularity == Granularity::Channels {
                     return Err(Error::setting(
@@ -312,28 +339,43 @@ impl PruneSchedule {
     }
 
     /// The pruning events over a fine-tuning of `epochs` epochs of `steps` steps each, as
-    /// `(step, sparsity)` pairs in order, reaching `target` at the last.
-    pub fn events(&self, epochs: usize, steps: usize, target: f64) -> Vec<(usize, f64)> {
+    /// `(step, t)` pairs in order, where `t ∈ (0, 1]` is the schedule's position (1 at the last);
+    /// [`PruneSchedule::sparsity_at`] turns a position into each layer's sparsity.
+    pub fn events(&self, epochs: usize, steps: usize) -> Vec<(usize, f64)> {
         let total = epochs * steps;
         match *self {
-            PruneSchedule::OneShot => vec![(0, target)],
-            PruneSchedule::Iterative { rounds } => (1..=rounds)
-                .map(|k| {
-                    let step = (k - 1) * total / rounds;
-                    (step, 1.0 - (1.0 - target).powf(k as f64 / rounds as f64))
-                })
-                .collect(),
-            PruneSchedule::Agp { initial_sparsity, start_epoch, end_epoch, updates } => {
+            PruneSchedule::OneShot => vec![(0, 1.0)],
+            PruneSchedule::Lottery { rounds } => {
+                (1..=rounds).map(|k| ((k - 1) * total, k as f64 / rounds as f64)).collect()
+            }
+            PruneSchedule::Iterative { rounds } => {
+                (1..=rounds).map(|k| ((k - 1) * total / rounds, k as f64 / rounds as f64)).collect()
+            }
+            PruneSchedule::Agp { start_epoch, end_epoch, updates, .. } => {
                 let end = end_epoch.unwrap_or(0.75 * epochs as f64);
+                // Position 0 prunes to the initial sparsity at the start.
                 (0..=updates)
                     .map(|k| {
-                        let f = k as f64 / updates as f64;
-                        let epoch = start_epoch + f * (end - start_epoch);
-                        let s = target + (initial_sparsity - target) * (1.0 - f).powi(3);
-                        ((epoch * steps as f64).round() as usize, s)
+                        let t = k as f64 / updates as f64;
+                        let epoch = start_epoch + t * (end - start_epoch);
+                        ((epoch * steps as f64).round() as usize, t)
                     })
-                    .filter(|&(_, s)| s > 0.0)
+                    .filter(|&(_, t)| t > 0.0 || self.sparsity_at(0.0, 1.0) > 0.0)
                     .collect()
+            }
+        }
+    }
+
+    /// The sparsity a layer whose final sparsity is `target` has at position `t` of the
+    /// schedule: the target itself for one-shot; `1 − (1 − target)^t` for iterative and lottery
+    /// rounds (each removes the same share of what is left); AGP's cubic
+    /// `s_f + (s_i − s_f)(1 − t)³`, with `s_i` capped at the target.
+    pub fn sparsity_at(&self, t: f64, target: f64) -> f64 {
+        match *self {
+            PruneSchedule::OneShot => target,
+            PruneSchedule::Iterative { .. } | PruneSchedule::Lottery { .. } => 1.0 - (1.0 - target).powf(t),
+            PruneSchedule::Agp { initial_sparsity, .. } => {
+                target + (initial_sparsity.min(target) - target) * (1.0 - t).powi(3)
             }
         }
     }
@@ -346,24 +388,28 @@ mod tests {
     #[test]
     fn agp_follows_the_cubic_and_ends_at_the_target() {
         let s = PruneSchedule::Agp { initial_sparsity: 0.0, start_epoch: 0.0, end_epoch: Some(8.0), updates: 4 };
-        let ev = s.events(10, 100, 0.9);
-        // k = 0 has sparsity 0 and is dropped.
+        let ev = s.events(10, 100);
+        // Position 0 has sparsity 0 and is dropped.
         let steps: Vec<usize> = ev.iter().map(|e| e.0).collect();
         assert_eq!(steps, [200, 400, 600, 800]);
         let expect = [0.9 * (1.0 - 0.75f64.powi(3)), 0.9 * (1.0 - 0.125), 0.9 * (1.0 - 0.25f64.powi(3)), 0.9];
         for (e, x) in ev.iter().zip(expect) {
-            assert!((e.1 - x).abs() < 1e-12, "{e:?} vs {x}");
+            assert!((s.sparsity_at(e.1, 0.9) - x).abs() < 1e-12, "{e:?} vs {x}");
         }
+        // A layer with its own final sparsity follows the same curve to its own target.
+        assert!((s.sparsity_at(1.0, 0.5) - 0.5).abs() < 1e-12);
+        assert!((s.sparsity_at(0.5, 0.5) - 0.5 * 0.875).abs() < 1e-12);
         // The sparsity never decreases.
-        assert!(ev.windows(2).all(|w| w[0].1 <= w[1].1));
+        assert!(ev.windows(2).all(|w| s.sparsity_at(w[0].1, 0.9) <= s.sparsity_at(w[1].1, 0.9)));
     }
 
     #[test]
     fn iterative_rounds_remove_the_same_share_of_what_is_left() {
-        let ev = PruneSchedule::Iterative { rounds: 3 }.events(6, 10, 0.875);
+        let s = PruneSchedule::Iterative { rounds: 3 };
+        let ev = s.events(6, 10);
         assert_eq!(ev.iter().map(|e| e.0).collect::<Vec<_>>(), [0, 20, 40]);
         for (e, x) in ev.iter().zip([0.5, 0.75, 0.875]) {
-            assert!((e.1 - x).abs() < 1e-12);
+            assert!((s.sparsity_at(e.1, 0.875) - x).abs() < 1e-12);
         }
     }
 

@@ -41,8 +41,9 @@ pub(crate) fn channel_units(
         .collect())
 }
 
-/// Chooses the channels each prunable group keeps so that `sparsity` of the channels are gone,
-/// counted against `original[g]`, each group's channel count before any pruning (a later round of
+/// Chooses the channels each prunable group keeps so that the settings' sparsity (each passed
+/// through `now`, as for [`crate::weight_masks`]) of the channels are gone, counted against
+/// `original[g]`, each group's channel count before any pruning (a later round of
 /// an iterative schedule removes what is still missing). Per group, or globally over the groups
 /// in the budget with scores normalised by each group's mean (so that wide and narrow groups
 /// compete fairly, as Torch-Pruning does), within the per-group bounds; every group keeps at
@@ -54,11 +55,12 @@ pub fn plan_channels(
     graph: &Graph,
     groups: &[CouplingGroup],
     settings: &PruneSettings,
-    sparsity: f64,
+    now: &dyn Fn(f64) -> f64,
     original: &[usize],
     taylor: Option<&TaylorStats>,
 ) -> Result<Vec<GroupPlan>, Error> {
     let units = channel_units(graph, groups, settings)?;
+    let sparsity = now(settings.sparsity);
     // How many channels each group should have lost in total, against its original count.
     let removals = |g: usize, s: f64| -> usize {
         let target = (s * original[g] as f64).floor() as usize;
@@ -73,7 +75,7 @@ pub fn plan_channels(
             Share::Skip => {}
             Share::Fixed(s) => {
                 let scores = channel_scores(graph, group, settings.criterion, taylor, settings.seed)?;
-                plans.push(plan(graph, g, group, &scores, removals(g, s), settings.round_to));
+                plans.push(plan(graph, g, group, &scores, removals(g, now(s)), settings.round_to));
             }
             Share::Budget if !settings.global => {
                 let scores = channel_scores(graph, group, settings.criterion, taylor, settings.seed)?;
@@ -99,8 +101,8 @@ pub fn plan_channels(
                 .saturating_sub(original[g] - groups[g].channels)
                 .min(groups[g].channels - 1)
         };
-        let min: Vec<usize> = budget.iter().map(|(g, _)| bound(*g, settings.min_layer_sparsity)).collect();
-        let max: Vec<usize> = budget.iter().map(|(g, _)| bound(*g, settings.max_layer_sparsity)).collect();
+        let min: Vec<usize> = budget.iter().map(|(g, _)| bound(*g, now(settings.min_layer_sparsity))).collect();
+        let max: Vec<usize> = budget.iter().map(|(g, _)| bound(*g, now(settings.max_layer_sparsity))).collect();
         let refs: Vec<&[f32]> = budget.iter().map(|(_, s)| s.as_slice()).collect();
         let counts = global_counts(&refs, &min, &max, target);
         for ((g, scores), k) in budget.iter().zip(counts) {
@@ -109,6 +111,19 @@ pub fn plan_channels(
     }
     plans.sort_by_key(|p| p.group);
     Ok(plans)
+}
+
+/// The plan that removes the `remove` least important channels of group `g` alone.
+pub(crate) fn plan_one(
+    graph: &Graph,
+    g: usize,
+    group: &CouplingGroup,
+    settings: &PruneSettings,
+    taylor: Option<&TaylorStats>,
+    remove: usize,
+) -> Result<GroupPlan, Error> {
+    let scores = channel_scores(graph, group, settings.criterion, taylor, settings.seed)?;
+    Ok(plan(graph, g, group, &scores, remove, settings.round_to))
 }
 
 fn plan(graph: &Graph, g: usize, group: &CouplingGroup, scores: &[f32], remove: usize, round_to: usize) -> GroupPlan {

@@ -75,7 +75,7 @@ fn one_shot_reaches_the_sparsity_exactly_and_leaves_survivors_untouched() {
         overrides: vec![SparsityOverride { pattern: "fc3".into(), sparsity: 0.25 }],
         ..PruneSettings::default()
     };
-    let out = prune(&s.baseline, data, None, &ps, &PruneSchedule::OneShot, &s.device, 0, &mut Quiet).unwrap();
+    let out = prune(&s.baseline, None, data, None, &ps, &PruneSchedule::OneShot, &s.device, 0, &mut Quiet).unwrap();
     for (id, node) in s.baseline.layers() {
         if !matches!(node.op, shrink_core::graph::Op::Conv2d { .. } | shrink_core::graph::Op::Linear { .. }) {
             continue;
@@ -108,7 +108,7 @@ fn global_scope_prunes_the_pool_exactly_within_per_layer_bounds() {
         max_layer_sparsity: 0.9,
         ..PruneSettings::default()
     };
-    let out = prune(&s.baseline, data, None, &ps, &PruneSchedule::OneShot, &s.device, 0, &mut Quiet).unwrap();
+    let out = prune(&s.baseline, None, data, None, &ps, &PruneSchedule::OneShot, &s.device, 0, &mut Quiet).unwrap();
     let masks = out.masks.unwrap();
     let total: usize = masks.layers.iter().map(|l| l.keep.len()).sum();
     let removed: usize = masks.layers.iter().map(|l| l.keep.iter().filter(|k| !**k).count()).sum();
@@ -128,7 +128,8 @@ fn masks_survive_fine_tuning_and_gradual_pruning_keeps_accuracy() {
     let data = TrainData { train: &s.train, validation: Some(&s.test), batcher: &s.batcher };
     let ps = PruneSettings { sparsity: 0.9, global: true, ..PruneSettings::default() };
     let schedule = PruneSchedule::Agp { initial_sparsity: 0.0, start_epoch: 0.0, end_epoch: Some(2.0), updates: 4 };
-    let out = prune(&s.baseline, data, Some(&settings(3, 0.001)), &ps, &schedule, &s.device, 5, &mut Quiet).unwrap();
+    let out =
+        prune(&s.baseline, None, data, Some(&settings(3, 0.001)), &ps, &schedule, &s.device, 5, &mut Quiet).unwrap();
     // Four increasing steps, the last at the target.
     let sp: Vec<f64> = out.events.iter().map(|e| e.sparsity).collect();
     assert_eq!(sp.len(), 4);
@@ -162,9 +163,18 @@ fn n_of_m_keeps_at_most_n_in_every_group() {
     let s = setup();
     let data = TrainData { train: &s.train, validation: None, batcher: &s.batcher };
     let ps = PruneSettings { granularity: Granularity::NOfM { n: 2, m: 4 }, ..PruneSettings::default() };
-    let out =
-        prune(&s.baseline, data, Some(&settings(1, 0.001)), &ps, &PruneSchedule::OneShot, &s.device, 0, &mut Quiet)
-            .unwrap();
+    let out = prune(
+        &s.baseline,
+        None,
+        data,
+        Some(&settings(1, 0.001)),
+        &ps,
+        &PruneSchedule::OneShot,
+        &s.device,
+        0,
+        &mut Quiet,
+    )
+    .unwrap();
     let masks = out.masks.unwrap();
     // conv1 and conv2 read 1 and 6 channels, not multiples of 4: left dense.
     let names: Vec<&str> = masks.layers.iter().map(|l| l.name.as_str()).collect();
@@ -203,7 +213,7 @@ fn channels_are_removed_through_residual_coupling_by_every_criterion() {
             taylor_batches: 2,
             ..PruneSettings::default()
         };
-        let out = prune(&g, data, None, &ps, &PruneSchedule::OneShot, &device, 0, &mut Quiet).unwrap();
+        let out = prune(&g, None, data, None, &ps, &PruneSchedule::OneShot, &device, 0, &mut Quiet).unwrap();
         out.graph.validate().unwrap();
         let plans = &out.rounds[0];
         // Every prunable group: the stem's residual group, the stage groups and the inner ones.
@@ -223,7 +233,8 @@ fn channels_are_removed_through_residual_coupling_by_every_criterion() {
     }
     // An unknown skip pattern is an error naming the setting and the layers.
     let bad = PruneSettings { granularity: Granularity::Channels, skip: vec!["conv9".into()], ..Default::default() };
-    let err = prune(&g, data, None, &bad, &PruneSchedule::OneShot, &device, 0, &mut Quiet).unwrap_err().to_string();
+    let err =
+        prune(&g, None, data, None, &bad, &PruneSchedule::OneShot, &device, 0, &mut Quiet).unwrap_err().to_string();
     assert!(err.contains("skip[0]") && err.contains("stem.conv"), "{err}");
 }
 
@@ -234,6 +245,7 @@ fn iterative_structured_pruning_fine_tunes_between_rounds() {
     let ps = PruneSettings { granularity: Granularity::Channels, sparsity: 0.5, ..PruneSettings::default() };
     let out = prune(
         &s.baseline,
+        None,
         data,
         Some(&settings(2, 0.001)),
         &ps,
@@ -266,7 +278,7 @@ fn the_sparse_plan_computes_what_the_dense_plan_computes() {
     let batcher = Batcher { normalization: train_set.channel_stats(), augmentation: Augmentation::default() };
     let data = TrainData { train: &train_set, validation: None, batcher: &batcher };
     let ps = PruneSettings { sparsity: 0.9, ..PruneSettings::default() };
-    let pruned = prune(&g, data, None, &ps, &PruneSchedule::OneShot, &device, 0, &mut Quiet).unwrap().graph;
+    let pruned = prune(&g, None, data, None, &ps, &PruneSchedule::OneShot, &device, 0, &mut Quiet).unwrap().graph;
     let mut dense = freeze_with(&pruned, &KernelRegistry::default(), &FreezeOptions::default()).unwrap();
     let mut sparse = freeze_with(&pruned, &shrink_prune::sparse_registry(), &FreezeOptions::default()).unwrap();
     let kernels = sparse.kernels();
@@ -281,4 +293,69 @@ fn the_sparse_plan_computes_what_the_dense_plan_computes() {
             assert!((u - v).abs() < 1e-3 * (1.0 + u.abs()), "batch {batch}: {u} vs {v}");
         }
     }
+}
+
+#[test]
+fn lottery_tickets_rewind_to_the_initial_weights_and_retrain() {
+    let s = setup();
+    let initial = build(ModelSpec::Lenet5, [1, 28, 28], 1, &s.device);
+    let data = TrainData { train: &s.train, validation: None, batcher: &s.batcher };
+    let ps = PruneSettings { sparsity: 0.8, global: true, ..PruneSettings::default() };
+    let schedule = PruneSchedule::Lottery { rounds: 2 };
+    let ts = settings(2, 0.003);
+    let out = prune(&s.baseline, Some(&initial), data, Some(&ts), &ps, &schedule, &s.device, 3, &mut Quiet).unwrap();
+    assert_eq!(out.tickets.len(), 2);
+    assert!((out.tickets[0].0 - (1.0 - 0.2f64.sqrt())).abs() < 1e-4 && (out.tickets[1].0 - 0.8).abs() < 1e-4);
+    assert_eq!(out.history.len(), 4, "each round retrains for the fine-tuning's epochs");
+    let masks = out.masks.as_ref().unwrap();
+    assert!((masks.sparsity() - 0.8).abs() < 1e-4);
+    let acc = evaluate(&out.graph, &s.test, &s.batcher, 250, &s.device).unwrap().top1;
+    eprintln!("LeNet-5: lottery ticket at 80 %, two rounds of two epochs from initialisation: {acc}");
+    assert!(acc > 0.85, "{acc}");
+    // Retraining starts from the initial weights: with a vanishing learning rate the survivors
+    // are the initial values, not the trained ones.
+    let frozen = settings(1, 1e-12);
+    let one = PruneSchedule::Lottery { rounds: 1 };
+    let out = prune(&s.baseline, Some(&initial), data, Some(&frozen), &ps, &one, &s.device, 3, &mut Quiet).unwrap();
+    let fc1 = s.baseline.node_id("fc1").unwrap();
+    let (init, trained, ticket) = (weights(&initial, fc1), weights(&s.baseline, fc1), weights(&out.graph, fc1));
+    let survivors: Vec<usize> = (0..ticket.len()).filter(|&i| ticket[i] != 0.0).collect();
+    assert!(survivors.len() > ticket.len() / 10);
+    assert!(survivors.iter().all(|&i| (ticket[i] - init[i]).abs() < 1e-6));
+    assert!(survivors.iter().any(|&i| (ticket[i] - trained[i]).abs() > 1e-3));
+    // Without initial weights there is nothing to rewind to.
+    let err = prune(&s.baseline, None, data, Some(&ts), &ps, &schedule, &s.device, 3, &mut Quiet).unwrap_err();
+    assert!(err.to_string().contains("initial weights"), "{err}");
+}
+
+#[test]
+fn sensitivity_measures_each_layer_alone_and_sets_ratios_for_a_budget() {
+    let s = setup();
+    let data = TrainData { train: &s.train, validation: None, batcher: &s.batcher };
+    let reference = evaluate(&s.baseline, &s.test, &s.batcher, 250, &s.device).unwrap().top1;
+    let mut measure = |g: &Graph| -> Result<(f64, f64), shrink_prune::Error> {
+        let ev = evaluate(g, &s.test, &s.batcher, 250, &s.device)?;
+        Ok((ev.top1, ev.loss))
+    };
+    let ps = PruneSettings { skip: vec!["fc3".into()], ..PruneSettings::default() };
+    let units = shrink_prune::sensitivity(&s.baseline, data, &ps, &[0.5, 0.97], &s.device, &mut measure).unwrap();
+    let names: Vec<&str> = units.iter().map(|u| u.name.as_str()).collect();
+    assert_eq!(names, ["conv1", "conv2", "fc1", "fc2"]);
+    for u in &units {
+        assert_eq!(u.points.len(), 2);
+        // Removing 97 % of a layer's weights costs more than removing half.
+        assert!(u.points[1].2 > u.points[0].2, "{}: {:?}", u.name, u.points);
+    }
+    eprintln!("sensitivity at 97 %: {:?}", units.iter().map(|u| (&u.name, u.points[1].1)).collect::<Vec<_>>());
+    let chosen = shrink_prune::ratios_for_drop(&units, reference, 0.01);
+    assert_eq!(chosen.len(), 4);
+    for (o, u) in chosen.iter().zip(&units) {
+        let ok: Vec<f64> = u.points.iter().filter(|p| p.1 >= reference - 0.01).map(|p| p.0).collect();
+        assert_eq!(o.sparsity, ok.iter().copied().fold(0.0, f64::max), "{}", u.name);
+        assert_eq!(o.pattern, u.name);
+    }
+    // Channel groups too: LeNet's four groups, each pruned alone.
+    let pc = PruneSettings { granularity: Granularity::Channels, ..PruneSettings::default() };
+    let groups = shrink_prune::sensitivity(&s.baseline, data, &pc, &[0.5], &s.device, &mut measure).unwrap();
+    assert_eq!(groups.iter().map(|u| u.name.as_str()).collect::<Vec<_>>(), ["conv1", "conv2", "fc1", "fc2"]);
 }
