@@ -58,18 +58,19 @@ impl Masks {
         self.layers.iter().find(|l| l.node == node)
     }
 
-    /// A copy of `graph` with every masked weight set to zero.
+    /// A copy of `graph` with every masked weight set to zero (+0.0: a product with the mask would
+    /// leave −0.0 for negative weights, which model files keep as a value).
     pub fn apply(&self, graph: &Graph) -> Graph {
         let mut out = graph.clone();
         for l in &self.layers {
             match out.nodes[l.node].params.as_mut() {
                 Some(Params::Conv(p)) => {
-                    let m = mask_tensor::<4>(l, &p.weight.device());
-                    p.weight = Param::from_tensor(p.weight.val() * m);
+                    let removed = mask_tensor::<4>(l, &p.weight.device()).equal_elem(0.0);
+                    p.weight = Param::from_tensor(p.weight.val().mask_fill(removed, 0.0));
                 }
                 Some(Params::Linear(p)) => {
-                    let m = mask_tensor::<2>(l, &p.weight.device());
-                    p.weight = Param::from_tensor(p.weight.val() * m);
+                    let removed = mask_tensor::<2>(l, &p.weight.device()).equal_elem(0.0);
+                    p.weight = Param::from_tensor(p.weight.val().mask_fill(removed, 0.0));
                 }
                 _ => unreachable!("masks are made for conv and linear layers"),
             }
