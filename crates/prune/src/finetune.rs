@@ -4,19 +4,18 @@
 use std::sync::{Arc, Mutex};
 
 use burn::module::Module;
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 use shrink_core::Graph;
-use shrink_core::data::shuffled;
 use shrink_core::train::{
     Batch, EpochRecord, LossAndLogits, TrainData, TrainObserver, TrainSettings, Trainable, cross_entropy, train,
     train_module,
 };
 
-use crate::importance::{TaylorStats, taylor_stats, weight_scores};
+use crate::importance::{taylor_if_needed, weight_scores};
 use crate::masks::{MaskHooks, Masks, weight_masks};
 use crate::structured::{GroupPlan, plan_channels, remove_channels};
-use crate::{Criterion, Error, Granularity, PruneSchedule, PruneSettings};
+use crate::{Error, Granularity, PruneSchedule, PruneSettings};
 
 /// One pruning step of a schedule.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -44,7 +43,9 @@ pub struct PruneOutcome {
     pub history: Vec<EpochRecord>,
 }
 
-/// The graph in training with its current masks: evaluation sees the masked weights.
+/// The graph in training with its current masks: evaluation sees the masked weights. The masks
+/// are shared because the objective, which sees the model only by reference, replaces them at
+/// the schedule's events.
 #[derive(Module, Debug)]
 struct Masked {
     graph: Graph,
@@ -60,18 +61,6 @@ impl Trainable for Masked {
         // On the inner device: a masked weight is no leaf of the autodiff graph.
         self.masks.lock().expect("masks lock").apply(&self.graph.valid())
     }
-}
-
-/// Batches of training images (no augmentation) for the Taylor criterion, on `device`.
-fn taylor_batches(
-    data: &TrainData<'_>,
-    count: usize,
-    batch: usize,
-    seed: u64,
-    device: &Device,
-) -> Vec<(Tensor<4>, Tensor<1, Int>)> {
-    let order = shuffled(data.train.len(), seed ^ 0x007A_710E);
-    order.chunks(batch).take(count).map(|c| data.batcher.batch(data.train, c, device, None)).collect()
 }
 
 /// Prunes `graph` as `settings` say, on `schedule`, fine-tuning with `train_settings` on
@@ -138,23 +127,6 @@ fn masks_at(
     let taylor = taylor_if_needed(graph, data, settings, previous, device, seed)?;
     let scores = weight_scores(graph, &layers, settings.criterion, taylor.as_ref(), settings.seed)?;
     weight_masks(graph, settings, &|s| schedule.sparsity_at(t, s), &scores, previous)
-}
-
-fn taylor_if_needed(
-    graph: &Graph,
-    data: &TrainData<'_>,
-    settings: &PruneSettings,
-    masks: Option<&Masks>,
-    device: &Device,
-    seed: u64,
-) -> Result<Option<TaylorStats>, Error> {
-    if settings.criterion != Criterion::Taylor {
-        return Ok(None);
-    }
-    let ad = device.clone().autodiff();
-    let batches = taylor_batches(data, settings.taylor_batches, 64, seed, &ad);
-    let mut hooks = masks.map(|m| m.hooks(&ad)).unwrap_or_default();
-    Ok(Some(taylor_stats(graph, &mut batches.into_iter(), &ad, &mut hooks)?))
 }
 
 #[allow(clippy::too_many_arguments)]

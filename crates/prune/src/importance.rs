@@ -9,7 +9,8 @@ use shrink_core::Graph;
 use shrink_core::graph::{ChannelRole, CouplingGroup, ForwardHooks, NodeId, Params};
 use shrink_core::train::cross_entropy;
 
-use crate::{Criterion, Error};
+use crate::masks::Masks;
+use crate::{Criterion, Error, PruneSettings};
 
 pub(crate) fn floats<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_to_vec::<f32>().expect("converted to f32")
@@ -217,4 +218,26 @@ pub fn channel_scores(
         }
     }
     Ok(scores)
+}
+
+/// The Taylor statistics the settings' criterion needs (none for the other criteria), from
+/// `settings.taylor_batches` batches of 64 training images without augmentation, with `masks`
+/// applied in the forward pass.
+pub(crate) fn taylor_if_needed(
+    graph: &Graph,
+    data: &shrink_core::train::TrainData<'_>,
+    settings: &PruneSettings,
+    masks: Option<&Masks>,
+    device: &Device,
+    seed: u64,
+) -> Result<Option<TaylorStats>, Error> {
+    if settings.criterion != Criterion::Taylor {
+        return Ok(None);
+    }
+    let ad = device.clone().autodiff();
+    let order = shrink_core::data::shuffled(data.train.len(), seed ^ 0x007A_710E);
+    let batches: Vec<_> =
+        order.chunks(64).take(settings.taylor_batches).map(|c| data.batcher.batch(data.train, c, &ad, None)).collect();
+    let mut hooks = masks.map(|m| m.hooks(&ad)).unwrap_or_default();
+    Ok(Some(taylor_stats(graph, &mut batches.into_iter(), &ad, &mut hooks)?))
 }

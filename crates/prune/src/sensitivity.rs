@@ -7,11 +7,11 @@ use serde::{Deserialize, Serialize};
 use shrink_core::Graph;
 use shrink_core::train::TrainData;
 
-use crate::importance::{taylor_stats, weight_scores};
+use crate::importance::{taylor_if_needed, weight_scores};
 use crate::masks::{LayerMask, Masks, n_of_m_mask, weight_units};
 use crate::scope::{Share, ascending};
 use crate::structured::{channel_units, plan_one, remove_channels};
-use crate::{Criterion, Error, Granularity, PruneSettings, SparsityOverride};
+use crate::{Error, Granularity, PruneSettings, SparsityOverride};
 
 /// Measures a pruned graph: `(top-1, loss)` on held-out data.
 pub type Measure<'a> = dyn FnMut(&Graph) -> Result<(f64, f64), Error> + 'a;
@@ -44,18 +44,7 @@ pub fn sensitivity(
     if let Some(r) = ratios.iter().find(|r| !(**r > 0.0 && **r < 1.0)) {
         return Err(Error::setting("sensitivity", format!("ratios must be in (0, 1), got {r}")));
     }
-    let taylor = if settings.criterion == Criterion::Taylor {
-        let ad = device.clone().autodiff();
-        let order = shrink_core::data::shuffled(data.train.len(), settings.seed ^ 0x5E45);
-        let batches: Vec<_> = order
-            .chunks(64)
-            .take(settings.taylor_batches)
-            .map(|c| data.batcher.batch(data.train, c, &ad, None))
-            .collect();
-        Some(taylor_stats(graph, &mut batches.into_iter(), &ad, &mut crate::masks::MaskHooks::default())?)
-    } else {
-        None
-    };
+    let taylor = taylor_if_needed(graph, &data, settings, None, device, settings.seed)?;
     let mut out = Vec::new();
     match settings.granularity {
         Granularity::Channels => {
