@@ -7,7 +7,8 @@
 //! transposed batch of a linear layer). Each non-zero costs one load and one FMA per 16 lanes,
 //! against the register-blocked dense GEMM's better reuse, so sparse wins only above a measured
 //! sparsity ([`SPARSE_MAX_DENSITY`], from `cargo xtask bench prune`). Compiled for AVX-512 and
-//! AVX2 and chosen at run time.
+//! AVX2 and chosen at run time. Stride-1 convolutions skip the im2col matrix and read the padded
+//! input directly (see [`ConvSparse`]).
 
 use shrink_core::graph::Op;
 use shrink_core::runtime::{ConvGeometry, Kernel, KernelRegistry, LayerView, RunContext};
@@ -85,8 +86,8 @@ mod simd {
     pub(super) fn spmm(a: &Csr, b: &[f32], ldb: usize, n: usize, out: &mut [f32], ldo: usize) {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F, checked just above.
+            if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has AVX-512F and FMA, checked just above.
                 return unsafe { spmm_avx512(a, b, ldb, n, out, ldo) };
             }
             if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
@@ -94,19 +95,113 @@ mod simd {
                 return unsafe { spmm_avx2(a, b, ldb, n, out, ldo) };
             }
         }
-        spmm_portable(a, b, ldb, n, out, ldo)
+        spmm_portable::<false>(a, b, ldb, n, out, ldo)
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,fma")]
     fn spmm_avx512(a: &Csr, b: &[f32], ldb: usize, n: usize, out: &mut [f32], ldo: usize) {
-        spmm_portable(a, b, ldb, n, out, ldo)
+        spmm_portable::<true>(a, b, ldb, n, out, ldo)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     fn spmm_avx2(a: &Csr, b: &[f32], ldb: usize, n: usize, out: &mut [f32], ldo: usize) {
-        spmm_portable(a, b, ldb, n, out, ldo)
+        spmm_portable::<true>(a, b, ldb, n, out, ldo)
+    }
+
+    /// Rows of output pixels one pass of the direct convolution keeps in registers.
+    pub(super) const ROWS: usize = 4;
+
+    pub(super) fn conv_direct(a: &Csr, offsets: &[u32], x: &[f32], wp: usize, oh: usize, ow: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has AVX-512F and FMA, checked just above.
+                return unsafe { conv_direct_avx512(a, offsets, x, wp, oh, ow, out) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA, checked just above.
+                return unsafe { conv_direct_avx2(a, offsets, x, wp, oh, ow, out) };
+            }
+        }
+        conv_direct_portable::<false>(a, offsets, x, wp, oh, ow, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,fma")]
+    fn conv_direct_avx512(a: &Csr, offsets: &[u32], x: &[f32], wp: usize, oh: usize, ow: usize, out: &mut [f32]) {
+        conv_direct_portable::<true>(a, offsets, x, wp, oh, ow, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn conv_direct_avx2(a: &Csr, offsets: &[u32], x: &[f32], wp: usize, oh: usize, ow: usize, out: &mut [f32]) {
+        conv_direct_portable::<true>(a, offsets, x, wp, oh, ow, out)
+    }
+
+    /// `acc + w · x`, fused (one rounding) where the compilation has FMA, else multiply and add:
+    /// Rust never fuses on its own, and `mul_add` without FMA hardware is a slow library call.
+    #[inline(always)]
+    fn madd<const FMA: bool>(acc: f32, w: f32, x: f32) -> f32 {
+        if FMA { w.mul_add(x, acc) } else { acc + w * x }
+    }
+
+    #[inline(always)]
+    fn conv_direct_portable<const FMA: bool>(
+        a: &Csr,
+        offsets: &[u32],
+        x: &[f32],
+        wp: usize,
+        oh: usize,
+        ow: usize,
+        out: &mut [f32],
+    ) {
+        if ow >= 16 {
+            conv_tiles::<16, FMA>(a, offsets, x, wp, oh, ow, out)
+        } else {
+            conv_tiles::<8, FMA>(a, offsets, x, wp, oh, ow, out)
+        }
+    }
+
+    /// Output tiles of `ROWS × T` pixels: each non-zero `(c, ky, kx)` of a filter adds its weight
+    /// times the padded input at `offsets[i]` shifted to the tile, one contiguous row segment per
+    /// output row. Tiles at the right and bottom edges compute whole tiles from the buffer's
+    /// slack and store only their valid part.
+    #[inline(always)]
+    fn conv_tiles<const T: usize, const FMA: bool>(
+        a: &Csr,
+        offsets: &[u32],
+        x: &[f32],
+        wp: usize,
+        oh: usize,
+        ow: usize,
+        out: &mut [f32],
+    ) {
+        let n = oh * ow;
+        for oy0 in (0..oh).step_by(ROWS) {
+            let rows = ROWS.min(oh - oy0);
+            for ox0 in (0..ow).step_by(T) {
+                let cols = T.min(ow - ox0);
+                let origin = oy0 * wp + ox0;
+                for r in 0..a.rows {
+                    let (s, e) = (a.row_ptr[r] as usize, a.row_ptr[r + 1] as usize);
+                    let mut acc = [[0.0f32; T]; ROWS];
+                    for (&off, &w) in offsets[s..e].iter().zip(&a.val[s..e]) {
+                        let base = off as usize + origin;
+                        for (rr, acc_row) in acc.iter_mut().enumerate() {
+                            let src: &[f32; T] = x[base + rr * wp..][..T].try_into().expect("padded input");
+                            for j in 0..T {
+                                acc_row[j] = madd::<FMA>(acc_row[j], w, src[j]);
+                            }
+                        }
+                    }
+                    for (rr, acc_row) in acc.iter().enumerate().take(rows) {
+                        out[r * n + (oy0 + rr) * ow + ox0..][..cols].copy_from_slice(&acc_row[..cols]);
+                    }
+                }
+            }
+        }
     }
 
     /// Output columns kept in registers per pass over a row's non-zeros: wide tiles first, then
@@ -115,14 +210,14 @@ mod simd {
     const NARROW: usize = 16;
 
     #[inline(always)]
-    fn tile<const T: usize>(a: &Csr, b: &[f32], ldb: usize, out: &mut [f32], ldo: usize, j0: usize) {
+    fn tile<const T: usize, const FMA: bool>(a: &Csr, b: &[f32], ldb: usize, out: &mut [f32], ldo: usize, j0: usize) {
         for r in 0..a.rows {
             let (s, e) = (a.row_ptr[r] as usize, a.row_ptr[r + 1] as usize);
             let mut acc = [0.0f32; T];
             for (&k, &w) in a.col[s..e].iter().zip(&a.val[s..e]) {
                 let src: &[f32; T] = b[k as usize * ldb + j0..][..T].try_into().expect("tile");
                 for j in 0..T {
-                    acc[j] += w * src[j];
+                    acc[j] = madd::<FMA>(acc[j], w, src[j]);
                 }
             }
             out[r * ldo + j0..][..T].copy_from_slice(&acc);
@@ -130,7 +225,7 @@ mod simd {
     }
 
     #[inline(always)]
-    fn spmm_portable(a: &Csr, b: &[f32], ldb: usize, n: usize, out: &mut [f32], ldo: usize) {
+    fn spmm_portable<const FMA: bool>(a: &Csr, b: &[f32], ldb: usize, n: usize, out: &mut [f32], ldo: usize) {
         if n == 1 {
             for r in 0..a.rows {
                 let (s, e) = (a.row_ptr[r] as usize, a.row_ptr[r + 1] as usize);
@@ -140,11 +235,11 @@ mod simd {
         }
         let mut j0 = 0;
         while j0 + WIDE <= n {
-            tile::<WIDE>(a, b, ldb, out, ldo, j0);
+            tile::<WIDE, FMA>(a, b, ldb, out, ldo, j0);
             j0 += WIDE;
         }
         while j0 + NARROW <= n {
-            tile::<NARROW>(a, b, ldb, out, ldo, j0);
+            tile::<NARROW, FMA>(a, b, ldb, out, ldo, j0);
             j0 += NARROW;
         }
         if j0 < n {
@@ -155,7 +250,7 @@ mod simd {
                 for (&k, &w) in a.col[s..e].iter().zip(&a.val[s..e]) {
                     let src = &b[k as usize * ldb + j0..][..width];
                     for (x, y) in acc[..width].iter_mut().zip(src) {
-                        *x += w * y;
+                        *x = madd::<FMA>(*x, w, *y);
                     }
                 }
                 out[r * ldo + j0..][..width].copy_from_slice(&acc[..width]);
@@ -187,13 +282,19 @@ thread_local! {
 /// images share a call, so the 128-wide tiles are full.
 const COLUMNS: usize = 512;
 
-/// A convolution (groups = 1) on CSR weights: im2col, then [`spmm`].
+/// A convolution (groups = 1) on CSR weights. Stride-1, undilated convolutions run directly on
+/// the zero-padded input: a filter's non-zero `(c, ky, kx)` reads the input plane `c` shifted by
+/// `(ky, kx)`, a contiguous row segment per output row, so no im2col matrix (nine times the
+/// input, for 3×3) is written or read. Other convolutions unroll the input (im2col) and call
+/// [`spmm`].
 #[derive(Debug)]
 pub struct ConvSparse {
     weight: Csr,
     bias: Vec<f32>,
     relu: bool,
     geometry: ConvGeometry,
+    /// Direct path: each entry's offset in the padded input, `c·hp·wp + ky·wp + kx`.
+    offsets: Option<Vec<u32>>,
 }
 
 impl ConvSparse {
@@ -202,19 +303,63 @@ impl ConvSparse {
         let Op::Conv2d { groups: 1, out_channels, .. } = *view.op else { return None };
         let geometry = ConvGeometry::of(view)?;
         let k = view.weight.len() / out_channels;
+        let weight = Csr::from_dense(view.weight, out_channels, k);
+        let direct = geometry.stride == [1, 1] && geometry.dilation == [1, 1];
+        let offsets = direct.then(|| {
+            let (_, hp, wp) = padded_dims(&geometry);
+            let [kh, kw] = geometry.kernel;
+            weight
+                .col
+                .iter()
+                .map(|&k| {
+                    let (c, ky, kx) = (k as usize / (kh * kw), k as usize / kw % kh, k as usize % kw);
+                    (c * hp * wp + ky * wp + kx) as u32
+                })
+                .collect()
+        });
         Some(Self {
-            weight: Csr::from_dense(view.weight, out_channels, k),
+            weight,
             bias: view.bias.map(|b| b.to_vec()).unwrap_or_else(|| vec![0.0; out_channels]),
             relu: view.relu,
             geometry,
+            offsets,
         })
     }
+
+    /// One image by the direct path: pad it into `x`, accumulate into `out`.
+    fn direct(&self, offsets: &[u32], image: &[f32], x: &mut Vec<f32>, out: &mut [f32]) {
+        let (c, h, w) = self.geometry.input;
+        let (_, oh, ow) = self.geometry.output;
+        let (_, hp, wp) = padded_dims(&self.geometry);
+        let [ph, pw] = self.geometry.padding;
+        // Slack past the planes: edge tiles read whole tiles (their extra lanes are dropped).
+        x.clear();
+        x.resize(c * hp * wp + (simd::ROWS + 1) * wp + 16, 0.0);
+        for ch in 0..c {
+            for y in 0..h {
+                let dst = (ch * hp + y + ph) * wp + pw;
+                x[dst..dst + w].copy_from_slice(&image[(ch * h + y) * w..][..w]);
+            }
+        }
+        simd::conv_direct(&self.weight, offsets, x, wp, oh, ow, out);
+        let n = oh * ow;
+        for (ch, row) in out.chunks_exact_mut(n).enumerate() {
+            epilogue(row, self.bias[ch], self.relu);
+        }
+    }
+}
+
+/// `(channels, height, width)` of a convolution's zero-padded input.
+fn padded_dims(g: &ConvGeometry) -> (usize, usize, usize) {
+    let (c, h, w) = g.input;
+    (c, h + 2 * g.padding[0], w + 2 * g.padding[1])
 }
 
 impl Kernel for ConvSparse {
     fn label(&self) -> String {
         format!(
-            "conv2d/f32-im2col-spmm-csr ({:.0} % non-zero){}",
+            "conv2d/f32-{}-spmm-csr ({:.0} % non-zero){}",
+            if self.offsets.is_some() { "direct" } else { "im2col" },
             self.weight.density() * 100.0,
             if self.relu { "+relu" } else { "" }
         )
@@ -225,6 +370,16 @@ impl Kernel for ConvSparse {
         let (cout, oh, ow) = self.geometry.output;
         let (n, k) = (oh * ow, self.weight.cols);
         let (in_len, out_len) = (cin * h * w, cout * n);
+        if let Some(offsets) = &self.offsets {
+            BUFFERS.with(|buffers| {
+                let (x, _) = &mut *buffers.borrow_mut();
+                for i in 0..batch {
+                    let image = &inputs[0][i * in_len..(i + 1) * in_len];
+                    self.direct(offsets, image, x, &mut output[i * out_len..(i + 1) * out_len]);
+                }
+            });
+            return;
+        }
         let group = (COLUMNS / n.max(1)).clamp(1, batch.max(1));
         BUFFERS.with(|buffers| {
             let (col, acc) = &mut *buffers.borrow_mut();

@@ -365,3 +365,43 @@ fn sensitivity_measures_each_layer_alone_and_sets_ratios_for_a_budget() {
     let groups = shrink_prune::sensitivity(&s.baseline, data, &pc, &[0.5], &s.device, &mut measure).unwrap();
     assert_eq!(groups.iter().map(|u| u.name.as_str()).collect::<Vec<_>>(), ["conv1", "conv2", "fc1", "fc2"]);
 }
+
+#[test]
+fn sparse_convolutions_of_every_geometry_match_the_dense_ones() {
+    use shrink_core::graph::{Conv2dSpec, GraphBuilder};
+    use shrink_core::runtime::{FreezeOptions, KernelRegistry, freeze_with};
+    let device = BackendKind::Flex.device().unwrap();
+    let g = {
+        let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+        device.seed(11);
+        let mut b = GraphBuilder::new([3, 13, 21]);
+        let x = b.input();
+        // Direct path: 5×5 padded, 1×1, 3×3 unpadded; im2col path: strided, dilated.
+        let x = b.conv2d("c5", x, Conv2dSpec::new(8, 5).padding(2).bias(true));
+        let x = b.relu("r5", x);
+        let x = b.conv2d("c1", x, Conv2dSpec::new(8, 1));
+        let x = b.conv2d("c3", x, Conv2dSpec::new(6, 3).bias(true));
+        let x = b.conv2d("s2", x, Conv2dSpec::new(6, 3).stride(2).padding(1));
+        let x = b.conv2d("d2", x, Conv2dSpec::new(4, 3).dilation(2).padding(2));
+        let x = b.flatten("flat", x);
+        let y = b.linear("fc", x, 5, true);
+        b.build(y, &device).unwrap().valid()
+    };
+    let (train_set, _) = load_mnist_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/mnist5k")).unwrap();
+    let batcher = Batcher { normalization: train_set.channel_stats(), augmentation: Augmentation::default() };
+    let data = TrainData { train: &train_set, validation: None, batcher: &batcher };
+    let ps = PruneSettings { sparsity: 0.8, ..PruneSettings::default() };
+    let pruned = prune(&g, None, data, None, &ps, &PruneSchedule::OneShot, &device, 0, &mut Quiet).unwrap().graph;
+    let mut dense = freeze_with(&pruned, &KernelRegistry::default(), &FreezeOptions::default()).unwrap();
+    let mut sparse = freeze_with(&pruned, &shrink_prune::sparse_registry(), &FreezeOptions::default()).unwrap();
+    let kernels: Vec<String> = sparse.kernels().into_iter().map(|(_, k)| k).collect();
+    assert_eq!(kernels.iter().filter(|k| k.contains("direct-spmm")).count(), 3, "{kernels:?}");
+    assert_eq!(kernels.iter().filter(|k| k.contains("im2col-spmm")).count(), 2, "{kernels:?}");
+    for batch in [1, 5] {
+        let x: Vec<f32> = (0..batch * 3 * 13 * 21).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
+        let (a, b) = (dense.run(&x, batch).unwrap().to_vec(), sparse.run(&x, batch).unwrap().to_vec());
+        for (u, v) in a.iter().zip(&b) {
+            assert!((u - v).abs() < 1e-4 * (1.0 + u.abs()), "batch {batch}: {u} vs {v}");
+        }
+    }
+}
