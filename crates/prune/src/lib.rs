@@ -41,7 +41,7 @@ mod structured;
 pub use finetune::{PruneEvent, PruneOutcome, prune};
 pub use importance::{TaylorStats, channel_scores, taylor_stats, weight_scores};
 pub use kernels::{SPARSE_MAX_DENSITY, register_sparse_kernels, sparse_registry};
-pub use magnitude::{MagnitudePruner, magnitude_mask};
+pub use magnitude::{MagnitudePruner, ParamMasks, magnitude_mask, prune_global};
 pub use masks::{LayerMask, MaskHooks, Masks, n_of_m_mask, weight_masks};
 pub use sensitivity::{Measure, UnitSensitivity, ratios_for_drop, sensitivity};
 pub use settings::{Criterion, Granularity, PruneSchedule, PruneSettings, SparsityOverride};

@@ -1,12 +1,18 @@
-//! Magnitude pruning of any burn module, as a [`ModuleMapper`].
+//! Magnitude pruning of any burn module — a user's own struct as well as a graph — as burn
+//! [`ModuleMapper`]s: layer-wise ([`MagnitudePruner`]) or with one global threshold
+//! ([`prune_global`]); both leave [`ParamMasks`] that keep the zeros through the user's own
+//! optimiser steps (map the model through them after each step).
 
-use burn::module::{ModuleMapper, Param};
+use std::collections::HashMap;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Tensor, TensorData};
 
 use crate::Error;
 
-/// Zeroes, in each weight tensor, the `sparsity` fraction of entries with the smallest
-/// magnitude (layer-wise magnitude pruning, Han et al. 2015).
+/// Zeroes, in each weight tensor (rank ≥ 2: biases and norms are left alone), the `sparsity`
+/// fraction of entries with the smallest magnitude (layer-wise magnitude pruning, Han et al.
+/// 2015), and records each tensor's mask in [`MagnitudePruner::masks`].
 #[derive(Clone, Debug)]
 pub struct MagnitudePruner {
     sparsity: f64,
@@ -14,6 +20,93 @@ pub struct MagnitudePruner {
     pub pruned: usize,
     /// Entries seen so far in pruned tensors.
     pub total: usize,
+    /// The masks of the tensors pruned so far, by parameter id.
+    pub masks: ParamMasks,
+}
+
+/// Pruning masks of a burn module's parameters, by parameter id (ids survive optimiser steps).
+/// As a [`ModuleMapper`] it zeroes the masked entries again: map the model through it after each
+/// optimiser step, and pruned weights stay pruned whatever the optimiser's momentum does.
+#[derive(Clone, Debug, Default)]
+pub struct ParamMasks {
+    masks: HashMap<ParamId, Vec<f32>>,
+}
+
+impl ParamMasks {
+    /// Parameters with a mask.
+    pub fn len(&self) -> usize {
+        self.masks.len()
+    }
+
+    /// Whether no parameter has a mask.
+    pub fn is_empty(&self) -> bool {
+        self.masks.is_empty()
+    }
+
+    /// Fraction of the masked parameters' entries that are masked out.
+    pub fn sparsity(&self) -> f64 {
+        let total: usize = self.masks.values().map(|m| m.len()).sum();
+        let zeros: usize = self.masks.values().map(|m| m.iter().filter(|v| **v == 0.0).count()).sum();
+        zeros as f64 / total.max(1) as f64
+    }
+}
+
+impl ModuleMapper for ParamMasks {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let Some(mask) = self.masks.get(&param.id) else { return param };
+        let mask = mask.clone();
+        param.map(|tensor| {
+            let removed =
+                Tensor::<D>::from_data(TensorData::new(mask, tensor.shape()), &tensor.device()).equal_elem(0.0);
+            leaf_like(&tensor, tensor.clone().mask_fill(removed, 0.0))
+        })
+    }
+}
+
+/// `value` as a parameter like `original`: on an autodiff device, a fresh leaf that requires a
+/// gradient if `original` did (a computed tensor would tie the parameter to this one step's
+/// autodiff graph, which the next backward pass has already consumed).
+fn leaf_like<const D: usize>(original: &Tensor<D>, value: Tensor<D>) -> Tensor<D> {
+    if original.is_require_grad() { value.detach().require_grad() } else { value.detach() }
+}
+
+/// Prunes `module` with one magnitude threshold over all its weight tensors (rank ≥ 2): exactly
+/// `floor(sparsity · n)` of their `n` entries, the smallest in magnitude wherever they are
+/// (global magnitude pruning). Returns the pruned module and its masks.
+///
+/// # Errors
+/// [`Error::Setting`] unless `0 <= sparsity < 1`.
+pub fn prune_global<M: Module>(module: M, sparsity: f64) -> Result<(M, ParamMasks), Error> {
+    if !(0.0..1.0).contains(&sparsity) {
+        return Err(Error::setting("sparsity", format!("must be in [0, 1), got {sparsity}")));
+    }
+    struct Magnitudes(Vec<(ParamId, Vec<f32>)>);
+    impl ModuleVisitor for Magnitudes {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if D >= 2 {
+                let v: Vec<f32> = param.val().into_data().convert::<f32>().try_to_vec().expect("f32 values");
+                self.0.push((param.id, v));
+            }
+        }
+    }
+    let mut seen = Magnitudes(Vec::new());
+    module.visit(&mut seen);
+    // One ranking over every entry: (|w|, tensor, index), ties by position.
+    let mut all: Vec<(f32, usize, usize)> = seen
+        .0
+        .iter()
+        .enumerate()
+        .flat_map(|(t, (_, v))| v.iter().enumerate().map(move |(i, x)| (x.abs(), t, i)))
+        .collect();
+    let remove = (sparsity * all.len() as f64).floor() as usize;
+    all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let mut masks: Vec<Vec<f32>> = seen.0.iter().map(|(_, v)| vec![1.0; v.len()]).collect();
+    for &(_, t, i) in &all[..remove] {
+        masks[t][i] = 0.0;
+    }
+    let mut masks = ParamMasks { masks: seen.0.iter().map(|(id, _)| *id).zip(masks).collect() };
+    let module = module.map(&mut masks);
+    Ok((module, masks))
 }
 
 impl MagnitudePruner {
@@ -25,7 +118,7 @@ impl MagnitudePruner {
         if !(0.0..1.0).contains(&sparsity) {
             return Err(Error::setting("sparsity", format!("must be in [0, 1), got {sparsity}")));
         }
-        Ok(Self { sparsity, pruned: 0, total: 0 })
+        Ok(Self { sparsity, pruned: 0, total: 0, masks: ParamMasks::default() })
     }
 }
 
@@ -51,6 +144,8 @@ impl ModuleMapper for MagnitudePruner {
         let sparsity = self.sparsity;
         let mut pruned = 0;
         let mut total = 0;
+        let id = param.id;
+        let mut kept = Vec::new();
         let param = param.map(|tensor| {
             let device = tensor.device();
             let shape = tensor.shape();
@@ -58,9 +153,11 @@ impl ModuleMapper for MagnitudePruner {
             let mask = magnitude_mask(&values, sparsity);
             pruned = mask.iter().filter(|m| **m == 0.0).count();
             total = mask.len();
-            let mask = Tensor::<D>::from_data(TensorData::new(mask, shape), &device);
-            tensor * mask
+            kept = mask.clone();
+            let removed = Tensor::<D>::from_data(TensorData::new(mask, shape), &device).equal_elem(0.0);
+            leaf_like(&tensor, tensor.clone().mask_fill(removed, 0.0))
         });
+        self.masks.masks.insert(id, kept);
         self.pruned += pruned;
         self.total += total;
         tracing::debug!(pruned, total, "magnitude-pruned a weight tensor");
@@ -101,5 +198,35 @@ mod tests {
         let bias_a: Vec<f32> = a.bias.as_ref().unwrap().val().into_data().try_to_vec().unwrap();
         let bias_b: Vec<f32> = b.bias.as_ref().unwrap().val().into_data().try_to_vec().unwrap();
         assert_eq!(bias_a, bias_b);
+    }
+
+    #[test]
+    fn global_pruning_ranks_across_tensors_and_its_masks_reapply() {
+        use burn::module::Module;
+        let device = shrink_core::BackendKind::Flex.device().unwrap();
+        let g = shrink_core::zoo::ModelSpec::Lenet5.build([1, 28, 28], 10, &device).unwrap();
+        // Zeros before pruning: the conv biases start at zero.
+        let before = shrink_core::metrics::model_stats(&g).unwrap();
+        let (pruned, mut masks) = prune_global(g, 0.7).unwrap();
+        let stats = shrink_core::metrics::model_stats(&pruned).unwrap();
+        let weights: usize = stats.params - (6 + 16 + 120 + 84 + 10);
+        let zeros = |s: &shrink_core::metrics::ModelStats| s.params - s.nonzeros;
+        assert_eq!(zeros(&stats) - zeros(&before), (0.7 * weights as f64).floor() as usize);
+        // One threshold: the layers end at different sparsities.
+        let sp: Vec<f64> = stats.layers.iter().map(|l| 1.0 - l.nonzeros as f64 / l.params as f64).collect();
+        assert!(sp.iter().any(|s| (s - 0.7).abs() > 0.05), "{sp:?}");
+        assert_eq!(masks.len(), 5);
+        // Weights that come back (as an optimiser step would move them) are zeroed again.
+        struct Shift;
+        impl ModuleMapper for Shift {
+            fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+                if D < 2 { param } else { param.map(|t| t.add_scalar(0.5)) }
+            }
+        }
+        let revived = pruned.clone().map(&mut Shift);
+        assert_eq!(zeros(&shrink_core::metrics::model_stats(&revived).unwrap()), zeros(&before));
+        let again = revived.map(&mut masks);
+        assert_eq!(zeros(&shrink_core::metrics::model_stats(&again).unwrap()), zeros(&stats));
+        assert!(prune_global(again, 1.0).is_err());
     }
 }
