@@ -12,6 +12,9 @@
 //!   straight-through estimator on core's training loop, scales from the data or learned (LSQ),
 //!   into the same [`ptq::QuantizedModel`].
 //!
+//! - [`weights`]: weight-only quantization of any burn module (a user's own struct) as a burn
+//!   `ModuleMapper` ([`WeightQuantizer`]).
+//!
 //! ```
 //! use shrink_quant::{QuantScheme, fake_quantize};
 //! let w = [0.5f32, -1.0, 0.25, 0.0];
@@ -27,10 +30,12 @@ pub mod equalize;
 pub mod kernels;
 pub mod ptq;
 pub mod qat;
+pub mod weights;
 
 pub use calibrate::{Calibrator, Observer};
 pub use ptq::{LayerQuant, Override, PtqSettings, QuantizedModel, quantize_static};
 pub use qat::{QatOutcome, QatSettings, QatTeacher, quantization_aware_training};
+pub use weights::{QuantizedWeight, WeightQuantizer};
 
 /// Errors of shrink-quant.
 #[derive(Debug, thiserror::Error)]
