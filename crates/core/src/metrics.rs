@@ -251,3 +251,63 @@ pub fn measure_frozen_latency(
     }
     Ok(out)
 }
+
+/// Size, sparsity and value range of one float parameter of any burn module.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ParamReport {
+    /// Path in the module, e.g. `fc1.weight` (for a graph: `nodes.3.params.Linear.weight`).
+    pub path: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Values.
+    pub values: usize,
+    /// Values that are not exactly zero.
+    pub nonzeros: usize,
+    /// Bytes as stored now (f32).
+    pub bytes: usize,
+    /// Smallest value.
+    pub min: f32,
+    /// Largest value.
+    pub max: f32,
+}
+
+impl ParamReport {
+    /// Fraction of the values that are zero.
+    pub fn sparsity(&self) -> f64 {
+        1.0 - self.nonzeros as f64 / self.values.max(1) as f64
+    }
+}
+
+/// Every float parameter of `module` — any burn module, a user's own struct as well as a
+/// [`Graph`] — with its path, shape, non-zeros, bytes and range, in visiting order (what
+/// pruning and weight-only quantization of a module change, in one table).
+pub fn param_report<M: Module>(module: &M) -> Vec<ParamReport> {
+    struct Report {
+        path: Vec<String>,
+        out: Vec<ParamReport>,
+    }
+    impl burn::module::ModuleVisitor for Report {
+        fn enter_module(&mut self, name: &str, _container_type: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+            let tensor = param.val();
+            let v: Vec<f32> = tensor.clone().into_data().convert::<f32>().try_to_vec().unwrap_or_default();
+            self.out.push(ParamReport {
+                path: self.path.join("."),
+                shape: tensor.dims().to_vec(),
+                values: v.len(),
+                nonzeros: v.iter().filter(|x| **x != 0.0).count(),
+                bytes: 4 * v.len(),
+                min: v.iter().copied().fold(f32::INFINITY, f32::min),
+                max: v.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+            });
+        }
+    }
+    let mut report = Report { path: Vec::new(), out: Vec::new() };
+    module.visit(&mut report);
+    report.out
+}

@@ -227,6 +227,13 @@ mod tests {
         assert_eq!(zeros(&shrink_core::metrics::model_stats(&revived).unwrap()), zeros(&before));
         let again = revived.map(&mut masks);
         assert_eq!(zeros(&shrink_core::metrics::model_stats(&again).unwrap()), zeros(&stats));
+        // The per-parameter report of any module sees the same: weights sparse, biases not.
+        let report = shrink_core::metrics::param_report(&pruned);
+        let fc1 = report.iter().find(|r| r.path == "nodes.8.params.Linear.weight").expect("fc1's weight");
+        assert_eq!(fc1.shape, [120, 400]);
+        assert!(fc1.sparsity() > 0.5, "{fc1:?}");
+        assert!(fc1.min < 0.0 && fc1.max > 0.0 && fc1.bytes == 4 * 48_000);
+        assert!(report.iter().filter(|r| r.shape.len() == 1).all(|r| r.nonzeros + 22 >= r.values));
         assert!(prune_global(again, 1.0).is_err());
     }
 }
