@@ -313,7 +313,7 @@ pub enum Stage {
         #[serde(default)]
         epochs: usize,
         /// Images per fine-tuning step.
-        #[serde(default = "default_calibration_batch")]
+        #[serde(default = "default_train_batch")]
         batch_size: usize,
         /// Fine-tuning optimiser (needed when `epochs` > 0).
         #[serde(default)]
@@ -352,6 +352,9 @@ fn default_criterion() -> Criterion {
 }
 fn default_max_layer_sparsity() -> f64 {
     0.99
+}
+fn default_train_batch() -> usize {
+    64
 }
 fn default_taylor_batches() -> usize {
     8

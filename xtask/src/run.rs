@@ -303,7 +303,8 @@ fn measure_quantized(
 }
 
 /// Each layer (or channel group) pruned alone at `ratios`, measured on the validation split (or
-/// the test split when there is none); with `max_drop`, the sparsity each unit gets.
+/// the test split when there is none); with `max_drop`, also the overrides that give each unit
+/// its sparsity.
 fn prune_sensitivity(
     graph: &Graph,
     data: &Data,
@@ -312,7 +313,7 @@ fn prune_sensitivity(
     max_drop: Option<f64>,
     plan: &Plan,
     index: usize,
-) -> Result<crate::report::PruneSensitivity> {
+) -> Result<(crate::report::PruneSensitivity, Vec<shrink_prune::SparsityOverride>)> {
     let device = plan.experiment.backend.device()?;
     let (set, evaluated_on) = match data.validation.as_ref() {
         Some(v) if !v.is_empty() => (v, "validation"),
@@ -329,22 +330,17 @@ fn prune_sensitivity(
     for u in &units {
         tracing::info!(layer = %u.name, points = ?u.points, "pruning sensitivity");
     }
-    let chosen = match max_drop {
-        Some(d) => shrink_prune::ratios_for_drop(&units, reference.top1, d)
-            .into_iter()
-            .zip(&units)
-            .map(|(o, u)| (u.name.clone(), o.sparsity))
-            .collect(),
-        None => Vec::new(),
-    };
-    Ok(crate::report::PruneSensitivity {
+    let overrides = max_drop.map(|d| shrink_prune::ratios_for_drop(&units, reference.top1, d)).unwrap_or_default();
+    let chosen = overrides.iter().zip(&units).map(|(o, u)| (u.name.clone(), o.sparsity)).collect();
+    let sens = crate::report::PruneSensitivity {
         evaluated_on: evaluated_on.into(),
         reference_top1: reference.top1,
         reference_loss: reference.loss,
         units,
         chosen,
         chart: format!("prune_sensitivity_stage{index}.svg"),
-    })
+    };
+    Ok((sens, overrides))
 }
 
 /// The CPU plan of `graph` with shrink-prune's sparse kernels, if any layer is sparse enough to
@@ -669,16 +665,11 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                 let sens = if sensitivity.is_empty() {
                     None
                 } else {
-                    let s =
+                    let (s, overrides) =
                         prune_sensitivity(&graph, &data, &settings, sensitivity, *sensitivity_max_drop, plan, index)?;
-                    if !s.chosen.is_empty() {
+                    if !overrides.is_empty() {
                         // Each layer's sparsity comes from the budget.
-                        let chosen = shrink_prune::ratios_for_drop(
-                            &s.units,
-                            s.reference_top1,
-                            sensitivity_max_drop.expect("chosen only with a budget"),
-                        );
-                        settings.overrides = chosen;
+                        settings.overrides = overrides;
                         settings.global = false;
                     }
                     crate::report::write_prune_sensitivity_chart(&e.name, &s, &run_dir.join(&s.chart))?;

@@ -176,11 +176,26 @@ fn damaged_sparse_weights_are_refused_with_the_offset() {
     extra[mask_at] |= 0xFF;
     let e = err(&extra);
     assert!(e.contains("fc1.weight_nz") && e.contains("the non-zeros its mask marks"), "{e}");
-    // fc2's 3 × 8 = 24 values fill 3 bytes exactly; fc1's 128 too. No tail bits to test here, so
-    // check the values: a NaN among the non-zeros is named with its byte offset.
+    // A NaN among the non-zeros is named with its byte offset.
     let nz_at = header + meta.info("fc1.weight_nz").unwrap().data_offsets.0;
     let mut nan = bytes.clone();
     nan[nz_at..nz_at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
     let e = err(&nan);
     assert!(e.contains("NaN") && e.contains(&format!("byte {nz_at}")), "{e}");
+}
+
+#[test]
+fn a_mask_marking_values_past_the_weight_is_refused() {
+    // fc2 of this MLP has 3 × 5 = 15 weights: its 2-byte mask has one bit past them.
+    let device = BackendKind::Flex.device().unwrap();
+    let g = sparsified(&ModelSpec::Mlp { hidden: vec![5] }.build([1, 4, 4], 3, &device).unwrap());
+    let bytes = io::to_bytes(&g).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let header = 8 + bytes[..8].iter().rev().fold(0usize, |a, b| a * 256 + *b as usize);
+    let last = header + meta.info("fc2.weight_mask").unwrap().data_offsets.1 - 1;
+    let mut tail = bytes.clone();
+    tail[last] |= 0x80;
+    let e = io::from_bytes(&tail, &tmp("tail.safetensors"), &device).unwrap_err().to_string();
+    assert!(e.contains("marks values past the weight's 15") && e.contains(&format!("byte {last}")), "{e}");
+    assert!(io::from_bytes(&bytes, &tmp("tail.safetensors"), &device).is_ok());
 }

@@ -127,13 +127,8 @@ impl MagnitudePruner {
 /// result is deterministic.
 pub fn magnitude_mask(values: &[f32], sparsity: f64) -> Vec<f32> {
     let remove = (sparsity * values.len() as f64).floor() as usize;
-    let mut order: Vec<usize> = (0..values.len()).collect();
-    order.sort_by(|&a, &b| values[a].abs().total_cmp(&values[b].abs()).then(a.cmp(&b)));
-    let mut mask = vec![1.0; values.len()];
-    for &i in &order[..remove] {
-        mask[i] = 0.0;
-    }
-    mask
+    let magnitudes: Vec<f32> = values.iter().map(|v| v.abs()).collect();
+    crate::masks::keep_after_removing(&magnitudes, remove).into_iter().map(|k| if k { 1.0 } else { 0.0 }).collect()
 }
 
 impl ModuleMapper for MagnitudePruner {

@@ -218,7 +218,7 @@ pub fn weight_masks(
 }
 
 /// Keep flags after removing the `remove` lowest scores (ties by position).
-fn keep_after_removing(scores: &[f32], remove: usize) -> Vec<bool> {
+pub(crate) fn keep_after_removing(scores: &[f32], remove: usize) -> Vec<bool> {
     let mut keep = vec![true; scores.len()];
     for &i in &ascending(scores)[..remove.min(scores.len())] {
         keep[i] = false;

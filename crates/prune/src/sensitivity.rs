@@ -8,8 +8,8 @@ use shrink_core::Graph;
 use shrink_core::train::TrainData;
 
 use crate::importance::{taylor_if_needed, weight_scores};
-use crate::masks::{LayerMask, Masks, n_of_m_mask, weight_units};
-use crate::scope::{Share, ascending};
+use crate::masks::{LayerMask, Masks, keep_after_removing, n_of_m_mask, weight_units};
+use crate::scope::Share;
 use crate::structured::{channel_units, plan_one, remove_channels};
 use crate::{Error, Granularity, PruneSettings, SparsityOverride};
 
@@ -81,13 +81,7 @@ pub fn sensitivity(
                     }
                     _ => ratios
                         .iter()
-                        .map(|&r| {
-                            let mut keep = vec![true; s.len()];
-                            for &i in &ascending(s)[..(r * s.len() as f64).floor() as usize] {
-                                keep[i] = false;
-                            }
-                            (r, Some(keep))
-                        })
+                        .map(|&r| (r, Some(keep_after_removing(s, (r * s.len() as f64).floor() as usize))))
                         .collect(),
                 };
                 let mut points = Vec::new();
