@@ -39,6 +39,21 @@ pub use graph::Graph;
 /// burn, re-exported so that users of shrink-core name the same version.
 pub use burn;
 
+/// The names most programs need: `use shrink_core::prelude::*;`.
+pub mod prelude {
+    pub use crate::backend::BackendKind;
+    pub use crate::data::{Batcher, Dataset, load_mnist_dir};
+    pub use crate::graph::{Conv2dSpec, Graph, GraphBuilder};
+    pub use crate::metrics::{model_stats, param_report};
+    pub use crate::runtime::freeze;
+    pub use crate::train::{OptimizerSettings, Schedule, TrainData, TrainSettings, evaluate, train};
+}
+
+// The README's example, compiled and run as a doctest.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 /// The burn version shrink is built and tested against (pinned exactly in the workspace; a test
 /// checks this constant against `cargo metadata`).
 pub const BURN_VERSION: &str = "0.22.1";

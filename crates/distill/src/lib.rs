@@ -28,6 +28,18 @@ pub use distill::{
 };
 pub use losses::{attention_loss, attention_map, hint_loss, kd_loss, kd_loss_soft, soft_targets};
 
+/// The names most programs need: `use shrink_distill::prelude::*;`.
+pub mod prelude {
+    pub use crate::{
+        DistillSettings, FeaturePair, Teacher, attention_loss, distill, hint_loss, kd_loss, kd_loss_soft, soft_targets,
+    };
+}
+
+// The README's example, compiled and run as a doctest.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 /// Everything that can go wrong while distilling.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

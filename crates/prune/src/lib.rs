@@ -47,6 +47,19 @@ pub use sensitivity::{Measure, UnitSensitivity, ratios_for_drop, sensitivity};
 pub use settings::{Criterion, Granularity, PruneSchedule, PruneSettings, SparsityOverride};
 pub use structured::{GroupPlan, plan_channels, remove_channels};
 
+/// The names most programs need: `use shrink_prune::prelude::*;`.
+pub mod prelude {
+    pub use crate::{
+        Criterion, Granularity, MagnitudePruner, ParamMasks, PruneSchedule, PruneSettings, prune, prune_global,
+        sparse_registry,
+    };
+}
+
+// The README's example, compiled and run as a doctest.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 /// Errors of shrink-prune.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -37,6 +37,20 @@ pub use ptq::{LayerQuant, Override, PtqSettings, QuantizedModel, quantize_static
 pub use qat::{QatOutcome, QatSettings, QatTeacher, quantization_aware_training};
 pub use weights::{QuantizedWeight, WeightQuantizer};
 
+/// The names most programs need: `use shrink_quant::prelude::*;` (shrink-prune's prelude has a
+/// `Granularity` of its own, so this one leaves [`Granularity`] out).
+pub mod prelude {
+    pub use crate::{
+        Calibrator, PtqSettings, QatSettings, QuantScheme, QuantizedModel, WeightQuantizer,
+        quantization_aware_training, quantize_static,
+    };
+}
+
+// The README's example, compiled and run as a doctest.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 /// Errors of shrink-quant.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
