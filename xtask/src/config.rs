@@ -542,11 +542,20 @@ pub struct Plan {
 pub fn load_plan(path: &Path) -> Result<Plan> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError(format!("{}: cannot read the config: {e}", path.display())))?;
-    let experiment: Experiment = toml::from_str(&text).map_err(|e| {
+    parse_plan(&text, path)
+}
+
+/// Parses and validates a config's text as [`load_plan`] does; `path` names it in errors and
+/// anchors relative data paths.
+///
+/// # Errors
+/// As [`load_plan`].
+pub fn parse_plan(text: &str, path: &Path) -> Result<Plan> {
+    let experiment: Experiment = toml::from_str(text).map_err(|e| {
         let place = e
             .span()
             .map(|span| {
-                let (line, col) = line_col(&text, refine_span(&text, span, e.message()));
+                let (line, col) = line_col(text, refine_span(text, span, e.message()));
                 format!(":{line}:{col}")
             })
             .unwrap_or_default();

@@ -1,7 +1,9 @@
 //! `cargo xtask`: shrink's experiment runner.
 //!
-//! - `cargo xtask run <config.toml>... [--dry-run] [--out DIR] [-v|-q]` runs experiments;
-//!   stdout carries only the run directories, progress and logs go to stderr and `log.txt`.
+//! - `cargo xtask run <config.toml>... [--dry-run] [--out DIR] [--fresh] [-v|-q]` runs experiments;
+//!   stdout carries only the run directories, progress and logs go to stderr and `log.txt`. A
+//!   run that stopped unfinished (killed, or a failed stage) resumes from its last finished stage
+//!   when the same config is run again by the same revision; `--fresh` starts over.
 //! - `cargo xtask bench <suite>` runs a benchmark suite at one thread (`runs/bench/<suite>.json`).
 //! - `cargo xtask check` runs the CI steps (fmt, clippy, docs, wgpu type-check, tests), as `.ci/run`.
 //! - `cargo xtask list` lists configs, models and backends.
@@ -9,9 +11,11 @@
 //! Exit codes: 0 success, 1 a run failed, 2 bad input (config, data or model file).
 
 mod bench;
-mod config;
+mod checkpoint;
 mod report;
 mod run;
+
+use xtask::config;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -56,6 +60,10 @@ enum Command {
         /// Where trained baselines are cached (default: `OUT/cache/baselines`).
         #[arg(long)]
         cache: Option<PathBuf>,
+        /// Start a new run directory even when the last run of the same config stopped
+        /// unfinished (by default that run resumes from its last finished stage).
+        #[arg(long)]
+        fresh: bool,
     },
     /// Run a benchmark suite side by side at one thread; writes `OUT/bench/<suite>.json`.
     Bench {
@@ -136,9 +144,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let log = init_logging(cli.verbose, cli.quiet);
     match cli.command {
-        Command::Run { configs, dry_run, out, cache } => {
+        Command::Run { configs, dry_run, out, cache, fresh } => {
             let cache = cache.unwrap_or_else(|| out.join("cache").join("baselines"));
-            run_configs(&configs, dry_run, &RunOptions { out, cache, progress: !cli.quiet }, &log)
+            run_configs(&configs, dry_run, fresh, &RunOptions { out, cache, progress: !cli.quiet }, &log)
         }
         Command::Bench { suite, out, repeats } => match bench::in_single_threaded_child() {
             Some(code) => code,
@@ -173,7 +181,7 @@ fn is_input_error(err: &anyhow::Error) -> bool {
         })
 }
 
-fn run_configs(configs: &[PathBuf], dry_run: bool, opts: &RunOptions, log: &RunLog) -> ExitCode {
+fn run_configs(configs: &[PathBuf], dry_run: bool, fresh: bool, opts: &RunOptions, log: &RunLog) -> ExitCode {
     // Every config is validated before anything runs: a typo in the third file must not be
     // found after the first two have trained for an hour.
     let mut plans = Vec::new();
@@ -204,6 +212,19 @@ fn run_configs(configs: &[PathBuf], dry_run: bool, opts: &RunOptions, log: &RunL
     }
     let mut code = ExitCode::SUCCESS;
     for plan in &plans {
+        let resume = match run::resolved_config(plan) {
+            Ok(resolved) if !fresh => {
+                checkpoint::unfinished_run(&opts.out, &plan.experiment.name, &resolved, &report::git_revision())
+            }
+            _ => None,
+        };
+        if let Some((dir, previous)) = resume {
+            log.set(std::fs::OpenOptions::new().append(true).create(true).open(dir.join("log.txt")).ok());
+            tracing::info!(config = %plan.source.display(), "resuming the unfinished run in {}", dir.display());
+            code = run_one(plan, opts, &dir, Some(previous), code);
+            log.set(None);
+            continue;
+        }
         let stamp = time::OffsetDateTime::now_utc()
             .format(time::macros::format_description!("[year][month][day]T[hour][minute][second]Z"))
             .unwrap_or_else(|_| "run".into());
@@ -219,17 +240,32 @@ fn run_configs(configs: &[PathBuf], dry_run: bool, opts: &RunOptions, log: &RunL
         }
         log.set(std::fs::File::create(dir.join("log.txt")).ok());
         tracing::info!(config = %plan.source.display(), "run started in {}", dir.display());
-        match run_plan(plan, opts, &dir) {
-            Ok(dir) => println!("{}", dir.display()),
-            Err(err) => {
-                tracing::error!("{err:#}");
-                eprintln!("error: {}: {err:#}\nreport: {}", plan.source.display(), dir.join("report.json").display());
-                code = if is_input_error(&err) { ExitCode::from(2) } else { ExitCode::from(1) };
-            }
-        }
+        code = run_one(plan, opts, &dir, None, code);
         log.set(None);
     }
     code
+}
+
+/// Runs one plan in `dir` (resuming when `previous` is the report of an unfinished run there);
+/// the exit code so far, or this run's failure.
+fn run_one(
+    plan: &config::Plan,
+    opts: &RunOptions,
+    dir: &Path,
+    previous: Option<report::Report>,
+    code: ExitCode,
+) -> ExitCode {
+    match run_plan(plan, opts, dir, previous) {
+        Ok(dir) => {
+            println!("{}", dir.display());
+            code
+        }
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("error: {}: {err:#}\nreport: {}", plan.source.display(), dir.join("report.json").display());
+            if is_input_error(&err) { ExitCode::from(2) } else { ExitCode::from(1) }
+        }
+    }
 }
 
 /// The test command of README.md, in one place (`.ci/run` runs the same).

@@ -471,6 +471,20 @@ pub struct Report {
     pub model_file: Option<String>,
     /// Conventions behind the numbers.
     pub conventions: Vec<String>,
+    /// Each time the run was resumed from its checkpoint after it stopped unfinished.
+    #[serde(default)]
+    pub resumed: Vec<Resumption>,
+}
+
+/// One resumption of an unfinished run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Resumption {
+    /// When, UTC.
+    pub utc: String,
+    /// The status the run had been left with (`running` when it was killed).
+    pub previous_status: String,
+    /// Finished stages taken from the checkpoint; the run went on from the next one.
+    pub stages_kept: usize,
 }
 
 impl Report {
@@ -487,6 +501,7 @@ impl Report {
             data: None,
             stages: Vec::new(),
             model_file: None,
+            resumed: Vec::new(),
             conventions: vec![
                 "MACs: 1 MAC = one multiply and one add, conv and linear layers only; FLOPs = 2 x MACs".into(),
                 "parameters: trainable values (weights, biases, batch-norm gamma/beta); bytes include batch-norm running statistics, f32".into(),
@@ -535,6 +550,12 @@ pub fn markdown(r: &Report) -> String {
         s += &format!(
             "- data: {} train, {} validation, {} test images of {:?}, {} classes\n",
             d.train, d.validation, d.test, d.shape, d.classes
+        );
+    }
+    for x in &r.resumed {
+        s += &format!(
+            "- resumed {} from its checkpoint after {} finished stage(s) (it had been left `{}`)\n",
+            x.utc, x.stages_kept, x.previous_status
         );
     }
     if let Some(err) = &r.error {

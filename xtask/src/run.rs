@@ -379,21 +379,39 @@ fn measure(
     Ok((eval, stats, latency))
 }
 
+/// The config as the run resolved it (defaults filled in), as `config.resolved.toml` holds it.
+pub fn resolved_config(plan: &Plan) -> Result<String> {
+    toml::to_string_pretty(&plan.experiment).context("serialising the resolved config")
+}
+
 /// Runs one plan; returns the run directory. The report is written even when a stage fails.
-pub fn run_plan(plan: &Plan, opts: &RunOptions, run_dir: &Path) -> Result<PathBuf> {
+/// `resume` is the report of an unfinished run in `run_dir` to continue from its checkpoint
+/// (see [`crate::checkpoint`]).
+pub fn run_plan(plan: &Plan, opts: &RunOptions, run_dir: &Path, resume: Option<Report>) -> Result<PathBuf> {
     let e = &plan.experiment;
     let started = time::OffsetDateTime::now_utc();
     let mut report = Report::new(plan, Provenance::collect(e, started));
     std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
-    let resolved = toml::to_string_pretty(e).context("serialising the resolved config")?;
-    io::write_atomic(&run_dir.join("config.resolved.toml"), resolved.as_bytes())?;
+    io::write_atomic(&run_dir.join("config.resolved.toml"), resolved_config(plan)?.as_bytes())?;
+    let resuming = resume.is_some();
+    if let Some(previous) = resume {
+        report.resumed = previous.resumed;
+        report.resumed.push(crate::report::Resumption {
+            utc: crate::report::utc(started),
+            previous_status: previous.status,
+            stages_kept: 0,
+        });
+    }
     report.status = "running".into();
     write_report(&report, run_dir)?;
 
-    let result = run_stages(plan, opts, run_dir, &mut report);
+    let result = run_stages(plan, opts, run_dir, &mut report, resuming);
     report.provenance.finished_utc = crate::report::utc(time::OffsetDateTime::now_utc());
     match &result {
-        Ok(()) => report.status = "complete".into(),
+        Ok(()) => {
+            report.status = "complete".into();
+            crate::checkpoint::remove(run_dir);
+        }
         Err(err) => {
             report.status = "failed".into();
             report.error = Some(format!("{err:#}"));
@@ -403,7 +421,7 @@ pub fn run_plan(plan: &Plan, opts: &RunOptions, run_dir: &Path) -> Result<PathBu
     result.map(|()| run_dir.to_path_buf())
 }
 
-fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Report) -> Result<()> {
+fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Report, resuming: bool) -> Result<()> {
     let e = &plan.experiment;
     let threads = shrink_core::backend::set_cpu_threads(e.threads);
     report.provenance.threads = threads;
@@ -426,7 +444,26 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
     // The model as the last train stage left it: the default teacher of a distill stage.
     let mut uncompressed: Option<Graph> = None;
     let mut quantized: Option<QuantizedModel> = None;
-    for (index, stage) in e.stages.iter().enumerate() {
+    let mut first = 0;
+    if resuming && let Some(restored) = crate::checkpoint::load(run_dir, &device)? {
+        tracing::info!(stages_done = restored.stages_done, "resuming from the checkpoint in {}", run_dir.display());
+        eprintln!("resuming {} after {} finished stage(s)", run_dir.display(), restored.stages_done);
+        first = restored.stages_done;
+        fresh = restored.fresh;
+        graph = restored.graph;
+        uncompressed = restored.uncompressed;
+        quantized = restored.quantized;
+        report.stages = restored.stages;
+        if let Some(r) = report.resumed.last_mut() {
+            r.stages_kept = first;
+        }
+    }
+    for (index, stage) in e.stages.iter().enumerate().skip(first) {
+        // Each stage after the first draws from its own seed, so a resumed run initialises
+        // (adapters, …) exactly as an uninterrupted one.
+        if index > 0 {
+            device.seed(e.seed.wrapping_add(0x5EED_0000 + index as u64));
+        }
         report.current_stage = Some(format!("{index}:{}", stage.kind()));
         let _span = tracing::info_span!("stage", index, kind = stage.kind()).entered();
         let start = Instant::now();
@@ -818,7 +855,18 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
         stage_report.wall_seconds = start.elapsed().as_secs_f64();
         report.stages.push(stage_report);
         report.current_stage = None;
+        crate::checkpoint::save(
+            run_dir,
+            &crate::checkpoint::Snapshot {
+                graph: &graph,
+                fresh,
+                uncompressed: uncompressed.as_ref(),
+                quantized: quantized.as_ref(),
+                stages: &report.stages,
+            },
+        )?;
         write_report(report, run_dir)?;
+        pause_for_tests(report.stages.len());
     }
     match &quantized {
         Some(q) => q.save(&run_dir.join("model.safetensors"))?,
@@ -1040,4 +1088,16 @@ fn quant_summary(
         sensitivity: None,
         ptq_test: None,
     })
+}
+
+/// The kill-and-resume test's hook: with `SHRINK_TEST_STOP_AFTER_STAGES=n`, the run prints a line
+/// and waits forever once the checkpoint after `n` finished stages is written, so the test can
+/// `kill -9` it at a known point. Not for anything else.
+fn pause_for_tests(stages_done: usize) {
+    if std::env::var("SHRINK_TEST_STOP_AFTER_STAGES").ok().and_then(|v| v.parse::<usize>().ok()) == Some(stages_done) {
+        eprintln!("SHRINK_TEST_STOP_AFTER_STAGES={stages_done}: waiting to be killed");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
 }

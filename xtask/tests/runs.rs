@@ -300,3 +300,65 @@ fn every_broken_config_is_refused_with_its_expected_message() {
         assert!(out.stdout.is_empty(), "{c}: nothing on stdout");
     }
 }
+
+#[test]
+fn a_run_killed_after_a_stage_resumes_there_and_ends_as_an_uninterrupted_one() {
+    use std::io::{BufRead, BufReader};
+    let config = "configs/smoke/lenet_prune.toml"; // train → prune (AGP, fine-tuning) → quantize
+    let reference_out = tmp("resume-reference");
+    let reference = xtask(&["run", "-q", "--out", &reference_out.display().to_string(), config]);
+    assert!(reference.status.success(), "{}", String::from_utf8_lossy(&reference.stderr));
+    let reference = report(String::from_utf8(reference.stdout).unwrap().trim());
+
+    // The same run, killed with SIGKILL once the first stage's checkpoint is written.
+    let out = tmp("resume");
+    let out_arg = out.display().to_string();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["run", "-q", "--out", &out_arg, config])
+        .env("SHRINK_TEST_STOP_AFTER_STAGES", "1")
+        .current_dir(root())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let waiting = stderr.lines().map_while(Result::ok).any(|l| l.contains("waiting to be killed"));
+    assert!(waiting, "the run reached the end of its first stage");
+    child.kill().unwrap(); // SIGKILL on Unix
+    child.wait().unwrap();
+    let runs: Vec<PathBuf> =
+        std::fs::read_dir(out.join("smoke_lenet_prune")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(runs.len(), 1);
+    let killed = report(&runs[0].display().to_string());
+    assert_eq!(killed["status"], "running");
+    assert_eq!(killed["stages"].as_array().unwrap().len(), 1);
+    assert!(runs[0].join("checkpoint/state.json").exists());
+    assert!(!runs[0].join("model.safetensors").exists(), "no final model from an unfinished run");
+
+    // The same command again finishes that run from its second stage.
+    let again = xtask(&["run", "-q", "--out", &out_arg, config]);
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    assert_eq!(PathBuf::from(String::from_utf8(again.stdout).unwrap().trim()), runs[0]);
+    let resumed = report(&runs[0].display().to_string());
+    assert_eq!(resumed["status"], "complete");
+    assert_eq!(resumed["resumed"][0]["stages_kept"], 1);
+    assert_eq!(resumed["resumed"][0]["previous_status"], "running");
+    assert!(std::fs::read_to_string(runs[0].join("report.md")).unwrap().contains("resumed"));
+    assert!(runs[0].join("model.safetensors").exists() && !runs[0].join("checkpoint").exists());
+    // Metrics (times aside) equal the uninterrupted run's, stage by stage.
+    for i in 0..3 {
+        let (a, b) = (&resumed["stages"][i], &reference["stages"][i]);
+        for key in ["test", "params", "nonzeros", "macs", "file_bytes", "kind"] {
+            assert_eq!(a[key], b[key], "stage {i}: {key}");
+        }
+    }
+    assert_eq!(resumed["stages"][1]["pruning"]["events"], reference["stages"][1]["pruning"]["events"]);
+    let model = |dir: &Path| std::fs::read(dir.join("model.safetensors")).unwrap();
+    let reference_dir = std::fs::read_dir(reference_out.join("smoke_lenet_prune")).unwrap().next().unwrap();
+    assert_eq!(model(&runs[0]), model(&reference_dir.unwrap().path()), "the same model file, byte for byte");
+
+    // A complete run is not resumed: the next run of the config gets a directory of its own.
+    let next = xtask(&["run", "-q", "--out", &out_arg, config]);
+    assert!(next.status.success());
+    assert_ne!(PathBuf::from(String::from_utf8(next.stdout).unwrap().trim()), runs[0]);
+}

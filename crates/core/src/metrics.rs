@@ -311,3 +311,46 @@ pub fn param_report<M: Module>(module: &M) -> Vec<ParamReport> {
     module.visit(&mut report);
     report.out
 }
+
+/// Memory the system can still give this process, from `MemAvailable` in `/proc/meminfo`
+/// (Linux); `None` where that is not known.
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Bytes of the f32 activations one forward pass of `batch` images keeps (every node's output,
+/// as autodiff keeps them for the backward pass; the input included).
+///
+/// # Errors
+/// As [`Graph::shapes`].
+pub fn activation_bytes(graph: &Graph, batch: usize) -> Result<u64> {
+    let per_image: u64 = graph.shapes()?.iter().map(|s| s.numel() as u64).sum();
+    Ok(per_image.saturating_mul(batch as u64).saturating_mul(4))
+}
+
+/// Refuses a batch whose activations — twice over when `training`, for their gradients — would
+/// not fit in the memory available now, before anything is allocated.
+///
+/// # Errors
+/// [`crate::Error::InvalidSetting`] on `key`, with the sizes.
+pub fn check_batch_fits(graph: &Graph, batch: usize, training: bool, key: &str) -> Result<()> {
+    let Some(available) = available_memory() else { return Ok(()) };
+    let need = activation_bytes(graph, batch)?.saturating_mul(if training { 2 } else { 1 });
+    if need > available {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        return Err(crate::Error::setting(
+            key,
+            format!(
+                "a batch of {batch} needs about {:.1} GiB of activations{}, more than the {:.1} GiB of memory available; \
+                 use a smaller batch",
+                gib(need),
+                if training { " and gradients" } else { "" },
+                gib(available)
+            ),
+        ));
+    }
+    Ok(())
+}

@@ -358,6 +358,7 @@ pub fn train_module<M: Trainable>(
     if train_set.is_empty() {
         return Err(Error::setting("data", "the training set is empty"));
     }
+    crate::metrics::check_batch_fits(model.graph(), settings.batch_size.min(train_set.len()), true, "batch_size")?;
     let ad_device = device.clone().autodiff();
     let mut model = model.fork(&ad_device).train();
     let mut optim = settings.optimizer.init();
@@ -376,7 +377,13 @@ pub fn train_module<M: Trainable>(
             let (loss, logits) = objective(&model, Batch { images, labels: labels.clone(), indices: chunk })?;
             let loss_value: f64 = loss.clone().into_scalar::<f32>() as f64;
             if !loss_value.is_finite() {
-                return Err(Error::RunFailed(format!("loss is {loss_value} at epoch {} step {}", epoch + 1, step + 1)));
+                let (images, _) = batcher.batch(train_set, chunk, device, None);
+                let source = locate_non_finite(&model.graph().valid(), images);
+                return Err(Error::RunFailed(format!(
+                    "loss is {loss_value} at epoch {} step {}: {source}",
+                    epoch + 1,
+                    step + 1
+                )));
             }
             let hits = count_correct(logits.detach(), labels);
             let grads = GradientsParams::from_grads(loss.backward(), &model);
@@ -411,8 +418,62 @@ pub fn train_module<M: Trainable>(
         );
         observer.on_epoch(&record);
         records.push(record);
+        // The last step's update may have been non-finite without any loss showing it yet.
+        if let Some(node) = non_finite_parameters(&model.graph().valid()) {
+            return Err(Error::RunFailed(format!(
+                "the parameters of node `{node}` are not finite after epoch {} (an optimiser step had a \
+                 non-finite gradient; lower the learning rate)",
+                epoch + 1
+            )));
+        }
     }
     Ok((model.valid().to_device(device), records))
+}
+
+fn non_finite(values: burn::tensor::TensorData) -> bool {
+    values.convert::<f32>().iter::<f32>().any(|v| !v.is_finite())
+}
+
+/// The first node whose parameters are NaN or infinite.
+fn non_finite_parameters(graph: &Graph) -> Option<String> {
+    use crate::graph::Params;
+    graph.nodes.iter().find_map(|node| {
+        let bad = match node.params.as_ref()? {
+            Params::Conv(p) => {
+                non_finite(p.weight.val().into_data())
+                    || p.bias.as_ref().is_some_and(|b| non_finite(b.val().into_data()))
+            }
+            Params::Linear(p) => {
+                non_finite(p.weight.val().into_data())
+                    || p.bias.as_ref().is_some_and(|b| non_finite(b.val().into_data()))
+            }
+            Params::BatchNorm(bn) => {
+                [&bn.gamma, &bn.beta].iter().any(|t| non_finite(t.val().into_data()))
+                    || non_finite(bn.running_mean.value().into_data())
+                    || non_finite(bn.running_var.value().into_data())
+            }
+        };
+        bad.then(|| node.name.clone())
+    })
+}
+
+/// Where a non-finite loss came from: the first node with non-finite parameters, else the first
+/// node whose output is not finite on the batch, else the objective itself.
+fn locate_non_finite(graph: &Graph, images: Tensor<4>) -> String {
+    if let Some(node) = non_finite_parameters(graph) {
+        return format!("the parameters of node `{node}` are not finite (an earlier step's gradient was not)");
+    }
+    if non_finite(images.clone().into_data()) {
+        return "the input batch is not finite".into();
+    }
+    let taps: Vec<_> = (0..graph.nodes.len()).collect();
+    let (_, outputs) = graph.forward_with_taps(images, &taps);
+    for (id, out) in taps.into_iter().zip(outputs) {
+        if non_finite(out.flatten().into_data()) {
+            return format!("the output of node `{}` is the first that is not finite", graph.nodes[id].name);
+        }
+    }
+    "every node's output is finite: the objective itself is not".into()
 }
 
 fn count_correct(logits: Tensor<2>, labels: Tensor<1, Int>) -> usize {
@@ -464,6 +525,7 @@ pub fn evaluate(
     if data.is_empty() {
         return Err(Error::setting("data", "the evaluation set is empty"));
     }
+    crate::metrics::check_batch_fits(graph, batch_size.min(data.len()), false, "batch_size")?;
     let classes = graph.num_outputs();
     evaluate_with(data, batcher, batch_size, classes, device, &mut |x| Ok(graph.forward(x)))
 }

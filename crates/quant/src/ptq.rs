@@ -637,7 +637,19 @@ impl QuantizedModel {
     /// quantization annotations or they do not fit the graph.
     pub fn load(path: &std::path::Path, device: &burn::tensor::Device) -> shrink_core::Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| shrink_core::Error::Io { path: path.into(), source: e })?;
-        let loaded = shrink_core::io::from_bytes_with(&bytes, path, device)?;
+        Self::from_bytes(&bytes, path, device)
+    }
+
+    /// Parses a quantized model file's bytes; `path` names it in errors.
+    ///
+    /// # Errors
+    /// As [`QuantizedModel::load`].
+    pub fn from_bytes(
+        bytes: &[u8],
+        path: &std::path::Path,
+        device: &burn::tensor::Device,
+    ) -> shrink_core::Result<Self> {
+        let loaded = shrink_core::io::from_bytes_with(bytes, path, device)?;
         let bad = |m: String| shrink_core::Error::BadFile { path: path.into(), offset: 8, message: m };
         let a: Annotations = serde_json::from_value(
             loaded.annotations.ok_or_else(|| bad("no quantization annotations: not a quantized model file".into()))?,

@@ -20,27 +20,38 @@ pub fn load_cifar10_bin(files: &[&Path]) -> Result<Dataset> {
     let mut labels = Vec::new();
     for path in files {
         let bytes = std::fs::read(path).map_err(|e| Error::io(*path, e))?;
-        if bytes.is_empty() || bytes.len() % RECORD != 0 {
-            let whole = bytes.len() / RECORD * RECORD;
-            return Err(Error::bad_file(
-                *path,
-                whole as u64,
-                format!("{} bytes is not a whole number of {RECORD}-byte CIFAR-10 records", bytes.len()),
-            ));
-        }
-        for (i, rec) in bytes.chunks_exact(RECORD).enumerate() {
-            if rec[0] >= 10 {
-                return Err(Error::bad_file(*path, (i * RECORD) as u64, format!("label {} is not below 10", rec[0])));
-            }
-            labels.push(rec[0] as u32);
-            pixels.extend_from_slice(&rec[1..]);
-        }
+        parse_cifar10_records(&bytes, path, &mut pixels, &mut labels)?;
     }
     let mut d = Dataset::new([3, 32, 32], pixels, labels, 10)?;
     d.class_names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
         .map(String::from)
         .to_vec();
     Ok(d)
+}
+
+/// Parses one CIFAR-10 binary batch file's bytes, appending its images and labels; `path`
+/// names it in errors.
+///
+/// # Errors
+/// As [`load_cifar10_bin`]; nothing is appended then.
+pub fn parse_cifar10_records(bytes: &[u8], path: &Path, pixels: &mut Vec<u8>, labels: &mut Vec<u32>) -> Result<()> {
+    if bytes.is_empty() || bytes.len() % RECORD != 0 {
+        let whole = bytes.len() / RECORD * RECORD;
+        return Err(Error::bad_file(
+            path,
+            whole as u64,
+            format!("{} bytes is not a whole number of {RECORD}-byte CIFAR-10 records", bytes.len()),
+        ));
+    }
+    if let Some(i) = bytes.chunks_exact(RECORD).position(|rec| rec[0] >= 10) {
+        let label = bytes[i * RECORD];
+        return Err(Error::bad_file(path, (i * RECORD) as u64, format!("label {label} is not below 10")));
+    }
+    for rec in bytes.chunks_exact(RECORD) {
+        labels.push(rec[0] as u32);
+        pixels.extend_from_slice(&rec[1..]);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -59,8 +70,8 @@ mod tests {
         std::fs::write(&p, &bytes).unwrap();
         let d = load_cifar10_bin(&[&p]).unwrap();
         assert_eq!(d.labels, vec![3, 7]);
-        assert_eq!(d.pixels.len(), 2 * 3072);
-        assert_eq!(d.pixels[3072], 7); // first pixel of the second image: 0 ^ 7
+        assert_eq!(d.len(), 2);
+        assert_eq!(d.image(1)[0], 7); // first pixel of the second image: 0 ^ 7
         assert_eq!(d.class_names[3], "cat");
 
         std::fs::write(&p, &bytes[..RECORD + 5]).unwrap();

@@ -29,9 +29,8 @@ pub fn load_image_folder(root: &Path, size: [usize; 2], channels: usize) -> Resu
     if classes.is_empty() {
         return Err(Error::setting("data.path", format!("{}: no class folders", root.display())));
     }
-    let mut pixels = Vec::new();
-    let mut labels = Vec::new();
-    for (label, (_, dir)) in classes.iter().enumerate() {
+    let mut listed = Vec::with_capacity(classes.len());
+    for (_, dir) in &classes {
         let mut files: Vec<PathBuf> = read_dir(dir)?
             .into_iter()
             .filter(|p| {
@@ -40,18 +39,25 @@ pub fn load_image_folder(root: &Path, size: [usize; 2], channels: usize) -> Resu
             })
             .collect();
         files.sort();
+        listed.push(files);
+    }
+    // Each file is decoded, resized and appended to a temporary file, and dropped before the
+    // next is read; the dataset maps that file, so the OS pages images in as batches need them
+    // and the heap never holds the set: a folder larger than memory still loads.
+    let mut out = super::mapped::MappedWriter::new("images")?;
+    let mut labels = Vec::new();
+    for (label, files) in listed.into_iter().enumerate() {
         for file in files {
             let img = image::open(&file).map_err(|e| Error::bad_file(&file, 0, format!("cannot decode image: {e}")))?;
             let img = img.resize_exact(size[1] as u32, size[0] as u32, image::imageops::FilterType::Triangle);
             if channels == 1 {
-                pixels.extend_from_slice(img.to_luma8().as_raw());
+                out.write(img.to_luma8().as_raw())?;
             } else {
                 // HWC -> CHW.
                 let rgb = img.to_rgb8();
                 let raw = rgb.as_raw();
-                for c in 0..3 {
-                    pixels.extend(raw.iter().skip(c).step_by(3));
-                }
+                let planes: Vec<u8> = (0..3).flat_map(|c| raw.iter().skip(c).step_by(3).copied()).collect();
+                out.write(&planes)?;
             }
             labels.push(label as u32);
         }
@@ -59,7 +65,8 @@ pub fn load_image_folder(root: &Path, size: [usize; 2], channels: usize) -> Resu
     if labels.is_empty() {
         return Err(Error::setting("data.path", format!("{}: no PNG or JPEG images", root.display())));
     }
-    let mut d = Dataset::new([channels, size[0], size[1]], pixels, labels, classes.len())?;
+    let storage = super::Storage::Mapped(std::sync::Arc::new(out.finish()?));
+    let mut d = Dataset::with_storage([channels, size[0], size[1]], storage, labels, classes.len())?;
     d.class_names = classes.into_iter().map(|(n, _)| n).collect();
     Ok(d)
 }
@@ -87,8 +94,15 @@ mod tests {
         assert_eq!(d.labels, vec![0, 1]);
         assert_eq!(d.shape, [3, 2, 4]);
         // Blue image: red plane 0, blue plane 255.
-        assert_eq!(&d.pixels[0..8], &[0; 8]);
-        assert_eq!(&d.pixels[16..24], &[255; 8]);
+        assert!(d.is_mapped());
+        assert_eq!(&d.image(0)[0..8], &[0; 8]);
+        assert_eq!(&d.image(0)[16..24], &[255; 8]);
+        // Subsets and splits share the mapping.
+        let (t, v) = d.split(0.5, 3).unwrap();
+        assert!(t.is_mapped() && v.is_mapped());
+        let mut both = vec![t.image(0).to_vec(), v.image(0).to_vec()];
+        both.sort();
+        assert_eq!(both, vec![d.image(0).to_vec(), d.image(1).to_vec()]);
 
         std::fs::write(root.join("a_blue").join("broken.png"), b"not a png").unwrap();
         let e = load_image_folder(&root, [2, 4], 3).unwrap_err().to_string();

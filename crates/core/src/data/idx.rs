@@ -22,12 +22,12 @@ pub struct IdxArray {
     pub data: Vec<u8>,
 }
 
-fn open(path: &Path) -> Result<Box<dyn Read>> {
-    let mut file = BufReader::new(File::open(path).map_err(|e| Error::io(path, e))?);
+/// The stream as stored, or decompressed when it starts with gzip's magic number.
+fn maybe_gzip<'a>(mut raw: impl Read + 'a, path: &Path) -> Result<Box<dyn Read + 'a>> {
     let mut magic = [0u8; 2];
-    let n = read_up_to(&mut file, &mut magic).map_err(|e| Error::io(path, e))?;
+    let n = read_up_to(&mut raw, &mut magic).map_err(|e| Error::io(path, e))?;
     let head = std::io::Cursor::new(magic[..n].to_vec());
-    let chained = head.chain(file);
+    let chained = head.chain(raw);
     if n == 2 && magic == [0x1f, 0x8b] { Ok(Box::new(GzDecoder::new(chained))) } else { Ok(Box::new(chained)) }
 }
 
@@ -49,7 +49,19 @@ fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 /// number, an unsupported type, a zero dimension, or data shorter or longer than the header says;
 /// [`Error::Io`] when the file cannot be read.
 pub fn read_idx(path: &Path) -> Result<IdxArray> {
-    let mut r = open(path)?;
+    let file = BufReader::new(File::open(path).map_err(|e| Error::io(path, e))?);
+    parse_idx(maybe_gzip(file, path)?, path)
+}
+
+/// Parses an IDX file's bytes (raw or gzip) as [`read_idx`] does; `path` names it in errors.
+///
+/// # Errors
+/// As [`read_idx`].
+pub fn parse_idx_bytes(bytes: &[u8], path: &Path) -> Result<IdxArray> {
+    parse_idx(maybe_gzip(bytes, path)?, path)
+}
+
+fn parse_idx(mut r: impl Read, path: &Path) -> Result<IdxArray> {
     let bad = |offset: u64, msg: String| Error::bad_file(path, offset, msg);
     let io = |e: std::io::Error| Error::bad_file(path, 0, format!("cannot decompress or read: {e}"));
     let mut head = [0u8; 4];

@@ -7,12 +7,14 @@
 mod cifar;
 mod folder;
 mod idx;
+mod mapped;
 
-pub use cifar::load_cifar10_bin;
+pub use cifar::{load_cifar10_bin, parse_cifar10_records};
 pub use folder::load_image_folder;
-pub use idx::{load_idx_images, load_idx_labels, load_idx_pair, read_idx};
+pub use idx::{IdxArray, load_idx_images, load_idx_labels, load_idx_pair, parse_idx_bytes, read_idx};
 
 use std::path::Path;
+use std::sync::Arc;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::seq::SliceRandom;
@@ -22,13 +24,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
-/// Labelled images in memory, as bytes.
-#[derive(Clone, Debug, PartialEq)]
+/// Labelled images as bytes: in memory, or in a file the OS maps into memory and pages in as
+/// batches read it (image folders, see [`load_image_folder`]). Subsets share the bytes.
+#[derive(Clone, Debug)]
 pub struct Dataset {
     /// `[channels, height, width]` of every image.
     pub shape: [usize; 3],
-    /// Pixels, image after image, channel-major (`n * c * h * w` bytes).
-    pub pixels: Vec<u8>,
+    /// The images' bytes, image after image, channel-major.
+    storage: Storage,
+    /// Which image of `storage` each image of this set is (`None`: image `i` is image `i`).
+    rows: Option<Arc<[u32]>>,
     /// One label per image, each `< classes`.
     pub labels: Vec<u32>,
     /// Number of classes.
@@ -37,24 +42,69 @@ pub struct Dataset {
     pub class_names: Vec<String>,
 }
 
+/// Where a dataset's bytes live.
+#[derive(Clone)]
+enum Storage {
+    Memory(Arc<[u8]>),
+    Mapped(Arc<mapped::MappedFile>),
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Storage::Memory(b) => write!(f, "Memory({} bytes)", b.len()),
+            Storage::Mapped(m) => write!(f, "Mapped({} bytes)", m.bytes().len()),
+        }
+    }
+}
+
+impl Storage {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::Memory(b) => b,
+            Storage::Mapped(m) => m.bytes(),
+        }
+    }
+}
+
+/// Two datasets are equal when their images, labels and classes are (wherever the bytes live).
+impl PartialEq for Dataset {
+    fn eq(&self, other: &Self) -> bool {
+        self.shape == other.shape
+            && self.labels == other.labels
+            && self.classes == other.classes
+            && self.class_names == other.class_names
+            && (0..self.len()).all(|i| self.image(i) == other.image(i))
+    }
+}
+
 impl Dataset {
-    /// A dataset from parts, checking that they agree.
+    /// A dataset from parts, checking that they agree: `pixels` holds the images one after the
+    /// other, channel-major (`n * c * h * w` bytes).
     ///
     /// # Errors
     /// [`Error::InvalidSetting`] when sizes disagree or a label is out of range.
     pub fn new(shape: [usize; 3], pixels: Vec<u8>, labels: Vec<u32>, classes: usize) -> Result<Self> {
+        Self::with_storage(shape, Storage::Memory(pixels.into()), labels, classes)
+    }
+
+    fn with_storage(shape: [usize; 3], storage: Storage, labels: Vec<u32>, classes: usize) -> Result<Self> {
         let per = shape.iter().product::<usize>();
-        if per == 0 || pixels.len() != per * labels.len() {
+        let bytes = storage.bytes().len();
+        if per == 0 || Some(bytes) != per.checked_mul(labels.len()) {
             return Err(Error::setting(
                 "dataset",
-                format!("{} bytes of pixels for {} images of {shape:?}", pixels.len(), labels.len()),
+                format!("{bytes} bytes of pixels for {} images of {shape:?}", labels.len()),
             ));
         }
         if let Some((i, l)) = labels.iter().enumerate().find(|(_, l)| **l as usize >= classes) {
             return Err(Error::setting("dataset", format!("label {l} of image {i} is not below {classes} classes")));
         }
+        if labels.len() > u32::MAX as usize {
+            return Err(Error::setting("dataset", format!("{} images: at most 2^32 - 1", labels.len())));
+        }
         let class_names = (0..classes).map(|c| c.to_string()).collect();
-        Ok(Self { shape, pixels, labels, classes, class_names })
+        Ok(Self { shape, storage, rows: None, labels, classes, class_names })
     }
 
     /// Number of images.
@@ -67,20 +117,38 @@ impl Dataset {
         self.labels.is_empty()
     }
 
-    fn image(&self, i: usize) -> &[u8] {
-        let per = self.shape.iter().product::<usize>();
-        &self.pixels[i * per..(i + 1) * per]
+    /// Whether the bytes are in a file mapped into memory rather than on the heap.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.storage, Storage::Mapped(_))
     }
 
-    /// The images at `indices`, as a new dataset.
+    /// Image `i`'s bytes (`c * h * w`, channel-major).
+    ///
+    /// # Panics
+    /// If `i >= self.len()`.
+    pub fn image(&self, i: usize) -> &[u8] {
+        let per = self.shape.iter().product::<usize>();
+        let row = self.rows.as_ref().map_or(i, |r| r[i] as usize);
+        &self.storage.bytes()[row * per..(row + 1) * per]
+    }
+
+    /// The images at `indices`, as a new dataset sharing these bytes.
+    ///
+    /// # Panics
+    /// If an index is out of range.
     pub fn subset(&self, indices: &[usize]) -> Dataset {
-        let mut pixels = Vec::with_capacity(indices.len() * self.shape.iter().product::<usize>());
-        for &i in indices {
-            pixels.extend_from_slice(self.image(i));
-        }
+        let n = self.len();
+        let rows: Arc<[u32]> = indices
+            .iter()
+            .map(|&i| {
+                assert!(i < n, "image {i} of {n}");
+                self.rows.as_ref().map_or(i as u32, |r| r[i])
+            })
+            .collect();
         Dataset {
             shape: self.shape,
-            pixels,
+            storage: self.storage.clone(),
+            rows: Some(rows),
             labels: indices.iter().map(|&i| self.labels[i]).collect(),
             classes: self.classes,
             class_names: self.class_names.clone(),
@@ -107,7 +175,7 @@ impl Dataset {
         let [c, h, w] = self.shape;
         let mut sum = vec![0f64; c];
         let mut sq = vec![0f64; c];
-        for img in self.pixels.chunks_exact(c * h * w) {
+        for img in (0..self.len()).map(|i| self.image(i)) {
             for (ch, plane) in img.chunks_exact(h * w).enumerate() {
                 for &p in plane {
                     let v = p as f64 / 255.0;
@@ -272,9 +340,10 @@ mod tests {
         let d = tiny();
         let (t, v) = d.split(0.25, 1).unwrap();
         assert_eq!((t.len(), v.len()), (3, 1));
-        let mut all: Vec<u8> = t.pixels.iter().chain(&v.pixels).copied().collect();
+        let pixels = |d: &Dataset| (0..d.len()).flat_map(|i| d.image(i).to_vec()).collect::<Vec<u8>>();
+        let mut all: Vec<u8> = pixels(&t).into_iter().chain(pixels(&v)).collect();
         all.sort();
-        let mut orig = d.pixels.clone();
+        let mut orig = pixels(&d);
         orig.sort();
         assert_eq!(all, orig);
         assert!(d.split(1.0, 1).is_err());
