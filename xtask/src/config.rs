@@ -168,6 +168,10 @@ pub enum Stage {
         /// lambda = 0.01, images = 128 }`. Static mode.
         #[serde(default)]
         adaround: Option<shrink_quant::adaround::AdaRoundSettings>,
+        /// Activations as `"u8"` (asymmetric, with a zero point; the default) or `"i8"`
+        /// (symmetric, zero point 0). Static mode.
+        #[serde(default)]
+        activations: shrink_quant::ActivationType,
     },
     /// Quantization-aware training: batch norms folded, the layers chosen as static PTQ chooses
     /// them, activation ranges calibrated, then fine-tuning with weights and layer inputs rounded
@@ -852,9 +856,16 @@ fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
                 mode,
                 bias_correction,
                 adaround,
+                activations,
                 ..
             } => {
                 quantized_at = Some(i);
+                if *activations != shrink_quant::ActivationType::U8 && *mode == QuantMode::Dynamic {
+                    bail!(
+                        "key `{at}.activations`: dynamic quantization measures each batch's u8 range at run time, so \
+                         \"i8\" applies to mode = \"static\" only"
+                    );
+                }
                 if let Some(ada) = adaround {
                     if *mode == QuantMode::Dynamic {
                         bail!(

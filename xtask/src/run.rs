@@ -525,6 +525,7 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                 bias_correction,
                 cross_layer_equalization,
                 adaround,
+                activations,
             } => {
                 let dynamic = *mode == crate::config::QuantMode::Dynamic;
                 let settings = PtqSettings {
@@ -536,6 +537,7 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                     bias_correction: *bias_correction,
                     cross_layer_equalization: *cross_layer_equalization,
                     adaround: adaround.clone(),
+                    activations: *activations,
                 };
                 let wanted = if dynamic { 0 } else { *calibration_batches };
                 let chunks = calibration_batches_of(&data, e.seed, wanted, *batch_size);
@@ -575,6 +577,9 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                         },
                     if dynamic {
                         "u8 asymmetric, per tensor, range measured on each batch at run time".into()
+                    } else if *activations == shrink_quant::ActivationType::I8 {
+                        "i8 symmetric, per tensor, at the input of each quantized layer (run as u8 with zero point 128)"
+                            .into()
                     } else {
                         "u8 asymmetric, per tensor, at the input of each quantized layer".into()
                     },
@@ -610,6 +615,7 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                     bias_correction: false,
                     cross_layer_equalization: false,
                     adaround: None,
+                    activations: shrink_quant::ActivationType::U8,
                 };
                 // The calibration images, assembled once for both the comparison and QAT.
                 let bar = calibration_bar(opts, *calibration_batches);

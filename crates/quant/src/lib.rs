@@ -33,7 +33,7 @@ pub mod qat;
 pub mod weights;
 
 pub use calibrate::{Calibrator, Observer};
-pub use ptq::{LayerQuant, Override, PtqSettings, QuantizedModel, quantize_static};
+pub use ptq::{ActivationType, LayerQuant, Override, PtqSettings, QuantizedModel, quantize_static};
 pub use qat::{QatOutcome, QatSettings, QatTeacher, quantization_aware_training};
 pub use weights::{QuantizedWeight, WeightQuantizer};
 

@@ -51,6 +51,40 @@ pub struct PtqSettings {
     /// Learned rounding of the weights, layer by layer, on the calibration images (see
     /// [`crate::adaround`]); `None`: round to nearest.
     pub adaround: Option<crate::adaround::AdaRoundSettings>,
+    /// How activations are stored: u8 with a zero point (default), or i8 symmetric.
+    pub activations: ActivationType,
+}
+
+/// The integer type of quantized activations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActivationType {
+    /// Unsigned 8 bits, asymmetric: `[min, max]` (widened to 0) onto 0..=255 with a zero point.
+    /// Uses all 256 levels on one-sided inputs such as ReLU outputs.
+    #[default]
+    U8,
+    /// Signed 8 bits, symmetric: `[-a, a]` onto -127..=127, zero point 0 (as TensorRT and
+    /// int8-only accelerators expect). The integer kernels read it as u8 with zero point 128,
+    /// which is exact: `q + 128` is the same grid shifted.
+    I8,
+}
+
+impl ActivationType {
+    /// The scheme its ranges are chosen for.
+    pub fn scheme(self) -> QuantScheme {
+        match self {
+            ActivationType::U8 => ACTIVATION_SCHEME,
+            ActivationType::I8 => QuantScheme { bits: 8, symmetric: true, granularity: Granularity::PerTensor },
+        }
+    }
+
+    /// The parameters the u8 kernels use for the range `[lo, hi]`.
+    pub fn kernel_params(self, p: QuantParams) -> QuantParams {
+        match self {
+            ActivationType::U8 => p,
+            ActivationType::I8 => QuantParams { scale: p.scale, zero_point: p.zero_point + 128 },
+        }
+    }
 }
 
 /// Sweeps of cross-layer equalization over the graph's pairs.
@@ -67,6 +101,7 @@ impl Default for PtqSettings {
             bias_correction: false,
             cross_layer_equalization: false,
             adaround: None,
+            activations: ActivationType::U8,
         }
     }
 }
@@ -253,6 +288,13 @@ pub fn quantize_static(
     if settings.dynamic && settings.bias_correction {
         return Err(Error::Setting("bias correction needs calibration: it applies to static quantization only".into()));
     }
+    if settings.dynamic && settings.activations != ActivationType::U8 {
+        return Err(Error::Setting(
+            "activations = \"i8\" applies to static quantization: dynamic quantization measures each batch's \
+             asymmetric u8 range at run time"
+                .into(),
+        ));
+    }
     let (mut folded, _) = graph.valid().fold_batch_norms();
     let mut equalized = Vec::new();
     if settings.cross_layer_equalization {
@@ -316,7 +358,9 @@ pub fn quantize_static(
         .iter()
         .map(|(&id, &bits)| {
             let input = match observers.get(&id) {
-                Some(o) => o.params(ACTIVATION_SCHEME).expect("observed"),
+                Some(o) => {
+                    settings.activations.kernel_params(o.params(settings.activations.scheme()).expect("observed"))
+                }
                 None => QuantParams { scale: 1.0, zero_point: 0 },
             };
             let input_mean = means.get(&id).map(|m| m.mean());

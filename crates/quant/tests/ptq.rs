@@ -272,3 +272,42 @@ fn dynamic_quantization_covers_linear_layers_without_calibration() {
     assert_eq!(loaded.layers, q.layers);
     let _ = std::fs::remove_file(&path);
 }
+
+#[test]
+fn i8_activations_are_symmetric_and_the_plan_computes_them_exactly() {
+    use shrink_quant::ActivationType;
+    let g = seeded(11, |d| ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 16, 16], 10, d).unwrap());
+    let calib = batches([1, 16, 16], 4, 12);
+    let settings = PtqSettings { activations: ActivationType::I8, ..PtqSettings::default() };
+    let q = quantize_static(&g, &mut calib.clone().into_iter(), &settings).unwrap();
+    // The first conv reads the images: its scale is max |x| / 127 over the calibration batches,
+    // on the i8 grid shifted by 128 for the u8 kernels.
+    let amax = calib.iter().map(|t| to_vec(t.clone()).iter().fold(0f32, |m, v| m.max(v.abs()))).fold(0f32, f32::max);
+    let stem = &q.layers["stem.conv"];
+    assert_eq!(stem.input_zero_point, 128);
+    assert!((stem.input_scale - amax / 127.0).abs() <= 1e-6 * amax, "{} vs {}", stem.input_scale, amax / 127.0);
+    assert!(q.layers.values().all(|l| l.input_zero_point == 128));
+
+    // The integer plan against the simulated forward, as for u8.
+    let x = batches([1, 16, 16], 1, 99).remove(0);
+    let simulated = to_vec(q.forward_simulated(x.clone()));
+    let got = q.freeze(1).unwrap().run(&to_vec(x.clone()), 8).unwrap().to_vec();
+    let scale = simulated.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = got.iter().zip(&simulated).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst <= 0.02 * scale, "{worst} vs scale {scale}");
+
+    // The model file keeps them.
+    let dir = std::env::temp_dir().join(format!("shrink-i8-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    q.save(&dir.join("m.safetensors")).unwrap();
+    let loaded =
+        shrink_quant::QuantizedModel::load(&dir.join("m.safetensors"), &BackendKind::Flex.device().unwrap()).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(loaded.layers, q.layers);
+    assert_eq!(loaded.freeze(1).unwrap().run(&to_vec(x), 8).unwrap(), &got[..]);
+
+    // Dynamic quantization measures u8 ranges at run time: i8 is refused there.
+    let dynamic = PtqSettings { dynamic: true, activations: ActivationType::I8, ..PtqSettings::default() };
+    let err = quantize_static(&g, &mut calib.into_iter(), &dynamic).unwrap_err().to_string();
+    assert!(err.contains("i8") && err.contains("dynamic"), "{err}");
+}
