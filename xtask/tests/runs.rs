@@ -303,7 +303,6 @@ fn every_broken_config_is_refused_with_its_expected_message() {
 
 #[test]
 fn a_run_killed_after_a_stage_resumes_there_and_ends_as_an_uninterrupted_one() {
-    use std::io::{BufRead, BufReader};
     let config = "configs/smoke/lenet_prune.toml"; // train → prune (AGP, fine-tuning) → quantize
     let reference_out = tmp("resume-reference");
     let reference = xtask(&["run", "-q", "--out", &reference_out.display().to_string(), config]);
@@ -313,22 +312,10 @@ fn a_run_killed_after_a_stage_resumes_there_and_ends_as_an_uninterrupted_one() {
     // The same run, killed with SIGKILL once the first stage's checkpoint is written.
     let out = tmp("resume");
     let out_arg = out.display().to_string();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(["run", "-q", "--out", &out_arg, config])
-        .env("SHRINK_TEST_STOP_AFTER_STAGES", "1")
-        .current_dir(root())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let waiting = stderr.lines().map_while(Result::ok).any(|l| l.contains("waiting to be killed"));
-    assert!(waiting, "the run reached the end of its first stage");
-    child.kill().unwrap(); // SIGKILL on Unix
-    child.wait().unwrap();
+    let killed_dir = kill_after_first_stage(&out_arg, config);
     let runs: Vec<PathBuf> =
         std::fs::read_dir(out.join("smoke_lenet_prune")).unwrap().map(|e| e.unwrap().path()).collect();
-    assert_eq!(runs.len(), 1);
+    assert_eq!(runs, [killed_dir]);
     let killed = report(&runs[0].display().to_string());
     assert_eq!(killed["status"], "running");
     assert_eq!(killed["stages"].as_array().unwrap().len(), 1);
@@ -360,5 +347,39 @@ fn a_run_killed_after_a_stage_resumes_there_and_ends_as_an_uninterrupted_one() {
     // A complete run is not resumed: the next run of the config gets a directory of its own.
     let next = xtask(&["run", "-q", "--out", &out_arg, config]);
     assert!(next.status.success());
-    assert_ne!(PathBuf::from(String::from_utf8(next.stdout).unwrap().trim()), runs[0]);
+    let next = PathBuf::from(String::from_utf8(next.stdout).unwrap().trim());
+    assert_ne!(next, runs[0]);
+
+    // --fresh leaves an unfinished run alone and starts a directory of its own.
+    let killed = kill_after_first_stage(&out_arg, config);
+    let fresh = xtask(&["run", "-q", "--fresh", "--out", &out_arg, config]);
+    assert!(fresh.status.success());
+    let fresh = PathBuf::from(String::from_utf8(fresh.stdout).unwrap().trim());
+    assert!(fresh != killed && fresh != next && fresh != runs[0]);
+    assert_eq!(report(&killed.display().to_string())["status"], "running");
+    assert!(report(&fresh.display().to_string())["resumed"].as_array().unwrap().is_empty());
+}
+
+/// Runs `config` until its first stage's checkpoint is written, kills it with SIGKILL, and
+/// returns its run directory (the newest under `out`).
+fn kill_after_first_stage(out: &str, config: &str) -> PathBuf {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["run", "-q", "--out", out, config])
+        .env("SHRINK_TEST_STOP_AFTER_STAGES", "1")
+        .current_dir(root())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    assert!(stderr.lines().map_while(Result::ok).any(|l| l.contains("waiting to be killed")));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let experiment = Path::new(out).join("smoke_lenet_prune");
+    let newest = std::fs::read_dir(&experiment)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max_by_key(|p| std::fs::metadata(p.join("config.resolved.toml")).unwrap().modified().unwrap());
+    newest.unwrap()
 }
