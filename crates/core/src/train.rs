@@ -374,11 +374,12 @@ pub fn train_module<M: Trainable>(
         for (step, chunk) in order.chunks(settings.batch_size).enumerate() {
             lr = settings.lr_at(epoch as f64 + step as f64 / steps as f64);
             let (images, labels) = batcher.batch(train_set, chunk, &ad_device, Some(&mut aug_rng));
+            // A handle (not a copy) kept for the diagnosis: the batch as trained, augmentation included.
+            let trained_images = images.clone();
             let (loss, logits) = objective(&model, Batch { images, labels: labels.clone(), indices: chunk })?;
             let loss_value: f64 = loss.clone().into_scalar::<f32>() as f64;
             if !loss_value.is_finite() {
-                let (images, _) = batcher.batch(train_set, chunk, device, None);
-                let source = locate_non_finite(&model.graph().valid(), images);
+                let source = locate_non_finite(&model.graph().valid(), trained_images.inner());
                 return Err(Error::RunFailed(format!(
                     "loss is {loss_value} at epoch {} step {}: {source}",
                     epoch + 1,

@@ -78,7 +78,7 @@ impl ActivationType {
         }
     }
 
-    /// The parameters the u8 kernels use for the range `[lo, hi]`.
+    /// The parameters the u8 kernels use for `p`, chosen for [`ActivationType::scheme`].
     pub fn kernel_params(self, p: QuantParams) -> QuantParams {
         match self {
             ActivationType::U8 => p,

@@ -45,7 +45,8 @@ pub struct Dataset {
 /// Where a dataset's bytes live.
 #[derive(Clone)]
 enum Storage {
-    Memory(Arc<[u8]>),
+    // A Vec rather than a slice: `Arc<[u8]>::from(Vec)` would copy every byte once more.
+    Memory(Arc<Vec<u8>>),
     Mapped(Arc<mapped::MappedFile>),
 }
 
@@ -85,7 +86,7 @@ impl Dataset {
     /// # Errors
     /// [`Error::InvalidSetting`] when sizes disagree or a label is out of range.
     pub fn new(shape: [usize; 3], pixels: Vec<u8>, labels: Vec<u32>, classes: usize) -> Result<Self> {
-        Self::with_storage(shape, Storage::Memory(pixels.into()), labels, classes)
+        Self::with_storage(shape, Storage::Memory(Arc::new(pixels)), labels, classes)
     }
 
     fn with_storage(shape: [usize; 3], storage: Storage, labels: Vec<u32>, classes: usize) -> Result<Self> {
