@@ -1,5 +1,7 @@
-//! burn's forward latency of zoo models, batch 1 and 32, one thread, on every compiled-in CPU
-//! backend; groups are named by backend so their ratios can be read side by side.
+//! burn's forward latency of zoo models, batch 1 and 32, one thread, on every compiled-in
+//! backend (burn-wgpu too, with `--features wgpu`); groups are named by backend so their ratios
+//! can be read side by side. Each iteration reads the logits back to the host, so a GPU's queue
+//! is drained inside the timing.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use shrink_bench::{forward_cases, model_and_input};
@@ -7,7 +9,7 @@ use shrink_core::BackendKind;
 
 fn forward(c: &mut Criterion) {
     shrink_core::backend::set_cpu_threads(1);
-    for backend in [BackendKind::Flex, BackendKind::Ndarray] {
+    for backend in [BackendKind::Flex, BackendKind::Ndarray, BackendKind::Wgpu] {
         if !backend.is_compiled_in() {
             continue;
         }

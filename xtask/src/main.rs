@@ -5,7 +5,7 @@
 //!   run that stopped unfinished (killed, or a failed stage) resumes from its last finished stage
 //!   when the same config is run again by the same revision; `--fresh` starts over.
 //! - `cargo xtask bench <suite>` runs a benchmark suite at one thread (`runs/bench/<suite>.json`).
-//! - `cargo xtask check` runs the CI steps (fmt, clippy, docs, wgpu type-check, tests), as `.ci/run`.
+//! - `cargo xtask check` runs the CI steps (fmt, clippy, docs, tests with wgpu), as `.ci/run`.
 //! - `cargo xtask list` lists configs, models and backends.
 //!
 //! Exit codes: 0 success, 1 a run failed, 2 bad input (config, data or model file).
@@ -76,7 +76,7 @@ enum Command {
         #[arg(long, default_value_t = 15)]
         repeats: usize,
     },
-    /// Run the CI steps: fmt --check, clippy -D warnings, docs -D warnings, the wgpu type-check, the tests.
+    /// Run the CI steps: fmt --check, clippy -D warnings, docs -D warnings, the tests (wgpu included).
     Check,
     /// List configs, zoo models and compiled-in backends.
     List,
@@ -269,14 +269,28 @@ fn run_one(
 }
 
 /// The test command of README.md, in one place (`.ci/run` runs the same).
-pub const TEST_COMMAND: &[&str] = &["test", "--workspace", "--release"];
+/// The wgpu tests need a Vulkan driver (CI installs Mesa's lavapipe).
+pub const TEST_COMMAND: &[&str] = &["test", "--workspace", "--release", "--features", "xtask/wgpu"];
 
 fn check() -> ExitCode {
-    let steps: [(&str, Vec<&str>); 5] = [
+    // The same features in every step, so burn compiles once for clippy and docs.
+    let steps: [(&str, Vec<&str>); 4] = [
         ("fmt", vec!["fmt", "--all", "--check"]),
-        ("clippy", vec!["clippy", "--workspace", "--release", "--all-targets", "--", "-D", "warnings"]),
-        ("doc", vec!["doc", "--workspace", "--no-deps", "--release"]),
-        ("wgpu", vec!["check", "-p", "xtask", "--features", "wgpu", "--release"]),
+        (
+            "clippy",
+            vec![
+                "clippy",
+                "--workspace",
+                "--release",
+                "--all-targets",
+                "--features",
+                "xtask/wgpu",
+                "--",
+                "-D",
+                "warnings",
+            ],
+        ),
+        ("doc", vec!["doc", "--workspace", "--no-deps", "--release", "--features", "xtask/wgpu"]),
         ("test", TEST_COMMAND.to_vec()),
     ];
     for (name, args) in steps {

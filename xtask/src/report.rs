@@ -384,6 +384,9 @@ pub struct QuantSummary {
     pub int8_gemm: String,
     /// Test metrics of the simulated model (fake-quant on burn, f32 arithmetic).
     pub simulated_test: Evaluation,
+    /// What ran the simulated model: `burn-flex`, `burn-ndarray` or `burn-wgpu`.
+    #[serde(default)]
+    pub simulated_on: String,
     /// Size of the f32 model file before quantization, bytes.
     pub f32_file_bytes: usize,
     /// Per-layer sensitivity (when asked for): the f32 reference, then each layer quantized
@@ -718,8 +721,8 @@ pub fn markdown(r: &Report) -> String {
             q.method, q.weights, q.activations, q.calibrator, q.calibration_images
         );
         s += &format!(
-            "- test top-1 **measured on the integer kernels** (`cpu-plan-int8`, {}): {int:.4}; simulated (fake-quant on burn, f32 arithmetic): {:.4}\n",
-            q.int8_gemm, q.simulated_test.top1
+            "- test top-1 **measured on the integer kernels** (`cpu-plan-int8`, {}): {int:.4}; simulated (fake-quant on `{}`, f32 arithmetic): {:.4}\n",
+            q.int8_gemm, q.simulated_on, q.simulated_test.top1
         );
         if let Some(p) = &q.ptq_test {
             s += &format!(

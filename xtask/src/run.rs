@@ -186,7 +186,7 @@ fn train_cached(
         return Ok(Trained { graph, history: entry.history, train_seconds: entry.train_seconds, key, reused: true });
     }
     device.seed(seed);
-    let graph = model.build(data.train.shape, data.train.classes, &device)?;
+    let graph = model.build_seeded(data.train.shape, data.train.classes, seed, &device)?;
     let mut progress = progress_bar(opts, settings.epochs, label);
     let t0 = Instant::now();
     let (graph, history) = train(
@@ -438,7 +438,8 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
     });
     let device = e.backend.device()?;
     device.seed(e.seed);
-    let mut graph = e.model.build(data.train.shape, data.train.classes, &device)?;
+    // Initial weights from the host's generator: the same on every backend.
+    let mut graph = e.model.build_seeded(data.train.shape, data.train.classes, e.seed, &device)?;
     tracing::info!(model = %e.model.name(), nodes = graph.nodes.len(), "model built");
     let mut fresh = true;
     // The model as the last train stage left it: the default teacher of a distill stage.
@@ -730,8 +731,7 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                 // builds them again.
                 let initial = match prune_schedule {
                     shrink_prune::PruneSchedule::Lottery { .. } => {
-                        device.seed(e.seed);
-                        Some(e.model.build(data.train.shape, data.train.classes, &device)?)
+                        Some(e.model.build_seeded(data.train.shape, data.train.classes, e.seed, &device)?)
                     }
                     _ => None,
                 };
@@ -845,6 +845,7 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                     measure_quantized(q, &data, e.backend, plan, batch, simulate)?;
                 if let (Some(summary), Some(simulated)) = (stage_report.quantization.as_mut(), simulated) {
                     summary.simulated_test = simulated;
+                    summary.simulated_on = e.backend.runner_label().into();
                 }
                 stage_report.evaluated_on = "cpu-plan-int8".into();
                 stage_report.file_bytes = q.to_bytes()?.len();
@@ -984,7 +985,7 @@ fn run_distill(
         let initial = match &student_spec {
             Some(spec) => {
                 device.seed(seed);
-                spec.build(data.train.shape, data.train.classes, &device)?
+                spec.build_seeded(data.train.shape, data.train.classes, seed, &device)?
             }
             None => current.clone(),
         };
@@ -1090,6 +1091,7 @@ fn quant_summary(
         float_layers: q.float_layers.clone(),
         int8_gemm: shrink_quant::kernels::int8_gemm_kernel_name(),
         simulated_test: Evaluation::default(),
+        simulated_on: String::new(),
         f32_file_bytes: io::to_bytes(original)?.len(),
         sensitivity: None,
         ptq_test: None,

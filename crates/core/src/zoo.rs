@@ -97,7 +97,21 @@ impl ModelSpec {
         Ok(())
     }
 
-    /// Builds the model for inputs of `[channels, height, width]` and `classes` outputs.
+    /// Builds the model with its initial weights drawn from `seed` on burn-flex's generator,
+    /// then moves it to `device`: the same seed gives the same initial weights on every backend
+    /// (each backend's own generator draws different numbers from the same seed), so runs on
+    /// different backends start from the same model and can be compared.
+    ///
+    /// # Errors
+    /// As [`ModelSpec::build`].
+    pub fn build_seeded(&self, input: [usize; 3], classes: usize, seed: u64, device: &Device) -> Result<Graph> {
+        let host = crate::BackendKind::Flex.device()?;
+        host.seed(seed);
+        Ok(self.build(input, classes, &host)?.on_device(device))
+    }
+
+    /// Builds the model for inputs of `[channels, height, width]` and `classes` outputs, with
+    /// initial weights from `device`'s generator.
     ///
     /// # Errors
     /// [`Error::InvalidSetting`] for bad settings, [`Error::InvalidGraph`] when the input is too

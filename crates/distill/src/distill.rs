@@ -1,6 +1,6 @@
 //! Distilling one or more frozen teacher graphs into a student graph on the core training loop.
 
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -236,6 +236,24 @@ pub fn ensemble_log_probs(teachers: &[Teacher], images: Tensor<4>) -> Tensor<2> 
     soft_targets(&logits, &weights, 1.0).clamp_min(1e-30).log()
 }
 
+/// A 1×1 conv adapter `[c_in → c_out]`, initialised as burn's `Conv2dConfig` default does
+/// (Kaiming uniform with gain 1/√3: weights and bias uniform in ±1/√c_in), but from a host
+/// generator seeded by `seed`, not the device's: the same seed gives the same adapter on every
+/// backend.
+fn adapter(channels: [usize; 2], seed: u64, device: &Device) -> Conv2d {
+    use rand::Rng;
+    let [c_in, c_out] = channels;
+    let bound = 1.0 / (c_in as f32).sqrt();
+    let mut rng = shrink_core::data::rng(seed);
+    let mut draw = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-bound..bound)).collect() };
+    let weight = draw(c_out * c_in);
+    let bias = draw(c_out);
+    let mut conv = Conv2dConfig::new(channels, [1, 1]).init(device);
+    conv.weight = Param::from_tensor(Tensor::from_data(TensorData::new(weight, [c_out, c_in, 1, 1]), device));
+    conv.bias = Some(Param::from_tensor(Tensor::from_data(TensorData::new(bias, [c_out]), device)));
+    conv
+}
+
 /// Trains `student` to match the teachers (softened outputs, and the hint and attention pairs
 /// of `settings`) and the labels, with the core training loop: same optimiser, schedule, data
 /// order and augmentation as [`shrink_core::train::train`] with the same settings and seed.
@@ -284,8 +302,11 @@ pub fn distill(
         );
     }
 
-    let adapters: Vec<Conv2d> =
-        adapter_info.iter().map(|a| Conv2dConfig::new(a.channels, [1, 1]).init(device)).collect();
+    let adapters: Vec<Conv2d> = adapter_info
+        .iter()
+        .enumerate()
+        .map(|(i, a)| adapter(a.channels, seed ^ (0xADA9_0000 + i as u64), device))
+        .collect();
     let learner = Learner { student, adapters };
     let mut objective = |m: &Learner, batch: Batch<'_>| -> shrink_core::Result<LossAndLogits> {
         let (logits, s_feats) = m.student.forward_with_taps(batch.images.clone(), &student_taps);
