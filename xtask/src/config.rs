@@ -218,6 +218,10 @@ pub enum Stage {
         /// `distill = { temperature = 4.0, alpha = 0.5 }`.
         #[serde(default)]
         distill: Option<QatDistill>,
+        /// Activations as `"u8"` (asymmetric, with a zero point; the default) or `"i8"`
+        /// (symmetric, zero point 0); training rounds them as the kernels will.
+        #[serde(default)]
+        activations: shrink_quant::ActivationType,
     },
     /// Knowledge distillation: a student learns from one teacher or an ensemble (their softened
     /// outputs, and optionally hint and attention pairs named by node) as well as the labels.
@@ -1054,6 +1058,22 @@ kind = "evaluate"
         let plan = load_plan(&write("good.toml", GOOD)).unwrap();
         assert_eq!(plan.experiment.seed, 42);
         assert_eq!(plan.experiment.stages.len(), 2);
+    }
+
+    #[test]
+    fn qat_takes_the_activation_type() {
+        let qat =
+            "[[stages]]\nkind = \"qat\"\nepochs = 1\nbatch_size = 10\noptimizer = { kind = \"sgd\", lr = 0.01 }\n";
+        for (line, want) in
+            [("", shrink_quant::ActivationType::U8), ("activations = \"i8\"\n", shrink_quant::ActivationType::I8)]
+        {
+            let text = GOOD.replace("[[stages]]\nkind = \"evaluate\"", &format!("{qat}{line}"));
+            let plan = load_plan(&write("qat_i8.toml", &text)).unwrap();
+            match &plan.experiment.stages[1] {
+                Stage::Qat { activations, .. } => assert_eq!(*activations, want),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

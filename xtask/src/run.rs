@@ -354,6 +354,16 @@ fn sparse_plan(graph: &Graph, threads: usize) -> Result<Option<shrink_core::runt
     Ok(plan.kernels().iter().any(|(_, k)| k.contains("spmm")).then_some(plan))
 }
 
+/// How a static quantize or a qat stage stores activations, for the report.
+fn activations_text(activations: shrink_quant::ActivationType) -> String {
+    match activations {
+        shrink_quant::ActivationType::U8 => "u8 asymmetric, per tensor, at the input of each quantized layer".into(),
+        shrink_quant::ActivationType::I8 => {
+            "i8 symmetric, per tensor, at the input of each quantized layer (run as u8 with zero point 128)".into()
+        }
+    }
+}
+
 /// Measures the current model: test metrics, size, cost and latency.
 fn measure(
     graph: &Graph,
@@ -578,11 +588,8 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                         },
                     if dynamic {
                         "u8 asymmetric, per tensor, range measured on each batch at run time".into()
-                    } else if *activations == shrink_quant::ActivationType::I8 {
-                        "i8 symmetric, per tensor, at the input of each quantized layer (run as u8 with zero point 128)"
-                            .into()
                     } else {
-                        "u8 asymmetric, per tensor, at the input of each quantized layer".into()
+                        activations_text(*activations)
                     },
                     if dynamic { "none (dynamic)".into() } else { format!("{calibrator:?}") },
                     images,
@@ -605,6 +612,7 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                 learn_scales,
                 freeze_observers_epoch,
                 distill,
+                activations,
                 ..
             } => {
                 let ptq = PtqSettings {
@@ -616,7 +624,7 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                     bias_correction: false,
                     cross_layer_equalization: false,
                     adaround: None,
-                    activations: shrink_quant::ActivationType::U8,
+                    activations: *activations,
                 };
                 // The calibration images, assembled once for both the comparison and QAT.
                 let bar = calibration_bar(opts, *calibration_batches);
@@ -686,7 +694,7 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                     &graph,
                     method + &taught,
                     weights_text(*weight_bits, *per_channel, *learn_scales),
-                    "u8 asymmetric, per tensor, at the input of each quantized layer".into(),
+                    activations_text(*activations),
                     format!("{calibrator:?} (initial ranges)"),
                     out.calibration_images,
                 )?);

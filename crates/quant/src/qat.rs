@@ -21,7 +21,7 @@ use shrink_core::train::{
     distillation_loss, train_module,
 };
 
-use crate::ptq::{ACTIVATION_SCHEME, LayerPlan, PtqSettings, QuantizedModel, calibrate, plan_layers, quantize_weights};
+use crate::ptq::{ActivationType, LayerPlan, PtqSettings, QuantizedModel, calibrate, plan_layers, quantize_weights};
 use crate::{Error, QuantParams, params_for_range, symmetric_max};
 
 /// A teacher for QAT: its softened outputs guide the quantized network alongside the labels
@@ -40,6 +40,7 @@ pub struct QatTeacher {
 #[derive(Clone, Debug)]
 pub struct QatSettings {
     /// Weight bits, per-channel weights, the calibrator that sets the initial activation ranges,
+    /// the activation type (u8 asymmetric or i8 symmetric; training rounds as that type does),
     /// overrides (`dynamic` must be false).
     pub ptq: PtqSettings,
     /// Learn weight and activation scales by gradient descent (LSQ) instead of deriving them
@@ -60,7 +61,8 @@ pub struct QatLayer {
     pub node: NodeId,
     /// Weight bits.
     pub bits: u32,
-    /// Zero point of the layer's u8 input (fixed after calibration).
+    /// Zero point of the layer's input on the kernels' u8 grid (fixed after calibration; 128 for
+    /// i8 activations).
     pub input_zero_point: i32,
     /// Without LSQ: the observed input range `(min, max)`.
     pub range: (f32, f32),
@@ -114,7 +116,14 @@ fn fake_quant_weight<const D: usize>(w: Tensor<D>, scale: Tensor<1>, qmax: i32) 
     q * s
 }
 
-/// Asymmetric u8 fake-quant of an activation with a `[1]` scale tensor.
+/// The u8 kernel parameters of a layer input observed in `[lo, hi]`: u8 asymmetric, or i8
+/// symmetric run as u8 with zero point 128 (see [`ActivationType`]).
+fn input_params(lo: f32, hi: f32, activations: ActivationType) -> QuantParams {
+    activations.kernel_params(params_for_range(lo, hi, activations.scheme()))
+}
+
+/// u8 fake-quant of an activation with a `[1]` scale tensor, as the kernels round it (i8
+/// activations arrive here as u8 with zero point 128).
 fn fake_quant_input<const D: usize>(x: Tensor<D>, scale: Tensor<1>, zero_point: i32) -> Tensor<D> {
     let s = scale.reshape([1usize; D]);
     let zp = zero_point as f32;
@@ -263,9 +272,10 @@ pub fn quantization_aware_training(
     let mut weight_scales = Vec::new();
     let mut input_scales = Vec::new();
     let mut index = BTreeMap::new();
+    let activations = ptq.activations;
     for (&id, &bits) in &plan {
-        let (lo, hi) = observers[&id].range(ACTIVATION_SCHEME).expect("observed");
-        let p = params_for_range(lo, hi, ACTIVATION_SCHEME);
+        let (lo, hi) = observers[&id].range(activations.scheme()).expect("observed");
+        let p = input_params(lo, hi, activations);
         index.insert(id, layers.len());
         let input_elements = shapes[folded.nodes[id].inputs[0]].numel();
         layers.push(QatLayer { node: id, bits, input_zero_point: p.zero_point, range: (lo, hi), input_elements });
@@ -297,8 +307,7 @@ pub fn quantization_aware_training(
     let mut objective = |m: &QatModel, batch: Batch<'_>| -> shrink_core::Result<LossAndLogits> {
         let live = !settings.learn_scales && freeze_step.is_none_or(|f| step < f);
         step += 1;
-        let fixed: Vec<QuantParams> =
-            ranges.iter().map(|&(lo, hi)| params_for_range(lo, hi, ACTIVATION_SCHEME)).collect();
+        let fixed: Vec<QuantParams> = ranges.iter().map(|&(lo, hi)| input_params(lo, hi, activations)).collect();
         let mut seen = vec![(0.0, 0.0); ranges.len()];
         // The teacher sees the same (augmented) images, without autodiff.
         let teacher_probs = teacher.as_ref().map(|(t, temperature, _)| {
@@ -342,7 +351,7 @@ pub fn quantization_aware_training(
             (QuantParams { scale, zero_point: layer.input_zero_point }, Some(ws))
         } else {
             let (lo, hi) = ranges[k];
-            (params_for_range(lo, hi, ACTIVATION_SCHEME), None)
+            (input_params(lo, hi, activations), None)
         };
         // No bias correction: training has already absorbed the rounding's mean shift.
         plan_out
@@ -369,6 +378,16 @@ mod tests {
         assert_eq!(v, vec![0.0, 2.0, 2.0, -2.0], "ties to even, as the kernels");
         let g: Vec<f32> = x.grad(&y.sum().backward()).unwrap().into_data().try_to_vec().unwrap();
         assert_eq!(g, vec![1.0; 4]);
+    }
+
+    #[test]
+    fn input_parameters_follow_the_activation_type() {
+        // u8: [-1, 3] onto 0..=255, zero point round(1 / (4/255)) = 64.
+        let u = input_params(-1.0, 3.0, ActivationType::U8);
+        assert!((u.scale - 4.0 / 255.0).abs() < 1e-7 && u.zero_point == 64, "{u:?}");
+        // i8: [-3, 3] onto -127..=127, zero point 0, which the u8 kernels see as 128.
+        let i = input_params(-1.0, 3.0, ActivationType::I8);
+        assert!((i.scale - 3.0 / 127.0).abs() < 1e-7 && i.zero_point == 128, "{i:?}");
     }
 
     #[test]

@@ -256,3 +256,39 @@ fn int8_with_i8_activations_keeps_the_accuracy_on_the_integer_kernels() {
     // scheme's honest cost next to u8 on this net, not a free lunch.
     assert!(int8.top1 >= f32_eval.top1 - 0.004, "i8 activations {} vs f32 {}", int8.top1, f32_eval.top1);
 }
+
+#[test]
+fn qat_with_i8_activations_trains_on_the_symmetric_grid_and_runs_on_the_integer_kernels() {
+    let s = setup();
+    let f32_acc = evaluate(&s.baseline, &s.test, &s.batcher, 250, &s.device).unwrap().top1;
+    let data = TrainData { train: &s.train, validation: None, batcher: &s.batcher };
+    for learn_scales in [false, true] {
+        let ptq = PtqSettings { activations: shrink_quant::ActivationType::I8, ..ptq(4) };
+        let qat = QatSettings { ptq, learn_scales, freeze_observers_epoch: None, teacher: None };
+        let out = quantization_aware_training(
+            &s.baseline,
+            &mut calibration(&s).into_iter(),
+            data,
+            &settings(1, 0.001),
+            &qat,
+            &s.device,
+            1,
+            &mut Quiet,
+        )
+        .unwrap();
+        // i8 symmetric: zero point 0, which the u8 kernels see as 128.
+        for (name, l) in &out.model.layers {
+            assert_eq!(l.input_zero_point, 128, "{name} (learned scales: {learn_scales})");
+        }
+        let int_acc =
+            evaluate_plan(&mut out.model.freeze(1).unwrap(), &s.test, &s.batcher, 250, &s.device).unwrap().top1;
+        let sim = evaluate_with(&s.test, &s.batcher, 250, 10, &s.device, &mut |x| Ok(out.model.forward_simulated(x)))
+            .unwrap()
+            .top1;
+        eprintln!(
+            "f32 {f32_acc}; QAT int4 weights, i8 activations (learned scales: {learn_scales}): {int_acc} (simulated {sim})"
+        );
+        assert!((int_acc - sim).abs() <= 0.01, "integer {int_acc} vs simulated {sim}");
+        assert!(int_acc >= f32_acc - 0.02, "QAT with i8 activations {int_acc} vs f32 {f32_acc}");
+    }
+}
