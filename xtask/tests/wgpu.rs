@@ -230,9 +230,24 @@ fn one_training_step_of_every_zoo_model_matches_the_cpu() {
 struct NoHooks;
 impl ForwardHooks for NoHooks {}
 
+/// One-shot pruning (then `tune`, if any) from the same weights on the CPU and on the GPU.
+fn prune_on_both(
+    graph: &Graph,
+    data: TrainData<'_>,
+    tune: Option<&TrainSettings>,
+    settings: &shrink_prune::PruneSettings,
+) -> (shrink_prune::PruneOutcome, shrink_prune::PruneOutcome) {
+    let run = |g: &Graph, device: &Device| {
+        shrink_prune::prune(g, None, data, tune, settings, &shrink_prune::PruneSchedule::OneShot, device, 0, &mut Quiet)
+            .unwrap()
+    };
+    (run(graph, &cpu()), run(&graph.on_device(&gpu()), &gpu()))
+}
+
 #[test]
 fn pruning_passes_match_the_cpu() {
-    use shrink_prune::{Criterion, Granularity, PruneSchedule, PruneSettings, prune, taylor_stats};
+    use shrink_core::metrics::model_stats;
+    use shrink_prune::{Criterion, Granularity, PruneSettings, taylor_stats};
     let data = mnist(64);
     let b = batcher(&data);
     let td = TrainData { train: &data, validation: None, batcher: &b };
@@ -248,11 +263,7 @@ fn pruning_passes_match_the_cpu() {
         schedule: Schedule::Constant,
         warmup_epochs: 0.0,
     };
-    let run = |graph: &Graph, device: &Device| {
-        prune(graph, None, td, Some(&tune), &ps, &PruneSchedule::OneShot, device, 0, &mut Quiet).unwrap()
-    };
-    let a = run(&lenet, &cpu());
-    let g = run(&lenet.on_device(&gpu()), &gpu());
+    let (a, g) = prune_on_both(&lenet, td, Some(&tune), &ps);
     let zeros = |o: &shrink_prune::PruneOutcome| -> Vec<Vec<bool>> {
         parameters(&o.graph).iter().map(|(_, v)| v.iter().map(|x| *x == 0.0).collect()).collect()
     };
@@ -262,11 +273,9 @@ fn pruning_passes_match_the_cpu() {
 
     // N:M (2 of every 4 along the input channels), one shot.
     let nm = PruneSettings { granularity: Granularity::NOfM { n: 2, m: 4 }, ..PruneSettings::default() };
-    let run = |graph: &Graph, device: &Device| {
-        prune(graph, None, td, None, &nm, &PruneSchedule::OneShot, device, 0, &mut Quiet).unwrap()
-    };
-    let (a, g) = (run(&lenet, &cpu()), run(&lenet.on_device(&gpu()), &gpu()));
+    let (a, g) = prune_on_both(&lenet, td, None, &nm);
     assert_eq!(zeros(&a), zeros(&g), "2:4: the same weights are pruned");
+    assert!(zeros(&a).iter().flatten().filter(|z| **z).count() > 25_000);
     assert_same_parameters("2:4 prune", &a.graph, &g.graph, 0.0);
 
     // Structured, L1 filters through the residual adds of a ResNet-8: the same channels go,
@@ -276,16 +285,12 @@ fn pruning_passes_match_the_cpu() {
     let cb = batcher(&cifar);
     let ctd = TrainData { train: &cifar, validation: None, batcher: &cb };
     let cs = PruneSettings { granularity: Granularity::Channels, sparsity: 0.5, ..PruneSettings::default() };
-    let run = |graph: &Graph, device: &Device| {
-        prune(graph, None, ctd, None, &cs, &PruneSchedule::OneShot, device, 0, &mut Quiet).unwrap()
-    };
-    let a = run(&resnet, &cpu());
-    let g = run(&resnet.on_device(&gpu()), &gpu());
+    let (a, g) = prune_on_both(&resnet, ctd, None, &cs);
     let kept = |o: &shrink_prune::PruneOutcome| -> Vec<Vec<usize>> {
         o.rounds.iter().flatten().map(|p| p.keep.clone()).collect()
     };
     assert_eq!(kept(&a), kept(&g), "structured: the same channels are kept");
-    assert!(a.graph.nodes.len() == resnet.nodes.len());
+    assert!(model_stats(&a.graph).unwrap().params < model_stats(&resnet).unwrap().params / 2, "channels removed");
     let (x, _) = cb.batch(&cifar, &[0, 1, 2, 3], &cpu(), None);
     assert_close(
         "pruned ResNet-8 forward",
@@ -322,10 +327,8 @@ fn pruning_passes_match_the_cpu() {
     }
     // …and choose the same channels.
     let ts = PruneSettings { criterion: Criterion::Taylor, taylor_batches: 2, ..cs.clone() };
-    let run = |graph: &Graph, device: &Device| {
-        prune(graph, None, ctd, None, &ts, &PruneSchedule::OneShot, device, 0, &mut Quiet).unwrap()
-    };
-    assert_eq!(kept(&run(&resnet, &cpu())), kept(&run(&resnet.on_device(&gpu()), &gpu())), "Taylor channels");
+    let (a, g) = prune_on_both(&resnet, ctd, None, &ts);
+    assert_eq!(kept(&a), kept(&g), "Taylor channels");
 }
 
 #[test]

@@ -63,6 +63,14 @@ fn calibration(s: &Setup) -> Vec<burn::tensor::Tensor<4>> {
     order.chunks(100).take(3).map(|c| s.batcher.batch(&s.train, c, &s.device, None).0).collect()
 }
 
+/// QAT of the baseline for `epochs` at lr 0.001, calibrated on [`calibration`].
+fn run_qat(s: &Setup, qat: &QatSettings, epochs: usize) -> shrink_quant::QatOutcome {
+    let data = TrainData { train: &s.train, validation: None, batcher: &s.batcher };
+    let mut calib = calibration(s).into_iter();
+    quantization_aware_training(&s.baseline, &mut calib, data, &settings(epochs, 0.001), qat, &s.device, 1, &mut Quiet)
+        .unwrap()
+}
+
 #[test]
 fn qat_recovers_what_2bit_ptq_loses_and_runs_on_the_integer_kernels() {
     let s = setup();
@@ -70,19 +78,8 @@ fn qat_recovers_what_2bit_ptq_loses_and_runs_on_the_integer_kernels() {
     let post = quantize_static(&s.baseline, &mut calibration(&s).into_iter(), &ptq(2)).unwrap();
     let ptq_acc = evaluate_plan(&mut post.freeze(1).unwrap(), &s.test, &s.batcher, 250, &s.device).unwrap().top1;
 
-    let data = TrainData { train: &s.train, validation: None, batcher: &s.batcher };
     let qat = QatSettings { ptq: ptq(2), learn_scales: false, freeze_observers_epoch: Some(1.0), teacher: None };
-    let out = quantization_aware_training(
-        &s.baseline,
-        &mut calibration(&s).into_iter(),
-        data,
-        &settings(2, 0.001),
-        &qat,
-        &s.device,
-        1,
-        &mut Quiet,
-    )
-    .unwrap();
+    let out = run_qat(&s, &qat, 2);
     assert_eq!(out.calibration_images, 300);
     assert!(out.model.layers.values().all(|l| l.weight_bits == 2));
     let int_acc = evaluate_plan(&mut out.model.freeze(1).unwrap(), &s.test, &s.batcher, 250, &s.device).unwrap().top1;
@@ -98,20 +95,9 @@ fn qat_recovers_what_2bit_ptq_loses_and_runs_on_the_integer_kernels() {
 #[test]
 fn lsq_learns_its_scales() {
     let s = setup();
-    let data = TrainData { train: &s.train, validation: None, batcher: &s.batcher };
     let qat = QatSettings { ptq: ptq(4), learn_scales: true, freeze_observers_epoch: None, teacher: None };
     let post = quantize_static(&s.baseline, &mut calibration(&s).into_iter(), &ptq(4)).unwrap();
-    let out = quantization_aware_training(
-        &s.baseline,
-        &mut calibration(&s).into_iter(),
-        data,
-        &settings(1, 0.001),
-        &qat,
-        &s.device,
-        1,
-        &mut Quiet,
-    )
-    .unwrap();
+    let out = run_qat(&s, &qat, 1);
     let moved = out
         .model
         .layers
@@ -261,21 +247,10 @@ fn int8_with_i8_activations_keeps_the_accuracy_on_the_integer_kernels() {
 fn qat_with_i8_activations_trains_on_the_symmetric_grid_and_runs_on_the_integer_kernels() {
     let s = setup();
     let f32_acc = evaluate(&s.baseline, &s.test, &s.batcher, 250, &s.device).unwrap().top1;
-    let data = TrainData { train: &s.train, validation: None, batcher: &s.batcher };
     for learn_scales in [false, true] {
         let ptq = PtqSettings { activations: shrink_quant::ActivationType::I8, ..ptq(4) };
         let qat = QatSettings { ptq, learn_scales, freeze_observers_epoch: None, teacher: None };
-        let out = quantization_aware_training(
-            &s.baseline,
-            &mut calibration(&s).into_iter(),
-            data,
-            &settings(1, 0.001),
-            &qat,
-            &s.device,
-            1,
-            &mut Quiet,
-        )
-        .unwrap();
+        let out = run_qat(&s, &qat, 1);
         // i8 symmetric: zero point 0, which the u8 kernels see as 128.
         for (name, l) in &out.model.layers {
             assert_eq!(l.input_zero_point, 128, "{name} (learned scales: {learn_scales})");
