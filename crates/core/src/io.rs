@@ -392,7 +392,7 @@ pub fn from_bytes_with(bytes: &[u8], path: &Path, device: &Device) -> Result<Loa
             ));
         }
         let bits = mask.data();
-        if count % 8 != 0 && bits[bits.len() - 1] >> (count % 8) != 0 {
+        if !count.is_multiple_of(8) && bits[bits.len() - 1] >> (count % 8) != 0 {
             return Err(bad(
                 offset_of(&mask_key) + bits.len() as u64 - 1,
                 format!("tensor `{mask_key}` marks values past the weight's {count}"),

@@ -117,6 +117,22 @@ fn wrong_input_size_is_an_error() {
 }
 
 #[test]
+fn profile_times_every_step_and_computes_what_run_computes() {
+    let device = BackendKind::Flex.device().unwrap();
+    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([3, 16, 16], 10, &device).unwrap();
+    let mut plan = freeze(&g).unwrap();
+    let x: Vec<f32> = (0..2 * 3 * 16 * 16).map(|i| (i % 17) as f32 / 17.0).collect();
+    let expected = plan.run(&x, 2).unwrap().to_vec();
+    let profile = plan.profile(&x, 2).unwrap();
+    let steps: Vec<(String, String)> = profile.iter().map(|(n, k, _)| (n.clone(), k.clone())).collect();
+    assert_eq!(steps, plan.kernels());
+    assert!(profile.iter().any(|(_, _, t)| !t.is_zero()), "{profile:?}");
+    // The profile ran the same pass: the plan's buffers hold the same output.
+    assert_eq!(plan.run(&x, 2).unwrap(), &expected[..]);
+    assert!(plan.profile(&x[1..], 2).is_err());
+}
+
+#[test]
 fn folded_conv_batch_norm_matches_within_1e5() {
     let device = BackendKind::Flex.device().unwrap();
     device.seed(12);

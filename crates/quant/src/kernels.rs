@@ -1,6 +1,7 @@
-//! Integer kernels for the CPU plan: u8 × i8 → i32 GEMMs on rten-gemm (AVX-512 VNNI, AVX-512,
-//! AVX2 or NEON, chosen at run time), weights quantized and packed once when the plan is frozen,
-//! never dequantized while it runs.
+//! Integer kernels for the CPU plan: u8 × i8 → i32 GEMMs, weights quantized and packed once
+//! when the plan is frozen, never dequantized while it runs. On CPUs with AVX-512 VNNI the GEMM
+//! is our own ([`crate::vnni`], which needs no packing of the activations); elsewhere it is
+//! rten-gemm's (AVX-512, AVX2 or NEON, chosen at run time).
 //!
 //! Activations travel between steps of the plan in f32. Each integer layer quantizes its input
 //! to u8 in one pass (the rounding its calibrated parameters define), multiplies in integers,
@@ -26,9 +27,97 @@ thread_local! {
         const { RefCell::new(Buffers { image: Vec::new(), patches: Vec::new(), row_zero: Vec::new(), acc: Vec::new() }) };
 }
 
-/// The name of the integer GEMM kernel rten picked for this CPU (e.g. `x86_64-u8i8i32-avx512`).
+/// The name of the integer GEMM kernel the plans use on this CPU: `shrink-avx512-vnni`, or the
+/// one rten picked (e.g. `x86_64-u8i8i32-avx2`).
 pub fn int8_gemm_kernel_name() -> String {
-    INT8.with(|e| e.kernel_name().to_string())
+    if crate::vnni::available() { "shrink-avx512-vnni".into() } else { INT8.with(|e| e.kernel_name().to_string()) }
+}
+
+/// Which GEMM an integer layer runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Int8Gemm {
+    /// [`crate::vnni`]: the default where the CPU has AVX-512 VNNI.
+    Vnni,
+    /// rten-gemm: everywhere else.
+    Rten,
+}
+
+impl Int8Gemm {
+    /// The fastest one this CPU runs.
+    pub fn best() -> Self {
+        if crate::vnni::available() { Self::Vnni } else { Self::Rten }
+    }
+}
+
+/// Weights `[k, n]` (i8, symmetric: zero point 0) packed once for one of the GEMMs.
+enum PackedInt8 {
+    Vnni(crate::vnni::PackedWeights),
+    /// With the depth and the weights' zero points (all 0), passed on every call.
+    Rten(rten_gemm::PackedBMatrix<i8>, usize, Vec<i8>),
+}
+
+impl PackedInt8 {
+    fn new(wt: &[i8], k: usize, n: usize, gemm: Int8Gemm) -> Self {
+        match gemm {
+            Int8Gemm::Vnni => Self::Vnni(crate::vnni::PackedWeights::new(wt, k, n)),
+            Int8Gemm::Rten => {
+                Self::Rten(INT8.with(|e| e.prepack_b(NdTensorView::from_data([k, n], wt))), k, vec![0; n])
+            }
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Vnni(_) => "vnni",
+            Self::Rten(..) => "rten",
+        }
+    }
+
+    /// Bytes between rows of the activations.
+    fn lda(&self, k: usize) -> usize {
+        match self {
+            Self::Vnni(w) => w.padded_depth(),
+            Self::Rten(..) => k,
+        }
+    }
+
+    /// Values between rows of the accumulators.
+    fn ldc(&self, n: usize) -> usize {
+        match self {
+            Self::Vnni(w) => w.padded_columns(),
+            Self::Rten(..) => n,
+        }
+    }
+
+    /// What to subtract from column `j` of the accumulators for activations with zero point
+    /// `zero`: rten subtracts zero points itself, the VNNI kernel leaves `zero · Σ_k w[k, j]`.
+    fn zero_correction(&self, zero: u8, n: usize) -> Vec<i32> {
+        match self {
+            Self::Vnni(w) => w.column_sums().iter().map(|s| s * zero as i32).collect(),
+            Self::Rten(..) => vec![0; n],
+        }
+    }
+
+    /// `acc [rows, ldc] = a [rows, lda] × w`, exact (zero points handled as
+    /// [`Self::zero_correction`] says).
+    fn gemm(&self, a: &[u8], rows: usize, zero: u8, row_zero: &mut Vec<u8>, acc: &mut [i32]) {
+        match self {
+            Self::Vnni(w) => crate::vnni::gemm(a, w.padded_depth(), rows, w, acc),
+            &Self::Rten(ref w, k, ref weight_zero) => {
+                let n = weight_zero.len();
+                row_zero.clear();
+                row_zero.resize(rows, zero);
+                let opts = GemmOptions {
+                    a_quant: Some(RtenQuant { zero_point: &row_zero[..] }),
+                    b_quant: Some(RtenQuant { zero_point: weight_zero }),
+                    ..Default::default()
+                };
+                let a = GemmInputA::Unpacked(NdTensorView::from_data([rows, k], &a[..rows * k]));
+                INT8.with(|e| e.gemm(&mut acc[..rows * n], a, GemmInputB::Packed(w), opts))
+                    .expect("shapes checked at freeze time");
+            }
+        }
+    }
 }
 
 struct Buffers {
@@ -105,9 +194,10 @@ fn dims(shape: ValueShape) -> (usize, usize, usize) {
 /// writes channel-major f32. Several small images share one GEMM.
 pub struct ConvInt8 {
     /// `Wᵀ` with rows ordered `(ky, kx, c)`, as the patches are.
-    packed: rten_gemm::PackedBMatrix<i8>,
-    /// Per output channel: 0 (symmetric weights).
-    weight_zero: Vec<i8>,
+    weights: PackedInt8,
+    /// Per output channel: what to subtract from the accumulators (see
+    /// [`PackedInt8::zero_correction`]).
+    zero_correction: Vec<i32>,
     /// Per output channel: input scale × weight scale.
     out_scale: Vec<f32>,
     bias: Vec<f32>,
@@ -129,8 +219,14 @@ impl std::fmt::Debug for ConvInt8 {
 }
 
 impl ConvInt8 {
-    /// Builds the kernel, or `None` for grouped convolutions (left to the f32 kernels).
+    /// Builds the kernel on the fastest GEMM for this CPU, or `None` for grouped convolutions
+    /// (left to the f32 kernels).
     pub fn new(view: &LayerView<'_>, layer: &IntLayer) -> Option<Self> {
+        Self::with_gemm(view, layer, Int8Gemm::best())
+    }
+
+    /// As [`Self::new`], on the given GEMM.
+    pub fn with_gemm(view: &LayerView<'_>, layer: &IntLayer, gemm: Int8Gemm) -> Option<Self> {
         let Op::Conv2d { kernel, stride, padding, dilation, groups, out_channels, .. } = *view.op else {
             return None;
         };
@@ -154,10 +250,10 @@ impl ConvInt8 {
                 }
             }
         }
-        let packed = INT8.with(|e| e.prepack_b(NdTensorView::from_data([k, out_channels], &wt[..])));
+        let weights = PackedInt8::new(&wt, k, out_channels, gemm);
         Some(Self {
-            packed,
-            weight_zero: vec![0; out_channels],
+            zero_correction: weights.zero_correction(layer.input.zero_point as u8, out_channels),
+            weights,
             out_scale: layer.weight_scales.iter().map(|s| s * layer.input.scale).collect(),
             bias: view.bias.map(|b| b.to_vec()).unwrap_or_else(|| vec![0.0; out_channels]),
             relu: view.relu,
@@ -200,8 +296,8 @@ impl ConvInt8 {
     }
 
     /// Writes the patch of every output pixel of the padded channels-last image `q` as rows
-    /// `[row0, row0 + oh·ow)` of `patches` (`k` bytes each, ordered `(ky, kx, c)`).
-    fn unroll(&self, q: &[u8], patches: &mut [u8], row0: usize) {
+    /// `[row0, row0 + oh·ow)` of `patches` (`k` bytes each, ordered `(ky, kx, c)`, `lda` apart).
+    fn unroll(&self, q: &[u8], patches: &mut [u8], row0: usize, lda: usize) {
         let cin = self.input.0;
         let (_, wp) = self.padded();
         let (_, oh, ow) = self.output;
@@ -211,7 +307,7 @@ impl ConvInt8 {
         let k = cin * kh * kw;
         for oy in 0..oh {
             for ox in 0..ow {
-                let row = &mut patches[(row0 + oy * ow + ox) * k..][..k];
+                let row = &mut patches[(row0 + oy * ow + ox) * lda..][..k];
                 for ky in 0..kh {
                     let y = oy * sh + ky * dh;
                     let dst = &mut row[ky * kw * cin..(ky + 1) * kw * cin];
@@ -233,7 +329,8 @@ impl ConvInt8 {
 impl Kernel for ConvInt8 {
     fn label(&self) -> String {
         let bits = if self.bits == 8 { String::new() } else { format!(" (int{} weights)", self.bits) };
-        format!("conv2d/int8-im2col-gemm-rten{}{bits}", if self.relu { "+relu" } else { "" })
+        let gemm = self.weights.name();
+        format!("conv2d/int8-im2col-gemm-{gemm}{}{bits}", if self.relu { "+relu" } else { "" })
     }
 
     fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], _ctx: &RunContext) {
@@ -242,16 +339,15 @@ impl Kernel for ConvInt8 {
         let (cout, oh, ow) = self.output;
         let (in_len, out_len, n) = (cin * h * w, cout * oh * ow, oh * ow);
         let k = cin * self.kernel[0] * self.kernel[1];
+        let (lda, ldc) = (self.weights.lda(k), self.weights.ldc(cout));
         // Several images in one GEMM (up to about 1 MiB of patches): layers with small feature
         // maps would otherwise make many small, overhead-bound calls.
-        let group = (ROWS_BUDGET / (k * n).max(1)).clamp(1, batch.max(1));
+        let group = (ROWS_BUDGET / (lda * n).max(1)).clamp(1, batch.max(1));
         BUFFERS.with(|b| {
             let Buffers { image, patches, row_zero, acc } = &mut *b.borrow_mut();
             image.resize(cin * hp * wp, 0);
-            patches.resize(group * n * k, 0);
-            acc.resize(group * n * cout, 0);
-            row_zero.clear();
-            row_zero.resize(group * n, self.input_params.zero_point as u8);
+            patches.resize(group * n * lda, 0);
+            acc.resize(group * n * ldc, 0);
             let mut first = 0;
             while first < batch {
                 let g = group.min(batch - first);
@@ -259,35 +355,156 @@ impl Kernel for ConvInt8 {
                 for i in 0..g {
                     let x = &inputs[0][(first + i) * in_len..(first + i + 1) * in_len];
                     self.quantize_padded_nhwc(x, image);
-                    self.unroll(image, patches, i * n);
+                    self.unroll(image, patches, i * n, lda);
                 }
-                let opts = GemmOptions {
-                    a_quant: Some(RtenQuant { zero_point: &row_zero[..rows] }),
-                    b_quant: Some(RtenQuant { zero_point: &self.weight_zero[..] }),
-                    ..Default::default()
-                };
-                let a = GemmInputA::Unpacked(NdTensorView::from_data([rows, k], &patches[..rows * k]));
-                INT8.with(|e| e.gemm(&mut acc[..rows * cout], a, GemmInputB::Packed(&self.packed), opts))
-                    .expect("shapes checked at freeze time");
+                let zero = self.input_params.zero_point as u8;
+                self.weights.gemm(patches, rows, zero, row_zero, acc);
                 // Pixel-major accumulators to channel-major f32, in blocks of pixels whose
                 // accumulators stay in L1 while each channel's outputs are written contiguously.
                 const BLOCK: usize = 64;
                 for i in 0..g {
                     let out = &mut output[(first + i) * out_len..(first + i + 1) * out_len];
-                    let acc = &acc[i * n * cout..(i + 1) * n * cout];
+                    let acc = &acc[i * n * ldc..(i + 1) * n * ldc];
                     for j0 in (0..n).step_by(BLOCK) {
                         let len = BLOCK.min(n - j0);
                         for c in 0..cout {
-                            let (s, b) = (self.out_scale[c], self.bias[c]);
+                            let (s, b, z) = (self.out_scale[c], self.bias[c], self.zero_correction[c]);
                             let dst = &mut out[c * n + j0..c * n + j0 + len];
                             for (jj, o) in dst.iter_mut().enumerate() {
-                                let y = acc[(j0 + jj) * cout + c] as f32 * s + b;
+                                let y = (acc[(j0 + jj) * ldc + c] - z) as f32 * s + b;
                                 *o = if self.relu { y.max(0.0) } else { y };
                             }
                         }
                     }
                 }
                 first += g;
+            }
+        });
+    }
+}
+
+/// Integer convolution on AVX-512 VNNI, computed directly on the quantized image
+/// ([`crate::vnni::DirectConv`]): the input is quantized once into four-channel-interleaved
+/// rows padded with its zero point, and the epilogue writes channel-major f32, so unlike
+/// [`ConvInt8`] nothing is transposed or unrolled. Convolutions with a stride other than 1 or 2
+/// (or unequal strides), dilation, groups, or outputs whose rows are not a multiple of 16
+/// pixels (or pairs of 8) use [`ConvInt8`].
+pub struct ConvDirectInt8 {
+    conv: crate::vnni::DirectConv,
+    /// Per output channel: input zero point × Σ weights.
+    zero_correction: Vec<i32>,
+    /// Per output channel: input scale × weight scale.
+    out_scale: Vec<f32>,
+    bias: Vec<f32>,
+    relu: bool,
+    input_params: QuantParams,
+    input: (usize, usize, usize),
+    output: (usize, usize, usize),
+    padding: [usize; 2],
+    bits: u32,
+}
+
+impl std::fmt::Debug for ConvDirectInt8 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConvDirectInt8").field("input", &self.input).field("output", &self.output).finish()
+    }
+}
+
+impl ConvDirectInt8 {
+    /// Builds the kernel, or `None` where it does not apply (no AVX-512 VNNI, an unsupported
+    /// stride, dilation or groups other than 1, an unsupported output width, dynamic
+    /// quantization).
+    pub fn new(view: &LayerView<'_>, layer: &IntLayer) -> Option<Self> {
+        let Op::Conv2d { kernel, stride, padding, dilation, groups, out_channels, .. } = *view.op else {
+            return None;
+        };
+        let (input, output) = (dims(view.input), dims(view.output));
+        if !crate::vnni::available()
+            || layer.dynamic
+            || groups != 1
+            || stride[0] != stride[1]
+            || !crate::vnni::DirectConv::supports_stride(stride[0])
+            || dilation != [1, 1]
+            || layer.weight_scales.len() != out_channels
+            || !crate::vnni::DirectConv::supports(output.1, output.2)
+        {
+            return None;
+        }
+        let qmax = layer.qmax();
+        let weights: Vec<i8> = view
+            .weight
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| quantize_weight(w, layer.weight_scales[i / (view.weight.len() / out_channels)], qmax) as i8)
+            .collect();
+        let conv = crate::vnni::DirectConv::new(&weights, out_channels, input.0, kernel, stride[0]);
+        let zero = layer.input.zero_point;
+        Some(Self {
+            zero_correction: conv.column_sums().iter().map(|s| s * zero).collect(),
+            conv,
+            out_scale: layer.weight_scales.iter().map(|s| s * layer.input.scale).collect(),
+            bias: view.bias.map(|b| b.to_vec()).unwrap_or_else(|| vec![0.0; out_channels]),
+            relu: view.relu,
+            input_params: layer.input,
+            input,
+            output,
+            padding,
+            bits: layer.weight_bits,
+        })
+    }
+
+    /// Height and width of the padded image.
+    fn padded(&self) -> (usize, usize) {
+        (self.input.1 + 2 * self.padding[0], self.input.2 + 2 * self.padding[1])
+    }
+
+    /// Quantizes channel-major image `x` into `out`, `[c/4][hp][wp][4]`, with a border (and
+    /// missing channels of the last group) of zero points.
+    fn quantize_quads(&self, x: &[f32], out: &mut [u8]) {
+        let (c, h, w) = self.input;
+        let (hp, wp) = self.padded();
+        let [ph, pw] = self.padding;
+        if ph > 0 || pw > 0 || c % 4 != 0 {
+            out.fill(self.input_params.zero_point as u8);
+        }
+        let (inv, zp) = (1.0 / self.input_params.scale, self.input_params.zero_point as f32);
+        for q in 0..c.div_ceil(4) {
+            for y in 0..h {
+                let dst = &mut out[((q * hp + y + ph) * wp + pw) * 4..][..w * 4];
+                for lane in 0..4.min(c - 4 * q) {
+                    let src = &x[((4 * q + lane) * h + y) * w..][..w];
+                    for (i, &v) in src.iter().enumerate() {
+                        dst[i * 4 + lane] = quantize_one(v, inv, zp);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Kernel for ConvDirectInt8 {
+    fn label(&self) -> String {
+        let bits = if self.bits == 8 { String::new() } else { format!(" (int{} weights)", self.bits) };
+        format!("conv2d/int8-direct-vnni{}{bits}", if self.relu { "+relu" } else { "" })
+    }
+
+    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], _ctx: &RunContext) {
+        let (cin, h, w) = self.input;
+        let (hp, wp) = self.padded();
+        let (cout, oh, ow) = self.output;
+        let (in_len, out_len) = (cin * h * w, cout * oh * ow);
+        let epilogue = crate::vnni::Epilogue {
+            correction: &self.zero_correction,
+            scale: &self.out_scale,
+            bias: &self.bias,
+            relu: self.relu,
+        };
+        BUFFERS.with(|b| {
+            let image = &mut b.borrow_mut().image;
+            image.resize(self.conv.quads() * hp * wp * 4 + crate::vnni::DirectConv::SLACK, 0);
+            for i in 0..batch {
+                self.quantize_quads(&inputs[0][i * in_len..(i + 1) * in_len], image);
+                self.conv.run(image, hp, wp, oh, ow, &mut output[i * out_len..(i + 1) * out_len], &epilogue);
             }
         });
     }
@@ -403,6 +620,85 @@ mod tests {
         assert_eq!(q, [10, 10, 12, 10, 255, 0, 255, 0, 12]);
         for (&v, &q) in x.iter().zip(&q).filter(|(v, _)| v.is_finite()) {
             assert_eq!(q as f32, (v / 0.5 + 10.0).clamp(0.0, 255.0).round_ties_even());
+        }
+    }
+
+    /// A pseudo-random f32 in [-1, 1) from `i` (deterministic, no RNG crate).
+    fn noise(i: usize, salt: usize) -> f32 {
+        let x = (i.wrapping_mul(2_654_435_761) ^ salt.wrapping_mul(40_503)) % 10_007;
+        x as f32 / 5_003.5 - 1.0
+    }
+
+    /// Every conv kernel this CPU can run (direct VNNI, im2col on our VNNI GEMM, im2col on
+    /// rten) gives the same bits as im2col on rten, for geometries that cover each path of the
+    /// direct kernel (stride 1 and 2, rows of 32, 16 and 2 × 8 pixels, channels not a multiple
+    /// of 4 or 8, 1×1, 3×3 and 5×5 kernels) and inputs that saturate the u8 range.
+    #[test]
+    fn every_int8_conv_kernel_gives_the_same_bits() {
+        // (cin, h, w, cout, kernel, stride, padding, relu)
+        let cases = [
+            (3, 32, 32, 16, 3, 1, 1, true),
+            (16, 16, 16, 32, 3, 2, 1, false),
+            (16, 32, 32, 32, 3, 2, 1, true),
+            (5, 16, 16, 10, 3, 1, 1, false),
+            (16, 16, 16, 24, 1, 2, 0, false),
+            (8, 8, 8, 16, 3, 1, 1, true),
+            (4, 64, 64, 8, 1, 2, 0, false),
+            (7, 20, 20, 9, 5, 1, 0, true),
+            (6, 12, 12, 8, 3, 1, 1, false),
+        ];
+        for (case, &(cin, h, w, cout, k, stride, pad, relu)) in cases.iter().enumerate() {
+            let op = Op::Conv2d {
+                in_channels: cin,
+                out_channels: cout,
+                kernel: [k, k],
+                stride: [stride, stride],
+                padding: [pad, pad],
+                dilation: [1, 1],
+                groups: 1,
+                bias: true,
+            };
+            let (oh, ow) = ((h + 2 * pad - k) / stride + 1, (w + 2 * pad - k) / stride + 1);
+            let weight: Vec<f32> = (0..cout * cin * k * k).map(|i| noise(i, case) * 0.5).collect();
+            let bias: Vec<f32> = (0..cout).map(|i| noise(i, 99 + case)).collect();
+            let view = LayerView {
+                name: "conv",
+                op: &op,
+                weight: &weight,
+                weight_shape: &[cout, cin, k, k],
+                bias: Some(&bias),
+                input: ValueShape::Map { channels: cin, height: h, width: w },
+                output: ValueShape::Map { channels: cout, height: oh, width: ow },
+                relu,
+            };
+            let layer = IntLayer {
+                weight_bits: 8,
+                weight_scales: (0..cout).map(|o| 0.5 / 127.0 * (1.0 + o as f32 / cout as f32)).collect(),
+                // Inputs span [-1.2, 1.2) against a range of about [-0.9, 1.1]: some saturate.
+                input: QuantParams { scale: 2.0 / 255.0, zero_point: 115 },
+                dynamic: false,
+            };
+            let batch = 3;
+            let input: Vec<f32> = (0..batch * cin * h * w).map(|i| noise(i, 7 + case) * 1.2).collect();
+            let run = |kernel: &dyn Kernel| {
+                let mut out = vec![f32::NAN; batch * cout * oh * ow];
+                kernel.run(&[&input], &mut out, batch, &mut [], &RunContext { threads: 1 });
+                out
+            };
+            let reference = run(&ConvInt8::with_gemm(&view, &layer, Int8Gemm::Rten).expect("conv"));
+            assert!(reference.iter().all(|v| v.is_finite()));
+            if crate::vnni::available() {
+                let im2col = run(&ConvInt8::with_gemm(&view, &layer, Int8Gemm::Vnni).expect("conv"));
+                assert_eq!(im2col, reference, "im2col on the VNNI GEMM, case {case}");
+                // Rows of 12 pixels (the last case) are left to im2col.
+                match ConvDirectInt8::new(&view, &layer) {
+                    Some(direct) => assert_eq!(run(&direct), reference, "direct, case {case}"),
+                    None => assert_eq!(ow, 12, "the direct kernel declined case {case}"),
+                }
+            } else {
+                assert!(ConvDirectInt8::new(&view, &layer).is_none());
+                eprintln!("no AVX-512 VNNI on this CPU: only the rten kernel ran");
+            }
         }
     }
 

@@ -30,6 +30,7 @@ pub mod equalize;
 pub mod kernels;
 pub mod ptq;
 pub mod qat;
+pub mod vnni;
 pub mod weights;
 
 pub use calibrate::{Calibrator, Observer};

@@ -10,7 +10,7 @@ use shrink_core::graph::{Activation, Graph, NodeId, Op, Params};
 use shrink_core::runtime::{FreezeOptions, Kernel, KernelRegistry, LayerView, Plan, freeze_with};
 
 use crate::calibrate::{Calibrator, Observer};
-use crate::kernels::{ConvInt8, IntLayer, LinearInt8, quantize_weight};
+use crate::kernels::{ConvDirectInt8, ConvInt8, IntLayer, LinearInt8, quantize_weight};
 use crate::{Error, Granularity, QuantParams, QuantScheme};
 
 /// What an override does to the layers whose names it matches.
@@ -573,7 +573,10 @@ impl QuantizedModel {
         registry.register("int8/rten", move |view: &LayerView<'_>| {
             let layer = layers.get(view.name)?;
             match view.op {
-                Op::Conv2d { .. } => ConvInt8::new(view, layer).map(|k| Box::new(k) as Box<dyn Kernel>),
+                Op::Conv2d { .. } => match ConvDirectInt8::new(view, layer) {
+                    Some(k) => Some(Box::new(k) as Box<dyn Kernel>),
+                    None => ConvInt8::new(view, layer).map(|k| Box::new(k) as Box<dyn Kernel>),
+                },
                 Op::Linear { .. } => LinearInt8::new(view, layer).map(|k| Box::new(k) as Box<dyn Kernel>),
                 _ => None,
             }

@@ -35,7 +35,7 @@ pub fn load_cifar10_bin(files: &[&Path]) -> Result<Dataset> {
 /// # Errors
 /// As [`load_cifar10_bin`]; nothing is appended then.
 pub fn parse_cifar10_records(bytes: &[u8], path: &Path, pixels: &mut Vec<u8>, labels: &mut Vec<u32>) -> Result<()> {
-    if bytes.is_empty() || bytes.len() % RECORD != 0 {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(RECORD) {
         let whole = bytes.len() / RECORD * RECORD;
         return Err(Error::bad_file(
             path,

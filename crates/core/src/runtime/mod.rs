@@ -275,7 +275,15 @@ struct Program<'a> {
 impl Program<'_> {
     /// Runs `batch` images through the steps in `ws`; buffers grow only when `batch` exceeds
     /// what `ws` held before.
-    fn execute<'w>(&self, ws: &'w mut Workspace, input: &[f32], batch: usize, ctx: &RunContext) -> &'w [f32] {
+    /// With `times`, each step's wall time is written there.
+    fn execute<'w>(
+        &self,
+        ws: &'w mut Workspace,
+        input: &[f32],
+        batch: usize,
+        ctx: &RunContext,
+        mut times: Option<&mut [std::time::Duration]>,
+    ) -> &'w [f32] {
         if batch > ws.capacity {
             for (buf, len) in ws.buffers.iter_mut().zip(self.slot_len) {
                 buf.resize(len * batch, 0.0);
@@ -285,7 +293,8 @@ impl Program<'_> {
             ws.capacity = batch;
         }
         ws.buffers[self.slot_of[0]][..input.len()].copy_from_slice(input);
-        for step in self.steps {
+        for (n, step) in self.steps.iter().enumerate() {
+            let start = times.is_some().then(std::time::Instant::now);
             let out_slot = self.slot_of[step.output];
             let out_len = self.value_len[step.output] * batch;
             // The output slot is never one of the step's input slots (planned so), so it can be
@@ -301,6 +310,9 @@ impl Program<'_> {
                 step.kernel.run(inputs, &mut out[..out_len], batch, &mut ws.scratch, ctx);
             }
             ws.buffers[out_slot] = out;
+            if let (Some(times), Some(start)) = (times.as_deref_mut(), start) {
+                times[n] = start.elapsed();
+            }
         }
         let len = self.value_len[self.output_value] * batch;
         &ws.buffers[self.slot_of[self.output_value]][..len]
@@ -566,6 +578,37 @@ impl Plan {
         self.value_len[self.output_value]
     }
 
+    /// Runs a batch on the calling thread, step by step, and returns each step's node, kernel
+    /// label and wall time: where a forward pass spends its time.
+    ///
+    /// # Errors
+    /// As [`Plan::run`].
+    pub fn profile(&mut self, input: &[f32], batch: usize) -> Result<Vec<(String, String, std::time::Duration)>> {
+        self.check_input(input, batch)?;
+        let program = Program {
+            steps: &self.steps,
+            value_len: &self.value_len,
+            slot_of: &self.slot_of,
+            slot_len: &self.slot_len,
+            output_value: self.output_value,
+        };
+        let mut times = vec![std::time::Duration::ZERO; self.steps.len()];
+        let main = &mut self.main;
+        // On one thread, as a one-thread plan runs.
+        self.single[0].install(|| program.execute(main, input, batch, &RunContext { threads: 1 }, Some(&mut times)));
+        Ok(self.steps.iter().zip(times).map(|(s, t)| (s.node.clone(), s.kernel.label(), t)).collect())
+    }
+
+    fn check_input(&self, input: &[f32], batch: usize) -> Result<()> {
+        let per = self.input_shape.iter().product::<usize>();
+        if batch == 0 || input.len() != batch * per {
+            let mut got = vec![batch];
+            got.push(input.len() / batch.max(1));
+            return Err(Error::InputShape { got, expected: self.input_shape });
+        }
+        Ok(())
+    }
+
     /// Runs a batch of `[batch, c, h, w]` images (contiguous f32) and returns the outputs,
     /// `[batch, outputs]`. Buffers grow on the first call with a larger batch and are reused
     /// after that: a call at the same or a smaller batch size allocates nothing.
@@ -573,12 +616,8 @@ impl Plan {
     /// # Errors
     /// [`Error::InputShape`] when `input` does not hold `batch` images of the graph's shape.
     pub fn run(&mut self, input: &[f32], batch: usize) -> Result<&[f32]> {
+        self.check_input(input, batch)?;
         let per = self.input_shape.iter().product::<usize>();
-        if batch == 0 || input.len() != batch * per {
-            let mut got = vec![batch];
-            got.push(input.len() / batch.max(1));
-            return Err(Error::InputShape { got, expected: self.input_shape });
-        }
         let program = Program {
             steps: &self.steps,
             value_len: &self.value_len,
@@ -603,7 +642,7 @@ impl Plan {
                     loop {
                         let next = chunks.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).next();
                         let Some((out, images)) = next else { break };
-                        out.copy_from_slice(program.execute(ws, images, images.len() / per, &sequential));
+                        out.copy_from_slice(program.execute(ws, images, images.len() / per, &sequential, None));
                     }
                 };
                 dispatch(&self.single, &mut self.workers, &work);
@@ -612,15 +651,15 @@ impl Plan {
             Some(pool) => {
                 let ctx = RunContext { threads: self.threads };
                 let main = &mut self.main;
-                Ok(pool.install(|| program.execute(main, input, batch, &ctx)))
+                Ok(pool.install(|| program.execute(main, input, batch, &ctx, None)))
             }
             // Already on a single thread (e.g. rayon's global pool has one): no hand-over needed.
             None if rayon::current_num_threads() == 1 => {
-                Ok(program.execute(&mut self.main, input, batch, &RunContext { threads: 1 }))
+                Ok(program.execute(&mut self.main, input, batch, &RunContext { threads: 1 }, None))
             }
             None => {
                 let main = &mut self.main;
-                Ok(self.single[0].install(|| program.execute(main, input, batch, &RunContext { threads: 1 })))
+                Ok(self.single[0].install(|| program.execute(main, input, batch, &RunContext { threads: 1 }, None)))
             }
         }
     }
