@@ -55,11 +55,32 @@ fn gemm_case(m: usize, k: usize, n: usize) -> Case {
             }),
         }
     };
+    let mut contenders = vec![int8_gemm, f32_gemm];
+    // Our AVX-512 VNNI GEMM (the plans' kernel where the CPU has it): weights packed once, the
+    // activations read as they are; the zero point is subtracted in the plans' epilogue.
+    if shrink_quant::vnni::available() {
+        let qa: Vec<u8> = a.iter().map(|v| ((v + 0.5) * 255.0) as u8).collect();
+        let qb: Vec<i8> = b.iter().map(|v| (v * 254.0) as i8).collect();
+        let packed = shrink_quant::vnni::PackedWeights::new(&qb, k, n);
+        let lda = packed.padded_depth();
+        let mut rows = vec![0u8; m * lda];
+        for (dst, src) in rows.chunks_exact_mut(lda).zip(qa.chunks_exact(k)) {
+            dst[..k].copy_from_slice(src);
+        }
+        let mut c = vec![0i32; m * packed.padded_columns()];
+        contenders.insert(
+            0,
+            Contender {
+                runner: "int8 shrink-avx512-vnni".into(),
+                run: Box::new(move || shrink_quant::vnni::gemm(&rows, lda, m, &packed, &mut c)),
+            },
+        );
+    }
     Case {
         name: format!("gemm {m}x{k}x{n}"),
         flops: 2.0 * (m * n * k) as f64,
         baseline: "f32 cpu-plan".into(),
-        contenders: vec![int8_gemm, f32_gemm],
+        contenders,
     }
 }
 

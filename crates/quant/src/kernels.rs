@@ -52,8 +52,9 @@ impl Int8Gemm {
 /// Weights `[k, n]` (i8, symmetric: zero point 0) packed once for one of the GEMMs.
 enum PackedInt8 {
     Vnni(crate::vnni::PackedWeights),
-    /// With the depth and the weights' zero points (all 0), passed on every call.
-    Rten(rten_gemm::PackedBMatrix<i8>, usize, Vec<i8>),
+    /// With the depth, the weights' zero points (all 0, passed on every call) and
+    /// [`Self::zero_sums`] (all 0).
+    Rten(rten_gemm::PackedBMatrix<i8>, usize, Vec<i8>, Vec<i32>),
 }
 
 impl PackedInt8 {
@@ -61,7 +62,7 @@ impl PackedInt8 {
         match gemm {
             Int8Gemm::Vnni => Self::Vnni(crate::vnni::PackedWeights::new(wt, k, n)),
             Int8Gemm::Rten => {
-                Self::Rten(INT8.with(|e| e.prepack_b(NdTensorView::from_data([k, n], wt))), k, vec![0; n])
+                Self::Rten(INT8.with(|e| e.prepack_b(NdTensorView::from_data([k, n], wt))), k, vec![0; n], vec![0; n])
             }
         }
     }
@@ -89,21 +90,22 @@ impl PackedInt8 {
         }
     }
 
-    /// What to subtract from column `j` of the accumulators for activations with zero point
-    /// `zero`: rten subtracts zero points itself, the VNNI kernel leaves `zero · Σ_k w[k, j]`.
-    fn zero_correction(&self, zero: u8, n: usize) -> Vec<i32> {
+    /// Per column `j`, what times the activations' zero point to subtract from the
+    /// accumulators: rten subtracts zero points itself (0), the VNNI kernel leaves
+    /// `zero · Σ_k w[k, j]`.
+    fn zero_sums(&self) -> &[i32] {
         match self {
-            Self::Vnni(w) => w.column_sums().iter().map(|s| s * zero as i32).collect(),
-            Self::Rten(..) => vec![0; n],
+            Self::Vnni(w) => w.column_sums(),
+            Self::Rten(_, _, _, zeros) => zeros,
         }
     }
 
     /// `acc [rows, ldc] = a [rows, lda] × w`, exact (zero points handled as
-    /// [`Self::zero_correction`] says).
+    /// [`Self::zero_sums`] says).
     fn gemm(&self, a: &[u8], rows: usize, zero: u8, row_zero: &mut Vec<u8>, acc: &mut [i32]) {
         match self {
             Self::Vnni(w) => crate::vnni::gemm(a, w.padded_depth(), rows, w, acc),
-            &Self::Rten(ref w, k, ref weight_zero) => {
+            &Self::Rten(ref w, k, ref weight_zero, _) => {
                 let n = weight_zero.len();
                 row_zero.clear();
                 row_zero.resize(rows, zero);
@@ -196,7 +198,7 @@ pub struct ConvInt8 {
     /// `Wᵀ` with rows ordered `(ky, kx, c)`, as the patches are.
     weights: PackedInt8,
     /// Per output channel: what to subtract from the accumulators (see
-    /// [`PackedInt8::zero_correction`]).
+    /// [`PackedInt8::zero_sums`]).
     zero_correction: Vec<i32>,
     /// Per output channel: input scale × weight scale.
     out_scale: Vec<f32>,
@@ -252,7 +254,7 @@ impl ConvInt8 {
         }
         let weights = PackedInt8::new(&wt, k, out_channels, gemm);
         Some(Self {
-            zero_correction: weights.zero_correction(layer.input.zero_point as u8, out_channels),
+            zero_correction: weights.zero_sums().iter().map(|s| s * layer.input.zero_point).collect(),
             weights,
             out_scale: layer.weight_scales.iter().map(|s| s * layer.input.scale).collect(),
             bias: view.bias.map(|b| b.to_vec()).unwrap_or_else(|| vec![0.0; out_channels]),
@@ -516,8 +518,8 @@ pub struct LinearInt8 {
     dynamic: bool,
     /// Per output channel: the weight scale (times the input scale of the call in the epilogue).
     weight_scales: Vec<f32>,
-    packed: rten_gemm::PackedBMatrix<i8>,
-    weight_zero: Vec<i8>,
+    /// `Wᵀ`, `[in, out]`.
+    weights: PackedInt8,
     bias: Vec<f32>,
     relu: bool,
     input_params: QuantParams,
@@ -533,8 +535,13 @@ impl std::fmt::Debug for LinearInt8 {
 }
 
 impl LinearInt8 {
-    /// Builds the kernel from a linear layer's view.
+    /// Builds the kernel from a linear layer's view, on the fastest GEMM for this CPU.
     pub fn new(view: &LayerView<'_>, layer: &IntLayer) -> Option<Self> {
+        Self::with_gemm(view, layer, Int8Gemm::best())
+    }
+
+    /// As [`Self::new`], on the given GEMM.
+    pub fn with_gemm(view: &LayerView<'_>, layer: &IntLayer, gemm: Int8Gemm) -> Option<Self> {
         let Op::Linear { in_features, out_features, .. } = *view.op else { return None };
         if layer.weight_scales.len() != out_features {
             return None;
@@ -548,12 +555,10 @@ impl LinearInt8 {
                     quantize_weight(view.weight[o * in_features + i], layer.weight_scales[o], qmax) as i8;
             }
         }
-        let packed = INT8.with(|e| e.prepack_b(NdTensorView::from_data([in_features, out_features], &wt[..])));
         Some(Self {
             dynamic: layer.dynamic,
             weight_scales: layer.weight_scales.clone(),
-            packed,
-            weight_zero: vec![0; out_features],
+            weights: PackedInt8::new(&wt, in_features, out_features, gemm),
             bias: view.bias.map(|b| b.to_vec()).unwrap_or_else(|| vec![0.0; out_features]),
             relu: view.relu,
             input_params: layer.input,
@@ -568,15 +573,17 @@ impl Kernel for LinearInt8 {
     fn label(&self) -> String {
         let bits = if self.bits == 8 { String::new() } else { format!(" (int{} weights)", self.bits) };
         let how = if self.dynamic { "int8-dynamic" } else { "int8" };
-        format!("linear/{how}-gemm-rten{}{bits}", if self.relu { "+relu" } else { "" })
+        let gemm = self.weights.name();
+        format!("linear/{how}-gemm-{gemm}{}{bits}", if self.relu { "+relu" } else { "" })
     }
 
     fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], _ctx: &RunContext) {
         let (k, n) = (self.in_features, self.out_features);
+        let (lda, ldc) = (self.weights.lda(k), self.weights.ldc(n));
         BUFFERS.with(|b| {
             let Buffers { image: x, row_zero, acc, .. } = &mut *b.borrow_mut();
-            x.resize(batch * k, 0);
-            acc.resize(batch * n, 0);
+            x.resize(batch * lda, 0);
+            acc.resize(batch * ldc, 0);
             let input = &inputs[0][..batch * k];
             // Dynamic: this batch's own range (widened to include 0), as calibration would set it.
             let params = if self.dynamic {
@@ -585,20 +592,15 @@ impl Kernel for LinearInt8 {
             } else {
                 self.input_params
             };
-            quantize_u8(input, params, x);
-            row_zero.clear();
-            row_zero.resize(batch, params.zero_point as u8);
-            let opts = GemmOptions {
-                a_quant: Some(RtenQuant { zero_point: &row_zero[..] }),
-                b_quant: Some(RtenQuant { zero_point: &self.weight_zero[..] }),
-                ..Default::default()
-            };
-            let a = GemmInputA::Unpacked(NdTensorView::from_data([batch, k], &x[..]));
-            INT8.with(|e| e.gemm(&mut acc[..batch * n], a, GemmInputB::Packed(&self.packed), opts))
-                .expect("shapes checked at freeze time");
-            for (o, a) in output.chunks_exact_mut(n).zip(acc.chunks_exact(n)).take(batch) {
+            for (row, x) in input.chunks_exact(k).zip(x.chunks_exact_mut(lda)) {
+                quantize_u8(row, params, &mut x[..k]);
+            }
+            self.weights.gemm(x, batch, params.zero_point as u8, row_zero, acc);
+            let sums = self.weights.zero_sums();
+            for (o, a) in output.chunks_exact_mut(n).zip(acc.chunks_exact(ldc)).take(batch) {
                 for j in 0..n {
-                    let y = a[j] as f32 * (self.weight_scales[j] * params.scale) + self.bias[j];
+                    let a = a[j] - params.zero_point * sums[j];
+                    let y = a as f32 * (self.weight_scales[j] * params.scale) + self.bias[j];
                     o[j] = if self.relu { y.max(0.0) } else { y };
                 }
             }
@@ -698,6 +700,67 @@ mod tests {
             } else {
                 assert!(ConvDirectInt8::new(&view, &layer).is_none());
                 eprintln!("no AVX-512 VNNI on this CPU: only the rten kernel ran");
+            }
+        }
+    }
+
+    /// The linear layer gives the same bits on the VNNI GEMM as on rten, static and dynamic,
+    /// with input widths that are not a multiple of 4 and outputs that are not of 16.
+    #[test]
+    fn int8_linear_gives_the_same_bits_on_both_gemms() {
+        for (case, &(k, n, dynamic, relu)) in
+            [(10, 3, false, true), (64, 16, true, false), (301, 45, false, false), (7, 130, true, true)]
+                .iter()
+                .enumerate()
+        {
+            let op = Op::Linear { in_features: k, out_features: n, bias: true };
+            let weight: Vec<f32> = (0..n * k).map(|i| noise(i, 20 + case) * 0.3).collect();
+            let bias: Vec<f32> = (0..n).map(|i| noise(i, 30 + case)).collect();
+            let view = LayerView {
+                name: "fc",
+                op: &op,
+                weight: &weight,
+                weight_shape: &[n, k],
+                bias: Some(&bias),
+                input: ValueShape::Flat { features: k },
+                output: ValueShape::Flat { features: n },
+                relu,
+            };
+            let layer = IntLayer {
+                weight_bits: 8,
+                weight_scales: (0..n).map(|o| 0.3 / 127.0 * (1.0 + o as f32 / n as f32)).collect(),
+                input: QuantParams { scale: 1.5 / 255.0, zero_point: 140 },
+                dynamic,
+            };
+            let batch = 5;
+            let input: Vec<f32> = (0..batch * k).map(|i| noise(i, 40 + case)).collect();
+            let run = |kernel: &dyn Kernel| {
+                let mut out = vec![f32::NAN; batch * n];
+                kernel.run(&[&input], &mut out, batch, &mut [], &RunContext { threads: 1 });
+                out
+            };
+            let reference = run(&LinearInt8::with_gemm(&view, &layer, Int8Gemm::Rten).expect("linear"));
+            assert!(reference.iter().all(|v| v.is_finite()));
+            // Close to the f32 layer on the inputs clipped to the calibrated range (static), so
+            // the reference itself is right.
+            let p = layer.input;
+            let (lo, hi) = if dynamic {
+                (-1.0, 1.0)
+            } else {
+                (-p.zero_point as f32 * p.scale, (255 - p.zero_point) as f32 * p.scale)
+            };
+            for (b, row) in reference.chunks_exact(n).enumerate() {
+                for (j, &y) in row.iter().enumerate() {
+                    let x = &input[b * k..(b + 1) * k];
+                    let w = &weight[j * k..(j + 1) * k];
+                    let f: f32 = x.iter().zip(w).map(|(x, w)| x.clamp(lo, hi) * w).sum::<f32>() + bias[j];
+                    let f = if relu { f.max(0.0) } else { f };
+                    assert!((y - f).abs() < 0.05 * (1.0 + f.abs()), "case {case} ({b},{j}): {y} vs {f}");
+                }
+            }
+            if crate::vnni::available() {
+                let vnni = run(&LinearInt8::with_gemm(&view, &layer, Int8Gemm::Vnni).expect("linear"));
+                assert_eq!(vnni, reference, "case {case}");
             }
         }
     }
