@@ -136,6 +136,10 @@ pub enum Stage {
         /// One weight scale per output channel (true) or per layer.
         #[serde(default = "default_true")]
         per_channel: bool,
+        /// Asymmetric weights: `[min, max]` onto all `2^bits` levels with a zero point per
+        /// channel (or layer), instead of symmetric `[-max|w|, max|w|]`. Not with `adaround`.
+        #[serde(default)]
+        asymmetric_weights: bool,
         /// How activation ranges are chosen: `{ kind = "min_max" }`, `{ kind = "moving_average",
         /// momentum = 0.9 }`, `{ kind = "percentile", percentile = 99.99 }`, `{ kind = "mse" }`,
         /// `{ kind = "kl" }`.
@@ -861,9 +865,13 @@ fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
                 bias_correction,
                 adaround,
                 activations,
+                asymmetric_weights,
                 ..
             } => {
                 quantized_at = Some(i);
+                if *asymmetric_weights && adaround.is_some() {
+                    bail!("key `{at}.asymmetric_weights`: AdaRound learns the rounding of symmetric weights only");
+                }
                 if *activations != shrink_quant::ActivationType::U8 && *mode == QuantMode::Dynamic {
                     bail!(
                         "key `{at}.activations`: dynamic quantization measures each batch's u8 range at run time, so \

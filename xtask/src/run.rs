@@ -537,11 +537,13 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                 cross_layer_equalization,
                 adaround,
                 activations,
+                asymmetric_weights,
             } => {
                 let dynamic = *mode == crate::config::QuantMode::Dynamic;
                 let settings = PtqSettings {
                     weight_bits: *weight_bits,
                     per_channel: *per_channel,
+                    asymmetric_weights: *asymmetric_weights,
                     calibrator: *calibrator,
                     overrides: overrides.clone(),
                     dynamic,
@@ -568,7 +570,7 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                     &q,
                     &graph,
                     if dynamic { "dynamic post-training" } else { "static post-training" }.into(),
-                    weights_text(*weight_bits, *per_channel, false)
+                    weights_text(*weight_bits, *per_channel, *asymmetric_weights, false)
                         + &if q.equalized.is_empty() {
                             String::new()
                         } else {
@@ -618,6 +620,7 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                 let ptq = PtqSettings {
                     weight_bits: *weight_bits,
                     per_channel: *per_channel,
+                    asymmetric_weights: false,
                     calibrator: *calibrator,
                     overrides: overrides.clone(),
                     dynamic: false,
@@ -693,7 +696,7 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                     &q,
                     &graph,
                     method + &taught,
-                    weights_text(*weight_bits, *per_channel, *learn_scales),
+                    weights_text(*weight_bits, *per_channel, false, *learn_scales),
                     activations_text(*activations),
                     format!("{calibrator:?} (initial ranges)"),
                     out.calibration_images,
@@ -1065,9 +1068,10 @@ fn calibration_batches_of(data: &Data, seed: u64, batches: usize, batch_size: us
     order.chunks(batch_size.max(1)).take(batches).map(|c| c.to_vec()).collect()
 }
 
-fn weights_text(bits: u32, per_channel: bool, learned: bool) -> String {
+fn weights_text(bits: u32, per_channel: bool, asymmetric: bool, learned: bool) -> String {
     format!(
-        "int{bits} weights, symmetric, {}{} (batch norms folded first)",
+        "int{bits} weights, {}, {}{} (batch norms folded first)",
+        if asymmetric { "asymmetric" } else { "symmetric" },
         if per_channel { "per output channel" } else { "per layer" },
         if learned { ", scales learned" } else { "" }
     )

@@ -111,6 +111,8 @@ fn smoke_configs_run_cache_their_baseline_and_are_deterministic() {
     let dynamic = report(dirs.iter().find(|d| d.contains("smoke_mlp_dynamic")).unwrap());
     let dq = &dynamic["stages"][1];
     assert_eq!(dq["quantization"]["method"], "dynamic post-training");
+    let weights = dq["quantization"]["weights"].as_str().unwrap();
+    assert!(weights.starts_with("int8 weights, asymmetric, per output channel"), "{weights}");
     let kernels = dq["quantization"]["quantized_layers"].as_array().unwrap();
     assert!(!kernels.is_empty() && kernels.iter().all(|l| l[2].as_str().unwrap().starts_with("linear/int8-dynamic")));
     let (f32_acc, dyn_acc) = (top1(&dynamic["stages"][0]["test"]), top1(&dq["test"]));

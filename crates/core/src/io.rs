@@ -86,15 +86,35 @@ struct GraphHeader {
     annotations: Option<serde_json::Value>,
 }
 
-/// A conv or linear weight stored as integers: `weight = values * scales[output channel]`.
+/// A conv or linear weight stored as integers:
+/// `weight = scales[o] · (values − zero_points[o])` for output channel `o`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct IntWeights {
     /// Bits per value: 8 (stored as I8), 4 or 2 (packed into bytes, low bits first).
     pub bits: u32,
-    /// Integers in the weight's layout, each in `[-2^(bits-1), 2^(bits-1) - 1]`.
+    /// Integers in the weight's layout, each in `[-2^(bits-1), 2^(bits-1) - 1]` (symmetric
+    /// int8 weights never use -128).
     pub values: Vec<i8>,
     /// One scale per output channel.
     pub scales: Vec<f32>,
+    /// Asymmetric weights: one zero point per output channel, in the values' range (stored as
+    /// `<node>.weight_zero_point`, I8). Empty: symmetric, every zero point 0.
+    pub zero_points: Vec<i8>,
+}
+
+impl IntWeights {
+    /// The weight in f32: `scales[o] · (values − zero_points[o])`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let per = self.values.len() / self.scales.len().max(1);
+        self.values
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| {
+                let z = self.zero_points.get(i / per).map_or(0, |&z| z as i32);
+                (q as i32 - z) as f32 * self.scales[i / per]
+            })
+            .collect()
+    }
 }
 
 impl IntWeights {
@@ -194,11 +214,14 @@ pub fn to_bytes_with(
             Some(Params::Linear(p)) => p.weight.dims().to_vec(),
             _ => return Err(Error::graph(name, "integer weights for a node that is not a conv or linear layer")),
         };
-        let lo = -(1i32 << (w.bits - 1));
+        let lo = -(1i32 << (w.bits.clamp(1, 8) - 1));
+        let out_of_range = |v: &i8| (*v as i32) < lo || (*v as i32) > -lo - 1;
         if ![2, 4, 8].contains(&w.bits)
             || w.values.len() != dims.iter().product::<usize>()
             || w.scales.len() != dims[0]
-            || w.values.iter().any(|&v| (v as i32) < lo || (v as i32) > -lo - 1)
+            || w.values.iter().any(out_of_range)
+            || !(w.zero_points.is_empty() || w.zero_points.len() == dims[0])
+            || w.zero_points.iter().any(out_of_range)
         {
             return Err(Error::graph(name, "integer weights do not fit the layer's weight"));
         }
@@ -223,6 +246,10 @@ pub fn to_bytes_with(
                 "weight_scale",
                 (vec![w.scales.len()], w.scales.iter().flat_map(|v| v.to_le_bytes()).collect()),
             );
+            if !w.zero_points.is_empty() {
+                let zeros = w.zero_points.iter().map(|&z| z as u8).collect();
+                put(&mut tensors, &node.name, "weight_zero_point", (vec![w.zero_points.len()], zeros));
+            }
         }
         let quantized = ints.contains_key(&node.name);
         match &node.params {
@@ -268,13 +295,14 @@ pub fn to_bytes_with(
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
         .map(|(k, (shape, bytes))| {
-            let dtype = if k.ends_with(".weight_q8") || k.ends_with(".weight_q8_nz") {
-                Dtype::I8
-            } else if k.ends_with(".weight_q4") || k.ends_with(".weight_q2") || k.ends_with(".weight_mask") {
-                Dtype::U8
-            } else {
-                Dtype::F32
-            };
+            let dtype =
+                if k.ends_with(".weight_q8") || k.ends_with(".weight_q8_nz") || k.ends_with(".weight_zero_point") {
+                    Dtype::I8
+                } else if k.ends_with(".weight_q4") || k.ends_with(".weight_q2") || k.ends_with(".weight_mask") {
+                    Dtype::U8
+                } else {
+                    Dtype::F32
+                };
             (k.clone(), TensorView::new(dtype, shape.clone(), bytes).expect("consistent view"))
         })
         .collect();
@@ -373,6 +401,29 @@ pub fn from_bytes_with(bytes: &[u8], path: &Path, device: &Device) -> Result<Loa
         used.borrow_mut().insert(key);
         Ok(TensorData::new(values, shape.to_vec()))
     };
+    // Asymmetric integer weights' zero points (`<name>.weight_zero_point`, I8 [out], in the
+    // range of `bits`), or none (symmetric).
+    let zero_points = |name: &str, out: usize, bits: u32| -> Result<Vec<i8>> {
+        let key = format!("{name}.weight_zero_point");
+        let Ok(view) = st.tensor(&key) else { return Ok(Vec::new()) };
+        let offset = data_start + metadata.info(&key).map(|i| i.data_offsets.0 as u64).unwrap_or(0);
+        if view.dtype() != Dtype::I8 || view.shape() != [out] {
+            return Err(bad(
+                offset,
+                format!("tensor `{key}` is {:?} {:?}, expected I8 [{out}]", view.dtype(), view.shape()),
+            ));
+        }
+        let zeros: Vec<i8> = view.data().iter().map(|&b| b as i8).collect();
+        let lo = -(1i32 << (bits - 1));
+        if let Some(i) = zeros.iter().position(|&z| (z as i32) < lo || (z as i32) > -lo - 1) {
+            return Err(bad(
+                offset + i as u64,
+                format!("tensor `{key}` holds {} at index {i}: outside the {bits}-bit range", zeros[i]),
+            ));
+        }
+        used.borrow_mut().insert(key);
+        Ok(zeros)
+    };
     // A sparse weight: the bitmask of its non-zeros, checked against the values stored, and the
     // values spread back into place (int8 values with their scales).
     let sparse = |name: &str, shape: &[usize]| -> Result<Option<TensorData>> {
@@ -438,13 +489,14 @@ pub fn from_bytes_with(bytes: &[u8], path: &Path, device: &Device) -> Result<Loa
             }
             return Ok(Some(TensorData::new(dense, shape.to_vec())));
         }
+        let zero_points = zero_points(name, shape[0], 8)?;
         let mut values = vec![0i8; count];
         for (j, i) in positions.enumerate() {
             values[i] = data[j] as i8;
-            if values[i] == i8::MIN {
+            if values[i] == i8::MIN && zero_points.is_empty() {
                 return Err(bad(
                     offset_of(&key) + j as u64,
-                    format!("tensor `{key}` holds -128 at index {j}: int8 weights are symmetric"),
+                    format!("tensor `{key}` holds -128 at index {j}: symmetric int8 weights stop at -127"),
                 ));
             }
         }
@@ -455,9 +507,9 @@ pub fn from_bytes_with(bytes: &[u8], path: &Path, device: &Device) -> Result<Loa
                 format!("tensor `{name}.weight_scale` holds {} at index {i}: scales must be positive", scales[i]),
             ));
         }
-        let per = count / shape[0];
-        let deq: Vec<f32> = values.iter().enumerate().map(|(i, &q)| q as f32 * scales[i / per]).collect();
-        ints.borrow_mut().insert(name.to_string(), IntWeights { bits: 8, values, scales });
+        let w = IntWeights { bits: 8, values, scales, zero_points };
+        let deq = w.dequantize();
+        ints.borrow_mut().insert(name.to_string(), w);
         Ok(Some(TensorData::new(deq, shape.to_vec())))
     };
     // A weight: f32, or integers and per-channel scales, dense or sparse.
@@ -484,12 +536,14 @@ pub fn from_bytes_with(bytes: &[u8], path: &Path, device: &Device) -> Result<Loa
             ));
         }
         let values = IntWeights::decode(bits, view.data(), count);
+        let zero_points = zero_points(name, shape[0], bits)?;
         if bits == 8
+            && zero_points.is_empty()
             && let Some(i) = values.iter().position(|&v| v == i8::MIN)
         {
             return Err(bad(
                 offset + i as u64,
-                format!("tensor `{key}` holds -128 at index {i}: int8 weights are symmetric"),
+                format!("tensor `{key}` holds -128 at index {i}: symmetric int8 weights stop at -127"),
             ));
         }
         used.borrow_mut().insert(key);
@@ -501,9 +555,9 @@ pub fn from_bytes_with(bytes: &[u8], path: &Path, device: &Device) -> Result<Loa
                 format!("tensor `{name}.weight_scale` holds {} at index {i}: scales must be positive", scales[i]),
             ));
         }
-        let per = count / shape[0];
-        let deq: Vec<f32> = values.iter().enumerate().map(|(i, &q)| q as f32 * scales[i / per]).collect();
-        ints.borrow_mut().insert(name.to_string(), IntWeights { bits, values, scales });
+        let w = IntWeights { bits, values, scales, zero_points };
+        let deq = w.dequantize();
+        ints.borrow_mut().insert(name.to_string(), w);
         Ok(TensorData::new(deq, shape.to_vec()))
     };
     let graph = builder

@@ -152,7 +152,7 @@ fn sparse_weights_are_stored_compactly_and_round_trip_bit_exactly() {
         .collect();
     let ints = std::collections::BTreeMap::from([(
         "fc".to_string(),
-        io::IntWeights { bits: 8, values: values.clone(), scales: vec![0.01; 10] },
+        io::IntWeights { bits: 8, values: values.clone(), scales: vec![0.01; 10], zero_points: Vec::new() },
     )]);
     let bytes = io::to_bytes_with(&s, &ints, None).unwrap();
     let loaded = io::from_bytes_with(&bytes, &tmp("sparse8.safetensors"), &device).unwrap();
@@ -198,4 +198,41 @@ fn a_mask_marking_values_past_the_weight_is_refused() {
     let e = io::from_bytes(&tail, &tmp("tail.safetensors"), &device).unwrap_err().to_string();
     assert!(e.contains("marks values past the weight's 15") && e.contains(&format!("byte {last}")), "{e}");
     assert!(io::from_bytes(&bytes, &tmp("tail.safetensors"), &device).is_ok());
+}
+
+#[test]
+fn asymmetric_int_weights_round_trip_and_bad_zero_points_are_refused() {
+    let device = BackendKind::Flex.device().unwrap();
+    let g = ModelSpec::Mlp { hidden: vec![6] }.build([1, 4, 4], 3, &device).unwrap();
+    // fc1: 6 × 16 int4 weights with zero points; -8 is a valid stored value when asymmetric.
+    let values: Vec<i8> = (0..96).map(|i| (i % 16) as i8 - 8).collect();
+    let zero_points: Vec<i8> = vec![-3, 0, 2, -8, 7, 1];
+    let w = io::IntWeights { bits: 4, values: values.clone(), scales: vec![0.02; 6], zero_points: zero_points.clone() };
+    let ints = std::collections::BTreeMap::from([("fc1".to_string(), w.clone())]);
+    let bytes = io::to_bytes_with(&g, &ints, None).unwrap();
+    let loaded = io::from_bytes_with(&bytes, &tmp("asym4.safetensors"), &device).unwrap();
+    assert_eq!(loaded.int_weights["fc1"], w);
+    // The graph's f32 weight is scale · (q − zero point).
+    let fc1 = loaded.graph.node_id("fc1").unwrap();
+    let Some(Params::Linear(p)) = &loaded.graph.nodes[fc1].params else { panic!() };
+    let deq = p.weight.val().into_data().try_to_vec::<f32>().unwrap();
+    assert_eq!(deq, w.dequantize());
+    assert_eq!(deq[0], 0.02 * (-8.0 - -3.0));
+    // A zero point outside the 4-bit range is refused, naming the tensor and its byte.
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let header = 8 + bytes[..8].iter().rev().fold(0usize, |a, b| a * 256 + *b as usize);
+    let at = header + meta.info("fc1.weight_zero_point").unwrap().data_offsets.0 + 2;
+    let mut bad = bytes.clone();
+    bad[at] = 9;
+    let e = io::from_bytes(&bad, &tmp("asym4bad.safetensors"), &device).unwrap_err().to_string();
+    assert!(
+        e.contains("fc1.weight_zero_point")
+            && e.contains("outside the 4-bit range")
+            && e.contains(&format!("byte {at}")),
+        "{e}"
+    );
+    // Writing refuses zero points that do not fit either.
+    let mut wrong = w.clone();
+    wrong.zero_points = vec![0; 5];
+    assert!(io::to_bytes_with(&g, &std::collections::BTreeMap::from([("fc1".to_string(), wrong)]), None).is_err());
 }

@@ -23,8 +23,9 @@ thread_local! {
     static INT8: GemmExecutor<u8, i8, i32> = GemmExecutor::default();
     /// Quantized inputs, zero points and i32 accumulators, reused across calls: a forward pass
     /// allocates only when a layer needs more than any before it on this thread.
-    static BUFFERS: RefCell<Buffers> =
-        const { RefCell::new(Buffers { image: Vec::new(), patches: Vec::new(), row_zero: Vec::new(), acc: Vec::new() }) };
+    static BUFFERS: RefCell<Buffers> = const {
+        RefCell::new(Buffers { image: Vec::new(), patches: Vec::new(), row_zero: Vec::new(), acc: Vec::new(), sums: Vec::new() })
+    };
 }
 
 /// The name of the integer GEMM kernel the plans use on this CPU: `shrink-avx512-vnni`, or the
@@ -130,6 +131,8 @@ struct Buffers {
     /// One zero point per row of the left-hand side.
     row_zero: Vec<u8>,
     acc: Vec<i32>,
+    /// Per GEMM row (or output pixel): `Σ_k (a_k − a_zero)`, for asymmetric weights.
+    sums: Vec<i32>,
 }
 
 /// 1.5 × 2²³: added to a float in `[0, 2²²)`, it leaves that float rounded to the nearest
@@ -166,8 +169,13 @@ pub(crate) fn quantize_weight(w: f32, scale: f32, qmax: i32) -> i32 {
 pub struct IntLayer {
     /// Weight bits (8, 4 or 2: all run on the same int8 kernel; fewer bits only shrink the file).
     pub weight_bits: u32,
-    /// Symmetric weight scale per output channel.
+    /// Weight scale per output channel.
     pub weight_scales: Vec<f32>,
+    /// Asymmetric weights: the zero point per output channel, in the signed storage range
+    /// `[-2^(bits-1), 2^(bits-1) - 1]` (the unsigned zero point minus `2^(bits-1)`), so that
+    /// `w = scale · (q − zero_point)` for stored `q` in the same range. Empty: symmetric
+    /// (zero point 0, `q` in `[-(2^(bits-1) - 1), 2^(bits-1) - 1]`).
+    pub weight_zero_points: Vec<i32>,
     /// u8 parameters of the layer's input (ignored when `dynamic`).
     pub input: QuantParams,
     /// Dynamic quantization: the input's range is measured on each batch at run time.
@@ -175,9 +183,37 @@ pub struct IntLayer {
 }
 
 impl IntLayer {
-    fn qmax(&self) -> i32 {
-        crate::symmetric_max(self.weight_bits)
+    /// The stored integer of weight `w` (already on the grid, or any f32) of output channel `o`.
+    pub fn int_weight(&self, w: f32, o: usize) -> i8 {
+        int_weight(w, self.weight_scales[o], self.weight_zero_points.get(o).copied(), self.weight_bits)
     }
+
+    /// The weight zero points when any is not 0: the kernels then subtract
+    /// `zero_point[o] · Σ_k (a_k − a_zero)` per output.
+    fn nonzero_weight_zero_points(&self) -> Option<Vec<i32>> {
+        self.weight_zero_points.iter().any(|&z| z != 0).then(|| self.weight_zero_points.clone())
+    }
+}
+
+/// The stored integer of weight `w`: symmetric (`zero_point` `None`) rounds `w / scale` into
+/// `[-qmax, qmax]`; asymmetric adds the zero point and clamps to the full signed range.
+pub(crate) fn int_weight(w: f32, scale: f32, zero_point: Option<i32>, bits: u32) -> i8 {
+    match zero_point {
+        None => quantize_weight(w, scale, crate::symmetric_max(bits)) as i8,
+        Some(z) => {
+            let half = 1 << (bits - 1);
+            ((w / scale).round() as i32 + z).clamp(-half, half - 1) as i8
+        }
+    }
+}
+
+/// `Σ_k (a_k − zero)` of each row of `rows` (`k` bytes used of every `ld`): what an
+/// asymmetric weight's zero point multiplies.
+fn row_sums(a: &[u8], ld: usize, k: usize, count: usize, zero: u8, out: &mut Vec<i32>) {
+    out.clear();
+    out.extend(
+        a.chunks(ld).take(count).map(|r| r[..k].iter().map(|&v| v as i32).sum::<i32>() - k as i32 * zero as i32),
+    );
 }
 
 fn dims(shape: ValueShape) -> (usize, usize, usize) {
@@ -200,6 +236,8 @@ pub struct ConvInt8 {
     /// Per output channel: what to subtract from the accumulators (see
     /// [`PackedInt8::zero_sums`]).
     zero_correction: Vec<i32>,
+    /// Asymmetric weights: their zero points (see [`IntLayer::weight_zero_points`]).
+    weight_zero: Option<Vec<i32>>,
     /// Per output channel: input scale × weight scale.
     out_scale: Vec<f32>,
     bias: Vec<f32>,
@@ -238,7 +276,6 @@ impl ConvInt8 {
         let input = dims(view.input);
         let (cin, [kh, kw]) = (input.0, kernel);
         let k = cin * kh * kw;
-        let qmax = layer.qmax();
         // Graph layout [cout, cin, kh, kw] → rows (ky, kx, c), columns cout.
         let mut wt = vec![0i8; k * out_channels];
         for o in 0..out_channels {
@@ -247,7 +284,7 @@ impl ConvInt8 {
                     for kx in 0..kw {
                         let w = view.weight[((o * cin + c) * kh + ky) * kw + kx];
                         let row = (ky * kw + kx) * cin + c;
-                        wt[row * out_channels + o] = quantize_weight(w, layer.weight_scales[o], qmax) as i8;
+                        wt[row * out_channels + o] = layer.int_weight(w, o);
                     }
                 }
             }
@@ -255,6 +292,7 @@ impl ConvInt8 {
         let weights = PackedInt8::new(&wt, k, out_channels, gemm);
         Some(Self {
             zero_correction: weights.zero_sums().iter().map(|s| s * layer.input.zero_point).collect(),
+            weight_zero: layer.nonzero_weight_zero_points(),
             weights,
             out_scale: layer.weight_scales.iter().map(|s| s * layer.input.scale).collect(),
             bias: view.bias.map(|b| b.to_vec()).unwrap_or_else(|| vec![0.0; out_channels]),
@@ -346,7 +384,7 @@ impl Kernel for ConvInt8 {
         // maps would otherwise make many small, overhead-bound calls.
         let group = (ROWS_BUDGET / (lda * n).max(1)).clamp(1, batch.max(1));
         BUFFERS.with(|b| {
-            let Buffers { image, patches, row_zero, acc } = &mut *b.borrow_mut();
+            let Buffers { image, patches, row_zero, acc, sums } = &mut *b.borrow_mut();
             image.resize(cin * hp * wp, 0);
             patches.resize(group * n * lda, 0);
             acc.resize(group * n * ldc, 0);
@@ -361,19 +399,28 @@ impl Kernel for ConvInt8 {
                 }
                 let zero = self.input_params.zero_point as u8;
                 self.weights.gemm(patches, rows, zero, row_zero, acc);
+                if self.weight_zero.is_some() {
+                    row_sums(patches, lda, k, rows, zero, sums);
+                }
                 // Pixel-major accumulators to channel-major f32, in blocks of pixels whose
                 // accumulators stay in L1 while each channel's outputs are written contiguously.
                 const BLOCK: usize = 64;
                 for i in 0..g {
                     let out = &mut output[(first + i) * out_len..(first + i + 1) * out_len];
                     let acc = &acc[i * n * ldc..(i + 1) * n * ldc];
+                    let sums = if self.weight_zero.is_some() { &sums[i * n..(i + 1) * n] } else { &[][..] };
                     for j0 in (0..n).step_by(BLOCK) {
                         let len = BLOCK.min(n - j0);
                         for c in 0..cout {
                             let (s, b, z) = (self.out_scale[c], self.bias[c], self.zero_correction[c]);
+                            let wz = self.weight_zero.as_ref().map_or(0, |wz| wz[c]);
                             let dst = &mut out[c * n + j0..c * n + j0 + len];
                             for (jj, o) in dst.iter_mut().enumerate() {
-                                let y = (acc[(j0 + jj) * ldc + c] - z) as f32 * s + b;
+                                let mut a = acc[(j0 + jj) * ldc + c] - z;
+                                if wz != 0 {
+                                    a -= wz * sums[j0 + jj];
+                                }
+                                let y = a as f32 * s + b;
                                 *o = if self.relu { y.max(0.0) } else { y };
                             }
                         }
@@ -395,6 +442,8 @@ pub struct ConvDirectInt8 {
     conv: crate::vnni::DirectConv,
     /// Per output channel: input zero point × Σ weights.
     zero_correction: Vec<i32>,
+    /// Asymmetric weights: their zero points (see [`IntLayer::weight_zero_points`]).
+    weight_zero: Option<Vec<i32>>,
     /// Per output channel: input scale × weight scale.
     out_scale: Vec<f32>,
     bias: Vec<f32>,
@@ -403,6 +452,8 @@ pub struct ConvDirectInt8 {
     input: (usize, usize, usize),
     output: (usize, usize, usize),
     padding: [usize; 2],
+    kernel: [usize; 2],
+    stride: usize,
     bits: u32,
 }
 
@@ -432,17 +483,13 @@ impl ConvDirectInt8 {
         {
             return None;
         }
-        let qmax = layer.qmax();
-        let weights: Vec<i8> = view
-            .weight
-            .iter()
-            .enumerate()
-            .map(|(i, &w)| quantize_weight(w, layer.weight_scales[i / (view.weight.len() / out_channels)], qmax) as i8)
-            .collect();
+        let per = view.weight.len() / out_channels;
+        let weights: Vec<i8> = view.weight.iter().enumerate().map(|(i, &w)| layer.int_weight(w, i / per)).collect();
         let conv = crate::vnni::DirectConv::new(&weights, out_channels, input.0, kernel, stride[0]);
         let zero = layer.input.zero_point;
         Some(Self {
             zero_correction: conv.column_sums().iter().map(|s| s * zero).collect(),
+            weight_zero: layer.nonzero_weight_zero_points(),
             conv,
             out_scale: layer.weight_scales.iter().map(|s| s * layer.input.scale).collect(),
             bias: view.bias.map(|b| b.to_vec()).unwrap_or_else(|| vec![0.0; out_channels]),
@@ -451,6 +498,8 @@ impl ConvDirectInt8 {
             input,
             output,
             padding,
+            kernel,
+            stride: stride[0],
             bits: layer.weight_bits,
         })
     }
@@ -458,6 +507,32 @@ impl ConvDirectInt8 {
     /// Height and width of the padded image.
     fn padded(&self) -> (usize, usize) {
         (self.input.1 + 2 * self.padding[0], self.input.2 + 2 * self.padding[1])
+    }
+
+    /// `Σ (a − zero)` over each output pixel's receptive field (all its taps and input
+    /// channels) of the quantized image `q`, into `out`: the sum of the image's per-pixel
+    /// channel sums over each window (padding holds the zero point and adds 0).
+    fn window_sums(&self, q: &[u8], plane: &mut Vec<i32>, out: &mut Vec<i32>) {
+        let (c, _, _) = self.input;
+        let (hp, wp) = self.padded();
+        let (_, oh, ow) = self.output;
+        let [kh, kw] = self.kernel;
+        let zero = self.input_params.zero_point;
+        plane.clear();
+        plane.resize(hp * wp, 0);
+        for quad in 0..c.div_ceil(4) {
+            let lanes = 4.min(c - 4 * quad);
+            for (p, px) in plane.iter_mut().zip(q[quad * hp * wp * 4..(quad + 1) * hp * wp * 4].chunks_exact(4)) {
+                *p += px[..lanes].iter().map(|&v| v as i32 - zero).sum::<i32>();
+            }
+        }
+        out.clear();
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let (y, x) = (oy * self.stride, ox * self.stride);
+                out.push((0..kh).map(|ky| plane[(y + ky) * wp + x..][..kw].iter().sum::<i32>()).sum());
+            }
+        }
     }
 
     /// Quantizes channel-major image `x` into `out`, `[c/4][hp][wp][4]`, with a border (and
@@ -495,17 +570,22 @@ impl Kernel for ConvDirectInt8 {
         let (hp, wp) = self.padded();
         let (cout, oh, ow) = self.output;
         let (in_len, out_len) = (cin * h * w, cout * oh * ow);
-        let epilogue = crate::vnni::Epilogue {
-            correction: &self.zero_correction,
-            scale: &self.out_scale,
-            bias: &self.bias,
-            relu: self.relu,
-        };
         BUFFERS.with(|b| {
-            let image = &mut b.borrow_mut().image;
+            let Buffers { image, sums, acc: plane, .. } = &mut *b.borrow_mut();
             image.resize(self.conv.quads() * hp * wp * 4 + crate::vnni::DirectConv::SLACK, 0);
             for i in 0..batch {
                 self.quantize_quads(&inputs[0][i * in_len..(i + 1) * in_len], image);
+                if self.weight_zero.is_some() {
+                    self.window_sums(image, plane, sums);
+                }
+                let epilogue = crate::vnni::Epilogue {
+                    correction: &self.zero_correction,
+                    scale: &self.out_scale,
+                    bias: &self.bias,
+                    relu: self.relu,
+                    weight_zero: self.weight_zero.as_deref().unwrap_or(&[]),
+                    window_sums: if self.weight_zero.is_some() { sums } else { &[] },
+                };
                 self.conv.run(image, hp, wp, oh, ow, &mut output[i * out_len..(i + 1) * out_len], &epilogue);
             }
         });
@@ -520,6 +600,8 @@ pub struct LinearInt8 {
     weight_scales: Vec<f32>,
     /// `Wᵀ`, `[in, out]`.
     weights: PackedInt8,
+    /// Asymmetric weights: their zero points (see [`IntLayer::weight_zero_points`]).
+    weight_zero: Option<Vec<i32>>,
     bias: Vec<f32>,
     relu: bool,
     input_params: QuantParams,
@@ -546,19 +628,18 @@ impl LinearInt8 {
         if layer.weight_scales.len() != out_features {
             return None;
         }
-        let qmax = layer.qmax();
         // Transposed to `[in, out]`, the GEMM's right-hand side.
         let mut wt = vec![0i8; in_features * out_features];
         for o in 0..out_features {
             for i in 0..in_features {
-                wt[i * out_features + o] =
-                    quantize_weight(view.weight[o * in_features + i], layer.weight_scales[o], qmax) as i8;
+                wt[i * out_features + o] = layer.int_weight(view.weight[o * in_features + i], o);
             }
         }
         Some(Self {
             dynamic: layer.dynamic,
             weight_scales: layer.weight_scales.clone(),
             weights: PackedInt8::new(&wt, in_features, out_features, gemm),
+            weight_zero: layer.nonzero_weight_zero_points(),
             bias: view.bias.map(|b| b.to_vec()).unwrap_or_else(|| vec![0.0; out_features]),
             relu: view.relu,
             input_params: layer.input,
@@ -581,7 +662,7 @@ impl Kernel for LinearInt8 {
         let (k, n) = (self.in_features, self.out_features);
         let (lda, ldc) = (self.weights.lda(k), self.weights.ldc(n));
         BUFFERS.with(|b| {
-            let Buffers { image: x, row_zero, acc, .. } = &mut *b.borrow_mut();
+            let Buffers { image: x, row_zero, acc, sums, .. } = &mut *b.borrow_mut();
             x.resize(batch * lda, 0);
             acc.resize(batch * ldc, 0);
             let input = &inputs[0][..batch * k];
@@ -596,10 +677,16 @@ impl Kernel for LinearInt8 {
                 quantize_u8(row, params, &mut x[..k]);
             }
             self.weights.gemm(x, batch, params.zero_point as u8, row_zero, acc);
-            let sums = self.weights.zero_sums();
-            for (o, a) in output.chunks_exact_mut(n).zip(acc.chunks_exact(ldc)).take(batch) {
+            if self.weight_zero.is_some() {
+                row_sums(x, lda, k, batch, params.zero_point as u8, sums);
+            }
+            let zero_sums = self.weights.zero_sums();
+            for (m, (o, a)) in output.chunks_exact_mut(n).zip(acc.chunks_exact(ldc)).take(batch).enumerate() {
                 for j in 0..n {
-                    let a = a[j] - params.zero_point * sums[j];
+                    let mut a = a[j] - params.zero_point * zero_sums[j];
+                    if let Some(wz) = &self.weight_zero {
+                        a -= wz[j] * sums[m];
+                    }
                     let y = a as f32 * (self.weight_scales[j] * params.scale) + self.bias[j];
                     o[j] = if self.relu { y.max(0.0) } else { y };
                 }
@@ -673,33 +760,42 @@ mod tests {
                 output: ValueShape::Map { channels: cout, height: oh, width: ow },
                 relu,
             };
-            let layer = IntLayer {
+            let symmetric = IntLayer {
                 weight_bits: 8,
                 weight_scales: (0..cout).map(|o| 0.5 / 127.0 * (1.0 + o as f32 / cout as f32)).collect(),
+                weight_zero_points: Vec::new(),
                 // Inputs span [-1.2, 1.2) against a range of about [-0.9, 1.1]: some saturate.
                 input: QuantParams { scale: 2.0 / 255.0, zero_point: 115 },
                 dynamic: false,
             };
-            let batch = 3;
-            let input: Vec<f32> = (0..batch * cin * h * w).map(|i| noise(i, 7 + case) * 1.2).collect();
-            let run = |kernel: &dyn Kernel| {
-                let mut out = vec![f32::NAN; batch * cout * oh * ow];
-                kernel.run(&[&input], &mut out, batch, &mut [], &RunContext { threads: 1 });
-                out
+            // Asymmetric weights (zero points −3..=3, int4 on the last cases).
+            let asymmetric = IntLayer {
+                weight_bits: if case >= 6 { 4 } else { 8 },
+                weight_zero_points: (0..cout).map(|o| (o as i32 % 7) - 3).collect(),
+                ..symmetric.clone()
             };
-            let reference = run(&ConvInt8::with_gemm(&view, &layer, Int8Gemm::Rten).expect("conv"));
-            assert!(reference.iter().all(|v| v.is_finite()));
-            if crate::vnni::available() {
-                let im2col = run(&ConvInt8::with_gemm(&view, &layer, Int8Gemm::Vnni).expect("conv"));
-                assert_eq!(im2col, reference, "im2col on the VNNI GEMM, case {case}");
-                // Rows of 12 pixels (the last case) are left to im2col.
-                match ConvDirectInt8::new(&view, &layer) {
-                    Some(direct) => assert_eq!(run(&direct), reference, "direct, case {case}"),
-                    None => assert_eq!(ow, 12, "the direct kernel declined case {case}"),
+            for layer in [symmetric, asymmetric] {
+                let batch = 3;
+                let input: Vec<f32> = (0..batch * cin * h * w).map(|i| noise(i, 7 + case) * 1.2).collect();
+                let run = |kernel: &dyn Kernel| {
+                    let mut out = vec![f32::NAN; batch * cout * oh * ow];
+                    kernel.run(&[&input], &mut out, batch, &mut [], &RunContext { threads: 1 });
+                    out
+                };
+                let reference = run(&ConvInt8::with_gemm(&view, &layer, Int8Gemm::Rten).expect("conv"));
+                assert!(reference.iter().all(|v| v.is_finite()));
+                if crate::vnni::available() {
+                    let im2col = run(&ConvInt8::with_gemm(&view, &layer, Int8Gemm::Vnni).expect("conv"));
+                    assert_eq!(im2col, reference, "im2col on the VNNI GEMM, case {case}");
+                    // Rows of 12 pixels (the last case) are left to im2col.
+                    match ConvDirectInt8::new(&view, &layer) {
+                        Some(direct) => assert_eq!(run(&direct), reference, "direct, case {case}"),
+                        None => assert_eq!(ow, 12, "the direct kernel declined case {case}"),
+                    }
+                } else {
+                    assert!(ConvDirectInt8::new(&view, &layer).is_none());
+                    eprintln!("no AVX-512 VNNI on this CPU: only the rten kernel ran");
                 }
-            } else {
-                assert!(ConvDirectInt8::new(&view, &layer).is_none());
-                eprintln!("no AVX-512 VNNI on this CPU: only the rten kernel ran");
             }
         }
     }
@@ -729,6 +825,12 @@ mod tests {
             let layer = IntLayer {
                 weight_bits: 8,
                 weight_scales: (0..n).map(|o| 0.3 / 127.0 * (1.0 + o as f32 / n as f32)).collect(),
+                // Asymmetric weights in the odd cases.
+                weight_zero_points: if case % 2 == 1 {
+                    (0..n).map(|o| (o as i32 % 5) - 2).collect()
+                } else {
+                    Vec::new()
+                },
                 input: QuantParams { scale: 1.5 / 255.0, zero_point: 140 },
                 dynamic,
             };

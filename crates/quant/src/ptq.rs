@@ -1,5 +1,6 @@
-//! Static post-training quantization of a graph: batch norms folded, per-channel symmetric
-//! weights, per-tensor u8 activations calibrated on data, per-layer overrides by node name.
+//! Static post-training quantization of a graph: batch norms folded, per-channel (or per-tensor)
+//! symmetric or asymmetric weights, per-tensor u8 (or i8) activations calibrated on data,
+//! per-layer overrides by node name.
 
 use std::collections::BTreeMap;
 
@@ -10,7 +11,7 @@ use shrink_core::graph::{Activation, Graph, NodeId, Op, Params};
 use shrink_core::runtime::{FreezeOptions, Kernel, KernelRegistry, LayerView, Plan, freeze_with};
 
 use crate::calibrate::{Calibrator, Observer};
-use crate::kernels::{ConvDirectInt8, ConvInt8, IntLayer, LinearInt8, quantize_weight};
+use crate::kernels::{ConvDirectInt8, ConvInt8, IntLayer, LinearInt8, int_weight, quantize_weight};
 use crate::{Error, Granularity, QuantParams, QuantScheme};
 
 /// What an override does to the layers whose names it matches.
@@ -30,11 +31,16 @@ pub struct Override {
 /// Settings of static post-training quantization.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PtqSettings {
-    /// Weight bits: 8, 4 or 2 (symmetric; int4/int2 weights run on the int8 kernels and are
-    /// stored packed).
+    /// Weight bits: 8, 4 or 2 (int4/int2 weights run on the int8 kernels and are stored
+    /// packed).
     pub weight_bits: u32,
     /// One weight scale per output channel (true) or one per layer.
     pub per_channel: bool,
+    /// Asymmetric weights: each channel's (or the layer's) `[min, max]` onto all `2^bits`
+    /// levels with a zero point, instead of `[-max|w|, max|w|]` onto `2^bits − 1` levels.
+    /// Matters most at 2 and 4 bits (int2 symmetric has three levels, asymmetric four); the
+    /// kernels subtract `zero_point · Σ (a − a_zero)` per output, one more sum per pixel.
+    pub asymmetric_weights: bool,
     /// How activation ranges are chosen.
     pub calibrator: Calibrator,
     /// Per-layer exceptions; the first matching override wins.
@@ -95,6 +101,7 @@ impl Default for PtqSettings {
         Self {
             weight_bits: 8,
             per_channel: true,
+            asymmetric_weights: false,
             calibrator: Calibrator::MinMax,
             overrides: Vec::new(),
             dynamic: false,
@@ -117,6 +124,10 @@ pub struct LayerQuant {
     pub weight_bits: u32,
     /// Weight scale per output channel (all equal for per-tensor).
     pub weight_scales: Vec<f32>,
+    /// Asymmetric weights: zero point per output channel, in the signed storage range (see
+    /// [`IntLayer::weight_zero_points`]); empty for symmetric weights.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub weight_zero_points: Vec<i32>,
     /// Scale of the layer's u8 input.
     pub input_scale: f32,
     /// Zero point of the layer's u8 input.
@@ -137,6 +148,7 @@ impl LayerQuant {
         IntLayer {
             weight_bits: self.weight_bits,
             weight_scales: self.weight_scales.clone(),
+            weight_zero_points: self.weight_zero_points.clone(),
             input: self.input(),
             dynamic: self.dynamic,
         }
@@ -285,6 +297,11 @@ pub fn quantize_static(
     if ![2, 4, 8].contains(&settings.weight_bits) {
         return Err(Error::Setting(format!("weight_bits must be 2, 4 or 8, got {}", settings.weight_bits)));
     }
+    if settings.asymmetric_weights && settings.adaround.is_some() {
+        return Err(Error::Setting(
+            "AdaRound learns the rounding of symmetric weights: it cannot be combined with asymmetric_weights".into(),
+        ));
+    }
     if settings.dynamic && settings.bias_correction {
         return Err(Error::Setting("bias correction needs calibration: it applies to static quantization only".into()));
     }
@@ -368,7 +385,13 @@ pub fn quantize_static(
             (id, LayerPlan { bits, input, weight_scales: None, input_mean, adaround })
         })
         .collect();
-    let mut model = quantize_weights(folded, layers, settings.per_channel, settings.dynamic, float_layers);
+    let mut model = quantize_weights(
+        folded,
+        layers,
+        WeightScheme { per_channel: settings.per_channel, asymmetric: settings.asymmetric_weights },
+        settings.dynamic,
+        float_layers,
+    );
     model.equalized = equalized;
     Ok(model)
 }
@@ -420,12 +443,19 @@ pub(crate) struct LayerPlan {
     pub adaround: Option<(Tensor<4>, crate::adaround::AdaRoundSettings)>,
 }
 
+/// How weight ranges are chosen where a layer's scales are not given.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WeightScheme {
+    pub per_channel: bool,
+    pub asymmetric: bool,
+}
+
 /// Quantizes the weights of the planned layers of a folded graph: each weight replaced by its
 /// dequantized value, and the integer form recorded by name.
 pub(crate) fn quantize_weights(
     mut folded: Graph,
     plan: BTreeMap<NodeId, LayerPlan>,
-    per_channel: bool,
+    scheme: WeightScheme,
     dynamic: bool,
     float_layers: Vec<(String, String)>,
 ) -> QuantizedModel {
@@ -442,12 +472,27 @@ pub(crate) fn quantize_weights(
         let per = w.len() / out;
         let qmax = crate::symmetric_max(bits);
         let absmax = |s: &[f32]| s.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let scales: Vec<f32> = if let Some(scales) = weight_scales {
-            scales
-        } else if per_channel {
-            w.chunks_exact(per).map(|c| (absmax(c) / qmax as f32).max(f32::MIN_POSITIVE)).collect()
+        // Asymmetric: [min, max] (widened to 0, so 0 stays exact) onto 0..2^bits − 1, the zero
+        // point then shifted into the signed range the integers are stored in.
+        let affine = |s: &[f32]| {
+            let (lo, hi) = s.iter().fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+            let p = crate::params_for_range(
+                lo,
+                hi,
+                QuantScheme { bits, symmetric: false, granularity: Granularity::PerTensor },
+            );
+            (p.scale.max(f32::MIN_POSITIVE), p.zero_point - (1 << (bits - 1)))
+        };
+        let (scales, zeros): (Vec<f32>, Vec<i32>) = if let Some(scales) = weight_scales {
+            (scales, Vec::new())
+        } else if scheme.asymmetric {
+            let params: Vec<(f32, i32)> =
+                if scheme.per_channel { w.chunks_exact(per).map(affine).collect() } else { vec![affine(&w); out] };
+            params.into_iter().unzip()
+        } else if scheme.per_channel {
+            (w.chunks_exact(per).map(|c| (absmax(c) / qmax as f32).max(f32::MIN_POSITIVE)).collect(), Vec::new())
         } else {
-            vec![(absmax(&w) / qmax as f32).max(f32::MIN_POSITIVE); out]
+            (vec![(absmax(&w) / qmax as f32).max(f32::MIN_POSITIVE); out], Vec::new())
         };
         let deq: Vec<f32> = match adaround {
             Some((inputs, settings)) => {
@@ -464,8 +509,11 @@ pub(crate) fn quantize_weights(
             }
             None => w
                 .chunks_exact(per)
-                .zip(&scales)
-                .flat_map(|(c, &s)| c.iter().map(move |&v| quantize_weight(v, s, qmax) as f32 * s))
+                .enumerate()
+                .flat_map(|(o, c)| {
+                    let (s, z) = (scales[o], zeros.get(o).copied());
+                    c.iter().map(move |&v| (int_weight(v, s, z, bits) as i32 - z.unwrap_or(0)) as f32 * s)
+                })
                 .collect(),
         };
         // Bias correction: the rounding shifts output o's mean by Σ (Wq − W)[o, i] · E[x_i];
@@ -520,6 +568,7 @@ pub(crate) fn quantize_weights(
             LayerQuant {
                 weight_bits: bits,
                 weight_scales: scales,
+                weight_zero_points: zeros,
                 input_scale: input.scale,
                 input_zero_point: input.zero_point,
                 dynamic,
@@ -631,16 +680,15 @@ impl QuantizedModel {
                 .try_to_vec()
                 .expect("f32 weights");
                 let per = w.len() / l.weight_scales.len();
-                let qmax = crate::symmetric_max(l.weight_bits);
-                let values = w
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &v)| quantize_weight(v, l.weight_scales[i / per], qmax) as i8)
-                    .collect();
-                (
-                    name.clone(),
-                    shrink_core::io::IntWeights { bits: l.weight_bits, values, scales: l.weight_scales.clone() },
-                )
+                let layer = l.int_layer();
+                let values = w.iter().enumerate().map(|(i, &v)| layer.int_weight(v, i / per)).collect();
+                let weights = shrink_core::io::IntWeights {
+                    bits: l.weight_bits,
+                    values,
+                    scales: l.weight_scales.clone(),
+                    zero_points: l.weight_zero_points.iter().map(|&z| z as i8).collect(),
+                };
+                (name.clone(), weights)
             })
             .collect()
     }
@@ -719,6 +767,7 @@ impl QuantizedModel {
                 LayerQuant {
                     weight_bits: w.bits,
                     weight_scales: w.scales.clone(),
+                    weight_zero_points: w.zero_points.iter().map(|&z| z as i32).collect(),
                     input_scale: input.scale,
                     input_zero_point: input.zero_point,
                     dynamic: input.dynamic,

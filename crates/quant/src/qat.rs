@@ -21,7 +21,9 @@ use shrink_core::train::{
     distillation_loss, train_module,
 };
 
-use crate::ptq::{ActivationType, LayerPlan, PtqSettings, QuantizedModel, calibrate, plan_layers, quantize_weights};
+use crate::ptq::{
+    ActivationType, LayerPlan, PtqSettings, QuantizedModel, WeightScheme, calibrate, plan_layers, quantize_weights,
+};
 use crate::{Error, QuantParams, params_for_range, symmetric_max};
 
 /// A teacher for QAT: its softened outputs guide the quantized network alongside the labels
@@ -240,6 +242,11 @@ pub fn quantization_aware_training(
     if ptq.dynamic {
         return Err(Error::Setting("quantization-aware training is static: dynamic must be false".into()));
     }
+    if ptq.asymmetric_weights {
+        return Err(Error::Setting(
+            "quantization-aware training learns symmetric weights: asymmetric_weights must be false".into(),
+        ));
+    }
     if ![2, 4, 8].contains(&ptq.weight_bits) {
         return Err(Error::Setting(format!("weight_bits must be 2, 4 or 8, got {}", ptq.weight_bits)));
     }
@@ -358,7 +365,13 @@ pub fn quantization_aware_training(
             .insert(layer.node, LayerPlan { bits: layer.bits, input, weight_scales, input_mean: None, adaround: None });
     }
     let graph = trained.graph.valid().to_device(device);
-    let model = quantize_weights(graph, plan_out, ptq.per_channel, false, float_layers);
+    let model = quantize_weights(
+        graph,
+        plan_out,
+        WeightScheme { per_channel: ptq.per_channel, asymmetric: false },
+        false,
+        float_layers,
+    );
     Ok(QatOutcome { model, history, calibration_images: images })
 }
 

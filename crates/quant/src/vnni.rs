@@ -119,9 +119,10 @@ pub struct DirectConv {
     column_sums: Vec<i32>,
 }
 
-/// What the direct convolution's epilogue applies per output channel `o`:
-/// `y = (acc − correction[o]) · scale[o] + bias[o]`, then ReLU if asked (the same operations,
-/// in the same order, as the scalar epilogue, so both give the same bits).
+/// What the direct convolution's epilogue applies per output channel `o` and pixel `p`:
+/// `y = (acc − correction[o] − weight_zero[o] · window_sums[p]) · scale[o] + bias[o]`, then
+/// ReLU if asked (the same operations, in the same order, as the scalar epilogue, so both give
+/// the same bits).
 #[derive(Clone, Copy, Debug)]
 pub struct Epilogue<'a> {
     /// Per output channel.
@@ -132,6 +133,10 @@ pub struct Epilogue<'a> {
     pub bias: &'a [f32],
     /// ReLU on the output.
     pub relu: bool,
+    /// Asymmetric weights: zero point per output channel; empty for symmetric weights.
+    pub weight_zero: &'a [i32],
+    /// With `weight_zero`: `Σ (a − a_zero)` over each output pixel's receptive field.
+    pub window_sums: &'a [i32],
 }
 
 const TILE_CHANNELS: usize = 8;
@@ -218,6 +223,11 @@ impl DirectConv {
         assert!(out.len() >= self.out_channels * oh * ow, "output is too short");
         let n = self.out_channels;
         assert!(epilogue.correction.len() >= n && epilogue.scale.len() >= n && epilogue.bias.len() >= n);
+        assert!(
+            epilogue.weight_zero.is_empty()
+                || (epilogue.weight_zero.len() >= n && epilogue.window_sums.len() >= oh * ow),
+            "asymmetric weights need a zero point per channel and a sum per output pixel"
+        );
         #[cfg(target_arch = "x86_64")]
         // SAFETY: features and every bound the kernel relies on are checked above.
         unsafe {
@@ -400,8 +410,16 @@ mod x86 {
                     let correction = _mm512_set1_epi32(epilogue.correction[o]);
                     let scale = _mm512_set1_ps(epilogue.scale[o]);
                     let bias = _mm512_set1_ps(epilogue.bias[o]);
+                    let weight_zero = epilogue.weight_zero.get(o).map(|&z| _mm512_set1_epi32(z));
                     for (r, v) in acc.iter().enumerate() {
-                        let y = _mm512_cvtepi32_ps(_mm512_sub_epi32(*v, correction));
+                        let mut v = _mm512_sub_epi32(*v, correction);
+                        if let Some(z) = weight_zero {
+                            let sums = unsafe {
+                                _mm512_loadu_si512(epilogue.window_sums[p0 + 16 * r..][..16].as_ptr() as *const __m512i)
+                            };
+                            v = _mm512_sub_epi32(v, _mm512_mullo_epi32(z, sums));
+                        }
+                        let y = _mm512_cvtepi32_ps(v);
                         let mut y = _mm512_add_ps(_mm512_mul_ps(y, scale), bias);
                         if epilogue.relu {
                             y = _mm512_max_ps(y, _mm512_setzero_ps());

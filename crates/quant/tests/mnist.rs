@@ -267,3 +267,49 @@ fn qat_with_i8_activations_trains_on_the_symmetric_grid_and_runs_on_the_integer_
         assert!(int_acc >= f32_acc - 0.02, "QAT with i8 activations {int_acc} vs f32 {f32_acc}");
     }
 }
+
+#[test]
+fn asymmetric_weights_use_every_level_and_help_at_low_bits() {
+    let s = setup();
+    let calib = calibration(&s);
+    let acc = |q: &shrink_quant::QuantizedModel| {
+        evaluate_plan(&mut q.freeze(1).unwrap(), &s.test, &s.batcher, 250, &s.device).unwrap().top1
+    };
+    let f32_top1 = evaluate(&s.baseline, &s.test, &s.batcher, 250, &s.device).unwrap().top1;
+    let mut line = format!("LeNet-5 test top-1: f32 {f32_top1:.3}");
+    let mut results = Vec::new();
+    for bits in [8, 4, 2] {
+        let sym = quantize_static(&s.baseline, &mut calib.clone().into_iter(), &ptq(bits)).unwrap();
+        let asym_settings = PtqSettings { asymmetric_weights: true, ..ptq(bits) };
+        let asym = quantize_static(&s.baseline, &mut calib.clone().into_iter(), &asym_settings).unwrap();
+        let (a_sym, a_asym) = (acc(&sym), acc(&asym));
+        line += &format!("; int{bits} symmetric {a_sym:.3}, asymmetric {a_asym:.3}");
+        results.push((bits, a_sym, a_asym));
+        // Each asymmetric channel spans its own [min, max] with all 2^bits levels: the stored
+        // integers reach both ends of the signed range in some channel of every layer.
+        for (name, l) in &asym.layers {
+            let id = asym.graph.node_id(name).unwrap();
+            let w: Vec<f32> = match &asym.graph.nodes[id].params {
+                Some(shrink_core::graph::Params::Conv(p)) => p.weight.val().into_data().try_to_vec().unwrap(),
+                Some(shrink_core::graph::Params::Linear(p)) => p.weight.val().into_data().try_to_vec().unwrap(),
+                _ => unreachable!(),
+            };
+            let per = w.len() / l.weight_scales.len();
+            let half = 1 << (bits - 1);
+            let stored: Vec<i32> = w
+                .iter()
+                .enumerate()
+                .map(|(k, v)| (v / l.weight_scales[k / per]).round() as i32 + l.weight_zero_points[k / per])
+                .collect();
+            assert!(stored.iter().all(|q| (-half..half).contains(q)), "{name}");
+            assert!(stored.contains(&-half) && stored.contains(&(half - 1)), "{name}: int{bits} levels unused");
+        }
+    }
+    eprintln!("{line}");
+    let (_, s8, a8) = results[0];
+    // int8 either way stays within a point of f32; at 2 bits (three symmetric levels against
+    // four) asymmetric weights keep clearly more of it.
+    assert!(a8 >= f32_top1 - 0.01 && s8 >= f32_top1 - 0.01, "{line}");
+    let (_, s2, a2) = results[2];
+    assert!(a2 > s2 + 0.1, "{line}");
+}

@@ -32,57 +32,89 @@ fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_to_vec().unwrap()
 }
 
-#[test]
-fn integer_conv_equals_a_reference_integer_loop() {
-    // One padded, strided 3x3 conv (+bias, ReLU) and a linear layer.
-    let mut b = GraphBuilder::new([3, 9, 9]);
+/// One conv (+bias, ReLU) and a linear layer, quantized, against the same integer arithmetic
+/// written out as plain loops: `side`×`side` inputs, the given stride (the 16×16 stride-1 and
+/// 32×32 stride-2 convs run on the direct kernel where the CPU has AVX-512 VNNI, the 9×9 one on
+/// im2col + GEMM), symmetric or asymmetric weights.
+fn check_against_reference_loop(side: usize, stride: usize, settings: &PtqSettings) {
+    let cout = 16;
+    let mut b = GraphBuilder::new([3, side, side]);
     let x = b.input();
-    let c = b.conv2d("conv", x, Conv2dSpec { stride: 2, padding: 1, bias: true, ..Conv2dSpec::new(5, 3) });
+    let c = b.conv2d("conv", x, Conv2dSpec { stride, padding: 1, bias: true, ..Conv2dSpec::new(cout, 3) });
     let r = b.relu("relu", c);
     let f = b.flatten("flat", r);
+    let o = (side + 2 - 3) / stride + 1;
+    let features = cout * o * o;
     let l = b.linear("fc", f, 4, true);
-    let g = seeded(3, |d| b.build(l, d).unwrap());
-    let calib = batches([3, 9, 9], 2, 5);
-    let q = quantize_static(&g, &mut calib.clone().into_iter(), &PtqSettings::default()).unwrap();
+    let mut g = seeded(3, |d| b.build(l, d).unwrap());
+    // Skewed weights (each shifted by a third of its layer's largest magnitude), so asymmetric
+    // ranges get zero points far from the middle.
+    fn skew<const D: usize>(w: &mut burn::module::Param<Tensor<D>>) {
+        let t = w.val();
+        let shift = t.clone().abs().max().into_scalar::<f32>() / 3.0;
+        *w = burn::module::Param::from_tensor(t.add_scalar(shift));
+    }
+    for node in &mut g.nodes {
+        match &mut node.params {
+            Some(shrink_core::graph::Params::Conv(p)) => skew(&mut p.weight),
+            Some(shrink_core::graph::Params::Linear(p)) => skew(&mut p.weight),
+            _ => {}
+        }
+    }
+    let calib = batches([3, side, side], 2, 5);
+    let q = quantize_static(&g, &mut calib.clone().into_iter(), settings).unwrap();
     let mut plan = q.freeze(1).unwrap();
     let labels = plan.kernels();
     assert!(labels.iter().any(|(n, k)| n == "conv" && k.starts_with("conv2d/int8")), "{labels:?}");
     assert!(labels.iter().any(|(n, k)| n == "fc" && k.starts_with("linear/int8")), "{labels:?}");
+    let context = format!("{side}x{side} stride {stride}, {settings:?}, kernels {labels:?}");
 
-    // Reference: the same integer arithmetic written out as plain loops.
     let input = to_vec(calib[0].clone().narrow(0, 0, 1));
-    let lq = &q.layers["conv"];
     // The kernels' rounding: multiply by the reciprocal scale, round half to even, saturate.
     let quant_u8 = |v: f32, s: f32, zp: i32| (v * (1.0 / s) + zp as f32).clamp(0.0, 255.0).round_ties_even() as i32;
+    // A stored weight and its zero point: symmetric rounds w / s; asymmetric adds the zero point
+    // and saturates to the signed range of the bits.
+    let int_weight = |lq: &shrink_quant::LayerQuant, w: f32, o: usize| -> (i32, i32) {
+        let half = 1 << (lq.weight_bits - 1);
+        match lq.weight_zero_points.get(o) {
+            Some(&z) => (((w / lq.weight_scales[o]).round() as i32 + z).clamp(-half, half - 1), z),
+            None => ((w / lq.weight_scales[o]).round() as i32, 0),
+        }
+    };
+    let lq = &q.layers["conv"];
+    assert_eq!(lq.weight_zero_points.is_empty(), !settings.asymmetric_weights);
+    if settings.asymmetric_weights {
+        // Some zero point is not 0, so the kernels' correction for it runs.
+        assert!(lq.weight_zero_points.iter().any(|&z| z != 0), "{:?}", lq.weight_zero_points);
+        assert!(q.layers["fc"].weight_zero_points.iter().any(|&z| z != 0));
+    }
     let node = &q.graph.nodes[q.graph.node_id("conv").unwrap()];
     let shrink_core::graph::Params::Conv(p) = node.params.as_ref().unwrap() else { panic!() };
     let w = to_vec(p.weight.val());
     let bias = to_vec(p.bias.as_ref().unwrap().val());
-    let mut conv_out = vec![0f32; 5 * 5 * 5];
-    for o in 0..5 {
-        for oy in 0..5 {
-            for ox in 0..5 {
+    let mut conv_out = vec![0f32; features];
+    for oc in 0..cout {
+        for oy in 0..o {
+            for ox in 0..o {
                 let mut acc = 0i32;
                 for c in 0..3 {
                     for ky in 0..3 {
                         for kx in 0..3 {
-                            let (iy, ix) = ((oy * 2 + ky) as isize - 1, (ox * 2 + kx) as isize - 1);
-                            let xq = if (0..9).contains(&iy) && (0..9).contains(&ix) {
-                                quant_u8(
-                                    input[c * 81 + iy as usize * 9 + ix as usize],
-                                    lq.input_scale,
-                                    lq.input_zero_point,
-                                )
+                            let (iy, ix) = ((oy * stride + ky) as isize - 1, (ox * stride + kx) as isize - 1);
+                            let inside = (0..side as isize).contains(&iy) && (0..side as isize).contains(&ix);
+                            let xq = if inside {
+                                let v = input[(c * side + iy as usize) * side + ix as usize];
+                                quant_u8(v, lq.input_scale, lq.input_zero_point)
                             } else {
                                 lq.input_zero_point
                             };
-                            let wq = (w[((o * 3 + c) * 3 + ky) * 3 + kx] / lq.weight_scales[o]).round() as i32;
-                            acc += (xq - lq.input_zero_point) * wq;
+                            let (wq, wz) = int_weight(lq, w[((oc * 3 + c) * 3 + ky) * 3 + kx], oc);
+                            acc += (xq - lq.input_zero_point) * (wq - wz);
                         }
                     }
                 }
-                let y = acc as f32 * (lq.weight_scales[o] * lq.input_scale) + bias[o];
-                conv_out[(o * 5 + oy) * 5 + ox] = y.max(0.0);
+                let y = acc as f32 * (lq.weight_scales[oc] * lq.input_scale) + bias[oc];
+                conv_out[(oc * o + oy) * o + ox] = y.max(0.0);
             }
         }
     }
@@ -91,25 +123,38 @@ fn integer_conv_equals_a_reference_integer_loop() {
     let shrink_core::graph::Params::Linear(p) = node.params.as_ref().unwrap() else { panic!() };
     let (w, bias) = (to_vec(p.weight.val()), to_vec(p.bias.as_ref().unwrap().val()));
     let expected: Vec<f32> = (0..4)
-        .map(|o| {
-            let acc: i32 = (0..125)
+        .map(|oc| {
+            let acc: i32 = (0..features)
                 .map(|i| {
                     let xq = quant_u8(conv_out[i], lf.input_scale, lf.input_zero_point) - lf.input_zero_point;
-                    xq * (w[o * 125 + i] / lf.weight_scales[o]).round() as i32
+                    let (wq, wz) = int_weight(lf, w[oc * features + i], oc);
+                    xq * (wq - wz)
                 })
                 .sum();
-            acc as f32 * (lf.weight_scales[o] * lf.input_scale) + bias[o]
+            acc as f32 * (lf.weight_scales[oc] * lf.input_scale) + bias[oc]
         })
         .collect();
     let got = plan.run(&input, 1).unwrap();
-    assert_eq!(got, &expected[..], "integer plan vs reference loop");
+    assert_eq!(got, &expected[..], "integer plan vs reference loop: {context}");
 
-    // Several images in one call (the conv then multiplies them side by side in one GEMM) give
-    // exactly what each gives alone.
+    // Several images in one call (the im2col conv then multiplies them side by side in one
+    // GEMM) give exactly what each gives alone.
     let batch = to_vec(calib[1].clone());
     let together = plan.run(&batch, 8).unwrap().to_vec();
-    for (i, image) in batch.chunks_exact(3 * 9 * 9).enumerate() {
-        assert_eq!(plan.run(image, 1).unwrap(), &together[i * 4..(i + 1) * 4], "image {i}");
+    for (i, image) in batch.chunks_exact(3 * side * side).enumerate() {
+        assert_eq!(plan.run(image, 1).unwrap(), &together[i * 4..(i + 1) * 4], "image {i}: {context}");
+    }
+}
+
+#[test]
+fn integer_conv_equals_a_reference_integer_loop() {
+    for (side, stride) in [(9, 2), (16, 1), (32, 2)] {
+        for (bits, asymmetric_weights, per_channel) in
+            [(8, false, true), (8, true, true), (4, true, false), (2, true, true)]
+        {
+            let settings = PtqSettings { weight_bits: bits, asymmetric_weights, per_channel, ..PtqSettings::default() };
+            check_against_reference_loop(side, stride, &settings);
+        }
     }
 }
 
@@ -117,8 +162,13 @@ fn integer_conv_equals_a_reference_integer_loop() {
 fn integer_plan_agrees_with_the_simulated_forward() {
     let g = seeded(11, |d| ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 16, 16], 10, d).unwrap());
     let calib = batches([1, 16, 16], 4, 12);
-    for calibrator in [Calibrator::MinMax, Calibrator::Percentile { percentile: 99.99 }, Calibrator::Mse] {
-        let settings = PtqSettings { calibrator, ..PtqSettings::default() };
+    for (calibrator, asymmetric_weights) in [
+        (Calibrator::MinMax, false),
+        (Calibrator::Percentile { percentile: 99.99 }, false),
+        (Calibrator::Mse, false),
+        (Calibrator::MinMax, true),
+    ] {
+        let settings = PtqSettings { calibrator, asymmetric_weights, ..PtqSettings::default() };
         let q = quantize_static(&g, &mut calib.clone().into_iter(), &settings).unwrap();
         // Every conv and the classifier run in integers.
         let int_layers = q.freeze(1).unwrap().kernels().iter().filter(|(_, k)| k.contains("int8")).count();
@@ -195,18 +245,20 @@ fn model_file_is_compact_and_loads_back_bit_identical() {
     std::fs::create_dir_all(&dir).unwrap();
     let input = to_vec(batches([1, 16, 16], 1, 77).remove(0));
     let mut sizes = Vec::new();
-    for bits in [8, 4, 2] {
-        let settings = PtqSettings { weight_bits: bits, ..PtqSettings::default() };
+    for (bits, asymmetric_weights) in [(8, false), (4, false), (2, false), (8, true), (4, true), (2, true)] {
+        let settings = PtqSettings { weight_bits: bits, asymmetric_weights, ..PtqSettings::default() };
         let q = quantize_static(&g, &mut calib.clone().into_iter(), &settings).unwrap();
-        let path = dir.join(format!("int{bits}.safetensors"));
+        let path = dir.join(format!("int{bits}-{asymmetric_weights}.safetensors"));
         q.save(&path).unwrap();
         let size = std::fs::metadata(&path).unwrap().len() as usize;
-        sizes.push(size);
+        if !asymmetric_weights {
+            sizes.push(size);
+        }
         let loaded = shrink_quant::QuantizedModel::load(&path, &device).unwrap();
         assert_eq!(loaded.layers, q.layers);
         let a = q.freeze(1).unwrap().run(&input, 8).unwrap().to_vec();
         let b = loaded.freeze(1).unwrap().run(&input, 8).unwrap().to_vec();
-        assert_eq!(a, b, "int{bits}: outputs after reload must be bit-identical");
+        assert_eq!(a, b, "int{bits} (asymmetric {asymmetric_weights}): outputs after reload must be bit-identical");
     }
     assert!(sizes[1] < sizes[0] && sizes[2] < sizes[1], "{sizes:?}");
     // ResNet-20's int8 file against its f32 model file.
