@@ -436,8 +436,8 @@ impl Kernel for ConvInt8 {
 /// ([`crate::vnni::DirectConv`]): the input is quantized once into four-channel-interleaved
 /// rows padded with its zero point, and the epilogue writes channel-major f32, so unlike
 /// [`ConvInt8`] nothing is transposed or unrolled. Convolutions with a stride other than 1 or 2
-/// (or unequal strides), dilation, groups, or outputs whose rows are not a multiple of 16
-/// pixels (or pairs of 8) use [`ConvInt8`].
+/// (or unequal strides), dilation, groups, or outputs the kernel's grid would waste more than
+/// a third of the work on (see [`crate::vnni::DirectConv::supports`]) use [`ConvInt8`].
 pub struct ConvDirectInt8 {
     conv: crate::vnni::DirectConv,
     /// Per output channel: input zero point × Σ weights.
@@ -454,6 +454,9 @@ pub struct ConvDirectInt8 {
     padding: [usize; 2],
     kernel: [usize; 2],
     stride: usize,
+    /// Rows and columns of the quantized image the kernel reads (see
+    /// [`crate::vnni::DirectConv::image_size`]).
+    image: (usize, usize),
     bits: u32,
 }
 
@@ -487,7 +490,9 @@ impl ConvDirectInt8 {
         let weights: Vec<i8> = view.weight.iter().enumerate().map(|(i, &w)| layer.int_weight(w, i / per)).collect();
         let conv = crate::vnni::DirectConv::new(&weights, out_channels, input.0, kernel, stride[0]);
         let zero = layer.input.zero_point;
+        let image = conv.image_size(input.1 + 2 * padding[0], input.2 + 2 * padding[1], output.1, output.2);
         Some(Self {
+            image,
             zero_correction: conv.column_sums().iter().map(|s| s * zero).collect(),
             weight_zero: layer.nonzero_weight_zero_points(),
             conv,
@@ -504,18 +509,21 @@ impl ConvDirectInt8 {
         })
     }
 
-    /// Height and width of the padded image.
+    /// Height and width of the padded image: the convolution's padding, and on the bottom and
+    /// right what the kernel's output grid reads beyond it.
     fn padded(&self) -> (usize, usize) {
-        (self.input.1 + 2 * self.padding[0], self.input.2 + 2 * self.padding[1])
+        self.image
     }
 
     /// `Σ (a − zero)` over each output pixel's receptive field (all its taps and input
     /// channels) of the quantized image `q`, into `out`: the sum of the image's per-pixel
-    /// channel sums over each window (padding holds the zero point and adds 0).
+    /// channel sums over each window (padding holds the zero point and adds 0), for every pixel
+    /// of the kernel's output grid.
     fn window_sums(&self, q: &[u8], plane: &mut Vec<i32>, out: &mut Vec<i32>) {
         let (c, _, _) = self.input;
         let (hp, wp) = self.padded();
         let (_, oh, ow) = self.output;
+        let (gh, gw) = crate::vnni::DirectConv::grid(oh, ow);
         let [kh, kw] = self.kernel;
         let zero = self.input_params.zero_point;
         plane.clear();
@@ -527,8 +535,8 @@ impl ConvDirectInt8 {
             }
         }
         out.clear();
-        for oy in 0..oh {
-            for ox in 0..ow {
+        for oy in 0..gh {
+            for ox in 0..gw {
                 let (y, x) = (oy * self.stride, ox * self.stride);
                 out.push((0..kh).map(|ky| plane[(y + ky) * wp + x..][..kw].iter().sum::<i32>()).sum());
             }
@@ -541,7 +549,7 @@ impl ConvDirectInt8 {
         let (c, h, w) = self.input;
         let (hp, wp) = self.padded();
         let [ph, pw] = self.padding;
-        if ph > 0 || pw > 0 || c % 4 != 0 {
+        if (hp, wp) != (h, w) || !c.is_multiple_of(4) {
             out.fill(self.input_params.zero_point as u8);
         }
         let (inv, zp) = (1.0 / self.input_params.scale, self.input_params.zero_point as f32);
@@ -735,6 +743,14 @@ mod tests {
             (4, 64, 64, 8, 1, 2, 0, false),
             (7, 20, 20, 9, 5, 1, 0, true),
             (6, 12, 12, 8, 3, 1, 1, false),
+            // MNIST-sized maps: 28 → a 32-wide grid, 14 → 16, 7 → 8 (two rows per vector, odd
+            // height), strided 28 → 14 and 14 → 7, and 17 (declined).
+            (5, 28, 28, 16, 3, 1, 1, true),
+            (16, 14, 14, 24, 3, 1, 1, false),
+            (12, 7, 7, 8, 3, 1, 1, true),
+            (16, 28, 28, 32, 3, 2, 1, false),
+            (32, 14, 14, 16, 1, 2, 0, true),
+            (4, 17, 17, 8, 3, 1, 1, false),
         ];
         for (case, &(cin, h, w, cout, k, stride, pad, relu)) in cases.iter().enumerate() {
             let op = Op::Conv2d {
@@ -770,7 +786,7 @@ mod tests {
             };
             // Asymmetric weights (zero points −3..=3, int4 on the last cases).
             let asymmetric = IntLayer {
-                weight_bits: if case >= 6 { 4 } else { 8 },
+                weight_bits: if case % 3 == 2 { 4 } else { 8 },
                 weight_zero_points: (0..cout).map(|o| (o as i32 % 7) - 3).collect(),
                 ..symmetric.clone()
             };
@@ -787,10 +803,10 @@ mod tests {
                 if crate::vnni::available() {
                     let im2col = run(&ConvInt8::with_gemm(&view, &layer, Int8Gemm::Vnni).expect("conv"));
                     assert_eq!(im2col, reference, "im2col on the VNNI GEMM, case {case}");
-                    // Rows of 12 pixels (the last case) are left to im2col.
+                    // Rows of 17 pixels (a 32-wide grid) are left to im2col.
                     match ConvDirectInt8::new(&view, &layer) {
                         Some(direct) => assert_eq!(run(&direct), reference, "direct, case {case}"),
-                        None => assert_eq!(ow, 12, "the direct kernel declined case {case}"),
+                        None => assert_eq!(ow, 17, "the direct kernel declined case {case}"),
                     }
                 } else {
                     assert!(ConvDirectInt8::new(&view, &layer).is_none());

@@ -20,12 +20,14 @@ const PANEL: usize = 16;
 /// Depths per `vpdpbusd` lane.
 const DEPTH_STEP: usize = 4;
 
-/// Whether this CPU runs [`gemm`] (AVX-512 F, BW and VNNI).
+/// Whether this CPU runs [`gemm`] and [`DirectConv`] (AVX-512 F, BW, VL, DQ and VNNI).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512dq")
             && std::arch::is_x86_feature_detected!("avx512vnni")
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -106,6 +108,12 @@ pub fn gemm(a: &[u8], lda: usize, rows: usize, w: &PackedWeights, c: &mut [i32])
 /// what `vpdpbusd` takes, and the weights of 4 channels × 1 tap are one broadcast word. The
 /// accumulators of a tile hold 8 output channels × 16 or 32 pixels, so the epilogue (zero-point
 /// correction, scale, bias, ReLU) writes channel-major f32 rows with no transposition.
+///
+/// Rows are computed on a virtual output grid ([`DirectConv::grid`]): the width rounded up to a
+/// multiple of 16 (or 8, two rows per vector, for widths up to 8), the height to an even number
+/// for the latter, reading extra zero-point padding on the right and bottom of the image; only
+/// the real pixels are stored (masked stores). Grids that waste more than a third of the work
+/// are left to other kernels.
 #[derive(Clone, Debug)]
 pub struct DirectConv {
     /// `[tap][quad][out]`: four i8 weights (input channels `4·quad..4·quad+4`) per word.
@@ -180,10 +188,25 @@ impl DirectConv {
     /// of a row reads one word past the last pixel it uses.
     pub const SLACK: usize = 64;
 
-    /// Whether the kernel covers an output of `oh × ow` pixels: rows of a multiple of 16 pixels,
-    /// or of 8 pixels in pairs of rows.
+    /// The virtual output grid an `oh × ow` output is computed on: `(rows, width)`, the width a
+    /// multiple of 16, or 8 for outputs up to 8 wide (whose rows then go in pairs: rows even).
+    pub fn grid(oh: usize, ow: usize) -> (usize, usize) {
+        if ow <= 8 { (oh.next_multiple_of(2), 8) } else { (oh, ow.next_multiple_of(16)) }
+    }
+
+    /// Whether the kernel covers an output of `oh × ow` pixels: when its [`Self::grid`] adds at
+    /// most a third to the work (e.g. 28 → 32 or 7 → 8 wide, not 17 → 32 or 4 → 8).
     pub fn supports(oh: usize, ow: usize) -> bool {
-        (ow > 0 && ow.is_multiple_of(16)) || (ow == 8 && oh.is_multiple_of(2))
+        let (gh, gw) = Self::grid(oh, ow);
+        oh > 0 && ow > 0 && 3 * gh * gw <= 4 * oh * ow
+    }
+
+    /// The padded image `(hp, wp)` the kernel reads for an `oh × ow` output: at least the real
+    /// padded image `(h, w)`, and enough rows and columns (zero points) for the whole grid.
+    pub fn image_size(&self, h: usize, w: usize, oh: usize, ow: usize) -> (usize, usize) {
+        let (gh, gw) = Self::grid(oh, ow);
+        let [kh, kw] = self.kernel;
+        (h.max((gh - 1) * self.stride + kh), w.max((gw - 1) * self.stride + kw))
     }
 
     /// Groups of four input channels: the image's first dimension.
@@ -196,9 +219,10 @@ impl DirectConv {
         &self.column_sums
     }
 
-    /// Convolves one image, `[quads][hp][wp][4]` u8 already padded (`hp ≥ (oh − 1)·s + kh`,
-    /// `wp ≥ (ow − 1)·s + kw`) and followed by [`Self::SLACK`] bytes, into `out`,
-    /// `[out_channels][oh][ow]` f32.
+    /// Convolves one image, `[quads][hp][wp][4]` u8 already padded to at least
+    /// [`Self::image_size`] and followed by [`Self::SLACK`] bytes, into `out`,
+    /// `[out_channels][oh][ow]` f32. With asymmetric weights, `epilogue.window_sums` holds one
+    /// sum per pixel of the [`Self::grid`].
     ///
     /// # Panics
     /// When the CPU lacks AVX-512 VNNI, the output shape is not [`Self::supports`]ed, or a slice
@@ -218,15 +242,16 @@ impl DirectConv {
         assert!(available(), "AVX-512 VNNI is not available on this CPU");
         assert!(Self::supports(oh, ow), "unsupported output width {ow}");
         let s = self.stride;
-        assert!(hp >= (oh - 1) * s + kh && wp >= (ow - 1) * s + kw, "image smaller than the output needs");
+        let (gh, gw) = Self::grid(oh, ow);
+        assert!(hp >= (gh - 1) * s + kh && wp >= (gw - 1) * s + kw, "image smaller than the output grid needs");
         assert!(image.len() >= self.quads * hp * wp * 4 + Self::SLACK, "image is too short");
         assert!(out.len() >= self.out_channels * oh * ow, "output is too short");
         let n = self.out_channels;
         assert!(epilogue.correction.len() >= n && epilogue.scale.len() >= n && epilogue.bias.len() >= n);
         assert!(
             epilogue.weight_zero.is_empty()
-                || (epilogue.weight_zero.len() >= n && epilogue.window_sums.len() >= oh * ow),
-            "asymmetric weights need a zero point per channel and a sum per output pixel"
+                || (epilogue.weight_zero.len() >= n && epilogue.window_sums.len() >= gh * gw),
+            "asymmetric weights need a zero point per channel and a sum per pixel of the grid"
         );
         #[cfg(target_arch = "x86_64")]
         // SAFETY: features and every bound the kernel relies on are checked above.
@@ -246,7 +271,7 @@ mod x86 {
     /// every panel group passes over them.
     const ROW_BLOCK: usize = 96;
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
     pub(super) unsafe fn gemm(a: &[u8], lda: usize, rows: usize, w: &PackedWeights, c: &mut [i32], ldc: usize) {
         let panels = w.columns.div_ceil(PANEL);
         let steps = w.depth / DEPTH_STEP;
@@ -275,7 +300,7 @@ mod x86 {
     /// Rows `r0..r1` against `R` panels starting at `b`, in tiles of `MR` rows.
     #[allow(clippy::too_many_arguments)]
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
     unsafe fn rows_of<const MR: usize, const R: usize>(
         a: &[u8],
         lda: usize,
@@ -318,7 +343,7 @@ mod x86 {
 
     /// The direct convolution: tiles of 8 output channels × 16·`R` output pixels.
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
     pub(super) unsafe fn direct(
         conv: &DirectConv,
         image: &[u8],
@@ -329,8 +354,9 @@ mod x86 {
         out: &mut [f32],
         epilogue: &Epilogue<'_>,
     ) {
+        let (_, gw) = DirectConv::grid(oh, ow);
         unsafe {
-            match (conv.stride, ow.is_multiple_of(32), ow.is_multiple_of(16)) {
+            match (conv.stride, gw.is_multiple_of(32), gw.is_multiple_of(16)) {
                 (1, true, _) => direct_tiles::<2, false, 1>(conv, image, hp, wp, oh, ow, out, epilogue),
                 (1, false, true) => direct_tiles::<1, false, 1>(conv, image, hp, wp, oh, ow, out, epilogue),
                 (1, false, false) => direct_tiles::<1, true, 1>(conv, image, hp, wp, oh, ow, out, epilogue),
@@ -345,7 +371,7 @@ mod x86 {
     /// the stride (with 2, a vector gathers the even words of two loads).
     #[allow(clippy::too_many_arguments)]
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
     unsafe fn direct_tiles<const R: usize, const SPLIT: bool, const S: usize>(
         conv: &DirectConv,
         image: &[u8],
@@ -359,15 +385,18 @@ mod x86 {
         const MR: usize = TILE_CHANNELS;
         let [kh, kw] = conv.kernel;
         let n = oh * ow;
+        let (gh, gw) = DirectConv::grid(oh, ow);
+        // Lanes of a row's last vector that hold real pixels (SPLIT: of each half).
+        let row_mask = |x0: usize| -> u32 { if x0 >= ow { 0 } else { (1u32 << (ow - x0).min(16)) - 1 } };
         let img = image.as_ptr();
         let words = conv.words.as_ptr();
         let zero = _mm512_setzero_si512();
         // Words 0, 2, …, 30 of two vectors (indices from 16 on select the second).
         let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-        for p0 in (0..n).step_by(16 * R) {
+        for p0 in (0..gh * gw).step_by(16 * R) {
             // Byte offset in the image of each vector's first pixel (tap 0, quad 0); with SPLIT
             // the second half starts on the next output row.
-            let (oy, ox) = (p0 / ow, p0 % ow);
+            let (oy, ox) = (p0 / gw, p0 % gw);
             let first: [usize; R] = std::array::from_fn(|r| (oy * S * wp + (ox + 16 * r) * S) * 4);
             let second = ((oy + 1) * S * wp + ox * S) * 4;
             for o0 in (0..conv.out_padded).step_by(MR) {
@@ -424,8 +453,24 @@ mod x86 {
                         if epilogue.relu {
                             y = _mm512_max_ps(y, _mm512_setzero_ps());
                         }
-                        let dst = out[o * n + p0 + 16 * r..][..16].as_mut_ptr();
-                        unsafe { _mm512_storeu_ps(dst, y) };
+                        let row = &mut out[o * n..(o + 1) * n];
+                        if SPLIT {
+                            // Lanes 0..8: row oy; 8..16: row oy + 1 (if the grid's extra row is not it).
+                            let mask = row_mask(0) as __mmask8;
+                            let lo = row[oy * ow..][..ow].as_mut_ptr();
+                            unsafe { _mm256_mask_storeu_ps(lo, mask, _mm512_castps512_ps256(y)) };
+                            if oy + 1 < oh {
+                                let hi = row[(oy + 1) * ow..][..ow].as_mut_ptr();
+                                unsafe { _mm256_mask_storeu_ps(hi, mask, _mm512_extractf32x8_ps::<1>(y)) };
+                            }
+                        } else {
+                            let x0 = ox + 16 * r;
+                            let mask = row_mask(x0);
+                            if mask != 0 {
+                                let dst = row[oy * ow + x0..][..(ow - x0).min(16)].as_mut_ptr();
+                                unsafe { _mm512_mask_storeu_ps(dst, mask as __mmask16, y) };
+                            }
+                        }
                     }
                 }
             }

@@ -33,9 +33,10 @@ fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 }
 
 /// One conv (+bias, ReLU) and a linear layer, quantized, against the same integer arithmetic
-/// written out as plain loops: `side`×`side` inputs, the given stride (the 16×16 stride-1 and
-/// 32×32 stride-2 convs run on the direct kernel where the CPU has AVX-512 VNNI, the 9×9 one on
-/// im2col + GEMM), symmetric or asymmetric weights.
+/// written out as plain loops: `side`×`side` inputs, the given stride (where the CPU has AVX-512
+/// VNNI the 16, 28 and 32 wide inputs and the 14-wide strided one, whose 7-wide output the
+/// kernel computes two rows at a time, run on the direct kernel; the 9×9 one on im2col + GEMM),
+/// symmetric or asymmetric weights.
 fn check_against_reference_loop(side: usize, stride: usize, settings: &PtqSettings) {
     let cout = 16;
     let mut b = GraphBuilder::new([3, side, side]);
@@ -148,7 +149,7 @@ fn check_against_reference_loop(side: usize, stride: usize, settings: &PtqSettin
 
 #[test]
 fn integer_conv_equals_a_reference_integer_loop() {
-    for (side, stride) in [(9, 2), (16, 1), (32, 2)] {
+    for (side, stride) in [(9, 2), (16, 1), (32, 2), (28, 1), (14, 2)] {
         for (bits, asymmetric_weights, per_channel) in
             [(8, false, true), (8, true, true), (4, true, false), (2, true, true)]
         {
