@@ -458,6 +458,12 @@ pub struct ConvDirectInt8 {
     /// [`crate::vnni::DirectConv::image_size`]).
     image: (usize, usize),
     bits: u32,
+    /// The output goes, requantized, straight into the next convolution's input image (see
+    /// [`ConvDirectInt8::requantize_for`]).
+    requantize: Option<crate::vnni::QuadImage>,
+    /// The input arrives already quantized, in this kernel's image layout (written by the
+    /// previous convolution's epilogue).
+    quantized_input: bool,
 }
 
 impl std::fmt::Debug for ConvDirectInt8 {
@@ -471,21 +477,9 @@ impl ConvDirectInt8 {
     /// stride, dilation or groups other than 1, an unsupported output width, dynamic
     /// quantization).
     pub fn new(view: &LayerView<'_>, layer: &IntLayer) -> Option<Self> {
-        let Op::Conv2d { kernel, stride, padding, dilation, groups, out_channels, .. } = *view.op else {
-            return None;
-        };
+        Self::plan_input(view.op, view.input, view.output, layer)?;
+        let Op::Conv2d { kernel, stride, padding, out_channels, .. } = *view.op else { unreachable!("planned") };
         let (input, output) = (dims(view.input), dims(view.output));
-        if !crate::vnni::available()
-            || layer.dynamic
-            || groups != 1
-            || stride[0] != stride[1]
-            || !crate::vnni::DirectConv::supports_stride(stride[0])
-            || dilation != [1, 1]
-            || layer.weight_scales.len() != out_channels
-            || !crate::vnni::DirectConv::supports(output.1, output.2)
-        {
-            return None;
-        }
         let per = view.weight.len() / out_channels;
         let weights: Vec<i8> = view.weight.iter().enumerate().map(|(i, &w)| layer.int_weight(w, i / per)).collect();
         let conv = crate::vnni::DirectConv::new(&weights, out_channels, input.0, kernel, stride[0]);
@@ -506,7 +500,86 @@ impl ConvDirectInt8 {
             kernel,
             stride: stride[0],
             bits: layer.weight_bits,
+            requantize: None,
+            quantized_input: false,
         })
+    }
+
+    /// Whether a conv `op` from `input` to `output` quantized as `layer` gets this kernel
+    /// ([`Self::new`] builds it exactly then), and if so the image it reads: what the previous
+    /// layer's epilogue must write to fuse its requantization.
+    pub fn plan_input(
+        op: &Op,
+        input: ValueShape,
+        output: ValueShape,
+        layer: &IntLayer,
+    ) -> Option<crate::vnni::QuadImage> {
+        let Op::Conv2d { kernel, stride, padding, dilation, groups, out_channels, .. } = *op else {
+            return None;
+        };
+        let ((cin, h, w), (_, oh, ow)) = (dims(input), dims(output));
+        if !crate::vnni::available()
+            || layer.dynamic
+            || groups != 1
+            || stride[0] != stride[1]
+            || !crate::vnni::DirectConv::supports_stride(stride[0])
+            || dilation != [1, 1]
+            || layer.weight_scales.len() != out_channels
+            || !crate::vnni::DirectConv::supports(oh, ow)
+        {
+            return None;
+        }
+        let (hp, wp) =
+            crate::vnni::DirectConv::image_size_for(kernel, stride[0], h + 2 * padding[0], w + 2 * padding[1], oh, ow);
+        Some(crate::vnni::QuadImage {
+            quads: cin.div_ceil(4),
+            height: hp,
+            width: wp,
+            padding,
+            inverse_scale: 1.0 / layer.input.scale,
+            zero_point: layer.input.zero_point as u8,
+        })
+    }
+
+    /// The image this kernel reads (see [`Self::plan_input`]).
+    pub fn input_image(&self) -> crate::vnni::QuadImage {
+        let (hp, wp) = self.padded();
+        crate::vnni::QuadImage {
+            quads: self.conv.quads(),
+            height: hp,
+            width: wp,
+            padding: self.padding,
+            inverse_scale: 1.0 / self.input_params.scale,
+            zero_point: self.input_params.zero_point as u8,
+        }
+    }
+
+    /// Bytes of one input image as this kernel reads it, slack included: what the plan's f32
+    /// buffer for one image must hold (4 bytes per value) to carry it instead.
+    pub fn input_image_bytes(&self) -> usize {
+        self.input_image().len() + crate::vnni::DirectConv::SLACK
+    }
+
+    /// Writes the output requantized into `next`'s input image instead of f32: the plan then
+    /// passes the bytes in the f32 buffer between the two, and `next` (built with
+    /// [`Self::with_quantized_input`]) skips its quantization pass. The values are those the
+    /// next layer would have computed from the f32 output (tested bit for bit).
+    ///
+    /// # Panics
+    /// When the image does not fit this layer's output buffer, or its channels differ.
+    pub fn requantize_for(mut self, next: crate::vnni::QuadImage) -> Self {
+        let (cout, oh, ow) = self.output;
+        assert_eq!(next.quads, cout.div_ceil(4), "the next layer reads this layer's channels");
+        assert!(next.len() + crate::vnni::DirectConv::SLACK <= 4 * cout * oh * ow, "the image must fit the buffer");
+        self.requantize = Some(next);
+        self
+    }
+
+    /// Reads the input as the previous layer's fused requantization wrote it (see
+    /// [`Self::requantize_for`]).
+    pub fn with_quantized_input(mut self) -> Self {
+        self.quantized_input = true;
+        self
     }
 
     /// Height and width of the padded image: the convolution's padding, and on the bottom and
@@ -570,7 +643,10 @@ impl ConvDirectInt8 {
 impl Kernel for ConvDirectInt8 {
     fn label(&self) -> String {
         let bits = if self.bits == 8 { String::new() } else { format!(" (int{} weights)", self.bits) };
-        format!("conv2d/int8-direct-vnni{}{bits}", if self.relu { "+relu" } else { "" })
+        let relu = if self.relu { "+relu" } else { "" };
+        let out = if self.requantize.is_some() { "+requantize-u8" } else { "" };
+        let input = if self.quantized_input { " (u8 input)" } else { "" };
+        format!("conv2d/int8-direct-vnni{relu}{out}{bits}{input}")
     }
 
     fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], _ctx: &RunContext) {
@@ -579,10 +655,16 @@ impl Kernel for ConvDirectInt8 {
         let (cout, oh, ow) = self.output;
         let (in_len, out_len) = (cin * h * w, cout * oh * ow);
         BUFFERS.with(|b| {
-            let Buffers { image, sums, acc: plane, .. } = &mut *b.borrow_mut();
-            image.resize(self.conv.quads() * hp * wp * 4 + crate::vnni::DirectConv::SLACK, 0);
+            let Buffers { image: own, sums, acc: plane, .. } = &mut *b.borrow_mut();
+            own.resize(self.conv.quads() * hp * wp * 4 + crate::vnni::DirectConv::SLACK, 0);
             for i in 0..batch {
-                self.quantize_quads(&inputs[0][i * in_len..(i + 1) * in_len], image);
+                let x = &inputs[0][i * in_len..(i + 1) * in_len];
+                let image: &[u8] = if self.quantized_input {
+                    bytemuck::cast_slice(x)
+                } else {
+                    self.quantize_quads(x, own);
+                    own
+                };
                 if self.weight_zero.is_some() {
                     self.window_sums(image, plane, sums);
                 }
@@ -594,7 +676,17 @@ impl Kernel for ConvDirectInt8 {
                     weight_zero: self.weight_zero.as_deref().unwrap_or(&[]),
                     window_sums: if self.weight_zero.is_some() { sums } else { &[] },
                 };
-                self.conv.run(image, hp, wp, oh, ow, &mut output[i * out_len..(i + 1) * out_len], &epilogue);
+                let out = &mut output[i * out_len..(i + 1) * out_len];
+                let out = match self.requantize {
+                    Some(next) => {
+                        let bytes: &mut [u8] = bytemuck::cast_slice_mut(out);
+                        // The next image's border (and the slack) hold its zero point.
+                        bytes[..next.len() + crate::vnni::DirectConv::SLACK].fill(next.zero_point);
+                        crate::vnni::Output::Quads { bytes, image: next }
+                    }
+                    None => crate::vnni::Output::F32(out),
+                };
+                self.conv.run(image, hp, wp, oh, ow, out, &epilogue);
             }
         });
     }

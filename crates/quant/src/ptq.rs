@@ -614,16 +614,33 @@ impl QuantizedModel {
             .0
     }
 
-    /// A kernel registry whose builders give each quantized layer its integer kernel.
+    /// A kernel registry whose builders give each quantized layer its integer kernel, with the
+    /// requantization between consecutive direct convolutions fused ([`Self::registry_with`]).
     pub fn registry(&self) -> KernelRegistry {
+        self.registry_with(true)
+    }
+
+    /// As [`Self::registry`]; with `fuse_requantization`, a direct convolution whose output
+    /// (after its folded batch norm and ReLU) feeds only another direct convolution writes it
+    /// requantized, in the layout that one reads, instead of f32 (same bits, one pass less).
+    pub fn registry_with(&self, fuse_requantization: bool) -> KernelRegistry {
         let layers: BTreeMap<String, IntLayer> =
             self.layers.iter().map(|(name, l)| (name.clone(), l.int_layer())).collect();
+        let (fused_out, fused_in) = if fuse_requantization { self.fused_pairs(&layers) } else { Default::default() };
         let mut registry = KernelRegistry::default();
-        registry.register("int8/rten", move |view: &LayerView<'_>| {
+        registry.register("int8", move |view: &LayerView<'_>| {
             let layer = layers.get(view.name)?;
             match view.op {
                 Op::Conv2d { .. } => match ConvDirectInt8::new(view, layer) {
-                    Some(k) => Some(Box::new(k) as Box<dyn Kernel>),
+                    Some(mut k) => {
+                        if let Some(&next) = fused_out.get(view.name) {
+                            k = k.requantize_for(next);
+                        }
+                        if fused_in.contains(view.name) {
+                            k = k.with_quantized_input();
+                        }
+                        Some(Box::new(k) as Box<dyn Kernel>)
+                    }
                     None => ConvInt8::new(view, layer).map(|k| Box::new(k) as Box<dyn Kernel>),
                 },
                 Op::Linear { .. } => LinearInt8::new(view, layer).map(|k| Box::new(k) as Box<dyn Kernel>),
@@ -631,6 +648,51 @@ impl QuantizedModel {
             }
         });
         registry
+    }
+
+    /// The convolutions whose requantization can be fused: by producer, the image its consumer
+    /// reads; and the consumers. A pair is a conv whose value, as the plan forms it (the conv,
+    /// its folded batch norm's identity, a ReLU: each the sole consumer of the one before, none
+    /// the graph's output), is read by one other conv only, both quantized and both on the
+    /// direct kernel, with the consumer's image fitting the producer's f32 buffer.
+    fn fused_pairs(
+        &self,
+        layers: &BTreeMap<String, IntLayer>,
+    ) -> (BTreeMap<String, crate::vnni::QuadImage>, std::collections::BTreeSet<String>) {
+        let (mut out, mut inputs) = (BTreeMap::new(), std::collections::BTreeSet::new());
+        let g = &self.graph;
+        let Ok(shapes) = g.shapes() else { return (out, inputs) };
+        let sole = |id: NodeId, pred: &dyn Fn(&Op) -> bool| match g.consumers(id)[..] {
+            [c] if id != g.output && pred(&g.nodes[c].op) => Some(c),
+            _ => None,
+        };
+        let direct = |id: NodeId| -> Option<crate::vnni::QuadImage> {
+            let node = &g.nodes[id];
+            let layer = layers.get(&node.name)?;
+            ConvDirectInt8::plan_input(&node.op, shapes[*node.inputs.first()?], shapes[id], layer)
+        };
+        for (id, node) in g.nodes.iter().enumerate() {
+            if !matches!(node.op, Op::Conv2d { .. }) || direct(id).is_none() {
+                continue;
+            }
+            // The plan's absorption (`runtime::freeze_with`): a batch norm or the identity a
+            // folded one left, then a ReLU.
+            let mut tail = id;
+            if let Some(c) = sole(tail, &|op| matches!(op, Op::BatchNorm2d { .. } | Op::Identity)) {
+                tail = c;
+            }
+            if let Some(c) = sole(tail, &|op| matches!(op, Op::Relu)) {
+                tail = c;
+            }
+            let Some(next) = sole(tail, &|op| matches!(op, Op::Conv2d { .. })) else { continue };
+            let Some(image) = direct(next) else { continue };
+            if image.len() + crate::vnni::DirectConv::SLACK > 4 * shapes[tail].numel() {
+                continue;
+            }
+            out.insert(node.name.clone(), image);
+            inputs.insert(g.nodes[next].name.clone());
+        }
+        (out, inputs)
     }
 
     /// Freezes the model into a CPU plan running the integer kernels.

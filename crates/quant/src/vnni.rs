@@ -149,6 +149,51 @@ pub struct Epilogue<'a> {
 
 const TILE_CHANNELS: usize = 8;
 
+/// Where the direct convolution writes its output.
+#[derive(Debug)]
+pub enum Output<'a> {
+    /// `[out_channels][oh][ow]` f32.
+    F32(&'a mut [f32]),
+    /// Requantized for the next convolution, in the layout it reads (see [`QuadImage`]); the
+    /// caller has filled `bytes` with the next layer's zero point (its padding).
+    Quads {
+        /// `[quads][height][width][4]` u8 (and [`DirectConv::SLACK`] bytes more).
+        bytes: &'a mut [u8],
+        /// The layout and the next layer's input parameters.
+        image: QuadImage,
+    },
+}
+
+/// A quantized image as [`DirectConv`] reads it: `[quads][height][width][4]` u8, the real
+/// image at `(padding[0], padding[1])` inside a border of zero points.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QuadImage {
+    /// Groups of four channels.
+    pub quads: usize,
+    /// Rows, padding included.
+    pub height: usize,
+    /// Columns, padding included.
+    pub width: usize,
+    /// Rows and columns of padding before the image.
+    pub padding: [usize; 2],
+    /// `1 / scale` of the quantization.
+    pub inverse_scale: f32,
+    /// Zero point of the quantization.
+    pub zero_point: u8,
+}
+
+impl QuadImage {
+    /// Bytes the image takes, without the slack.
+    pub fn len(&self) -> usize {
+        self.quads * self.height * self.width * 4
+    }
+
+    /// Whether the image has no pixels.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 impl DirectConv {
     /// Packs `weight`, `[out, in, kh, kw]` (i8), for a convolution with the same `stride`
     /// (1 or 2) along both axes.
@@ -204,9 +249,21 @@ impl DirectConv {
     /// The padded image `(hp, wp)` the kernel reads for an `oh × ow` output: at least the real
     /// padded image `(h, w)`, and enough rows and columns (zero points) for the whole grid.
     pub fn image_size(&self, h: usize, w: usize, oh: usize, ow: usize) -> (usize, usize) {
+        Self::image_size_for(self.kernel, self.stride, h, w, oh, ow)
+    }
+
+    /// [`Self::image_size`] of a convolution with this `kernel` and `stride`, before building it.
+    pub fn image_size_for(
+        kernel: [usize; 2],
+        stride: usize,
+        h: usize,
+        w: usize,
+        oh: usize,
+        ow: usize,
+    ) -> (usize, usize) {
         let (gh, gw) = Self::grid(oh, ow);
-        let [kh, kw] = self.kernel;
-        (h.max((gh - 1) * self.stride + kh), w.max((gw - 1) * self.stride + kw))
+        let [kh, kw] = kernel;
+        (h.max((gh - 1) * stride + kh), w.max((gw - 1) * stride + kw))
     }
 
     /// Groups of four input channels: the image's first dimension.
@@ -220,9 +277,10 @@ impl DirectConv {
     }
 
     /// Convolves one image, `[quads][hp][wp][4]` u8 already padded to at least
-    /// [`Self::image_size`] and followed by [`Self::SLACK`] bytes, into `out`,
-    /// `[out_channels][oh][ow]` f32. With asymmetric weights, `epilogue.window_sums` holds one
-    /// sum per pixel of the [`Self::grid`].
+    /// [`Self::image_size`] and followed by [`Self::SLACK`] bytes, into `out`: f32, or
+    /// requantized for the next convolution (the same values rounded as that layer would round
+    /// them, so the result is bit for bit the same). With asymmetric weights,
+    /// `epilogue.window_sums` holds one sum per pixel of the [`Self::grid`].
     ///
     /// # Panics
     /// When the CPU lacks AVX-512 VNNI, the output shape is not [`Self::supports`]ed, or a slice
@@ -235,7 +293,7 @@ impl DirectConv {
         wp: usize,
         oh: usize,
         ow: usize,
-        out: &mut [f32],
+        out: Output<'_>,
         epilogue: &Epilogue<'_>,
     ) {
         let [kh, kw] = self.kernel;
@@ -245,7 +303,17 @@ impl DirectConv {
         let (gh, gw) = Self::grid(oh, ow);
         assert!(hp >= (gh - 1) * s + kh && wp >= (gw - 1) * s + kw, "image smaller than the output grid needs");
         assert!(image.len() >= self.quads * hp * wp * 4 + Self::SLACK, "image is too short");
-        assert!(out.len() >= self.out_channels * oh * ow, "output is too short");
+        match &out {
+            Output::F32(out) => assert!(out.len() >= self.out_channels * oh * ow, "output is too short"),
+            Output::Quads { bytes, image } => {
+                assert!(image.quads == self.out_channels.div_ceil(4), "one quad per four output channels");
+                assert!(
+                    image.height >= oh + image.padding[0] && image.width >= ow + image.padding[1],
+                    "the next image is smaller than this output"
+                );
+                assert!(bytes.len() >= image.len(), "output is too short");
+            }
+        }
         let n = self.out_channels;
         assert!(epilogue.correction.len() >= n && epilogue.scale.len() >= n && epilogue.bias.len() >= n);
         assert!(
@@ -265,7 +333,7 @@ impl DirectConv {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{DEPTH_STEP, DirectConv, Epilogue, PANEL, PackedWeights, TILE_CHANNELS};
+    use super::{DEPTH_STEP, DirectConv, Epilogue, Output, PANEL, PackedWeights, TILE_CHANNELS};
 
     /// Rows per block: the block's activations (at most a few tens of KiB) stay in L1/L2 while
     /// every panel group passes over them.
@@ -351,7 +419,7 @@ mod x86 {
         wp: usize,
         oh: usize,
         ow: usize,
-        out: &mut [f32],
+        out: Output<'_>,
         epilogue: &Epilogue<'_>,
     ) {
         let (_, gw) = DirectConv::grid(oh, ow);
@@ -379,7 +447,7 @@ mod x86 {
         wp: usize,
         oh: usize,
         ow: usize,
-        out: &mut [f32],
+        mut out: Output<'_>,
         epilogue: &Epilogue<'_>,
     ) {
         const MR: usize = TILE_CHANNELS;
@@ -431,6 +499,7 @@ mod x86 {
                         }
                     }
                 }
+                let mut ys = [[_mm512_setzero_ps(); R]; MR];
                 for (t, acc) in acc.iter().enumerate() {
                     let o = o0 + t;
                     if o >= conv.out_channels {
@@ -453,27 +522,100 @@ mod x86 {
                         if epilogue.relu {
                             y = _mm512_max_ps(y, _mm512_setzero_ps());
                         }
-                        let row = &mut out[o * n..(o + 1) * n];
-                        if SPLIT {
-                            // Lanes 0..8: row oy; 8..16: row oy + 1 (if the grid's extra row is not it).
-                            let mask = row_mask(0) as __mmask8;
-                            let lo = row[oy * ow..][..ow].as_mut_ptr();
-                            unsafe { _mm256_mask_storeu_ps(lo, mask, _mm512_castps512_ps256(y)) };
-                            if oy + 1 < oh {
-                                let hi = row[(oy + 1) * ow..][..ow].as_mut_ptr();
-                                unsafe { _mm256_mask_storeu_ps(hi, mask, _mm512_extractf32x8_ps::<1>(y)) };
+                        ys[t][r] = y;
+                    }
+                }
+                match &mut out {
+                    Output::F32(out) => {
+                        for (t, ys) in ys.iter().enumerate().take(conv.out_channels.saturating_sub(o0)) {
+                            let row = &mut out[(o0 + t) * n..(o0 + t + 1) * n];
+                            for (r, &y) in ys.iter().enumerate() {
+                                unsafe { store_f32(row, y, oy, ox + 16 * r, oh, ow, SPLIT, row_mask(ox + 16 * r)) };
                             }
-                        } else {
-                            let x0 = ox + 16 * r;
-                            let mask = row_mask(x0);
-                            if mask != 0 {
-                                let dst = row[oy * ow + x0..][..(ow - x0).min(16)].as_mut_ptr();
-                                unsafe { _mm512_mask_storeu_ps(dst, mask as __mmask16, y) };
+                        }
+                    }
+                    Output::Quads { bytes, image } => {
+                        // Rounded as the next layer rounds its input (`kernels::quantize_u8`:
+                        // multiply, add the zero point, clamp, round half to even; NaN to 0),
+                        // four channels interleaved per pixel.
+                        let inv = _mm512_set1_ps(image.inverse_scale);
+                        let zp = _mm512_set1_ps(image.zero_point as f32);
+                        let max = _mm512_set1_ps(255.0);
+                        for half in 0..MR / 4 {
+                            let quad = o0 / 4 + half;
+                            if 4 * quad >= conv.out_channels {
+                                break;
+                            }
+                            #[allow(clippy::needless_range_loop)] // `r` indexes the inner arrays of `ys`
+                            for r in 0..R {
+                                let q: [__m128i; 4] = std::array::from_fn(|c| {
+                                    let v = _mm512_add_ps(_mm512_mul_ps(ys[4 * half + c][r], inv), zp);
+                                    let v = _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), max);
+                                    _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v))
+                                });
+                                let (a_lo, a_hi) = (_mm_unpacklo_epi8(q[0], q[1]), _mm_unpackhi_epi8(q[0], q[1]));
+                                let (b_lo, b_hi) = (_mm_unpacklo_epi8(q[2], q[3]), _mm_unpackhi_epi8(q[2], q[3]));
+                                let mut px = _mm512_castsi128_si512(_mm_unpacklo_epi16(a_lo, b_lo));
+                                px = _mm512_inserti32x4::<1>(px, _mm_unpackhi_epi16(a_lo, b_lo));
+                                px = _mm512_inserti32x4::<2>(px, _mm_unpacklo_epi16(a_hi, b_hi));
+                                px = _mm512_inserti32x4::<3>(px, _mm_unpackhi_epi16(a_hi, b_hi));
+                                let plane = &mut bytes[quad * image.height * image.width * 4..]
+                                    [..image.height * image.width * 4];
+                                let [ph, pw] = image.padding;
+                                let at = |y: usize, x: usize| ((y + ph) * image.width + x + pw) * 4;
+                                if SPLIT {
+                                    let mask = row_mask(0) as __mmask8;
+                                    let lo = plane[at(oy, 0)..][..4 * ow].as_mut_ptr();
+                                    unsafe {
+                                        _mm256_mask_storeu_epi32(lo as *mut i32, mask, _mm512_castsi512_si256(px))
+                                    };
+                                    if oy + 1 < oh {
+                                        let hi = plane[at(oy + 1, 0)..][..4 * ow].as_mut_ptr();
+                                        let px_hi = _mm512_extracti64x4_epi64::<1>(px);
+                                        unsafe { _mm256_mask_storeu_epi32(hi as *mut i32, mask, px_hi) };
+                                    }
+                                } else {
+                                    let x0 = ox + 16 * r;
+                                    let mask = row_mask(x0);
+                                    if mask != 0 {
+                                        let dst = plane[at(oy, x0)..][..4 * (ow - x0).min(16)].as_mut_ptr();
+                                        unsafe { _mm512_mask_storeu_epi32(dst as *mut i32, mask as __mmask16, px) };
+                                    }
+                                }
                             }
                         }
                     }
                 }
             }
+        }
+    }
+
+    /// Stores the real pixels of one output vector `y` of a channel's `row` (`oh × ow`): 16
+    /// pixels of row `oy` from `x0`, or with `split` 8 of row `oy` and 8 of row `oy + 1`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+    unsafe fn store_f32(
+        row: &mut [f32],
+        y: __m512,
+        oy: usize,
+        x0: usize,
+        oh: usize,
+        ow: usize,
+        split: bool,
+        mask: u32,
+    ) {
+        if split {
+            let half = mask as __mmask8;
+            let lo = row[oy * ow..][..ow].as_mut_ptr();
+            unsafe { _mm256_mask_storeu_ps(lo, half, _mm512_castps512_ps256(y)) };
+            if oy + 1 < oh {
+                let hi = row[(oy + 1) * ow..][..ow].as_mut_ptr();
+                unsafe { _mm256_mask_storeu_ps(hi, half, _mm512_extractf32x8_ps::<1>(y)) };
+            }
+        } else if mask != 0 {
+            let dst = row[oy * ow + x0..][..(ow - x0).min(16)].as_mut_ptr();
+            unsafe { _mm512_mask_storeu_ps(dst, mask as __mmask16, y) };
         }
     }
 }

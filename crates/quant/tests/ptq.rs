@@ -364,3 +364,34 @@ fn i8_activations_are_symmetric_and_the_plan_computes_them_exactly() {
     let err = quantize_static(&g, &mut calib.into_iter(), &dynamic).unwrap_err().to_string();
     assert!(err.contains("i8") && err.contains("dynamic"), "{err}");
 }
+
+#[test]
+fn fused_requantization_gives_the_same_bits() {
+    for (side, asymmetric_weights) in [(16, false), (28, false), (28, true)] {
+        let g = seeded(13, |d| ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, side, side], 10, d).unwrap());
+        let calib = batches([1, side, side], 2, 14);
+        let settings = PtqSettings { asymmetric_weights, ..PtqSettings::default() };
+        let q = quantize_static(&g, &mut calib.clone().into_iter(), &settings).unwrap();
+        let input = to_vec(batches([1, side, side], 1, 15).remove(0));
+        let unfused_registry = q.registry_with(false);
+        for threads in [1, 2] {
+            let options = shrink_core::runtime::FreezeOptions { threads };
+            let mut fused = shrink_core::runtime::freeze_with(&q.graph, &q.registry(), &options).unwrap();
+            let mut unfused = shrink_core::runtime::freeze_with(&q.graph, &unfused_registry, &options).unwrap();
+            let labels = fused.kernels();
+            let producers = labels.iter().filter(|(_, k)| k.contains("+requantize-u8")).count();
+            let consumers = labels.iter().filter(|(_, k)| k.ends_with("(u8 input)")).count();
+            assert_eq!(producers, consumers, "{labels:?}");
+            if shrink_quant::vnni::available() {
+                // Each residual block's first conv feeds its second: one pair per block whose
+                // maps the direct kernel takes (not 4×4 ones: its 8-wide grid would double them).
+                assert_eq!(producers, if side == 16 { 2 } else { 3 }, "{labels:?}");
+            }
+            assert!(unfused.kernels().iter().all(|(_, k)| !k.contains("requantize")));
+            let (a, b) = (fused.run(&input, 8).unwrap().to_vec(), unfused.run(&input, 8).unwrap().to_vec());
+            assert_eq!(a, b, "{side}x{side}, asymmetric {asymmetric_weights}, {threads} threads");
+            // One image at a time gives the same as the batch.
+            assert_eq!(fused.run(&input[..side * side], 1).unwrap(), &a[..10]);
+        }
+    }
+}
