@@ -1,12 +1,14 @@
-//! Integer kernels for the CPU plan: u8 × i8 → i32 GEMMs, weights quantized and packed once
-//! when the plan is frozen, never dequantized while it runs. On CPUs with AVX-512 VNNI the GEMM
-//! is our own ([`crate::vnni`], which needs no packing of the activations); elsewhere it is
-//! rten-gemm's (AVX-512, AVX2 or NEON, chosen at run time).
+//! Integer kernels for the CPU plan: u8 × i8 → i32, weights quantized and packed once when the
+//! plan is frozen, never dequantized while it runs. On CPUs with AVX-512 VNNI the arithmetic is
+//! our own ([`crate::vnni`]: a direct convolution, and a GEMM that needs no packing of the
+//! activations); elsewhere it is rten-gemm's (AVX-512, AVX2 or NEON, chosen at run time).
 //!
 //! Activations travel between steps of the plan in f32. Each integer layer quantizes its input
 //! to u8 in one pass (the rounding its calibrated parameters define), multiplies in integers,
 //! and its epilogue turns the i32 accumulators back into f32 with the input and per-channel
-//! weight scales, the bias and the fused ReLU.
+//! weight scales, the bias and the fused ReLU. The exception: a direct convolution feeding
+//! another one alone writes its output already requantized in the layout that one reads
+//! ([`ConvDirectInt8::requantize_for`]), the same bytes the other would have computed.
 
 use std::cell::RefCell;
 
