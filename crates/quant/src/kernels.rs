@@ -479,16 +479,15 @@ impl ConvDirectInt8 {
     /// stride, dilation or groups other than 1, an unsupported output width, dynamic
     /// quantization).
     pub fn new(view: &LayerView<'_>, layer: &IntLayer) -> Option<Self> {
-        Self::plan_input(view.op, view.input, view.output, layer)?;
+        let planned = Self::plan_input(view.op, view.input, view.output, layer)?;
         let Op::Conv2d { kernel, stride, padding, out_channels, .. } = *view.op else { unreachable!("planned") };
         let (input, output) = (dims(view.input), dims(view.output));
         let per = view.weight.len() / out_channels;
         let weights: Vec<i8> = view.weight.iter().enumerate().map(|(i, &w)| layer.int_weight(w, i / per)).collect();
         let conv = crate::vnni::DirectConv::new(&weights, out_channels, input.0, kernel, stride[0]);
         let zero = layer.input.zero_point;
-        let image = conv.image_size(input.1 + 2 * padding[0], input.2 + 2 * padding[1], output.1, output.2);
         Some(Self {
-            image,
+            image: (planned.height, planned.width),
             zero_correction: conv.column_sums().iter().map(|s| s * zero).collect(),
             weight_zero: layer.nonzero_weight_zero_points(),
             conv,
@@ -532,7 +531,7 @@ impl ConvDirectInt8 {
             return None;
         }
         let (hp, wp) =
-            crate::vnni::DirectConv::image_size_for(kernel, stride[0], h + 2 * padding[0], w + 2 * padding[1], oh, ow);
+            crate::vnni::DirectConv::image_size(kernel, stride[0], h + 2 * padding[0], w + 2 * padding[1], oh, ow);
         Some(crate::vnni::QuadImage {
             quads: cin.div_ceil(4),
             height: hp,
@@ -541,25 +540,6 @@ impl ConvDirectInt8 {
             inverse_scale: 1.0 / layer.input.scale,
             zero_point: layer.input.zero_point as u8,
         })
-    }
-
-    /// The image this kernel reads (see [`Self::plan_input`]).
-    pub fn input_image(&self) -> crate::vnni::QuadImage {
-        let (hp, wp) = self.padded();
-        crate::vnni::QuadImage {
-            quads: self.conv.quads(),
-            height: hp,
-            width: wp,
-            padding: self.padding,
-            inverse_scale: 1.0 / self.input_params.scale,
-            zero_point: self.input_params.zero_point as u8,
-        }
-    }
-
-    /// Bytes of one input image as this kernel reads it, slack included: what the plan's f32
-    /// buffer for one image must hold (4 bytes per value) to carry it instead.
-    pub fn input_image_bytes(&self) -> usize {
-        self.input_image().len() + crate::vnni::DirectConv::SLACK
     }
 
     /// Writes the output requantized into `next`'s input image instead of f32: the plan then

@@ -246,21 +246,10 @@ impl DirectConv {
         oh > 0 && ow > 0 && 3 * gh * gw <= 4 * oh * ow
     }
 
-    /// The padded image `(hp, wp)` the kernel reads for an `oh × ow` output: at least the real
-    /// padded image `(h, w)`, and enough rows and columns (zero points) for the whole grid.
-    pub fn image_size(&self, h: usize, w: usize, oh: usize, ow: usize) -> (usize, usize) {
-        Self::image_size_for(self.kernel, self.stride, h, w, oh, ow)
-    }
-
-    /// [`Self::image_size`] of a convolution with this `kernel` and `stride`, before building it.
-    pub fn image_size_for(
-        kernel: [usize; 2],
-        stride: usize,
-        h: usize,
-        w: usize,
-        oh: usize,
-        ow: usize,
-    ) -> (usize, usize) {
+    /// The padded image `(hp, wp)` a convolution with this `kernel` and `stride` reads for an
+    /// `oh × ow` output: at least the real padded image `(h, w)`, and enough rows and columns
+    /// (zero points) for the whole grid.
+    pub fn image_size(kernel: [usize; 2], stride: usize, h: usize, w: usize, oh: usize, ow: usize) -> (usize, usize) {
         let (gh, gw) = Self::grid(oh, ow);
         let [kh, kw] = kernel;
         (h.max((gh - 1) * stride + kh), w.max((gw - 1) * stride + kw))

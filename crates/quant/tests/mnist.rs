@@ -63,6 +63,16 @@ fn calibration(s: &Setup) -> Vec<burn::tensor::Tensor<4>> {
     order.chunks(100).take(3).map(|c| s.batcher.batch(&s.train, c, &s.device, None).0).collect()
 }
 
+/// The (dequantized) weights of quantized layer `name`.
+fn layer_weights(q: &shrink_quant::QuantizedModel, name: &str) -> Vec<f32> {
+    let id = q.graph.node_id(name).unwrap();
+    match &q.graph.nodes[id].params {
+        Some(shrink_core::graph::Params::Conv(p)) => p.weight.val().into_data().try_to_vec().unwrap(),
+        Some(shrink_core::graph::Params::Linear(p)) => p.weight.val().into_data().try_to_vec().unwrap(),
+        _ => unreachable!("a quantized layer is a conv or linear layer"),
+    }
+}
+
 /// QAT of the baseline for `epochs` at lr 0.001, calibrated on [`calibration`].
 fn run_qat(s: &Setup, qat: &QatSettings, epochs: usize) -> shrink_quant::QatOutcome {
     let data = TrainData { train: &s.train, validation: None, batcher: &s.batcher };
@@ -192,12 +202,7 @@ fn adaround_beats_rounding_to_nearest_at_low_bits() {
     assert!(a1 > a0 + 0.05, "AdaRound {a1} vs nearest {a0}");
     // Every weight stays on its grid, within one step of the nearest level.
     for (name, l) in &rounded.layers {
-        let id = rounded.graph.node_id(name).unwrap();
-        let w: Vec<f32> = match &rounded.graph.nodes[id].params {
-            Some(shrink_core::graph::Params::Conv(p)) => p.weight.val().into_data().try_to_vec().unwrap(),
-            Some(shrink_core::graph::Params::Linear(p)) => p.weight.val().into_data().try_to_vec().unwrap(),
-            _ => unreachable!(),
-        };
+        let w = layer_weights(&rounded, name);
         let per = w.len() / l.weight_scales.len();
         for (k, v) in w.iter().enumerate() {
             let level = v / l.weight_scales[k / per];
@@ -288,12 +293,7 @@ fn asymmetric_weights_use_every_level_and_help_at_low_bits() {
         // Each asymmetric channel spans its own [min, max] with all 2^bits levels: the stored
         // integers reach both ends of the signed range in some channel of every layer.
         for (name, l) in &asym.layers {
-            let id = asym.graph.node_id(name).unwrap();
-            let w: Vec<f32> = match &asym.graph.nodes[id].params {
-                Some(shrink_core::graph::Params::Conv(p)) => p.weight.val().into_data().try_to_vec().unwrap(),
-                Some(shrink_core::graph::Params::Linear(p)) => p.weight.val().into_data().try_to_vec().unwrap(),
-                _ => unreachable!(),
-            };
+            let w = layer_weights(&asym, name);
             let per = w.len() / l.weight_scales.len();
             let half = 1 << (bits - 1);
             let stored: Vec<i32> = w
