@@ -28,9 +28,12 @@ pub fn forward_cases() -> Vec<(&'static str, ModelSpec, [usize; 3])> {
 pub fn model_and_input(spec: &ModelSpec, input: [usize; 3], batch: usize, backend: BackendKind) -> (Graph, Tensor<4>) {
     use shrink_core::burn::module::Module;
     let device = backend.device().expect("backend compiled in");
-    device.seed(0);
-    let graph = spec.build(input, 10, &device).expect("valid zoo model").valid();
-    let x = Tensor::<4>::random([batch, input[0], input[1], input[2]], Distribution::Normal(0.0, 1.0), &device);
+    let graph = spec.build(input, 10, 0, &device).expect("valid zoo model").valid();
+    let x = shrink_core::InitRng::seeded(1).tensor(
+        [batch, input[0], input[1], input[2]],
+        Distribution::Normal(0.0, 1.0),
+        &device,
+    );
     (graph, x)
 }
 

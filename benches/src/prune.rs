@@ -5,7 +5,7 @@
 use shrink_core::Graph;
 use shrink_core::runtime::{FreezeOptions, KernelRegistry, Plan, freeze_with};
 use shrink_prune::kernels::{Csr, spmm};
-use shrink_prune::{Granularity, PruneSchedule, PruneSettings, prune, sparse_registry};
+use shrink_prune::{Granularity, PruneOptions, PruneSettings, prune, sparse_registry};
 
 use crate::runtime::{Case, Contender, conv3x3_graph, random, resnet20_graph};
 
@@ -81,9 +81,8 @@ fn pruned_graph(graph: &Graph, granularity: Granularity, sparsity: f64) -> Graph
     let settings =
         PruneSettings { granularity, sparsity, global: granularity == Granularity::Weights, ..Default::default() };
     let data = shrink_core::train::TrainData { train: &data, validation: None, batcher: &batcher };
-    prune(graph, None, data, None, &settings, &PruneSchedule::OneShot, &device, 0, &mut shrink_core::train::Quiet)
-        .expect("prunable")
-        .graph
+    let run = shrink_core::train::TrainRun { device: &device, seed: 0, observer: &mut shrink_core::train::Quiet };
+    prune(graph, &settings, &PruneOptions::default(), data, run).expect("prunable").graph
 }
 
 fn conv_case(sparsity: f64) -> Case {

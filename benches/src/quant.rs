@@ -152,7 +152,7 @@ fn quantize_case() -> Case {
             Contender {
                 runner: "quantize f32->u8".into(),
                 run: Box::new(move || {
-                    shrink_quant::kernels::quantize_u8(&x1, p, &mut q);
+                    shrink_quant::scheme::quantize_u8(&x1, p, &mut q);
                     std::hint::black_box(&q);
                 }),
             },

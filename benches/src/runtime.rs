@@ -137,19 +137,17 @@ fn gemm_case(m: usize, k: usize, n: usize) -> Case {
 /// The conv case's layer: 3×3, 64 → 64 channels, padding 1, on 32×32 maps (seeded weights).
 pub(crate) fn conv3x3_graph() -> Graph {
     let device = BackendKind::Flex.device().expect("flex");
-    device.seed(1);
     let mut b = GraphBuilder::new([64, 32, 32]);
     let x = b.input();
     let y = b.conv2d("conv", x, Conv2dSpec::new(64, 3).padding(1));
-    b.build(y, &device).expect("valid conv").valid()
+    b.build(y, &mut shrink_core::InitRng::seeded(1), &device).expect("valid conv").valid()
 }
 
 /// ResNet-20 for 3×32×32 inputs (seeded weights) and its MACs per image.
 pub(crate) fn resnet20_graph() -> (Graph, f64) {
     let device = BackendKind::Flex.device().expect("flex");
-    device.seed(2);
     let graph: Graph =
-        ModelSpec::CifarResnet { depth: 20, width: 1.0 }.build([3, 32, 32], 10, &device).expect("zoo").valid();
+        ModelSpec::CifarResnet { depth: 20, width: 1.0 }.build([3, 32, 32], 10, 2, &device).expect("zoo").valid();
     let macs = shrink_core::metrics::model_stats(&graph).expect("stats").macs as f64;
     (graph, macs)
 }

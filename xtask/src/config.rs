@@ -958,7 +958,7 @@ fn check_distill_pairs(e: &Experiment) -> Result<()> {
     }
     let device = BackendKind::Flex.device()?;
     let shape = expected_input(&e.data);
-    let build = |spec: &ModelSpec| spec.build(shape, 10, &device);
+    let build = |spec: &ModelSpec| spec.build(shape, 10, 0, &device);
     // The architecture of the current model as the stages go (a distill stage with a student
     // replaces it), and of the model the last train stage left (the default teacher).
     let mut current = e.model.clone();
@@ -1014,7 +1014,7 @@ fn check_prune_rules(e: &Experiment) -> Result<()> {
             Stage::Distill { student: Some(s), .. } => current = s.clone(),
             Stage::Prune { .. } => {
                 let settings = stage.prune_settings(e.seed).expect("a prune stage");
-                shrink_prune::check_settings(&current.build(shape, 10, &device)?, &settings)
+                shrink_prune::check_settings(&current.build(shape, 10, 0, &device)?, &settings)
                     .map_err(|err| prune_error(&format!("stages[{i}] (kind = \"prune\")"), err))?;
             }
             _ => {}

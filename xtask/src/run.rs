@@ -185,8 +185,7 @@ fn train_cached(
         eprintln!("reusing cached {label} {key} ({})", opts.cache.display());
         return Ok(Trained { graph, history: entry.history, train_seconds: entry.train_seconds, key, reused: true });
     }
-    device.seed(seed);
-    let graph = model.build_seeded(data.train.shape, data.train.classes, seed, &device)?;
+    let graph = model.build(data.train.shape, data.train.classes, seed, &device)?;
     let mut progress = progress_bar(opts, settings.epochs, label);
     let t0 = Instant::now();
     let (graph, history) = train(
@@ -250,7 +249,7 @@ fn measure_sensitivity(
 ) -> Result<crate::report::Sensitivity> {
     let device = plan.experiment.backend.device()?;
     let threads = plan.experiment.threads;
-    let (folded, _) = original.clone().fold_batch_norms();
+    let (folded, _) = original.clone().fold_batch_norms()?;
     let mut f32_plan = shrink_core::runtime::freeze_with(
         &folded,
         &shrink_core::runtime::KernelRegistry::default(),
@@ -447,9 +446,8 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
         classes: data.train.classes,
     });
     let device = e.backend.device()?;
-    device.seed(e.seed);
     // Initial weights from the host's generator: the same on every backend.
-    let mut graph = e.model.build_seeded(data.train.shape, data.train.classes, e.seed, &device)?;
+    let mut graph = e.model.build(data.train.shape, data.train.classes, e.seed, &device)?;
     tracing::info!(model = %e.model.name(), nodes = graph.nodes.len(), "model built");
     let mut fresh = true;
     // The model as the last train stage left it: the default teacher of a distill stage.
@@ -648,16 +646,14 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                 let ptq_test = evaluate_plan(&mut post.freeze(e.threads)?, &data.test, &data.batcher, 250, &device)?;
                 tracing::info!(top1 = ptq_test.top1, "post-training quantization with the same settings");
                 let settings = stage.train_settings().expect("a qat stage");
-                let teacher = distill.as_ref().map(|d| shrink_quant::QatTeacher {
-                    graph: graph.clone(),
-                    temperature: d.temperature,
-                    alpha: d.alpha,
-                });
                 let qat = QatSettings {
                     ptq,
+                    train: settings.clone(),
                     learn_scales: *learn_scales,
                     freeze_observers_epoch: *freeze_observers_epoch,
-                    teacher,
+                    distill: distill
+                        .as_ref()
+                        .map(|d| shrink_quant::QatDistill { temperature: d.temperature, alpha: d.alpha }),
                 };
                 let mut progress = progress_bar(opts, settings.epochs, "qat");
                 let t0 = Instant::now();
@@ -665,11 +661,12 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                     &graph,
                     &mut images.into_iter(),
                     TrainData { train: &data.train, validation: data.validation.as_ref(), batcher: &data.batcher },
-                    &settings,
                     &qat,
-                    &device,
-                    e.seed.wrapping_add(index as u64),
-                    &mut progress,
+                    shrink_core::train::TrainRun {
+                        device: &device,
+                        seed: e.seed.wrapping_add(index as u64),
+                        observer: &mut progress,
+                    },
                 )
                 .with_context(|| format!("stage {index} (qat)"))?;
                 if let Some(bar) = progress.bar {
@@ -742,20 +739,25 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
                 // builds them again.
                 let initial = match prune_schedule {
                     shrink_prune::PruneSchedule::Lottery { .. } => {
-                        Some(e.model.build_seeded(data.train.shape, data.train.classes, e.seed, &device)?)
+                        Some(e.model.build(data.train.shape, data.train.classes, e.seed, &device)?)
                     }
                     _ => None,
                 };
+                let options = shrink_prune::PruneOptions {
+                    schedule: prune_schedule.clone(),
+                    fine_tune: train_settings.clone(),
+                    rewind_to: initial.as_ref(),
+                };
                 let out = shrink_prune::prune(
                     &graph,
-                    initial.as_ref(),
-                    TrainData { train: &data.train, validation: data.validation.as_ref(), batcher: &data.batcher },
-                    train_settings.as_ref(),
                     &settings,
-                    prune_schedule,
-                    &device,
-                    e.seed.wrapping_add(index as u64),
-                    &mut progress,
+                    &options,
+                    TrainData { train: &data.train, validation: data.validation.as_ref(), batcher: &data.batcher },
+                    shrink_core::train::TrainRun {
+                        device: &device,
+                        seed: e.seed.wrapping_add(index as u64),
+                        observer: &mut progress,
+                    },
                 )
                 .with_context(|| format!("stage {index} (prune)"))?;
                 if let Some(bar) = progress.bar {
@@ -994,10 +996,7 @@ fn run_distill(
     for r in 0..*seeds {
         let seed = e.seed.wrapping_add(r as u64);
         let initial = match &student_spec {
-            Some(spec) => {
-                device.seed(seed);
-                spec.build_seeded(data.train.shape, data.train.classes, seed, &device)?
-            }
+            Some(spec) => spec.build(data.train.shape, data.train.classes, seed, &device)?,
             None => current.clone(),
         };
         let mut progress = progress_bar(opts, train_settings.epochs, &format!("distill (seed {seed})"));

@@ -13,7 +13,6 @@
 #![cfg(feature = "wgpu")]
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{Device, Tensor};
@@ -36,13 +35,9 @@ fn gpu() -> Device {
     BackendKind::Wgpu.device().unwrap()
 }
 
-/// A model built on the CPU from `seed`. The device's generator is global: one build at a time.
+/// A model built on the CPU from `seed`.
 fn build(spec: &ModelSpec, shape: [usize; 3], seed: u64) -> Graph {
-    static BUILD: Mutex<()> = Mutex::new(());
-    let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    let device = cpu();
-    device.seed(seed);
-    spec.build(shape, 10, &device).unwrap()
+    spec.build(shape, 10, seed, &cpu()).unwrap()
 }
 
 fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
@@ -188,7 +183,7 @@ fn the_software_adapter_is_found_and_computes() {
 #[test]
 fn a_seeded_build_draws_the_same_weights_on_every_backend() {
     for (spec, shape) in zoo() {
-        let on = |backend: BackendKind| spec.build_seeded(shape, 10, 7, &backend.device().unwrap()).unwrap();
+        let on = |backend: BackendKind| spec.build(shape, 10, 7, &backend.device().unwrap()).unwrap();
         let flex = parameters(&on(BackendKind::Flex));
         for backend in [BackendKind::Ndarray, BackendKind::Wgpu] {
             assert!(flex == parameters(&on(backend)), "{}: {backend} drew other weights", spec.name());
@@ -238,8 +233,18 @@ fn prune_on_both(
     settings: &shrink_prune::PruneSettings,
 ) -> (shrink_prune::PruneOutcome, shrink_prune::PruneOutcome) {
     let run = |g: &Graph, device: &Device| {
-        shrink_prune::prune(g, None, data, tune, settings, &shrink_prune::PruneSchedule::OneShot, device, 0, &mut Quiet)
-            .unwrap()
+        shrink_prune::prune(
+            g,
+            settings,
+            &shrink_prune::PruneOptions {
+                schedule: shrink_prune::PruneSchedule::OneShot,
+                fine_tune: tune.cloned(),
+                rewind_to: None,
+            },
+            data,
+            shrink_core::train::TrainRun { device, seed: 0, observer: &mut Quiet },
+        )
+        .unwrap()
     };
     (run(graph, &cpu()), run(&graph.on_device(&gpu()), &gpu()))
 }
@@ -425,22 +430,14 @@ fn quantization_passes_match_the_cpu() {
     ] {
         let qs = QatSettings {
             ptq: PtqSettings { weight_bits: 4, activations, ..PtqSettings::default() },
+            train: tune.clone(),
             learn_scales,
             freeze_observers_epoch: None,
-            teacher: None,
+            distill: None,
         };
         let run = |graph: &Graph, device: &Device| {
-            quantization_aware_training(
-                graph,
-                &mut calibration(device).into_iter(),
-                td,
-                &tune,
-                &qs,
-                device,
-                9,
-                &mut Quiet,
-            )
-            .unwrap()
+            let run = shrink_core::train::TrainRun { device, seed: 9, observer: &mut Quiet };
+            quantization_aware_training(graph, &mut calibration(device).into_iter(), td, &qs, run).unwrap()
         };
         let a = run(&lenet, &cpu());
         let g = run(&lenet.on_device(&gpu()), &gpu());

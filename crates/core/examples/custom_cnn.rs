@@ -19,7 +19,8 @@ use shrink_core::{BackendKind, Graph, io, runtime};
 
 /// conv-bn-relu → [conv-bn-relu → conv-bn] + skip → relu → pool → conv-bn-relu (stride 2) →
 /// flatten → linear.
-fn custom_cnn(device: &burn::tensor::Device) -> shrink_core::Result<Graph> {
+/// The network, its initial weights drawn from `seed`.
+fn custom_cnn(seed: u64, device: &burn::tensor::Device) -> shrink_core::Result<Graph> {
     let mut b = GraphBuilder::new([1, 28, 28]);
     let x = b.input();
     let x = b.conv2d("stem.conv", x, Conv2dSpec::new(16, 3).padding(1));
@@ -38,13 +39,12 @@ fn custom_cnn(device: &burn::tensor::Device) -> shrink_core::Result<Graph> {
     let x = b.relu("head.relu", x);
     let x = b.flatten("flatten", x);
     let x = b.linear("fc", x, 10, true);
-    b.build(x, device)
+    b.build(x, &mut shrink_core::InitRng::seeded(seed), device)
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device = BackendKind::Flex.device()?;
-    device.seed(1);
-    let graph = custom_cnn(&device)?;
+    let graph = custom_cnn(1, &device)?;
     let stats = model_stats(&graph)?;
     println!("custom CNN: {} nodes, {} parameters, {:.2} M MACs per image", graph.nodes.len(), stats.params, {
         stats.macs as f64 / 1e6

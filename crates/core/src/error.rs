@@ -70,6 +70,10 @@ pub enum Error {
     /// A training or evaluation run that could not go on (for example a NaN loss).
     #[error("run failed: {0}")]
     RunFailed(String),
+    /// A tensor could not be read back to the host (a backend error, or values that do not
+    /// convert to the type asked for); see [`crate::host`].
+    #[error("reading a tensor back to the host failed: {0}")]
+    TensorRead(String),
 }
 
 impl Error {

@@ -154,8 +154,9 @@ impl IntWeights {
     }
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same folder, synced, then
-/// renamed over `path`.
+/// Writes `bytes` to `path` atomically and durably: a temporary file in the same folder, synced,
+/// renamed over `path`, then the folder synced, so after a power loss `path` holds either the old
+/// bytes or the new ones.
 ///
 /// # Errors
 /// [`Error::Io`] naming the file.
@@ -169,7 +170,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        sync_dir(dir)
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
@@ -178,11 +180,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn to_f32<const D: usize>(t: Tensor<D>) -> (Vec<usize>, Vec<u8>) {
-    let data = t.into_data().convert::<f32>();
-    let shape = data.shape().to_vec();
-    let values: Vec<f32> = data.try_to_vec().expect("converted to f32");
-    (shape, values.iter().flat_map(|v| v.to_le_bytes()).collect())
+/// Makes a rename in `dir` durable: the new directory entry reaches the disk, not only the
+/// file's contents (POSIX leaves the entry in the page cache until the directory is synced).
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    std::fs::File::open(dir)?.sync_all()?;
+    #[cfg(not(unix))]
+    let _ = dir; // Windows cannot open a directory as a file; its renames are journaled by NTFS.
+    Ok(())
+}
+
+fn to_f32<const D: usize>(t: Tensor<D>) -> Result<(Vec<usize>, Vec<u8>)> {
+    let shape = t.dims().to_vec();
+    let values = crate::host::floats(t)?;
+    Ok((shape, values.iter().flat_map(|v| v.to_le_bytes()).collect()))
 }
 
 /// The model file's bytes for `graph`.
@@ -199,7 +210,8 @@ pub fn to_bytes(graph: &Graph) -> Result<Vec<u8>> {
 ///
 /// # Errors
 /// [`Error::InvalidGraph`] if the graph does not validate, or an entry of `ints` names no conv
-/// or linear layer, or does not fit its weight.
+/// or linear layer, or does not fit its weight; [`Error::TensorRead`] if a parameter cannot be
+/// read.
 pub fn to_bytes_with(
     graph: &Graph,
     ints: &BTreeMap<String, IntWeights>,
@@ -255,25 +267,25 @@ pub fn to_bytes_with(
         match &node.params {
             Some(Params::Conv(p)) => {
                 if !quantized {
-                    put_weight(&mut tensors, &node.name, to_f32(p.weight.val()));
+                    put_weight(&mut tensors, &node.name, to_f32(p.weight.val())?);
                 }
                 if let Some(b) = &p.bias {
-                    put(&mut tensors, &node.name, "bias", to_f32(b.val()));
+                    put(&mut tensors, &node.name, "bias", to_f32(b.val())?);
                 }
             }
             Some(Params::Linear(p)) => {
                 if !quantized {
-                    put_weight(&mut tensors, &node.name, to_f32(p.weight.val()));
+                    put_weight(&mut tensors, &node.name, to_f32(p.weight.val())?);
                 }
                 if let Some(b) = &p.bias {
-                    put(&mut tensors, &node.name, "bias", to_f32(b.val()));
+                    put(&mut tensors, &node.name, "bias", to_f32(b.val())?);
                 }
             }
             Some(Params::BatchNorm(bn)) => {
-                put(&mut tensors, &node.name, "gamma", to_f32(bn.gamma.val()));
-                put(&mut tensors, &node.name, "beta", to_f32(bn.beta.val()));
-                put(&mut tensors, &node.name, "running_mean", to_f32(bn.running_mean.value()));
-                put(&mut tensors, &node.name, "running_var", to_f32(bn.running_var.value()));
+                put(&mut tensors, &node.name, "gamma", to_f32(bn.gamma.val())?);
+                put(&mut tensors, &node.name, "beta", to_f32(bn.beta.val())?);
+                put(&mut tensors, &node.name, "running_mean", to_f32(bn.running_mean.value())?);
+                put(&mut tensors, &node.name, "running_var", to_f32(bn.running_var.value())?);
             }
             None => {}
         }
@@ -383,7 +395,7 @@ pub fn from_bytes_with(bytes: &[u8], path: &Path, device: &Device) -> Result<Loa
     }
     let used = std::cell::RefCell::new(HashSet::new());
     let ints = std::cell::RefCell::new(BTreeMap::new());
-    let tensor = |name: &str, param: &str, shape: &[usize]| -> Result<TensorData> {
+    let f32_values = |name: &str, param: &str, shape: &[usize]| -> Result<Vec<f32>> {
         let key = format!("{name}.{param}");
         let view = st.tensor(&key).map_err(|_| bad(8, format!("tensor `{key}` is missing")))?;
         let offset = data_start + metadata.info(&key).map(|i| i.data_offsets.0 as u64).unwrap_or(0);
@@ -399,7 +411,10 @@ pub fn from_bytes_with(bytes: &[u8], path: &Path, device: &Device) -> Result<Loa
             return Err(bad(offset + 4 * i as u64, format!("tensor `{key}` holds {} at index {i}", values[i])));
         }
         used.borrow_mut().insert(key);
-        Ok(TensorData::new(values, shape.to_vec()))
+        Ok(values)
+    };
+    let tensor = |name: &str, param: &str, shape: &[usize]| -> Result<TensorData> {
+        Ok(TensorData::new(f32_values(name, param, shape)?, shape.to_vec()))
     };
     // Asymmetric integer weights' zero points (`<name>.weight_zero_point`, I8 [out], in the
     // range of `bits`), or none (symmetric).
@@ -500,7 +515,7 @@ pub fn from_bytes_with(bytes: &[u8], path: &Path, device: &Device) -> Result<Loa
                 ));
             }
         }
-        let scales: Vec<f32> = tensor(name, "weight_scale", &[shape[0]])?.try_to_vec().expect("f32");
+        let scales = f32_values(name, "weight_scale", &[shape[0]])?;
         if let Some(i) = scales.iter().position(|&s| s <= 0.0) {
             return Err(bad(
                 8,
@@ -547,8 +562,7 @@ pub fn from_bytes_with(bytes: &[u8], path: &Path, device: &Device) -> Result<Loa
             ));
         }
         used.borrow_mut().insert(key);
-        let scales = tensor(name, "weight_scale", &[shape[0]])?;
-        let scales: Vec<f32> = scales.try_to_vec().expect("f32");
+        let scales = f32_values(name, "weight_scale", &[shape[0]])?;
         if let Some(i) = scales.iter().position(|&s| s <= 0.0) {
             return Err(bad(
                 8,

@@ -12,11 +12,13 @@
 //! - [`runtime`]: the CPU inference plan — [`runtime::freeze`] folds batch norms, fuses ReLUs,
 //!   plans buffers and runs f32 GEMM kernels; other crates plug kernels in through a registry.
 //! - [`backend`]: the one module that names burn's backends.
+//! - [`init`]: the seeded generator initial weights are drawn from ([`InitRng`]).
+//! - [`host`]: reading tensors back to the host, fallibly.
 //!
 //! ```
 //! use shrink_core::{BackendKind, zoo::ModelSpec, metrics::model_stats};
 //! let device = BackendKind::Flex.device().unwrap();
-//! let graph = ModelSpec::CifarResnet { depth: 20, width: 1.0 }.build([3, 32, 32], 10, &device).unwrap();
+//! let graph = ModelSpec::CifarResnet { depth: 20, width: 1.0 }.build([3, 32, 32], 10, 42, &device).unwrap();
 //! let stats = model_stats(&graph).unwrap();
 //! assert!((0.26e6..0.28e6).contains(&(stats.params as f64)));
 //! ```
@@ -26,6 +28,8 @@ pub mod backend;
 pub mod data;
 mod error;
 pub mod graph;
+pub mod host;
+pub mod init;
 pub mod io;
 pub mod metrics;
 pub mod runtime;
@@ -35,6 +39,7 @@ pub mod zoo;
 pub use backend::BackendKind;
 pub use error::{Error, Result};
 pub use graph::Graph;
+pub use init::InitRng;
 
 /// burn, re-exported so that users of shrink-core name the same version.
 pub use burn;
@@ -44,6 +49,7 @@ pub mod prelude {
     pub use crate::backend::BackendKind;
     pub use crate::data::{Batcher, Dataset, load_mnist_dir};
     pub use crate::graph::{Conv2dSpec, Graph, GraphBuilder};
+    pub use crate::init::InitRng;
     pub use crate::metrics::{model_stats, param_report};
     pub use crate::runtime::freeze;
     pub use crate::train::{OptimizerSettings, Schedule, TrainData, TrainSettings, evaluate, train};

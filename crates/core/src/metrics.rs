@@ -62,10 +62,9 @@ impl ModelStats {
     }
 }
 
-fn values_and_nonzeros<const D: usize>(t: Tensor<D>) -> (usize, usize) {
-    let data = t.into_data();
-    let v: Vec<f32> = data.try_to_vec().unwrap_or_default();
-    (v.len(), v.iter().filter(|x| **x != 0.0).count())
+fn values_and_nonzeros<const D: usize>(t: Tensor<D>) -> Result<(usize, usize)> {
+    let v = crate::host::floats(t)?;
+    Ok((v.len(), v.iter().filter(|x| **x != 0.0).count()))
 }
 
 /// Parameters, non-zeros, bytes and MACs of every layer of `graph`.
@@ -79,20 +78,20 @@ pub fn model_stats(graph: &Graph) -> Result<ModelStats> {
         let out = shapes[id];
         let (params, nonzeros, buffers, macs) = match (&node.params, &node.op) {
             (Some(Params::Conv(p)), Op::Conv2d { in_channels, kernel, groups, .. }) => {
-                let (n, nz) = values_and_nonzeros(p.weight.val());
-                let (bn, bnz) = p.bias.as_ref().map(|b| values_and_nonzeros(b.val())).unwrap_or((0, 0));
+                let (n, nz) = values_and_nonzeros(p.weight.val())?;
+                let (bn, bnz) = p.bias.as_ref().map_or(Ok((0, 0)), |b| values_and_nonzeros(b.val()))?;
                 let ValueShape::Map { channels, height, width } = out else { unreachable!("conv makes maps") };
                 let macs = (channels * height * width * (in_channels / groups) * kernel[0] * kernel[1]) as u64;
                 (n + bn, nz + bnz, 0, macs)
             }
             (Some(Params::Linear(p)), Op::Linear { in_features, out_features, .. }) => {
-                let (n, nz) = values_and_nonzeros(p.weight.val());
-                let (bn, bnz) = p.bias.as_ref().map(|b| values_and_nonzeros(b.val())).unwrap_or((0, 0));
+                let (n, nz) = values_and_nonzeros(p.weight.val())?;
+                let (bn, bnz) = p.bias.as_ref().map_or(Ok((0, 0)), |b| values_and_nonzeros(b.val()))?;
                 (n + bn, nz + bnz, 0, (in_features * out_features) as u64)
             }
             (Some(Params::BatchNorm(bn)), _) => {
-                let (g, gz) = values_and_nonzeros(bn.gamma.val());
-                let (b, bz) = values_and_nonzeros(bn.beta.val());
+                let (g, gz) = values_and_nonzeros(bn.gamma.val())?;
+                let (b, bz) = values_and_nonzeros(bn.beta.val())?;
                 (g + b, gz + bz, 2 * g, 0)
             }
             _ => continue,
@@ -176,7 +175,9 @@ pub fn measure_latency(graph: &Graph, backend: BackendKind, settings: &LatencySe
     let [c, h, w] = graph.input_shape();
     let mut out = Vec::new();
     for &batch in &settings.batch_sizes {
-        let x = Tensor::<4>::random([batch.max(1), c, h, w], Distribution::Normal(0.0, 1.0), &device);
+        // Inputs from a local generator: timing draws nothing from the backend's own.
+        let x =
+            crate::init::InitRng::seeded(0).tensor([batch.max(1), c, h, w], Distribution::Normal(0.0, 1.0), &device);
         for _ in 0..settings.warmup {
             let _ = model.forward(x.clone()).into_data();
         }
@@ -281,10 +282,14 @@ impl ParamReport {
 /// Every float parameter of `module` — any burn module, a user's own struct as well as a
 /// [`Graph`] — with its path, shape, non-zeros, bytes and range, in visiting order (what
 /// pruning and weight-only quantization of a module change, in one table).
-pub fn param_report<M: Module>(module: &M) -> Vec<ParamReport> {
+///
+/// # Errors
+/// [`crate::Error::TensorRead`] when a parameter cannot be read.
+pub fn param_report<M: Module>(module: &M) -> Result<Vec<ParamReport>> {
     struct Report {
         path: Vec<String>,
         out: Vec<ParamReport>,
+        error: Option<crate::Error>,
     }
     impl burn::module::ModuleVisitor for Report {
         fn enter_module(&mut self, name: &str, _container_type: &str) {
@@ -295,7 +300,13 @@ pub fn param_report<M: Module>(module: &M) -> Vec<ParamReport> {
         }
         fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
             let tensor = param.val();
-            let v: Vec<f32> = tensor.clone().into_data().convert::<f32>().try_to_vec().unwrap_or_default();
+            let v = match crate::host::floats(tensor.clone()) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.error.get_or_insert(e);
+                    return;
+                }
+            };
             self.out.push(ParamReport {
                 path: self.path.join("."),
                 shape: tensor.dims().to_vec(),
@@ -307,9 +318,12 @@ pub fn param_report<M: Module>(module: &M) -> Vec<ParamReport> {
             });
         }
     }
-    let mut report = Report { path: Vec::new(), out: Vec::new() };
+    let mut report = Report { path: Vec::new(), out: Vec::new(), error: None };
     module.visit(&mut report);
-    report.out
+    match report.error {
+        Some(e) => Err(e),
+        None => Ok(report.out),
+    }
 }
 
 /// Memory the system can still give this process, from `MemAvailable` in `/proc/meminfo`

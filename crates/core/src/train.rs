@@ -229,6 +229,24 @@ pub trait TrainObserver {
 pub struct Quiet;
 impl TrainObserver for Quiet {}
 
+/// The run-time side of a call that trains: the device it trains on, the seed of its data order
+/// and augmentation, and the observer that hears of its progress. The techniques that train
+/// (shrink-prune's `prune`, shrink-quant's QAT) take it beside their settings.
+pub struct TrainRun<'a> {
+    /// The device (the technique adds autodiff where it trains).
+    pub device: &'a Device,
+    /// Seed of the data order and augmentation.
+    pub seed: u64,
+    /// Progress: every step and epoch.
+    pub observer: &'a mut dyn TrainObserver,
+}
+
+impl std::fmt::Debug for TrainRun<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrainRun").field("device", self.device).field("seed", &self.seed).finish_non_exhaustive()
+    }
+}
+
 /// Cross-entropy of logits `[b, k]` against labels `[b]`, averaged over the batch.
 pub fn cross_entropy(logits: Tensor<2>, labels: Tensor<1, Int>) -> Tensor<1> {
     let log_p = activation::log_softmax(logits, 1);
@@ -379,7 +397,7 @@ pub fn train_module<M: Trainable>(
             let (loss, logits) = objective(&model, Batch { images, labels: labels.clone(), indices: chunk })?;
             let loss_value: f64 = loss.clone().into_scalar::<f32>() as f64;
             if !loss_value.is_finite() {
-                let source = locate_non_finite(&model.graph().valid(), trained_images.inner());
+                let source = locate_non_finite(&model.graph().valid(), trained_images.inner())?;
                 return Err(Error::RunFailed(format!(
                     "loss is {loss_value} at epoch {} step {}: {source}",
                     epoch + 1,
@@ -420,7 +438,7 @@ pub fn train_module<M: Trainable>(
         observer.on_epoch(&record);
         records.push(record);
         // The last step's update may have been non-finite without any loss showing it yet.
-        if let Some(node) = non_finite_parameters(&model.graph().valid()) {
+        if let Some(node) = non_finite_parameters(&model.graph().valid())? {
             return Err(Error::RunFailed(format!(
                 "the parameters of node `{node}` are not finite after epoch {} (an optimiser step had a \
                  non-finite gradient; lower the learning rate)",
@@ -431,50 +449,50 @@ pub fn train_module<M: Trainable>(
     Ok((model.valid().to_device(device), records))
 }
 
-fn non_finite(values: burn::tensor::TensorData) -> bool {
-    values.convert::<f32>().iter::<f32>().any(|v| !v.is_finite())
+fn non_finite<const D: usize>(t: Tensor<D>) -> Result<bool> {
+    Ok(crate::host::floats(t)?.iter().any(|v| !v.is_finite()))
 }
 
 /// The first node whose parameters are NaN or infinite.
-fn non_finite_parameters(graph: &Graph) -> Option<String> {
+fn non_finite_parameters(graph: &Graph) -> Result<Option<String>> {
     use crate::graph::Params;
-    graph.nodes.iter().find_map(|node| {
-        let bad = match node.params.as_ref()? {
-            Params::Conv(p) => {
-                non_finite(p.weight.val().into_data())
-                    || p.bias.as_ref().is_some_and(|b| non_finite(b.val().into_data()))
-            }
-            Params::Linear(p) => {
-                non_finite(p.weight.val().into_data())
-                    || p.bias.as_ref().is_some_and(|b| non_finite(b.val().into_data()))
-            }
-            Params::BatchNorm(bn) => {
-                [&bn.gamma, &bn.beta].iter().any(|t| non_finite(t.val().into_data()))
-                    || non_finite(bn.running_mean.value().into_data())
-                    || non_finite(bn.running_var.value().into_data())
+    let bias = |b: &Option<burn::module::Param<Tensor<1>>>| b.as_ref().map_or(Ok(false), |b| non_finite(b.val()));
+    for node in &graph.nodes {
+        let bad = match &node.params {
+            None => false,
+            Some(Params::Conv(p)) => non_finite(p.weight.val())? || bias(&p.bias)?,
+            Some(Params::Linear(p)) => non_finite(p.weight.val())? || bias(&p.bias)?,
+            Some(Params::BatchNorm(bn)) => {
+                non_finite(bn.gamma.val())?
+                    || non_finite(bn.beta.val())?
+                    || non_finite(bn.running_mean.value())?
+                    || non_finite(bn.running_var.value())?
             }
         };
-        bad.then(|| node.name.clone())
-    })
+        if bad {
+            return Ok(Some(node.name.clone()));
+        }
+    }
+    Ok(None)
 }
 
 /// Where a non-finite loss came from: the first node with non-finite parameters, else the first
 /// node whose output is not finite on the batch, else the objective itself.
-fn locate_non_finite(graph: &Graph, images: Tensor<4>) -> String {
-    if let Some(node) = non_finite_parameters(graph) {
-        return format!("the parameters of node `{node}` are not finite (an earlier step's gradient was not)");
+fn locate_non_finite(graph: &Graph, images: Tensor<4>) -> Result<String> {
+    if let Some(node) = non_finite_parameters(graph)? {
+        return Ok(format!("the parameters of node `{node}` are not finite (an earlier step's gradient was not)"));
     }
-    if non_finite(images.clone().into_data()) {
-        return "the input batch is not finite".into();
+    if non_finite(images.clone())? {
+        return Ok("the input batch is not finite".into());
     }
     let taps: Vec<_> = (0..graph.nodes.len()).collect();
     let (_, outputs) = graph.forward_with_taps(images, &taps);
     for (id, out) in taps.into_iter().zip(outputs) {
-        if non_finite(out.flatten().into_data()) {
-            return format!("the output of node `{}` is the first that is not finite", graph.nodes[id].name);
+        if non_finite(out.flatten())? {
+            return Ok(format!("the output of node `{}` is the first that is not finite", graph.nodes[id].name));
         }
     }
-    "every node's output is finite: the objective itself is not".into()
+    Ok("every node's output is finite: the objective itself is not".into())
 }
 
 fn count_correct(logits: Tensor<2>, labels: Tensor<1, Int>) -> usize {
@@ -545,7 +563,7 @@ pub fn evaluate_plan(
     let classes = plan.output_len();
     evaluate_with(data, batcher, batch_size, classes, device, &mut |x| {
         let batch = x.dims()[0];
-        let input: Vec<f32> = x.into_data().convert::<f32>().try_to_vec().expect("f32 input");
+        let input = crate::host::floats(x)?;
         let logits = plan.run(&input, batch)?.to_vec();
         Ok(Tensor::from_data(burn::tensor::TensorData::new(logits, [batch, classes]), device))
     })
@@ -578,7 +596,7 @@ pub fn evaluate_with(
         let (x, y) = batcher.batch(data, chunk, device, None);
         let logits = forward(x)?;
         loss_sum += cross_entropy(logits.clone(), y).into_scalar::<f32>() as f64 * chunk.len() as f64;
-        let values: Vec<f32> = logits.into_data().try_to_vec().expect("f32 logits");
+        let values = crate::host::floats(logits)?;
         for (row, &i) in values.chunks_exact(classes).zip(chunk) {
             let label = data.labels[i] as usize;
             // Rank of the true class: how many classes score strictly higher (ties favour it).

@@ -12,6 +12,7 @@ use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::graph::{Conv2dSpec, Graph, GraphBuilder, NodeId};
+use crate::init::InitRng;
 use crate::{Error, Result};
 
 /// Which model to build, as written in an experiment config (`[model] kind = "cifar_resnet"`).
@@ -97,35 +98,25 @@ impl ModelSpec {
         Ok(())
     }
 
-    /// Builds the model with its initial weights drawn from `seed` on burn-flex's generator,
-    /// then moves it to `device`: the same seed gives the same initial weights on every backend
-    /// (each backend's own generator draws different numbers from the same seed), so runs on
-    /// different backends start from the same model and can be compared.
-    ///
-    /// # Errors
-    /// As [`ModelSpec::build`].
-    pub fn build_seeded(&self, input: [usize; 3], classes: usize, seed: u64, device: &Device) -> Result<Graph> {
-        let host = crate::BackendKind::Flex.device()?;
-        host.seed(seed);
-        Ok(self.build(input, classes, &host)?.on_device(device))
-    }
-
-    /// Builds the model for inputs of `[channels, height, width]` and `classes` outputs, with
-    /// initial weights from `device`'s generator.
+    /// Builds the model for inputs of `[channels, height, width]` and `classes` outputs, its
+    /// initial weights drawn from a generator seeded with `seed` ([`InitRng`]): the same seed
+    /// gives the same weights on every backend, so runs on different backends start from the
+    /// same model and can be compared.
     ///
     /// # Errors
     /// [`Error::InvalidSetting`] for bad settings, [`Error::InvalidGraph`] when the input is too
     /// small for the model (e.g. LeNet-5 on 8×8 images).
-    pub fn build(&self, input: [usize; 3], classes: usize, device: &Device) -> Result<Graph> {
+    pub fn build(&self, input: [usize; 3], classes: usize, seed: u64, device: &Device) -> Result<Graph> {
         self.validate()?;
         if classes == 0 {
             return Err(Error::setting("classes", "at least one class is needed"));
         }
+        let rng = &mut InitRng::seeded(seed);
         match self {
-            ModelSpec::CifarResnet { depth, width } => cifar_resnet(*depth, *width, input, classes, device),
-            ModelSpec::Resnet { depth } => imagenet_resnet(*depth, input, classes, device),
-            ModelSpec::Lenet5 => lenet5(input, classes, device),
-            ModelSpec::Mlp { hidden } => mlp(hidden, input, classes, device),
+            ModelSpec::CifarResnet { depth, width } => cifar_resnet(*depth, *width, input, classes, rng, device),
+            ModelSpec::Resnet { depth } => imagenet_resnet(*depth, input, classes, rng, device),
+            ModelSpec::Lenet5 => lenet5(input, classes, rng, device),
+            ModelSpec::Mlp { hidden } => mlp(hidden, input, classes, rng, device),
         }
     }
 }
@@ -152,7 +143,14 @@ fn basic_block(b: &mut GraphBuilder, name: &str, x: NodeId, out: usize, stride: 
     b.relu(format!("{name}.relu"), sum)
 }
 
-fn cifar_resnet(depth: usize, width: f64, input: [usize; 3], classes: usize, device: &Device) -> Result<Graph> {
+fn cifar_resnet(
+    depth: usize,
+    width: f64,
+    input: [usize; 3],
+    classes: usize,
+    rng: &mut InitRng,
+    device: &Device,
+) -> Result<Graph> {
     let n = (depth - 2) / 6;
     let widths = [16.0, 32.0, 64.0].map(|c: f64| ((c * width).round() as usize).max(1));
     let mut b = GraphBuilder::new(input);
@@ -160,7 +158,7 @@ fn cifar_resnet(depth: usize, width: f64, input: [usize; 3], classes: usize, dev
     let x = conv_bn(&mut b, "stem", input, Conv2dSpec::new(widths[0], 3).padding(1));
     let x = b.relu("stem.relu", x);
     let stages: Vec<(usize, usize)> = widths.iter().map(|&w| (n, w)).collect();
-    resnet_body(b, x, &stages, classes, device)
+    resnet_body(b, x, &stages, classes, rng, device)
 }
 
 /// Stages of basic blocks (`(blocks, width)`, stride 2 at the start of every stage but the
@@ -170,6 +168,7 @@ fn resnet_body(
     mut x: NodeId,
     stages: &[(usize, usize)],
     classes: usize,
+    rng: &mut InitRng,
     device: &Device,
 ) -> Result<Graph> {
     for (stage, &(n, w)) in stages.iter().enumerate() {
@@ -181,10 +180,16 @@ fn resnet_body(
     let x = b.global_avg_pool("pool", x);
     let x = b.flatten("flatten", x);
     let x = b.linear("fc", x, classes, true);
-    b.build(x, device)
+    b.build(x, rng, device)
 }
 
-fn imagenet_resnet(depth: usize, input: [usize; 3], classes: usize, device: &Device) -> Result<Graph> {
+fn imagenet_resnet(
+    depth: usize,
+    input: [usize; 3],
+    classes: usize,
+    rng: &mut InitRng,
+    device: &Device,
+) -> Result<Graph> {
     let blocks = if depth == 18 { [2, 2, 2, 2] } else { [3, 4, 6, 3] };
     let mut b = GraphBuilder::new(input);
     let input = b.input();
@@ -192,10 +197,10 @@ fn imagenet_resnet(depth: usize, input: [usize; 3], classes: usize, device: &Dev
     let x = b.relu("stem.relu", x);
     let x = b.max_pool("stem.pool", x, 3, 2, 1);
     let stages: Vec<(usize, usize)> = blocks.into_iter().zip([64, 128, 256, 512]).collect();
-    resnet_body(b, x, &stages, classes, device)
+    resnet_body(b, x, &stages, classes, rng, device)
 }
 
-fn lenet5(input: [usize; 3], classes: usize, device: &Device) -> Result<Graph> {
+fn lenet5(input: [usize; 3], classes: usize, rng: &mut InitRng, device: &Device) -> Result<Graph> {
     let mut b = GraphBuilder::new(input);
     // 28×28 inputs (MNIST) get the padding of 2 that makes them the 32×32 of the original paper.
     let pad = if input[1] == 28 && input[2] == 28 { 2 } else { 0 };
@@ -212,10 +217,10 @@ fn lenet5(input: [usize; 3], classes: usize, device: &Device) -> Result<Graph> {
     let x = b.linear("fc2", x, 84, true);
     let x = b.relu("relu4", x);
     let x = b.linear("fc3", x, classes, true);
-    b.build(x, device)
+    b.build(x, rng, device)
 }
 
-fn mlp(hidden: &[usize], input: [usize; 3], classes: usize, device: &Device) -> Result<Graph> {
+fn mlp(hidden: &[usize], input: [usize; 3], classes: usize, rng: &mut InitRng, device: &Device) -> Result<Graph> {
     let mut b = GraphBuilder::new(input);
     let input = b.input();
     let mut x = b.flatten("flatten", input);
@@ -224,5 +229,5 @@ fn mlp(hidden: &[usize], input: [usize; 3], classes: usize, device: &Device) -> 
         x = b.relu(format!("relu{}", i + 1), x);
     }
     let x = b.linear(format!("fc{}", hidden.len() + 1), x, classes, true);
-    b.build(x, device)
+    b.build(x, rng, device)
 }

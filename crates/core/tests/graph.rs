@@ -3,13 +3,14 @@
 use burn::module::Module;
 use burn::tensor::{Distribution, Tensor, Tolerance};
 use shrink_core::BackendKind;
+use shrink_core::InitRng;
 use shrink_core::graph::{ChannelRole, Conv2dSpec, GraphBuilder, Op};
 use shrink_core::zoo::ModelSpec;
 
 #[test]
 fn resnet_coupling_groups_follow_residual_adds() {
     let device = BackendKind::Flex.device().unwrap();
-    let g = ModelSpec::CifarResnet { depth: 20, width: 1.0 }.build([3, 32, 32], 10, &device).unwrap();
+    let g = ModelSpec::CifarResnet { depth: 20, width: 1.0 }.build([3, 32, 32], 10, 0, &device).unwrap();
     let groups = g.coupling_groups().unwrap();
     let name = |id: usize| g.nodes[id].name.as_str();
 
@@ -50,7 +51,7 @@ fn resnet_coupling_groups_follow_residual_adds() {
 #[test]
 fn flatten_couples_channels_in_blocks() {
     let device = BackendKind::Flex.device().unwrap();
-    let g = ModelSpec::Lenet5.build([1, 28, 28], 10, &device).unwrap();
+    let g = ModelSpec::Lenet5.build([1, 28, 28], 10, 0, &device).unwrap();
     let groups = g.coupling_groups().unwrap();
     let conv2 = g.node_id("conv2").unwrap();
     let fc1 = g.node_id("fc1").unwrap();
@@ -64,8 +65,8 @@ fn flatten_couples_channels_in_blocks() {
 #[test]
 fn taps_return_intermediate_values() {
     let device = BackendKind::Flex.device().unwrap();
-    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 16, 16], 10, &device).unwrap().valid_graph();
-    let x = Tensor::<4>::random([2, 1, 16, 16], Distribution::Default, &device);
+    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 16, 16], 10, 0, &device).unwrap().valid_graph();
+    let x = InitRng::seeded(101).tensor([2, 1, 16, 16], Distribution::Default, &device);
     let pool = g.node_id("pool").unwrap();
     let stem = g.node_id("stem.relu").unwrap();
     let (y, taps) = g.forward_with_taps(x.clone(), &[pool, stem]);
@@ -88,19 +89,19 @@ fn builder_reports_the_node_at_fault() {
     let a = b.conv2d("a", x, Conv2dSpec::new(4, 3).padding(1));
     let c = b.conv2d("c", x, Conv2dSpec::new(5, 3).padding(1));
     let s = b.add("sum", &[a, c]);
-    let e = b.build(s, &device).unwrap_err().to_string();
+    let e = b.build(s, &mut InitRng::seeded(0), &device).unwrap_err().to_string();
     assert!(e.contains("`sum`") && e.contains("differ"), "{e}");
 
     let mut b = GraphBuilder::new([3, 8, 8]);
     let x = b.input();
     let a = b.conv2d("a", x, Conv2dSpec::new(4, 3));
     let a2 = b.conv2d("a", a, Conv2dSpec::new(4, 3));
-    assert!(b.build(a2, &device).unwrap_err().to_string().contains("duplicate"));
+    assert!(b.build(a2, &mut InitRng::seeded(0), &device).unwrap_err().to_string().contains("duplicate"));
 
     let mut b = GraphBuilder::new([3, 8, 8]);
     let x = b.input();
     let bad = b.push("bn", Op::BatchNorm2d { features: 7, epsilon: 1e-5, momentum: 0.1 }, vec![x]);
-    assert!(b.build(bad, &device).unwrap_err().to_string().contains("7 features"));
+    assert!(b.build(bad, &mut InitRng::seeded(0), &device).unwrap_err().to_string().contains("7 features"));
 }
 
 trait Valid {
@@ -116,11 +117,10 @@ impl Valid for shrink_core::Graph {
 #[test]
 fn folding_batch_norms_keeps_the_function_and_the_names() {
     let device = BackendKind::Flex.device().unwrap();
-    device.seed(4);
-    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 12, 12], 10, &device).unwrap();
+    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 12, 12], 10, 4, &device).unwrap();
     let g = g.valid();
-    let x = Tensor::<4>::random([3, 1, 12, 12], Distribution::Normal(0.0, 1.0), &device);
-    let (folded, names) = g.fold_batch_norms();
+    let x = InitRng::seeded(102).tensor([3, 1, 12, 12], Distribution::Normal(0.0, 1.0), &device);
+    let (folded, names) = g.fold_batch_norms().unwrap();
     folded.validate().unwrap();
     assert_eq!(names.len(), g.nodes.iter().filter(|n| n.op.kind() == "batch_norm2d").count());
     assert!(folded.nodes.iter().all(|n| n.op.kind() != "batch_norm2d"));
@@ -172,10 +172,9 @@ fn zero_channels(g: &mut shrink_core::Graph, group: &shrink_core::graph::Couplin
 #[test]
 fn removing_channels_equals_zeroing_them_and_shrinks_every_coupled_tensor() {
     let device = BackendKind::Flex.device().unwrap();
-    device.seed(7);
-    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 16, 16], 10, &device).unwrap();
+    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 16, 16], 10, 7, &device).unwrap();
     // Give the batch norms non-trivial statistics, so a wrong slice would show.
-    let x = Tensor::<4>::random([8, 1, 16, 16], Distribution::Default, &device);
+    let x = InitRng::seeded(103).tensor([8, 1, 16, 16], Distribution::Default, &device);
     let g = {
         let ad = device.clone().autodiff();
         let t = g.fork(&ad).train();

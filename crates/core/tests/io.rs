@@ -2,6 +2,7 @@
 
 use burn::module::Module;
 use burn::tensor::{Distribution, Tensor};
+use shrink_core::InitRng;
 use shrink_core::graph::Params;
 use shrink_core::zoo::ModelSpec;
 use shrink_core::{BackendKind, io};
@@ -15,13 +16,12 @@ fn tmp(name: &str) -> std::path::PathBuf {
 #[test]
 fn round_trip_is_bit_exact() {
     let device = BackendKind::Flex.device().unwrap();
-    device.seed(3);
-    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 28, 28], 10, &device).unwrap();
+    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 28, 28], 10, 3, &device).unwrap();
     let path = tmp("r8.safetensors");
     io::save(&g, &path).unwrap();
     let back = io::load(&path, &device).unwrap();
     assert_eq!(io::to_bytes(&back).unwrap(), io::to_bytes(&g).unwrap());
-    let x = Tensor::<4>::random([2, 1, 28, 28], Distribution::Default, &device);
+    let x = InitRng::seeded(104).tensor([2, 1, 28, 28], Distribution::Default, &device);
     let (a, b) = (g.valid().forward(x.clone()), back.valid().forward(x));
     assert_eq!(a.into_data().as_slice::<f32>().unwrap(), b.into_data().as_slice::<f32>().unwrap());
 }
@@ -35,7 +35,7 @@ fn changed_shapes_load_back_as_they_are() {
     let x = b.conv2d("conv", x, shrink_core::graph::Conv2dSpec::new(3, 3).padding(1).bias(true));
     let x = b.batch_norm("bn", x);
     let x = b.linear("fc", x, 4, true);
-    let g = b.build(x, &device).unwrap();
+    let g = b.build(x, &mut InitRng::seeded(0), &device).unwrap();
     let path = tmp("small.safetensors");
     io::save(&g, &path).unwrap();
     let back = io::load(&path, &device).unwrap();
@@ -46,7 +46,7 @@ fn changed_shapes_load_back_as_they_are() {
 #[test]
 fn damaged_files_are_refused() {
     let device = BackendKind::Flex.device().unwrap();
-    let g = ModelSpec::Mlp { hidden: vec![8] }.build([1, 4, 4], 3, &device).unwrap();
+    let g = ModelSpec::Mlp { hidden: vec![8] }.build([1, 4, 4], 3, 0, &device).unwrap();
     let bytes = io::to_bytes(&g).unwrap();
     let path = tmp("bad.safetensors");
 
@@ -72,11 +72,9 @@ fn damaged_files_are_refused() {
 fn burn_records_work_on_the_graph() {
     // The graph is a burn Module: burn's own records (burnpack) save and load its parameters.
     let device = BackendKind::Flex.device().unwrap();
-    device.seed(1);
-    let a = ModelSpec::CifarResnet { depth: 8, width: 0.5 }.build([1, 12, 12], 4, &device).unwrap();
-    device.seed(2);
-    let b = ModelSpec::CifarResnet { depth: 8, width: 0.5 }.build([1, 12, 12], 4, &device).unwrap();
-    let x = Tensor::<4>::random([2, 1, 12, 12], Distribution::Default, &device);
+    let a = ModelSpec::CifarResnet { depth: 8, width: 0.5 }.build([1, 12, 12], 4, 1, &device).unwrap();
+    let b = ModelSpec::CifarResnet { depth: 8, width: 0.5 }.build([1, 12, 12], 4, 2, &device).unwrap();
+    let x = InitRng::seeded(105).tensor([2, 1, 12, 12], Distribution::Default, &device);
     let ya: Vec<f32> = a.clone().valid().forward(x.clone()).into_data().try_to_vec().unwrap();
     let yb: Vec<f32> = b.clone().valid().forward(x.clone()).into_data().try_to_vec().unwrap();
     assert_ne!(ya, yb);
@@ -90,7 +88,7 @@ fn burn_records_work_on_the_graph() {
 #[test]
 fn layers_lists_parameterised_nodes_in_order() {
     let device = BackendKind::Flex.device().unwrap();
-    let g = ModelSpec::Lenet5.build([1, 28, 28], 10, &device).unwrap();
+    let g = ModelSpec::Lenet5.build([1, 28, 28], 10, 0, &device).unwrap();
     let names: Vec<&str> = g.layers().map(|(_, n)| n.name.as_str()).collect();
     assert_eq!(names, ["conv1", "conv2", "fc1", "fc2", "fc3"]);
 }
@@ -124,8 +122,7 @@ fn sparsified(g: &shrink_core::Graph) -> shrink_core::Graph {
 #[test]
 fn sparse_weights_are_stored_compactly_and_round_trip_bit_exactly() {
     let device = BackendKind::Flex.device().unwrap();
-    device.seed(5);
-    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 28, 28], 10, &device).unwrap();
+    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 28, 28], 10, 5, &device).unwrap();
     let s = sparsified(&g);
     let (dense_bytes, sparse_bytes) = (io::to_bytes(&g).unwrap(), io::to_bytes(&s).unwrap());
     // Weights: 1 bit of mask + 10 % of 32 bits per value, against 32 bits.
@@ -134,7 +131,7 @@ fn sparse_weights_are_stored_compactly_and_round_trip_bit_exactly() {
     assert!(names.contains("layer1.0.1.conv.weight_mask") && names.contains("fc.weight_nz"), "{names}");
     let back = io::from_bytes(&sparse_bytes, &tmp("sparse.safetensors"), &device).unwrap();
     assert_eq!(io::to_bytes(&back).unwrap(), sparse_bytes);
-    let x = Tensor::<4>::random([2, 1, 28, 28], Distribution::Default, &device);
+    let x = InitRng::seeded(106).tensor([2, 1, 28, 28], Distribution::Default, &device);
     let (a, b) = (s.valid().forward(x.clone()), back.valid().forward(x));
     assert_eq!(a.into_data().as_slice::<f32>().unwrap(), b.into_data().as_slice::<f32>().unwrap());
 
@@ -163,7 +160,7 @@ fn sparse_weights_are_stored_compactly_and_round_trip_bit_exactly() {
 #[test]
 fn damaged_sparse_weights_are_refused_with_the_offset() {
     let device = BackendKind::Flex.device().unwrap();
-    let g = sparsified(&ModelSpec::Mlp { hidden: vec![8] }.build([1, 4, 4], 3, &device).unwrap());
+    let g = sparsified(&ModelSpec::Mlp { hidden: vec![8] }.build([1, 4, 4], 3, 0, &device).unwrap());
     let bytes = io::to_bytes(&g).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
@@ -188,7 +185,7 @@ fn damaged_sparse_weights_are_refused_with_the_offset() {
 fn a_mask_marking_values_past_the_weight_is_refused() {
     // fc2 of this MLP has 3 × 5 = 15 weights: its 2-byte mask has one bit past them.
     let device = BackendKind::Flex.device().unwrap();
-    let g = sparsified(&ModelSpec::Mlp { hidden: vec![5] }.build([1, 4, 4], 3, &device).unwrap());
+    let g = sparsified(&ModelSpec::Mlp { hidden: vec![5] }.build([1, 4, 4], 3, 0, &device).unwrap());
     let bytes = io::to_bytes(&g).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let header = 8 + bytes[..8].iter().rev().fold(0usize, |a, b| a * 256 + *b as usize);
@@ -203,7 +200,7 @@ fn a_mask_marking_values_past_the_weight_is_refused() {
 #[test]
 fn asymmetric_int_weights_round_trip_and_bad_zero_points_are_refused() {
     let device = BackendKind::Flex.device().unwrap();
-    let g = ModelSpec::Mlp { hidden: vec![6] }.build([1, 4, 4], 3, &device).unwrap();
+    let g = ModelSpec::Mlp { hidden: vec![6] }.build([1, 4, 4], 3, 0, &device).unwrap();
     // fc1: 6 × 16 int4 weights with zero points; -8 is a valid stored value when asymmetric.
     let values: Vec<i8> = (0..96).map(|i| (i % 16) as i8 - 8).collect();
     let zero_points: Vec<i8> = vec![-3, 0, 2, -8, 7, 1];

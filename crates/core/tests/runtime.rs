@@ -1,7 +1,8 @@
 //! The frozen CPU plan computes what burn's forward computes, for every zoo model.
 
 use burn::module::Module;
-use burn::tensor::{Distribution, Tensor};
+use burn::tensor::Distribution;
+use shrink_core::InitRng;
 use shrink_core::graph::{Conv2dSpec, GraphBuilder};
 use shrink_core::runtime::{FreezeOptions, KernelRegistry, freeze, freeze_with};
 use shrink_core::zoo::ModelSpec;
@@ -16,10 +17,12 @@ fn with_random_bn_stats(graph: Graph) -> Graph {
     for node in &mut g.nodes {
         if let Some(Params::BatchNorm(bn)) = &mut node.params {
             let c = bn.gamma.dims()[0];
-            bn.gamma = Param::from_tensor(Tensor::random([c], Distribution::Uniform(0.5, 1.5), &device));
-            bn.beta = Param::from_tensor(Tensor::random([c], Distribution::Uniform(-0.5, 0.5), &device));
-            bn.running_mean = RunningState::new(Tensor::random([c], Distribution::Uniform(-0.3, 0.3), &device));
-            bn.running_var = RunningState::new(Tensor::random([c], Distribution::Uniform(0.5, 2.0), &device));
+            bn.gamma = Param::from_tensor(InitRng::seeded(107).tensor([c], Distribution::Uniform(0.5, 1.5), &device));
+            bn.beta = Param::from_tensor(InitRng::seeded(108).tensor([c], Distribution::Uniform(-0.5, 0.5), &device));
+            bn.running_mean =
+                RunningState::new(InitRng::seeded(109).tensor([c], Distribution::Uniform(-0.3, 0.3), &device));
+            bn.running_var =
+                RunningState::new(InitRng::seeded(110).tensor([c], Distribution::Uniform(0.5, 2.0), &device));
         }
     }
     g
@@ -36,7 +39,7 @@ fn assert_close_with(graph: &Graph, batch: usize, threads: usize, registry: &Ker
     let device = BackendKind::Flex.device().unwrap();
     let g = graph.clone().valid();
     let [c, h, w] = g.input_shape();
-    let x = Tensor::<4>::random([batch, c, h, w], Distribution::Normal(0.0, 1.0), &device);
+    let x = InitRng::seeded(111).tensor([batch, c, h, w], Distribution::Normal(0.0, 1.0), &device);
     let expected: Vec<f32> = g.forward(x.clone()).into_data().try_to_vec().unwrap();
     let input: Vec<f32> = x.into_data().try_to_vec().unwrap();
     let mut plan = freeze_with(&g, registry, &FreezeOptions { threads }).unwrap();
@@ -53,7 +56,6 @@ fn assert_close_with(graph: &Graph, batch: usize, threads: usize, registry: &Ker
 #[test]
 fn every_zoo_model_matches_burn() {
     let device = BackendKind::Flex.device().unwrap();
-    device.seed(9);
     let cases = [
         (ModelSpec::CifarResnet { depth: 20, width: 1.0 }, [3, 32, 32]),
         (ModelSpec::CifarResnet { depth: 8, width: 0.5 }, [1, 28, 28]),
@@ -63,11 +65,12 @@ fn every_zoo_model_matches_burn() {
         (ModelSpec::Mlp { hidden: vec![32, 16] }, [1, 28, 28]),
     ];
     for (spec, input) in cases {
-        let g = with_random_bn_stats(spec.build(input, 10, &device).unwrap());
+        let g = with_random_bn_stats(spec.build(input, 10, 9, &device).unwrap());
         assert_close(&g, 3, 1);
     }
-    let g =
-        with_random_bn_stats(ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([3, 16, 16], 10, &device).unwrap());
+    let g = with_random_bn_stats(
+        ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([3, 16, 16], 10, 9, &device).unwrap(),
+    );
     assert_close(&g, 4, 2);
     assert_close(&g, 1, 2);
 }
@@ -75,7 +78,6 @@ fn every_zoo_model_matches_burn() {
 #[test]
 fn grouped_depthwise_strided_dilated_and_pooling_layers_match() {
     let device = BackendKind::Flex.device().unwrap();
-    device.seed(4);
     let mut b = GraphBuilder::new([4, 13, 11]);
     let x = b.input();
     let a = b.conv2d("grouped", x, Conv2dSpec::new(8, 3).groups(2).padding(1).bias(true));
@@ -87,14 +89,14 @@ fn grouped_depthwise_strided_dilated_and_pooling_layers_match() {
     let v = b.avg_pool("avg", r, 3, 2, 1);
     let s = b.add("sum", &[m, v]);
     let y = b.linear("fc", s, 5, true);
-    let g = with_random_bn_stats(b.build(y, &device).unwrap());
+    let g = with_random_bn_stats(b.build(y, &mut InitRng::seeded(4), &device).unwrap());
     assert_close(&g, 2, 1);
 }
 
 #[test]
 fn batch_norm_is_folded_and_relu_fused() {
     let device = BackendKind::Flex.device().unwrap();
-    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 28, 28], 10, &device).unwrap();
+    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 28, 28], 10, 0, &device).unwrap();
     let plan = freeze(&g).unwrap();
     let kernels = plan.kernels();
     // No batch norm and no standalone ReLU survive in a ResNet: all are folded or fused.
@@ -109,7 +111,7 @@ fn batch_norm_is_folded_and_relu_fused() {
 #[test]
 fn wrong_input_size_is_an_error() {
     let device = BackendKind::Flex.device().unwrap();
-    let g = ModelSpec::Lenet5.build([1, 28, 28], 10, &device).unwrap();
+    let g = ModelSpec::Lenet5.build([1, 28, 28], 10, 0, &device).unwrap();
     let mut plan = freeze(&g).unwrap();
     assert!(plan.run(&[0.0; 100], 1).is_err());
     assert!(plan.run(&[], 0).is_err());
@@ -119,7 +121,7 @@ fn wrong_input_size_is_an_error() {
 #[test]
 fn profile_times_every_step_and_computes_what_run_computes() {
     let device = BackendKind::Flex.device().unwrap();
-    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([3, 16, 16], 10, &device).unwrap();
+    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([3, 16, 16], 10, 0, &device).unwrap();
     let mut plan = freeze(&g).unwrap();
     let x: Vec<f32> = (0..2 * 3 * 16 * 16).map(|i| (i % 17) as f32 / 17.0).collect();
     let expected = plan.run(&x, 2).unwrap().to_vec();
@@ -135,13 +137,12 @@ fn profile_times_every_step_and_computes_what_run_computes() {
 #[test]
 fn folded_conv_batch_norm_matches_within_1e5() {
     let device = BackendKind::Flex.device().unwrap();
-    device.seed(12);
     let mut b = GraphBuilder::new([8, 10, 10]);
     let x = b.input();
     let c = b.conv2d("conv", x, Conv2dSpec::new(16, 3).padding(1).bias(true));
     let n = b.batch_norm("bn", c);
-    let g = with_random_bn_stats(b.build(n, &device).unwrap()).valid();
-    let xin = Tensor::<4>::random([2, 8, 10, 10], Distribution::Normal(0.0, 1.0), &device);
+    let g = with_random_bn_stats(b.build(n, &mut InitRng::seeded(12), &device).unwrap()).valid();
+    let xin = InitRng::seeded(112).tensor([2, 8, 10, 10], Distribution::Normal(0.0, 1.0), &device);
     let expected: Vec<f32> = g.forward(xin.clone()).into_data().try_to_vec().unwrap();
     let mut plan = freeze(&g).unwrap();
     assert_eq!(plan.kernels().len(), 1, "batch norm folded into the conv: one step");
@@ -155,9 +156,10 @@ fn folded_conv_batch_norm_matches_within_1e5() {
 #[test]
 fn relu_fuses_through_a_folded_batch_norm() {
     let device = BackendKind::Flex.device().unwrap();
-    let g =
-        with_random_bn_stats(ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 12, 12], 10, &device).unwrap());
-    let (folded, _) = g.fold_batch_norms();
+    let g = with_random_bn_stats(
+        ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 12, 12], 10, 0, &device).unwrap(),
+    );
+    let (folded, _) = g.fold_batch_norms().unwrap();
     let kernels = freeze(&folded).unwrap().kernels();
     assert!(kernels.iter().all(|(_, k)| k != "relu/f32"), "{kernels:?}");
     assert_close(&folded, 2, 1);

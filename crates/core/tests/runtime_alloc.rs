@@ -31,7 +31,7 @@ static GLOBAL: Counting = Counting;
 /// and the number of GEMM calls those passes make.
 fn allocations_after_warm_up(registry: &KernelRegistry) -> (usize, usize) {
     let device = BackendKind::Flex.device().unwrap();
-    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 28, 28], 10, &device).unwrap();
+    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 28, 28], 10, 0, &device).unwrap();
     let mut plan = freeze_with(&g, registry, &FreezeOptions::default()).unwrap();
     // Convolutions make one GEMM call per image, the classifier one per batch.
     let convs = plan.kernels().iter().filter(|(_, k)| k.starts_with("conv2d")).count();

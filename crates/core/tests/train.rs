@@ -1,5 +1,6 @@
 //! Training on the real MNIST-5k data: loss goes down, accuracy goes up, runs are deterministic.
 
+use shrink_core::InitRng;
 use std::path::Path;
 
 use shrink_core::BackendKind;
@@ -24,8 +25,7 @@ fn run(seed: u64) -> (Vec<f64>, f64, Vec<Vec<usize>>) {
     let (train_set, test_set) = mnist();
     let train_set = train_set.subset(&shrink_core::data::shuffled(train_set.len(), 1)[..1000]);
     let device = BackendKind::Flex.device().unwrap();
-    device.seed(seed);
-    let graph = ModelSpec::Mlp { hidden: vec![64] }.build([1, 28, 28], 10, &device).unwrap();
+    let graph = ModelSpec::Mlp { hidden: vec![64] }.build([1, 28, 28], 10, seed, &device).unwrap();
     let batcher = Batcher { normalization: train_set.channel_stats(), augmentation: Augmentation::default() };
     let settings = TrainSettings {
         epochs: 3,
@@ -66,7 +66,7 @@ fn a_diverging_run_stops_at_its_step_naming_the_node() {
     let (train_set, _) = mnist();
     let train_set = train_set.subset(&(0..200).collect::<Vec<_>>());
     let device = BackendKind::Flex.device().unwrap();
-    let graph = ModelSpec::Mlp { hidden: vec![32] }.build([1, 28, 28], 10, &device).unwrap();
+    let graph = ModelSpec::Mlp { hidden: vec![32] }.build([1, 28, 28], 10, 0, &device).unwrap();
     let batcher = Batcher { normalization: train_set.channel_stats(), augmentation: Augmentation::default() };
     let settings = TrainSettings {
         epochs: 2,
@@ -93,7 +93,7 @@ fn a_batch_that_cannot_fit_is_refused_before_it_is_allocated() {
     let x = b.relu("relu", x);
     let x = b.global_avg_pool("pool", x);
     let x = b.linear("fc", x, 2, true);
-    let graph = b.build(x, &device).unwrap();
+    let graph = b.build(x, &mut InitRng::seeded(0), &device).unwrap();
     let n = 64;
     let need = activation_bytes(&graph, n).unwrap();
     assert!(need > 100 << 30, "{need} bytes");

@@ -37,14 +37,8 @@ fn settings(epochs: usize) -> TrainSettings {
     }
 }
 
-/// The device's random generator is global: tests running in parallel would interleave their
-/// draws between `seed` and `build`, so building happens one test at a time.
-static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 fn build(spec: &ModelSpec, s: &Setup, seed: u64) -> Graph {
-    let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    s.device.seed(seed);
-    spec.build([1, 28, 28], 10, &s.device).unwrap()
+    spec.build([1, 28, 28], 10, seed, &s.device).unwrap()
 }
 
 fn teacher(s: &Setup, spec: &ModelSpec, epochs: usize) -> Graph {

@@ -12,13 +12,14 @@ use std::path::Path;
 use shrink_core::data::{Augmentation, Batcher, load_mnist_dir};
 use shrink_core::graph::{Conv2dSpec, GraphBuilder};
 use shrink_core::metrics::{LatencySettings, measure_plan_latency, model_stats};
-use shrink_core::train::{OptimizerSettings, Quiet, Schedule, TrainData, TrainSettings, evaluate, train};
+use shrink_core::train::{OptimizerSettings, Quiet, Schedule, TrainData, TrainRun, TrainSettings, evaluate, train};
 use shrink_core::{BackendKind, Graph};
-use shrink_prune::{Criterion, Granularity, PruneSchedule, PruneSettings, prune};
+use shrink_prune::{Criterion, Granularity, PruneOptions, PruneSchedule, PruneSettings, prune};
 
 /// conv-bn-relu → [conv-bn-relu → conv-bn] + skip → relu → pool → conv-bn-relu (stride 2) →
 /// flatten → linear.
-fn custom_cnn(device: &burn::tensor::Device) -> shrink_core::Result<Graph> {
+/// The network, its initial weights drawn from `seed`.
+fn custom_cnn(seed: u64, device: &burn::tensor::Device) -> shrink_core::Result<Graph> {
     let mut b = GraphBuilder::new([1, 28, 28]);
     let x = b.input();
     let x = b.conv2d("stem.conv", x, Conv2dSpec::new(16, 3).padding(1));
@@ -37,7 +38,7 @@ fn custom_cnn(device: &burn::tensor::Device) -> shrink_core::Result<Graph> {
     let x = b.relu("head.relu", x);
     let x = b.flatten("flatten", x);
     let x = b.linear("fc", x, 10, true);
-    b.build(x, device)
+    b.build(x, &mut shrink_core::InitRng::seeded(seed), device)
 }
 
 fn plan_ms(graph: &Graph) -> shrink_core::Result<f64> {
@@ -47,7 +48,6 @@ fn plan_ms(graph: &Graph) -> shrink_core::Result<f64> {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device = BackendKind::Flex.device()?;
-    device.seed(1);
     let data_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/mnist5k");
     let (train_set, test_set) = load_mnist_dir(&data_dir)?;
     let batcher = Batcher { normalization: train_set.channel_stats(), augmentation: Augmentation::default() };
@@ -59,7 +59,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         schedule: Schedule::Cosine { min_lr: 0.0 },
         warmup_epochs: 0.0,
     };
-    let (dense, _) = train(custom_cnn(&device)?, data, &adam(3), &device, 7, &mut Quiet)?;
+    let (dense, _) = train(custom_cnn(1, &device)?, data, &adam(3), &device, 7, &mut Quiet)?;
 
     // Half the channels of every prunable group, ranked by the L1 norm of their filters; the
     // logits (the last linear layer's outputs) are never removed.
@@ -70,7 +70,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..PruneSettings::default()
     };
     let tune = TrainSettings { optimizer: OptimizerSettings::Adam { lr: 0.002, weight_decay: 0.0 }, ..adam(1) };
-    let outcome = prune(&dense, None, data, Some(&tune), &settings, &PruneSchedule::OneShot, &device, 7, &mut Quiet)?;
+    let outcome = prune(
+        &dense,
+        &settings,
+        &PruneOptions { schedule: PruneSchedule::OneShot, fine_tune: Some(tune.clone()), rewind_to: None },
+        data,
+        TrainRun { device: &device, seed: 7, observer: &mut Quiet },
+    )?;
     let pruned = outcome.graph;
 
     let (before, after) = (model_stats(&dense)?, model_stats(&pruned)?);

@@ -8,12 +8,12 @@ use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 use shrink_core::Graph;
 use shrink_core::train::{
-    Batch, EpochRecord, LossAndLogits, TrainData, TrainObserver, TrainSettings, Trainable, cross_entropy, train,
-    train_module,
+    Batch, EpochRecord, LossAndLogits, TrainData, TrainObserver, TrainRun, TrainSettings, Trainable, cross_entropy,
+    train, train_module,
 };
 
-use crate::importance::{taylor_if_needed, weight_scores};
-use crate::masks::{MaskHooks, Masks, weight_masks};
+use crate::importance::weight_scores;
+use crate::masks::{MaskHooks, Masks, taylor_if_needed, weight_masks};
 use crate::structured::{GroupPlan, plan_channels, remove_channels};
 use crate::{Error, Granularity, PruneSchedule, PruneSettings};
 
@@ -63,9 +63,32 @@ impl Trainable for Masked {
     }
 }
 
-/// Prunes `graph` as `settings` say, on `schedule`, fine-tuning with `train_settings` on
-/// `data` (none: prune once, without fine-tuning). Returns the pruned graph on `device`.
-/// `initial` holds the weights `graph` was trained from, for lottery-ticket rewinding.
+/// How [`prune`] runs: when it prunes, the fine-tuning, and the weights lottery tickets rewind
+/// to.
+#[derive(Clone, Debug, Default)]
+pub struct PruneOptions<'a> {
+    /// When pruning happens: one shot, iterative rounds, AGP's cubic, lottery tickets.
+    pub schedule: PruneSchedule,
+    /// Fine-tuning (`None`: prune once, without training).
+    pub fine_tune: Option<TrainSettings>,
+    /// Lottery tickets: the weights the model was trained from, rewound to in every round.
+    pub rewind_to: Option<&'a Graph>,
+}
+
+/// What every step of one [`prune`] call reads.
+struct Job<'a> {
+    data: TrainData<'a>,
+    settings: &'a PruneSettings,
+    schedule: &'a PruneSchedule,
+    fine_tune: Option<&'a TrainSettings>,
+    device: &'a Device,
+    /// Seed of the fine-tuning's data order (and, offset per event, of the Taylor batches).
+    seed: u64,
+}
+
+/// Prunes `graph` as `settings` say, on `options.schedule`, fine-tuning with
+/// `options.fine_tune` on `data` (none: prune once, without fine-tuning), on `run`'s device,
+/// data order and observer. Returns the pruned graph on that device.
 ///
 /// - Weights and N:M: masks are held beside the graph and multiplied into the weights in the
 ///   forward pass, so a pruned weight has no effect and gets no gradient; they are recomputed at
@@ -73,75 +96,64 @@ impl Trainable for Masked {
 ///   each round; AGP: on the cubic) from the current weights and stay removed once removed; at the
 ///   end they are multiplied in.
 /// - Lottery tickets: each round prunes the trained weights, rewinds every parameter to
-///   `initial`, and retrains for `epochs` under the mask.
+///   `options.rewind_to`, and retrains for the fine-tuning's epochs under the mask.
 /// - Channels: each round (one for one-shot) ranks the channels, removes them physically through
 ///   the coupling groups, then fine-tunes its share of the epochs (the learning-rate schedule
 ///   restarts each round, the optimiser state too, since the tensors changed shape).
 ///
 /// # Errors
 /// [`Error::Setting`] for bad settings; [`Error::Core`] from training (e.g. a NaN loss).
-#[allow(clippy::too_many_arguments)]
 pub fn prune(
     graph: &Graph,
-    initial: Option<&Graph>,
-    data: TrainData<'_>,
-    train_settings: Option<&TrainSettings>,
     settings: &PruneSettings,
-    schedule: &PruneSchedule,
-    device: &Device,
-    seed: u64,
-    observer: &mut dyn TrainObserver,
+    options: &PruneOptions<'_>,
+    data: TrainData<'_>,
+    run: TrainRun<'_>,
 ) -> Result<PruneOutcome, Error> {
     settings.validate()?;
-    let epochs = train_settings.map_or(0, |t| t.epochs);
-    schedule.validate(epochs, settings.granularity)?;
-    if let (PruneSchedule::Lottery { rounds }, Some(ts)) = (schedule, train_settings) {
-        let initial = initial.ok_or_else(|| {
+    let epochs = options.fine_tune.as_ref().map_or(0, |t| t.epochs);
+    options.schedule.validate(epochs, settings.granularity)?;
+    let job = Job {
+        data,
+        settings,
+        schedule: &options.schedule,
+        fine_tune: options.fine_tune.as_ref(),
+        device: run.device,
+        seed: run.seed,
+    };
+    if let (PruneSchedule::Lottery { rounds }, Some(ts)) = (&options.schedule, &options.fine_tune) {
+        let initial = options.rewind_to.ok_or_else(|| {
             Error::setting("prune_schedule", "lottery tickets rewind to the initial weights, and none were given")
         })?;
-        return lottery(graph, initial, data, ts, settings, *rounds, device, seed, observer);
+        return lottery(graph, initial, &job, ts, *rounds, run.observer);
     }
     match settings.granularity {
-        Granularity::Channels => {
-            prune_channels(graph, data, train_settings, settings, schedule, device, seed, observer)
-        }
-        Granularity::Weights | Granularity::NOfM { .. } => {
-            prune_weights(graph, data, train_settings, settings, schedule, device, seed, observer)
-        }
+        Granularity::Channels => prune_channels(graph, &job, run.observer),
+        Granularity::Weights | Granularity::NOfM { .. } => prune_weights(graph, &job, run.observer),
     }
 }
 
-/// Masks for `graph` at position `t` of `schedule`, from the criterion's scores.
-#[allow(clippy::too_many_arguments)]
+/// Masks for `graph` at position `t` of `schedule`, from the criterion's scores (Taylor batches
+/// drawn with `seed`).
 fn masks_at(
     graph: &Graph,
-    data: &TrainData<'_>,
-    settings: &PruneSettings,
+    job: &Job<'_>,
     schedule: &PruneSchedule,
     t: f64,
     previous: Option<&Masks>,
-    device: &Device,
     seed: u64,
 ) -> Result<Masks, Error> {
+    let settings = job.settings;
     let layers: Vec<usize> = crate::masks::weight_units(graph, settings)?.into_iter().map(|(id, _)| id).collect();
-    let taylor = taylor_if_needed(graph, data, settings, previous, device, seed)?;
+    let taylor = taylor_if_needed(graph, &job.data, settings, previous, job.device, seed)?;
     let scores = weight_scores(graph, &layers, settings.criterion, taylor.as_ref(), settings.seed)?;
     weight_masks(graph, settings, &|s| schedule.sparsity_at(t, s), &scores, previous)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn prune_weights(
-    graph: &Graph,
-    data: TrainData<'_>,
-    train_settings: Option<&TrainSettings>,
-    settings: &PruneSettings,
-    schedule: &PruneSchedule,
-    device: &Device,
-    seed: u64,
-    observer: &mut dyn TrainObserver,
-) -> Result<PruneOutcome, Error> {
-    let Some(ts) = train_settings else {
-        let masks = masks_at(graph, &data, settings, &PruneSchedule::OneShot, 1.0, None, device, seed)?;
+fn prune_weights(graph: &Graph, job: &Job<'_>, observer: &mut dyn TrainObserver) -> Result<PruneOutcome, Error> {
+    let (data, schedule, device, seed) = (job.data, job.schedule, job.device, job.seed);
+    let Some(ts) = job.fine_tune else {
+        let masks = masks_at(graph, job, &PruneSchedule::OneShot, 1.0, None, seed)?;
         let sparsity_reached = masks.sparsity();
         tracing::info!(sparsity = sparsity_reached, "pruned without fine-tuning");
         return Ok(PruneOutcome {
@@ -168,7 +180,7 @@ fn prune_weights(
             let current = m.graph.valid();
             let previous = shared.lock().expect("masks lock").clone();
             let t = events[next].1;
-            match masks_at(&current, &data, settings, schedule, t, Some(&previous), device, seed + next as u64) {
+            match masks_at(&current, job, schedule, t, Some(&previous), seed + next as u64) {
                 Ok(masks) => {
                     tracing::info!(step, sparsity = masks.sparsity(), "pruning step");
                     hooks = masks.hooks(&ad);
@@ -195,7 +207,7 @@ fn prune_weights(
     let mut masks = shared.lock().expect("masks lock").clone();
     // Events at the very end of the schedule (AGP ending on the last epoch) apply to the result.
     for (i, &(_, t)) in events.iter().enumerate().skip(next) {
-        masks = masks_at(&trained.graph, &data, settings, schedule, t, Some(&masks), device, seed + i as u64)?;
+        masks = masks_at(&trained.graph, job, schedule, t, Some(&masks), seed + i as u64)?;
         done.push(PruneEvent { epoch: ts.epochs as f64, sparsity: masks.sparsity() });
     }
     Ok(PruneOutcome {
@@ -208,17 +220,9 @@ fn prune_weights(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn prune_channels(
-    graph: &Graph,
-    data: TrainData<'_>,
-    train_settings: Option<&TrainSettings>,
-    settings: &PruneSettings,
-    schedule: &PruneSchedule,
-    device: &Device,
-    seed: u64,
-    observer: &mut dyn TrainObserver,
-) -> Result<PruneOutcome, Error> {
+fn prune_channels(graph: &Graph, job: &Job<'_>, observer: &mut dyn TrainObserver) -> Result<PruneOutcome, Error> {
+    let (data, settings, schedule, train_settings) = (job.data, job.settings, job.schedule, job.fine_tune);
+    let (device, seed) = (job.device, job.seed);
     let epochs = train_settings.map_or(0, |t| t.epochs);
     // Positions of the schedule: one round, or one per iterative round.
     let positions: Vec<f64> = match (schedule, train_settings) {
@@ -261,18 +265,15 @@ fn prune_channels(
 }
 
 /// Lottery tickets: prune the trained weights, rewind to `initial`, retrain under the mask; repeat.
-#[allow(clippy::too_many_arguments)]
 fn lottery(
     graph: &Graph,
     initial: &Graph,
-    data: TrainData<'_>,
+    job: &Job<'_>,
     ts: &TrainSettings,
-    settings: &PruneSettings,
     rounds: usize,
-    device: &Device,
-    seed: u64,
     observer: &mut dyn TrainObserver,
 ) -> Result<PruneOutcome, Error> {
+    let (data, device, seed) = (job.data, job.device, job.seed);
     if initial.shapes()? != graph.shapes()? {
         return Err(Error::setting("prune_schedule", "the initial weights do not have the trained model's shapes"));
     }
@@ -283,7 +284,7 @@ fn lottery(
     let (mut events, mut tickets, mut history) = (Vec::new(), Vec::new(), Vec::new());
     for k in 1..=rounds {
         let t = k as f64 / rounds as f64;
-        let m = masks_at(&trained, &data, settings, &schedule, t, masks.as_ref(), device, seed + k as u64)?;
+        let m = masks_at(&trained, job, &schedule, t, masks.as_ref(), seed + k as u64)?;
         let s = m.sparsity();
         tracing::info!(round = k, sparsity = s, "lottery ticket: pruned, rewinding to the initial weights");
         events.push(PruneEvent { epoch: ((k - 1) * ts.epochs) as f64, sparsity: s });

@@ -4,25 +4,22 @@
 use std::collections::BTreeMap;
 
 use burn::module::Module;
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Device, Gradients, Int, Tensor};
 use shrink_core::Graph;
 use shrink_core::graph::{ChannelRole, CouplingGroup, ForwardHooks, NodeId, Params};
+use shrink_core::host::floats;
 use shrink_core::train::cross_entropy;
 
-use crate::masks::Masks;
-use crate::{Criterion, Error, PruneSettings};
+use crate::{Criterion, Error};
 
-pub(crate) fn floats<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_to_vec::<f32>().expect("converted to f32")
-}
-
-/// The weight of a conv or linear node (axis 0 = output channel) as a host vector, and its shape.
-pub(crate) fn weight_of(graph: &Graph, id: NodeId) -> Option<(Vec<f32>, Vec<usize>)> {
-    match graph.nodes[id].params.as_ref()? {
-        Params::Conv(p) => Some((floats(p.weight.val()), p.weight.dims().to_vec())),
-        Params::Linear(p) => Some((floats(p.weight.val()), p.weight.dims().to_vec())),
-        Params::BatchNorm(_) => None,
-    }
+/// `w · ∂L/∂w` for every value of parameter `w` (0 where it has no gradient).
+fn products<const D: usize>(w: Tensor<D>, grads: &Gradients) -> Result<Vec<f32>, Error> {
+    let g = w.grad(grads).map(floats).transpose()?;
+    let w = floats(w)?;
+    Ok(match g {
+        Some(g) => w.iter().zip(&g).map(|(w, g)| w * g).collect(),
+        None => vec![0.0; w.len()],
+    })
 }
 
 /// A deterministic stream of uniform numbers in [0, 1) (SplitMix64), for the random control.
@@ -74,24 +71,20 @@ pub fn taylor_stats(
         let grads = loss.backward();
         let mut per_channel = BTreeMap::new();
         for (id, node) in model.nodes.iter().enumerate() {
-            let products = |w: Vec<f32>, g: Option<Vec<f32>>| -> Vec<f32> {
-                let g = g.unwrap_or_else(|| vec![0.0; w.len()]);
-                w.iter().zip(&g).map(|(w, g)| w * g).collect()
-            };
             match &node.params {
                 Some(Params::Conv(p)) => {
-                    let wg = products(floats(p.weight.val()), p.weight.val().grad(&grads).map(floats));
-                    let bg = p.bias.as_ref().map(|b| products(floats(b.val()), b.val().grad(&grads).map(floats)));
+                    let wg = products(p.weight.val(), &grads)?;
+                    let bg = p.bias.as_ref().map(|b| products(b.val(), &grads)).transpose()?;
                     accumulate(&mut stats, &mut per_channel, id, &wg, bg.as_deref(), p.weight.dims()[0]);
                 }
                 Some(Params::Linear(p)) => {
-                    let wg = products(floats(p.weight.val()), p.weight.val().grad(&grads).map(floats));
-                    let bg = p.bias.as_ref().map(|b| products(floats(b.val()), b.val().grad(&grads).map(floats)));
+                    let wg = products(p.weight.val(), &grads)?;
+                    let bg = p.bias.as_ref().map(|b| products(b.val(), &grads)).transpose()?;
                     accumulate(&mut stats, &mut per_channel, id, &wg, bg.as_deref(), p.weight.dims()[0]);
                 }
                 Some(Params::BatchNorm(bn)) => {
-                    let gg = products(floats(bn.gamma.val()), bn.gamma.val().grad(&grads).map(floats));
-                    let bb = products(floats(bn.beta.val()), bn.beta.val().grad(&grads).map(floats));
+                    let gg = products(bn.gamma.val(), &grads)?;
+                    let bb = products(bn.beta.val(), &grads)?;
                     per_channel.insert(id, gg.iter().zip(&bb).map(|(a, b)| a + b).collect());
                 }
                 None => {}
@@ -138,7 +131,7 @@ pub fn weight_scores(
 ) -> Result<BTreeMap<NodeId, Vec<f32>>, Error> {
     let mut out = BTreeMap::new();
     for &id in layers {
-        let (w, _) = weight_of(graph, id).expect("weight layers are conv or linear");
+        let (w, _) = graph.layer_weight(id)?.expect("weight layers are conv or linear");
         let scores = match criterion {
             Criterion::L1 | Criterion::L2 => w.iter().map(|v| v.abs()).collect(),
             Criterion::Taylor => taylor
@@ -171,7 +164,7 @@ pub fn channel_scores(
     match criterion {
         Criterion::L1 | Criterion::L2 => {
             for m in carriers() {
-                let Some((w, dims)) = weight_of(graph, m.node) else { continue };
+                let Some((w, dims)) = graph.layer_weight(m.node)? else { continue };
                 let per = w.len() / dims[0];
                 for (c, s) in scores.iter_mut().enumerate() {
                     let f = &w[c * per..(c + 1) * per];
@@ -188,7 +181,7 @@ pub fn channel_scores(
             for m in carriers() {
                 if let Some(Params::BatchNorm(bn)) = &graph.nodes[m.node].params {
                     found = true;
-                    scores.iter_mut().zip(floats(bn.gamma.val())).for_each(|(s, g)| *s += g.abs());
+                    scores.iter_mut().zip(floats(bn.gamma.val())?).for_each(|(s, g)| *s += g.abs());
                 }
             }
             if !found {
@@ -218,26 +211,4 @@ pub fn channel_scores(
         }
     }
     Ok(scores)
-}
-
-/// The Taylor statistics the settings' criterion needs (none for the other criteria), from
-/// `settings.taylor_batches` batches of 64 training images without augmentation, with `masks`
-/// applied in the forward pass.
-pub(crate) fn taylor_if_needed(
-    graph: &Graph,
-    data: &shrink_core::train::TrainData<'_>,
-    settings: &PruneSettings,
-    masks: Option<&Masks>,
-    device: &Device,
-    seed: u64,
-) -> Result<Option<TaylorStats>, Error> {
-    if settings.criterion != Criterion::Taylor {
-        return Ok(None);
-    }
-    let ad = device.clone().autodiff();
-    let order = shrink_core::data::shuffled(data.train.len(), seed ^ 0x007A_710E);
-    let batches: Vec<_> =
-        order.chunks(64).take(settings.taylor_batches).map(|c| data.batcher.batch(data.train, c, &ad, None)).collect();
-    let mut hooks = masks.map(|m| m.hooks(&ad)).unwrap_or_default();
-    Ok(Some(taylor_stats(graph, &mut batches.into_iter(), &ad, &mut hooks)?))
 }

@@ -15,14 +15,13 @@
 //!   module (a user's own struct as well as a graph).
 //!
 //! ```
-//! use burn::module::Module;
 //! use shrink_core::{BackendKind, zoo::ModelSpec, metrics::model_stats};
 //! use shrink_prune::MagnitudePruner;
 //!
 //! let device = BackendKind::Flex.device().unwrap();
-//! let graph = ModelSpec::Lenet5.build([1, 28, 28], 10, &device).unwrap();
+//! let graph = ModelSpec::Lenet5.build([1, 28, 28], 10, 42, &device).unwrap();
 //! let mut pruner = MagnitudePruner::new(0.5).unwrap();
-//! let pruned = graph.map(&mut pruner);
+//! let pruned = pruner.prune(graph).unwrap();
 //! let stats = model_stats(&pruned).unwrap();
 //! assert!(stats.nonzeros < stats.params * 6 / 10);
 //! ```
@@ -38,7 +37,7 @@ mod sensitivity;
 mod settings;
 mod structured;
 
-pub use finetune::{PruneEvent, PruneOutcome, prune};
+pub use finetune::{PruneEvent, PruneOptions, PruneOutcome, prune};
 pub use importance::{TaylorStats, channel_scores, taylor_stats, weight_scores};
 pub use kernels::{SPARSE_MAX_DENSITY, register_sparse_kernels, sparse_registry};
 pub use magnitude::{MagnitudePruner, ParamMasks, magnitude_mask, prune_global};

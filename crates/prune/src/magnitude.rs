@@ -12,8 +12,10 @@ use crate::Error;
 
 /// Zeroes, in each weight tensor (rank ≥ 2: biases and norms are left alone), the `sparsity`
 /// fraction of entries with the smallest magnitude (layer-wise magnitude pruning, Han et al.
-/// 2015), and records each tensor's mask in [`MagnitudePruner::masks`].
-#[derive(Clone, Debug)]
+/// 2015), and records each tensor's mask in [`MagnitudePruner::masks`]:
+/// `MagnitudePruner::new(0.5)?.prune(module)?`, or `module.map(&mut pruner)` and then
+/// [`MagnitudePruner::failure`].
+#[derive(Debug)]
 pub struct MagnitudePruner {
     sparsity: f64,
     /// Entries zeroed so far, over all tensors mapped.
@@ -22,6 +24,8 @@ pub struct MagnitudePruner {
     pub total: usize,
     /// The masks of the tensors pruned so far, by parameter id.
     pub masks: ParamMasks,
+    /// The first weight that could not be read back (left unchanged), if any.
+    failure: Option<shrink_core::Error>,
 }
 
 /// Pruning masks of a burn module's parameters, by parameter id (ids survive optimiser steps).
@@ -75,22 +79,27 @@ fn leaf_like<const D: usize>(original: &Tensor<D>, value: Tensor<D>) -> Tensor<D
 /// (global magnitude pruning). Returns the pruned module and its masks.
 ///
 /// # Errors
-/// [`Error::Setting`] unless `0 <= sparsity < 1`.
+/// [`Error::Setting`] unless `0 <= sparsity < 1`; [`Error::Core`] when a weight cannot be read.
 pub fn prune_global<M: Module>(module: M, sparsity: f64) -> Result<(M, ParamMasks), Error> {
     if !(0.0..1.0).contains(&sparsity) {
         return Err(Error::setting("sparsity", format!("must be in [0, 1), got {sparsity}")));
     }
-    struct Magnitudes(Vec<(ParamId, Vec<f32>)>);
+    struct Magnitudes(Vec<(ParamId, Vec<f32>)>, Option<shrink_core::Error>);
     impl ModuleVisitor for Magnitudes {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if D >= 2 {
-                let v: Vec<f32> = param.val().into_data().convert::<f32>().try_to_vec().expect("f32 values");
-                self.0.push((param.id, v));
+            if D >= 2 && self.1.is_none() {
+                match shrink_core::host::floats(param.val()) {
+                    Ok(v) => self.0.push((param.id, v)),
+                    Err(e) => self.1 = Some(e),
+                }
             }
         }
     }
-    let mut seen = Magnitudes(Vec::new());
+    let mut seen = Magnitudes(Vec::new(), None);
     module.visit(&mut seen);
+    if let Some(e) = seen.1 {
+        return Err(e.into());
+    }
     // One ranking over every entry: (|w|, tensor, index), ties by position.
     let mut all: Vec<(f32, usize, usize)> = seen
         .0
@@ -118,7 +127,25 @@ impl MagnitudePruner {
         if !(0.0..1.0).contains(&sparsity) {
             return Err(Error::setting("sparsity", format!("must be in [0, 1), got {sparsity}")));
         }
-        Ok(Self { sparsity, pruned: 0, total: 0, masks: ParamMasks::default() })
+        Ok(Self { sparsity, pruned: 0, total: 0, masks: ParamMasks::default(), failure: None })
+    }
+
+    /// Prunes the weights of `module` and returns it.
+    ///
+    /// # Errors
+    /// [`Error::Core`] when a weight cannot be read back from its device.
+    pub fn prune<M: Module>(&mut self, module: M) -> Result<M, Error> {
+        let module = module.map(self);
+        match self.failure.take() {
+            Some(e) => Err(e.into()),
+            None => Ok(module),
+        }
+    }
+
+    /// The first error of a [`ModuleMapper`] pass (a weight that could not be read back, left
+    /// unchanged), if any.
+    pub fn failure(&self) -> Option<&shrink_core::Error> {
+        self.failure.as_ref()
     }
 }
 
@@ -141,10 +168,17 @@ impl ModuleMapper for MagnitudePruner {
         let mut total = 0;
         let id = param.id;
         let mut kept = Vec::new();
+        let mut failure = None;
         let param = param.map(|tensor| {
             let device = tensor.device();
             let shape = tensor.shape();
-            let values: Vec<f32> = tensor.clone().into_data().convert::<f32>().try_to_vec().expect("f32 values");
+            let values = match shrink_core::host::floats(tensor.clone()) {
+                Ok(v) => v,
+                Err(e) => {
+                    failure = Some(e);
+                    return tensor;
+                }
+            };
             let mask = magnitude_mask(&values, sparsity);
             pruned = mask.iter().filter(|m| **m == 0.0).count();
             total = mask.len();
@@ -152,6 +186,10 @@ impl ModuleMapper for MagnitudePruner {
             let removed = Tensor::<D>::from_data(TensorData::new(mask, shape), &device).equal_elem(0.0);
             leaf_like(&tensor, tensor.clone().mask_fill(removed, 0.0))
         });
+        if let Some(e) = failure {
+            self.failure.get_or_insert(e);
+            return param;
+        }
         self.masks.masks.insert(id, kept);
         self.pruned += pruned;
         self.total += total;
@@ -174,12 +212,11 @@ mod tests {
 
     #[test]
     fn survivors_are_unchanged_and_biases_untouched() {
-        use burn::module::Module;
         use shrink_core::graph::Params;
         let device = shrink_core::BackendKind::Flex.device().unwrap();
-        let g = shrink_core::zoo::ModelSpec::Mlp { hidden: vec![16] }.build([1, 4, 4], 3, &device).unwrap();
+        let g = shrink_core::zoo::ModelSpec::Mlp { hidden: vec![16] }.build([1, 4, 4], 3, 0, &device).unwrap();
         let mut pruner = MagnitudePruner::new(0.75).unwrap();
-        let p = g.clone().map(&mut pruner);
+        let p = pruner.prune(g.clone()).unwrap();
         assert_eq!(pruner.total, 16 * 16 + 3 * 16);
         assert_eq!(pruner.pruned, 12 * 16 + 36);
         let (Some(Params::Linear(a)), Some(Params::Linear(b))) = (&g.nodes[2].params, &p.nodes[2].params) else {
@@ -199,7 +236,7 @@ mod tests {
     fn global_pruning_ranks_across_tensors_and_its_masks_reapply() {
         use burn::module::Module;
         let device = shrink_core::BackendKind::Flex.device().unwrap();
-        let g = shrink_core::zoo::ModelSpec::Lenet5.build([1, 28, 28], 10, &device).unwrap();
+        let g = shrink_core::zoo::ModelSpec::Lenet5.build([1, 28, 28], 10, 0, &device).unwrap();
         // Zeros before pruning: the conv biases start at zero.
         let before = shrink_core::metrics::model_stats(&g).unwrap();
         let (pruned, mut masks) = prune_global(g, 0.7).unwrap();
@@ -223,7 +260,7 @@ mod tests {
         let again = revived.map(&mut masks);
         assert_eq!(zeros(&shrink_core::metrics::model_stats(&again).unwrap()), zeros(&stats));
         // The per-parameter report of any module sees the same: weights sparse, biases not.
-        let report = shrink_core::metrics::param_report(&pruned);
+        let report = shrink_core::metrics::param_report(&pruned).unwrap();
         let fc1 = report.iter().find(|r| r.path == "nodes.8.params.Linear.weight").expect("fc1's weight");
         assert_eq!(fc1.shape, [120, 400]);
         assert!(fc1.sparsity() > 0.5, "{fc1:?}");

@@ -14,9 +14,9 @@ use serde::{Deserialize, Serialize};
 use shrink_core::Graph;
 use shrink_core::graph::{ForwardHooks, NodeId, Params};
 
-use crate::importance::weight_of;
+use crate::importance::{TaylorStats, taylor_stats};
 use crate::scope::{Rules, Share, ascending, global_counts, weight_layers};
-use crate::{Error, Granularity, PruneSettings};
+use crate::{Criterion, Error, Granularity, PruneSettings};
 
 /// The mask of one layer's weight.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -161,7 +161,7 @@ pub fn weight_masks(
     };
     let mut layers = Vec::new();
     let mut make = |id: NodeId, keep: Vec<bool>| {
-        let (_, dims) = weight_of(graph, id).expect("a weight layer");
+        let dims = graph.layer_weight_shape(id).expect("a weight layer");
         layers.push(LayerMask { node: id, name: graph.nodes[id].name.clone(), dims, keep });
     };
     if let Granularity::NOfM { n, m } = settings.granularity {
@@ -170,7 +170,7 @@ pub fn weight_masks(
                 continue;
             }
             let s = score_of(id);
-            let (_, dims) = weight_of(graph, id).expect("a weight layer");
+            let dims = graph.layer_weight_shape(id).expect("a weight layer");
             if let Some(keep) = n_of_m_mask(&s, &dims, n, m, sparsity) {
                 make(id, keep);
             } else {
@@ -254,6 +254,28 @@ pub fn n_of_m_mask(scores: &[f32], dims: &[usize], n: usize, m: usize, sparsity:
     Some(keep)
 }
 
+/// The Taylor statistics the settings' criterion needs (none for the other criteria), from
+/// `settings.taylor_batches` batches of 64 training images without augmentation, with `masks`
+/// applied in the forward pass.
+pub(crate) fn taylor_if_needed(
+    graph: &Graph,
+    data: &shrink_core::train::TrainData<'_>,
+    settings: &PruneSettings,
+    masks: Option<&Masks>,
+    device: &Device,
+    seed: u64,
+) -> Result<Option<TaylorStats>, Error> {
+    if settings.criterion != Criterion::Taylor {
+        return Ok(None);
+    }
+    let ad = device.clone().autodiff();
+    let order = shrink_core::data::shuffled(data.train.len(), seed ^ 0x007A_710E);
+    let batches: Vec<_> =
+        order.chunks(64).take(settings.taylor_batches).map(|c| data.batcher.batch(data.train, c, &ad, None)).collect();
+    let mut hooks = masks.map(|m| m.hooks(&ad)).unwrap_or_default();
+    Ok(Some(taylor_stats(graph, &mut batches.into_iter(), &ad, &mut hooks)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,7 +294,7 @@ mod tests {
     fn masked_weights_get_no_gradient() {
         use burn::module::Module;
         let device = shrink_core::BackendKind::Flex.device().unwrap().autodiff();
-        let g = shrink_core::zoo::ModelSpec::Mlp { hidden: vec![8] }.build([1, 2, 2], 3, &device).unwrap();
+        let g = shrink_core::zoo::ModelSpec::Mlp { hidden: vec![8] }.build([1, 2, 2], 3, 0, &device).unwrap();
         let fc1 = g.node_id("fc1").unwrap();
         let keep: Vec<bool> = (0..8 * 4).map(|i| i % 3 != 0).collect();
         let masks =

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use shrink_core::Graph;
 use shrink_core::train::TrainData;
 
-use crate::importance::{taylor_if_needed, weight_scores};
-use crate::masks::{LayerMask, Masks, keep_after_removing, n_of_m_mask, weight_units};
+use crate::importance::weight_scores;
+use crate::masks::{LayerMask, Masks, keep_after_removing, n_of_m_mask, taylor_if_needed, weight_units};
 use crate::scope::Share;
 use crate::structured::{channel_units, plan_one, remove_channels};
 use crate::{Error, Granularity, PruneSettings, SparsityOverride};
@@ -72,7 +72,7 @@ pub fn sensitivity(
                 .collect();
             let scores = weight_scores(graph, &units, settings.criterion, taylor.as_ref(), settings.seed)?;
             for id in units {
-                let (_, dims) = crate::importance::weight_of(graph, id).expect("a weight layer");
+                let dims = graph.layer_weight_shape(id).expect("a weight layer");
                 let s = &scores[&id];
                 let tries: Vec<(f64, Option<Vec<bool>>)> = match granularity {
                     Granularity::NOfM { n, m } => {

@@ -2,6 +2,7 @@
 //! untouched survivors, masks that survive fine-tuning, N:M groups, global bounds, and channels
 //! removed physically through residual coupling.
 
+use shrink_core::InitRng;
 use std::path::Path;
 
 use burn::module::Module;
@@ -9,9 +10,9 @@ use shrink_core::BackendKind;
 use shrink_core::data::{Augmentation, Batcher, Dataset, load_mnist_dir, shuffled};
 use shrink_core::graph::{Graph, NodeId, Params};
 use shrink_core::metrics::model_stats;
-use shrink_core::train::{OptimizerSettings, Quiet, Schedule, TrainData, TrainSettings, evaluate, train};
+use shrink_core::train::{OptimizerSettings, Quiet, Schedule, TrainData, TrainRun, TrainSettings, evaluate, train};
 use shrink_core::zoo::ModelSpec;
-use shrink_prune::{Criterion, Granularity, PruneSchedule, PruneSettings, SparsityOverride, prune};
+use shrink_prune::{Criterion, Granularity, PruneOptions, PruneSchedule, PruneSettings, SparsityOverride, prune};
 
 struct Setup {
     train: Dataset,
@@ -21,13 +22,8 @@ struct Setup {
     baseline: Graph,
 }
 
-static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 fn build(spec: ModelSpec, shape: [usize; 3], seed: u64, device: &burn::tensor::Device) -> Graph {
-    // The device's random generator is global: builds happen one test at a time.
-    let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    device.seed(seed);
-    spec.build(shape, 10, device).unwrap()
+    spec.build(shape, 10, seed, device).unwrap()
 }
 
 fn setup() -> Setup {
@@ -75,7 +71,14 @@ fn one_shot_reaches_the_sparsity_exactly_and_leaves_survivors_untouched() {
         overrides: vec![SparsityOverride { pattern: "fc3".into(), sparsity: 0.25 }],
         ..PruneSettings::default()
     };
-    let out = prune(&s.baseline, None, data, None, &ps, &PruneSchedule::OneShot, &s.device, 0, &mut Quiet).unwrap();
+    let out = prune(
+        &s.baseline,
+        &ps,
+        &PruneOptions { schedule: PruneSchedule::OneShot, fine_tune: None, rewind_to: None },
+        data,
+        TrainRun { device: &s.device, seed: 0, observer: &mut Quiet },
+    )
+    .unwrap();
     for (id, node) in s.baseline.layers() {
         if !matches!(node.op, shrink_core::graph::Op::Conv2d { .. } | shrink_core::graph::Op::Linear { .. }) {
             continue;
@@ -108,7 +111,14 @@ fn global_scope_prunes_the_pool_exactly_within_per_layer_bounds() {
         max_layer_sparsity: 0.9,
         ..PruneSettings::default()
     };
-    let out = prune(&s.baseline, None, data, None, &ps, &PruneSchedule::OneShot, &s.device, 0, &mut Quiet).unwrap();
+    let out = prune(
+        &s.baseline,
+        &ps,
+        &PruneOptions { schedule: PruneSchedule::OneShot, fine_tune: None, rewind_to: None },
+        data,
+        TrainRun { device: &s.device, seed: 0, observer: &mut Quiet },
+    )
+    .unwrap();
     let masks = out.masks.unwrap();
     let total: usize = masks.layers.iter().map(|l| l.keep.len()).sum();
     let removed: usize = masks.layers.iter().map(|l| l.keep.iter().filter(|k| !**k).count()).sum();
@@ -128,8 +138,14 @@ fn masks_survive_fine_tuning_and_gradual_pruning_keeps_accuracy() {
     let data = TrainData { train: &s.train, validation: Some(&s.test), batcher: &s.batcher };
     let ps = PruneSettings { sparsity: 0.9, global: true, ..PruneSettings::default() };
     let schedule = PruneSchedule::Agp { initial_sparsity: 0.0, start_epoch: 0.0, end_epoch: Some(2.0), updates: 4 };
-    let out =
-        prune(&s.baseline, None, data, Some(&settings(3, 0.001)), &ps, &schedule, &s.device, 5, &mut Quiet).unwrap();
+    let out = prune(
+        &s.baseline,
+        &ps,
+        &PruneOptions { schedule: schedule.clone(), fine_tune: Some(settings(3, 0.001)), rewind_to: None },
+        data,
+        TrainRun { device: &s.device, seed: 5, observer: &mut Quiet },
+    )
+    .unwrap();
     // Four increasing steps, the last at the target.
     let sp: Vec<f64> = out.events.iter().map(|e| e.sparsity).collect();
     assert_eq!(sp.len(), 4);
@@ -171,14 +187,10 @@ fn n_of_m_keeps_at_most_n_in_every_group() {
     let ps = PruneSettings { granularity: Granularity::NOfM { n: 2, m: 4 }, ..PruneSettings::default() };
     let out = prune(
         &s.baseline,
-        None,
-        data,
-        Some(&settings(1, 0.001)),
         &ps,
-        &PruneSchedule::OneShot,
-        &s.device,
-        0,
-        &mut Quiet,
+        &PruneOptions { schedule: PruneSchedule::OneShot, fine_tune: Some(settings(1, 0.001)), rewind_to: None },
+        data,
+        TrainRun { device: &s.device, seed: 0, observer: &mut Quiet },
     )
     .unwrap();
     let masks = out.masks.unwrap();
@@ -219,7 +231,14 @@ fn channels_are_removed_through_residual_coupling_by_every_criterion() {
             taylor_batches: 2,
             ..PruneSettings::default()
         };
-        let out = prune(&g, None, data, None, &ps, &PruneSchedule::OneShot, &device, 0, &mut Quiet).unwrap();
+        let out = prune(
+            &g,
+            &ps,
+            &PruneOptions { schedule: PruneSchedule::OneShot, fine_tune: None, rewind_to: None },
+            data,
+            TrainRun { device: &device, seed: 0, observer: &mut Quiet },
+        )
+        .unwrap();
         out.graph.validate().unwrap();
         let plans = &out.rounds[0];
         // Every prunable group: the stem's residual group, the stage groups and the inner ones.
@@ -239,8 +258,15 @@ fn channels_are_removed_through_residual_coupling_by_every_criterion() {
     }
     // An unknown skip pattern is an error naming the setting and the layers.
     let bad = PruneSettings { granularity: Granularity::Channels, skip: vec!["conv9".into()], ..Default::default() };
-    let err =
-        prune(&g, None, data, None, &bad, &PruneSchedule::OneShot, &device, 0, &mut Quiet).unwrap_err().to_string();
+    let err = prune(
+        &g,
+        &bad,
+        &PruneOptions { schedule: PruneSchedule::OneShot, fine_tune: None, rewind_to: None },
+        data,
+        TrainRun { device: &device, seed: 0, observer: &mut Quiet },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("skip[0]") && err.contains("stem.conv"), "{err}");
 }
 
@@ -251,14 +277,14 @@ fn iterative_structured_pruning_fine_tunes_between_rounds() {
     let ps = PruneSettings { granularity: Granularity::Channels, sparsity: 0.5, ..PruneSettings::default() };
     let out = prune(
         &s.baseline,
-        None,
-        data,
-        Some(&settings(2, 0.001)),
         &ps,
-        &PruneSchedule::Iterative { rounds: 2 },
-        &s.device,
-        0,
-        &mut Quiet,
+        &PruneOptions {
+            schedule: PruneSchedule::Iterative { rounds: 2 },
+            fine_tune: Some(settings(2, 0.001)),
+            rewind_to: None,
+        },
+        data,
+        TrainRun { device: &s.device, seed: 0, observer: &mut Quiet },
     )
     .unwrap();
     assert_eq!(out.rounds.len(), 2);
@@ -283,7 +309,15 @@ fn the_sparse_plan_computes_what_the_dense_plan_computes() {
     let batcher = Batcher { normalization: train_set.channel_stats(), augmentation: Augmentation::default() };
     let data = TrainData { train: &train_set, validation: None, batcher: &batcher };
     let ps = PruneSettings { sparsity: 0.9, ..PruneSettings::default() };
-    let pruned = prune(&g, None, data, None, &ps, &PruneSchedule::OneShot, &device, 0, &mut Quiet).unwrap().graph;
+    let pruned = prune(
+        &g,
+        &ps,
+        &PruneOptions { schedule: PruneSchedule::OneShot, fine_tune: None, rewind_to: None },
+        data,
+        TrainRun { device: &device, seed: 0, observer: &mut Quiet },
+    )
+    .unwrap()
+    .graph;
     let mut dense = freeze_with(&pruned, &KernelRegistry::default(), &FreezeOptions::default()).unwrap();
     let mut sparse = freeze_with(&pruned, &shrink_prune::sparse_registry(), &FreezeOptions::default()).unwrap();
     let kernels = sparse.kernels();
@@ -308,7 +342,14 @@ fn lottery_tickets_rewind_to_the_initial_weights_and_retrain() {
     let ps = PruneSettings { sparsity: 0.8, global: true, ..PruneSettings::default() };
     let schedule = PruneSchedule::Lottery { rounds: 2 };
     let ts = settings(2, 0.003);
-    let out = prune(&s.baseline, Some(&initial), data, Some(&ts), &ps, &schedule, &s.device, 3, &mut Quiet).unwrap();
+    let out = prune(
+        &s.baseline,
+        &ps,
+        &PruneOptions { schedule: schedule.clone(), fine_tune: Some(ts.clone()), rewind_to: Some(&initial) },
+        data,
+        TrainRun { device: &s.device, seed: 3, observer: &mut Quiet },
+    )
+    .unwrap();
     assert_eq!(out.tickets.len(), 2);
     assert!((out.tickets[0].0 - (1.0 - 0.2f64.sqrt())).abs() < 1e-4 && (out.tickets[1].0 - 0.8).abs() < 1e-4);
     assert_eq!(out.history.len(), 4, "each round retrains for the fine-tuning's epochs");
@@ -321,7 +362,14 @@ fn lottery_tickets_rewind_to_the_initial_weights_and_retrain() {
     // are the initial values, not the trained ones.
     let frozen = settings(1, 1e-12);
     let one = PruneSchedule::Lottery { rounds: 1 };
-    let out = prune(&s.baseline, Some(&initial), data, Some(&frozen), &ps, &one, &s.device, 3, &mut Quiet).unwrap();
+    let out = prune(
+        &s.baseline,
+        &ps,
+        &PruneOptions { schedule: one.clone(), fine_tune: Some(frozen.clone()), rewind_to: Some(&initial) },
+        data,
+        TrainRun { device: &s.device, seed: 3, observer: &mut Quiet },
+    )
+    .unwrap();
     let fc1 = s.baseline.node_id("fc1").unwrap();
     let (init, trained, ticket) = (weights(&initial, fc1), weights(&s.baseline, fc1), weights(&out.graph, fc1));
     let survivors: Vec<usize> = (0..ticket.len()).filter(|&i| ticket[i] != 0.0).collect();
@@ -329,7 +377,14 @@ fn lottery_tickets_rewind_to_the_initial_weights_and_retrain() {
     assert!(survivors.iter().all(|&i| (ticket[i] - init[i]).abs() < 1e-6));
     assert!(survivors.iter().any(|&i| (ticket[i] - trained[i]).abs() > 1e-3));
     // Without initial weights there is nothing to rewind to.
-    let err = prune(&s.baseline, None, data, Some(&ts), &ps, &schedule, &s.device, 3, &mut Quiet).unwrap_err();
+    let err = prune(
+        &s.baseline,
+        &ps,
+        &PruneOptions { schedule: schedule.clone(), fine_tune: Some(ts.clone()), rewind_to: None },
+        data,
+        TrainRun { device: &s.device, seed: 3, observer: &mut Quiet },
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("initial weights"), "{err}");
 }
 
@@ -371,8 +426,6 @@ fn sparse_convolutions_of_every_geometry_match_the_dense_ones() {
     use shrink_core::runtime::{FreezeOptions, KernelRegistry, freeze_with};
     let device = BackendKind::Flex.device().unwrap();
     let g = {
-        let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-        device.seed(11);
         let mut b = GraphBuilder::new([3, 13, 21]);
         let x = b.input();
         // Direct path: 5×5 padded, 1×1, 3×3 unpadded; im2col path: strided, dilated.
@@ -384,13 +437,21 @@ fn sparse_convolutions_of_every_geometry_match_the_dense_ones() {
         let x = b.conv2d("d2", x, Conv2dSpec::new(4, 3).dilation(2).padding(2));
         let x = b.flatten("flat", x);
         let y = b.linear("fc", x, 5, true);
-        b.build(y, &device).unwrap().valid()
+        b.build(y, &mut InitRng::seeded(11), &device).unwrap().valid()
     };
     let (train_set, _) = load_mnist_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/mnist5k")).unwrap();
     let batcher = Batcher { normalization: train_set.channel_stats(), augmentation: Augmentation::default() };
     let data = TrainData { train: &train_set, validation: None, batcher: &batcher };
     let ps = PruneSettings { sparsity: 0.8, ..PruneSettings::default() };
-    let pruned = prune(&g, None, data, None, &ps, &PruneSchedule::OneShot, &device, 0, &mut Quiet).unwrap().graph;
+    let pruned = prune(
+        &g,
+        &ps,
+        &PruneOptions { schedule: PruneSchedule::OneShot, fine_tune: None, rewind_to: None },
+        data,
+        TrainRun { device: &device, seed: 0, observer: &mut Quiet },
+    )
+    .unwrap()
+    .graph;
     let mut dense = freeze_with(&pruned, &KernelRegistry::default(), &FreezeOptions::default()).unwrap();
     let mut sparse = freeze_with(&pruned, &shrink_prune::sparse_registry(), &FreezeOptions::default()).unwrap();
     let kernels: Vec<String> = sparse.kernels().into_iter().map(|(_, k)| k).collect();

@@ -61,7 +61,7 @@ fn main() {
         // The whole API: a scheme, a mapper, one `map`.
         let scheme = QuantScheme { bits, symmetric: true, granularity: Granularity::PerChannel };
         let mut quantizer = WeightQuantizer::new(scheme).expect("2 to 8 bits");
-        let quantized = model.clone().map(&mut quantizer);
+        let quantized = quantizer.quantize(model.clone()).expect("weights on the host");
         let acc = accuracy(&quantized, x.clone(), y.clone());
         let bytes = quantizer.stored_bytes();
         println!(

@@ -83,6 +83,9 @@ fn layer(op: &Op, x: Tensor<4>, w: Tensor<4>) -> Tensor<4> {
 /// channel `scales`, symmetric range `±qmax`) on its calibration `inputs` (`[n, c, h, w]`, or
 /// `[n, in, 1, 1]` for a linear layer). Returns the dequantized weight, every value on its grid
 /// and within one step of its nearest-rounding value.
+///
+/// # Errors
+/// [`shrink_core::Error::TensorRead`] when the learned rounding cannot be read back.
 pub fn adaround_weight(
     op: &Op,
     values: &[f32],
@@ -91,7 +94,7 @@ pub fn adaround_weight(
     qmax: i32,
     inputs: &Tensor<4>,
     settings: &AdaRoundSettings,
-) -> Vec<f32> {
+) -> shrink_core::Result<Vec<f32>> {
     let device: Device = inputs.device();
     let out = dims[0];
     let per = values.len() / out;
@@ -143,12 +146,11 @@ pub fn adaround_weight(
         let grads = GradientsParams::from_grads(loss.backward(), &module);
         module = optim.step(settings.lr, module, grads);
     }
-    let h: Vec<f32> =
-        rectified_sigmoid(module.v.val().inner()).into_data().convert::<f32>().try_to_vec().unwrap_or_default();
-    floor
+    let h = shrink_core::host::floats(rectified_sigmoid(module.v.val().inner()))?;
+    Ok(floor
         .iter()
         .zip(&h)
         .enumerate()
         .map(|(k, (f, h))| (f + if *h >= 0.5 { 1.0 } else { 0.0 }).clamp(lo, hi) * scales[k / per])
-        .collect()
+        .collect())
 }

@@ -5,9 +5,7 @@
 //! ranges become `√(r1ᵢ·r2ᵢ)`. The network computes the same function, and a per-tensor weight
 //! scale no longer has to cover one channel's outliers at the cost of every other channel.
 
-use burn::module::Param;
-use burn::tensor::{Tensor, TensorData};
-use shrink_core::graph::{Graph, NodeId, Op, Params, ValueShape};
+use shrink_core::graph::{Graph, NodeId, Op, ValueShape};
 
 /// A pair of layers equalized together.
 #[derive(Clone, Debug, PartialEq)]
@@ -58,41 +56,16 @@ fn pairs(graph: &Graph) -> shrink_core::Result<Vec<(NodeId, NodeId, usize)>> {
     Ok(out)
 }
 
-fn weight(graph: &Graph, id: NodeId) -> (Vec<f32>, Vec<usize>) {
-    let (t, dims) = match &graph.nodes[id].params {
-        Some(Params::Conv(p)) => (p.weight.val().into_data(), p.weight.dims().to_vec()),
-        Some(Params::Linear(p)) => (p.weight.val().into_data(), p.weight.dims().to_vec()),
-        _ => unreachable!("conv or linear"),
-    };
-    (t.convert::<f32>().try_to_vec().expect("f32 weights"), dims)
+fn weight(graph: &Graph, id: NodeId) -> shrink_core::Result<(Vec<f32>, Vec<usize>)> {
+    Ok(graph.layer_weight(id)?.expect("equalized pairs are conv or linear layers"))
 }
 
-fn set_weight(graph: &mut Graph, id: NodeId, values: Vec<f32>, dims: Vec<usize>) {
-    match &mut graph.nodes[id].params {
-        Some(Params::Conv(p)) => {
-            let dev = p.weight.val().device();
-            p.weight = Param::from_tensor(Tensor::from_data(TensorData::new(values, dims), &dev));
-        }
-        Some(Params::Linear(p)) => {
-            let dev = p.weight.val().device();
-            p.weight = Param::from_tensor(Tensor::from_data(TensorData::new(values, dims), &dev));
-        }
-        _ => unreachable!("conv or linear"),
+/// Divides the bias of layer `id` (if it has one) by `s` per output channel.
+fn scale_bias(graph: &mut Graph, id: NodeId, s: &[f32]) -> shrink_core::Result<()> {
+    if let Some(bias) = graph.layer_bias(id)? {
+        graph.set_layer_bias(id, bias.iter().zip(s).map(|(x, s)| x / s).collect())?;
     }
-}
-
-fn scale_bias(graph: &mut Graph, id: NodeId, s: &[f32]) {
-    let bias = match &mut graph.nodes[id].params {
-        Some(Params::Conv(p)) => p.bias.as_mut(),
-        Some(Params::Linear(p)) => p.bias.as_mut(),
-        _ => None,
-    };
-    if let Some(b) = bias {
-        let dev = b.val().device();
-        let v: Vec<f32> = b.val().into_data().convert::<f32>().try_to_vec().expect("f32 bias");
-        let scaled: Vec<f32> = v.iter().zip(s).map(|(x, s)| x / s).collect();
-        *b = Param::from_tensor(Tensor::from_data(TensorData::new(scaled, [s.len()]), &dev));
-    }
+    Ok(())
 }
 
 /// Equalizes every eligible pair of `graph` (batch norms should be folded first), repeating the
@@ -100,14 +73,14 @@ fn scale_bias(graph: &mut Graph, id: NodeId, s: &[f32]) {
 /// and the pairs.
 ///
 /// # Errors
-/// If the graph's shapes cannot be inferred.
+/// If the graph's shapes cannot be inferred or a weight cannot be read.
 pub fn equalize_cross_layer(graph: &Graph, iterations: usize) -> shrink_core::Result<(Graph, Vec<EqualizedPair>)> {
     let mut g = graph.clone();
     let found = pairs(&g)?;
     for _ in 0..iterations {
         for &(a, b, per_channel) in &found {
-            let (wa, da) = weight(&g, a);
-            let (mut wb, db) = weight(&g, b);
+            let (wa, da) = weight(&g, a)?;
+            let (mut wb, db) = weight(&g, b)?;
             let out = da[0];
             let per_a = wa.len() / out;
             let r1: Vec<f32> = wa.chunks_exact(per_a).map(|c| c.iter().fold(0f32, |m, v| m.max(v.abs()))).collect();
@@ -134,9 +107,9 @@ pub fn equalize_cross_layer(graph: &Graph, iterations: usize) -> shrink_core::Re
                     *v *= s[k / taps];
                 }
             }
-            set_weight(&mut g, a, wa, da);
-            scale_bias(&mut g, a, &s);
-            set_weight(&mut g, b, wb, db);
+            g.set_layer_weight(a, wa)?;
+            scale_bias(&mut g, a, &s)?;
+            g.set_layer_weight(b, wb)?;
         }
     }
     let names = found
@@ -152,7 +125,7 @@ mod tests {
     use shrink_core::zoo::ModelSpec;
 
     fn channel_ranges(g: &Graph, name: &str) -> Vec<f32> {
-        let (w, d) = weight(g, g.node_id(name).unwrap());
+        let (w, d) = weight(g, g.node_id(name).unwrap()).unwrap();
         w.chunks_exact(w.len() / d[0]).map(|c| c.iter().fold(0f32, |m, v| m.max(v.abs()))).collect()
     }
 
@@ -166,18 +139,18 @@ mod tests {
         let l1 = b.linear("fc1", f, 2, true);
         let r = b.relu("relu", l1);
         let l2 = b.linear("fc2", r, 2, false);
-        let mut g = b.build(l2, &device).unwrap();
+        let mut g = b.build(l2, &mut shrink_core::InitRng::seeded(1), &device).unwrap();
         // Channel 0 of fc1 is 100x larger than channel 1; fc2 reads it 100x smaller.
         let id1 = g.node_id("fc1").unwrap();
         let id2 = g.node_id("fc2").unwrap();
-        set_weight(&mut g, id1, vec![100.0, -50.0, 20.0, 1.0, 0.5, -0.25], vec![2, 3]);
-        set_weight(&mut g, id2, vec![0.01, 2.0, -0.03, 1.0], vec![2, 2]);
+        g.set_layer_weight(id1, vec![100.0, -50.0, 20.0, 1.0, 0.5, -0.25]).unwrap();
+        g.set_layer_weight(id2, vec![0.01, 2.0, -0.03, 1.0]).unwrap();
         let (e, pairs) = equalize_cross_layer(&g, 1).unwrap();
         assert_eq!(pairs, vec![EqualizedPair { first: "fc1".into(), second: "fc2".into() }]);
         // r1 = [100, 1], r2 = [0.03, 2]: s = [sqrt(100 / 0.03), sqrt(1 / 2)], and both sides
         // end at sqrt(r1 * r2) = [sqrt(3), sqrt(2)].
         let r1 = channel_ranges(&e, "fc1");
-        let (w2, _) = weight(&e, id2);
+        let (w2, _) = weight(&e, id2).unwrap();
         let r2 = [w2[0].abs().max(w2[2].abs()), w2[1].abs().max(w2[3].abs())];
         for (k, want) in [3f32.sqrt(), 2f32.sqrt()].into_iter().enumerate() {
             assert!((r1[k] - want).abs() < 1e-4 && (r2[k] - want).abs() < 1e-4, "{r1:?} {r2:?}");
@@ -187,15 +160,13 @@ mod tests {
     #[test]
     fn zoo_models_compute_the_same_function_after_equalization() {
         let device = shrink_core::BackendKind::Flex.device().unwrap();
-        device.seed(4);
+        let mut rng = shrink_core::InitRng::seeded(4);
         for spec in [ModelSpec::Lenet5, ModelSpec::CifarResnet { depth: 8, width: 0.5 }] {
-            let (g, _) = spec.build([1, 28, 28], 10, &device).unwrap().fold_batch_norms();
+            let (g, _) = spec.build([1, 28, 28], 10, 4, &device).unwrap().fold_batch_norms().unwrap();
             let (e, pairs) = equalize_cross_layer(&g, 4).unwrap();
-            let x = Tensor::<4>::random([3, 1, 28, 28], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
-            let (a, b): (Vec<f32>, Vec<f32>) = (
-                g.forward(x.clone()).into_data().try_to_vec().unwrap(),
-                e.forward(x).into_data().try_to_vec().unwrap(),
-            );
+            let x = rng.tensor([3, 1, 28, 28], burn::tensor::Distribution::Normal(0.0, 1.0), &device);
+            let floats = |t| shrink_core::host::floats(t).unwrap();
+            let (a, b): (Vec<f32>, Vec<f32>) = (floats(g.forward(x.clone())), floats(e.forward(x)));
             let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
             for (p, q) in a.iter().zip(&b) {
                 assert!((p - q).abs() <= 1e-4 * scale.max(1.0), "{spec:?}: {p} vs {q}");

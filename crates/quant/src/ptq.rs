@@ -4,14 +4,15 @@
 
 use std::collections::BTreeMap;
 
-use burn::module::{Module, Param};
-use burn::tensor::{Tensor, TensorData};
+use burn::module::Module;
+use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
-use shrink_core::graph::{Activation, Graph, NodeId, Op, Params};
-use shrink_core::runtime::{FreezeOptions, Kernel, KernelRegistry, LayerView, Plan, freeze_with};
+use shrink_core::graph::{Activation, Graph, NodeId, Op};
+use shrink_core::runtime::{FreezeOptions, KernelRegistry, Plan, freeze_with};
 
 use crate::calibrate::{Calibrator, Observer};
-use crate::kernels::{ConvDirectInt8, ConvInt8, IntLayer, LinearInt8, int_weight, quantize_weight};
+use crate::kernels::IntLayer;
+use crate::scheme::{ACTIVATION_SCHEME, ActivationType, int_weight, quantize_weight};
 use crate::{Error, Granularity, QuantParams, QuantScheme};
 
 /// What an override does to the layers whose names it matches.
@@ -61,38 +62,6 @@ pub struct PtqSettings {
     pub activations: ActivationType,
 }
 
-/// The integer type of quantized activations.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ActivationType {
-    /// Unsigned 8 bits, asymmetric: `[min, max]` (widened to 0) onto 0..=255 with a zero point.
-    /// Uses all 256 levels on one-sided inputs such as ReLU outputs.
-    #[default]
-    U8,
-    /// Signed 8 bits, symmetric: `[-a, a]` onto -127..=127, zero point 0 (as TensorRT and
-    /// int8-only accelerators expect). The integer kernels read it as u8 with zero point 128,
-    /// which is exact: `q + 128` is the same grid shifted.
-    I8,
-}
-
-impl ActivationType {
-    /// The scheme its ranges are chosen for.
-    pub fn scheme(self) -> QuantScheme {
-        match self {
-            ActivationType::U8 => ACTIVATION_SCHEME,
-            ActivationType::I8 => QuantScheme { bits: 8, symmetric: true, granularity: Granularity::PerTensor },
-        }
-    }
-
-    /// The parameters the u8 kernels use for `p`, chosen for [`ActivationType::scheme`].
-    pub fn kernel_params(self, p: QuantParams) -> QuantParams {
-        match self {
-            ActivationType::U8 => p,
-            ActivationType::I8 => QuantParams { scale: p.scale, zero_point: p.zero_point + 128 },
-        }
-    }
-}
-
 /// Sweeps of cross-layer equalization over the graph's pairs.
 pub(crate) const EQUALIZATION_SWEEPS: usize = 4;
 
@@ -112,10 +81,6 @@ impl Default for PtqSettings {
         }
     }
 }
-
-/// The u8 asymmetric per-tensor scheme of activations.
-pub const ACTIVATION_SCHEME: QuantScheme =
-    QuantScheme { bits: 8, symmetric: false, granularity: Granularity::PerTensor };
 
 /// How one layer is quantized.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -200,12 +165,8 @@ fn resolve_overrides<'a>(graph: &Graph, overrides: &'a [Override]) -> Result<Vec
     Ok(out)
 }
 
-fn values(a: &Activation) -> Vec<f32> {
-    let t = match a {
-        Activation::Map(t) => t.clone().into_data(),
-        Activation::Flat(t) => t.clone().into_data(),
-    };
-    t.convert::<f32>().try_to_vec::<f32>().expect("f32 activations")
+fn values(a: &Activation) -> Result<Vec<f32>, Error> {
+    Ok(shrink_core::host::floats(a.clone().flatten())?)
 }
 
 /// Layers left in f32, each with the reason.
@@ -244,14 +205,15 @@ pub(crate) fn plan_layers(
 /// `layers` node, having shown every batch to `on_batch` and every observed input to `on_input`.
 ///
 /// # Errors
-/// [`Error::Calibration`] for a non-finite input (naming the layer and the batch) or no batch.
+/// [`Error::Calibration`] for a non-finite input (naming the layer and the batch) or no batch;
+/// the first error of reading an input back or of `on_input`.
 pub(crate) fn calibrate(
     folded: &Graph,
     layers: &BTreeMap<NodeId, u32>,
     calibrator: Calibrator,
     calibration: &mut dyn Iterator<Item = Tensor<4>>,
     on_batch: &mut dyn FnMut(&Tensor<4>),
-    on_input: &mut dyn FnMut(NodeId, &Activation),
+    on_input: &mut dyn FnMut(NodeId, &Activation) -> Result<(), Error>,
 ) -> Result<BTreeMap<NodeId, Observer>, Error> {
     let mut observers: BTreeMap<NodeId, Observer> = layers.keys().map(|&id| (id, Observer::new(calibrator))).collect();
     let mut batches = 0;
@@ -259,17 +221,26 @@ pub(crate) fn calibrate(
         batches += 1;
         on_batch(&x);
         let mut failure = None;
+        let mut error = None;
         folded.forward_hooked(x, &[], &mut |id, a| {
-            if let Some(o) = observers.get_mut(&id) {
-                if let Err(i) = o.observe(&values(&a))
-                    && failure.is_none()
-                {
-                    failure = Some((id, i));
-                }
-                on_input(id, &a);
+            if let Some(o) = observers.get_mut(&id)
+                && error.is_none()
+            {
+                let observed = values(&a).and_then(|v| {
+                    if let Err(i) = o.observe(&v)
+                        && failure.is_none()
+                    {
+                        failure = Some((id, i));
+                    }
+                    on_input(id, &a)
+                });
+                error = observed.err();
             }
             a
         });
+        if let Some(e) = error {
+            return Err(e);
+        }
         if let Some((id, i)) = failure {
             return Err(Error::Calibration(format!(
                 "the input of layer `{}` holds a non-finite value (element {i}) in calibration batch {batches}",
@@ -312,7 +283,7 @@ pub fn quantize_static(
                 .into(),
         ));
     }
-    let (mut folded, _) = graph.valid().fold_batch_norms();
+    let (mut folded, _) = graph.valid().fold_batch_norms()?;
     let mut equalized = Vec::new();
     if settings.cross_layer_equalization {
         (folded, equalized) = crate::equalize::equalize_cross_layer(&folded, EQUALIZATION_SWEEPS)?;
@@ -343,10 +314,9 @@ pub fn quantize_static(
                     kept_images.push(x.clone());
                 }
             },
-            &mut |id, a| {
-                if let Some(m) = means.get_mut(&id) {
-                    m.add(a);
-                }
+            &mut |id, a| match means.get_mut(&id) {
+                Some(m) => m.add(a),
+                None => Ok(()),
             },
         )?
     };
@@ -391,7 +361,7 @@ pub fn quantize_static(
         WeightScheme { per_channel: settings.per_channel, asymmetric: settings.asymmetric_weights },
         settings.dynamic,
         float_layers,
-    );
+    )?;
     model.equalized = equalized;
     Ok(model)
 }
@@ -404,7 +374,7 @@ struct ChannelMeans {
 }
 
 impl ChannelMeans {
-    fn add(&mut self, a: &Activation) {
+    fn add(&mut self, a: &Activation) -> Result<(), Error> {
         let (per_channel, n): (Tensor<1>, usize) = match a {
             Activation::Map(t) => {
                 let [b, c, h, w] = t.dims();
@@ -415,7 +385,7 @@ impl ChannelMeans {
                 (t.clone().sum_dim(0).reshape([f]), b)
             }
         };
-        let v: Vec<f32> = per_channel.into_data().convert::<f32>().try_to_vec().expect("f32 activations");
+        let v = shrink_core::host::floats(per_channel)?;
         if self.sums.is_empty() {
             self.sums = vec![0.0; v.len()];
         }
@@ -423,6 +393,7 @@ impl ChannelMeans {
             *s += x as f64;
         }
         self.count += n as f64;
+        Ok(())
     }
 
     fn mean(&self) -> Vec<f32> {
@@ -458,16 +429,11 @@ pub(crate) fn quantize_weights(
     scheme: WeightScheme,
     dynamic: bool,
     float_layers: Vec<(String, String)>,
-) -> QuantizedModel {
+) -> Result<QuantizedModel, Error> {
     let mut layers = BTreeMap::new();
     for (id, LayerPlan { bits, input, weight_scales, input_mean, adaround }) in plan {
-        let node = &mut folded.nodes[id];
-        let (weight, dims) = match &node.params {
-            Some(Params::Conv(p)) => (p.weight.val().into_data(), p.weight.dims().to_vec()),
-            Some(Params::Linear(p)) => (p.weight.val().into_data(), p.weight.dims().to_vec()),
-            _ => unreachable!("conv or linear"),
-        };
-        let w: Vec<f32> = weight.convert::<f32>().try_to_vec().expect("f32 weights");
+        let (w, dims) = folded.layer_weight(id)?.expect("planned layers are conv or linear");
+        let node = &folded.nodes[id];
         let out = dims[0];
         let per = w.len() / out;
         let qmax = crate::symmetric_max(bits);
@@ -497,7 +463,7 @@ pub(crate) fn quantize_weights(
         let deq: Vec<f32> = match adaround {
             Some((inputs, settings)) => {
                 let started = std::time::Instant::now();
-                let deq = crate::adaround::adaround_weight(&node.op, &w, &dims, &scales, qmax, &inputs, &settings);
+                let deq = crate::adaround::adaround_weight(&node.op, &w, &dims, &scales, qmax, &inputs, &settings)?;
                 let flipped = deq
                     .iter()
                     .zip(&w)
@@ -532,39 +498,15 @@ pub(crate) fn quantize_weights(
                 })
                 .collect()
         });
-        let corrected_bias = |bias: Option<Vec<f32>>, c: &[f32]| -> Vec<f32> {
-            let bias = bias.unwrap_or_else(|| vec![0.0; c.len()]);
-            bias.iter().zip(c).map(|(b, d)| b - d).collect()
-        };
-        let to_vec1 = |t: Tensor<1>| t.into_data().convert::<f32>().try_to_vec::<f32>().expect("f32 bias");
-        match &mut node.params {
-            Some(Params::Conv(p)) => {
-                let dev = p.weight.val().device();
-                p.weight = Param::from_tensor(Tensor::from_data(TensorData::new(deq, dims), &dev));
-                if let Some(c) = &correction {
-                    let b = corrected_bias(p.bias.as_ref().map(|b| to_vec1(b.val())), c);
-                    p.bias = Some(Param::from_tensor(Tensor::from_data(TensorData::new(b, [out]), &dev)));
-                }
-            }
-            Some(Params::Linear(p)) => {
-                let dev = p.weight.val().device();
-                p.weight = Param::from_tensor(Tensor::from_data(TensorData::new(deq, dims), &dev));
-                if let Some(c) = &correction {
-                    let b = corrected_bias(p.bias.as_ref().map(|b| to_vec1(b.val())), c);
-                    p.bias = Some(Param::from_tensor(Tensor::from_data(TensorData::new(b, [out]), &dev)));
-                }
-            }
-            _ => unreachable!("conv or linear"),
+        let name = node.name.clone();
+        folded.set_layer_weight(id, deq)?;
+        if let Some(c) = correction {
+            let bias = folded.layer_bias(id)?.unwrap_or_else(|| vec![0.0; c.len()]);
+            folded.set_layer_bias(id, bias.iter().zip(&c).map(|(b, d)| b - d).collect())?;
         }
-        if correction.is_some() {
-            match &mut node.op {
-                Op::Conv2d { bias, .. } | Op::Linear { bias, .. } => *bias = true,
-                _ => unreachable!("conv or linear"),
-            }
-        }
-        tracing::debug!(layer = %node.name, bits, input_scale = input.scale, input_zero = input.zero_point, "quantized");
+        tracing::debug!(layer = %name, bits, input_scale = input.scale, input_zero = input.zero_point, "quantized");
         layers.insert(
-            node.name.clone(),
+            name,
             LayerQuant {
                 weight_bits: bits,
                 weight_scales: scales,
@@ -575,7 +517,7 @@ pub(crate) fn quantize_weights(
             },
         );
     }
-    QuantizedModel { graph: folded, layers, float_layers, equalized: Vec::new() }
+    Ok(QuantizedModel { graph: folded, layers, float_layers, equalized: Vec::new() })
 }
 
 /// `x` rounded as the integer kernels round it: `scale * (clamp(round(x / scale + zp)) - zp)`
@@ -622,77 +564,11 @@ impl QuantizedModel {
 
     /// As [`Self::registry`]; with `fuse_requantization`, a direct convolution whose output
     /// (after its folded batch norm and ReLU) feeds only another direct convolution writes it
-    /// requantized, in the layout that one reads, instead of f32 (same bits, one pass less).
+    /// requantized, in the layout that one reads, instead of f32 (same bits, one pass less; see
+    /// [`crate::kernels::int8_registry`]).
     pub fn registry_with(&self, fuse_requantization: bool) -> KernelRegistry {
-        let layers: BTreeMap<String, IntLayer> =
-            self.layers.iter().map(|(name, l)| (name.clone(), l.int_layer())).collect();
-        let (fused_out, fused_in) = if fuse_requantization { self.fused_pairs(&layers) } else { Default::default() };
-        let mut registry = KernelRegistry::default();
-        registry.register("int8", move |view: &LayerView<'_>| {
-            let layer = layers.get(view.name)?;
-            match view.op {
-                Op::Conv2d { .. } => match ConvDirectInt8::new(view, layer) {
-                    Some(mut k) => {
-                        if let Some(&next) = fused_out.get(view.name) {
-                            k = k.requantize_for(next);
-                        }
-                        if fused_in.contains(view.name) {
-                            k = k.with_quantized_input();
-                        }
-                        Some(Box::new(k) as Box<dyn Kernel>)
-                    }
-                    None => ConvInt8::new(view, layer).map(|k| Box::new(k) as Box<dyn Kernel>),
-                },
-                Op::Linear { .. } => LinearInt8::new(view, layer).map(|k| Box::new(k) as Box<dyn Kernel>),
-                _ => None,
-            }
-        });
-        registry
-    }
-
-    /// The convolutions whose requantization can be fused: by producer, the image its consumer
-    /// reads; and the consumers. A pair is a conv whose value, as the plan forms it (the conv,
-    /// its folded batch norm's identity, a ReLU: each the sole consumer of the one before, none
-    /// the graph's output), is read by one other conv only, both quantized and both on the
-    /// direct kernel, with the consumer's image fitting the producer's f32 buffer.
-    fn fused_pairs(
-        &self,
-        layers: &BTreeMap<String, IntLayer>,
-    ) -> (BTreeMap<String, crate::vnni::QuadImage>, std::collections::BTreeSet<String>) {
-        let (mut out, mut inputs) = (BTreeMap::new(), std::collections::BTreeSet::new());
-        let g = &self.graph;
-        let Ok(shapes) = g.shapes() else { return (out, inputs) };
-        let sole = |id: NodeId, pred: &dyn Fn(&Op) -> bool| match g.consumers(id)[..] {
-            [c] if id != g.output && pred(&g.nodes[c].op) => Some(c),
-            _ => None,
-        };
-        let direct = |id: NodeId| -> Option<crate::vnni::QuadImage> {
-            let node = &g.nodes[id];
-            let layer = layers.get(&node.name)?;
-            ConvDirectInt8::plan_input(&node.op, shapes[*node.inputs.first()?], shapes[id], layer)
-        };
-        for (id, node) in g.nodes.iter().enumerate() {
-            if !matches!(node.op, Op::Conv2d { .. }) || direct(id).is_none() {
-                continue;
-            }
-            // The plan's absorption (`runtime::freeze_with`): a batch norm or the identity a
-            // folded one left, then a ReLU.
-            let mut tail = id;
-            if let Some(c) = sole(tail, &|op| matches!(op, Op::BatchNorm2d { .. } | Op::Identity)) {
-                tail = c;
-            }
-            if let Some(c) = sole(tail, &|op| matches!(op, Op::Relu)) {
-                tail = c;
-            }
-            let Some(next) = sole(tail, &|op| matches!(op, Op::Conv2d { .. })) else { continue };
-            let Some(image) = direct(next) else { continue };
-            if image.len() + crate::vnni::DirectConv::SLACK > 4 * shapes[tail].numel() {
-                continue;
-            }
-            out.insert(node.name.clone(), image);
-            inputs.insert(g.nodes[next].name.clone());
-        }
-        (out, inputs)
+        let layers = self.layers.iter().map(|(name, l)| (name.clone(), l.int_layer())).collect();
+        crate::kernels::int8_registry(layers, fuse_requantization)
     }
 
     /// Freezes the model into a CPU plan running the integer kernels.
@@ -728,19 +604,17 @@ struct Annotations {
 impl QuantizedModel {
     /// The integer weights of every quantized layer, recovered exactly from the dequantized
     /// graph weights (`round(w / scale)` of `q * scale` is `q`).
-    fn int_weights(&self) -> BTreeMap<String, shrink_core::io::IntWeights> {
+    fn int_weights(&self) -> shrink_core::Result<BTreeMap<String, shrink_core::io::IntWeights>> {
         self.layers
             .iter()
             .map(|(name, l)| {
-                let node = &self.graph.nodes[self.graph.node_id(name).expect("layer of this graph")];
-                let w: Vec<f32> = match &node.params {
-                    Some(Params::Conv(p)) => p.weight.val().into_data(),
-                    Some(Params::Linear(p)) => p.weight.val().into_data(),
-                    _ => unreachable!("conv or linear"),
-                }
-                .convert::<f32>()
-                .try_to_vec()
-                .expect("f32 weights");
+                let id = self.graph.node_id(name)?;
+                let Some((w, _)) = self.graph.layer_weight(id)? else {
+                    return Err(shrink_core::Error::InvalidGraph {
+                        node: name.clone(),
+                        message: "a quantized layer must be a conv or linear layer".into(),
+                    });
+                };
                 let per = w.len() / l.weight_scales.len();
                 let layer = l.int_layer();
                 let values = w.iter().enumerate().map(|(i, &v)| layer.int_weight(v, i / per)).collect();
@@ -750,7 +624,7 @@ impl QuantizedModel {
                     scales: l.weight_scales.clone(),
                     zero_points: l.weight_zero_points.iter().map(|&z| z as i8).collect(),
                 };
-                (name.clone(), weights)
+                Ok((name.clone(), weights))
             })
             .collect()
     }
@@ -776,7 +650,7 @@ impl QuantizedModel {
             float_layers: self.float_layers.clone(),
         };
         let value = serde_json::to_value(&annotations).expect("serialisable");
-        shrink_core::io::to_bytes_with(&self.graph, &self.int_weights(), Some(&value))
+        shrink_core::io::to_bytes_with(&self.graph, &self.int_weights()?, Some(&value))
     }
 
     /// Saves the model file atomically.
@@ -856,7 +730,7 @@ impl QuantizedModel {
             .layers
             .get(layer)
             .ok_or_else(|| Error::Setting(format!("`{layer}` is not a quantized layer of this model")))?;
-        let (mut graph, _) = original.valid().fold_batch_norms();
+        let (mut graph, _) = original.valid().fold_batch_norms()?;
         if !self.equalized.is_empty() {
             // The other layers must be the equalized f32 ones, or the rescaling would not cancel.
             graph = crate::equalize::equalize_cross_layer(&graph, EQUALIZATION_SWEEPS)?.0;

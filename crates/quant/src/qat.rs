@@ -14,24 +14,21 @@ use std::collections::BTreeMap;
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::softmax;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use shrink_core::graph::{Activation, ForwardHooks, Graph, NodeId, Params};
 use shrink_core::train::{
-    Batch, EpochRecord, LossAndLogits, TrainData, TrainObserver, TrainSettings, Trainable, cross_entropy,
-    distillation_loss, train_module,
+    Batch, EpochRecord, LossAndLogits, TrainData, TrainRun, TrainSettings, Trainable, cross_entropy, distillation_loss,
+    train_module,
 };
 
-use crate::ptq::{
-    ActivationType, LayerPlan, PtqSettings, QuantizedModel, WeightScheme, calibrate, plan_layers, quantize_weights,
-};
-use crate::{Error, QuantParams, params_for_range, symmetric_max};
+use crate::ptq::{LayerPlan, PtqSettings, QuantizedModel, WeightScheme, calibrate, plan_layers, quantize_weights};
+use crate::{ActivationType, Error, QuantParams, params_for_range, symmetric_max};
 
-/// A teacher for QAT: its softened outputs guide the quantized network alongside the labels
-/// (distillation as recovery from quantization; usually the f32 model QAT starts from).
-#[derive(Clone, Debug)]
-pub struct QatTeacher {
-    /// The teacher, run in inference mode without autodiff.
-    pub graph: Graph,
+/// Distillation during QAT: the f32 model QAT starts from is the teacher, its softened outputs
+/// guiding the quantized network alongside the labels (distillation as recovery from
+/// quantization).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QatDistill {
     /// Softening temperature T (> 0).
     pub temperature: f64,
     /// Weight α of the teacher term; `1 − α` weighs the labels.
@@ -39,21 +36,23 @@ pub struct QatTeacher {
 }
 
 /// Settings of quantization-aware training.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct QatSettings {
     /// Weight bits, per-channel weights, the calibrator that sets the initial activation ranges,
     /// the activation type (u8 asymmetric or i8 symmetric; training rounds as that type does),
     /// overrides (`dynamic` must be false).
     pub ptq: PtqSettings,
+    /// The fine-tuning: epochs, batch size, optimiser, schedule.
+    pub train: TrainSettings,
     /// Learn weight and activation scales by gradient descent (LSQ) instead of deriving them
     /// from the data.
     pub learn_scales: bool,
     /// Without LSQ: the activation observers follow each training batch (moving average,
     /// momentum 0.9) until this epoch, then keep their range (`None`: until the end).
     pub freeze_observers_epoch: Option<f64>,
-    /// Train against a teacher's softened outputs as well as the labels
+    /// Train against the f32 model's softened outputs as well as the labels
     /// ([`shrink_core::train::distillation_loss`]); `None`: cross-entropy on the labels.
-    pub teacher: Option<QatTeacher>,
+    pub distill: Option<QatDistill>,
 }
 
 /// One quantized layer during QAT.
@@ -222,23 +221,21 @@ pub struct QatOutcome {
 ///
 /// Batch norms are folded, the layers to quantize chosen as static PTQ chooses them (same
 /// overrides), the initial activation ranges calibrated on `calibration`, then the core training
-/// loop runs with `train` settings on the fake-quantized forward (see the module docs).
+/// loop runs with `settings.train` on the fake-quantized forward (see the module docs), on
+/// `run`'s device, data order and observer.
 ///
 /// # Errors
 /// [`Error::Setting`] for bad settings or overrides; [`Error::Calibration`] for a calibration
 /// without batches or with non-finite values; training errors (a NaN loss names the step).
-#[allow(clippy::too_many_arguments)] // those of core's `train`, plus calibration and settings
 pub fn quantization_aware_training(
     graph: &Graph,
     calibration: &mut dyn Iterator<Item = Tensor<4>>,
     data: TrainData<'_>,
-    train: &TrainSettings,
     settings: &QatSettings,
-    device: &Device,
-    seed: u64,
-    observer: &mut dyn TrainObserver,
+    run: TrainRun<'_>,
 ) -> Result<QatOutcome, Error> {
-    let ptq = &settings.ptq;
+    let TrainRun { device, seed, observer } = run;
+    let (ptq, train) = (&settings.ptq, &settings.train);
     if ptq.dynamic {
         return Err(Error::Setting("quantization-aware training is static: dynamic must be false".into()));
     }
@@ -255,26 +252,24 @@ pub fn quantization_aware_training(
     {
         return Err(Error::Setting(format!("freeze_observers_epoch must be a non-negative number, got {e}")));
     }
-    if let Some(t) = &settings.teacher {
-        if !(t.temperature.is_finite() && t.temperature > 0.0) {
-            return Err(Error::Setting(format!("teacher temperature must be positive, got {}", t.temperature)));
+    if let Some(d) = &settings.distill {
+        if !(d.temperature.is_finite() && d.temperature > 0.0) {
+            return Err(Error::Setting(format!("distill temperature must be positive, got {}", d.temperature)));
         }
-        if !(0.0..=1.0).contains(&t.alpha) {
-            return Err(Error::Setting(format!("teacher alpha must be in [0, 1], got {}", t.alpha)));
-        }
-        if t.graph.num_outputs() != graph.num_outputs() || t.graph.input_shape() != graph.input_shape() {
-            return Err(Error::Setting("the teacher's input or output shape differs from the model's".into()));
+        if !(0.0..=1.0).contains(&d.alpha) {
+            return Err(Error::Setting(format!("distill alpha must be in [0, 1], got {}", d.alpha)));
         }
     }
-    let teacher = settings.teacher.as_ref().map(|t| (t.graph.valid().to_device(device), t.temperature, t.alpha));
-    let (folded, _) = graph.valid().to_device(device).fold_batch_norms();
+    // The teacher: the f32 model as given (batch norms unfolded), without autodiff.
+    let teacher = settings.distill.map(|d| (graph.valid().to_device(device), d.temperature, d.alpha));
+    let (folded, _) = graph.valid().to_device(device).fold_batch_norms()?;
     let (plan, float_layers) = plan_layers(graph, &folded, ptq)?;
     let shapes = folded.shapes()?;
 
     // Initial activation ranges: the calibrator on the calibration batches.
     let mut images = 0usize;
     let observers =
-        calibrate(&folded, &plan, ptq.calibrator, calibration, &mut |x| images += x.dims()[0], &mut |_, _| {})?;
+        calibrate(&folded, &plan, ptq.calibrator, calibration, &mut |x| images += x.dims()[0], &mut |_, _| Ok(()))?;
     let mut layers = Vec::new();
     let mut weight_scales = Vec::new();
     let mut input_scales = Vec::new();
@@ -346,15 +341,8 @@ pub fn quantization_aware_training(
     for (k, layer) in trained.layers.iter().enumerate() {
         let (input, weight_scales) = if settings.learn_scales {
             let scale = trained.input_scales[k].val().into_scalar::<f32>().max(1e-12);
-            let ws: Vec<f32> = trained.weight_scales[k]
-                .val()
-                .into_data()
-                .convert::<f32>()
-                .try_to_vec::<f32>()
-                .unwrap_or_default()
-                .into_iter()
-                .map(|s| s.max(1e-12))
-                .collect();
+            let ws: Vec<f32> =
+                shrink_core::host::floats(trained.weight_scales[k].val())?.into_iter().map(|s| s.max(1e-12)).collect();
             (QuantParams { scale, zero_point: layer.input_zero_point }, Some(ws))
         } else {
             let (lo, hi) = ranges[k];
@@ -371,7 +359,7 @@ pub fn quantization_aware_training(
         WeightScheme { per_channel: ptq.per_channel, asymmetric: false },
         false,
         float_layers,
-    );
+    )?;
     Ok(QatOutcome { model, history, calibration_images: images })
 }
 
@@ -379,7 +367,7 @@ pub fn quantization_aware_training(
 mod tests {
     use super::*;
 
-    fn device() -> Device {
+    fn device() -> burn::tensor::Device {
         shrink_core::BackendKind::Flex.device().unwrap().autodiff()
     }
 

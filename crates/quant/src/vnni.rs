@@ -36,6 +36,27 @@ pub fn available() -> bool {
     }
 }
 
+/// Whether a test can exercise the VNNI kernels on this CPU. Where it cannot, the test says so
+/// on stderr and goes on with what it can check; where `SHRINK_REQUIRE_VNNI=1` says the CPU must
+/// have them (CI sets it on CPUs that do), this panics instead, so a test never passes without
+/// its subject where the subject should have run.
+///
+/// # Panics
+/// When `SHRINK_REQUIRE_VNNI=1` and the CPU lacks AVX-512 VNNI.
+pub fn available_for_test(test: &str) -> bool {
+    if available() {
+        return true;
+    }
+    assert!(
+        std::env::var("SHRINK_REQUIRE_VNNI").as_deref() != Ok("1"),
+        "{test}: SHRINK_REQUIRE_VNNI=1, but this CPU lacks AVX-512 VNNI (F, BW, VL, DQ and VNNI)"
+    );
+    eprintln!(
+        "{test}: the AVX-512 VNNI part is skipped: this CPU lacks it (set SHRINK_REQUIRE_VNNI=1 to fail instead)"
+    );
+    false
+}
+
 /// Weights `w [k, n]` (i8) packed for [`gemm`]: panels of 16 columns, each `k/4` blocks of
 /// 16 columns × 4 depths; depths and columns padded with zeros.
 #[derive(Clone, Debug)]
@@ -617,8 +638,7 @@ mod tests {
     /// partial row tiles, every panel group width and depths that are not a multiple of 4.
     #[test]
     fn vnni_gemm_equals_the_reference_loop() {
-        if !available() {
-            eprintln!("skipped: no AVX-512 VNNI on this CPU");
+        if !available_for_test("vnni_gemm_equals_the_reference_loop") {
             return;
         }
         for (m, k, n) in [(1, 1, 1), (7, 5, 3), (13, 144, 16), (50, 27, 33), (97, 300, 64), (200, 64, 80), (17, 9, 10)]
@@ -651,8 +671,7 @@ mod tests {
     /// Extreme values: 255 × −128 summed over a long depth stays exact (no saturation).
     #[test]
     fn vnni_gemm_does_not_saturate() {
-        if !available() {
-            eprintln!("skipped: no AVX-512 VNNI on this CPU");
+        if !available_for_test("vnni_gemm_does_not_saturate") {
             return;
         }
         let (m, k, n) = (3, 4096, 16);

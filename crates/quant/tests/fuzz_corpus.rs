@@ -4,6 +4,7 @@
 //! (`cargo test --release -p shrink-quant --test fuzz_corpus -- --ignored`); `cargo +nightly
 //! fuzz run model_file` (in `fuzz/`) adds what it finds.
 
+use shrink_core::InitRng;
 use std::path::{Path, PathBuf};
 
 use burn::module::Param;
@@ -43,7 +44,6 @@ fn model_file_corpus_loads_or_is_refused() {
 #[ignore = "writes the seed corpus; run by hand when the format changes"]
 fn write_seeds() {
     let device = BackendKind::Flex.device().unwrap();
-    device.seed(11);
     let mut b = GraphBuilder::new([1, 6, 6]);
     let x = b.input();
     let x = b.conv2d("conv", x, Conv2dSpec::new(4, 3).padding(1));
@@ -51,7 +51,7 @@ fn write_seeds() {
     let x = b.relu("relu", x);
     let x = b.max_pool("pool", x, 2, 2, 0);
     let x = b.linear("fc", x, 3, true);
-    let graph = b.build(x, &device).unwrap();
+    let graph = b.build(x, &mut InitRng::seeded(11), &device).unwrap();
     let dir = corpus();
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("seed-dense.safetensors"), io::to_bytes(&graph).unwrap()).unwrap();
@@ -61,13 +61,15 @@ fn write_seeds() {
     let fc = sparse.node_id("fc").unwrap();
     if let Some(Params::Linear(p)) = sparse.nodes[fc].params.as_mut() {
         let w = p.weight.val();
-        let keep = Tensor::<2>::random(w.dims(), Distribution::Uniform(0.0, 1.0), &device).greater_elem(0.8).float();
+        let keep =
+            InitRng::seeded(116).tensor(w.dims(), Distribution::Uniform(0.0, 1.0), &device).greater_elem(0.8).float();
         p.weight = Param::from_tensor(w * keep);
     }
     std::fs::write(dir.join("seed-sparse.safetensors"), io::to_bytes(&sparse).unwrap()).unwrap();
 
-    let calibration: Vec<Tensor<4>> =
-        (0..2).map(|_| Tensor::random([4, 1, 6, 6], Distribution::Normal(0.0, 1.0), &device)).collect();
+    let calibration: Vec<Tensor<4>> = (0..2)
+        .map(|i| InitRng::seeded(117 + i).tensor([4, 1, 6, 6], Distribution::Normal(0.0, 1.0), &device))
+        .collect();
     for bits in [8, 4] {
         let settings = PtqSettings { weight_bits: bits, ..PtqSettings::default() };
         let q = quantize_static(&graph, &mut calibration.clone().into_iter(), &settings).unwrap();

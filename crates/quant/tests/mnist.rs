@@ -9,7 +9,8 @@ use shrink_core::BackendKind;
 use shrink_core::data::{Augmentation, Batcher, Dataset, load_mnist_dir, shuffled};
 use shrink_core::graph::Graph;
 use shrink_core::train::{
-    OptimizerSettings, Quiet, Schedule, TrainData, TrainSettings, evaluate, evaluate_plan, evaluate_with, train,
+    OptimizerSettings, Quiet, Schedule, TrainData, TrainRun, TrainSettings, evaluate, evaluate_plan, evaluate_with,
+    train,
 };
 use shrink_core::zoo::ModelSpec;
 use shrink_quant::{Calibrator, PtqSettings, QatSettings, quantization_aware_training, quantize_static};
@@ -22,8 +23,6 @@ struct Setup {
     baseline: Graph,
 }
 
-static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 fn setup() -> Setup {
     let (train_set, test_set) =
         load_mnist_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/mnist5k")).unwrap();
@@ -31,13 +30,7 @@ fn setup() -> Setup {
     let test_set = test_set.subset(&shuffled(test_set.len(), 4)[..500]);
     let batcher = Batcher { normalization: train_set.channel_stats(), augmentation: Augmentation::default() };
     let device = BackendKind::Flex.device().unwrap();
-    let g = {
-        // The device's random generator is global: tests running in parallel would interleave
-        // their draws between `seed` and `build`, so building happens one test at a time.
-        let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-        device.seed(1);
-        ModelSpec::Lenet5.build([1, 28, 28], 10, &device).unwrap()
-    };
+    let g = ModelSpec::Lenet5.build([1, 28, 28], 10, 1, &device).unwrap();
     let settings = settings(3, 0.003);
     let data = TrainData { train: &train_set, validation: None, batcher: &batcher };
     let baseline = train(g, data, &settings, &device, 1, &mut Quiet).unwrap().0;
@@ -73,12 +66,17 @@ fn layer_weights(q: &shrink_quant::QuantizedModel, name: &str) -> Vec<f32> {
     }
 }
 
-/// QAT of the baseline for `epochs` at lr 0.001, calibrated on [`calibration`].
-fn run_qat(s: &Setup, qat: &QatSettings, epochs: usize) -> shrink_quant::QatOutcome {
+/// QAT of the baseline, calibrated on [`calibration`].
+fn run_qat(s: &Setup, qat: &QatSettings) -> shrink_quant::QatOutcome {
     let data = TrainData { train: &s.train, validation: None, batcher: &s.batcher };
     let mut calib = calibration(s).into_iter();
-    quantization_aware_training(&s.baseline, &mut calib, data, &settings(epochs, 0.001), qat, &s.device, 1, &mut Quiet)
-        .unwrap()
+    let run = TrainRun { device: &s.device, seed: 1, observer: &mut Quiet };
+    quantization_aware_training(&s.baseline, &mut calib, data, qat, run).unwrap()
+}
+
+/// QAT settings for `epochs` at lr 0.001.
+fn qat_settings(ptq: PtqSettings, epochs: usize, learn_scales: bool, freeze: Option<f64>) -> QatSettings {
+    QatSettings { ptq, train: settings(epochs, 0.001), learn_scales, freeze_observers_epoch: freeze, distill: None }
 }
 
 #[test]
@@ -88,8 +86,7 @@ fn qat_recovers_what_2bit_ptq_loses_and_runs_on_the_integer_kernels() {
     let post = quantize_static(&s.baseline, &mut calibration(&s).into_iter(), &ptq(2)).unwrap();
     let ptq_acc = evaluate_plan(&mut post.freeze(1).unwrap(), &s.test, &s.batcher, 250, &s.device).unwrap().top1;
 
-    let qat = QatSettings { ptq: ptq(2), learn_scales: false, freeze_observers_epoch: Some(1.0), teacher: None };
-    let out = run_qat(&s, &qat, 2);
+    let out = run_qat(&s, &qat_settings(ptq(2), 2, false, Some(1.0)));
     assert_eq!(out.calibration_images, 300);
     assert!(out.model.layers.values().all(|l| l.weight_bits == 2));
     let int_acc = evaluate_plan(&mut out.model.freeze(1).unwrap(), &s.test, &s.batcher, 250, &s.device).unwrap().top1;
@@ -105,9 +102,8 @@ fn qat_recovers_what_2bit_ptq_loses_and_runs_on_the_integer_kernels() {
 #[test]
 fn lsq_learns_its_scales() {
     let s = setup();
-    let qat = QatSettings { ptq: ptq(4), learn_scales: true, freeze_observers_epoch: None, teacher: None };
     let post = quantize_static(&s.baseline, &mut calibration(&s).into_iter(), &ptq(4)).unwrap();
-    let out = run_qat(&s, &qat, 1);
+    let out = run_qat(&s, &qat_settings(ptq(4), 1, true, None));
     let moved = out
         .model
         .layers
@@ -216,14 +212,10 @@ fn qat_with_the_f32_model_as_teacher() {
     // α = 0 is plain QAT exactly; with α > 0 the f32 model teaches the 2-bit one, which still
     // recovers far above post-training quantization.
     let s = setup();
-    let data = TrainData { train: &s.train, validation: None, batcher: &s.batcher };
-    let run = |teacher: Option<shrink_quant::QatTeacher>| {
-        let qat = QatSettings { ptq: ptq(2), learn_scales: false, freeze_observers_epoch: Some(1.0), teacher };
-        let mut calib = calibration(&s).into_iter();
-        quantization_aware_training(&s.baseline, &mut calib, data, &settings(2, 0.001), &qat, &s.device, 1, &mut Quiet)
-            .unwrap()
+    let run = |distill: Option<shrink_quant::QatDistill>| {
+        run_qat(&s, &QatSettings { distill, ..qat_settings(ptq(2), 2, false, Some(1.0)) })
     };
-    let teacher = |alpha| Some(shrink_quant::QatTeacher { graph: s.baseline.clone(), temperature: 4.0, alpha });
+    let teacher = |alpha| Some(shrink_quant::QatDistill { temperature: 4.0, alpha });
     let plain = run(None);
     let zero = run(teacher(0.0));
     for (a, b) in plain.history.iter().zip(&zero.history) {
@@ -254,8 +246,7 @@ fn qat_with_i8_activations_trains_on_the_symmetric_grid_and_runs_on_the_integer_
     let f32_acc = evaluate(&s.baseline, &s.test, &s.batcher, 250, &s.device).unwrap().top1;
     for learn_scales in [false, true] {
         let ptq = PtqSettings { activations: shrink_quant::ActivationType::I8, ..ptq(4) };
-        let qat = QatSettings { ptq, learn_scales, freeze_observers_epoch: None, teacher: None };
-        let out = run_qat(&s, &qat, 1);
+        let out = run_qat(&s, &qat_settings(ptq, 1, learn_scales, None));
         // i8 symmetric: zero point 0, which the u8 kernels see as 128.
         for (name, l) in &out.model.layers {
             assert_eq!(l.input_zero_point, 128, "{name} (learned scales: {learn_scales})");

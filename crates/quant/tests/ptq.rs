@@ -3,29 +3,20 @@
 
 use burn::tensor::{Distribution, Tensor};
 use shrink_core::BackendKind;
+use shrink_core::InitRng;
 use shrink_core::graph::{Conv2dSpec, GraphBuilder};
 use shrink_core::zoo::ModelSpec;
 use shrink_quant::calibrate::Calibrator;
 use shrink_quant::{Override, PtqSettings, QuantScheme, quantize_static};
 
-/// The device's random generator is global: tests running in parallel would interleave their
-/// draws between `seed` and the draws, so seeded draws happen one test at a time.
-static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// Runs `draw` right after seeding the device, with no other test drawing in between.
-fn seeded<T>(seed: u64, draw: impl FnOnce(&burn::tensor::Device) -> T) -> T {
-    let _one_at_a_time = RNG.lock().unwrap_or_else(|e| e.into_inner());
-    let device = BackendKind::Flex.device().unwrap();
-    device.seed(seed);
-    draw(&device)
+fn device() -> burn::tensor::Device {
+    BackendKind::Flex.device().unwrap()
 }
 
+/// `n` batches of 8 images drawn from `seed`.
 fn batches(shape: [usize; 3], n: usize, seed: u64) -> Vec<Tensor<4>> {
-    seeded(seed, |device| {
-        (0..n)
-            .map(|_| Tensor::random([8, shape[0], shape[1], shape[2]], Distribution::Normal(0.0, 1.0), device))
-            .collect()
-    })
+    let mut rng = InitRng::seeded(seed);
+    (0..n).map(|_| rng.tensor([8, shape[0], shape[1], shape[2]], Distribution::Normal(0.0, 1.0), &device())).collect()
 }
 
 fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
@@ -47,7 +38,7 @@ fn check_against_reference_loop(side: usize, stride: usize, settings: &PtqSettin
     let o = (side + 2 - 3) / stride + 1;
     let features = cout * o * o;
     let l = b.linear("fc", f, 4, true);
-    let mut g = seeded(3, |d| b.build(l, d).unwrap());
+    let mut g = b.build(l, &mut InitRng::seeded(3), &device()).unwrap();
     // Skewed weights (each shifted by a third of its layer's largest magnitude), so asymmetric
     // ranges get zero points far from the middle.
     fn skew<const D: usize>(w: &mut burn::module::Param<Tensor<D>>) {
@@ -161,7 +152,7 @@ fn integer_conv_equals_a_reference_integer_loop() {
 
 #[test]
 fn integer_plan_agrees_with_the_simulated_forward() {
-    let g = seeded(11, |d| ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 16, 16], 10, d).unwrap());
+    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 16, 16], 10, 11, &device()).unwrap();
     let calib = batches([1, 16, 16], 4, 12);
     for (calibrator, asymmetric_weights) in [
         (Calibrator::MinMax, false),
@@ -193,7 +184,7 @@ fn integer_plan_agrees_with_the_simulated_forward() {
 #[test]
 fn overrides_keep_layers_float_or_change_their_bits_and_typos_are_errors() {
     let device = BackendKind::Flex.device().unwrap();
-    let g = ModelSpec::CifarResnet { depth: 8, width: 0.5 }.build([1, 12, 12], 10, &device).unwrap();
+    let g = ModelSpec::CifarResnet { depth: 8, width: 0.5 }.build([1, 12, 12], 10, 0, &device).unwrap();
     let calib = batches([1, 12, 12], 1, 1);
     let settings = PtqSettings {
         overrides: vec![
@@ -224,7 +215,7 @@ fn overrides_keep_layers_float_or_change_their_bits_and_typos_are_errors() {
 #[test]
 fn int8_per_channel_weights_keep_38_db_of_sqnr() {
     // N(0,1) weights, 64 channels of 576: the error budget of int8 per-channel symmetric.
-    let w = to_vec(seeded(21, |d| Tensor::<2>::random([64, 576], Distribution::Normal(0.0, 1.0), d)));
+    let w = to_vec(InitRng::seeded(21).tensor([64, 576], Distribution::Normal(0.0, 1.0), &device()));
     let scheme = QuantScheme { bits: 8, symmetric: true, granularity: shrink_quant::Granularity::PerChannel };
     let (q, _) = shrink_quant::fake_quantize(&w, &[64, 576], scheme).unwrap();
     let signal: f64 = w.iter().map(|v| (*v as f64).powi(2)).sum();
@@ -240,7 +231,7 @@ fn int8_per_channel_weights_keep_38_db_of_sqnr() {
 #[test]
 fn model_file_is_compact_and_loads_back_bit_identical() {
     let device = BackendKind::Flex.device().unwrap();
-    let g = seeded(31, |d| ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 16, 16], 10, d).unwrap());
+    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 16, 16], 10, 31, &device).unwrap();
     let calib = batches([1, 16, 16], 2, 32);
     let dir = std::env::temp_dir().join(format!("shrink-quant-file-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -263,7 +254,7 @@ fn model_file_is_compact_and_loads_back_bit_identical() {
     }
     assert!(sizes[1] < sizes[0] && sizes[2] < sizes[1], "{sizes:?}");
     // ResNet-20's int8 file against its f32 model file.
-    let g20 = ModelSpec::CifarResnet { depth: 20, width: 1.0 }.build([3, 16, 16], 10, &device).unwrap();
+    let g20 = ModelSpec::CifarResnet { depth: 20, width: 1.0 }.build([3, 16, 16], 10, 0, &device).unwrap();
     let q20 = quantize_static(&g20, &mut batches([3, 16, 16], 1, 5).into_iter(), &PtqSettings::default()).unwrap();
     let (int8, f32_file) = (q20.to_bytes().unwrap().len(), shrink_core::io::to_bytes(&g20).unwrap().len());
     let ratio = int8 as f64 / f32_file as f64;
@@ -278,7 +269,7 @@ fn model_file_is_compact_and_loads_back_bit_identical() {
 
 #[test]
 fn one_layer_at_a_time_models_quantize_exactly_that_layer() {
-    let g = seeded(41, |d| ModelSpec::CifarResnet { depth: 8, width: 0.5 }.build([1, 12, 12], 10, d).unwrap());
+    let g = ModelSpec::CifarResnet { depth: 8, width: 0.5 }.build([1, 12, 12], 10, 41, &device()).unwrap();
     let q = quantize_static(&g, &mut batches([1, 12, 12], 1, 2).into_iter(), &PtqSettings::default()).unwrap();
     let input = to_vec(batches([1, 12, 12], 1, 3).remove(0));
     let f32_out = shrink_core::runtime::freeze(&g).unwrap().run(&input, 8).unwrap().to_vec();
@@ -299,7 +290,7 @@ fn one_layer_at_a_time_models_quantize_exactly_that_layer() {
 #[test]
 fn dynamic_quantization_covers_linear_layers_without_calibration() {
     let device = BackendKind::Flex.device().unwrap();
-    let g = seeded(51, |d| ModelSpec::Lenet5.build([1, 28, 28], 10, d).unwrap());
+    let g = ModelSpec::Lenet5.build([1, 28, 28], 10, 51, &device).unwrap();
     let settings = PtqSettings { dynamic: true, ..PtqSettings::default() };
     let q = quantize_static(&g, &mut std::iter::empty(), &settings).unwrap();
     assert_eq!(q.layers.keys().cloned().collect::<Vec<_>>(), ["fc1", "fc2", "fc3"]);
@@ -329,7 +320,7 @@ fn dynamic_quantization_covers_linear_layers_without_calibration() {
 #[test]
 fn i8_activations_are_symmetric_and_the_plan_computes_them_exactly() {
     use shrink_quant::ActivationType;
-    let g = seeded(11, |d| ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 16, 16], 10, d).unwrap());
+    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 16, 16], 10, 11, &device()).unwrap();
     let calib = batches([1, 16, 16], 4, 12);
     let settings = PtqSettings { activations: ActivationType::I8, ..PtqSettings::default() };
     let q = quantize_static(&g, &mut calib.clone().into_iter(), &settings).unwrap();
@@ -368,7 +359,7 @@ fn i8_activations_are_symmetric_and_the_plan_computes_them_exactly() {
 #[test]
 fn fused_requantization_gives_the_same_bits() {
     for (side, asymmetric_weights) in [(16, false), (28, false), (28, true)] {
-        let g = seeded(13, |d| ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, side, side], 10, d).unwrap());
+        let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, side, side], 10, 13, &device()).unwrap();
         let calib = batches([1, side, side], 2, 14);
         let settings = PtqSettings { asymmetric_weights, ..PtqSettings::default() };
         let q = quantize_static(&g, &mut calib.clone().into_iter(), &settings).unwrap();
@@ -382,7 +373,7 @@ fn fused_requantization_gives_the_same_bits() {
             let producers = labels.iter().filter(|(_, k)| k.contains("+requantize-u8")).count();
             let consumers = labels.iter().filter(|(_, k)| k.ends_with("(u8 input)")).count();
             assert_eq!(producers, consumers, "{labels:?}");
-            if shrink_quant::vnni::available() {
+            if shrink_quant::vnni::available_for_test("fused_requantization_gives_the_same_bits") {
                 // Each residual block's first conv feeds its second: one pair per block whose
                 // maps the direct kernel takes (not 4×4 ones: its 8-wide grid would double them).
                 assert_eq!(producers, if side == 16 { 2 } else { 3 }, "{labels:?}");

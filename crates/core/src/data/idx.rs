@@ -64,35 +64,8 @@ pub fn parse_idx_bytes(bytes: &[u8], path: &Path) -> Result<IdxArray> {
 fn parse_idx(mut r: impl Read, path: &Path) -> Result<IdxArray> {
     let bad = |offset: u64, msg: String| Error::bad_file(path, offset, msg);
     let io = |e: std::io::Error| Error::bad_file(path, 0, format!("cannot decompress or read: {e}"));
-    let mut head = [0u8; 4];
-    let n = read_up_to(&mut r, &mut head).map_err(io)?;
-    if n < 4 {
-        return Err(bad(n as u64, format!("file ends after {n} bytes; an IDX header has at least 4")));
-    }
-    if head[0] != 0 || head[1] != 0 {
-        return Err(bad(0, format!("not an IDX file: magic starts {:02x} {:02x}, expected 00 00", head[0], head[1])));
-    }
-    if head[2] != 0x08 {
-        return Err(bad(2, format!("IDX type code 0x{:02x} is not supported: expected 0x08 (unsigned byte)", head[2])));
-    }
-    let ndim = head[3] as usize;
-    if ndim == 0 || ndim > 4 {
-        return Err(bad(3, format!("IDX file with {ndim} dimensions: expected 1 to 4")));
-    }
-    let mut dims = Vec::with_capacity(ndim);
-    for d in 0..ndim {
-        let offset = 4 + 4 * d as u64;
-        let mut b = [0u8; 4];
-        if read_up_to(&mut r, &mut b).map_err(io)? < 4 {
-            return Err(bad(offset, format!("file ends inside the header (dimension {d} of {ndim})")));
-        }
-        let v = u32::from_be_bytes(b) as usize;
-        if v == 0 {
-            return Err(bad(offset, format!("dimension {d} is 0")));
-        }
-        dims.push(v);
-    }
-    let header = 4 + 4 * ndim as u64;
+    let dims = parse_header(&mut r, path)?;
+    let header = 4 + 4 * dims.len() as u64;
     let expected = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
     let Some(expected) = expected else {
         return Err(bad(4, format!("dimensions {dims:?} overflow")));
@@ -115,6 +88,61 @@ fn parse_idx(mut r: impl Read, path: &Path) -> Result<IdxArray> {
     Ok(IdxArray { dims, data })
 }
 
+/// The dimensions an IDX header announces, the stream left at the first data byte.
+fn parse_header(r: &mut impl Read, path: &Path) -> Result<Vec<usize>> {
+    let bad = |offset: u64, msg: String| Error::bad_file(path, offset, msg);
+    let io = |e: std::io::Error| Error::bad_file(path, 0, format!("cannot decompress or read: {e}"));
+    let mut head = [0u8; 4];
+    let n = read_up_to(r, &mut head).map_err(io)?;
+    if n < 4 {
+        return Err(bad(n as u64, format!("file ends after {n} bytes; an IDX header has at least 4")));
+    }
+    if head[0] != 0 || head[1] != 0 {
+        return Err(bad(0, format!("not an IDX file: magic starts {:02x} {:02x}, expected 00 00", head[0], head[1])));
+    }
+    if head[2] != 0x08 {
+        return Err(bad(2, format!("IDX type code 0x{:02x} is not supported: expected 0x08 (unsigned byte)", head[2])));
+    }
+    let ndim = head[3] as usize;
+    if ndim == 0 || ndim > 4 {
+        return Err(bad(3, format!("IDX file with {ndim} dimensions: expected 1 to 4")));
+    }
+    let mut dims = Vec::with_capacity(ndim);
+    for d in 0..ndim {
+        let offset = 4 + 4 * d as u64;
+        let mut b = [0u8; 4];
+        if read_up_to(r, &mut b).map_err(io)? < 4 {
+            return Err(bad(offset, format!("file ends inside the header (dimension {d} of {ndim})")));
+        }
+        let v = u32::from_be_bytes(b) as usize;
+        if v == 0 {
+            return Err(bad(offset, format!("dimension {d} is 0")));
+        }
+        dims.push(v);
+    }
+    Ok(dims)
+}
+
+/// The image shape `[channels, height, width]` of an IDX image file (raw or gzip), from its
+/// header alone: what a config's validation needs to build the model before any data loads.
+///
+/// # Errors
+/// As [`read_idx`] for the header, and [`Error::BadFile`] for a file that is not 3- or
+/// 4-dimensional.
+pub fn idx_image_shape(path: &Path) -> Result<[usize; 3]> {
+    let file = BufReader::new(File::open(path).map_err(|e| Error::io(path, e))?);
+    let dims = parse_header(&mut maybe_gzip(file, path)?, path)?;
+    image_shape(&dims, path)
+}
+
+fn image_shape(dims: &[usize], path: &Path) -> Result<[usize; 3]> {
+    match dims[..] {
+        [_, h, w] => Ok([1, h, w]),
+        [_, c, h, w] => Ok([c, h, w]),
+        _ => Err(Error::bad_file(path, 3, format!("images need 3 or 4 dimensions, file has {dims:?}"))),
+    }
+}
+
 /// Reads an IDX image file: `[n, height, width]` (grey) or `[n, channels, height, width]`.
 /// Returns `([channels, height, width], pixels, n)`.
 ///
@@ -122,13 +150,7 @@ fn parse_idx(mut r: impl Read, path: &Path) -> Result<IdxArray> {
 /// As [`read_idx`], and [`Error::BadFile`] for a file that is not 3- or 4-dimensional.
 pub fn load_idx_images(path: &Path) -> Result<([usize; 3], Vec<u8>, usize)> {
     let a = read_idx(path)?;
-    let shape = match a.dims[..] {
-        [_, h, w] => [1, h, w],
-        [_, c, h, w] => [c, h, w],
-        _ => {
-            return Err(Error::bad_file(path, 3, format!("images need 3 or 4 dimensions, file has {:?}", a.dims)));
-        }
-    };
+    let shape = image_shape(&a.dims, path)?;
     Ok((shape, a.data, a.dims[0]))
 }
 
@@ -199,6 +221,24 @@ pub(crate) mod tests {
             assert_eq!((shape, n), ([1, 3, 4], 2));
             assert_eq!(pixels, data);
         }
+    }
+
+    #[test]
+    fn the_image_shape_comes_from_the_header_alone() {
+        let dir = tempdir();
+        for (gz, dims, want) in [(false, vec![5, 7, 9], [1, 7, 9]), (true, vec![2, 3, 16, 12], [3, 16, 12])] {
+            let p = dir.join(format!("shape{gz}"));
+            // Data far shorter than announced: only the header is read.
+            write(&p, &idx(&dims, &[0; 3]), gz);
+            assert_eq!(idx_image_shape(&p).unwrap(), want);
+        }
+        let p = dir.join("labels");
+        write(&p, &idx(&[4], &[0; 4]), false);
+        let e = idx_image_shape(&p).unwrap_err().to_string();
+        assert!(e.contains("labels") && e.contains("3 or 4 dimensions"), "{e}");
+        write(&p, &[0, 0, 8, 3, 0, 0], false);
+        let e = idx_image_shape(&p).unwrap_err().to_string();
+        assert!(e.contains("byte 4") && e.contains("inside the header"), "{e}");
     }
 
     #[test]

@@ -11,7 +11,7 @@ mod mapped;
 
 pub use cifar::{load_cifar10_bin, parse_cifar10_records};
 pub use folder::load_image_folder;
-pub use idx::{IdxArray, load_idx_images, load_idx_labels, load_idx_pair, parse_idx_bytes, read_idx};
+pub use idx::{IdxArray, idx_image_shape, load_idx_images, load_idx_labels, load_idx_pair, parse_idx_bytes, read_idx};
 
 use std::path::Path;
 use std::sync::Arc;

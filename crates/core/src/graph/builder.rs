@@ -5,6 +5,7 @@ use burn::nn::{BatchNorm, BatchNormConfig};
 use burn::tensor::{Device, Distribution, Tensor};
 
 use super::{ConvParams, Graph, LinearParams, Node, NodeId, Op, Params, ValueShape, infer_shapes};
+use crate::init::InitRng;
 use crate::{Error, Result};
 
 /// Settings of a convolution for [`GraphBuilder::conv2d`]:
@@ -72,7 +73,7 @@ impl Conv2dSpec {
 /// let x = b.relu("relu", x);
 /// let x = b.global_avg_pool("pool", x);
 /// let x = b.linear("fc", x, 10, true);
-/// let graph = b.build(x, &device).unwrap();
+/// let graph = b.build(x, &mut shrink_core::InitRng::seeded(42), &device).unwrap();
 /// assert_eq!(graph.num_outputs(), 10);
 /// ```
 #[derive(Debug)]
@@ -201,15 +202,15 @@ impl GraphBuilder {
         self.push(name, Op::Identity, vec![input])
     }
 
-    /// Builds the graph with `output` as its output, initialising parameters on `device`
-    /// (He-normal for convolutions, as torchvision's ResNets; PyTorch's uniform default for
-    /// linear layers; γ = 1, β = 0 for batch norms). Seed the device first for reproducible
-    /// weights.
+    /// Builds the graph with `output` as its output, its parameters drawn from `rng` and placed
+    /// on `device` (He-normal for convolutions, as torchvision's ResNets; PyTorch's uniform
+    /// default for linear layers; γ = 1, β = 0 for batch norms). The same seed gives the same
+    /// weights on every backend.
     ///
     /// # Errors
     /// [`Error::InvalidGraph`] for the first node that did not fit.
-    pub fn build(self, output: NodeId, device: &Device) -> Result<Graph> {
-        self.build_with(output, |_, op| init_params(op, device))
+    pub fn build(self, output: NodeId, rng: &mut InitRng, device: &Device) -> Result<Graph> {
+        self.build_with(output, |_, op| Ok(init_params(op, rng, device)))
     }
 
     /// Builds the graph with parameters made by `make(name, op)` for each op that has them (model files
@@ -235,14 +236,14 @@ impl GraphBuilder {
     }
 }
 
-fn init_params(op: &Op, device: &Device) -> Result<Params> {
-    Ok(match *op {
+fn init_params(op: &Op, rng: &mut InitRng, device: &Device) -> Params {
+    match *op {
         Op::Conv2d { in_channels, out_channels, kernel, groups, bias, .. } => {
             // He initialisation with fan-out, as torchvision's ResNets (kaiming_normal_, mode=fan_out).
             let fan_out = out_channels * kernel[0] * kernel[1] / groups;
             let std = (2.0 / fan_out as f64).sqrt();
             let shape = [out_channels, in_channels / groups, kernel[0], kernel[1]];
-            let weight = Tensor::<4>::random(shape, Distribution::Normal(0.0, std), device);
+            let weight = rng.tensor(shape, Distribution::Normal(0.0, std), device);
             let bias = bias.then(|| Param::from_tensor(Tensor::<1>::zeros([out_channels], device)));
             Params::Conv(ConvParams { weight: Param::from_tensor(weight), bias })
         }
@@ -250,15 +251,15 @@ fn init_params(op: &Op, device: &Device) -> Result<Params> {
             // PyTorch's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
             let bound = 1.0 / (in_features as f64).sqrt();
             let dist = Distribution::Uniform(-bound, bound);
-            let weight = Tensor::<2>::random([out_features, in_features], dist, device);
-            let bias = bias.then(|| Param::from_tensor(Tensor::<1>::random([out_features], dist, device)));
+            let weight = rng.tensor([out_features, in_features], dist, device);
+            let bias = bias.then(|| Param::from_tensor(rng.tensor([out_features], dist, device)));
             Params::Linear(LinearParams { weight: Param::from_tensor(weight), bias })
         }
         Op::BatchNorm2d { features, epsilon, momentum } => {
             Params::BatchNorm(BatchNormConfig::new(features).with_epsilon(epsilon).with_momentum(momentum).init(device))
         }
         _ => unreachable!("only called for ops with parameters"),
-    })
+    }
 }
 
 /// A batch norm made from stored tensors (γ, β, running mean, running variance).

@@ -22,6 +22,7 @@ mod fold;
 pub(crate) use builder::batch_norm_from;
 pub use builder::{Conv2dSpec, GraphBuilder};
 pub use coupling::{ChannelRole, CouplingGroup, CouplingMember};
+pub use fold::BatchNormFold;
 
 use std::collections::HashMap;
 
@@ -288,6 +289,99 @@ impl Graph {
     /// The number of outputs (classes) of the network.
     pub fn num_outputs(&self) -> usize {
         self.shapes().map(|s| s[self.output].channels()).unwrap_or(0)
+    }
+
+    /// The f32 weights of conv or linear node `id` (`[out, in/groups, kh, kw]` or `[out, in]`,
+    /// row-major) and their shape; `None` for any other node.
+    ///
+    /// # Errors
+    /// [`Error::TensorRead`] when the weights cannot be read.
+    pub fn layer_weight(&self, id: NodeId) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
+        let weight = match &self.nodes[id].params {
+            Some(Params::Conv(p)) => p.weight.val(),
+            Some(Params::Linear(p)) => {
+                return Ok(Some((crate::host::floats(p.weight.val())?, p.weight.dims().to_vec())));
+            }
+            _ => return Ok(None),
+        };
+        let dims = weight.dims().to_vec();
+        Ok(Some((crate::host::floats(weight)?, dims)))
+    }
+
+    /// The weight shape of conv or linear node `id` (read from the tensor's metadata, not its
+    /// values); `None` for any other node.
+    pub fn layer_weight_shape(&self, id: NodeId) -> Option<Vec<usize>> {
+        match &self.nodes[id].params {
+            Some(Params::Conv(p)) => Some(p.weight.dims().to_vec()),
+            Some(Params::Linear(p)) => Some(p.weight.dims().to_vec()),
+            _ => None,
+        }
+    }
+
+    /// Replaces the weights of conv or linear node `id` with `values` (same shape, row-major),
+    /// on the device they were on.
+    ///
+    /// # Errors
+    /// [`Error::InvalidGraph`] when `id` is not a conv or linear layer or the count differs.
+    pub fn set_layer_weight(&mut self, id: NodeId, values: Vec<f32>) -> Result<()> {
+        fn set<const D: usize>(w: &mut Param<Tensor<D>>, values: Vec<f32>, name: &str) -> Result<()> {
+            let (dims, device) = (w.dims(), w.val().device());
+            if dims.iter().product::<usize>() != values.len() {
+                return Err(Error::graph(
+                    name,
+                    format!("{} weight values for a weight of shape {dims:?}", values.len()),
+                ));
+            }
+            *w = Param::from_tensor(Tensor::from_data(burn::tensor::TensorData::new(values, dims), &device));
+            Ok(())
+        }
+        let node = &mut self.nodes[id];
+        match &mut node.params {
+            Some(Params::Conv(p)) => set(&mut p.weight, values, &node.name),
+            Some(Params::Linear(p)) => set(&mut p.weight, values, &node.name),
+            _ => Err(Error::graph(&node.name, "weights set on a node that is not a conv or linear layer")),
+        }
+    }
+
+    /// The bias of conv or linear node `id`: `None` for a layer without one or another node.
+    ///
+    /// # Errors
+    /// [`Error::TensorRead`] when the bias cannot be read.
+    pub fn layer_bias(&self, id: NodeId) -> Result<Option<Vec<f32>>> {
+        let bias = match &self.nodes[id].params {
+            Some(Params::Conv(p)) => p.bias.as_ref(),
+            Some(Params::Linear(p)) => p.bias.as_ref(),
+            _ => None,
+        };
+        bias.map(|b| crate::host::floats(b.val())).transpose()
+    }
+
+    /// Sets the bias of conv or linear node `id` (one value per output channel), giving the layer
+    /// one if it had none.
+    ///
+    /// # Errors
+    /// [`Error::InvalidGraph`] when `id` is not a conv or linear layer or the count differs.
+    pub fn set_layer_bias(&mut self, id: NodeId, values: Vec<f32>) -> Result<()> {
+        let node = &mut self.nodes[id];
+        let (bias, weight_device, channels) = match &mut node.params {
+            Some(Params::Conv(p)) => (&mut p.bias, p.weight.val().device(), p.weight.dims()[0]),
+            Some(Params::Linear(p)) => (&mut p.bias, p.weight.val().device(), p.weight.dims()[0]),
+            _ => return Err(Error::graph(&node.name, "a bias set on a node that is not a conv or linear layer")),
+        };
+        if values.len() != channels {
+            return Err(Error::graph(
+                &node.name,
+                format!("{} bias values for {channels} output channels", values.len()),
+            ));
+        }
+        *bias = Some(Param::from_tensor(Tensor::from_data(
+            burn::tensor::TensorData::new(values, [channels]),
+            &weight_device,
+        )));
+        if let Op::Conv2d { bias, .. } | Op::Linear { bias, .. } = &mut node.op {
+            *bias = true;
+        }
+        Ok(())
     }
 
     /// The id of the node called `name`.

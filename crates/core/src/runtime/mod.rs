@@ -40,23 +40,24 @@
 //!     }) as Box<dyn Kernel>)
 //! });
 //! let device = BackendKind::Flex.device().unwrap();
-//! let graph = ModelSpec::Mlp { hidden: vec![16] }.build([1, 4, 4], 3, &device).unwrap();
+//! let graph = ModelSpec::Mlp { hidden: vec![16] }.build([1, 4, 4], 3, 42, &device).unwrap();
 //! let plan = freeze_with(&graph, &registry, &FreezeOptions::default()).unwrap();
 //! assert!(plan.kernels().iter().any(|(_, label)| label == "linear/naive"));
 //! ```
 
+mod freeze;
+mod fusion;
 mod gemm;
 mod kernels;
 
+pub use freeze::{freeze, freeze_with};
+pub use fusion::batch_norm_after;
 pub use gemm::sgemm;
 pub use kernels::{ConvF32, ConvGeometry, ConvRten, LinearF32, LinearRten, Simple};
 
 use std::fmt::Debug;
 
-use burn::module::Module;
-use burn::tensor::Tensor;
-
-use crate::graph::{Graph, NodeId, Op, Params, ValueShape};
+use crate::graph::{Op, ValueShape};
 use crate::{Error, Result};
 
 /// f32 storage aligned to 64 bytes (a cache line, an AVX-512 register): the GEMM reads
@@ -88,6 +89,30 @@ pub struct LayerView<'a> {
     pub output: ValueShape,
     /// Whether a ReLU on the output is fused into this layer.
     pub relu: bool,
+    /// The layer that alone reads this layer's output (its value after the absorbed batch norm
+    /// and ReLU), when nothing else reads that value and it is not the graph's output. The plan
+    /// decides this once, by its fusion rules; a builder may use it to hand the value over in
+    /// its own format (shrink-quant's integer convolutions pass u8 to the next one).
+    pub read_by: Option<LayerLink<'a>>,
+    /// The layer whose output only this layer reads: the other side of
+    /// [`LayerView::read_by`].
+    pub reads_from: Option<LayerLink<'a>>,
+}
+
+/// A conv or linear layer next to the one a builder is offered (see [`LayerView::read_by`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LayerLink<'a> {
+    /// Node name.
+    pub name: &'a str,
+    /// The op.
+    pub op: &'a Op,
+    /// Its input shape, batch excluded.
+    pub input: ValueShape,
+    /// Its output shape, batch excluded.
+    pub output: ValueShape,
+    /// Shape of the value the two layers share (the first one's output after its absorbed
+    /// nodes): the plan's buffer for it holds this many f32 per image.
+    pub value: ValueShape,
 }
 
 /// What a kernel may use while it runs, passed to every kernel.
@@ -325,212 +350,6 @@ impl std::fmt::Debug for Plan {
     }
 }
 
-fn floats<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_to_vec::<f32>().expect("converted to f32")
-}
-
-/// Freezes `graph` with the default f32 kernels on one thread.
-///
-/// # Errors
-/// As [`freeze_with`].
-pub fn freeze(graph: &Graph) -> Result<Plan> {
-    freeze_with(graph, &KernelRegistry::default(), &FreezeOptions::default())
-}
-
-/// Freezes `graph` into a plan, choosing each layer's kernel from `registry`.
-///
-/// # Errors
-/// [`Error::InvalidGraph`] if the graph does not validate; [`Error::RunFailed`] if the thread
-/// pool cannot start.
-pub fn freeze_with(graph: &Graph, registry: &KernelRegistry, options: &FreezeOptions) -> Result<Plan> {
-    graph.validate()?;
-    let graph = graph.clone().valid();
-    let shapes = graph.shapes()?;
-    let n = graph.nodes.len();
-    let consumers: Vec<Vec<NodeId>> = (0..n).map(|i| graph.consumers(i)).collect();
-    // A node's value may be absorbed by its only consumer (batch norm folded into a conv, ReLU
-    // fused into its producer) unless it is the graph's output.
-    let sole = |id: NodeId, pred: &dyn Fn(&Op) -> bool| -> Option<NodeId> {
-        match consumers[id][..] {
-            [c] if id != graph.output && pred(&graph.nodes[c].op) => Some(c),
-            _ => None,
-        }
-    };
-    let mut value_of: Vec<Option<usize>> = vec![None; n];
-    let mut value_len: Vec<usize> = vec![shapes[0].numel()];
-    value_of[0] = Some(0);
-    let mut steps: Vec<Step> = Vec::new();
-    let mut absorbed = vec![false; n];
-    for (id, node) in graph.nodes.iter().enumerate().skip(1) {
-        if absorbed[id] {
-            continue;
-        }
-        let inputs: Vec<usize> = node.inputs.iter().map(|&i| value_of[i].expect("topological order")).collect();
-        if inputs.len() > MAX_INPUTS {
-            return Err(Error::graph(&node.name, format!("the CPU plan takes at most {MAX_INPUTS} inputs per node")));
-        }
-        // Ops that change nothing in memory share their input's value.
-        if matches!(node.op, Op::Identity | Op::Flatten) {
-            value_of[id] = Some(inputs[0]);
-            continue;
-        }
-        let mut tail = id;
-        // Offers a conv or linear layer, as a view, to the registry.
-        let build = |weight: &[f32], weight_shape: &[usize], bias: Option<&[f32]>, relu: bool| -> Box<dyn Kernel> {
-            registry.build(&LayerView {
-                name: &node.name,
-                op: &node.op,
-                weight,
-                weight_shape,
-                bias,
-                input: shapes[node.inputs[0]],
-                output: shapes[id],
-                relu,
-            })
-        };
-        let kernel: Box<dyn Kernel> = match (&node.op, &node.params) {
-            (Op::Conv2d { out_channels, .. }, Some(Params::Conv(p))) => {
-                let mut weight = floats(p.weight.val());
-                let mut bias = p.bias.as_ref().map(|b| floats(b.val()));
-                if let Some(bn_id) = sole(id, &|op| matches!(op, Op::BatchNorm2d { .. })) {
-                    let Some(Params::BatchNorm(bn)) = &graph.nodes[bn_id].params else { unreachable!("validated") };
-                    let Op::BatchNorm2d { epsilon, .. } = graph.nodes[bn_id].op else { unreachable!("validated") };
-                    let (gamma, beta) = (floats(bn.gamma.val()), floats(bn.beta.val()));
-                    let (mean, var) = (floats(bn.running_mean.value()), floats(bn.running_var.value()));
-                    let per = weight.len() / out_channels;
-                    let mut b = bias.unwrap_or_else(|| vec![0.0; *out_channels]);
-                    for c in 0..*out_channels {
-                        let s = gamma[c] / (var[c] + epsilon as f32).sqrt();
-                        weight[c * per..(c + 1) * per].iter_mut().for_each(|w| *w *= s);
-                        b[c] = (b[c] - mean[c]) * s + beta[c];
-                    }
-                    bias = Some(b);
-                    absorbed[bn_id] = true;
-                    tail = bn_id;
-                } else if let Some(identity) = sole(id, &|op| matches!(op, Op::Identity)) {
-                    // A batch norm already folded by `Graph::fold_batch_norms` left an identity:
-                    // look through it for a ReLU to fuse.
-                    absorbed[identity] = true;
-                    tail = identity;
-                }
-                let relu = fuse_relu(&sole, tail, &mut absorbed);
-                let kernel = build(&weight, &p.weight.dims(), bias.as_deref(), relu);
-                if relu {
-                    tail = consumers[tail][0];
-                }
-                kernel
-            }
-            (Op::Linear { .. }, Some(Params::Linear(p))) => {
-                let weight = floats(p.weight.val());
-                let bias = p.bias.as_ref().map(|b| floats(b.val()));
-                let relu = fuse_relu(&sole, id, &mut absorbed);
-                if relu {
-                    tail = consumers[id][0];
-                }
-                build(&weight, &p.weight.dims(), bias.as_deref(), relu)
-            }
-            (Op::BatchNorm2d { epsilon, .. }, Some(Params::BatchNorm(bn))) => {
-                let (gamma, beta) = (floats(bn.gamma.val()), floats(bn.beta.val()));
-                let (mean, var) = (floats(bn.running_mean.value()), floats(bn.running_var.value()));
-                let scale: Vec<f32> = gamma.iter().zip(&var).map(|(g, v)| g / (v + *epsilon as f32).sqrt()).collect();
-                let shift = beta.iter().zip(&mean).zip(&scale).map(|((b, m), s)| b - m * s).collect();
-                let relu = fuse_relu(&sole, id, &mut absorbed);
-                if relu {
-                    tail = consumers[id][0];
-                }
-                let plane = shapes[id].numel() / scale.len();
-                Box::new(Simple::Affine { scale, shift, plane, relu })
-            }
-            (Op::Add, _) => {
-                let relu = fuse_relu(&sole, id, &mut absorbed);
-                if relu {
-                    tail = consumers[id][0];
-                }
-                Box::new(Simple::Add { relu })
-            }
-            (Op::Relu, _) => Box::new(Simple::Relu),
-            (Op::MaxPool2d { kernel, stride, padding }, _) | (Op::AvgPool2d { kernel, stride, padding }, _) => {
-                let dims = |s: ValueShape| match s {
-                    ValueShape::Map { channels, height, width } => (channels, height, width),
-                    ValueShape::Flat { features } => (features, 1, 1),
-                };
-                Box::new(Simple::Pool {
-                    max: matches!(node.op, Op::MaxPool2d { .. }),
-                    input: dims(shapes[node.inputs[0]]),
-                    output: dims(shapes[id]),
-                    kernel: *kernel,
-                    stride: *stride,
-                    padding: *padding,
-                })
-            }
-            (Op::GlobalAvgPool, _) => {
-                let s = shapes[node.inputs[0]];
-                Box::new(Simple::GlobalAvgPool { channels: s.channels(), plane: s.numel() / s.channels() })
-            }
-            (op, _) => {
-                return Err(Error::graph(&node.name, format!("{} cannot be frozen", op.kind())));
-            }
-        };
-        let value = value_len.len();
-        value_len.push(shapes[tail].numel());
-        for v in [id, tail] {
-            value_of[v] = Some(value);
-        }
-        // Nodes absorbed between id and tail (a folded batch norm before a fused ReLU) share it.
-        let mut t = id;
-        while t != tail {
-            t = consumers[t][0];
-            value_of[t] = Some(value);
-        }
-        steps.push(Step { node: node.name.clone(), kernel, inputs, output: value });
-    }
-    let output_value = value_of[graph.output].expect("output computed");
-
-    // Buffer planning: a value's slot is freed after its last reader and reused.
-    let mut last_use = vec![0usize; value_len.len()];
-    for (s, step) in steps.iter().enumerate() {
-        for &v in &step.inputs {
-            last_use[v] = s;
-        }
-    }
-    last_use[output_value] = usize::MAX;
-    let mut slot_of = vec![usize::MAX; value_len.len()];
-    let mut slot_len: Vec<usize> = vec![value_len[0]];
-    slot_of[0] = 0;
-    let mut free: Vec<usize> = Vec::new();
-    for (s, step) in steps.iter().enumerate() {
-        let slot = match free.pop() {
-            Some(slot) => slot,
-            None => {
-                slot_len.push(0);
-                slot_len.len() - 1
-            }
-        };
-        slot_len[slot] = slot_len[slot].max(value_len[step.output]);
-        slot_of[step.output] = slot;
-        for &v in &step.inputs {
-            if last_use[v] == s && !free.contains(&slot_of[v]) && v != step.output {
-                free.push(slot_of[v]);
-            }
-        }
-    }
-    let [c, h, w] = graph.input_shape();
-    Ok(Plan {
-        steps,
-        value_len,
-        slot_of,
-        main: Workspace::new(slot_len.len()),
-        workers: (0..options.threads.max(1)).map(|_| Workspace::new(slot_len.len())).collect(),
-        slot_len,
-        input_shape: [c, h, w],
-        output_value,
-        output: Aligned::new(64),
-        threads: options.threads.max(1),
-        outer: if options.threads > 1 { Some(thread_pool(options.threads)?) } else { None },
-        single: (0..options.threads.max(1)).map(|_| thread_pool(1)).collect::<Result<_>>()?,
-    })
-}
-
 /// Runs `work` once on each of `pools` (single-thread pools), each with its own workspace, and
 /// returns when all have finished.
 fn dispatch(pools: &[rayon::ThreadPool], workspaces: &mut [Workspace], work: &(dyn Fn(&mut Workspace) + Sync)) {
@@ -541,19 +360,6 @@ fn dispatch(pools: &[rayon::ThreadPool], workspaces: &mut [Workspace], work: &(d
             scope.spawn(|_| work(ws));
             dispatch(rest, other, work);
         }),
-    }
-}
-
-/// "The only consumer of this node, if it satisfies this predicate".
-type SoleConsumer<'a> = &'a dyn Fn(NodeId, &dyn Fn(&Op) -> bool) -> Option<NodeId>;
-
-fn fuse_relu(sole: SoleConsumer<'_>, id: NodeId, absorbed: &mut [bool]) -> bool {
-    match sole(id, &|op| matches!(op, Op::Relu)) {
-        Some(r) => {
-            absorbed[r] = true;
-            true
-        }
-        None => false,
     }
 }
 

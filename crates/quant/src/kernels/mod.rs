@@ -1,0 +1,330 @@
+//! Integer kernels for the CPU plan: u8 × i8 → i32, weights quantized and packed once when the
+//! plan is frozen, never dequantized while it runs. On CPUs with AVX-512 VNNI the arithmetic is
+//! our own ([`crate::vnni`]: a direct convolution, and a GEMM that needs no packing of the
+//! activations); elsewhere it is rten-gemm's (AVX-512, AVX2 or NEON, chosen at run time).
+//!
+//! Activations travel between steps of the plan in f32. Each integer layer quantizes its input
+//! to u8 in one pass (the rounding its calibrated parameters define), multiplies in integers,
+//! and its epilogue turns the i32 accumulators back into f32 with the input and per-channel
+//! weight scales, the bias and the fused ReLU. The exception: a direct convolution feeding
+//! another one alone writes its output already requantized in the layout that one reads
+//! ([`ConvDirectInt8::requantize_for`]), the same bytes the other would have computed.
+
+mod conv_direct;
+mod conv_im2col;
+mod linear;
+#[cfg(test)]
+mod tests;
+
+pub use conv_direct::ConvDirectInt8;
+pub use conv_im2col::ConvInt8;
+pub use linear::LinearInt8;
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
+use rten_gemm::{GemmExecutor, GemmInputA, GemmInputB, GemmOptions, QuantParams as RtenQuant};
+use rten_tensor::NdTensorView;
+use shrink_core::graph::{Op, ValueShape};
+use shrink_core::runtime::{Kernel, KernelRegistry, LayerLink, LayerView};
+
+use crate::QuantParams;
+
+thread_local! {
+    // rten's executor is not `Send`: one per thread, all with the same kernel for this CPU, so
+    // weights packed by one are valid for every other.
+    pub(crate) static INT8: GemmExecutor<u8, i8, i32> = GemmExecutor::default();
+    /// Quantized inputs, zero points and i32 accumulators, reused across calls: a forward pass
+    /// allocates only when a layer needs more than any before it on this thread.
+    pub(crate) static BUFFERS: RefCell<Buffers> = const {
+        RefCell::new(Buffers { image: Vec::new(), patches: Vec::new(), row_zero: Vec::new(), acc: Vec::new(), sums: Vec::new() })
+    };
+}
+
+/// The name of the integer GEMM kernel the plans use on this CPU: `shrink-avx512-vnni`, or the
+/// one rten picked (e.g. `x86_64-u8i8i32-avx2`).
+pub fn int8_gemm_kernel_name() -> String {
+    if crate::vnni::available() { "shrink-avx512-vnni".into() } else { INT8.with(|e| e.kernel_name().to_string()) }
+}
+
+/// Which GEMM an integer layer runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Int8Gemm {
+    /// [`crate::vnni`]: the default where the CPU has AVX-512 VNNI.
+    Vnni,
+    /// rten-gemm: everywhere else.
+    Rten,
+}
+
+impl Int8Gemm {
+    /// The fastest one this CPU runs.
+    pub fn best() -> Self {
+        if crate::vnni::available() { Self::Vnni } else { Self::Rten }
+    }
+}
+
+/// Weights `[k, n]` (i8, symmetric: zero point 0) packed once for one of the GEMMs.
+pub(crate) enum PackedInt8 {
+    Vnni(crate::vnni::PackedWeights),
+    /// With the depth, the weights' zero points (all 0, passed on every call) and
+    /// [`Self::zero_sums`] (all 0).
+    Rten(rten_gemm::PackedBMatrix<i8>, usize, Vec<i8>, Vec<i32>),
+}
+
+impl PackedInt8 {
+    pub(crate) fn new(wt: &[i8], k: usize, n: usize, gemm: Int8Gemm) -> Self {
+        match gemm {
+            Int8Gemm::Vnni => Self::Vnni(crate::vnni::PackedWeights::new(wt, k, n)),
+            Int8Gemm::Rten => {
+                Self::Rten(INT8.with(|e| e.prepack_b(NdTensorView::from_data([k, n], wt))), k, vec![0; n], vec![0; n])
+            }
+        }
+    }
+
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Self::Vnni(_) => "vnni",
+            Self::Rten(..) => "rten",
+        }
+    }
+
+    /// Bytes between rows of the activations.
+    pub(crate) fn lda(&self, k: usize) -> usize {
+        match self {
+            Self::Vnni(w) => w.padded_depth(),
+            Self::Rten(..) => k,
+        }
+    }
+
+    /// Values between rows of the accumulators.
+    pub(crate) fn ldc(&self, n: usize) -> usize {
+        match self {
+            Self::Vnni(w) => w.padded_columns(),
+            Self::Rten(..) => n,
+        }
+    }
+
+    /// Per column `j`, what times the activations' zero point to subtract from the
+    /// accumulators: rten subtracts zero points itself (0), the VNNI kernel leaves
+    /// `zero · Σ_k w[k, j]`.
+    pub(crate) fn zero_sums(&self) -> &[i32] {
+        match self {
+            Self::Vnni(w) => w.column_sums(),
+            Self::Rten(_, _, _, zeros) => zeros,
+        }
+    }
+
+    /// `acc [rows, ldc] = a [rows, lda] × w`, exact (zero points handled as
+    /// [`Self::zero_sums`] says).
+    pub(crate) fn gemm(&self, a: &[u8], rows: usize, zero: u8, row_zero: &mut Vec<u8>, acc: &mut [i32]) {
+        match self {
+            Self::Vnni(w) => crate::vnni::gemm(a, w.padded_depth(), rows, w, acc),
+            &Self::Rten(ref w, k, ref weight_zero, _) => {
+                let n = weight_zero.len();
+                row_zero.clear();
+                row_zero.resize(rows, zero);
+                let opts = GemmOptions {
+                    a_quant: Some(RtenQuant { zero_point: &row_zero[..] }),
+                    b_quant: Some(RtenQuant { zero_point: weight_zero }),
+                    ..Default::default()
+                };
+                let a = GemmInputA::Unpacked(NdTensorView::from_data([rows, k], &a[..rows * k]));
+                INT8.with(|e| e.gemm(&mut acc[..rows * n], a, GemmInputB::Packed(w), opts))
+                    .expect("shapes checked at freeze time");
+            }
+        }
+    }
+}
+
+pub(crate) struct Buffers {
+    /// A quantized image (conv, channels-last and padded) or batch (linear).
+    pub(crate) image: Vec<u8>,
+    /// A conv's patch rows.
+    pub(crate) patches: Vec<u8>,
+    /// One zero point per row of the left-hand side.
+    pub(crate) row_zero: Vec<u8>,
+    pub(crate) acc: Vec<i32>,
+    /// Per GEMM row (or output pixel): `Σ_k (a_k − a_zero)`, for asymmetric weights.
+    pub(crate) sums: Vec<i32>,
+}
+
+/// The integer form of one layer, as the plan's builders receive it.
+#[derive(Clone, Debug)]
+pub struct IntLayer {
+    /// Weight bits (8, 4 or 2: all run on the same int8 kernel; fewer bits only shrink the file).
+    pub weight_bits: u32,
+    /// Weight scale per output channel.
+    pub weight_scales: Vec<f32>,
+    /// Asymmetric weights: the zero point per output channel, in the signed storage range
+    /// `[-2^(bits-1), 2^(bits-1) - 1]` (the unsigned zero point minus `2^(bits-1)`), so that
+    /// `w = scale · (q − zero_point)` for stored `q` in the same range. Empty: symmetric
+    /// (zero point 0, `q` in `[-(2^(bits-1) - 1), 2^(bits-1) - 1]`).
+    pub weight_zero_points: Vec<i32>,
+    /// u8 parameters of the layer's input (ignored when `dynamic`).
+    pub input: QuantParams,
+    /// Dynamic quantization: the input's range is measured on each batch at run time.
+    pub dynamic: bool,
+}
+
+impl IntLayer {
+    /// The stored integer of weight `w` (already on the grid, or any f32) of output channel `o`.
+    pub fn int_weight(&self, w: f32, o: usize) -> i8 {
+        crate::scheme::int_weight(w, self.weight_scales[o], self.weight_zero_points.get(o).copied(), self.weight_bits)
+    }
+
+    /// The weight zero points when any is not 0: the kernels then subtract
+    /// `zero_point[o] · Σ_k (a_k − a_zero)` per output.
+    pub(crate) fn nonzero_weight_zero_points(&self) -> Option<Vec<i32>> {
+        self.weight_zero_points.iter().any(|&z| z != 0).then(|| self.weight_zero_points.clone())
+    }
+}
+
+/// `Σ_k (a_k − zero)` of each row of `rows` (`k` bytes used of every `ld`): what an
+/// asymmetric weight's zero point multiplies.
+pub(crate) fn row_sums(a: &[u8], ld: usize, k: usize, count: usize, zero: u8, out: &mut Vec<i32>) {
+    out.clear();
+    out.extend(
+        a.chunks(ld).take(count).map(|r| r[..k].iter().map(|&v| v as i32).sum::<i32>() - k as i32 * zero as i32),
+    );
+}
+
+pub(crate) fn dims(shape: ValueShape) -> (usize, usize, usize) {
+    match shape {
+        ValueShape::Map { channels, height, width } => (channels, height, width),
+        ValueShape::Flat { features } => (features, 1, 1),
+    }
+}
+
+/// The integer epilogue, the one definition of how an i32 accumulator becomes an output value:
+/// `(acc − correction − weight_zero · window_sum) · scale + bias`, then ReLU if asked, with
+/// wrapping i32 arithmetic (as the SIMD lanes of [`crate::vnni`] compute it) and the float
+/// product and sum rounded separately (no fused multiply-add). `correction` is the input's zero
+/// point times the weights' sum, `weight_zero · window_sum` the asymmetric weights' term (0 for
+/// symmetric weights), `scale` the input scale times the weight scale. The vector epilogue of
+/// [`crate::vnni::DirectConv`] performs the same operations in the same order; the tests hold
+/// both to the same bits.
+#[inline(always)]
+pub fn dequantize(
+    acc: i32,
+    correction: i32,
+    weight_zero: i32,
+    window_sum: i32,
+    scale: f32,
+    bias: f32,
+    relu: bool,
+) -> f32 {
+    let a = acc.wrapping_sub(correction).wrapping_sub(weight_zero.wrapping_mul(window_sum));
+    let y = a as f32 * scale + bias;
+    if relu { y.max(0.0) } else { y }
+}
+
+/// What an integer layer's epilogue applies per output channel (see [`dequantize`]), owned by
+/// its kernel.
+#[derive(Clone, Debug)]
+pub(crate) struct ChannelEpilogue {
+    /// Input zero point × Σ weights of the channel, where the GEMM leaves it in the
+    /// accumulators.
+    pub correction: Vec<i32>,
+    /// Asymmetric weights: their zero points; empty for symmetric weights.
+    pub weight_zero: Vec<i32>,
+    /// Input scale × weight scale.
+    pub scale: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub relu: bool,
+}
+
+impl ChannelEpilogue {
+    /// The epilogue of `layer` with calibrated input parameters; `zero_sums` is what the GEMM
+    /// leaves to subtract per channel (see [`PackedInt8::zero_sums`]).
+    pub fn new(view: &LayerView<'_>, layer: &IntLayer, zero_sums: &[i32]) -> Self {
+        let channels = layer.weight_scales.len();
+        Self {
+            correction: zero_sums.iter().map(|s| s.wrapping_mul(layer.input.zero_point)).collect(),
+            weight_zero: layer.nonzero_weight_zero_points().unwrap_or_default(),
+            scale: layer.weight_scales.iter().map(|s| s * layer.input.scale).collect(),
+            bias: view.bias.map(|b| b.to_vec()).unwrap_or_else(|| vec![0.0; channels]),
+            relu: view.relu,
+        }
+    }
+
+    /// Whether the weights have zero points (the kernels then need window sums).
+    pub fn asymmetric(&self) -> bool {
+        !self.weight_zero.is_empty()
+    }
+
+    /// Output channel `c`'s value for accumulator `acc` (`window_sum`: see [`dequantize`];
+    /// ignored for symmetric weights).
+    #[inline(always)]
+    pub fn apply(&self, c: usize, acc: i32, window_sum: i32) -> f32 {
+        let weight_zero = self.weight_zero.get(c).copied().unwrap_or(0);
+        dequantize(acc, self.correction[c], weight_zero, window_sum, self.scale[c], self.bias[c], self.relu)
+    }
+
+    /// The same epilogue as the direct convolution reads it.
+    pub fn vnni<'a>(&'a self, window_sums: &'a [i32]) -> crate::vnni::Epilogue<'a> {
+        crate::vnni::Epilogue {
+            correction: &self.correction,
+            scale: &self.scale,
+            bias: &self.bias,
+            relu: self.relu,
+            weight_zero: &self.weight_zero,
+            window_sums: if self.asymmetric() { window_sums } else { &[] },
+        }
+    }
+}
+
+/// A kernel registry that gives each layer of `layers` (by node name) its integer kernel: the
+/// direct VNNI convolution where it applies, else im2col on the best GEMM; linear layers on the
+/// GEMM. With `fuse_requantization`, two direct convolutions the plan pairs (the first's value
+/// read by the second alone: [`LayerView::read_by`]) hand the value over as u8, written by the
+/// first's epilogue in the second's input layout ([`requantized_handover`]).
+pub fn int8_registry(layers: BTreeMap<String, IntLayer>, fuse_requantization: bool) -> KernelRegistry {
+    let mut registry = KernelRegistry::default();
+    registry.register("int8", move |view: &LayerView<'_>| {
+        let layer = layers.get(view.name)?;
+        match view.op {
+            Op::Conv2d { .. } => match ConvDirectInt8::new(view, layer) {
+                Some(mut k) => {
+                    if fuse_requantization {
+                        let this = |value| LayerLink {
+                            name: view.name,
+                            op: view.op,
+                            input: view.input,
+                            output: view.output,
+                            value,
+                        };
+                        if let Some(next) = view.read_by
+                            && let Some(image) = requantized_handover(&this(next.value), &next, &layers)
+                        {
+                            k = k.requantize_for(image);
+                        }
+                        if let Some(previous) = view.reads_from
+                            && requantized_handover(&previous, &this(previous.value), &layers).is_some()
+                        {
+                            k = k.with_quantized_input();
+                        }
+                    }
+                    Some(Box::new(k) as Box<dyn Kernel>)
+                }
+                None => ConvInt8::new(view, layer).map(|k| Box::new(k) as Box<dyn Kernel>),
+            },
+            Op::Linear { .. } => LinearInt8::new(view, layer).map(|k| Box::new(k) as Box<dyn Kernel>),
+            _ => None,
+        }
+    });
+    registry
+}
+
+/// The fusion rule, in one place: the image `to` reads when `from` (the layer whose value only
+/// `to` reads, as the plan paired them) writes it requantized in its epilogue — both quantized,
+/// both on the direct kernel, and the image (with the kernel's slack) fitting the f32 buffer the
+/// plan gives the value. Both builders call it, so producer and consumer always agree.
+pub fn requantized_handover(
+    from: &LayerLink<'_>,
+    to: &LayerLink<'_>,
+    layers: &BTreeMap<String, IntLayer>,
+) -> Option<crate::vnni::QuadImage> {
+    ConvDirectInt8::plan_input(from.op, from.input, from.output, layers.get(from.name)?)?;
+    let image = ConvDirectInt8::plan_input(to.op, to.input, to.output, layers.get(to.name)?)?;
+    (image.len() + crate::vnni::DirectConv::SLACK <= 4 * from.value.numel()).then_some(image)
+}
