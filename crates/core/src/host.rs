@@ -17,6 +17,15 @@ pub fn floats<const D: usize>(tensor: Tensor<D>) -> Result<Vec<f32>> {
     tensor.try_into_vec_as::<f32>().map_err(|e| Error::TensorRead(e.to_string()))
 }
 
+/// Reads `tensor` back and drops the values: waits until the device has computed it, so a
+/// timing includes the work of an asynchronous backend.
+///
+/// # Errors
+/// [`Error::TensorRead`] when the backend cannot read the tensor.
+pub fn wait_for<const D: usize>(tensor: Tensor<D>) -> Result<()> {
+    tensor.try_into_data().map(drop).map_err(|e| Error::TensorRead(format!("{e:?}")))
+}
+
 /// The values of `data` (already read back) as f32, in row-major order.
 ///
 /// # Errors

@@ -179,15 +179,15 @@ pub fn measure_latency(graph: &Graph, backend: BackendKind, settings: &LatencySe
         let x =
             crate::init::InitRng::seeded(0).tensor([batch.max(1), c, h, w], Distribution::Normal(0.0, 1.0), &device);
         for _ in 0..settings.warmup {
-            let _ = model.forward(x.clone()).into_data();
+            crate::host::wait_for(model.forward(x.clone()))?;
         }
         let mut times: Vec<f64> = (0..settings.repeats.max(1))
             .map(|_| {
                 let start = Instant::now();
-                let _ = model.forward(x.clone()).into_data();
-                start.elapsed().as_secs_f64() * 1e3
+                crate::host::wait_for(model.forward(x.clone()))?;
+                Ok(start.elapsed().as_secs_f64() * 1e3)
             })
-            .collect();
+            .collect::<Result<_>>()?;
         times.sort_by(f64::total_cmp);
         let pick = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
         out.push(Latency {

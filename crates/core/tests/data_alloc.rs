@@ -15,10 +15,12 @@ unsafe impl GlobalAlloc for Tracking {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let live = LIVE.fetch_add(layout.size(), Ordering::SeqCst) + layout.size();
         PEAK.fetch_max(live, Ordering::SeqCst);
+        // SAFETY: the caller's layout, passed on as `GlobalAlloc::alloc` received it.
         unsafe { System.alloc(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         LIVE.fetch_sub(layout.size(), Ordering::SeqCst);
+        // SAFETY: `ptr` came from `System.alloc` with this layout (every allocation goes there).
         unsafe { System.dealloc(ptr, layout) }
     }
 }

@@ -9,7 +9,7 @@ use shrink_core::train::{
     Batch, EpochRecord, LossAndLogits, TrainData, TrainObserver, TrainSettings, Trainable, train_module,
 };
 
-use crate::losses::{attention_loss, hint_loss, kd_loss_soft, soft_targets};
+use crate::losses::{attention_loss, distillation_loss, hint_loss, soft_targets};
 use crate::{Error, Result};
 
 /// A pair of features compared during distillation, named by node.
@@ -333,7 +333,7 @@ pub fn distill(
         };
         // Teacher tensors carry no autodiff: they enter the student's graph as constants.
         let targets = targets.autodiff();
-        let mut loss = kd_loss_soft(logits.clone(), targets, batch.labels, temperature, settings.alpha);
+        let mut loss = distillation_loss(logits.clone(), targets, batch.labels, temperature, settings.alpha);
         let mut feats = s_feats.into_iter().zip(t_feats.into_iter().map(|t| as_map(t).autodiff()));
         for pair in &hints {
             let (s, t) = feats.next().expect("one tap per pair");
@@ -369,7 +369,7 @@ fn soft_targets_of_set(
         parts.push(soft_targets(&logits, weights, temperature));
     }
     let all = Tensor::cat(parts, 0);
-    let values: Vec<f32> = all.clone().into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default();
+    let values = shrink_core::host::floats(all.clone())?;
     if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
         return Err(Error::NonFinite(format!(
             "teacher soft target of training image {}",

@@ -1,6 +1,6 @@
 //! shrink-distill: knowledge distillation on burn tensors and on shrink graphs.
 //!
-//! - [`losses`]: Hinton's distillation loss ([`kd_loss`], and [`kd_loss_soft`] on an ensemble's
+//! - [`losses`]: Hinton's distillation loss ([`kd_loss`], and [`distillation_loss`] on an ensemble's
 //!   [`soft_targets`]), FitNets' [`hint_loss`] and attention transfer ([`attention_loss`]) as
 //!   plain functions on burn tensors, usable in any training loop.
 //! - [`distill()`]: one teacher or an ensemble (frozen, run without autodiff) into a student
@@ -26,12 +26,13 @@ pub mod losses;
 pub use distill::{
     AdapterInfo, DistillSettings, Distilled, FeaturePair, Learner, Teacher, check_pairs, distill, ensemble_log_probs,
 };
-pub use losses::{attention_loss, attention_map, hint_loss, kd_loss, kd_loss_soft, soft_targets};
+pub use losses::{attention_loss, attention_map, distillation_loss, hint_loss, kd_loss, soft_targets};
 
 /// The names most programs need: `use shrink_distill::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        DistillSettings, FeaturePair, Teacher, attention_loss, distill, hint_loss, kd_loss, kd_loss_soft, soft_targets,
+        DistillSettings, FeaturePair, Teacher, attention_loss, distill, distillation_loss, hint_loss, kd_loss,
+        soft_targets,
     };
 }
 

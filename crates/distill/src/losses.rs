@@ -19,26 +19,15 @@ pub fn kd_loss(
     temperature: f64,
     alpha: f64,
 ) -> Tensor<1> {
-    // Softening keeps the shape, so `kd_loss_soft` checks both the shapes and the temperature.
+    // Softening keeps the shape, so `distillation_loss` checks both the shapes and the temperature.
     let soft = softmax(teacher.detach().div_scalar(temperature), 1);
-    kd_loss_soft(student, soft, labels, temperature, alpha)
+    distillation_loss(student, soft, labels, temperature, alpha)
 }
 
-/// As [`kd_loss`], with the teacher given as probabilities already softened at `temperature`
-/// (one teacher's `softmax(t/T)`, or an ensemble's mean from [`soft_targets`]). The same as
-/// [`shrink_core::train::distillation_loss`], which QAT with a teacher uses too.
-///
-/// # Panics
-/// If the shapes differ, or `temperature <= 0`.
-pub fn kd_loss_soft(
-    student: Tensor<2>,
-    teacher_probs: Tensor<2>,
-    labels: Tensor<1, Int>,
-    temperature: f64,
-    alpha: f64,
-) -> Tensor<1> {
-    shrink_core::train::distillation_loss(student, teacher_probs, labels, temperature, alpha)
-}
+/// As [`kd_loss`], with the teacher given as probabilities already softened at the temperature
+/// (one teacher's `softmax(t/T)`, or an ensemble's mean from [`soft_targets`]). The one
+/// definition lives in shrink-core, because QAT with a teacher trains with it too.
+pub use shrink_core::train::distillation_loss;
 
 /// The soft targets of an ensemble: `Σᵢ wᵢ · softmax(tᵢ / T)` with the weights normalised to
 /// sum to 1 (Hinton et al.'s mean of the teachers' softened outputs). One teacher with any

@@ -349,6 +349,12 @@ mod x86 {
     /// every panel group passes over them.
     const ROW_BLOCK: usize = 96;
 
+    /// See [`super::gemm`].
+    ///
+    /// # Safety
+    /// The CPU has the target features; `lda >= w.depth`, `a` holds `rows` rows (the last one at
+    /// least `w.depth` bytes) and `c` holds `rows × ldc` values with `ldc >= w.padded_columns()`
+    /// (what [`super::gemm`] asserts).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
     pub(super) unsafe fn gemm(a: &[u8], lda: usize, rows: usize, w: &PackedWeights, c: &mut [i32], ldc: usize) {
         let panels = w.columns.div_ceil(PANEL);
@@ -362,6 +368,8 @@ mod x86 {
                 let r = (panels - p).min(4);
                 let b = &w.data[p * panel_len..];
                 let col = p * PANEL;
+                // SAFETY: this function's contract covers the CPU features, `a` and `c`; `b`
+                // holds the `panels − p ≥ r` panels from `p` on, `panel_len` bytes each.
                 unsafe {
                     match r {
                         4 => rows_of::<6, 4>(a, lda, r0, r1, b, panel_len, steps, c, ldc, col),
@@ -376,6 +384,11 @@ mod x86 {
     }
 
     /// Rows `r0..r1` against `R` panels starting at `b`, in tiles of `MR` rows.
+    ///
+    /// # Safety
+    /// The CPU has the target features; `b` holds `R` panels of `panel_len = steps · 4 · 16`
+    /// bytes; rows `r0..r1` of `a` (`lda` apart) hold at least `steps · 4` bytes each; `c` holds
+    /// rows `r0..r1` of `ldc` values, and `col + 16 · R <= ldc`.
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
@@ -399,10 +412,13 @@ mod x86 {
             let mut acc = [[_mm512_setzero_si512(); R]; MR];
             let b = b.as_ptr();
             for s in 0..steps {
+                // SAFETY: 64 bytes at `(s · 4 + 4) · 16 <= panel_len` into panel `j < R` of `b`.
                 let wv: [__m512i; R] = std::array::from_fn(|j| unsafe {
                     _mm512_loadu_si512(b.add(j * panel_len + s * DEPTH_STEP * PANEL) as *const __m512i)
                 });
                 for t in 0..MR {
+                    // SAFETY: 4 bytes at `s · 4 + 4 <= steps · 4` into a row below `r1` (rows past
+                    // `used` repeat the last real row).
                     let av = _mm512_set1_epi32(unsafe { (rows[t].add(s * DEPTH_STEP) as *const i32).read_unaligned() });
                     for j in 0..R {
                         acc[t][j] = _mm512_dpbusd_epi32(acc[t][j], av, wv[j]);
@@ -412,6 +428,7 @@ mod x86 {
             for (t, acc) in acc.iter().enumerate().take(used) {
                 for (j, v) in acc.iter().enumerate() {
                     let dst = c[(i + t) * ldc + col + j * PANEL..][..PANEL].as_mut_ptr();
+                    // SAFETY: `dst` starts a 16-value slice of `c` (bounds checked just above).
                     unsafe { _mm512_storeu_si512(dst as *mut __m512i, *v) };
                 }
             }
@@ -420,6 +437,9 @@ mod x86 {
     }
 
     /// The direct convolution: tiles of 8 output channels × 16·`R` output pixels.
+    ///
+    /// # Safety
+    /// As [`direct_tiles`]: everything [`DirectConv::run`] asserts.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
     pub(super) unsafe fn direct(
@@ -433,6 +453,8 @@ mod x86 {
         epilogue: &Epilogue<'_>,
     ) {
         let (_, gw) = DirectConv::grid(oh, ow);
+        // SAFETY: this function's contract is `direct_tiles`'s; the match only picks the tile
+        // shape that fits the grid (R = 2 needs widths of 32, SPLIT widths of 8, S the stride).
         unsafe {
             match (conv.stride, gw.is_multiple_of(32), gw.is_multiple_of(16)) {
                 (1, true, _) => direct_tiles::<2, false, 1>(conv, image, hp, wp, oh, ow, out, epilogue),
@@ -447,6 +469,15 @@ mod x86 {
 
     /// `R` vectors of 16 pixels per tile; `SPLIT`: a vector covers two rows of 8 pixels; `S`:
     /// the stride (with 2, a vector gathers the even words of two loads).
+    ///
+    /// # Safety
+    /// The CPU has the target features and the arguments satisfy what [`DirectConv::run`]
+    /// asserts: the grid of `oh × ow` is supported and `S` is the stride; `hp` and `wp` cover the
+    /// grid's receptive field (`(gh − 1) · S + kh` rows, `(gw − 1) · S + kw` columns); `image`
+    /// holds `quads · hp · wp · 4` bytes plus [`DirectConv::SLACK`]; `out` holds every output
+    /// channel's `oh × ow` pixels (f32), or the next image; the epilogue has a value per channel
+    /// and, for asymmetric weights, a window sum per pixel of the grid. `R = 2` needs a grid
+    /// width that is a multiple of 32, `SPLIT` one of 8.
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
@@ -484,6 +515,10 @@ mod x86 {
                         let tap = ky * kw + kx;
                         for q in 0..conv.quads {
                             let shift = ((q * hp + ky) * wp + kx) * 4;
+                            // SAFETY: each load reads pixels of quad `q`'s plane inside the
+                            // receptive field of grid pixels, which `hp × wp` covers; a stride-2
+                            // load reads at most one 64-byte word past the last pixel it uses,
+                            // which lands in the next row or the SLACK after the last plane.
                             let a: [__m512i; R] = std::array::from_fn(|r| unsafe {
                                 if S == 2 {
                                     // 16 output pixels: the even words of 32 (or 2 × 16) input pixels.
@@ -499,8 +534,11 @@ mod x86 {
                                     _mm512_loadu_si512(img.add(first[r] + shift) as *const __m512i)
                                 }
                             });
+                            // SAFETY: `tap < kh · kw`, `q < quads` and `o0 + 8 <= out_padded`: the
+                            // 8 words read below lie inside `words` (`kh·kw·quads·out_padded`).
                             let w = unsafe { words.add((tap * conv.quads + q) * conv.out_padded + o0) };
                             for (t, acc) in acc.iter_mut().enumerate() {
+                                // SAFETY: `t < 8`, see above.
                                 let b = _mm512_set1_epi32(unsafe { *w.add(t) });
                                 for r in 0..R {
                                     acc[r] = _mm512_dpbusd_epi32(acc[r], a[r], b);
@@ -522,6 +560,7 @@ mod x86 {
                     for (r, v) in acc.iter().enumerate() {
                         let mut v = _mm512_sub_epi32(*v, correction);
                         if let Some(z) = weight_zero {
+                            // SAFETY: 16 i32 of a slice of that length (bounds checked as it is made).
                             let sums = unsafe {
                                 _mm512_loadu_si512(epilogue.window_sums[p0 + 16 * r..][..16].as_ptr() as *const __m512i)
                             };
@@ -540,6 +579,8 @@ mod x86 {
                         for (t, ys) in ys.iter().enumerate().take(conv.out_channels.saturating_sub(o0)) {
                             let row = &mut out[(o0 + t) * n..(o0 + t + 1) * n];
                             for (r, &y) in ys.iter().enumerate() {
+                                // SAFETY: the CPU has the features (this function's contract);
+                                // `store_f32` writes only through bounds-checked slices of `row`.
                                 unsafe { store_f32(row, y, oy, ox + 16 * r, oh, ow, SPLIT, row_mask(ox + 16 * r)) };
                             }
                         }
@@ -576,12 +617,15 @@ mod x86 {
                                 if SPLIT {
                                     let mask = row_mask(0) as __mmask8;
                                     let lo = plane[at(oy, 0)..][..4 * ow].as_mut_ptr();
+                                    // SAFETY: the mask enables `min(ow, 8)` lanes of 4 bytes: the
+                                    // `4 · ow` bytes of the slice just made (bounds checked).
                                     unsafe {
                                         _mm256_mask_storeu_epi32(lo as *mut i32, mask, _mm512_castsi512_si256(px))
                                     };
                                     if oy + 1 < oh {
                                         let hi = plane[at(oy + 1, 0)..][..4 * ow].as_mut_ptr();
                                         let px_hi = _mm512_extracti64x4_epi64::<1>(px);
+                                        // SAFETY: as above, on the next row.
                                         unsafe { _mm256_mask_storeu_epi32(hi as *mut i32, mask, px_hi) };
                                     }
                                 } else {
@@ -589,6 +633,8 @@ mod x86 {
                                     let mask = row_mask(x0);
                                     if mask != 0 {
                                         let dst = plane[at(oy, x0)..][..4 * (ow - x0).min(16)].as_mut_ptr();
+                                        // SAFETY: the mask enables `min(ow − x0, 16)` lanes of 4
+                                        // bytes: the slice just made (bounds checked).
                                         unsafe { _mm512_mask_storeu_epi32(dst as *mut i32, mask as __mmask16, px) };
                                     }
                                 }
@@ -602,6 +648,11 @@ mod x86 {
 
     /// Stores the real pixels of one output vector `y` of a channel's `row` (`oh × ow`): 16
     /// pixels of row `oy` from `x0`, or with `split` 8 of row `oy` and 8 of row `oy + 1`.
+    ///
+    /// # Safety
+    /// The CPU has the target features; `mask` enables at most the real pixels: `min(ow − x0,
+    /// 16)` lanes, or with `split` at most `ow <= 8` lanes of each half. Every store goes through
+    /// a bounds-checked slice of `row`.
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
@@ -618,13 +669,16 @@ mod x86 {
         if split {
             let half = mask as __mmask8;
             let lo = row[oy * ow..][..ow].as_mut_ptr();
+            // SAFETY: at most `ow` lanes enabled (this function's contract) into `ow` values.
             unsafe { _mm256_mask_storeu_ps(lo, half, _mm512_castps512_ps256(y)) };
             if oy + 1 < oh {
                 let hi = row[(oy + 1) * ow..][..ow].as_mut_ptr();
+                // SAFETY: as above, on the next row.
                 unsafe { _mm256_mask_storeu_ps(hi, half, _mm512_extractf32x8_ps::<1>(y)) };
             }
         } else if mask != 0 {
             let dst = row[oy * ow + x0..][..(ow - x0).min(16)].as_mut_ptr();
+            // SAFETY: at most `min(ow − x0, 16)` lanes enabled, the slice's length.
             unsafe { _mm512_mask_storeu_ps(dst, mask as __mmask16, y) };
         }
     }
