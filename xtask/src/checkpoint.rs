@@ -11,10 +11,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
-use shrink_core::{Graph, io};
+use shrink_core::io;
 use shrink_quant::QuantizedModel;
 
-use crate::report::{Report, StageReport};
+use crate::report::{Report, RunStatus, StageReport};
+use crate::stages::RunState;
 
 /// The checkpoint directory inside a run directory.
 pub const DIR: &str = "checkpoint";
@@ -39,51 +40,36 @@ struct State {
 pub struct Restored {
     /// Stages finished.
     pub stages_done: usize,
-    /// Whether no stage has trained the model yet.
-    pub fresh: bool,
-    /// The current model.
-    pub graph: Graph,
-    /// The model as the last training stage left it.
-    pub uncompressed: Option<Graph>,
-    /// The quantized model, once a quantize or qat stage ran.
-    pub quantized: Option<QuantizedModel>,
+    /// The models the next stage starts from.
+    pub state: RunState,
     /// The finished stages' reports.
     pub stages: Vec<StageReport>,
-}
-
-/// The state after `stages.len()` finished stages.
-pub struct Snapshot<'a> {
-    pub graph: &'a Graph,
-    pub fresh: bool,
-    pub uncompressed: Option<&'a Graph>,
-    pub quantized: Option<&'a QuantizedModel>,
-    pub stages: &'a [StageReport],
 }
 
 fn stage_dir(root: &Path, stages_done: usize) -> PathBuf {
     root.join(format!("stage-{stages_done}"))
 }
 
-/// Writes the checkpoint after `snapshot.stages.len()` finished stages and removes older ones.
-pub fn save(run_dir: &Path, snapshot: &Snapshot<'_>) -> Result<()> {
+/// Writes the checkpoint of `run` after the finished `stages` and removes older ones.
+pub fn save(run_dir: &Path, run: &RunState, stages: &[StageReport]) -> Result<()> {
     let root = run_dir.join(DIR);
-    let stages_done = snapshot.stages.len();
+    let stages_done = stages.len();
     let dir = stage_dir(&root, stages_done);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    io::save(snapshot.graph, &dir.join("graph.safetensors"))?;
-    if let Some(u) = snapshot.uncompressed {
+    io::save(&run.graph, &dir.join("graph.safetensors"))?;
+    if let Some(u) = &run.uncompressed {
         io::save(u, &dir.join("uncompressed.safetensors"))?;
     }
-    if let Some(q) = snapshot.quantized {
+    if let Some(q) = &run.quantized {
         q.save(&dir.join("quantized.safetensors"))?;
     }
     let state = State {
         format: FORMAT,
         stages_done,
-        fresh: snapshot.fresh,
-        has_uncompressed: snapshot.uncompressed.is_some(),
-        has_quantized: snapshot.quantized.is_some(),
-        stages: snapshot.stages.to_vec(),
+        fresh: run.fresh,
+        has_uncompressed: run.uncompressed.is_some(),
+        has_quantized: run.quantized.is_some(),
+        stages: stages.to_vec(),
     };
     let json = serde_json::to_vec_pretty(&state).context("serialising the checkpoint state")?;
     io::write_atomic(&root.join("state.json"), &json)?;
@@ -129,10 +115,7 @@ pub fn load(run_dir: &Path, device: &burn::tensor::Device) -> Result<Option<Rest
     };
     Ok(Some(Restored {
         stages_done: state.stages_done,
-        fresh: state.fresh,
-        graph,
-        uncompressed,
-        quantized,
+        state: RunState { graph, fresh: state.fresh, uncompressed, quantized },
         stages: state.stages,
     }))
 }
@@ -162,5 +145,6 @@ pub fn unfinished_run(
     let (_, last) = runs.pop()?;
     let report: Report = serde_json::from_slice(&std::fs::read(last.join("report.json")).ok()?).ok()?;
     let same_config = std::fs::read_to_string(last.join("config.resolved.toml")).ok()? == resolved_config;
-    (report.status != "complete" && same_config && report.provenance.git_revision == revision).then_some((last, report))
+    (report.status != RunStatus::Complete && same_config && report.provenance.git_revision == revision)
+        .then_some((last, report))
 }

@@ -1,18 +1,26 @@
-//! The experiment TOML: plain serde structs parsed strictly, then validated into a [`Plan`]
-//! before any data loads.
+//! The experiment TOML: plain serde structs parsed strictly (unknown keys are errors naming the
+//! line and column), then validated into a typed [`Plan`] ([`crate::plan`]) before any data
+//! loads.
+//!
+//! The schema is the TOML's surface, flat as users write it: the training keys (`epochs`,
+//! `batch_size`, `optimizer`, …) stand in each stage kind that trains, because serde cannot
+//! flatten a shared struct into a table that also denies unknown keys. The plan holds them once,
+//! as a `TrainSettings`.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use shrink_core::BackendKind;
 use shrink_core::data::Augmentation;
 use shrink_core::metrics::LatencySettings;
-use shrink_core::train::{OptimizerSettings, Schedule, TrainSettings};
+use shrink_core::train::{OptimizerSettings, Schedule};
 use shrink_core::zoo::ModelSpec;
-use shrink_distill::{DistillSettings, FeaturePair};
-use shrink_prune::{Criterion, Granularity, PruneSchedule, PruneSettings, SparsityOverride};
+use shrink_distill::FeaturePair;
+use shrink_prune::{Criterion, Granularity, PruneSchedule, SparsityOverride};
 use shrink_quant::{Calibrator, Override};
+
+pub use crate::plan::Plan;
 
 /// A config error: exit code 2, message names the file and the line/column or key.
 #[derive(Debug)]
@@ -446,78 +454,6 @@ fn default_calibration_batch() -> usize {
 }
 
 impl Stage {
-    /// The training settings of a train stage.
-    pub fn train_settings(&self) -> Option<TrainSettings> {
-        match self {
-            Stage::Train { epochs, batch_size, optimizer, schedule, warmup_epochs }
-            | Stage::Distill { epochs, batch_size, optimizer, schedule, warmup_epochs, .. }
-            | Stage::Qat { epochs, batch_size, optimizer, schedule, warmup_epochs, .. } => Some(TrainSettings {
-                epochs: *epochs,
-                batch_size: *batch_size,
-                optimizer: optimizer.clone(),
-                schedule: schedule.clone(),
-                warmup_epochs: *warmup_epochs,
-            }),
-            Stage::Prune { epochs, batch_size, optimizer: Some(optimizer), schedule, warmup_epochs, .. }
-                if *epochs > 0 =>
-            {
-                Some(TrainSettings {
-                    epochs: *epochs,
-                    batch_size: *batch_size,
-                    optimizer: optimizer.clone(),
-                    schedule: schedule.clone(),
-                    warmup_epochs: *warmup_epochs,
-                })
-            }
-            Stage::Evaluate { .. } | Stage::Quantize { .. } | Stage::Prune { .. } => None,
-        }
-    }
-
-    /// The pruning settings of a prune stage.
-    pub fn prune_settings(&self, seed: u64) -> Option<PruneSettings> {
-        match self {
-            Stage::Prune {
-                granularity,
-                criterion,
-                sparsity,
-                scope,
-                min_layer_sparsity,
-                max_layer_sparsity,
-                skip,
-                overrides,
-                round_to,
-                taylor_batches,
-                ..
-            } => Some(PruneSettings {
-                granularity: *granularity,
-                criterion: *criterion,
-                sparsity: sparsity.unwrap_or(0.0),
-                global: *scope == PruneScope::Global,
-                min_layer_sparsity: *min_layer_sparsity,
-                max_layer_sparsity: *max_layer_sparsity,
-                skip: skip.clone(),
-                overrides: overrides.clone(),
-                round_to: *round_to,
-                taylor_batches: *taylor_batches,
-                seed,
-            }),
-            _ => None,
-        }
-    }
-
-    /// The distillation settings of a distill stage.
-    pub fn distill_settings(&self) -> Option<DistillSettings> {
-        match self {
-            Stage::Distill { temperature, alpha, hints, attention, .. } => Some(DistillSettings {
-                temperature: *temperature,
-                alpha: *alpha,
-                hints: hints.clone(),
-                attention: attention.clone(),
-            }),
-            _ => None,
-        }
-    }
-
     /// Every stage kind, in the order they usually run (`cargo xtask list` prints it; a test
     /// checks it against the kinds the parser accepts).
     pub const KINDS: [&'static str; 6] = ["train", "distill", "prune", "quantize", "qat", "evaluate"];
@@ -533,17 +469,6 @@ impl Stage {
             Stage::Prune { .. } => "prune",
         }
     }
-}
-
-/// A validated experiment, ready to run.
-#[derive(Clone, Debug)]
-pub struct Plan {
-    /// The config file.
-    pub source: PathBuf,
-    /// The experiment, with every default filled in.
-    pub experiment: Experiment,
-    /// The data folder or file, resolved.
-    pub data_path: PathBuf,
 }
 
 /// Parses `path` strictly and validates it into a plan. Nothing is loaded.
@@ -573,7 +498,7 @@ pub fn parse_plan(text: &str, path: &Path) -> Result<Plan> {
             .unwrap_or_default();
         ConfigError(format!("{}{place}: {}", path.display(), e.message()))
     })?;
-    validate(path, experiment).map_err(|e| ConfigError(format!("{}: {e:#}", path.display())).into())
+    crate::plan::validate(path, experiment).map_err(|e| ConfigError(format!("{}: {e:#}", path.display())).into())
 }
 
 /// Tagged tables (`[[stages]]`, `optimizer = { kind = .. }`) are parsed as a whole, so toml
@@ -603,424 +528,6 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let line = before.matches('\n').count() + 1;
     let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
     (line, col)
-}
-
-fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
-    let e = &experiment;
-    if e.name.is_empty() || !e.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-        bail!("key `name`: expected letters, digits, `_` or `-`, got {:?}", e.name);
-    }
-    if !e.backend.is_compiled_in() {
-        // The same message as the device constructor, checked before anything loads.
-        bail!("key `backend`: {}", e.backend.device().expect_err("not compiled in"));
-    }
-    if e.threads == 0 || e.threads > 256 {
-        bail!("key `threads`: expected 1 to 256, got {}", e.threads);
-    }
-    e.model.validate().map_err(|err| anyhow::anyhow!("{err}"))?;
-    let d = &e.data;
-    if !(0.0..1.0).contains(&d.validation_fraction) {
-        bail!("key `data.validation_fraction`: expected a fraction in [0, 1), got {}", d.validation_fraction);
-    }
-    if d.train_limit == Some(0) || d.test_limit == Some(0) {
-        bail!("key `data.train_limit` / `data.test_limit`: must be at least 1");
-    }
-    if d.kind == DataKind::ImageFolder {
-        if d.image_size.is_none_or(|s| s.contains(&0)) {
-            bail!("key `data.image_size`: image folders need [height, width], both positive");
-        }
-        if !matches!(d.channels, Some(1) | Some(3)) {
-            bail!("key `data.channels`: image folders need 1 or 3");
-        }
-    } else if d.image_size.is_some() || d.channels.is_some() {
-        bail!("keys `data.image_size` and `data.channels` apply only to kind = \"image_folder\"");
-    }
-    let data_path = match (&d.path, d.kind) {
-        (Some(p), _) => p.clone(),
-        (None, DataKind::Mnist5k) => PathBuf::from("data/mnist5k"),
-        (None, kind) => bail!("key `data.path`: required for kind = {kind:?}"),
-    };
-    if !data_path.exists() {
-        bail!("key `data.path`: {} does not exist", data_path.display());
-    }
-    let l = &e.latency;
-    if l.batch_sizes.is_empty() || l.batch_sizes.contains(&0) || l.repeats == 0 {
-        bail!("key `latency`: batch sizes must be positive and repeats at least 1");
-    }
-    if e.stages.is_empty() {
-        bail!("key `stages`: at least one stage is needed");
-    }
-    let mut quantized_at = None;
-    // The last prune stage that left masked (zeroed) weights rather than removed channels.
-    let mut masked_at = None;
-    for (i, stage) in e.stages.iter().enumerate() {
-        let at = format!("stages[{i}] (kind = \"{}\")", stage.kind());
-        match (stage, quantized_at) {
-            (Stage::Distill { .. }, Some(q)) => bail!(
-                "key `{at}`: a distill stage cannot follow the quantizing stage stages[{q}]: the quantized model runs on integer kernels and is not trainable; distill before quantizing"
-            ),
-            (Stage::Train { .. }, Some(q)) => bail!(
-                "key `{at}`: a train stage cannot follow the quantizing stage stages[{q}]: the quantized model runs on integer kernels and is not trainable; train before quantizing, or fine-tune with a `qat` stage instead of `quantize`"
-            ),
-            (Stage::Quantize { .. } | Stage::Qat { .. }, Some(q)) => {
-                bail!("key `{at}`: the model is already quantized by stages[{q}]; use one quantize or qat stage")
-            }
-            (Stage::Prune { .. }, Some(q)) => bail!(
-                "key `{at}`: a prune stage cannot follow the quantizing stage stages[{q}]: prune first, then quantize (pruned zeros stay zero in int8)"
-            ),
-            _ => {}
-        }
-        let trains_current = match stage {
-            Stage::Train { .. } | Stage::Distill { student: None, .. } | Stage::Qat { .. } => true,
-            Stage::Prune { epochs, .. } => *epochs > 0,
-            _ => false,
-        };
-        if let (true, Some(p)) = (trains_current, masked_at) {
-            bail!(
-                "key `{at}`: training after the weight-pruning stage stages[{p}] would regrow the pruned weights; fine-tune inside that prune stage (`epochs`, `optimizer`), and quantize with `quantize` (zeros stay zero)"
-            );
-        }
-        match stage {
-            Stage::Train { .. } => {
-                let settings = stage.train_settings().expect("a train stage");
-                settings.validate().with_context(|| format!("key `{at}`"))?;
-            }
-            Stage::Distill {
-                temperature, alpha, student, teachers, hints, attention, seeds, compare_scratch, ..
-            } => {
-                let settings = stage.train_settings().expect("a distill stage");
-                settings.validate().with_context(|| format!("key `{at}`"))?;
-                if !(temperature.is_finite() && *temperature > 0.0) {
-                    bail!("key `{at}.temperature`: expected a positive number, got {temperature}");
-                }
-                if !(0.0..=1.0).contains(alpha) {
-                    bail!("key `{at}.alpha`: expected a value in [0, 1], got {alpha}");
-                }
-                if let Some(spec) = student {
-                    spec.validate().map_err(|err| anyhow::anyhow!("key `{at}.student`: {err}"))?;
-                }
-                let trained_before = e.stages[..i].iter().any(|s| matches!(s, Stage::Train { .. }));
-                if !trained_before {
-                    bail!(
-                        "key `{at}`: a distill stage needs a train stage before it: {}",
-                        if teachers.is_empty() {
-                            "without `teachers`, the teacher is the model that stage trains"
-                        } else {
-                            "the teachers are trained with the settings of the first train stage"
-                        }
-                    );
-                }
-                for (j, t) in teachers.iter().enumerate() {
-                    if !(t.weight.is_finite() && t.weight > 0.0) {
-                        bail!("key `{at}.teachers[{j}].weight`: expected a positive number, got {}", t.weight);
-                    }
-                    if let Some(spec) = &t.model {
-                        spec.validate().map_err(|err| anyhow::anyhow!("key `{at}.teachers[{j}].model`: {err}"))?;
-                    }
-                }
-                for (name, pairs) in [("hints", hints), ("attention", attention)] {
-                    for (j, p) in pairs.iter().enumerate() {
-                        if !(p.weight.is_finite() && p.weight >= 0.0) {
-                            bail!("key `{at}.{name}[{j}].weight`: expected a non-negative number, got {}", p.weight);
-                        }
-                    }
-                }
-                if *seeds == 0 || *seeds > 100 {
-                    bail!("key `{at}.seeds`: expected 1 to 100, got {seeds}");
-                }
-                if student.is_none() && (*seeds > 1 || *compare_scratch == Some(true)) {
-                    bail!(
-                        "key `{at}.student`: `seeds` > 1 and `compare_scratch` need a student to build; without `student` the current model is the student"
-                    );
-                }
-            }
-            Stage::Prune {
-                granularity,
-                sparsity,
-                epochs,
-                optimizer,
-                prune_schedule,
-                batch_size,
-                sensitivity,
-                sensitivity_max_drop,
-                overrides,
-                scope,
-                ..
-            } => {
-                if let Some(r) = sensitivity.iter().find(|r| !(**r > 0.0 && **r < 1.0)) {
-                    bail!("key `{at}.sensitivity`: ratios must be in (0, 1), got {r}");
-                }
-                if let Some(d) = sensitivity_max_drop {
-                    if sensitivity.is_empty() {
-                        bail!("key `{at}.sensitivity_max_drop`: needs `sensitivity` ratios to choose from");
-                    }
-                    if !(0.0..1.0).contains(d) {
-                        bail!("key `{at}.sensitivity_max_drop`: expected a top-1 drop in [0, 1), got {d}");
-                    }
-                    if e.data.validation_fraction <= 0.0 {
-                        bail!(
-                            "key `{at}.sensitivity_max_drop`: choosing ratios on the test split would tune on it; set `data.validation_fraction`"
-                        );
-                    }
-                    if sparsity.is_some() || !overrides.is_empty() || *scope == PruneScope::Global {
-                        bail!(
-                            "key `{at}.sensitivity_max_drop`: it sets every layer's sparsity; leave out `sparsity`, `overrides` and `scope = \"global\"`"
-                        );
-                    }
-                }
-                if !e.stages[..i].iter().any(|s| matches!(s, Stage::Train { .. } | Stage::Distill { .. })) {
-                    bail!("key `{at}`: pruning ranks trained weights: put a train stage before it");
-                }
-                match (granularity, sparsity) {
-                    (Granularity::NOfM { .. }, Some(_)) => {
-                        bail!("key `{at}.sparsity`: N:M pruning's sparsity is 1 − N/M; leave `sparsity` out")
-                    }
-                    (Granularity::Weights | Granularity::Channels, None) if sensitivity_max_drop.is_none() => {
-                        bail!("key `{at}.sparsity`: required (the fraction of {granularity} to remove, in [0, 1))")
-                    }
-                    _ => {}
-                }
-                if *epochs > 0 && optimizer.is_none() {
-                    bail!("key `{at}.optimizer`: fine-tuning for {epochs} epoch(s) needs an optimizer");
-                }
-                if *epochs == 0 && !matches!(prune_schedule, PruneSchedule::OneShot) {
-                    bail!(
-                        "key `{at}.prune_schedule`: iterative and gradual schedules prune during fine-tuning; set `epochs`"
-                    );
-                }
-                if *batch_size == 0 {
-                    bail!("key `{at}.batch_size`: must be at least 1");
-                }
-                if let Some(settings) = stage.train_settings() {
-                    settings.validate().with_context(|| format!("key `{at}`"))?;
-                }
-                let settings = stage.prune_settings(e.seed).expect("a prune stage");
-                settings.validate().map_err(|err| prune_error(&at, err))?;
-                prune_schedule.validate(*epochs, *granularity).map_err(|err| prune_error(&at, err))?;
-                if *granularity != Granularity::Channels {
-                    masked_at = Some(i);
-                }
-                if matches!(prune_schedule, PruneSchedule::Lottery { .. })
-                    && let Some(j) = e.stages[..i]
-                        .iter()
-                        .position(|s| matches!(s, Stage::Distill { student: Some(_), .. } | Stage::Prune { .. }))
-                {
-                    bail!(
-                        "key `{at}.prune_schedule`: lottery tickets rewind to the weights `[model]` was initialised with, but stages[{j}] changed the model; use it on the baseline"
-                    );
-                }
-            }
-            Stage::Evaluate { batch_size } => {
-                if *batch_size == 0 {
-                    bail!("key `{at}.batch_size`: must be at least 1");
-                }
-            }
-            Stage::Qat {
-                weight_bits,
-                calibrator,
-                calibration_batches,
-                calibration_batch_size,
-                overrides,
-                learn_scales,
-                freeze_observers_epoch,
-                epochs,
-                distill,
-                ..
-            } => {
-                quantized_at = Some(i);
-                if let Some(d) = distill {
-                    if !(d.temperature.is_finite() && d.temperature > 0.0) {
-                        bail!("key `{at}.distill.temperature`: expected a positive number, got {}", d.temperature);
-                    }
-                    if !(0.0..=1.0).contains(&d.alpha) {
-                        bail!("key `{at}.distill.alpha`: expected a value in [0, 1], got {}", d.alpha);
-                    }
-                }
-                let settings = stage.train_settings().expect("a qat stage");
-                settings.validate().with_context(|| format!("key `{at}`"))?;
-                if *calibration_batches == 0 || *calibration_batch_size == 0 {
-                    bail!("key `{at}.calibration_batches` / `calibration_batch_size`: must be at least 1");
-                }
-                if let Some(f) = freeze_observers_epoch {
-                    if *learn_scales {
-                        bail!(
-                            "key `{at}.freeze_observers_epoch`: applies without `learn_scales` only (learned scales have no observers)"
-                        );
-                    }
-                    if !(f.is_finite() && *f >= 0.0 && *f <= *epochs as f64) {
-                        bail!(
-                            "key `{at}.freeze_observers_epoch`: expected a value between 0 and epochs ({epochs}), got {f}"
-                        );
-                    }
-                }
-                validate_quant_common(&at, *weight_bits, calibrator, overrides)?;
-            }
-            Stage::Quantize {
-                weight_bits,
-                calibrator,
-                calibration_batches,
-                batch_size,
-                overrides,
-                mode,
-                bias_correction,
-                adaround,
-                activations,
-                asymmetric_weights,
-                ..
-            } => {
-                quantized_at = Some(i);
-                if *asymmetric_weights && adaround.is_some() {
-                    bail!("key `{at}.asymmetric_weights`: AdaRound learns the rounding of symmetric weights only");
-                }
-                if *activations != shrink_quant::ActivationType::U8 && *mode == QuantMode::Dynamic {
-                    bail!(
-                        "key `{at}.activations`: dynamic quantization measures each batch's u8 range at run time, so \
-                         \"i8\" applies to mode = \"static\" only"
-                    );
-                }
-                if let Some(ada) = adaround {
-                    if *mode == QuantMode::Dynamic {
-                        bail!(
-                            "key `{at}.adaround`: learns from calibration images, so it applies to mode = \"static\" only"
-                        );
-                    }
-                    ada.validate().map_err(|e| anyhow::anyhow!("key `{at}.adaround`: {e}"))?;
-                }
-                if *bias_correction && *mode == QuantMode::Dynamic {
-                    bail!(
-                        "key `{at}.bias_correction`: needs calibrated input means, so it applies to mode = \"static\" only"
-                    );
-                }
-                if *calibration_batches == 0 || *batch_size == 0 {
-                    bail!("key `{at}.calibration_batches` / `batch_size`: must be at least 1");
-                }
-                validate_quant_common(&at, *weight_bits, calibrator, overrides)?;
-            }
-        }
-    }
-    check_distill_pairs(e)?;
-    check_prune_rules(e)?;
-    Ok(Plan { source: source.to_path_buf(), experiment, data_path })
-}
-
-/// The checks `quantize` and `qat` share: bits, calibrator parameters, overrides.
-fn validate_quant_common(at: &str, weight_bits: u32, calibrator: &Calibrator, overrides: &[Override]) -> Result<()> {
-    if ![2, 4, 8].contains(&weight_bits) {
-        bail!("key `{at}.weight_bits`: expected 2, 4 or 8, got {weight_bits}");
-    }
-    match *calibrator {
-        Calibrator::MovingAverage { momentum } if !(0.0..1.0).contains(&momentum) => {
-            bail!("key `{at}.calibrator.momentum`: expected a value in [0, 1), got {momentum}")
-        }
-        Calibrator::Percentile { percentile } if !(percentile > 50.0 && percentile <= 100.0) => {
-            bail!("key `{at}.calibrator.percentile`: expected a value in (50, 100], got {percentile}")
-        }
-        _ => {}
-    }
-    for (j, o) in overrides.iter().enumerate() {
-        if let Err(err) = regex::Regex::new(&o.pattern) {
-            bail!("key `{at}.overrides[{j}].pattern`: not a valid regular expression: {err}");
-        }
-        if let Some(bits) = o.weight_bits
-            && ![2, 4, 8].contains(&bits)
-        {
-            bail!("key `{at}.overrides[{j}].weight_bits`: expected 2, 4 or 8, got {bits}");
-        }
-        if o.keep_float && o.weight_bits.is_some() {
-            bail!("key `{at}.overrides[{j}]`: `keep_float` and `weight_bits` exclude each other");
-        }
-    }
-    Ok(())
-}
-
-/// The image shape a data source gives, as far as the config tells (10 classes assumed: node
-/// names and feature shapes do not depend on it).
-fn expected_input(d: &DataConfig) -> [usize; 3] {
-    match d.kind {
-        DataKind::Mnist5k | DataKind::Idx => [1, 28, 28],
-        DataKind::Cifar10 => [3, 32, 32],
-        DataKind::ImageFolder => {
-            let [h, w] = d.image_size.unwrap_or([1, 1]);
-            [d.channels.unwrap_or(1), h, w]
-        }
-    }
-}
-
-/// Checks every distill stage's hint and attention pairs on the architectures they will name
-/// (built here with untrained weights), so a misspelt node fails before anything trains.
-fn check_distill_pairs(e: &Experiment) -> Result<()> {
-    if !e
-        .stages
-        .iter()
-        .any(|s| matches!(s, Stage::Distill { hints, attention, .. } if !hints.is_empty() || !attention.is_empty()))
-    {
-        return Ok(());
-    }
-    let device = BackendKind::Flex.device()?;
-    let shape = expected_input(&e.data);
-    let build = |spec: &ModelSpec| spec.build(shape, 10, 0, &device);
-    // The architecture of the current model as the stages go (a distill stage with a student
-    // replaces it), and of the model the last train stage left (the default teacher).
-    let mut current = e.model.clone();
-    let mut uncompressed = e.model.clone();
-    for (i, stage) in e.stages.iter().enumerate() {
-        match stage {
-            Stage::Train { .. } => uncompressed = current.clone(),
-            Stage::Distill { student, teachers, .. } => {
-                let student_spec = student.clone().unwrap_or_else(|| current.clone());
-                let teacher_spec = match teachers.first() {
-                    Some(t) => t.model.clone().unwrap_or_else(|| e.model.clone()),
-                    None => uncompressed.clone(),
-                };
-                let settings = stage.distill_settings().expect("a distill stage");
-                if !settings.hints.is_empty() || !settings.attention.is_empty() {
-                    shrink_distill::check_pairs(&build(&student_spec)?, &build(&teacher_spec)?, &settings)
-                        .map_err(|err| anyhow::anyhow!("key `stages[{i}] (kind = \"distill\")`: {err}"))?;
-                }
-                if student.is_some() {
-                    uncompressed = student_spec.clone();
-                }
-                current = student_spec;
-            }
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-/// A shrink-prune error as a config error naming the key.
-fn prune_error(at: &str, err: shrink_prune::Error) -> anyhow::Error {
-    match err {
-        shrink_prune::Error::Setting { key, message } => anyhow::anyhow!("key `{at}.{key}`: {message}"),
-        other => anyhow::anyhow!("key `{at}`: {other}"),
-    }
-}
-
-/// Checks every prune stage's skip list and overrides against the layers of the model it will
-/// prune (built here with untrained weights), so a pattern that matches nothing fails first.
-fn check_prune_rules(e: &Experiment) -> Result<()> {
-    if !e
-        .stages
-        .iter()
-        .any(|s| matches!(s, Stage::Prune { skip, overrides, .. } if !skip.is_empty() || !overrides.is_empty()))
-    {
-        return Ok(());
-    }
-    let device = BackendKind::Flex.device()?;
-    let shape = expected_input(&e.data);
-    let mut current = e.model.clone();
-    for (i, stage) in e.stages.iter().enumerate() {
-        match stage {
-            Stage::Distill { student: Some(s), .. } => current = s.clone(),
-            Stage::Prune { .. } => {
-                let settings = stage.prune_settings(e.seed).expect("a prune stage");
-                shrink_prune::check_settings(&current.build(shape, 10, 0, &device)?, &settings)
-                    .map_err(|err| prune_error(&format!("stages[{i}] (kind = \"prune\")"), err))?;
-            }
-            _ => {}
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -1064,8 +571,9 @@ kind = "evaluate"
     #[test]
     fn a_good_config_validates() {
         let plan = load_plan(&write("good.toml", GOOD)).unwrap();
-        assert_eq!(plan.experiment.seed, 42);
-        assert_eq!(plan.experiment.stages.len(), 2);
+        assert_eq!(plan.seed, 42);
+        assert_eq!(plan.stages.len(), 2);
+        assert_eq!(plan.data.shape, [1, 28, 28], "read from the IDX header");
     }
 
     #[test]
@@ -1077,11 +585,40 @@ kind = "evaluate"
         {
             let text = GOOD.replace("[[stages]]\nkind = \"evaluate\"", &format!("{qat}{line}"));
             let plan = load_plan(&write("qat_i8.toml", &text)).unwrap();
-            match &plan.experiment.stages[1] {
-                Stage::Qat { activations, .. } => assert_eq!(*activations, want),
+            match &plan.stages[1] {
+                crate::plan::StagePlan::Qat(q) => assert_eq!(q.qat.ptq.activations, want),
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    /// An IDX folder's image shape comes from its header, so the model validation builds (to
+    /// check names) is the one the run trains; a damaged header is refused before anything runs.
+    #[test]
+    fn the_data_shape_comes_from_the_idx_header() {
+        let dir = std::env::temp_dir().join(format!("shrink-config-idx-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut header = vec![0u8, 0, 8, 3];
+        for d in [5u32, 16, 12] {
+            header.extend_from_slice(&d.to_be_bytes());
+        }
+        std::fs::write(dir.join("train-images-idx3-ubyte"), &header).unwrap();
+        let text = GOOD.replace(
+            "kind = \"mnist5k\"\npath = \"../data/mnist5k\"",
+            &format!("kind = \"idx\"\npath = {:?}", dir.display().to_string()),
+        );
+        assert_eq!(load_plan(&write("idx.toml", &text)).unwrap().data.shape, [1, 16, 12]);
+        // LeNet-5 does not fit 16 × 12 images: found at validation, where a pattern needs the model.
+        let lenet = text.replace("kind = \"mlp\"\nhidden = [8]", "kind = \"lenet5\"").replace(
+            "[[stages]]\nkind = \"evaluate\"",
+            "[[stages]]\nkind = \"prune\"\nsparsity = 0.5\nskip = [\"conv1\"]",
+        );
+        let e = format!("{:#}", load_plan(&write("idx_lenet.toml", &lenet)).unwrap_err());
+        assert!(e.contains("idx_lenet.toml") && e.contains("conv2"), "{e}");
+        std::fs::write(dir.join("train-images-idx3-ubyte"), &header[..9]).unwrap();
+        let e = format!("{:#}", load_plan(&write("idx_bad.toml", &text)).unwrap_err());
+        assert!(e.contains("data.path") && e.contains("train-images-idx3-ubyte") && e.contains("byte 8"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -1,4 +1,6 @@
-//! The parts of `cargo xtask` that other code reuses: the experiment config's parser and
-//! validator (the fuzz target `config` drives it). The runner itself is the `xtask` binary.
+//! The parts of `cargo xtask` that other code reuses: the experiment config's schema and parser
+//! ([`config`]) and the typed plan it validates into ([`plan`]). The fuzz target `config` drives
+//! them; the runner itself is the `xtask` binary.
 
 pub mod config;
+pub mod plan;

@@ -11,11 +11,16 @@
 //! Exit codes: 0 success, 1 a run failed, 2 bad input (config, data or model file).
 
 mod bench;
+mod cache;
 mod checkpoint;
+mod data;
+mod measure;
+mod progress;
 mod report;
 mod run;
+mod stages;
 
-use xtask::config;
+use xtask::{config, plan};
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -196,15 +201,15 @@ fn run_configs(configs: &[PathBuf], dry_run: bool, fresh: bool, opts: &RunOption
     }
     if dry_run {
         for plan in &plans {
-            let e = &plan.experiment;
-            let stages: Vec<&str> = e.stages.iter().map(|s| s.kind()).collect();
+            let stages: Vec<&str> = plan.stages.iter().map(|s| s.kind()).collect();
             println!(
-                "{}: ok — {} on {} ({}), backend {}, stages [{}]",
+                "{}: ok — {} on {} ({}, images {:?}), backend {}, stages [{}]",
                 plan.source.display(),
-                e.model.name(),
-                plan.data_path.display(),
-                serde_json::to_string(&e.data.kind).unwrap_or_default(),
-                e.backend,
+                plan.model.name(),
+                plan.data.path.display(),
+                serde_json::to_string(&plan.data.to_config().kind).unwrap_or_default(),
+                plan.data.shape,
+                plan.backend,
                 stages.join(", ")
             );
         }
@@ -214,7 +219,7 @@ fn run_configs(configs: &[PathBuf], dry_run: bool, fresh: bool, opts: &RunOption
     for plan in &plans {
         let resume = match run::resolved_config(plan) {
             Ok(resolved) if !fresh => {
-                checkpoint::unfinished_run(&opts.out, &plan.experiment.name, &resolved, &report::git_revision())
+                checkpoint::unfinished_run(&opts.out, &plan.name, &resolved, &report::git_revision())
             }
             _ => None,
         };
@@ -228,11 +233,11 @@ fn run_configs(configs: &[PathBuf], dry_run: bool, fresh: bool, opts: &RunOption
         let stamp = time::OffsetDateTime::now_utc()
             .format(time::macros::format_description!("[year][month][day]T[hour][minute][second]Z"))
             .unwrap_or_else(|_| "run".into());
-        let mut dir = opts.out.join(&plan.experiment.name).join(&stamp);
+        let mut dir = opts.out.join(&plan.name).join(&stamp);
         let mut n = 1;
         while dir.exists() {
             n += 1;
-            dir = opts.out.join(&plan.experiment.name).join(format!("{stamp}-{n}"));
+            dir = opts.out.join(&plan.name).join(format!("{stamp}-{n}"));
         }
         if let Err(e) = std::fs::create_dir_all(&dir) {
             eprintln!("error: cannot create {}: {e}", dir.display());
@@ -249,7 +254,7 @@ fn run_configs(configs: &[PathBuf], dry_run: bool, fresh: bool, opts: &RunOption
 /// Runs one plan in `dir` (resuming when `previous` is the report of an unfinished run there);
 /// the exit code so far, or this run's failure.
 fn run_one(
-    plan: &config::Plan,
+    plan: &plan::Plan,
     opts: &RunOptions,
     dir: &Path,
     previous: Option<report::Report>,
@@ -324,7 +329,7 @@ fn list() -> ExitCode {
         files.sort();
         for f in files {
             let summary = load_plan(Path::new(&f))
-                .map(|p| format!("{} ({} stages)", p.experiment.model.name(), p.experiment.stages.len()))
+                .map(|p| format!("{} ({} stages)", p.model.name(), p.stages.len()))
                 .unwrap_or_else(|e| format!("INVALID: {e}"));
             println!("  {}  {summary}", f.display());
         }

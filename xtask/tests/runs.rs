@@ -240,28 +240,54 @@ fn misspelt_key_exits_2_with_file_line_and_expected_keys() {
     assert!(err.contains("unknown field `epochz`") && err.contains("`epochs`"), "{err}");
 }
 
-#[test]
-fn damaged_data_fails_with_a_report_and_exit_2() {
-    let dir = tmp("baddata");
-    let data = dir.join("idx");
-    std::fs::create_dir_all(&data).unwrap();
+/// A config over an IDX folder whose four files hold `header` followed by `data`.
+fn idx_config(dir: &Path, header: &[u8], data: &[u8]) -> PathBuf {
+    let idx = dir.join("idx");
+    std::fs::create_dir_all(&idx).unwrap();
     for f in ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
     {
-        std::fs::write(data.join(f), [0u8, 0, 8, 3, 0, 0, 0, 9]).unwrap();
+        std::fs::write(idx.join(f), [header, data].concat()).unwrap();
     }
     let text = std::fs::read_to_string(root().join("configs/smoke/mlp.toml"))
         .unwrap()
-        .replace("kind = \"mnist5k\"", &format!("kind = \"idx\"\npath = \"{}\"", data.display()));
+        .replace("kind = \"mnist5k\"", &format!("kind = \"idx\"\npath = \"{}\"", idx.display()));
     let path = dir.join("bad_data.toml");
     std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn a_damaged_idx_header_is_refused_before_anything_runs() {
+    // The header claims 3 dimensions and ends inside the first: validation reads it (for the
+    // images' shape) and refuses the config, naming the file and the byte; no run starts.
+    let dir = tmp("badheader");
+    let path = idx_config(&dir, &[0u8, 0, 8, 3, 0, 0, 0, 9], &[]);
     let out = xtask(&["run", "-q", "--out", &dir.join("runs").display().to_string(), &path.display().to_string()]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("train-images-idx3-ubyte") && err.contains("byte 8"), "{err}");
+    assert!(err.contains("data.path") && err.contains("train-images-idx3-ubyte") && err.contains("byte 8"), "{err}");
+    assert!(err.contains("ends inside the header"), "{err}");
+    assert!(out.stdout.is_empty() && !dir.join("runs").exists());
+}
+
+#[test]
+fn damaged_data_fails_with_a_report_and_exit_2() {
+    // A sound header over data that stops short: the run starts, fails as it loads the data,
+    // exits with 2 and leaves a report that names the file and the byte.
+    let dir = tmp("baddata");
+    let mut header = vec![0u8, 0, 8, 3];
+    for d in [100u32, 28, 28] {
+        header.extend_from_slice(&d.to_be_bytes());
+    }
+    let path = idx_config(&dir, &header, &[7; 50]);
+    let out = xtask(&["run", "-q", "--out", &dir.join("runs").display().to_string(), &path.display().to_string()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("train-images-idx3-ubyte") && err.contains("byte 66"), "{err}");
     let run_dir = std::fs::read_dir(dir.join("runs/smoke_mlp")).unwrap().next().unwrap().unwrap().path();
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(run_dir.join("report.json")).unwrap()).unwrap();
     assert_eq!(r["status"], "failed");
-    assert!(r["error"].as_str().unwrap().contains("ends inside the header"), "{}", r["error"]);
+    assert!(r["error"].as_str().unwrap().contains("truncated"), "{}", r["error"]);
     assert!(!run_dir.join("model.safetensors").exists());
 }
 

@@ -1,4 +1,4 @@
-//! The CPU runtime: [`freeze`] turns a [`Graph`] into a [`Plan`] — batch norms folded into the
+//! The CPU runtime: [`freeze`] turns a [`Graph`](crate::Graph) into a [`Plan`] — batch norms folded into the
 //! convolutions before them, ReLUs fused into their producers, weights laid out once, buffers
 //! planned by liveness — and runs it on f32 kernels built on a GEMM.
 //!

@@ -11,9 +11,9 @@ use crate::scheme::quantize_one;
 /// Integer convolution on AVX-512 VNNI, computed directly on the quantized image
 /// ([`crate::vnni::DirectConv`]): the input is quantized once into four-channel-interleaved
 /// rows padded with its zero point, and the epilogue writes channel-major f32, so unlike
-/// [`ConvInt8`] nothing is transposed or unrolled. Convolutions with a stride other than 1 or 2
+/// [`ConvInt8`](super::ConvInt8) nothing is transposed or unrolled. Convolutions with a stride other than 1 or 2
 /// (or unequal strides), dilation, groups, or outputs the kernel's grid would waste more than
-/// a third of the work on (see [`crate::vnni::DirectConv::supports`]) use [`ConvInt8`].
+/// a third of the work on (see [`crate::vnni::DirectConv::supports`]) use [`ConvInt8`](super::ConvInt8).
 pub struct ConvDirectInt8 {
     conv: crate::vnni::DirectConv,
     epilogue: ChannelEpilogue,
