@@ -190,7 +190,9 @@ pub struct PruneSettings {
     pub round_to: usize,
     /// Training batches the Taylor criterion accumulates gradients over.
     pub taylor_batches: usize,
-    /// Seed of the random criterion.
+    /// Seed of the random criterion, and of the training batches a sensitivity scan's Taylor
+    /// statistics use ([`crate::prune`] draws its own from its `TrainRun`'s seed, with the data
+    /// order of the fine-tuning).
     pub seed: u64,
 }
 
