@@ -51,6 +51,14 @@ pub enum Error {
         /// What was expected and what was found.
         message: String,
     },
+    /// An ONNX model that cannot be imported: the file, and every node at fault with its op.
+    #[error("{}: {message}", path.display())]
+    Onnx {
+        /// The model file.
+        path: PathBuf,
+        /// What is wrong, node by node.
+        message: String,
+    },
     /// An I/O error on a file.
     #[error("{}: {source}", path.display())]
     Io {

@@ -9,6 +9,7 @@
 //!   evaluation (top-1/top-5, per-class accuracy, confusion matrix).
 //! - [`metrics`]: parameters, non-zeros, bytes, MACs per layer, measured latency.
 //! - [`io`]: model files (safetensors with the graph in the header), atomic writes.
+//! - [`onnx`]: ONNX import — a model exported from PyTorch, TensorFlow or Paddle becomes a graph.
 //! - [`runtime`]: the CPU inference plan — [`runtime::freeze`] folds batch norms, fuses ReLUs,
 //!   plans buffers and runs f32 GEMM kernels; other crates plug kernels in through a registry.
 //! - [`backend`]: the one module that names burn's backends.
@@ -32,6 +33,7 @@ pub mod host;
 pub mod init;
 pub mod io;
 pub mod metrics;
+pub mod onnx;
 pub mod runtime;
 pub mod train;
 pub mod zoo;

@@ -101,6 +101,11 @@ impl GraphBuilder {
         self.shapes.get(id).copied().flatten()
     }
 
+    /// The first error met while adding nodes, if any (the graph will not build).
+    pub fn error(&self) -> Option<&Error> {
+        self.first_error.as_ref()
+    }
+
     fn channels(&self, id: NodeId) -> usize {
         self.shape(id).map(|s| s.channels()).unwrap_or(0)
     }
@@ -165,7 +170,14 @@ impl GraphBuilder {
         stride: usize,
         padding: usize,
     ) -> NodeId {
-        let op = Op::MaxPool2d { kernel: [kernel; 2], stride: [stride; 2], padding: [padding; 2] };
+        let op = Op::MaxPool2d {
+            kernel: [kernel; 2],
+            stride: [stride; 2],
+            padding: [padding; 2],
+            padding_end: None,
+            dilation: [1, 1],
+            ceil_mode: false,
+        };
         self.push(name, op, vec![input])
     }
 
@@ -178,7 +190,14 @@ impl GraphBuilder {
         stride: usize,
         padding: usize,
     ) -> NodeId {
-        let op = Op::AvgPool2d { kernel: [kernel; 2], stride: [stride; 2], padding: [padding; 2] };
+        let op = Op::AvgPool2d {
+            kernel: [kernel; 2],
+            stride: [stride; 2],
+            padding: [padding; 2],
+            padding_end: None,
+            ceil_mode: false,
+            count_include_pad: true,
+        };
         self.push(name, op, vec![input])
     }
 

@@ -137,9 +137,56 @@ impl Graph {
                     space[id] = space[node.inputs[0]];
                     block[id] = block[node.inputs[0]];
                 }
-                Op::Relu | Op::Identity | Op::MaxPool2d { .. } | Op::AvgPool2d { .. } | Op::GlobalAvgPool => {
+                Op::Relu
+                | Op::Identity
+                | Op::MaxPool2d { .. }
+                | Op::AvgPool2d { .. }
+                | Op::GlobalAvgPool
+                | Op::Clip { .. }
+                | Op::Sigmoid
+                | Op::HardSigmoid { .. }
+                | Op::HardSwish
+                | Op::LeakyRelu { .. }
+                | Op::Softmax
+                | Op::Pad { .. } => {
                     space[id] = same_as_input(&space);
                     block[id] = block[input.expect("has an input")];
+                }
+                Op::Mul => {
+                    // Both factors carry the same channels (a squeeze-and-excitation scale is the
+                    // excitation's output channels): removing one removes it from both.
+                    uf.union(space[node.inputs[0]], space[node.inputs[1]]);
+                    space[id] = space[node.inputs[0]];
+                    block[id] = block[node.inputs[0]];
+                }
+                Op::Unflatten { .. } => {
+                    // A vector `[c]` viewed as `[c, 1, 1]` keeps its channels; any other view
+                    // mixes them with positions, so they stay.
+                    let i = input.expect("unflatten has an input");
+                    let per_channel = shapes[id].numel() == shapes[id].channels();
+                    if per_channel && block[i] == 1 && shapes[i].channels() == shapes[id].channels() {
+                        space[id] = space[i];
+                        block[id] = block[i];
+                    } else {
+                        space[id] = uf.fresh();
+                        fixed.push(space[id]);
+                        fixed.push(space[i]);
+                    }
+                }
+                Op::Lrn { .. } | Op::ChannelShuffle { .. } => {
+                    // Each output channel depends on its neighbours (LRN) or is another input
+                    // channel (shuffle): the channels on both sides stay.
+                    let i = input.expect("has an input");
+                    space[id] = uf.fresh();
+                    fixed.push(space[id]);
+                    fixed.push(space[i]);
+                }
+                Op::Concat => {
+                    // Channels of a concatenation are not coupled to their sources yet: neither
+                    // they nor the inputs' channels are removed.
+                    space[id] = uf.fresh();
+                    fixed.push(space[id]);
+                    fixed.extend(node.inputs.iter().map(|&i| space[i]));
                 }
             }
         }

@@ -28,7 +28,7 @@ use std::collections::HashMap;
 
 use burn::module::{Module, Param};
 use burn::nn::BatchNorm;
-use burn::tensor::ops::{AvgPoolOptions, ConvOptions, MaxPoolOptions};
+use burn::tensor::ops::{AvgPoolOptions, ConvOptions, MaxPoolOptions, PadMode as BurnPadMode};
 use burn::tensor::{Device, Tensor, activation, module as F};
 use serde::{Deserialize, Serialize};
 
@@ -90,23 +90,43 @@ pub enum Op {
     },
     /// Rectified linear unit.
     Relu,
-    /// Max pooling.
+    /// Max pooling (padding never wins: it is minus infinity).
     MaxPool2d {
         /// Window.
         kernel: [usize; 2],
         /// Stride.
         stride: [usize; 2],
-        /// Symmetric padding.
+        /// Padding at the top and left (and at the bottom and right unless `padding_end` says
+        /// otherwise).
         padding: [usize; 2],
+        /// Padding at the bottom and right where it differs from `padding`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        padding_end: Option<[usize; 2]>,
+        /// Spacing of the window's taps.
+        #[serde(default = "unit_pair", skip_serializing_if = "is_unit_pair")]
+        dilation: [usize; 2],
+        /// Output size rounded up (a last, partial window) instead of down.
+        #[serde(default, skip_serializing_if = "is_false")]
+        ceil_mode: bool,
     },
-    /// Average pooling (padding counted in the divisor, as PyTorch's default).
+    /// Average pooling.
     AvgPool2d {
         /// Window.
         kernel: [usize; 2],
         /// Stride.
         stride: [usize; 2],
-        /// Symmetric padding.
+        /// Padding at the top and left (and at the bottom and right unless `padding_end` says
+        /// otherwise).
         padding: [usize; 2],
+        /// Padding at the bottom and right where it differs from `padding`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        padding_end: Option<[usize; 2]>,
+        /// Output size rounded up (a last, partial window) instead of down.
+        #[serde(default, skip_serializing_if = "is_false")]
+        ceil_mode: bool,
+        /// Whether padding counts in the divisor (PyTorch's default; ONNX's is not to).
+        #[serde(default = "yes", skip_serializing_if = "is_true")]
+        count_include_pad: bool,
     },
     /// Mean over the spatial axes: `[n, c, h, w] -> [n, c, 1, 1]`.
     GlobalAvgPool,
@@ -116,6 +136,104 @@ pub enum Op {
     Add,
     /// Passes its input through.
     Identity,
+    /// `min(max(x, min), max)` element-wise (ReLU6 is `min = 0, max = 6`).
+    Clip {
+        /// Lower bound.
+        min: f32,
+        /// Upper bound.
+        max: f32,
+    },
+    /// `1 / (1 + e^−x)` element-wise.
+    Sigmoid,
+    /// `max(0, min(1, alpha · x + beta))` element-wise (ONNX's HardSigmoid).
+    HardSigmoid {
+        /// Slope.
+        alpha: f32,
+        /// Offset.
+        beta: f32,
+    },
+    /// `x · max(0, min(1, x / 6 + 1/2))` element-wise (MobileNetV3's h-swish).
+    HardSwish,
+    /// `x` where `x > 0`, else `alpha · x`.
+    LeakyRelu {
+        /// Slope of the negative part.
+        alpha: f32,
+    },
+    /// Element-wise product of two inputs: of the same shape, or a feature map and one value per
+    /// channel (`[c, 1, 1]`, broadcast over the map: squeeze-and-excitation).
+    Mul,
+    /// Concatenation along the channels (feature maps of equal height and width) or the features
+    /// (vectors).
+    Concat,
+    /// Softmax over the features of a vector.
+    Softmax,
+    /// Padding of a feature map's height and width.
+    Pad {
+        /// Rows and columns added at the top and left.
+        begin: [usize; 2],
+        /// Rows and columns added at the bottom and right.
+        end: [usize; 2],
+        /// What the new pixels hold.
+        mode: PadMode,
+    },
+    /// Local response normalisation across channels (AlexNet, GoogLeNet):
+    /// `x / (bias + alpha / size · Σ x²)^beta`, the sum over the `size` channels around each one.
+    Lrn {
+        /// Channels in the window.
+        size: usize,
+        /// Scale of the sum.
+        alpha: f32,
+        /// Exponent.
+        beta: f32,
+        /// Offset.
+        bias: f32,
+    },
+    /// The same values, in the same order, as a feature map (a vector `[c]` becomes `[c, 1, 1]`).
+    Unflatten {
+        /// Channels.
+        channels: usize,
+        /// Height.
+        height: usize,
+        /// Width.
+        width: usize,
+    },
+    /// ShuffleNet's channel shuffle: the channels, seen as `[groups, c / groups]`, transposed to
+    /// `[c / groups, groups]`.
+    ChannelShuffle {
+        /// Groups.
+        groups: usize,
+    },
+}
+
+/// What [`Op::Pad`] fills the new pixels with.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PadMode {
+    /// A constant.
+    Constant {
+        /// The value.
+        value: f32,
+    },
+    /// The image mirrored at its border, the border pixel itself not repeated.
+    Reflect,
+    /// The border pixel repeated.
+    Edge,
+}
+
+fn unit_pair() -> [usize; 2] {
+    [1, 1]
+}
+fn is_unit_pair(v: &[usize; 2]) -> bool {
+    *v == [1, 1]
+}
+fn is_false(v: &bool) -> bool {
+    !*v
+}
+fn yes() -> bool {
+    true
+}
+fn is_true(v: &bool) -> bool {
+    *v
 }
 
 impl Op {
@@ -133,6 +251,18 @@ impl Op {
             Op::Flatten => "flatten",
             Op::Add => "add",
             Op::Identity => "identity",
+            Op::Clip { .. } => "clip",
+            Op::Sigmoid => "sigmoid",
+            Op::HardSigmoid { .. } => "hard_sigmoid",
+            Op::HardSwish => "hard_swish",
+            Op::LeakyRelu { .. } => "leaky_relu",
+            Op::Mul => "mul",
+            Op::Concat => "concat",
+            Op::Softmax => "softmax",
+            Op::Pad { .. } => "pad",
+            Op::Lrn { .. } => "lrn",
+            Op::Unflatten { .. } => "unflatten",
+            Op::ChannelShuffle { .. } => "channel_shuffle",
         }
     }
 
@@ -604,15 +734,48 @@ fn apply(
             Activation::Map(x) => Activation::Map(activation::relu(x)),
             Activation::Flat(x) => Activation::Flat(activation::relu(x)),
         },
-        (Op::MaxPool2d { kernel, stride, padding }, _) => {
+        (Op::MaxPool2d { kernel, stride, padding, padding_end, dilation, ceil_mode }, _) => {
             let x = first().map().expect("pool input is a feature map");
-            let options = MaxPoolOptions::new(*kernel).with_stride(*stride).with_padding(*padding);
+            let options = MaxPoolOptions::new(*kernel)
+                .with_stride(*stride)
+                .with_padding_pairs(pad_pairs(*padding, *padding_end))
+                .with_dilation(*dilation)
+                .with_ceil_mode(*ceil_mode);
             Activation::Map(F::max_pool2d(x, options))
         }
-        (Op::AvgPool2d { kernel, stride, padding }, _) => {
+        (Op::AvgPool2d { kernel, stride, padding, padding_end, ceil_mode, count_include_pad }, _) => {
             let x = first().map().expect("pool input is a feature map");
-            let options = AvgPoolOptions::new(*kernel).with_stride(*stride).with_padding(*padding);
+            let options = AvgPoolOptions::new(*kernel)
+                .with_stride(*stride)
+                .with_padding_pairs(pad_pairs(*padding, *padding_end))
+                .with_ceil_mode(*ceil_mode)
+                .with_count_include_pad(*count_include_pad);
             Activation::Map(F::avg_pool2d(x, options))
+        }
+        (Op::Pad { begin, end, mode }, _) => {
+            let x = first().map().expect("pad input is a feature map");
+            let pairs = [(begin[0], end[0]), (begin[1], end[1])];
+            let mode = match *mode {
+                PadMode::Constant { value } => BurnPadMode::Constant(value),
+                PadMode::Reflect => BurnPadMode::Reflect,
+                PadMode::Edge => BurnPadMode::Edge,
+            };
+            Activation::Map(x.pad(pairs, mode))
+        }
+        (Op::Lrn { size, alpha, beta, bias }, _) => {
+            let x = first().map().expect("lrn input is a feature map");
+            Activation::Map(local_response_norm(x, *size, *alpha, *beta, *bias))
+        }
+        (Op::Unflatten { channels, height, width }, _) => {
+            let x = first().flatten();
+            let batch = x.dims()[0];
+            Activation::Map(x.reshape([batch, *channels, *height, *width]))
+        }
+        (Op::ChannelShuffle { groups }, _) => {
+            let x = first().map().expect("channel shuffle input is a feature map");
+            let [n, c, h, w] = x.dims();
+            let y = x.reshape([n, *groups, c / groups, h * w]).swap_dims(1, 2);
+            Activation::Map(y.reshape([n, c, h, w]))
         }
         (Op::GlobalAvgPool, _) => {
             let x = first().map().expect("pool input is a feature map");
@@ -627,8 +790,66 @@ fn apply(
             acc
         }
         (Op::Identity, _) => first(),
+        (Op::Clip { min, max }, _) => elementwise(first(), |x| x.clamp(*min, *max)),
+        (Op::Sigmoid, _) => elementwise(first(), activation::sigmoid),
+        (Op::HardSigmoid { alpha, beta }, _) => elementwise(first(), |x| hard_sigmoid(x, *alpha, *beta)),
+        (Op::HardSwish, _) => elementwise(first(), |x| x.clone() * hard_sigmoid(x, 1.0 / 6.0, 0.5)),
+        (Op::LeakyRelu { alpha }, _) => elementwise(first(), |x| activation::leaky_relu(x, *alpha as f64)),
+        (Op::Mul, _) => {
+            let b = args.remove(1);
+            match (args.remove(0), b) {
+                // Broadcasting: `[n, c, 1, 1]` scales every pixel of its channel.
+                (Activation::Map(a), Activation::Map(b)) => Activation::Map(a * b),
+                (a, b) => Activation::Flat(a.flatten() * b.flatten()),
+            }
+        }
+        (Op::Concat, _) => match args[0] {
+            Activation::Map(_) => {
+                Activation::Map(Tensor::cat(args.into_iter().filter_map(Activation::map).collect(), 1))
+            }
+            Activation::Flat(_) => {
+                Activation::Flat(Tensor::cat(args.into_iter().map(Activation::flatten).collect(), 1))
+            }
+        },
+        (Op::Softmax, _) => Activation::Flat(activation::softmax(first().flatten(), 1)),
         (op, _) => unreachable!("validated graph: {} has matching params", op.kind()),
     }
+}
+
+/// `f` on the value, whichever its rank.
+fn elementwise(x: Activation, f: impl Fn(Tensor<4>) -> Tensor<4>) -> Activation {
+    match x {
+        Activation::Map(t) => Activation::Map(f(t)),
+        Activation::Flat(t) => {
+            let [b, n] = t.dims();
+            Activation::Flat(f(t.reshape([b, n, 1, 1])).reshape([b, n]))
+        }
+    }
+}
+
+/// `(begin, end)` padding pairs from a begin padding and an optional different end.
+fn pad_pairs(begin: [usize; 2], end: Option<[usize; 2]>) -> [(usize, usize); 2] {
+    let end = end.unwrap_or(begin);
+    [(begin[0], end[0]), (begin[1], end[1])]
+}
+
+/// `x / (bias + alpha / size · Σ x²)^beta` over a window of `size` channels: `(size − 1) / 2`
+/// before each channel and the rest after it, as ONNX defines it. The window sum is an average
+/// pool over the channel axis (zero padding counted), times `size`.
+fn local_response_norm(x: Tensor<4>, size: usize, alpha: f32, beta: f32, bias: f32) -> Tensor<4> {
+    let [n, c, h, w] = x.dims();
+    let before = (size - 1) / 2;
+    let squares = (x.clone() * x.clone()).reshape([n, 1, c, h * w]);
+    let options =
+        AvgPoolOptions::new([size, 1]).with_stride([1, 1]).with_padding_pairs([(before, size - 1 - before), (0, 0)]);
+    let mean = F::avg_pool2d(squares, options).reshape([n, c, h, w]);
+    // alpha / size · Σ = alpha · mean.
+    x / mean.mul_scalar(alpha).add_scalar(bias).powf_scalar(beta)
+}
+
+/// `max(0, min(1, alpha · x + beta))`.
+fn hard_sigmoid(x: Tensor<4>, alpha: f32, beta: f32) -> Tensor<4> {
+    x.mul_scalar(alpha).add_scalar(beta).clamp(0.0, 1.0)
 }
 
 /// Shape inference over `(name, op, inputs)` triples in topological order.
@@ -642,7 +863,8 @@ pub(crate) fn infer_shapes<'a>(
         }
         let arity = match op {
             Op::Input { .. } => 0,
-            Op::Add => inputs.len().max(2),
+            Op::Add | Op::Concat => inputs.len().max(2),
+            Op::Mul => 2,
             _ => 1,
         };
         if inputs.len() != arity {
@@ -707,20 +929,99 @@ pub(crate) fn infer_shapes<'a>(
                 }
                 ValueShape::Flat { features: *out_features }
             }
-            Op::Relu | Op::Identity => ins[0],
-            Op::MaxPool2d { kernel, stride, padding } | Op::AvgPool2d { kernel, stride, padding } => {
+            Op::Relu | Op::Identity | Op::Sigmoid | Op::HardSwish => ins[0],
+            Op::Clip { min, max } => {
+                if !(min.is_finite() && max.is_finite() && min <= max) {
+                    return Err(Error::graph(name, format!("clip bounds [{min}, {max}] must be finite and ordered")));
+                }
+                ins[0]
+            }
+            Op::HardSigmoid { alpha, beta } => {
+                if !(alpha.is_finite() && beta.is_finite()) {
+                    return Err(Error::graph(name, "hard_sigmoid alpha and beta must be finite"));
+                }
+                ins[0]
+            }
+            Op::LeakyRelu { alpha } => {
+                if !alpha.is_finite() {
+                    return Err(Error::graph(name, "leaky_relu alpha must be finite"));
+                }
+                ins[0]
+            }
+            Op::Mul => {
+                let per_channel = matches!((ins[0], ins[1]),
+                    (ValueShape::Map { channels: c, .. }, ValueShape::Map { channels, height: 1, width: 1 }) if c == channels);
+                if ins[0] != ins[1] && !per_channel {
+                    return Err(Error::graph(
+                        name,
+                        format!(
+                            "mul takes equal shapes or a map and [c, 1, 1], got {:?} and {:?}",
+                            ins[0].dims(),
+                            ins[1].dims()
+                        ),
+                    ));
+                }
+                ins[0]
+            }
+            Op::Concat => match ins[0] {
+                ValueShape::Map { height, width, .. } => {
+                    if ins.iter().any(
+                        |s| !matches!(*s, ValueShape::Map { height: h, width: w, .. } if (h, w) == (height, width)),
+                    ) {
+                        let all: Vec<_> = ins.iter().map(|s| s.dims()).collect();
+                        return Err(Error::graph(name, format!("concat inputs differ in height or width: {all:?}")));
+                    }
+                    ValueShape::Map { channels: ins.iter().map(|s| s.channels()).sum(), height, width }
+                }
+                ValueShape::Flat { .. } => {
+                    if ins.iter().any(|s| matches!(s, ValueShape::Map { .. })) {
+                        return Err(Error::graph(name, "concat of vectors and feature maps"));
+                    }
+                    ValueShape::Flat { features: ins.iter().map(|s| s.numel()).sum() }
+                }
+            },
+            Op::Softmax => ValueShape::Flat { features: ins[0].numel() },
+            Op::MaxPool2d { .. } | Op::AvgPool2d { .. } => {
                 let (c, h, w) = map_input(op.kind())?;
-                if stride.contains(&0) || kernel.contains(&0) {
-                    return Err(Error::graph(name, "kernel and stride must be positive"));
-                }
-                if padding[0] * 2 > kernel[0] || padding[1] * 2 > kernel[1] {
-                    return Err(Error::graph(name, "padding must be at most half the window"));
-                }
-                let height = conv_out(h, kernel[0], stride[0], padding[0], 1)
-                    .ok_or_else(|| Error::graph(name, format!("window does not fit height {h}")))?;
-                let width = conv_out(w, kernel[1], stride[1], padding[1], 1)
-                    .ok_or_else(|| Error::graph(name, format!("window does not fit width {w}")))?;
+                let window = PoolWindow::of(op).expect("a pool");
+                let [height, width] = window.output([h, w]).map_err(|e| Error::graph(name, e))?;
                 ValueShape::Map { channels: c, height, width }
+            }
+            Op::Pad { begin, end, mode } => {
+                let (c, h, w) = map_input("pad")?;
+                match mode {
+                    PadMode::Constant { value } if !value.is_finite() => {
+                        return Err(Error::graph(name, "the padding value must be finite"));
+                    }
+                    PadMode::Reflect if begin[0].max(end[0]) >= h || begin[1].max(end[1]) >= w => {
+                        return Err(Error::graph(name, format!("reflect padding must be smaller than {h}×{w}")));
+                    }
+                    _ => {}
+                }
+                ValueShape::Map { channels: c, height: h + begin[0] + end[0], width: w + begin[1] + end[1] }
+            }
+            Op::Lrn { size, alpha, beta, bias } => {
+                map_input("lrn")?;
+                if *size == 0 || !(alpha.is_finite() && beta.is_finite() && bias.is_finite()) {
+                    return Err(Error::graph(name, "lrn needs a positive size and finite alpha, beta and bias"));
+                }
+                ins[0]
+            }
+            Op::Unflatten { channels, height, width } => {
+                if channels * height * width != ins[0].numel() || *channels == 0 {
+                    return Err(Error::graph(
+                        name,
+                        format!("cannot view {:?} as [{channels}, {height}, {width}]", ins[0].dims()),
+                    ));
+                }
+                ValueShape::Map { channels: *channels, height: *height, width: *width }
+            }
+            Op::ChannelShuffle { groups } => {
+                let (c, _, _) = map_input("channel_shuffle")?;
+                if *groups == 0 || c % groups != 0 {
+                    return Err(Error::graph(name, format!("{groups} groups do not divide {c} channels")));
+                }
+                ins[0]
             }
             Op::GlobalAvgPool => {
                 let (c, _, _) = map_input("global_avg_pool")?;
@@ -741,6 +1042,71 @@ pub(crate) fn infer_shapes<'a>(
         return Err(Error::graph("<graph>", "a graph needs at least an input node"));
     }
     Ok(shapes)
+}
+
+/// The geometry of a max or average pool, all of ONNX's attributes included; shared by shape
+/// inference and the CPU plan's kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolWindow {
+    /// Window.
+    pub kernel: [usize; 2],
+    /// Stride.
+    pub stride: [usize; 2],
+    /// Padding at the top and left.
+    pub begin: [usize; 2],
+    /// Padding at the bottom and right.
+    pub end: [usize; 2],
+    /// Spacing of the taps.
+    pub dilation: [usize; 2],
+    /// Output size rounded up.
+    pub ceil_mode: bool,
+}
+
+impl PoolWindow {
+    /// The window of a pooling op; `None` for any other op.
+    pub fn of(op: &Op) -> Option<PoolWindow> {
+        let (kernel, stride, padding, padding_end, dilation, ceil_mode) = match *op {
+            Op::MaxPool2d { kernel, stride, padding, padding_end, dilation, ceil_mode } => {
+                (kernel, stride, padding, padding_end, dilation, ceil_mode)
+            }
+            Op::AvgPool2d { kernel, stride, padding, padding_end, ceil_mode, .. } => {
+                (kernel, stride, padding, padding_end, [1, 1], ceil_mode)
+            }
+            _ => return None,
+        };
+        Some(PoolWindow { kernel, stride, begin: padding, end: padding_end.unwrap_or(padding), dilation, ceil_mode })
+    }
+
+    /// Output `[height, width]` for an input of `size`. With `ceil_mode` a last window that would
+    /// start in the end padding is dropped (PyTorch's and ONNX's rule).
+    ///
+    /// # Errors
+    /// A message when the window is empty, a padding is not smaller than the window, or the
+    /// window does not fit.
+    pub fn output(&self, size: [usize; 2]) -> std::result::Result<[usize; 2], String> {
+        let mut out = [0; 2];
+        for a in 0..2 {
+            let (k, s, d) = (self.kernel[a], self.stride[a], self.dilation[a]);
+            if k == 0 || s == 0 || d == 0 {
+                return Err("kernel, stride and dilation must be positive".into());
+            }
+            let span = d * (k - 1) + 1;
+            if self.begin[a] >= span || self.end[a] >= span {
+                return Err(format!("padding {:?}/{:?} must be smaller than the window {span}", self.begin, self.end));
+            }
+            let padded = size[a] + self.begin[a] + self.end[a];
+            if padded < span {
+                return Err(format!("window {span} does not fit {} (padded)", padded));
+            }
+            let steps = if self.ceil_mode { (padded - span).div_ceil(s) } else { (padded - span) / s };
+            let mut n = steps + 1;
+            if self.ceil_mode && (n - 1) * s >= size[a] + self.begin[a] {
+                n -= 1;
+            }
+            out[a] = n;
+        }
+        Ok(out)
+    }
 }
 
 fn conv_out(size: usize, kernel: usize, stride: usize, padding: usize, dilation: usize) -> Option<usize> {

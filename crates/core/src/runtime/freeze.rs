@@ -5,9 +5,9 @@ use burn::module::Module;
 
 use super::fusion::{self, Fused};
 use super::{
-    FreezeOptions, Kernel, KernelRegistry, LayerLink, LayerView, MAX_INPUTS, Plan, Simple, Step, Workspace, thread_pool,
+    FreezeOptions, Kernel, KernelRegistry, LayerLink, LayerView, MAX_INPUTS, Plan, PoolKind, Simple, Step, Unary, Workspace, thread_pool,
 };
-use crate::graph::{BatchNormFold, Graph, NodeId, Op, Params, ValueShape};
+use crate::graph::{BatchNormFold, Graph, NodeId, Op, Params, PoolWindow, ValueShape};
 use crate::host::floats;
 use crate::{Error, Result};
 
@@ -148,26 +148,69 @@ fn build_kernel(
         }
         (Op::Add, _) => Box::new(Simple::Add { relu: step.relu }),
         (Op::Relu, _) => Box::new(Simple::Relu),
-        (Op::MaxPool2d { kernel, stride, padding } | Op::AvgPool2d { kernel, stride, padding }, _) => {
-            let dims = |s: ValueShape| match s {
-                ValueShape::Map { channels, height, width } => (channels, height, width),
-                ValueShape::Flat { features } => (features, 1, 1),
-            };
-            Box::new(Simple::Pool {
-                max: matches!(node.op, Op::MaxPool2d { .. }),
-                input: dims(shapes[node.inputs[0]]),
-                output: dims(shapes[step.node]),
-                kernel: *kernel,
-                stride: *stride,
-                padding: *padding,
+        (Op::MaxPool2d { .. } | Op::AvgPool2d { .. }, _) => Box::new(Simple::Pool {
+            kind: match node.op {
+                Op::MaxPool2d { .. } => PoolKind::Max,
+                Op::AvgPool2d { count_include_pad: true, .. } => PoolKind::AvgWithPadding,
+                _ => PoolKind::AvgWithoutPadding,
+            },
+            input: map_dims(shapes[node.inputs[0]]),
+            output: map_dims(shapes[step.node]),
+            window: PoolWindow::of(&node.op).expect("a pool"),
+        }),
+        (Op::Pad { begin, mode, .. }, _) => Box::new(Simple::Pad {
+            input: map_dims(shapes[node.inputs[0]]),
+            begin: *begin,
+            output: map_dims(shapes[step.node]),
+            mode: *mode,
+        }),
+        (Op::Lrn { size, alpha, beta, bias }, _) => {
+            let s = shapes[step.node];
+            Box::new(Simple::Lrn {
+                channels: s.channels(),
+                plane: s.numel() / s.channels(),
+                size: *size,
+                alpha: *alpha,
+                beta: *beta,
+                bias: *bias,
+            })
+        }
+        (Op::Unflatten { .. }, _) => Box::new(Simple::Copy),
+        (Op::ChannelShuffle { groups }, _) => {
+            let s = shapes[step.node];
+            Box::new(Simple::ChannelShuffle {
+                channels: s.channels(),
+                groups: *groups,
+                plane: s.numel() / s.channels(),
             })
         }
         (Op::GlobalAvgPool, _) => {
             let s = shapes[node.inputs[0]];
             Box::new(Simple::GlobalAvgPool { channels: s.channels(), plane: s.numel() / s.channels() })
         }
+        (Op::Clip { min, max }, _) => Box::new(Simple::Unary(Unary::Clip { min: *min, max: *max })),
+        (Op::Sigmoid, _) => Box::new(Simple::Unary(Unary::Sigmoid)),
+        (Op::HardSigmoid { alpha, beta }, _) => {
+            Box::new(Simple::Unary(Unary::HardSigmoid { alpha: *alpha, beta: *beta }))
+        }
+        (Op::HardSwish, _) => Box::new(Simple::Unary(Unary::HardSwish)),
+        (Op::LeakyRelu { alpha }, _) => Box::new(Simple::Unary(Unary::LeakyRelu { alpha: *alpha })),
+        (Op::Mul, _) => {
+            let (a, b) = (shapes[node.inputs[0]], shapes[node.inputs[1]]);
+            Box::new(Simple::Mul { plane: a.numel() / b.numel() })
+        }
+        (Op::Concat, _) => Box::new(Simple::Concat { parts: node.inputs.iter().map(|&i| shapes[i].numel()).collect() }),
+        (Op::Softmax, _) => Box::new(Simple::Softmax { classes: shapes[step.node].numel() }),
         (op, _) => return Err(Error::graph(&node.name, format!("{} cannot be frozen", op.kind()))),
     })
+}
+
+/// `(c, h, w)` of a value (a vector is `(features, 1, 1)`).
+fn map_dims(s: ValueShape) -> (usize, usize, usize) {
+    match s {
+        ValueShape::Map { channels, height, width } => (channels, height, width),
+        ValueShape::Flat { features } => (features, 1, 1),
+    }
 }
 
 /// Buffer planning: a value's slot is freed after its last reader and reused. Returns each

@@ -4,7 +4,7 @@
 use super::gemm::sgemm;
 use super::{Aligned, aligned};
 use super::{Kernel, LayerView, RunContext};
-use crate::graph::{Op, ValueShape};
+use crate::graph::{Op, PadMode, PoolWindow, ValueShape};
 
 fn map_dims(shape: ValueShape) -> (usize, usize, usize) {
     match shape {
@@ -317,18 +317,51 @@ pub enum Simple {
     },
     /// Max or average pooling.
     Pool {
-        /// Max (true) or average (false, padding counted).
-        max: bool,
+        /// Max, or average with or without the padding in the divisor.
+        kind: PoolKind,
         /// Input `(c, h, w)`.
         input: (usize, usize, usize),
         /// Output `(c, h, w)`.
         output: (usize, usize, usize),
-        /// Window.
-        kernel: [usize; 2],
-        /// Stride.
-        stride: [usize; 2],
-        /// Padding.
-        padding: [usize; 2],
+        /// Window, stride, padding, dilation.
+        window: PoolWindow,
+    },
+    /// Padding of each channel's plane.
+    Pad {
+        /// Input `(c, h, w)`.
+        input: (usize, usize, usize),
+        /// Rows and columns added at the top and left.
+        begin: [usize; 2],
+        /// Output `(c, h, w)`.
+        output: (usize, usize, usize),
+        /// What the new pixels hold.
+        mode: PadMode,
+    },
+    /// Local response normalisation across channels.
+    Lrn {
+        /// Channels.
+        channels: usize,
+        /// Values per channel.
+        plane: usize,
+        /// Channels in the window.
+        size: usize,
+        /// Scale of the window's sum of squares.
+        alpha: f32,
+        /// Exponent.
+        beta: f32,
+        /// Offset.
+        bias: f32,
+    },
+    /// The values unchanged (a reshape: same order, new shape).
+    Copy,
+    /// Channel shuffle: channel `g · (c / groups) + k` moves to `k · groups + g`.
+    ChannelShuffle {
+        /// Channels.
+        channels: usize,
+        /// Groups.
+        groups: usize,
+        /// Values per channel.
+        plane: usize,
     },
     /// Mean over each channel's plane.
     GlobalAvgPool {
@@ -348,6 +381,93 @@ pub enum Simple {
         /// Fused ReLU.
         relu: bool,
     },
+    /// An element-wise activation.
+    Unary(Unary),
+    /// `a · b` element-wise, `b` holding one value per `plane` values of `a` (1: equal shapes;
+    /// `h · w`: one scale per channel of a feature map).
+    Mul {
+        /// Values of `a` per value of `b`.
+        plane: usize,
+    },
+    /// The inputs of each image one after the other (channels or features).
+    Concat {
+        /// Values per image of each input.
+        parts: Vec<usize>,
+    },
+    /// Softmax over each image's values.
+    Softmax {
+        /// Values per image.
+        classes: usize,
+    },
+}
+
+/// What a pooling window computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolKind {
+    /// The maximum (padding never wins).
+    Max,
+    /// The mean, padding counted as zeros in the divisor.
+    AvgWithPadding,
+    /// The mean of the pixels inside the image only.
+    AvgWithoutPadding,
+}
+
+/// Element-wise activations without parameters of their own but constants.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Unary {
+    /// `min(max(x, min), max)`.
+    Clip {
+        /// Lower bound.
+        min: f32,
+        /// Upper bound.
+        max: f32,
+    },
+    /// `1 / (1 + e^−x)`.
+    Sigmoid,
+    /// `max(0, min(1, alpha · x + beta))`.
+    HardSigmoid {
+        /// Slope.
+        alpha: f32,
+        /// Offset.
+        beta: f32,
+    },
+    /// `x · max(0, min(1, x / 6 + 1/2))`.
+    HardSwish,
+    /// `x` if positive, else `alpha · x`.
+    LeakyRelu {
+        /// Negative slope.
+        alpha: f32,
+    },
+}
+
+impl Unary {
+    /// The activation of one value.
+    #[inline]
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            Unary::Clip { min, max } => x.clamp(min, max),
+            Unary::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+            Unary::HardSigmoid { alpha, beta } => (alpha * x + beta).clamp(0.0, 1.0),
+            Unary::HardSwish => x * (x * (1.0 / 6.0) + 0.5).clamp(0.0, 1.0),
+            Unary::LeakyRelu { alpha } => {
+                if x > 0.0 {
+                    x
+                } else {
+                    alpha * x
+                }
+            }
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Unary::Clip { .. } => "clip",
+            Unary::Sigmoid => "sigmoid",
+            Unary::HardSigmoid { .. } => "hard_sigmoid",
+            Unary::HardSwish => "hard_swish",
+            Unary::LeakyRelu { .. } => "leaky_relu",
+        }
+    }
 }
 
 impl Kernel for Simple {
@@ -355,12 +475,21 @@ impl Kernel for Simple {
         match self {
             Simple::Relu => "relu/f32".into(),
             Simple::Add { relu } => format!("add/f32{}", if *relu { "+relu" } else { "" }),
-            Simple::Pool { max: true, .. } => "max_pool2d/f32".into(),
-            Simple::Pool { max: false, .. } => "avg_pool2d/f32".into(),
+            Simple::Pool { kind: PoolKind::Max, .. } => "max_pool2d/f32".into(),
+            Simple::Pool { .. } => "avg_pool2d/f32".into(),
+            Simple::Pad { .. } => "pad/f32".into(),
+            Simple::Lrn { .. } => "lrn/f32".into(),
+            Simple::Copy => "reshape/f32-copy".into(),
+            Simple::ChannelShuffle { .. } => "channel_shuffle/f32".into(),
             Simple::GlobalAvgPool { .. } => "global_avg_pool/f32".into(),
             Simple::Affine { relu, .. } => {
                 format!("batch_norm/f32-affine{}", if *relu { "+relu" } else { "" })
             }
+            Simple::Unary(u) => format!("{}/f32", u.name()),
+            Simple::Mul { plane: 1 } => "mul/f32".into(),
+            Simple::Mul { .. } => "mul/f32-per-channel".into(),
+            Simple::Concat { .. } => "concat/f32".into(),
+            Simple::Softmax { .. } => "softmax/f32".into(),
         }
     }
 
@@ -376,27 +505,41 @@ impl Kernel for Simple {
                     output.iter_mut().for_each(|o| *o = o.max(0.0));
                 }
             }
-            Simple::Pool { max, input: (_, h, w), output: (_, oh, ow), kernel, stride, padding } => {
-                let (h, w, oh, ow) = (*h, *w, *oh, *ow);
-                let planes_in = inputs[0].chunks_exact(h * w);
-                for (plane, out) in planes_in.zip(output.chunks_exact_mut(oh * ow)) {
-                    for oy in 0..oh {
-                        for ox in 0..ow {
-                            let mut acc = if *max { f32::NEG_INFINITY } else { 0.0 };
-                            for ky in 0..kernel[0] {
-                                let iy = (oy * stride[0] + ky) as isize - padding[0] as isize;
-                                if iy < 0 || iy >= h as isize {
-                                    continue;
-                                }
-                                for kx in 0..kernel[1] {
-                                    let ix = (ox * stride[1] + kx) as isize - padding[1] as isize;
-                                    if ix >= 0 && ix < w as isize {
-                                        let v = plane[iy as usize * w + ix as usize];
-                                        acc = if *max { acc.max(v) } else { acc + v };
-                                    }
-                                }
-                            }
-                            out[oy * ow + ox] = if *max { acc } else { acc / (kernel[0] * kernel[1]) as f32 };
+            Simple::Pool { kind, input: (_, h, w), output: (_, oh, ow), window } => {
+                let planes = inputs[0].chunks_exact(h * w).zip(output.chunks_exact_mut(oh * ow));
+                for (plane, out) in planes {
+                    pool_plane(*kind, window, plane, [*h, *w], out, [*oh, *ow]);
+                }
+            }
+            Simple::Pad { input: (_, h, w), begin, output: (_, oh, ow), mode } => {
+                let planes = inputs[0].chunks_exact(h * w).zip(output.chunks_exact_mut(oh * ow));
+                for (plane, out) in planes {
+                    pad_plane(*mode, plane, [*h, *w], *begin, out, [*oh, *ow]);
+                }
+            }
+            Simple::Lrn { channels, plane, size, alpha, beta, bias } => {
+                let (c, p) = (*channels, *plane);
+                let before = (size - 1) / 2;
+                for (x, out) in inputs[0].chunks_exact(c * p).zip(output.chunks_exact_mut(c * p)) {
+                    for ch in 0..c {
+                        let (lo, hi) = (ch.saturating_sub(before), (ch + size - before).min(c));
+                        for i in 0..p {
+                            let sum: f32 = (lo..hi).map(|k| x[k * p + i] * x[k * p + i]).sum();
+                            let v = x[ch * p + i];
+                            out[ch * p + i] = v / (bias + alpha / *size as f32 * sum).powf(*beta);
+                        }
+                    }
+                }
+            }
+            Simple::Copy => output.copy_from_slice(&inputs[0][..output.len()]),
+            Simple::ChannelShuffle { channels, groups, plane } => {
+                let (c, g, p) = (*channels, *groups, *plane);
+                let per = c / g;
+                for (x, out) in inputs[0].chunks_exact(c * p).zip(output.chunks_exact_mut(c * p)) {
+                    for gi in 0..g {
+                        for k in 0..per {
+                            let (from, to) = (gi * per + k, k * g + gi);
+                            out[to * p..(to + 1) * p].copy_from_slice(&x[from * p..(from + 1) * p]);
                         }
                     }
                 }
@@ -416,6 +559,96 @@ impl Kernel for Simple {
                     }
                 }
             }
+            Simple::Unary(u) => output.iter_mut().zip(inputs[0]).for_each(|(o, &x)| *o = u.apply(x)),
+            Simple::Mul { plane } => {
+                for (o, (a, &b)) in output.chunks_mut(*plane).zip(inputs[0].chunks(*plane).zip(inputs[1])) {
+                    o.iter_mut().zip(a).for_each(|(o, &a)| *o = a * b);
+                }
+            }
+            Simple::Concat { parts } => {
+                let per: usize = parts.iter().sum();
+                for (i, out) in output.chunks_exact_mut(per).enumerate() {
+                    let mut at = 0;
+                    for (input, &len) in inputs.iter().zip(parts) {
+                        out[at..at + len].copy_from_slice(&input[i * len..(i + 1) * len]);
+                        at += len;
+                    }
+                }
+            }
+            Simple::Softmax { classes } => {
+                for (o, x) in output.chunks_exact_mut(*classes).zip(inputs[0].chunks_exact(*classes)) {
+                    let top = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0.0;
+                    for (o, &v) in o.iter_mut().zip(x) {
+                        *o = (v - top).exp();
+                        sum += *o;
+                    }
+                    o.iter_mut().for_each(|v| *v /= sum);
+                }
+            }
+        }
+    }
+}
+
+/// One channel's pooling: every output pixel from its window's taps inside the image.
+fn pool_plane(kind: PoolKind, window: &PoolWindow, plane: &[f32], [h, w]: [usize; 2], out: &mut [f32], [oh, ow]: [usize; 2]) {
+    let PoolWindow { kernel, stride, begin, end, dilation, .. } = *window;
+    for oy in 0..oh {
+        for ox in 0..ow {
+            let (y0, x0) = ((oy * stride[0]) as isize - begin[0] as isize, (ox * stride[1]) as isize - begin[1] as isize);
+            let mut acc = if kind == PoolKind::Max { f32::NEG_INFINITY } else { 0.0 };
+            let (mut inside, mut padded) = (0usize, 0usize);
+            for ky in 0..kernel[0] {
+                let iy = y0 + (ky * dilation[0]) as isize;
+                for kx in 0..kernel[1] {
+                    let ix = x0 + (kx * dilation[1]) as isize;
+                    if iy >= 0 && iy < h as isize && ix >= 0 && ix < w as isize {
+                        let v = plane[iy as usize * w + ix as usize];
+                        acc = if kind == PoolKind::Max { acc.max(v) } else { acc + v };
+                        inside += 1;
+                    }
+                    // Taps in the declared padding count for the padded divisor; taps past it
+                    // (a ceil-mode window hanging over the edge) never do.
+                    if iy < (h + end[0]) as isize && ix < (w + end[1]) as isize {
+                        padded += 1;
+                    }
+                }
+            }
+            out[oy * ow + ox] = match kind {
+                PoolKind::Max => acc,
+                PoolKind::AvgWithPadding => acc / padded as f32,
+                PoolKind::AvgWithoutPadding => acc / inside.max(1) as f32,
+            };
+        }
+    }
+}
+
+/// One channel's padding: the image copied into the middle, the border filled by `mode`.
+fn pad_plane(mode: PadMode, plane: &[f32], [h, w]: [usize; 2], begin: [usize; 2], out: &mut [f32], [oh, ow]: [usize; 2]) {
+    // Where a padded coordinate reads from, for the modes that copy image pixels.
+    let source = |i: usize, before: usize, n: usize| -> Option<usize> {
+        let at = i as isize - before as isize;
+        let last = n as isize - 1;
+        match mode {
+            PadMode::Constant { .. } => (0..=last).contains(&at).then_some(at as usize),
+            PadMode::Edge => Some(at.clamp(0, last) as usize),
+            PadMode::Reflect => {
+                let r = if at < 0 { -at } else if at > last { 2 * last - at } else { at };
+                Some(r as usize)
+            }
+        }
+    };
+    let fill = match mode {
+        PadMode::Constant { value } => value,
+        _ => 0.0,
+    };
+    for oy in 0..oh {
+        let sy = source(oy, begin[0], h);
+        for ox in 0..ow {
+            out[oy * ow + ox] = match (sy, source(ox, begin[1], w)) {
+                (Some(y), Some(x)) => plane[y * w + x],
+                _ => fill,
+            };
         }
     }
 }

@@ -53,7 +53,7 @@ mod kernels;
 pub use freeze::{freeze, freeze_with};
 pub use fusion::batch_norm_after;
 pub use gemm::sgemm;
-pub use kernels::{ConvF32, ConvGeometry, ConvRten, LinearF32, LinearRten, Simple};
+pub use kernels::{ConvF32, ConvGeometry, ConvRten, LinearF32, LinearRten, PoolKind, Simple, Unary};
 
 use std::fmt::Debug;
 
