@@ -26,8 +26,21 @@ const END: &str = "<!-- onnx-conformance:end -->";
 
 /// Ops that compute element by element, whose tests may view a rank-3 input as an image.
 const ELEMENTWISE: &[&str] = &[
-    "Relu", "Sigmoid", "Clip", "HardSigmoid", "HardSwish", "LeakyRelu", "Add", "Sub", "Mul", "Div", "Sum", "Identity",
-    "Dropout", "Swish", "Constant",
+    "Relu",
+    "Sigmoid",
+    "Clip",
+    "HardSigmoid",
+    "HardSwish",
+    "LeakyRelu",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Sum",
+    "Identity",
+    "Dropout",
+    "Swish",
+    "Constant",
 ];
 
 #[derive(Clone, Debug, PartialEq)]
@@ -69,7 +82,11 @@ fn excess(got: &[f32], want: &[f32], rtol: f32, atol: f32) -> Result<f32, String
     Ok(got
         .iter()
         .zip(want)
-        .map(|(g, w)| if g.is_nan() || (g - w).abs().is_nan() { f32::INFINITY } else { (g - w).abs() - atol - rtol * w.abs() })
+        .map(
+            |(g, w)| {
+                if g.is_nan() || (g - w).abs().is_nan() { f32::INFINITY } else { (g - w).abs() - atol - rtol * w.abs() }
+            },
+        )
         .fold(f32::NEG_INFINITY, f32::max))
 }
 
@@ -185,7 +202,11 @@ fn table(nodes: &BTreeMap<String, Vec<(String, Outcome)>>, light: &[(String, Out
     out.push_str("| ONNX op (node tests) | passed / run | refused at import | not applicable |\n|---|---|---|---|\n");
     for (op, tests) in nodes {
         let names = |f: fn(&Outcome) -> bool| -> String {
-            let v: Vec<String> = tests.iter().filter(|(_, o)| f(o)).map(|(n, _)| format!("`{}`", n.trim_start_matches("test_"))).collect();
+            let v: Vec<String> = tests
+                .iter()
+                .filter(|(_, o)| f(o))
+                .map(|(n, _)| format!("`{}`", n.trim_start_matches("test_")))
+                .collect();
             if v.is_empty() { "—".into() } else { v.join(", ") }
         };
         let na = count(tests, |o| matches!(o, Outcome::NotApplicable(_)));

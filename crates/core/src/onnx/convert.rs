@@ -59,7 +59,8 @@ impl<'a> Converter<'a> {
             *uses.entry(out.name.clone()).or_insert(0) += 1;
         }
         let builder = GraphBuilder::new(input);
-        let nodes = vec![("input".to_string(), Op::Input { channels: input[0], height: input[1], width: input[2] }, vec![])];
+        let nodes =
+            vec![("input".to_string(), Op::Input { channels: input[0], height: input[1], width: input[2] }, vec![])];
         Self {
             builder,
             nodes,
@@ -152,7 +153,9 @@ impl<'a> Converter<'a> {
     fn node_input(&self, node: &Node, i: usize) -> Result<NodeId, String> {
         match self.input(node, i)? {
             Value::Node(id) => Ok(id),
-            Value::Const(_) | Value::Dims(_) => Err(format!("input {i} is a constant where a computed value was expected")),
+            Value::Const(_) | Value::Dims(_) => {
+                Err(format!("input {i} is a constant where a computed value was expected"))
+            }
             _ => Err(format!("input {i} is a 5-d view that only a channel shuffle may read")),
         }
     }
@@ -194,7 +197,9 @@ impl<'a> Converter<'a> {
             Node::ConstantOfShape(n) => {
                 let dims: Vec<i64> = match &n.config.shape {
                     onnx_ir::constant_of_shape::ConstantOfShapeShape::Static(d) => d.clone(),
-                    onnx_ir::constant_of_shape::ConstantOfShapeShape::Runtime(_) => self.constant(node, 0, "shape")?.ints(),
+                    onnx_ir::constant_of_shape::ConstantOfShapeShape::Runtime(_) => {
+                        self.constant(node, 0, "shape")?.ints()
+                    }
                 };
                 if dims.iter().any(|&d| d < 0) {
                     return Err(format!("negative dimension in {dims:?}"));
@@ -298,10 +303,12 @@ impl<'a> Converter<'a> {
                     Ok(match c {
                         None => default,
                         Some(onnx_ir::clip::ClipInput::Static(v)) => *v as f32,
-                        Some(onnx_ir::clip::ClipInput::Runtime(r)) => match self.value(&node.inputs()[r.input_index])? {
-                            Value::Const(c) => c.scalar().ok_or("clip bound is not a scalar")? as f32,
-                            _ => return Err("clip bounds must be constants".into()),
-                        },
+                        Some(onnx_ir::clip::ClipInput::Runtime(r)) => {
+                            match self.value(&node.inputs()[r.input_index])? {
+                                Value::Const(c) => c.scalar().ok_or("clip bound is not a scalar")? as f32,
+                                _ => return Err("clip bounds must be constants".into()),
+                            }
+                        }
                     })
                 };
                 let (min, max) = (bound(&n.config.min, f32::MIN)?, bound(&n.config.max, f32::MAX)?);
@@ -314,7 +321,8 @@ impl<'a> Converter<'a> {
             }
             Node::Add(_) | Node::Sub(_) | Node::Mul(_) | Node::Div(_) => self.arithmetic(node, &name),
             Node::Sum(_) => {
-                let inputs: Vec<Value> = (0..node.inputs().len()).map(|i| self.input(node, i)).collect::<Result<_, _>>()?;
+                let inputs: Vec<Value> =
+                    (0..node.inputs().len()).map(|i| self.input(node, i)).collect::<Result<_, _>>()?;
                 let ids: Option<Vec<NodeId>> =
                     inputs.iter().map(|v| if let Value::Node(id) = v { Some(*id) } else { None }).collect();
                 match ids {
@@ -381,7 +389,9 @@ impl<'a> Converter<'a> {
                 let mut sorted = axes.clone();
                 sorted.sort_unstable();
                 if sorted != [2, 3] || !matches!(self.shape(x), ValueShape::Map { .. }) {
-                    return Err(format!("only a mean over height and width (axes 2, 3) is supported, got axes {axes:?}"));
+                    return Err(format!(
+                        "only a mean over height and width (axes 2, 3) is supported, got axes {axes:?}"
+                    ));
                 }
                 let gap = self.push(&name, Op::GlobalAvgPool, vec![x])?;
                 if n.config.keepdims {
@@ -416,7 +426,10 @@ impl<'a> Converter<'a> {
             Node::Flatten(n) => {
                 let x = self.node_input(node, 0)?;
                 if n.config.axis != 1 {
-                    return Err(format!("flatten at axis {} mixes the batch with the features; only axis 1 is supported", n.config.axis));
+                    return Err(format!(
+                        "flatten at axis {} mixes the batch with the features; only axis 1 is supported",
+                        n.config.axis
+                    ));
                 }
                 let numel = self.shape(x).numel();
                 one(self.view(&name, x, &[numel])?)
@@ -529,12 +542,22 @@ impl<'a> Converter<'a> {
 
     /// `alpha · x · W + beta · bias` with `W` `[in, out]` (`transpose`) or `[out, in]`.
     #[allow(clippy::too_many_arguments)]
-    fn linear(&mut self, node: &Node, name: &str, w: Const, transpose: bool, alpha: f32, bias: Option<Value>, beta: f32) -> Step {
+    fn linear(
+        &mut self,
+        node: &Node,
+        name: &str,
+        w: Const,
+        transpose: bool,
+        alpha: f32,
+        bias: Option<Value>,
+        beta: f32,
+    ) -> Step {
         let x = self.node_input(node, 0)?;
         let ValueShape::Flat { features } = self.shape(x) else {
             return Err(format!("expects [batch, features], got a feature map {:?}", self.shape(x).dims()));
         };
-        let [rows, cols]: [usize; 2] = w.dims.clone().try_into().map_err(|_| format!("weight {:?} is not 2-d", w.dims))?;
+        let [rows, cols]: [usize; 2] =
+            w.dims.clone().try_into().map_err(|_| format!("weight {:?} is not 2-d", w.dims))?;
         let (in_f, out_f) = if transpose { (rows, cols) } else { (cols, rows) };
         if in_f != features {
             return Err(format!("weight {:?} expects {in_f} input features, gets {features}", w.dims));
@@ -595,7 +618,9 @@ impl<'a> Converter<'a> {
                 let per_channel = |s: ValueShape| matches!(s, ValueShape::Map { height: 1, width: 1, .. });
                 match kind.as_str() {
                     "Add" if sx == sy => Ok(vec![Value::Node(self.push(name, Op::Add, vec![x, y])?)]),
-                    "Mul" if sx == sy || per_channel(sy) => Ok(vec![Value::Node(self.push(name, Op::Mul, vec![x, y])?)]),
+                    "Mul" if sx == sy || per_channel(sy) => {
+                        Ok(vec![Value::Node(self.push(name, Op::Mul, vec![x, y])?)])
+                    }
                     "Mul" if per_channel(sx) => Ok(vec![Value::Node(self.push(name, Op::Mul, vec![y, x])?)]),
                     _ => Err(format!(
                         "{kind} of two computed values of shapes {:?} and {:?} is not supported (supported: Add of equal \
@@ -678,7 +703,13 @@ impl<'a> Converter<'a> {
         }
         let ids: Vec<NodeId> = inputs
             .iter()
-            .map(|v| if let Value::Node(id) = v { Ok(*id) } else { Err("concatenation of a constant and a computed value".to_string()) })
+            .map(|v| {
+                if let Value::Node(id) = v {
+                    Ok(*id)
+                } else {
+                    Err("concatenation of a constant and a computed value".to_string())
+                }
+            })
             .collect::<Result<_, _>>()?;
         if axis_ != 1 {
             return Err(format!("concatenation along axis {axis_} is not supported (only the channels, axis 1)"));
@@ -744,8 +775,11 @@ impl<'a> Converter<'a> {
                 Ok(vec![Value::Dims(picked)])
             }
             (Value::Const(c), 0) if c.dims.len() == 1 => {
-                let picked: Vec<f64> =
-                    indices.ints().iter().map(|&i| axis(i, c.data.len()).map(|i| c.data[i])).collect::<Result<_, _>>()?;
+                let picked: Vec<f64> = indices
+                    .ints()
+                    .iter()
+                    .map(|&i| axis(i, c.data.len()).map(|i| c.data[i]))
+                    .collect::<Result<_, _>>()?;
                 Ok(vec![Value::Const(Const::new(indices.dims.clone(), picked))])
             }
             _ => Err("gather is only supported on shapes and 1-d constants".into()),
@@ -842,7 +876,9 @@ impl<'a> Converter<'a> {
             },
         };
         match self.input(node, 0)? {
-            Value::Const(c) => Ok(vec![Value::Const(c.reshaped(layout::squeezed(&c.dims, axes.as_deref(), false)?)?)]),
+            Value::Const(c) => {
+                Ok(vec![Value::Const(c.reshaped(layout::squeezed(&c.dims, axes.as_deref(), false)?)?)])
+            }
             Value::Dims(d) => Ok(vec![Value::Dims(d)]),
             Value::Node(x) => {
                 let mut full = vec![1];
@@ -869,7 +905,7 @@ impl<'a> Converter<'a> {
                 let mut full = vec![1];
                 full.extend(self.onnx_dims(x));
                 let dims = layout::unsqueezed(&full, &axes)?;
-                if dims[0] != 1 || axes.iter().any(|&a| a == 0) {
+                if dims[0] != 1 || axes.contains(&0) {
                     return Err("unsqueeze before the batch axis is not supported".into());
                 }
                 Ok(vec![self.view(name, x, &dims[1..])?])
@@ -880,14 +916,18 @@ impl<'a> Converter<'a> {
 
     fn transpose(&mut self, node: &Node, name: &str, perm: &[i64]) -> Step {
         match self.input(node, 0)? {
-            Value::Grouped { node: x, groups } if perm == [0, 2, 1, 3, 4] => Ok(vec![Value::Shuffled { node: x, groups }]),
+            Value::Grouped { node: x, groups } if perm == [0, 2, 1, 3, 4] => {
+                Ok(vec![Value::Shuffled { node: x, groups }])
+            }
             Value::Node(x) => {
                 let mut full = vec![1];
                 full.extend(self.onnx_dims(x));
                 let dims = layout::transposed_view(&full, perm)?;
                 Ok(vec![self.view(name, x, &dims[1..])?])
             }
-            Value::Grouped { .. } => Err(format!("permutation {perm:?} of a grouped view (only a channel shuffle, [0, 2, 1, 3, 4])")),
+            Value::Grouped { .. } => {
+                Err(format!("permutation {perm:?} of a grouped view (only a channel shuffle, [0, 2, 1, 3, 4])"))
+            }
             _ => Err("transpose of this value is not supported".into()),
         }
     }

@@ -48,7 +48,7 @@ pub(super) fn resolve(input: &[usize], batch: Option<Option<usize>>, target: &[D
     }
     let known: usize = dims.iter().product();
     if let Some(i) = infer {
-        if known == 0 || numel % known != 0 {
+        if known == 0 || !numel.is_multiple_of(known) {
             return Err(format!("reshape of {input:?} to {target:?}: sizes do not divide"));
         }
         dims[i] = numel / known;

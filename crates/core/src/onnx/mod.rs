@@ -143,7 +143,13 @@ pub fn import_bytes(bytes: &[u8], origin: &Path, options: &ImportOptions, device
     import_with(bytes, origin, false, options, device)
 }
 
-fn import_with(bytes: &[u8], path: &Path, from_file: bool, options: &ImportOptions, device: &Device) -> Result<Imported> {
+fn import_with(
+    bytes: &[u8],
+    path: &Path,
+    from_file: bool,
+    options: &ImportOptions,
+    device: &Device,
+) -> Result<Imported> {
     let fail = |message: String| Error::Onnx { path: path.to_path_buf(), message };
     let model = ModelProto::parse_from_bytes(bytes).map_err(|e| fail(format!("not an ONNX model: {e}")))?;
     let file_outputs: Vec<String> = model.graph.output.iter().map(|o| o.name.clone()).collect();
@@ -189,9 +195,8 @@ fn import_with(bytes: &[u8], path: &Path, from_file: bool, options: &ImportOptio
         Ok(Err(e)) => return Err(fail(format!("onnx-ir could not read the model: {e}"))),
         Err(_) => return Err(fail("onnx-ir stopped on this model (a panic while parsing)".into())),
     };
-    let (graph, removed_softmax, ops, input, dynamic_batch) = convert_graph(&onnx, &facts, output_index, options, device)
-        .map_err(fail)?
-        .map_err(|e| fail(e.to_string()))?;
+    let (graph, removed_softmax, ops, input, dynamic_batch) =
+        convert_graph(&onnx, &facts, output_index, options, device).map_err(fail)?.map_err(|e| fail(e.to_string()))?;
     let summary = ImportSummary {
         path: path.to_path_buf(),
         opset: facts.opset,
@@ -221,7 +226,10 @@ fn convert_graph(
     let inputs: Vec<_> = onnx.inputs.iter().filter(|a| a.value().is_none()).collect();
     let [arg] = inputs.as_slice() else {
         let names: Vec<&str> = inputs.iter().map(|a| a.name.as_str()).collect();
-        return Err(format!("the model has {} inputs {names:?}; shrink imports models with one image input", names.len()));
+        return Err(format!(
+            "the model has {} inputs {names:?}; shrink imports models with one image input",
+            names.len()
+        ));
     };
     let dims = input_dims(arg)?;
     let (input, batch, flat) = input_layout(&arg.name, &dims, options.input_shape)?;
@@ -244,11 +252,7 @@ fn convert_graph(
         }
     };
     if !conv.problems.is_empty() {
-        return Err(format!(
-            "{} node(s) cannot be converted:\n  {}",
-            conv.problems.len(),
-            conv.problems.join("\n  ")
-        ));
+        return Err(format!("{} node(s) cannot be converted:\n  {}", conv.problems.len(), conv.problems.join("\n  ")));
     }
     let mut id = output.take().expect("no problems: the output is a node");
     let removed_softmax = !options.keep_final_softmax && matches!(conv.nodes[id].1, Op::Softmax);
@@ -275,7 +279,12 @@ fn input_layout(
     let (batch, rest, flat) = match dims {
         [n, c, h, w] => (*n, vec![*c, *h, *w], false),
         [n, f] => (*n, vec![*f, Some(1), Some(1)], true),
-        _ => return Err(format!("input `{name}` has rank {}; shrink imports [n, c, h, w] images (or [n, f] vectors)", dims.len())),
+        _ => {
+            return Err(format!(
+                "input `{name}` has rank {}; shrink imports [n, c, h, w] images (or [n, f] vectors)",
+                dims.len()
+            ));
+        }
     };
     let mut input = [0; 3];
     for (i, d) in rest.iter().enumerate() {
@@ -346,13 +355,23 @@ fn make_params(name: &str, host: Option<&HostParams>, device: &Device) -> Result
         }
         Some(HostParams::Linear { weight, bias: b, dims }) => {
             finite(weight, "weight")?;
-            Ok(Params::Linear(LinearParams { weight: Param::from_tensor(tensor(weight, *dims, device)), bias: bias(b)? }))
+            Ok(Params::Linear(LinearParams {
+                weight: Param::from_tensor(tensor(weight, *dims, device)),
+                bias: bias(b)?,
+            }))
         }
         Some(HostParams::BatchNorm { gamma, beta, mean, var, epsilon, momentum }) => {
             for (v, what) in [(gamma, "scale"), (beta, "bias"), (mean, "mean"), (var, "variance")] {
                 finite(v, what)?;
             }
-            Ok(Params::BatchNorm(batch_norm_from(vector(gamma), vector(beta), vector(mean), vector(var), *epsilon, *momentum)))
+            Ok(Params::BatchNorm(batch_norm_from(
+                vector(gamma),
+                vector(beta),
+                vector(mean),
+                vector(var),
+                *epsilon,
+                *momentum,
+            )))
         }
         None => Err(Error::graph(name, "no parameters were converted for this layer")),
     }

@@ -96,13 +96,7 @@ pub(super) fn scan(model: &ModelProto, outputs: &[String]) -> Scan {
             })
         })
         .collect();
-    Scan {
-        opset,
-        producer,
-        nodes: graph.node.len(),
-        unsupported,
-        original_names: original_names(model),
-    }
+    Scan { opset, producer, nodes: graph.node.len(), unsupported, original_names: original_names(model) }
 }
 
 /// Whether a boolean (or numeric) constant holds a non-zero value.
@@ -124,11 +118,7 @@ fn qualified_op(node: &NodeProto) -> String {
 
 /// The node's name, or its first output's when the exporter left the name empty.
 pub(super) fn display_name(node: &NodeProto) -> String {
-    if !node.name.is_empty() {
-        node.name.clone()
-    } else {
-        node.output.first().cloned().unwrap_or_default()
-    }
+    if !node.name.is_empty() { node.name.clone() } else { node.output.first().cloned().unwrap_or_default() }
 }
 
 /// Indices of the nodes the values `outputs` are computed from.

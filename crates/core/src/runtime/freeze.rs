@@ -5,7 +5,8 @@ use burn::module::Module;
 
 use super::fusion::{self, Fused};
 use super::{
-    FreezeOptions, Kernel, KernelRegistry, LayerLink, LayerView, MAX_INPUTS, Plan, PoolKind, Simple, Step, Unary, Workspace, thread_pool,
+    FreezeOptions, Kernel, KernelRegistry, LayerLink, LayerView, MAX_INPUTS, Plan, PoolKind, Simple, Step, Unary,
+    Workspace, thread_pool,
 };
 use crate::graph::{BatchNormFold, Graph, NodeId, Op, Params, PoolWindow, ValueShape};
 use crate::host::floats;

@@ -591,11 +591,19 @@ impl Kernel for Simple {
 }
 
 /// One channel's pooling: every output pixel from its window's taps inside the image.
-fn pool_plane(kind: PoolKind, window: &PoolWindow, plane: &[f32], [h, w]: [usize; 2], out: &mut [f32], [oh, ow]: [usize; 2]) {
+fn pool_plane(
+    kind: PoolKind,
+    window: &PoolWindow,
+    plane: &[f32],
+    [h, w]: [usize; 2],
+    out: &mut [f32],
+    [oh, ow]: [usize; 2],
+) {
     let PoolWindow { kernel, stride, begin, end, dilation, .. } = *window;
     for oy in 0..oh {
         for ox in 0..ow {
-            let (y0, x0) = ((oy * stride[0]) as isize - begin[0] as isize, (ox * stride[1]) as isize - begin[1] as isize);
+            let (y0, x0) =
+                ((oy * stride[0]) as isize - begin[0] as isize, (ox * stride[1]) as isize - begin[1] as isize);
             let mut acc = if kind == PoolKind::Max { f32::NEG_INFINITY } else { 0.0 };
             let (mut inside, mut padded) = (0usize, 0usize);
             for ky in 0..kernel[0] {
@@ -624,7 +632,14 @@ fn pool_plane(kind: PoolKind, window: &PoolWindow, plane: &[f32], [h, w]: [usize
 }
 
 /// One channel's padding: the image copied into the middle, the border filled by `mode`.
-fn pad_plane(mode: PadMode, plane: &[f32], [h, w]: [usize; 2], begin: [usize; 2], out: &mut [f32], [oh, ow]: [usize; 2]) {
+fn pad_plane(
+    mode: PadMode,
+    plane: &[f32],
+    [h, w]: [usize; 2],
+    begin: [usize; 2],
+    out: &mut [f32],
+    [oh, ow]: [usize; 2],
+) {
     // Where a padded coordinate reads from, for the modes that copy image pixels.
     let source = |i: usize, before: usize, n: usize| -> Option<usize> {
         let at = i as isize - before as isize;
@@ -633,7 +648,13 @@ fn pad_plane(mode: PadMode, plane: &[f32], [h, w]: [usize; 2], begin: [usize; 2]
             PadMode::Constant { .. } => (0..=last).contains(&at).then_some(at as usize),
             PadMode::Edge => Some(at.clamp(0, last) as usize),
             PadMode::Reflect => {
-                let r = if at < 0 { -at } else if at > last { 2 * last - at } else { at };
+                let r = if at < 0 {
+                    -at
+                } else if at > last {
+                    2 * last - at
+                } else {
+                    at
+                };
                 Some(r as usize)
             }
         }
