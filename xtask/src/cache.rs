@@ -42,6 +42,11 @@ fn key(plan: &Plan, model: &ModelSpec, seed: u64, train: &TrainSettings, index: 
         "backend": plan.backend, "threads": plan.threads,
         "shrink": env!("CARGO_PKG_VERSION"), "burn": shrink_core::BURN_VERSION,
     });
+    if let ModelSpec::Onnx { path, .. } = model {
+        // An imported model's weights are the file's: its bytes are part of the key.
+        let bytes = std::fs::read(path).unwrap_or_default();
+        described["model_file_sha256"] = format!("{:x}", Sha256::digest(&bytes)).into();
+    }
     if index != 0 {
         // Keys of first-stage baselines stay as they were before the index counted.
         described["stage_index"] = index.into();

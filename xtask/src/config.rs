@@ -88,10 +88,12 @@ pub struct DataConfig {
     /// Training-time augmentation.
     #[serde(default)]
     pub augmentation: Augmentation,
-    /// Image size `[height, width]` for image folders.
+    /// Image size `[height, width]`: what image folders are decoded to (required there); for
+    /// the other kinds, the size the images are resized to (bilinear) for the model.
     #[serde(default)]
     pub image_size: Option<[usize; 2]>,
-    /// Channels (1 or 3) for image folders.
+    /// Channels, 1 (grey) or 3 (RGB): what image folders are decoded to (required there); for
+    /// the other kinds, what the images are turned into (grey copied to all three, or luma).
     #[serde(default)]
     pub channels: Option<usize>,
 }

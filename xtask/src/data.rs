@@ -59,14 +59,20 @@ pub fn load(plan: &Plan) -> Result<Data> {
             test_set.shape
         ));
     }
-    if train_set.shape != d.shape {
+    if train_set.shape != d.native_shape {
         return Err(anyhow!(
             "{}: the images are {:?}, but were {:?} when the config was checked (did the files change?)",
             p.display(),
             train_set.shape,
-            d.shape
+            d.native_shape
         ));
     }
+    let (train_set, test_set) = if d.shape != d.native_shape {
+        tracing::info!("images converted from {:?} to {:?} (data.image_size, data.channels)", d.native_shape, d.shape);
+        (train_set.converted(d.shape)?, test_set.converted(d.shape)?)
+    } else {
+        (train_set, test_set)
+    };
     let seed = plan.seed;
     let limit = |set: Dataset, limit: Option<usize>, salt: u64| match limit {
         Some(n) if n < set.len() => set.subset(&shuffled(set.len(), seed ^ salt)[..n]),
@@ -80,7 +86,9 @@ pub fn load(plan: &Plan) -> Result<Data> {
     } else {
         (train_set, None)
     };
-    let batcher = Batcher { normalization: train_set.channel_stats(), augmentation: d.augmentation.clone() };
+    // An imported model was trained with its own normalisation; the zoo's learn on the data's.
+    let normalization = plan.model.normalization().unwrap_or_else(|| train_set.channel_stats());
+    let batcher = Batcher { normalization, augmentation: d.augmentation.clone() };
     tracing::info!(train = train_set.len(), test = test_set.len(), "data loaded from {}", p.display());
     Ok(Data { train: train_set, validation, test: test_set, batcher })
 }

@@ -181,6 +181,7 @@ fn is_input_error(err: &anyhow::Error) -> bool {
                         | shrink_core::Error::Io { .. }
                         | shrink_core::Error::InvalidSetting { .. }
                         | shrink_core::Error::BackendNotCompiled { .. }
+                        | shrink_core::Error::Onnx { .. }
                 )
             )
         })

@@ -411,3 +411,38 @@ fn kill_after_first_stage(out: &str, config: &str) -> PathBuf {
         .max_by_key(|p| std::fs::metadata(p.join("config.resolved.toml")).unwrap().modified().unwrap());
     newest.unwrap()
 }
+
+#[test]
+fn onnx_models_from_pytorch_are_imported_compressed_and_reported() {
+    // data/onnx: a ResNet- and a MobileNet-style classifier trained and exported by PyTorch,
+    // with their test top-1 as PyTorch measured it.
+    let pytorch: std::collections::HashMap<String, f64> =
+        std::fs::read_to_string(root().join("data/onnx/pytorch_accuracy.txt"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split_once(' ').map(|(k, v)| (k.to_string(), v.parse().unwrap())))
+            .collect();
+    let out_dir = tmp("onnx");
+    let out_arg = out_dir.display().to_string();
+    let configs = ["configs/onnx_resnet_int8.toml", "configs/onnx_mobilenet_int8.toml"];
+    let out = xtask(&["run", "-q", "--out", &out_arg, configs[0], configs[1]]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dirs: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(String::from).collect();
+    for (dir, name) in dirs.iter().zip(["resnet_mnist", "mobilenet_mnist"]) {
+        let r = report(dir);
+        assert_eq!(r["status"], "complete", "{dir}");
+        let stages = r["stages"].as_array().unwrap();
+        let kinds: Vec<&str> = stages.iter().map(|s| s["kind"].as_str().unwrap()).collect();
+        assert_eq!(kinds, ["evaluate", "train", "prune", "quantize", "evaluate"], "{dir}");
+        let top1 = |i: usize| stages[i]["test"]["top1"].as_f64().unwrap();
+        // Imported as it came, the model scores what it scored in PyTorch (one digit of slack
+        // for a tie decided by float rounding).
+        assert!((top1(0) - pytorch[name]).abs() <= 0.0011, "{name}: {} here, {} in PyTorch", top1(0), pytorch[name]);
+        assert!(stages[2]["params"].as_u64() < stages[1]["params"].as_u64(), "{name}: channels removed");
+        assert_eq!(stages[4]["evaluated_on"], "cpu-plan-int8", "{name}");
+        assert!(top1(4) > 0.93, "{name}: int8 top-1 {}", top1(4));
+        let (f32_bytes, int8_bytes) =
+            (stages[0]["file_bytes"].as_u64().unwrap(), stages[4]["file_bytes"].as_u64().unwrap());
+        assert!(int8_bytes * 3 < f32_bytes, "{name}: {f32_bytes} → {int8_bytes} bytes");
+    }
+}

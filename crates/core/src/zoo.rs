@@ -7,10 +7,14 @@
 //! - [`ModelSpec::Resnet`]: the ImageNet ResNet-18/34 of torchvision.
 //! - [`ModelSpec::Lenet5`]: LeNet-5 with ReLU and max pooling.
 //! - [`ModelSpec::Mlp`]: a multi-layer perceptron.
+//! - [`ModelSpec::Onnx`]: a model of the user's own, from an ONNX file.
+
+use std::path::PathBuf;
 
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
 
+use crate::data::Normalization;
 use crate::graph::{Conv2dSpec, Graph, GraphBuilder, NodeId};
 use crate::init::InitRng;
 use crate::{Error, Result};
@@ -39,6 +43,20 @@ pub enum ModelSpec {
         /// Sizes of the hidden layers.
         hidden: Vec<usize>,
     },
+    /// A model from an ONNX file (exported by PyTorch, TensorFlow, Paddle…), imported with its
+    /// weights ([`crate::onnx`]); its input is the data's image shape.
+    Onnx {
+        /// The `.onnx` file.
+        path: PathBuf,
+        /// Mean per channel (0..1 scale) the model's inputs are normalised with:
+        /// `(pixel / 255 − mean) / std`, as the model was trained.
+        mean: Vec<f64>,
+        /// Standard deviation per channel (0..1 scale).
+        std: Vec<f64>,
+        /// The graph output to use, by name, when the model has several.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        output: Option<String>,
+    },
 }
 
 fn one() -> f64 {
@@ -57,6 +75,18 @@ impl ModelSpec {
                 let sizes: Vec<String> = hidden.iter().map(|h| h.to_string()).collect();
                 format!("mlp-{}", sizes.join("-"))
             }
+            ModelSpec::Onnx { path, .. } => {
+                format!("onnx:{}", path.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default())
+            }
+        }
+    }
+
+    /// The input normalisation the model needs, when it fixes one (imported models were trained
+    /// with their own); `None` for the zoo, which learns on the data's own statistics.
+    pub fn normalization(&self) -> Option<Normalization> {
+        match self {
+            ModelSpec::Onnx { mean, std, .. } => Some(Normalization { mean: mean.clone(), std: std.clone() }),
+            _ => None,
         }
     }
 
@@ -94,14 +124,59 @@ impl ModelSpec {
                     return Err(Error::setting("model.hidden", "layer sizes must be positive"));
                 }
             }
+            ModelSpec::Onnx { path, mean, std, .. } => {
+                if !path.is_file() {
+                    return Err(Error::setting("model.path", format!("{} is not a file", path.display())));
+                }
+                if mean.len() != std.len() || mean.is_empty() {
+                    return Err(Error::setting(
+                        "model.mean",
+                        format!("mean and std need one value per input channel, got {} and {}", mean.len(), std.len()),
+                    ));
+                }
+                if let Some(s) = std.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+                    return Err(Error::setting("model.std", format!("every std must be positive, got {s}")));
+                }
+                if let Some(m) = mean.iter().find(|m| !m.is_finite()) {
+                    return Err(Error::setting("model.mean", format!("every mean must be finite, got {m}")));
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Imports an ONNX model for inputs of `input`, checking the normalisation's channels.
+    fn import(&self, input: [usize; 3], device: &Device) -> Result<Option<Graph>> {
+        let ModelSpec::Onnx { path, mean, output, .. } = self else { return Ok(None) };
+        if mean.len() != input[0] {
+            return Err(Error::setting(
+                "model.mean",
+                format!("{} values for images of {} channels", mean.len(), input[0]),
+            ));
+        }
+        let options =
+            crate::onnx::ImportOptions { input_shape: Some(input), keep_final_softmax: false, output: output.clone() };
+        Ok(Some(crate::onnx::import(path, &options, device)?.graph))
+    }
+
+    /// The model as [`ModelSpec::build`] makes it, but with any number of outputs: the node
+    /// names and shapes that configs refer to (hint pairs, prune patterns), checked before the
+    /// data loads.
+    ///
+    /// # Errors
+    /// As [`ModelSpec::build`].
+    pub fn build_for_names(&self, input: [usize; 3], device: &Device) -> Result<Graph> {
+        match self.import(input, device)? {
+            Some(graph) => Ok(graph),
+            None => self.build(input, 10, 0, device),
+        }
     }
 
     /// Builds the model for inputs of `[channels, height, width]` and `classes` outputs, its
     /// initial weights drawn from a generator seeded with `seed` ([`InitRng`]): the same seed
     /// gives the same weights on every backend, so runs on different backends start from the
-    /// same model and can be compared.
+    /// same model and can be compared. An ONNX model is imported with its own weights (the
+    /// seed is not used), and its outputs must be the data's classes.
     ///
     /// # Errors
     /// [`Error::InvalidSetting`] for bad settings, [`Error::InvalidGraph`] when the input is too
@@ -111,12 +186,24 @@ impl ModelSpec {
         if classes == 0 {
             return Err(Error::setting("classes", "at least one class is needed"));
         }
+        if let Some(graph) = self.import(input, device)? {
+            let outputs = graph.num_outputs();
+            if outputs != classes {
+                let ModelSpec::Onnx { path, .. } = self else { unreachable!("imported") };
+                return Err(Error::setting(
+                    "model.path",
+                    format!("{} has {outputs} outputs, but the data has {classes} classes", path.display()),
+                ));
+            }
+            return Ok(graph);
+        }
         let rng = &mut InitRng::seeded(seed);
         match self {
             ModelSpec::CifarResnet { depth, width } => cifar_resnet(*depth, *width, input, classes, rng, device),
             ModelSpec::Resnet { depth } => imagenet_resnet(*depth, input, classes, rng, device),
             ModelSpec::Lenet5 => lenet5(input, classes, rng, device),
             ModelSpec::Mlp { hidden } => mlp(hidden, input, classes, rng, device),
+            ModelSpec::Onnx { .. } => unreachable!("imported above"),
         }
     }
 }

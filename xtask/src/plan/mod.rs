@@ -56,8 +56,11 @@ pub struct DataPlan {
     pub source: DataSource,
     /// The file or folder, resolved.
     pub path: PathBuf,
-    /// The images' `[channels, height, width]`, known before anything loads (read from the IDX
-    /// header, fixed by the format, or set for image folders): the model is built for it.
+    /// The images' `[channels, height, width]` in the files, known before anything loads (read
+    /// from the IDX header, fixed by the format, or set for image folders).
+    pub native_shape: [usize; 3],
+    /// The `[channels, height, width]` the model gets: the files' shape, or the one
+    /// `data.image_size` and `data.channels` convert it to. The model is built for it.
     pub shape: [usize; 3],
     /// A seeded random subset of the training images.
     pub train_limit: Option<usize>,
@@ -323,10 +326,13 @@ impl QatStage {
 impl DataPlan {
     /// The data section as the schema writes it, with the path resolved.
     pub fn to_config(&self) -> DataConfig {
+        let [c, h, w] = self.shape;
+        let converted = self.shape != self.native_shape;
+        let (image_size, channels) = if converted { (Some([h, w]), Some(c)) } else { (None, None) };
         let (kind, image_size, channels) = match self.source {
-            DataSource::Mnist5k => (DataKind::Mnist5k, None, None),
-            DataSource::Idx => (DataKind::Idx, None, None),
-            DataSource::Cifar10 => (DataKind::Cifar10, None, None),
+            DataSource::Mnist5k => (DataKind::Mnist5k, image_size, channels),
+            DataSource::Idx => (DataKind::Idx, image_size, channels),
+            DataSource::Cifar10 => (DataKind::Cifar10, image_size, channels),
             DataSource::ImageFolder { image_size, channels } => {
                 (DataKind::ImageFolder, Some(image_size), Some(channels))
             }

@@ -65,6 +65,7 @@ pub(crate) fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
         latency: e.latency.clone(),
         stages,
     };
+    check_imported_model(&plan)?;
     check_distill_pairs(&plan)?;
     check_prune_rules(&plan)?;
     Ok(plan)
@@ -104,9 +105,6 @@ fn data_plan(d: &DataConfig) -> Result<DataPlan> {
             };
             DataSource::ImageFolder { image_size, channels }
         }
-        _ if d.image_size.is_some() || d.channels.is_some() => {
-            bail!("keys `data.image_size` and `data.channels` apply only to kind = \"image_folder\"")
-        }
         DataKind::Mnist5k => DataSource::Mnist5k,
         DataKind::Idx => DataSource::Idx,
         DataKind::Cifar10 => DataSource::Cifar10,
@@ -119,10 +117,24 @@ fn data_plan(d: &DataConfig) -> Result<DataPlan> {
     if !path.exists() {
         bail!("key `data.path`: {} does not exist", path.display());
     }
-    let shape = image_shape(source, &path)?;
+    let native_shape = image_shape(source, &path)?;
+    let mut shape = native_shape;
+    if let Some(size) = d.image_size {
+        if size.contains(&0) {
+            bail!("key `data.image_size`: height and width must be positive, got {size:?}");
+        }
+        shape = [shape[0], size[0], size[1]];
+    }
+    if let Some(c) = d.channels {
+        if !matches!(c, 1 | 3) {
+            bail!("key `data.channels`: expected 1 (grey) or 3 (RGB), got {c}");
+        }
+        shape[0] = c;
+    }
     Ok(DataPlan {
         source,
         path,
+        native_shape,
         shape,
         train_limit: d.train_limit,
         test_limit: d.test_limit,
@@ -562,14 +574,19 @@ fn check_quant_common(at: &str, weight_bits: u32, calibrator: &Calibrator, overr
     Ok(())
 }
 
-/// Classes assumed when a model is built to check names: node names and feature shapes do not
-/// depend on the number of classes.
-const CHECK_CLASSES: usize = 10;
-
 /// Builds `spec` (untrained) for the plan's images, to check names against.
 fn build_for_checks(plan: &Plan, spec: &ModelSpec) -> Result<shrink_core::Graph> {
     let device = BackendKind::Flex.device()?;
-    Ok(spec.build(plan.data.shape, CHECK_CLASSES, plan.seed, &device)?)
+    Ok(spec.build_for_names(plan.data.shape, &device)?)
+}
+
+/// Imports an ONNX model now, so that an op shrink cannot convert, or an input that does not fit
+/// the data, stops the run before any data loads.
+fn check_imported_model(plan: &Plan) -> Result<()> {
+    if matches!(plan.model, ModelSpec::Onnx { .. }) {
+        build_for_checks(plan, &plan.model).context("key `model`")?;
+    }
+    Ok(())
 }
 
 /// Checks every distill stage's hint and attention pairs on the architectures they will name

@@ -171,6 +171,55 @@ impl Dataset {
         Ok((self.subset(train), self.subset(val)))
     }
 
+    /// The images as `[channels, height, width]`: resized (bilinear, as image folders are) and
+    /// turned grey (luma) or RGB (the grey value in all three) — what a model made for other
+    /// images needs, e.g. an imported ImageNet classifier on MNIST digits. The same set when
+    /// the shape is already that.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSetting`] for a channel count other than 1 or 3 or an empty size.
+    pub fn converted(&self, shape: [usize; 3]) -> Result<Dataset> {
+        if shape == self.shape {
+            return Ok(self.clone());
+        }
+        let [c, h, w] = shape;
+        if !matches!(c, 1 | 3) || !matches!(self.shape[0], 1 | 3) || h == 0 || w == 0 {
+            return Err(Error::setting(
+                "data.channels",
+                format!("images of {:?} cannot become {shape:?}: 1 or 3 channels, positive sizes", self.shape),
+            ));
+        }
+        let [c0, h0, w0] = self.shape;
+        let mut pixels = Vec::with_capacity(self.len() * c * h * w);
+        for i in 0..self.len() {
+            let img = self.image(i);
+            let dynamic = if c0 == 1 {
+                image::DynamicImage::ImageLuma8(
+                    image::GrayImage::from_raw(w0 as u32, h0 as u32, img.to_vec()).expect("sized"),
+                )
+            } else {
+                let hwc: Vec<u8> = (0..h0 * w0).flat_map(|p| (0..3).map(move |ch| img[ch * h0 * w0 + p])).collect();
+                image::DynamicImage::ImageRgb8(image::RgbImage::from_raw(w0 as u32, h0 as u32, hwc).expect("sized"))
+            };
+            let resized = if [h0, w0] == [h, w] {
+                dynamic
+            } else {
+                dynamic.resize_exact(w as u32, h as u32, image::imageops::FilterType::Triangle)
+            };
+            if c == 1 {
+                pixels.extend_from_slice(resized.to_luma8().as_raw());
+            } else {
+                let rgb = resized.to_rgb8();
+                let raw = rgb.as_raw();
+                pixels.extend((0..3).flat_map(|ch| raw.iter().skip(ch).step_by(3).copied()));
+            }
+        }
+        let labels = (0..self.len()).map(|i| self.labels[i]).collect();
+        let mut d = Dataset::new(shape, pixels, labels, self.classes)?;
+        d.class_names = self.class_names.clone();
+        Ok(d)
+    }
+
     /// Mean and standard deviation of each channel, on the 0..1 scale.
     pub fn channel_stats(&self) -> Normalization {
         let [c, h, w] = self.shape;
@@ -334,6 +383,25 @@ mod tests {
         let mut s = a.clone();
         s.sort();
         assert_eq!(s, (0..100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn conversion_resizes_and_changes_channels() {
+        let d = tiny();
+        let rgb = d.converted([3, 2, 2]).unwrap();
+        assert_eq!(rgb.shape, [3, 2, 2]);
+        // Grey to RGB: the grey value in each of the three planes.
+        assert_eq!(rgb.image(1), &[40, 50, 60, 70, 40, 50, 60, 70, 40, 50, 60, 70]);
+        assert_eq!(rgb.converted([1, 2, 2]).unwrap().image(1), d.image(1));
+        let big = d.converted([1, 4, 4]).unwrap();
+        assert_eq!((big.shape, big.len(), big.labels.clone()), ([1, 4, 4], 4, d.labels.clone()));
+        // Bilinear: the corners keep their values' order, the mean stays about the same.
+        let px = big.image(1);
+        assert!(px[0] < px[15]);
+        let mean = px.iter().map(|&p| p as f64).sum::<f64>() / 16.0;
+        assert!((mean - 55.0).abs() < 3.0, "{mean}");
+        assert!(d.converted([2, 2, 2]).is_err());
+        assert!(d.converted([1, 0, 2]).is_err());
     }
 
     #[test]

@@ -60,8 +60,9 @@ use crate::{Error, Result};
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImportOptions {
-    /// `[channels, height, width]` for inputs whose dims the model leaves dynamic; where the
-    /// model fixes them, they must agree.
+    /// `[channels, height, width]` of the images: fills the dims the model leaves dynamic and
+    /// replaces a fixed height and width (a fully convolutional model takes any size); the
+    /// channels must be the model's.
     #[serde(default)]
     pub input_shape: Option<[usize; 3]>,
     /// Keep a final `Softmax` (by default it is removed and the graph outputs logits).
@@ -289,17 +290,22 @@ fn input_layout(
     let mut input = [0; 3];
     for (i, d) in rest.iter().enumerate() {
         input[i] = match (d, wanted) {
-            (Some(d), Some(w)) if w[i] != *d => {
+            // Height and width may differ from what the model was exported with (a fully
+            // convolutional model takes any size; one that bakes the size in fails to convert,
+            // naming the node); the channels may not.
+            (Some(d), Some(w)) if w[i] != *d && (i == 0 || flat) => {
+                let declared: Vec<String> = rest.iter().map(|d| d.map_or("?".into(), |v| v.to_string())).collect();
                 return Err(format!(
-                    "input `{name}` is {:?} in the model, but `model.input_shape` says {w:?}",
-                    rest.iter().map(|d| d.map_or("?".into(), |v| v.to_string())).collect::<Vec<_>>()
+                    "input `{name}` is [{}] in the model, but the images are {w:?}",
+                    declared.join(", ")
                 ));
             }
-            (Some(d), _) => *d,
-            (None, Some(w)) => w[i],
+            (_, Some(w)) => w[i],
+            (Some(d), None) => *d,
             (None, None) => {
                 return Err(format!(
-                    "input `{name}` has a dynamic dimension {} (of {dims:?}): set `model.input_shape = [c, h, w]`",
+                    "input `{name}` has a dynamic dimension {} (of {dims:?}): give the image shape \
+                     (`ImportOptions::input_shape`; the runner passes the data's)",
                     i + 1
                 ));
             }
