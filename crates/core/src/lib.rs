@@ -23,6 +23,17 @@
 //! let stats = model_stats(&graph).unwrap();
 //! assert!((0.26e6..0.28e6).contains(&(stats.params as f64)));
 //! ```
+//!
+//! A model exported from another framework, imported ([`onnx`]):
+//!
+//! ```
+//! use shrink_core::onnx::{ImportOptions, import};
+//! let device = shrink_core::BackendKind::Flex.device().unwrap();
+//! let path = std::path::Path::new("../../data/onnx/resnet_mnist_opset11.onnx");
+//! let imported = import(path, &ImportOptions::default(), &device).unwrap();
+//! println!("{}", imported.summary); // opset 11, from pytorch …; Conv2d ×9, …
+//! assert_eq!(imported.graph.num_outputs(), 10);
+//! ```
 #![warn(missing_docs)]
 
 pub mod backend;

@@ -138,11 +138,14 @@ fn folding_batch_norms_keeps_the_function_and_the_names() {
 fn zero_channels(g: &mut shrink_core::Graph, group: &shrink_core::graph::CouplingGroup, removed: &[usize]) {
     use burn::module::Param;
     use shrink_core::graph::Params;
-    let mask_of = |n: usize, device: &burn::tensor::Device| {
-        let m: Vec<f32> = (0..n).map(|c| if removed.contains(&c) { 0.0 } else { 1.0 }).collect();
-        Tensor::<1>::from_data(burn::tensor::TensorData::new(m, [n]), device)
-    };
     for member in group.members.iter().filter(|m| !matches!(m.role, ChannelRole::Consumes { .. })) {
+        // The group's channels start at the member's offset (after a concatenation).
+        let mask_of = |n: usize, device: &burn::tensor::Device| {
+            let m: Vec<f32> = (0..n)
+                .map(|c| if c >= member.offset && removed.contains(&(c - member.offset)) { 0.0 } else { 1.0 })
+                .collect();
+            Tensor::<1>::from_data(burn::tensor::TensorData::new(m, [n]), device)
+        };
         match g.nodes[member.node].params.as_mut().unwrap() {
             Params::Conv(p) => {
                 let w = p.weight.val();
@@ -221,4 +224,82 @@ fn removing_channels_equals_zeroing_them_and_shrinks_every_coupled_tensor() {
     assert!(g.keep_channels(&groups, &[(inner, vec![64])]).is_err());
     let logits = groups.iter().position(|gr| gr.carriers.contains(&g.output)).unwrap();
     assert!(g.keep_channels(&groups, &[(logits, vec![0])]).is_err());
+}
+
+#[test]
+fn concatenated_channels_are_coupled_at_their_offsets() {
+    // Two branches of 4 and 6 channels concatenated, a batch norm and a depthwise conv over the
+    // concatenation, then a conv and a linear layer reading it (DenseNet, Inception, fire modules).
+    let device = BackendKind::Flex.device().unwrap();
+    let mut b = GraphBuilder::new([2, 8, 8]);
+    let x = b.input();
+    let a = b.conv2d("a", x, Conv2dSpec::new(4, 3).padding(1));
+    let a = b.relu("a.relu", a);
+    let c = b.conv2d("b", x, Conv2dSpec::new(6, 1));
+    let cat = b.push("cat", Op::Concat, vec![a, c]);
+    let bn = b.batch_norm("bn", cat);
+    let dw = b.conv2d("dw", bn, Conv2dSpec::new(10, 3).padding(1).groups(10));
+    let next = b.conv2d("next", dw, Conv2dSpec::new(5, 1));
+    let pool = b.global_avg_pool("pool", next);
+    let flat = b.flatten("flat", cat);
+    let head = b.linear("head", flat, 3, true);
+    let pooled = b.flatten("pooled", pool);
+    let side = b.linear("side", pooled, 3, true);
+    let out = b.add("out", &[head, side]);
+    let g = b.build(out, &mut InitRng::seeded(5), &device).unwrap();
+    // Non-trivial batch-norm statistics, so a wrong slice shows.
+    let x = InitRng::seeded(6).tensor([4, 2, 8, 8], Distribution::Default, &device);
+    let g = {
+        let ad = device.clone().autodiff();
+        let t = g.fork(&ad).train();
+        let _ = t.forward(x.clone().to_device(&ad));
+        t.valid().to_device(&device)
+    };
+    let groups = g.coupling_groups().unwrap();
+    let id = |n: &str| g.node_id(n).unwrap();
+    let of = |producer: &str| groups.iter().position(|gr| gr.producers().any(|p| p == id(producer))).unwrap();
+    let (ga, gb) = (&groups[of("a")], &groups[of("b")]);
+    assert!(ga.prunable && gb.prunable);
+    let at = |gr: &shrink_core::graph::CouplingGroup, node: &str| {
+        gr.members.iter().filter(|m| m.node == id(node)).map(|m| (m.role, m.offset)).collect::<Vec<_>>()
+    };
+    assert_eq!(at(ga, "bn"), [(ChannelRole::Follows, 0)]);
+    assert_eq!(at(gb, "bn"), [(ChannelRole::Follows, 4)]);
+    assert_eq!(at(gb, "dw"), [(ChannelRole::Follows, 4)]);
+    assert_eq!(at(gb, "next"), [(ChannelRole::Consumes { features_per_channel: 1 }, 4)]);
+    assert_eq!(at(gb, "head"), [(ChannelRole::Consumes { features_per_channel: 64 }, 4)]);
+    assert!(ga.carriers.contains(&id("cat")) && gb.carriers.contains(&id("cat")));
+
+    let (keep_a, keep_b) = (vec![0, 3], vec![1, 2, 5]);
+    let pruned = g.keep_channels(&groups, &[(of("b"), keep_b.clone()), (of("a"), keep_a.clone())]).unwrap();
+    let mut masked = g.clone();
+    for (gi, keep) in [(of("a"), &keep_a), (of("b"), &keep_b)] {
+        let removed: Vec<usize> = (0..groups[gi].channels).filter(|c| !keep.contains(c)).collect();
+        zero_channels(&mut masked, &groups[gi], &removed);
+    }
+    pruned.forward(x.clone()).into_data().assert_approx_eq::<f32>(&masked.forward(x).into_data(), Tolerance::default());
+    assert_eq!(pruned.shapes().unwrap()[id("cat")].channels(), 5);
+    assert!(matches!(pruned.nodes[id("head")].op, Op::Linear { in_features: 320, .. }));
+    assert!(matches!(pruned.nodes[id("dw")].op, Op::Conv2d { groups: 5, in_channels: 5, out_channels: 5, .. }));
+}
+
+#[test]
+fn lrn_and_channel_shuffle_keep_their_channels() {
+    let device = BackendKind::Flex.device().unwrap();
+    let mut b = GraphBuilder::new([1, 8, 8]);
+    let x = b.input();
+    let a = b.conv2d("a", x, Conv2dSpec::new(8, 3).padding(1));
+    let l = b.push("lrn", Op::Lrn { size: 3, alpha: 1e-4, beta: 0.75, bias: 1.0 }, vec![a]);
+    let c = b.conv2d("c", l, Conv2dSpec::new(8, 1));
+    let s = b.push("shuffle", Op::ChannelShuffle { groups: 2 }, vec![c]);
+    let d = b.conv2d("d", s, Conv2dSpec::new(4, 1));
+    let p = b.global_avg_pool("pool", d);
+    let f = b.flatten("flat", p);
+    let out = b.linear("fc", f, 2, true);
+    let g = b.build(out, &mut InitRng::seeded(1), &device).unwrap();
+    let groups = g.coupling_groups().unwrap();
+    let group_of = |n: &str| groups.iter().find(|gr| gr.producers().any(|p| p == g.node_id(n).unwrap())).unwrap();
+    assert!(!group_of("a").prunable, "LRN mixes neighbouring channels");
+    assert!(!group_of("c").prunable, "a shuffle moves channels between groups");
+    assert!(group_of("d").prunable);
 }

@@ -1,6 +1,8 @@
 //! Conformance against tests nobody here wrote: the ONNX project's node tests for every op
 //! shrink imports, and its "light" model-zoo graphs, vendored by
-//! `scripts/onnx_conformance_fixtures.py` into `tests/fixtures/onnx`.
+//! `scripts/onnx_conformance_fixtures.py` into `tests/fixtures/onnx`; and, for what those leave
+//! out, small cases of ours (`scripts/onnx_extra_cases.py`) whose expected outputs are ONNX
+//! Runtime's.
 //!
 //! Each test model is imported and run on burn (flex) and on the CPU plan, both checked against
 //! the expected outputs with the test's own tolerances (ONNX's defaults: rtol 1e-3, atol 1e-7).
@@ -185,7 +187,20 @@ fn light_test(path: &Path) -> Outcome {
     run_model(&bytes, &name, &x, dims[0], &want, (1e-3, 1e-7))
 }
 
-fn table(nodes: &BTreeMap<String, Vec<(String, Outcome)>>, light: &[(String, Outcome)]) -> String {
+fn outcome_text(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Passed => "passed".to_string(),
+        Outcome::Refused(why) => format!("refused: {why}"),
+        Outcome::NotApplicable(why) => format!("not applicable: {why}"),
+        Outcome::Failed(why) => format!("**failed**: {why}"),
+    }
+}
+
+fn table(
+    nodes: &BTreeMap<String, Vec<(String, Outcome)>>,
+    light: &[(String, Outcome)],
+    extra: &[(String, Outcome)],
+) -> String {
     let mut out = String::new();
     let count = |v: &[(String, Outcome)], f: fn(&Outcome) -> bool| v.iter().filter(|(_, o)| f(o)).count();
     let all: Vec<(String, Outcome)> = nodes.values().flatten().cloned().collect();
@@ -220,13 +235,17 @@ fn table(nodes: &BTreeMap<String, Vec<(String, Outcome)>>, light: &[(String, Out
     }
     out.push_str("\n| light model-zoo graph | result |\n|---|---|\n");
     for (name, outcome) in light {
-        let r = match outcome {
-            Outcome::Passed => "passed".to_string(),
-            Outcome::Refused(why) => format!("refused: {why}"),
-            Outcome::NotApplicable(why) => format!("not applicable: {why}"),
-            Outcome::Failed(why) => format!("**failed**: {why}"),
-        };
-        out.push_str(&format!("| {} | {r} |\n", name.trim_start_matches("light_").trim_end_matches(".onnx")));
+        let name = name.trim_start_matches("light_").trim_end_matches(".onnx");
+        out.push_str(&format!("| {name} | {} |\n", outcome_text(outcome)));
+    }
+    out.push_str(&format!(
+        "\nCases the node tests leave out (`scripts/onnx_extra_cases.py`, expected outputs from ONNX Runtime): \
+         **{} of {} passed**.\n\n| case | result |\n|---|---|\n",
+        count(extra, |o| *o == Outcome::Passed),
+        extra.len()
+    ));
+    for (name, outcome) in extra {
+        out.push_str(&format!("| {name} | {} |\n", outcome_text(outcome)));
     }
     out
 }
@@ -253,13 +272,19 @@ fn onnx_conformance() {
     light_paths.sort();
     let light: Vec<(String, Outcome)> =
         light_paths.iter().map(|p| (p.file_name().unwrap().to_string_lossy().to_string(), light_test(p))).collect();
+    let mut extra_dirs: Vec<PathBuf> =
+        std::fs::read_dir(Path::new(FIXTURES).join("extra")).unwrap().map(|e| e.unwrap().path()).collect();
+    extra_dirs.sort();
+    let extra: Vec<(String, Outcome)> =
+        extra_dirs.iter().map(|d| (d.file_name().unwrap().to_string_lossy().to_string(), node_test(d).1)).collect();
     let failed: Vec<String> = nodes
         .values()
         .flatten()
         .chain(&light)
+        .chain(&extra)
         .filter_map(|(n, o)| if let Outcome::Failed(why) = o { Some(format!("{n}: {why}")) } else { None })
         .collect();
-    let generated = table(&nodes, &light);
+    let generated = table(&nodes, &light, &extra);
     let readme = std::fs::read_to_string(README).unwrap();
     let (Some(b), Some(e)) = (readme.find(BEGIN), readme.find(END)) else { panic!("README lacks the {BEGIN} markers") };
     let current = &readme[b + BEGIN.len()..e];

@@ -167,7 +167,8 @@ pub fn channel_scores(
                 let Some((w, dims)) = graph.layer_weight(m.node)? else { continue };
                 let per = w.len() / dims[0];
                 for (c, s) in scores.iter_mut().enumerate() {
-                    let f = &w[c * per..(c + 1) * per];
+                    let row = m.offset + c;
+                    let f = &w[row * per..(row + 1) * per];
                     *s += if criterion == Criterion::L1 {
                         f.iter().map(|v| v.abs()).sum::<f32>()
                     } else {
@@ -181,7 +182,8 @@ pub fn channel_scores(
             for m in carriers() {
                 if let Some(Params::BatchNorm(bn)) = &graph.nodes[m.node].params {
                     found = true;
-                    scores.iter_mut().zip(floats(bn.gamma.val())?).for_each(|(s, g)| *s += g.abs());
+                    let gamma = floats(bn.gamma.val())?;
+                    scores.iter_mut().zip(&gamma[m.offset..]).for_each(|(s, g)| *s += g.abs());
                 }
             }
             if !found {
@@ -198,7 +200,7 @@ pub fn channel_scores(
                 let mut sums = vec![0.0f32; n];
                 for m in carriers() {
                     if let Some(v) = batch.get(&m.node) {
-                        sums.iter_mut().zip(v).for_each(|(s, x)| *s += x);
+                        sums.iter_mut().zip(&v[m.offset..]).for_each(|(s, x)| *s += x);
                     }
                 }
                 scores.iter_mut().zip(&sums).for_each(|(s, x)| *s += x * x);

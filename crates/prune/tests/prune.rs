@@ -465,3 +465,36 @@ fn sparse_convolutions_of_every_geometry_match_the_dense_ones() {
         }
     }
 }
+
+#[test]
+fn imported_concatenating_models_lose_channels_through_their_concats() {
+    // SqueezeNet's fire modules and DenseNet's dense blocks concatenate branches: from the ONNX
+    // model zoo's graphs (imported at 32×32, which their pooling allows), channels are removed
+    // from the branches and from every layer that reads the concatenation.
+    let device = BackendKind::Flex.device().unwrap();
+    let (train_set, _) = load_mnist_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/mnist5k")).unwrap();
+    let train_set = train_set.subset(&shuffled(train_set.len(), 3)[..64]).converted([3, 32, 32]).unwrap();
+    let batcher = Batcher { normalization: train_set.channel_stats(), augmentation: Augmentation::default() };
+    let data = TrainData { train: &train_set, validation: None, batcher: &batcher };
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../core/tests/fixtures/onnx/light");
+    for model in ["light_squeezenet.onnx", "light_densenet121.onnx"] {
+        let options = shrink_core::onnx::ImportOptions { input_shape: Some([3, 32, 32]), ..Default::default() };
+        let g = shrink_core::onnx::import(&fixtures.join(model), &options, &device).unwrap().graph;
+        let groups = g.coupling_groups().unwrap();
+        let concat_fed = |gr: &shrink_core::graph::CouplingGroup| {
+            gr.prunable && gr.carriers.iter().any(|&c| g.nodes[c].op.kind() == "concat")
+        };
+        assert!(groups.iter().filter(|gr| concat_fed(gr)).count() >= 8, "{model}: groups through concats");
+        let ps = PruneSettings { granularity: Granularity::Channels, sparsity: 0.25, ..PruneSettings::default() };
+        let options = PruneOptions { schedule: PruneSchedule::OneShot, fine_tune: None, rewind_to: None };
+        let out = prune(&g, &ps, &options, data, TrainRun { device: &device, seed: 0, observer: &mut Quiet }).unwrap();
+        out.graph.validate().unwrap();
+        let thinned =
+            out.rounds[0].iter().filter(|p| concat_fed(&groups[p.group]) && p.keep.len() < p.channels).count();
+        assert!(thinned >= 8, "{model}: {thinned} concatenated groups thinned");
+        let (before, after) = (model_stats(&g).unwrap(), model_stats(&out.graph).unwrap());
+        assert!(after.params * 10 < before.params * 8, "{model}: {} → {} params", before.params, after.params);
+        let x = burn::tensor::Tensor::<4>::zeros([2, 3, 32, 32], &device);
+        assert_eq!(out.graph.forward(x).dims(), [2, 1000], "{model}");
+    }
+}

@@ -388,11 +388,18 @@ mod tests {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
     }
 
-    /// A config of the repository with its data path made absolute (tests run in `xtask/`).
+    /// A config of the repository with its data and model paths made absolute (tests run in
+    /// `xtask/`).
     fn rooted(path: &std::path::Path) -> String {
         let text = std::fs::read_to_string(path).unwrap();
         let data = root().join("data/mnist5k").display().to_string();
-        assert!(!text.contains("\npath = "), "{}: the configs use the default path", path.display());
+        let models = root().join("data/onnx/").display().to_string();
+        let text = text.replace("path = \"data/onnx/", &format!("path = \"{models}"));
+        assert!(
+            text.lines().filter(|l| l.starts_with("path = ")).all(|l| l.contains(&models)),
+            "{}: the configs use the default data path",
+            path.display()
+        );
         text.replace("kind = \"mnist5k\"", &format!("kind = \"mnist5k\"\npath = {data:?}"))
     }
 

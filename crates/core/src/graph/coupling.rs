@@ -5,6 +5,12 @@
 //! residual add — channel `k` of every other branch that meets at that add. A
 //! [`CouplingGroup`] lists all of those places, so structured pruning can remove a channel
 //! consistently or not at all.
+//!
+//! A value's channels are a list of segments, each a run of one group's channels: one segment
+//! for most values, several after a concatenation (DenseNet, Inception, SqueezeNet's fire
+//! modules), which places each input's channels at an offset. A member records that offset, so
+//! a layer reading a concatenation loses the right input channels when any of its sources is
+//! pruned.
 
 use super::{Graph, NodeId, Op, ValueShape};
 use crate::Result;
@@ -32,6 +38,10 @@ pub struct CouplingMember {
     pub node: NodeId,
     /// How it touches the channels.
     pub role: ChannelRole,
+    /// Where the group's channels start on the node's channel axis (axis 0 for producers and
+    /// followers, the input channels for consumers, counted in channels): 0 unless the node
+    /// reads or carries a concatenation.
+    pub offset: usize,
 }
 
 /// A set of channels that must be pruned together, and every place they appear.
@@ -41,11 +51,12 @@ pub struct CouplingGroup {
     pub channels: usize,
     /// Parameterised nodes touching the group, in graph order.
     pub members: Vec<CouplingMember>,
-    /// Nodes whose output carries these channels (including parameter-free ones such as ReLU
-    /// and add), in graph order.
+    /// Nodes whose output carries these channels (including parameter-free ones such as ReLU,
+    /// add and concat), in graph order.
     pub carriers: Vec<NodeId>,
     /// Whether channels of this group may be removed: false for the network input, the output
-    /// (logits), and channels entering or leaving a grouped (non-depthwise) convolution.
+    /// (logits), channels entering or leaving a grouped (non-depthwise) convolution, and
+    /// channels that an op mixes with others (LRN's window, a channel shuffle).
     pub prunable: bool,
 }
 
@@ -78,6 +89,77 @@ impl UnionFind {
     }
 }
 
+/// A run of one channel space's channels within a value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Segment {
+    /// The channel space (a union-find element).
+    space: usize,
+    /// Its channels.
+    channels: usize,
+}
+
+/// The analysis in progress: each node's segments and features per channel, the members found,
+/// and the spaces that may not be pruned.
+struct Analysis {
+    uf: UnionFind,
+    segments: Vec<Vec<Segment>>,
+    block: Vec<usize>,
+    members: Vec<(usize, CouplingMember)>,
+    fixed: Vec<usize>,
+}
+
+impl Analysis {
+    /// A node whose output is one new space of `channels`, fixed or not.
+    fn fresh(&mut self, id: NodeId, channels: usize, fixed: bool) -> usize {
+        let space = self.uf.fresh();
+        self.segments[id] = vec![Segment { space, channels }];
+        if fixed {
+            self.fixed.push(space);
+        }
+        space
+    }
+
+    /// `id` carries its input's channels unchanged.
+    fn pass(&mut self, id: NodeId, input: NodeId) {
+        self.segments[id] = self.segments[input].clone();
+        self.block[id] = self.block[input];
+    }
+
+    /// A member for every segment of `input`'s channels, at its offset.
+    fn each_segment(&mut self, input: NodeId, node: NodeId, role: ChannelRole) {
+        let mut offset = 0;
+        for seg in self.segments[input].clone() {
+            self.members.push((seg.space, CouplingMember { node, role, offset }));
+            offset += seg.channels;
+        }
+    }
+
+    fn fix_all(&mut self, input: NodeId) {
+        let spaces: Vec<usize> = self.segments[input].iter().map(|s| s.space).collect();
+        self.fixed.extend(spaces);
+    }
+
+    /// Inputs whose channel `k` is the same channel (add, mul): their segments are joined one
+    /// to one when they line up; when they do not, all of them stay.
+    fn join(&mut self, id: NodeId, inputs: &[NodeId]) {
+        let first = self.segments[inputs[0]].clone();
+        let lined_up =
+            |s: &[Segment]| s.len() == first.len() && s.iter().zip(&first).all(|(a, b)| a.channels == b.channels);
+        if inputs.iter().all(|&i| lined_up(&self.segments[i])) {
+            for &i in &inputs[1..] {
+                for (a, b) in first.iter().zip(self.segments[i].clone()) {
+                    self.uf.union(a.space, b.space);
+                }
+            }
+        } else {
+            for &i in inputs {
+                self.fix_all(i);
+            }
+        }
+        self.pass(id, inputs[0]);
+    }
+}
+
 impl Graph {
     /// The channel-coupling groups of the graph, in order of their first carrier.
     ///
@@ -85,58 +167,50 @@ impl Graph {
     /// [`crate::Error::InvalidGraph`] if shape inference fails.
     pub fn coupling_groups(&self) -> Result<Vec<CouplingGroup>> {
         let shapes = self.shapes()?;
-        let mut uf = UnionFind(Vec::new());
-        // space[i]: the channel space of node i's output; block[i]: features per channel.
-        let mut space = vec![0usize; self.nodes.len()];
-        let mut block = vec![1usize; self.nodes.len()];
-        let mut fixed = Vec::new();
-        let mut members: Vec<(usize, CouplingMember)> = Vec::new();
+        let n = self.nodes.len();
+        let mut a = Analysis {
+            uf: UnionFind(Vec::new()),
+            segments: vec![Vec::new(); n],
+            block: vec![1; n],
+            members: Vec::new(),
+            fixed: Vec::new(),
+        };
         for (id, node) in self.nodes.iter().enumerate() {
-            let input = node.inputs.first().copied();
-            let same_as_input = |space: &[usize]| space[input.expect("has an input")];
+            let input = node.inputs.first().copied().unwrap_or(0);
+            let channels = shapes[id].channels();
             match &node.op {
                 Op::Input { .. } => {
-                    space[id] = uf.fresh();
-                    fixed.push(space[id]);
+                    a.fresh(id, channels, true);
                 }
                 Op::Conv2d { in_channels, out_channels, groups, .. } => {
-                    let i = input.expect("conv has an input");
                     if *groups > 1 && groups == in_channels && groups == out_channels {
-                        space[id] = space[i];
-                        members.push((space[i], CouplingMember { node: id, role: ChannelRole::Follows }));
+                        a.pass(id, input);
+                        a.each_segment(input, id, ChannelRole::Follows);
                     } else {
-                        space[id] = uf.fresh();
-                        members.push((space[i], consumes(id, block[i])));
-                        members.push((space[id], CouplingMember { node: id, role: ChannelRole::Produces }));
+                        let f = a.block[input];
+                        a.each_segment(input, id, ChannelRole::Consumes { features_per_channel: f });
+                        let space = a.fresh(id, channels, *groups > 1);
+                        a.members.push((space, CouplingMember { node: id, role: ChannelRole::Produces, offset: 0 }));
                         if *groups > 1 {
-                            fixed.push(space[i]);
-                            fixed.push(space[id]);
+                            a.fix_all(input);
                         }
                     }
                 }
                 Op::Linear { .. } => {
-                    let i = input.expect("linear has an input");
-                    space[id] = uf.fresh();
-                    members.push((space[i], consumes(id, block[i] * spatial(&shapes[i]))));
-                    members.push((space[id], CouplingMember { node: id, role: ChannelRole::Produces }));
+                    let f = a.block[input] * spatial(&shapes[input]);
+                    a.each_segment(input, id, ChannelRole::Consumes { features_per_channel: f });
+                    let space = a.fresh(id, channels, false);
+                    a.members.push((space, CouplingMember { node: id, role: ChannelRole::Produces, offset: 0 }));
                 }
                 Op::BatchNorm2d { .. } => {
-                    space[id] = same_as_input(&space);
-                    block[id] = block[input.expect("has an input")];
-                    members.push((space[id], CouplingMember { node: id, role: ChannelRole::Follows }));
+                    a.pass(id, input);
+                    a.each_segment(input, id, ChannelRole::Follows);
                 }
                 Op::Flatten => {
-                    let i = input.expect("flatten has an input");
-                    space[id] = space[i];
-                    block[id] = block[i] * spatial(&shapes[i]);
+                    a.pass(id, input);
+                    a.block[id] = a.block[input] * spatial(&shapes[input]);
                 }
-                Op::Add => {
-                    for &i in &node.inputs[1..] {
-                        uf.union(space[node.inputs[0]], space[i]);
-                    }
-                    space[id] = space[node.inputs[0]];
-                    block[id] = block[node.inputs[0]];
-                }
+                Op::Add | Op::Mul => a.join(id, &node.inputs),
                 Op::Relu
                 | Op::Identity
                 | Op::MaxPool2d { .. }
@@ -148,60 +222,58 @@ impl Graph {
                 | Op::HardSwish
                 | Op::LeakyRelu { .. }
                 | Op::Softmax
-                | Op::Pad { .. } => {
-                    space[id] = same_as_input(&space);
-                    block[id] = block[input.expect("has an input")];
-                }
-                Op::Mul => {
-                    // Both factors carry the same channels (a squeeze-and-excitation scale is the
-                    // excitation's output channels): removing one removes it from both.
-                    uf.union(space[node.inputs[0]], space[node.inputs[1]]);
-                    space[id] = space[node.inputs[0]];
-                    block[id] = block[node.inputs[0]];
-                }
+                | Op::Pad { .. } => a.pass(id, input),
                 Op::Unflatten { .. } => {
                     // A vector `[c]` viewed as `[c, 1, 1]` keeps its channels; any other view
                     // mixes them with positions, so they stay.
-                    let i = input.expect("unflatten has an input");
-                    let per_channel = shapes[id].numel() == shapes[id].channels();
-                    if per_channel && block[i] == 1 && shapes[i].channels() == shapes[id].channels() {
-                        space[id] = space[i];
-                        block[id] = block[i];
+                    if shapes[id].numel() == channels && a.block[input] == 1 && shapes[input].channels() == channels {
+                        a.pass(id, input);
                     } else {
-                        space[id] = uf.fresh();
-                        fixed.push(space[id]);
-                        fixed.push(space[i]);
+                        a.fix_all(input);
+                        a.fresh(id, channels, true);
                     }
                 }
                 Op::Lrn { .. } | Op::ChannelShuffle { .. } => {
                     // Each output channel depends on its neighbours (LRN) or is another input
-                    // channel (shuffle): the channels on both sides stay.
-                    let i = input.expect("has an input");
-                    space[id] = uf.fresh();
-                    fixed.push(space[id]);
-                    fixed.push(space[i]);
+                    // channel (shuffle, between grouped convolutions that fix them anyway): the
+                    // channels on both sides stay.
+                    a.fix_all(input);
+                    a.fresh(id, channels, true);
                 }
                 Op::Concat => {
-                    // Channels of a concatenation are not coupled to their sources yet: neither
-                    // they nor the inputs' channels are removed.
-                    space[id] = uf.fresh();
-                    fixed.push(space[id]);
-                    fixed.extend(node.inputs.iter().map(|&i| space[i]));
+                    // The inputs' segments one after the other (channels of maps, or blocks of
+                    // features of equal size).
+                    let block = a.block[input];
+                    if node.inputs.iter().all(|&i| a.block[i] == block) {
+                        a.segments[id] = node.inputs.iter().flat_map(|&i| a.segments[i].clone()).collect();
+                        a.block[id] = block;
+                    } else {
+                        for &i in &node.inputs {
+                            a.fix_all(i);
+                        }
+                        a.fresh(id, channels, true);
+                    }
                 }
             }
         }
-        fixed.push(space[self.output]);
+        a.fix_all(self.output);
+        Ok(groups_of(a))
+    }
+}
 
-        let mut roots: Vec<usize> = Vec::new();
-        let mut groups: Vec<CouplingGroup> = Vec::new();
-        for id in 0..self.nodes.len() {
-            let root = uf.find(space[id]);
+/// The groups: one per union-find root, in order of first carrier.
+fn groups_of(mut a: Analysis) -> Vec<CouplingGroup> {
+    let mut roots: Vec<usize> = Vec::new();
+    let mut groups: Vec<CouplingGroup> = Vec::new();
+    for id in 0..a.segments.len() {
+        for seg in a.segments[id].clone() {
+            let root = a.uf.find(seg.space);
             let g = match roots.iter().position(|&r| r == root) {
                 Some(g) => g,
                 None => {
                     roots.push(root);
                     groups.push(CouplingGroup {
-                        channels: shapes[id].channels() / block[id],
+                        channels: seg.channels,
                         members: Vec::new(),
                         carriers: Vec::new(),
                         prunable: true,
@@ -209,31 +281,29 @@ impl Graph {
                     groups.len() - 1
                 }
             };
-            groups[g].carriers.push(id);
-        }
-        for (s, member) in members {
-            let root = uf.find(s);
-            let g = roots.iter().position(|&r| r == root).expect("every space has a carrier");
-            groups[g].members.push(member);
-        }
-        for s in fixed {
-            let root = uf.find(s);
-            if let Some(g) = roots.iter().position(|&r| r == root) {
-                groups[g].prunable = false;
+            if groups[g].carriers.last() != Some(&id) {
+                groups[g].carriers.push(id);
             }
         }
-        for g in &mut groups {
-            g.members.sort_by_key(|m| m.node);
-            if g.producers().next().is_none() {
-                g.prunable = false;
-            }
-        }
-        Ok(groups)
     }
-}
-
-fn consumes(node: NodeId, features_per_channel: usize) -> CouplingMember {
-    CouplingMember { node, role: ChannelRole::Consumes { features_per_channel } }
+    for (s, member) in a.members.clone() {
+        let root = a.uf.find(s);
+        let g = roots.iter().position(|&r| r == root).expect("every space has a carrier");
+        groups[g].members.push(member);
+    }
+    for s in a.fixed.clone() {
+        let root = a.uf.find(s);
+        if let Some(g) = roots.iter().position(|&r| r == root) {
+            groups[g].prunable = false;
+        }
+    }
+    for g in &mut groups {
+        g.members.sort_by_key(|m| (m.node, m.offset));
+        if g.producers().next().is_none() {
+            g.prunable = false;
+        }
+    }
+    groups
 }
 
 /// Features per channel when a feature map is read as a vector.
@@ -266,9 +336,9 @@ impl Graph {
     /// [`crate::Error::InvalidGraph`] if a group is not prunable, a selection is empty, unsorted or
     /// out of range, or the result does not validate.
     pub fn keep_channels(&self, groups: &[CouplingGroup], keep: &[(usize, Vec<usize>)]) -> Result<Graph> {
-        use super::{ConvParams, LinearParams, Params, builder::batch_norm_from};
-        use burn::module::Param;
-        let mut graph = self.clone();
+        // Every member of every group listed, then applied from the highest offset down, so a
+        // node that reads several groups (a concatenation) keeps valid offsets for the rest.
+        let mut edits: Vec<(CouplingMember, usize, &[usize])> = Vec::new();
         for (g, channels) in keep {
             let group =
                 groups.get(*g).ok_or_else(|| crate::Error::graph("<coupling>", format!("no coupling group {g}")))?;
@@ -285,83 +355,113 @@ impl Graph {
                     format!("kept channels must be ascending, non-empty and below {}", group.channels),
                 ));
             }
-            let n = channels.len();
-            for member in &group.members {
-                let node = &mut graph.nodes[member.node];
-                let params = node.params.take().expect("coupling members carry parameters");
-                let device = match &params {
-                    Params::Conv(p) => p.weight.device(),
-                    Params::Linear(p) => p.weight.device(),
-                    Params::BatchNorm(bn) => bn.gamma.device(),
-                };
-                let axis0 = index_tensor(channels, &device);
-                node.params = Some(match (member.role, params) {
-                    (ChannelRole::Produces | ChannelRole::Follows, Params::Conv(p)) => {
-                        if let Op::Conv2d { in_channels, out_channels, groups, .. } = &mut node.op {
-                            *out_channels = n;
-                            if member.role == ChannelRole::Follows {
-                                (*in_channels, *groups) = (n, n);
-                            }
-                        }
-                        Params::Conv(ConvParams {
-                            weight: Param::from_tensor(p.weight.val().select(0, axis0.clone())),
-                            bias: p.bias.map(|b| Param::from_tensor(b.val().select(0, axis0))),
-                        })
-                    }
-                    (ChannelRole::Produces, Params::Linear(p)) => {
-                        if let Op::Linear { out_features, .. } = &mut node.op {
-                            *out_features = n;
-                        }
-                        Params::Linear(LinearParams {
-                            weight: Param::from_tensor(p.weight.val().select(0, axis0.clone())),
-                            bias: p.bias.map(|b| Param::from_tensor(b.val().select(0, axis0))),
-                        })
-                    }
-                    (ChannelRole::Follows, Params::BatchNorm(bn)) => {
-                        let (epsilon, momentum) = match node.op {
-                            Op::BatchNorm2d { epsilon, momentum, .. } => (epsilon, momentum),
-                            _ => unreachable!("batch-norm params belong to a batch-norm op"),
-                        };
-                        node.op = Op::BatchNorm2d { features: n, epsilon, momentum };
-                        Params::BatchNorm(batch_norm_from(
-                            bn.gamma.val().select(0, axis0.clone()),
-                            bn.beta.val().select(0, axis0.clone()),
-                            bn.running_mean.value().select(0, axis0.clone()),
-                            bn.running_var.value().select(0, axis0),
-                            epsilon,
-                            momentum,
-                        ))
-                    }
-                    (ChannelRole::Consumes { features_per_channel: f }, Params::Conv(p)) => {
-                        if let Op::Conv2d { in_channels, .. } = &mut node.op {
-                            *in_channels = n * f;
-                        }
-                        let features: Vec<usize> = channels.iter().flat_map(|&c| c * f..(c + 1) * f).collect();
-                        Params::Conv(ConvParams {
-                            weight: Param::from_tensor(p.weight.val().select(1, index_tensor(&features, &device))),
-                            bias: p.bias,
-                        })
-                    }
-                    (ChannelRole::Consumes { features_per_channel: f }, Params::Linear(p)) => {
-                        if let Op::Linear { in_features, .. } = &mut node.op {
-                            *in_features = n * f;
-                        }
-                        let features: Vec<usize> = channels.iter().flat_map(|&c| c * f..(c + 1) * f).collect();
-                        Params::Linear(LinearParams {
-                            weight: Param::from_tensor(p.weight.val().select(1, index_tensor(&features, &device))),
-                            bias: p.bias,
-                        })
-                    }
-                    (role, _) => {
-                        return Err(crate::Error::graph(
-                            &node.name,
-                            format!("{role:?} is not a role a {} can have", node.op.kind()),
-                        ));
-                    }
-                });
-            }
+            edits.extend(group.members.iter().map(|m| (*m, group.channels, channels.as_slice())));
+        }
+        edits.sort_by_key(|(m, _, _)| std::cmp::Reverse(m.offset));
+        let mut graph = self.clone();
+        for (member, group_channels, channels) in edits {
+            keep_member(&mut graph.nodes[member.node], member, group_channels, channels)?;
         }
         graph.validate()?;
         Ok(graph)
     }
+}
+
+/// `0..offset`, then `offset + k` for each kept `k` (each as `per` consecutive entries), then
+/// everything after the group's `channels`: the entries of an axis of `len` that stay.
+fn kept_entries(len: usize, offset: usize, channels: usize, keep: &[usize], per: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = (0..offset * per).collect();
+    v.extend(keep.iter().flat_map(|&c| (offset + c) * per..(offset + c + 1) * per));
+    v.extend((offset + channels) * per..len);
+    v
+}
+
+/// Shrinks one member's parameters (and its op's channel counts) to the kept channels.
+fn keep_member(
+    node: &mut super::Node,
+    member: CouplingMember,
+    group_channels: usize,
+    channels: &[usize],
+) -> Result<()> {
+    use super::{ConvParams, LinearParams, Params, builder::batch_norm_from};
+    use burn::module::Param;
+    let params = node.params.take().expect("coupling members carry parameters");
+    let device = match &params {
+        Params::Conv(p) => p.weight.device(),
+        Params::Linear(p) => p.weight.device(),
+        Params::BatchNorm(bn) => bn.gamma.device(),
+    };
+    let o = member.offset;
+    node.params = Some(match (member.role, params) {
+        (ChannelRole::Produces | ChannelRole::Follows, Params::Conv(p)) => {
+            let rows = kept_entries(p.weight.dims()[0], o, group_channels, channels, 1);
+            let n = rows.len();
+            if let Op::Conv2d { in_channels, out_channels, groups, .. } = &mut node.op {
+                *out_channels = n;
+                if member.role == ChannelRole::Follows {
+                    (*in_channels, *groups) = (n, n);
+                }
+            }
+            let axis0 = index_tensor(&rows, &device);
+            Params::Conv(ConvParams {
+                weight: Param::from_tensor(p.weight.val().select(0, axis0.clone())),
+                bias: p.bias.map(|b| Param::from_tensor(b.val().select(0, axis0))),
+            })
+        }
+        (ChannelRole::Produces, Params::Linear(p)) => {
+            let rows = kept_entries(p.weight.dims()[0], o, group_channels, channels, 1);
+            if let Op::Linear { out_features, .. } = &mut node.op {
+                *out_features = rows.len();
+            }
+            let axis0 = index_tensor(&rows, &device);
+            Params::Linear(LinearParams {
+                weight: Param::from_tensor(p.weight.val().select(0, axis0.clone())),
+                bias: p.bias.map(|b| Param::from_tensor(b.val().select(0, axis0))),
+            })
+        }
+        (ChannelRole::Follows, Params::BatchNorm(bn)) => {
+            let rows = kept_entries(bn.gamma.dims()[0], o, group_channels, channels, 1);
+            let (epsilon, momentum) = match node.op {
+                Op::BatchNorm2d { epsilon, momentum, .. } => (epsilon, momentum),
+                _ => unreachable!("batch-norm params belong to a batch-norm op"),
+            };
+            node.op = Op::BatchNorm2d { features: rows.len(), epsilon, momentum };
+            let axis0 = index_tensor(&rows, &device);
+            Params::BatchNorm(batch_norm_from(
+                bn.gamma.val().select(0, axis0.clone()),
+                bn.beta.val().select(0, axis0.clone()),
+                bn.running_mean.value().select(0, axis0.clone()),
+                bn.running_var.value().select(0, axis0),
+                epsilon,
+                momentum,
+            ))
+        }
+        (ChannelRole::Consumes { features_per_channel: f }, Params::Conv(p)) => {
+            let cols = kept_entries(p.weight.dims()[1], o, group_channels, channels, f);
+            if let Op::Conv2d { in_channels, .. } = &mut node.op {
+                *in_channels = cols.len();
+            }
+            Params::Conv(ConvParams {
+                weight: Param::from_tensor(p.weight.val().select(1, index_tensor(&cols, &device))),
+                bias: p.bias,
+            })
+        }
+        (ChannelRole::Consumes { features_per_channel: f }, Params::Linear(p)) => {
+            let cols = kept_entries(p.weight.dims()[1], o, group_channels, channels, f);
+            if let Op::Linear { in_features, .. } = &mut node.op {
+                *in_features = cols.len();
+            }
+            Params::Linear(LinearParams {
+                weight: Param::from_tensor(p.weight.val().select(1, index_tensor(&cols, &device))),
+                bias: p.bias,
+            })
+        }
+        (role, _) => {
+            return Err(crate::Error::graph(
+                &node.name,
+                format!("{role:?} is not a role a {} can have", node.op.kind()),
+            ));
+        }
+    });
+    Ok(())
 }

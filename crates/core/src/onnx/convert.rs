@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use onnx_ir::{ArgType, Argument, Node, OnnxGraph, TensorDataExt};
 
 use super::layout;
-use super::values::{Const, Dim, Value, axis, dims_of, slice};
+use super::values::{self, Const, Dim, Value, axis, dims_of, slice};
 use crate::graph::{GraphBuilder, NodeId, Op, PadMode, ValueShape};
 
 /// The parameters of a converted layer, on the host until the graph is built.
@@ -209,7 +209,7 @@ impl<'a> Converter<'a> {
                     None => 0.0,
                 };
                 let dims: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
-                let count = dims.iter().product();
+                let count = values::checked_count(&dims)?;
                 one(Value::Const(Const::new(dims, vec![fill; count])))
             }
             Node::Identity(_) | Node::Dropout(_) => {

@@ -98,7 +98,7 @@ impl Const {
             }
             dims.push(x.max(y));
         }
-        let count: usize = dims.iter().product();
+        let count = checked_count(&dims)?;
         let index = |shape: &[usize], flat: usize| -> usize {
             // The element of `shape` (broadcast to `dims`) at output position `flat`.
             let (mut rest, mut at, mut stride) = (flat, 0, 1);
@@ -115,6 +115,18 @@ impl Const {
         let data = (0..count).map(|i| f(self.data[index(&a, i)], other.data[index(&b, i)])).collect();
         Ok(Const::new(dims, data))
     }
+}
+
+/// The most elements a folded constant may have (2^27, 1 GiB as f64): a shape that asks for
+/// more is a damaged or hostile file, refused rather than allocated.
+pub(super) const MAX_CONSTANT: usize = 1 << 27;
+
+/// The element count of `dims`, if it is at most [`MAX_CONSTANT`].
+pub(super) fn checked_count(dims: &[usize]) -> Result<usize, String> {
+    dims.iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= MAX_CONSTANT)
+        .ok_or_else(|| format!("a constant of {dims:?} is larger than {MAX_CONSTANT} values"))
 }
 
 /// Normalises an ONNX axis (negative counts from the end) for a tensor of `rank`.
