@@ -386,3 +386,57 @@ fn fused_requantization_gives_the_same_bits() {
         }
     }
 }
+
+/// Models trained and exported by PyTorch (data/onnx), imported: static PTQ puts every layer it
+/// can on the integer kernels and names the rest with the reason (depthwise convolutions have no
+/// integer kernel yet), dynamic PTQ quantizes their linear layers, and the integer plan agrees
+/// with the simulated forward on both.
+#[test]
+fn imported_models_quantize_static_and_dynamic() {
+    let device = device();
+    for file in ["resnet_mnist_opset11.onnx", "mobilenet_mnist_opset13.onnx"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/onnx").join(file);
+        let g = shrink_core::onnx::import(&path, &Default::default(), &device).unwrap().graph;
+        let calib = batches([1, 28, 28], 2, 61);
+        let x = batches([1, 28, 28], 1, 62).remove(0);
+        for dynamic in [false, true] {
+            let settings = PtqSettings { dynamic, ..PtqSettings::default() };
+            let q = quantize_static(&g, &mut calib.clone().into_iter(), &settings).unwrap();
+            let context = format!("{file}, dynamic {dynamic}");
+            let labels = q.freeze(1).unwrap().kernels();
+            for name in q.layers.keys() {
+                let kernel = labels.iter().find(|(n, _)| n == name).map(|(_, k)| k.as_str());
+                let expected = if dynamic { "int8-dynamic" } else { "int8" };
+                assert!(kernel.is_some_and(|k| k.contains(expected)), "{context}: {name} ran {kernel:?}");
+            }
+            // Every weighted layer is either quantized or named with its reason.
+            for (_, node) in g.layers().filter(|(_, n)| n.op.kind() != "batch_norm2d") {
+                let name = &node.name;
+                let why = q.float_layers.iter().find(|(n, _)| n == name).map(|(_, w)| w.as_str());
+                assert!(
+                    q.layers.contains_key(name) || why.is_some_and(|w| !w.is_empty()),
+                    "{context}: {name} {:?}",
+                    node.op
+                );
+            }
+            let linear = g.layers().filter(|(_, n)| n.op.kind() == "linear").count();
+            if dynamic {
+                assert_eq!(q.layers.len(), linear, "{context}");
+            } else {
+                assert!(q.layers.len() > linear, "{context}: only {:?}", q.layers.keys());
+            }
+            if file.starts_with("mobilenet") && !dynamic {
+                assert!(
+                    q.float_layers.iter().any(|(_, why)| why.contains("grouped convolution")),
+                    "{context}: {:?}",
+                    q.float_layers
+                );
+            }
+            let simulated = to_vec(q.forward_simulated(x.clone()));
+            let got = q.freeze(1).unwrap().run(&to_vec(x.clone()), 8).unwrap().to_vec();
+            let range = simulated.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = got.iter().zip(&simulated).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst <= 0.02 * range, "{context}: {worst} vs {range}");
+        }
+    }
+}
