@@ -2,6 +2,7 @@
 //! students trained alone. A model is cached under a key of everything that decides its
 //! weights, so a teacher with the baseline's settings is the baseline.
 
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -16,12 +17,64 @@ use crate::plan::{Plan, train_stage};
 use crate::progress::Progress;
 use crate::stages::StageContext;
 
-/// What a cached model keeps beside its model file.
+/// What a cached model keeps beside its model file, including what the file must be: its
+/// SHA-256 and the architecture it holds, checked before the file is used.
 #[derive(Serialize, Deserialize)]
 struct CacheEntry {
     key: String,
+    /// The model's name ([`ModelSpec::name`]) and trainable values.
+    model: String,
+    params: usize,
+    /// SHA-256 of the model file as written.
+    model_sha256: String,
     history: Vec<EpochRecord>,
     train_seconds: f64,
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+/// The cached model and entry under `key`: `Ok(None)` when nothing is cached there, `Err(why)`
+/// when something is but cannot be trusted (damaged, another key's, another model, a file
+/// changed since it was cached). `fresh` is the model as a fresh build makes it: the cached
+/// graph must have its nodes, ops and parameter shapes.
+fn cached(
+    model_file: &Path,
+    meta: &Path,
+    key: &str,
+    fresh: &Graph,
+    device: &burn::tensor::Device,
+) -> std::result::Result<Option<(Graph, CacheEntry)>, String> {
+    if !meta.exists() && !model_file.exists() {
+        return Ok(None);
+    }
+    let bytes = std::fs::read(meta).map_err(|e| format!("{}: {e}", meta.display()))?;
+    let entry: CacheEntry = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("{}: not a cache entry of this version: {e}", meta.display()))?;
+    if entry.key != key {
+        return Err(format!("{}: made for key {}, not {key}", meta.display(), entry.key));
+    }
+    let model_bytes = std::fs::read(model_file).map_err(|e| format!("{}: {e}", model_file.display()))?;
+    if sha256_hex(&model_bytes) != entry.model_sha256 {
+        return Err(format!(
+            "{}: the file is not the one cached (its SHA-256 differs from the entry's)",
+            model_file.display()
+        ));
+    }
+    let graph = io::load(model_file, device).map_err(|e| format!("{e}"))?;
+    let structure = |g: &Graph| -> Vec<(String, String, Vec<usize>)> {
+        g.nodes.iter().map(|n| (n.name.clone(), format!("{:?}", n.op), n.inputs.clone())).collect()
+    };
+    if structure(&graph) != structure(fresh) {
+        return Err(format!(
+            "{}: holds another architecture than the key's `{}` ({} parameters recorded)",
+            model_file.display(),
+            entry.model,
+            entry.params
+        ));
+    }
+    Ok(Some((graph, entry)))
 }
 
 /// A model trained from a fresh build (or reused from the cache).
@@ -45,7 +98,7 @@ fn key(plan: &Plan, model: &ModelSpec, seed: u64, train: &TrainSettings, index: 
     if let ModelSpec::Onnx { path, .. } = model {
         // An imported model's weights are the file's: its bytes are part of the key.
         let bytes = std::fs::read(path).unwrap_or_default();
-        described["model_file_sha256"] = format!("{:x}", Sha256::digest(&bytes)).into();
+        described["model_file_sha256"] = sha256_hex(&bytes).into();
     }
     if index != 0 {
         // Keys of first-stage baselines stay as they were before the index counted.
@@ -69,18 +122,23 @@ pub fn train_cached(
     let key = key(cx.plan, model, seed, train_settings, index);
     let model_file = cache.join(format!("{key}.safetensors"));
     let meta = cache.join(format!("{key}.json"));
-    let hit = (|| {
-        let entry: CacheEntry = serde_json::from_slice(&std::fs::read(&meta).ok()?).ok()?;
-        let g = io::load(&model_file, device).ok()?;
-        (entry.key == key).then_some((g, entry))
-    })();
-    if let Some((graph, entry)) = hit {
-        tracing::info!(%key, %label, "reusing the cached model from {}", cache.display());
-        eprintln!("reusing cached {label} {key} ({})", cache.display());
-        return Ok(Trained { graph, history: entry.history, train_seconds: entry.train_seconds, key, reused: true });
-    }
     let data = cx.data;
     let graph = model.build(data.train.shape, data.train.classes, seed, device)?;
+    match cached(&model_file, &meta, &key, &graph, device) {
+        Ok(Some((graph, entry))) => {
+            tracing::info!(%key, %label, "reusing the cached model from {}", cache.display());
+            eprintln!("reusing cached {label} {key} ({})", cache.display());
+            return Ok(Trained {
+                graph,
+                history: entry.history,
+                train_seconds: entry.train_seconds,
+                key,
+                reused: true,
+            });
+        }
+        Ok(None) => {}
+        Err(why) => tracing::warn!("the cached {label} cannot be used, training it again: {why}"),
+    }
     let mut progress = Progress::new(cx.opts.progress, train_settings.epochs, label);
     let t0 = Instant::now();
     let (graph, history) =
@@ -88,8 +146,17 @@ pub fn train_cached(
             .with_context(|| format!("training the {label}"))?;
     progress.finish();
     let train_seconds = t0.elapsed().as_secs_f64();
-    let entry = CacheEntry { key: key.clone(), history: history.clone(), train_seconds };
     io::save(&graph, &model_file)?;
+    let model_bytes = std::fs::read(&model_file).with_context(|| format!("reading back {}", model_file.display()))?;
+    let params = shrink_core::metrics::model_stats(&graph)?.params;
+    let entry = CacheEntry {
+        key: key.clone(),
+        model: model.name(),
+        params,
+        model_sha256: sha256_hex(&model_bytes),
+        history: history.clone(),
+        train_seconds,
+    };
     io::write_atomic(&meta, serde_json::to_string_pretty(&entry)?.as_bytes())?;
     tracing::info!(%key, %label, "cached in {}", cache.display());
     Ok(Trained { graph, history, train_seconds, key, reused: false })

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use shrink_core::io;
 use shrink_quant::QuantizedModel;
 
@@ -19,7 +20,9 @@ use crate::stages::RunState;
 
 /// The checkpoint directory inside a run directory.
 pub const DIR: &str = "checkpoint";
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
+/// What every checkpoint error ends with.
+const FRESH_HINT: &str = "run the same command with `--fresh` to start the run over";
 
 /// Everything the stages after a finished one need, besides the config and the data.
 #[derive(Serialize, Deserialize)]
@@ -34,6 +37,8 @@ struct State {
     has_quantized: bool,
     /// The finished stages' reports.
     stages: Vec<StageReport>,
+    /// SHA-256 of each model file of the stage directory, checked before it is loaded.
+    files: std::collections::BTreeMap<String, String>,
 }
 
 /// The run's state after its last finished stage.
@@ -63,7 +68,16 @@ pub fn save(run_dir: &Path, run: &RunState, stages: &[StageReport]) -> Result<()
     if let Some(q) = &run.quantized {
         q.save(&dir.join("quantized.safetensors"))?;
     }
+    let mut files = std::collections::BTreeMap::new();
+    for name in ["graph", "uncompressed", "quantized"] {
+        let file = dir.join(format!("{name}.safetensors"));
+        if file.exists() {
+            let bytes = std::fs::read(&file).with_context(|| format!("reading back {}", file.display()))?;
+            files.insert(format!("{name}.safetensors"), format!("{:x}", Sha256::digest(&bytes)));
+        }
+    }
     let state = State {
+        files,
         format: FORMAT,
         stages_done,
         fresh: run.fresh,
@@ -96,20 +110,39 @@ pub fn load(run_dir: &Path, device: &burn::tensor::Device) -> Result<Option<Rest
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
-    let state: State =
-        serde_json::from_slice(&bytes).with_context(|| format!("{}: not a checkpoint", path.display()))?;
+    let state: State = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{}: not a checkpoint of this version of shrink; {FRESH_HINT}", path.display()))?;
     if state.format != FORMAT {
-        bail!("{}: checkpoint format {} (this build reads {FORMAT})", path.display(), state.format);
+        bail!("{}: checkpoint format {} (this build reads {FORMAT}); {FRESH_HINT}", path.display(), state.format);
     }
     if state.stages.len() != state.stages_done {
-        bail!("{}: {} stage reports for {} finished stages", path.display(), state.stages.len(), state.stages_done);
+        bail!(
+            "{}: {} stage reports for {} finished stages; {FRESH_HINT}",
+            path.display(),
+            state.stages.len(),
+            state.stages_done
+        );
     }
     let dir = stage_dir(&root, state.stages_done);
-    let graph = io::load(&dir.join("graph.safetensors"), device)?;
-    let uncompressed =
-        if state.has_uncompressed { Some(io::load(&dir.join("uncompressed.safetensors"), device)?) } else { None };
+    // Every model file is the one written: its SHA-256 is the one state.json recorded.
+    let verified = |name: &str| -> Result<PathBuf> {
+        let file = dir.join(name);
+        let recorded = state.files.get(name);
+        let bytes = std::fs::read(&file).with_context(|| format!("{}: cannot read; {FRESH_HINT}", file.display()))?;
+        if recorded != Some(&format!("{:x}", Sha256::digest(&bytes))) {
+            bail!("{}: not the file the checkpoint recorded (damaged or replaced); {FRESH_HINT}", file.display());
+        }
+        Ok(file)
+    };
+    let load_graph = |name: &str| -> Result<shrink_core::Graph> {
+        let file = verified(name)?;
+        io::load(&file, device).with_context(|| FRESH_HINT.to_string())
+    };
+    let graph = load_graph("graph.safetensors")?;
+    let uncompressed = if state.has_uncompressed { Some(load_graph("uncompressed.safetensors")?) } else { None };
     let quantized = if state.has_quantized {
-        Some(QuantizedModel::load(&dir.join("quantized.safetensors"), device)?)
+        let file = verified("quantized.safetensors")?;
+        Some(QuantizedModel::load(&file, device).with_context(|| FRESH_HINT.to_string())?)
     } else {
         None
     };

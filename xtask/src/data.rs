@@ -4,9 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, anyhow};
-use shrink_core::data::{
-    Batcher, Dataset, load_cifar10_bin, load_idx_pair, load_image_folder, load_mnist_dir, shuffled,
-};
+use shrink_core::data::{Batcher, Dataset, load_cifar10_bin, load_idx_pair, load_image_folder, shuffled};
 use shrink_core::train::TrainData;
 
 use crate::plan::{DataSource, Plan};
@@ -26,21 +24,43 @@ impl Data {
     }
 }
 
+/// Data that cannot be used as the plan says (files that do not fit each other or the plan):
+/// the user's input, so exit code 2 like a config error.
+#[derive(Debug)]
+pub struct DataError(pub String);
+
+impl std::fmt::Display for DataError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for DataError {}
+
+/// Loads the data of `plan`; every error is a [`DataError`].
+///
+/// # Errors
+/// As [`load_files`].
+pub fn load(plan: &Plan) -> Result<Data> {
+    load_files(plan).map_err(|e| DataError(format!("{e:#}")).into())
+}
+
 /// Loads the data of `plan`.
 ///
 /// # Errors
 /// A file that is missing or damaged (naming it and the byte), training and test images of
 /// different shapes, or images of another shape than validation read from the header.
-pub fn load(plan: &Plan) -> Result<Data> {
+fn load_files(plan: &Plan) -> Result<Data> {
     let d = &plan.data;
     let p = &d.path;
     let find = |stem: &str| crate::plan::idx_file(p, stem);
     let (train_set, test_set) = match d.source {
-        DataSource::Mnist5k => load_mnist_dir(p)?,
-        DataSource::Idx => (
-            load_idx_pair(&find("train-images-idx3-ubyte"), &find("train-labels-idx1-ubyte"))?,
-            load_idx_pair(&find("t10k-images-idx3-ubyte"), &find("t10k-labels-idx1-ubyte"))?,
-        ),
+        DataSource::Mnist5k | DataSource::Idx => {
+            // The test labels must be among the training set's classes.
+            let train = load_idx_pair(&find("train-images-idx3-ubyte"), &find("train-labels-idx1-ubyte"), d.classes)?;
+            let classes = Some(train.classes);
+            (train, load_idx_pair(&find("t10k-images-idx3-ubyte"), &find("t10k-labels-idx1-ubyte"), classes)?)
+        }
         DataSource::Cifar10 => {
             let train_files: Vec<PathBuf> = (1..=5).map(|i| p.join(format!("data_batch_{i}.bin"))).collect();
             let refs: Vec<&Path> = train_files.iter().map(|f| f.as_path()).collect();
@@ -51,6 +71,9 @@ pub fn load(plan: &Plan) -> Result<Data> {
             load_image_folder(&p.join("test"), image_size, channels)?,
         ),
     };
+    if let Some(classes) = d.classes.filter(|&c| c != train_set.classes) {
+        return Err(anyhow!("key `data.classes`: {classes}, but {} has {} classes", p.display(), train_set.classes));
+    }
     if train_set.shape != test_set.shape {
         return Err(anyhow!(
             "{}: training images are {:?} but test images are {:?}",

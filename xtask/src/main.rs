@@ -137,7 +137,13 @@ fn init_logging(verbose: u8, quiet: bool) -> RunLog {
     let log = RunLog::default();
     let file_filter = EnvFilter::new(format!("info,{noise}"));
     tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(stderr_filter))
+        .with(
+            tracing_subscriber::fmt::layer()
+                // Colour codes only where a person reads them: not in CI logs, pipes or files.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_writer(std::io::stderr)
+                .with_filter(stderr_filter),
+        )
         .with(tracing_subscriber::fmt::layer().with_ansi(false).with_writer(log.clone()).with_filter(file_filter))
         .init();
     log
@@ -173,6 +179,7 @@ fn main() -> ExitCode {
 
 fn is_input_error(err: &anyhow::Error) -> bool {
     err.downcast_ref::<ConfigError>().is_some()
+        || err.downcast_ref::<crate::data::DataError>().is_some()
         || err.chain().any(|e| {
             matches!(
                 e.downcast_ref::<shrink_core::Error>(),
@@ -199,6 +206,12 @@ fn run_configs(configs: &[PathBuf], dry_run: bool, fresh: bool, opts: &RunOption
                 return ExitCode::from(2);
             }
         }
+    }
+    // The cache directory is checked before anything trains: a `--cache` that names a file
+    // would otherwise fail only when the first baseline is stored.
+    if let Some(problem) = cache_dir_problem(&opts.cache) {
+        eprintln!("error: --cache {}: {problem}", opts.cache.display());
+        return ExitCode::from(2);
     }
     if dry_run {
         for plan in &plans {
@@ -250,6 +263,25 @@ fn run_configs(configs: &[PathBuf], dry_run: bool, fresh: bool, opts: &RunOption
         log.set(None);
     }
     code
+}
+
+/// Why `dir` cannot be the cache directory, if it cannot: it is not a directory, or it cannot
+/// be created.
+fn cache_dir_problem(dir: &Path) -> Option<String> {
+    if dir.exists() && !dir.is_dir() {
+        return Some("exists and is not a directory".into());
+    }
+    if !dir.exists() {
+        // Find the nearest existing ancestor: it must be a directory.
+        let mut parent = dir.parent();
+        while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty() && !p.exists()) {
+            parent = p.parent();
+        }
+        if let Some(p) = parent.filter(|p| !p.as_os_str().is_empty() && !p.is_dir()) {
+            return Some(format!("{} is not a directory", p.display()));
+        }
+    }
+    None
 }
 
 /// Runs one plan in `dir` (resuming when `previous` is the report of an unfinished run there);

@@ -292,6 +292,41 @@ fn damaged_data_fails_with_a_report_and_exit_2() {
 }
 
 #[test]
+fn labels_outside_the_classes_exit_2_naming_the_record() {
+    // Digits 0–9 with one label damaged to 255 (which would silently make a 256-class model),
+    // then a test label outside the training set's 10 classes.
+    let dir = tmp("badlabels");
+    let idx = |dims: &[u32], data: &[u8]| -> Vec<u8> {
+        let mut v = vec![0, 0, 8, dims.len() as u8];
+        dims.iter().for_each(|d| v.extend_from_slice(&d.to_be_bytes()));
+        [v, data.to_vec()].concat()
+    };
+    let path = idx_config(&dir, &[], &[]);
+    let folder = dir.join("idx");
+    let labels: Vec<u8> = (0..40).map(|i| i % 10).collect();
+    for split in ["train", "t10k"] {
+        std::fs::write(folder.join(format!("{split}-images-idx3-ubyte")), idx(&[40, 28, 28], &[9; 40 * 784])).unwrap();
+        std::fs::write(folder.join(format!("{split}-labels-idx1-ubyte")), idx(&[40], &labels)).unwrap();
+    }
+    let run = || xtask(&["run", "-q", "--out", &dir.join("runs").display().to_string(), &path.display().to_string()]);
+    let mut damaged = labels.clone();
+    damaged[17] = 255;
+    std::fs::write(folder.join("train-labels-idx1-ubyte"), idx(&[40], &damaged)).unwrap();
+    let out = run();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("train-labels-idx1-ubyte: byte 25: record 17 has label 255"), "{err}");
+    std::fs::write(folder.join("train-labels-idx1-ubyte"), idx(&[40], &labels)).unwrap();
+    damaged = labels.clone();
+    damaged[3] = 10;
+    std::fs::write(folder.join("t10k-labels-idx1-ubyte"), idx(&[40], &damaged)).unwrap();
+    let out = run();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("t10k-labels-idx1-ubyte: byte 11: record 3 has label 10, outside the 10 classes"), "{err}");
+}
+
+#[test]
 fn missing_backend_names_its_feature() {
     if cfg!(feature = "wgpu") {
         return;
@@ -310,7 +345,7 @@ fn missing_backend_names_its_feature() {
 #[test]
 fn every_broken_config_is_refused_with_its_expected_message() {
     // configs/broken/*.toml: each starts with `# expect: <text>`; a dry run must exit 2 and
-    // print that text and the file's name, before anything is loaded.
+    // print that text and the file's name, line and column, before anything is loaded.
     let broken = configs("configs/broken");
     assert!(broken.len() >= 40, "the corpus has {} configs", broken.len());
     for c in broken {
@@ -325,6 +360,12 @@ fn every_broken_config_is_refused_with_its_expected_message() {
         assert_eq!(out.status.code(), Some(2), "{c}: {err}");
         assert!(err.contains(expect), "{c}: expected `{expect}` in: {err}");
         assert!(err.contains(&c), "{c}: the message names the file: {err}");
+        // And the line and column of the key at fault (a default names its table's line).
+        let place = err.split_once(&format!("{c}:")).map(|(_, rest)| rest.split(':').take(2).collect::<Vec<_>>());
+        assert!(
+            place.is_some_and(|p| p.len() == 2 && p.iter().all(|n| n.parse::<usize>().is_ok())),
+            "{c}: the message names the line and column: {err}"
+        );
         assert!(out.stdout.is_empty(), "{c}: nothing on stdout");
     }
 }
@@ -386,6 +427,65 @@ fn a_run_killed_after_a_stage_resumes_there_and_ends_as_an_uninterrupted_one() {
     assert!(fresh != killed && fresh != next && fresh != runs[0]);
     assert_eq!(report(&killed.display().to_string())["status"], "running");
     assert!(report(&fresh.display().to_string())["resumed"].as_array().unwrap().is_empty());
+
+    // A damaged checkpoint is an error that names the file and says how to start over: never a
+    // silent restart, never a resume from a file that is not the one written.
+    let damaged = kill_after_first_stage(&out_arg, config);
+    let graph = damaged.join("checkpoint/stage-1/graph.safetensors");
+    let mut bytes = std::fs::read(&graph).unwrap();
+    let n = bytes.len();
+    bytes[n - 1] ^= 1;
+    std::fs::write(&graph, bytes).unwrap();
+    let refused = xtask(&["run", "-q", "--out", &out_arg, config]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(err.contains("graph.safetensors") && err.contains("--fresh"), "{err}");
+}
+
+#[test]
+fn cached_baselines_are_checked_before_use() {
+    let out = tmp("cache-check");
+    let cache = out.join("cache");
+    let (out_arg, cache_arg) = (out.display().to_string(), cache.display().to_string());
+    // Without -q: the warnings are the point.
+    let run = |config: &str| xtask(&["run", "--out", &out_arg, "--cache", &cache_arg, config]);
+    let cached_model = |name: &str| -> PathBuf {
+        let entries = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path());
+        let metas: Vec<PathBuf> = entries.filter(|p| p.extension().is_some_and(|x| x == "json")).collect();
+        let meta = metas
+            .into_iter()
+            .find(|m| std::fs::read_to_string(m).unwrap().contains(&format!("\"{name}\"")))
+            .unwrap_or_else(|| panic!("no cache entry of {name}"));
+        meta.with_extension("safetensors")
+    };
+    let first = run("configs/smoke/mlp.toml");
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let params = report(String::from_utf8(first.stdout).unwrap().trim())["stages"][0]["params"].clone();
+    assert!(run("configs/smoke/mlp_dynamic.toml").status.success());
+
+    // A valid model file of another model (mlp-64) under the baseline's key (mlp-32): found,
+    // said, and the baseline trained again — the report is the baseline's.
+    std::fs::copy(cached_model("mlp-64"), cached_model("mlp-32")).unwrap();
+    let again = run("configs/smoke/mlp.toml");
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{err}");
+    assert!(err.contains("cannot be used, training it again") && err.contains("SHA-256"), "{err}");
+    assert_eq!(report(String::from_utf8(again.stdout).unwrap().trim())["stages"][0]["params"], params);
+    // The entry rewritten, the next run reuses it without a word of warning.
+    let reused = run("configs/smoke/mlp.toml");
+    assert!(!String::from_utf8_lossy(&reused.stderr).contains("cannot be used"));
+    // A damaged entry: the same.
+    std::fs::write(cached_model("mlp-32").with_extension("json"), b"{ not json").unwrap();
+    let err = String::from_utf8_lossy(&run("configs/smoke/mlp.toml").stderr).into_owned();
+    assert!(err.contains("not a cache entry"), "{err}");
+
+    // `--cache` naming a file fails before anything trains.
+    let file = out.join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let refused =
+        xtask(&["run", "-q", "--out", &out_arg, "--cache", &file.display().to_string(), "configs/smoke/mlp.toml"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("is not a directory"));
 }
 
 /// Runs `config` until its first stage's checkpoint is written, kills it with SIGKILL, and

@@ -59,13 +59,14 @@ pub enum Error {
         /// What is wrong, node by node.
         message: String,
     },
-    /// An I/O error on a file.
-    #[error("{}: {source}", path.display())]
+    /// An I/O error on a file. The OS error is part of the message and not a `source`, so
+    /// that a chain of errors prints it once.
+    #[error("{}: {error}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
         /// The underlying error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A setting outside its valid range.
     #[error("invalid setting `{key}`: {message}")]
@@ -94,7 +95,7 @@ impl Error {
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io { path: path.into(), error: source }
     }
 
     pub(crate) fn setting(key: impl Into<String>, message: impl Into<String>) -> Self {

@@ -59,6 +59,18 @@ pub enum ModelSpec {
     },
 }
 
+/// A lower bound of a model's size ([`ModelSpec::size_floor`]), as floats so that no setting
+/// overflows it.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SizeFloor {
+    /// Trainable values.
+    pub params: f64,
+    /// Graph nodes.
+    pub nodes: f64,
+    /// Activation values one image produces (every node's output).
+    pub activations: f64,
+}
+
 fn one() -> f64 {
     1.0
 }
@@ -71,6 +83,9 @@ impl ModelSpec {
             ModelSpec::CifarResnet { depth, width } => format!("resnet{depth}-w{width}"),
             ModelSpec::Resnet { depth } => format!("resnet{depth}-imagenet"),
             ModelSpec::Lenet5 => "lenet5".into(),
+            ModelSpec::Mlp { hidden } if hidden.len() > 8 => {
+                format!("mlp-{}-…-{} ({} hidden layers)", hidden[0], hidden[hidden.len() - 1], hidden.len())
+            }
             ModelSpec::Mlp { hidden } => {
                 let sizes: Vec<String> = hidden.iter().map(|h| h.to_string()).collect();
                 format!("mlp-{}", sizes.join("-"))
@@ -143,6 +158,44 @@ impl ModelSpec {
             }
         }
         Ok(())
+    }
+
+    /// What building this model for `[channels, height, width]` inputs would take at least,
+    /// computed from its settings without building it: the zoo's sizes are settings (`hidden`,
+    /// `depth`, `width`), so a config can ask for more than any machine has, and this is how
+    /// that is refused before anything is allocated. Kinds of a fixed size (LeNet-5, the
+    /// ImageNet ResNets, an ONNX file already on disk) give zeros: building them is bounded.
+    pub fn size_floor(&self, input: [usize; 3]) -> SizeFloor {
+        let [c, h, w] = input.map(|v| v as f64);
+        match self {
+            ModelSpec::Mlp { hidden } => {
+                let mut previous = c * h * w;
+                let mut floor = SizeFloor { params: 0.0, nodes: 2.0, activations: previous };
+                for &size in hidden {
+                    let size = size as f64;
+                    floor.params += previous * size;
+                    floor.nodes += 2.0;
+                    floor.activations += 2.0 * size;
+                    previous = size;
+                }
+                floor
+            }
+            ModelSpec::CifarResnet { depth, width } => {
+                let n = (depth.saturating_sub(2) / 6) as f64;
+                let mut floor = SizeFloor { params: 0.0, nodes: 4.0, activations: c * h * w };
+                for (stage, channels) in [16.0, 32.0, 64.0].into_iter().enumerate() {
+                    let channels = (channels * width).round().max(1.0);
+                    let side = 2f64.powi(stage as i32);
+                    // Per block at least two 3×3 convolutions and seven outputs of the stage's
+                    // resolution (convs, batch norms, ReLUs, the add).
+                    floor.params += n * 18.0 * channels * channels;
+                    floor.nodes += n * 7.0;
+                    floor.activations += n * 7.0 * channels * (h / side).ceil() * (w / side).ceil();
+                }
+                floor
+            }
+            ModelSpec::Resnet { .. } | ModelSpec::Lenet5 | ModelSpec::Onnx { .. } => SizeFloor::default(),
+        }
     }
 
     /// Imports an ONNX model for inputs of `input`, checking the normalisation's channels.

@@ -87,7 +87,23 @@ pub enum Error {
 pub fn check_settings(graph: &shrink_core::Graph, settings: &PruneSettings) -> Result<(), Error> {
     settings.validate()?;
     match settings.granularity {
-        Granularity::Channels => structured::channel_units(graph, &graph.coupling_groups()?, settings).map(|_| ()),
+        Granularity::Channels => {
+            let groups = graph.coupling_groups()?;
+            let units = structured::channel_units(graph, &groups, settings)?;
+            // Each group keeps a multiple of `round_to` (at least one multiple): a group of at
+            // most `round_to` channels cannot lose any.
+            let widest = units.iter().map(|&(g, _)| groups[g].channels).max().unwrap_or(0);
+            if settings.round_to > 1 && settings.round_to >= widest {
+                return Err(Error::setting(
+                    "round_to",
+                    format!(
+                        "every group keeps a multiple of {} channels, but the widest prunable group has {widest}, so nothing would be pruned",
+                        settings.round_to
+                    ),
+                ));
+            }
+            Ok(())
+        }
         _ => masks::weight_units(graph, settings).map(|_| ()),
     }
 }

@@ -37,7 +37,7 @@ pub mod vnni;
 pub mod weights;
 
 pub use calibrate::{Calibrator, Observer};
-pub use ptq::{LayerQuant, Override, PtqSettings, QuantizedModel, quantize_static};
+pub use ptq::{LayerQuant, Override, PtqSettings, QuantizedModel, check_overrides, quantize_static};
 pub use qat::{QatDistill, QatOutcome, QatSettings, quantization_aware_training};
 pub use scheme::{
     ACTIVATION_SCHEME, ActivationType, Granularity, QuantParams, QuantScheme, fake_quantize, params_for_range,

@@ -136,6 +136,15 @@ pub struct QuantizedModel {
     pub equalized: Vec<crate::equalize::EqualizedPair>,
 }
 
+/// Checks `overrides` against the conv and linear layers of `graph` as quantizing it will, so
+/// that a config's patterns are checked before anything trains.
+///
+/// # Errors
+/// [`Error::Setting`] for a pattern that is not a regex or matches no conv or linear layer.
+pub fn check_overrides(graph: &Graph, overrides: &[Override]) -> Result<(), Error> {
+    resolve_overrides(graph, overrides).map(|_| ())
+}
+
 /// Which layers an override list sends where, checked against the graph: a pattern that matches
 /// no layer is an error (a typo would otherwise silently quantize everything).
 fn resolve_overrides<'a>(graph: &Graph, overrides: &'a [Override]) -> Result<Vec<(regex::Regex, &'a Override)>, Error> {
@@ -667,7 +676,7 @@ impl QuantizedModel {
     /// As [`shrink_core::io::load`]; [`shrink_core::Error::BadFile`] when the header has no
     /// quantization annotations or they do not fit the graph.
     pub fn load(path: &std::path::Path, device: &burn::tensor::Device) -> shrink_core::Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| shrink_core::Error::Io { path: path.into(), source: e })?;
+        let bytes = std::fs::read(path).map_err(|e| shrink_core::Error::Io { path: path.into(), error: e })?;
         Self::from_bytes(&bytes, path, device)
     }
 

@@ -7,6 +7,7 @@
 //! directory keeps it as `config.resolved.toml`, and sweeps generate and change plans. Parsing
 //! that TOML gives the same plan again (tested for every config in `configs/`).
 
+mod limits;
 mod validate;
 
 use std::path::PathBuf;
@@ -45,6 +46,8 @@ pub struct Plan {
     pub model: ModelSpec,
     /// How latency is measured after each stage.
     pub latency: LatencySettings,
+    /// Whether stages may prune or quantize a model no stage trained.
+    pub allow_untrained: bool,
     /// The stages, in order.
     pub stages: Vec<StagePlan>,
 }
@@ -70,6 +73,8 @@ pub struct DataPlan {
     pub validation_fraction: f64,
     /// Training-time augmentation.
     pub augmentation: Augmentation,
+    /// The declared class count, if any.
+    pub classes: Option<usize>,
 }
 
 /// A data format.
@@ -346,6 +351,7 @@ impl DataPlan {
             augmentation: self.augmentation.clone(),
             image_size,
             channels,
+            classes: self.classes,
         }
     }
 }
@@ -362,6 +368,7 @@ impl Plan {
             data: self.data.to_config(),
             model: self.model.clone(),
             latency: self.latency.clone(),
+            allow_untrained: self.allow_untrained,
             stages: self.stages.iter().map(StagePlan::to_stage).collect(),
         }
     }

@@ -38,6 +38,7 @@ pub(crate) fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
     for (i, stage) in e.stages.iter().enumerate() {
         let at = format!("stages[{i}] (kind = \"{}\")", stage.kind());
         order.check(&at, stage)?;
+        check_trained_before(&at, stage, e, i)?;
         let plan = match stage {
             Stage::Train { .. } => StagePlan::Train(TrainStage { train: train_settings(&at, stage)? }),
             Stage::Distill { .. } => StagePlan::Distill(distill_stage(&at, stage, &e.stages[..i])?),
@@ -63,18 +64,34 @@ pub(crate) fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
         data,
         model: e.model.clone(),
         latency: e.latency.clone(),
+        allow_untrained: e.allow_untrained,
         stages,
     };
+    // The limits first: the checks after them build the models.
+    super::limits::check(&plan)?;
     check_imported_model(&plan)?;
     check_distill_pairs(&plan)?;
-    check_prune_rules(&plan)?;
+    check_layer_rules(&plan)?;
     Ok(plan)
 }
+
+/// The longest run name: it names a directory, and file systems allow 255 bytes per name
+/// (a sweep adds its trial's suffix to it).
+pub const MAX_NAME_LEN: usize = 100;
 
 /// Name, backend, threads and model.
 fn check_run_settings(e: &Experiment) -> Result<()> {
     if e.name.is_empty() || !e.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
         bail!("key `name`: expected letters, digits, `_` or `-`, got {:?}", e.name);
+    }
+    if e.name.len() > MAX_NAME_LEN {
+        bail!(
+            "key `name`: {} characters; a run name has at most {MAX_NAME_LEN} (it names the run's directory)",
+            e.name.len()
+        );
+    }
+    if let Some(c) = e.data.classes.filter(|&c| c < 2) {
+        bail!("key `data.classes`: a classifier needs at least 2 classes, got {c}");
     }
     if let Some(err) = e.backend.not_compiled_error().filter(|_| !e.backend.is_compiled_in()) {
         // The same message as the device constructor, checked before anything loads.
@@ -140,6 +157,7 @@ fn data_plan(d: &DataConfig) -> Result<DataPlan> {
         test_limit: d.test_limit,
         validation_fraction: d.validation_fraction,
         augmentation: d.augmentation.clone(),
+        classes: d.classes,
     })
 }
 
@@ -215,6 +233,27 @@ impl StageOrder {
             _ => {}
         }
     }
+}
+
+/// Pruning ranks trained weights and quantizing calibrates trained ranges: on a zoo model's
+/// random initial weights both are almost always a mistake (a forgotten train stage), so they
+/// need a train or distill stage before them, an imported (trained) model, or
+/// `allow_untrained = true`.
+fn check_trained_before(at: &str, stage: &Stage, e: &Experiment, index: usize) -> Result<()> {
+    let what = match stage {
+        Stage::Prune { .. } => "pruning ranks trained weights",
+        Stage::Quantize { .. } => "quantizing calibrates the ranges of a trained model",
+        Stage::Qat { .. } => "quantization-aware training starts from a trained model",
+        _ => return Ok(()),
+    };
+    let trained = e.stages[..index].iter().any(|s| matches!(s, Stage::Train { .. } | Stage::Distill { .. }));
+    if trained || e.allow_untrained || matches!(e.model, ModelSpec::Onnx { .. }) {
+        return Ok(());
+    }
+    bail!(
+        "key `{at}`: {what}, but no stage before it trains `{}` (its weights would be random): put a train stage before it, or set `allow_untrained = true` if that is what you mean",
+        e.model.name()
+    )
 }
 
 /// The training settings of a train, distill or qat stage (or a prune stage's fine-tuning),
@@ -345,9 +384,6 @@ fn prune_stage(at: &str, stage: &Stage, e: &Experiment, index: usize) -> Result<
     };
     check_prune_sensitivity(at, stage, e.data.validation_fraction)?;
     let before = &e.stages[..index];
-    if !before.iter().any(|s| matches!(s, Stage::Train { .. } | Stage::Distill { .. })) {
-        bail!("key `{at}`: pruning ranks trained weights: put a train stage before it");
-    }
     match (granularity, sparsity) {
         (Granularity::NOfM { .. }, Some(_)) => {
             bail!("key `{at}.sparsity`: N:M pruning's sparsity is 1 − N/M; leave `sparsity` out")
@@ -625,22 +661,42 @@ fn check_distill_pairs(plan: &Plan) -> Result<()> {
     Ok(())
 }
 
-/// Checks every prune stage's skip list and overrides against the layers of the model it will
-/// prune (built for the data's real image shape), so a pattern that matches nothing fails first.
-fn check_prune_rules(plan: &Plan) -> Result<()> {
-    let has_rules = |s: &StagePlan| matches!(s, StagePlan::Prune(p) if !p.settings.skip.is_empty() || !p.settings.overrides.is_empty());
+/// Checks every prune stage's skip list and overrides, and every quantize and qat stage's
+/// overrides, against the layers of the model the stage will see (built for the data's real
+/// image shape), so a pattern that matches nothing fails before anything trains.
+fn check_layer_rules(plan: &Plan) -> Result<()> {
+    let has_rules = |s: &StagePlan| match s {
+        StagePlan::Prune(p) => {
+            !p.settings.skip.is_empty() || !p.settings.overrides.is_empty() || p.settings.round_to > 1
+        }
+        StagePlan::Quantize(q) => !q.ptq.overrides.is_empty(),
+        StagePlan::Qat(q) => !q.qat.ptq.overrides.is_empty(),
+        _ => false,
+    };
     if !plan.stages.iter().any(has_rules) {
         return Ok(());
     }
     let mut current = plan.model.clone();
     for (i, stage) in plan.stages.iter().enumerate() {
-        match stage {
-            StagePlan::Distill(DistillStage { student: Some(s), .. }) => current = s.clone(),
-            StagePlan::Prune(p) => {
-                shrink_prune::check_settings(&build_for_checks(plan, &current)?, &p.settings)
-                    .map_err(|err| prune_error(&format!("stages[{i}] (kind = \"prune\")"), err))?;
+        let at = format!("stages[{i}] (kind = \"{}\")", stage.kind());
+        let overrides = match stage {
+            StagePlan::Distill(DistillStage { student: Some(s), .. }) => {
+                current = s.clone();
+                continue;
             }
-            _ => {}
+            StagePlan::Prune(p) if has_rules(stage) => {
+                shrink_prune::check_settings(&build_for_checks(plan, &current)?, &p.settings)
+                    .map_err(|err| prune_error(&at, err))?;
+                continue;
+            }
+            StagePlan::Quantize(q) if has_rules(stage) => &q.ptq.overrides,
+            StagePlan::Qat(q) if has_rules(stage) => &q.qat.ptq.overrides,
+            _ => continue,
+        };
+        let graph = build_for_checks(plan, &current)?;
+        for (j, o) in overrides.iter().enumerate() {
+            shrink_quant::check_overrides(&graph, std::slice::from_ref(o))
+                .map_err(|err| anyhow::anyhow!("key `{at}.overrides[{j}].pattern`: {err}"))?;
         }
     }
     Ok(())

@@ -11,7 +11,9 @@ mod mapped;
 
 pub use cifar::{load_cifar10_bin, parse_cifar10_records};
 pub use folder::load_image_folder;
-pub use idx::{IdxArray, idx_image_shape, load_idx_images, load_idx_labels, load_idx_pair, parse_idx_bytes, read_idx};
+pub use idx::{
+    IdxArray, idx_dims, idx_image_shape, load_idx_images, load_idx_labels, load_idx_pair, parse_idx_bytes, read_idx,
+};
 
 use std::path::Path;
 use std::sync::Arc;
@@ -361,8 +363,12 @@ pub fn rng(seed: u64) -> ChaCha8Rng {
 /// # Errors
 /// As [`load_idx_pair`], when the files are missing or damaged.
 pub fn load_mnist_dir(dir: &Path) -> Result<(Dataset, Dataset)> {
-    let train = load_idx_pair(&dir.join("train-images-idx3-ubyte.gz"), &dir.join("train-labels-idx1-ubyte.gz"))?;
-    let test = load_idx_pair(&dir.join("t10k-images-idx3-ubyte.gz"), &dir.join("t10k-labels-idx1-ubyte.gz"))?;
+    let train = load_idx_pair(&dir.join("train-images-idx3-ubyte.gz"), &dir.join("train-labels-idx1-ubyte.gz"), None)?;
+    let test = load_idx_pair(
+        &dir.join("t10k-images-idx3-ubyte.gz"),
+        &dir.join("t10k-labels-idx1-ubyte.gz"),
+        Some(train.classes),
+    )?;
     Ok((train, test))
 }
 

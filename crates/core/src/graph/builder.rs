@@ -4,7 +4,7 @@ use burn::module::{Param, RunningState};
 use burn::nn::{BatchNorm, BatchNormConfig};
 use burn::tensor::{Device, Distribution, Tensor};
 
-use super::{ConvParams, Graph, LinearParams, Node, NodeId, Op, Params, ValueShape, infer_shapes};
+use super::{ConvParams, Graph, LinearParams, Node, NodeId, Op, Params, ValueShape, node_shape};
 use crate::init::InitRng;
 use crate::{Error, Result};
 
@@ -80,13 +80,23 @@ impl Conv2dSpec {
 pub struct GraphBuilder {
     nodes: Vec<(String, Op, Vec<NodeId>)>,
     shapes: Vec<Option<ValueShape>>,
+    /// The shapes of the nodes so far while every one was valid (inference is incremental, so
+    /// building a graph of n nodes takes time linear in n).
+    valid_shapes: Vec<ValueShape>,
+    names: std::collections::HashSet<String>,
     first_error: Option<Error>,
 }
 
 impl GraphBuilder {
     /// A builder for images of `[channels, height, width]`; the input node is called `input`.
     pub fn new(input: [usize; 3]) -> Self {
-        let mut b = Self { nodes: Vec::new(), shapes: Vec::new(), first_error: None };
+        let mut b = Self {
+            nodes: Vec::new(),
+            shapes: Vec::new(),
+            valid_shapes: Vec::new(),
+            names: Default::default(),
+            first_error: None,
+        };
         b.push("input", Op::Input { channels: input[0], height: input[1], width: input[2] }, vec![]);
         b
     }
@@ -114,17 +124,25 @@ impl GraphBuilder {
     pub fn push(&mut self, name: impl Into<String>, op: Op, inputs: Vec<NodeId>) -> NodeId {
         let name = name.into();
         let id = self.nodes.len();
-        if self.first_error.is_none() && self.nodes.iter().any(|(n, _, _)| *n == name) {
+        if !self.names.insert(name.clone()) && self.first_error.is_none() {
             self.first_error = Some(Error::graph(&name, "duplicate node name"));
         }
-        self.nodes.push((name, op, inputs));
-        let shape = match infer_shapes(self.nodes.iter().map(|(n, o, i)| (n, o, i.as_slice()))) {
-            Ok(shapes) => Some(shapes[id]),
-            Err(e) => {
-                self.first_error.get_or_insert(e);
-                None
+        // Once a node's shape cannot be inferred, no later one can.
+        let shape = if self.valid_shapes.len() == id {
+            match node_shape(id, &name, &op, &inputs, &self.valid_shapes) {
+                Ok(shape) => {
+                    self.valid_shapes.push(shape);
+                    Some(shape)
+                }
+                Err(e) => {
+                    self.first_error.get_or_insert(e);
+                    None
+                }
             }
+        } else {
+            None
         };
+        self.nodes.push((name, op, inputs));
         self.shapes.push(shape);
         id
     }

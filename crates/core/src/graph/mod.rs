@@ -858,190 +858,204 @@ pub(crate) fn infer_shapes<'a>(
 ) -> Result<Vec<ValueShape>> {
     let mut shapes: Vec<ValueShape> = Vec::new();
     for (id, (name, op, inputs)) in nodes.enumerate() {
-        if let Some(&bad) = inputs.iter().find(|&&i| i >= id) {
-            return Err(Error::graph(name, format!("input {bad} is not an earlier node")));
-        }
-        let arity = match op {
-            Op::Input { .. } => 0,
-            Op::Add | Op::Concat => inputs.len().max(2),
-            Op::Mul => 2,
-            _ => 1,
-        };
-        if inputs.len() != arity {
-            return Err(Error::graph(name, format!("{} takes {arity} input(s), got {}", op.kind(), inputs.len())));
-        }
-        if id == 0 && !matches!(op, Op::Input { .. }) {
-            return Err(Error::graph(name, "the first node must be the input"));
-        }
-        if id > 0 && matches!(op, Op::Input { .. }) {
-            return Err(Error::graph(name, "only the first node may be an input"));
-        }
-        let ins: Vec<ValueShape> = inputs.iter().map(|&i| shapes[i]).collect();
-        let map_input = |what: &str| -> Result<(usize, usize, usize)> {
-            match ins[0] {
-                ValueShape::Map { channels, height, width } => Ok((channels, height, width)),
-                ValueShape::Flat { .. } => {
-                    Err(Error::graph(name, format!("{what} needs a feature map, got a flat vector")))
-                }
-            }
-        };
-        let out = match op {
-            Op::Input { channels, height, width } => {
-                if *channels == 0 || *height == 0 || *width == 0 {
-                    return Err(Error::graph(name, "input dimensions must be positive"));
-                }
-                ValueShape::Map { channels: *channels, height: *height, width: *width }
-            }
-            Op::Conv2d { in_channels, out_channels, kernel, stride, padding, dilation, groups, .. } => {
-                let (c, h, w) = map_input("conv2d")?;
-                if c != *in_channels {
-                    return Err(Error::graph(name, format!("expects {in_channels} input channels, gets {c}")));
-                }
-                if *groups == 0 || in_channels % groups != 0 || out_channels % groups != 0 || *out_channels == 0 {
-                    return Err(Error::graph(
-                        name,
-                        format!("groups {groups} must divide in {in_channels} and out {out_channels} channels"),
-                    ));
-                }
-                if stride.contains(&0) || dilation.contains(&0) || kernel.contains(&0) {
-                    return Err(Error::graph(name, "kernel, stride and dilation must be positive"));
-                }
-                let height = conv_out(h, kernel[0], stride[0], padding[0], dilation[0])
-                    .ok_or_else(|| Error::graph(name, format!("kernel does not fit height {h}")))?;
-                let width = conv_out(w, kernel[1], stride[1], padding[1], dilation[1])
-                    .ok_or_else(|| Error::graph(name, format!("kernel does not fit width {w}")))?;
-                ValueShape::Map { channels: *out_channels, height, width }
-            }
-            Op::BatchNorm2d { features, epsilon, momentum } => {
-                let (c, _, _) = map_input("batch_norm2d")?;
-                if c != *features {
-                    return Err(Error::graph(name, format!("has {features} features, input has {c} channels")));
-                }
-                if !(epsilon.is_finite() && *epsilon > 0.0 && (0.0..=1.0).contains(momentum)) {
-                    return Err(Error::graph(name, "epsilon must be > 0 and momentum in [0, 1]"));
-                }
-                ins[0]
-            }
-            Op::Linear { in_features, out_features, .. } => {
-                let n = ins[0].numel();
-                if n != *in_features || *out_features == 0 {
-                    return Err(Error::graph(name, format!("expects {in_features} input features, gets {n}")));
-                }
-                ValueShape::Flat { features: *out_features }
-            }
-            Op::Relu | Op::Identity | Op::Sigmoid | Op::HardSwish => ins[0],
-            Op::Clip { min, max } => {
-                if !(min.is_finite() && max.is_finite() && min <= max) {
-                    return Err(Error::graph(name, format!("clip bounds [{min}, {max}] must be finite and ordered")));
-                }
-                ins[0]
-            }
-            Op::HardSigmoid { alpha, beta } => {
-                if !(alpha.is_finite() && beta.is_finite()) {
-                    return Err(Error::graph(name, "hard_sigmoid alpha and beta must be finite"));
-                }
-                ins[0]
-            }
-            Op::LeakyRelu { alpha } => {
-                if !alpha.is_finite() {
-                    return Err(Error::graph(name, "leaky_relu alpha must be finite"));
-                }
-                ins[0]
-            }
-            Op::Mul => {
-                let per_channel = matches!((ins[0], ins[1]),
-                    (ValueShape::Map { channels: c, .. }, ValueShape::Map { channels, height: 1, width: 1 }) if c == channels);
-                if ins[0] != ins[1] && !per_channel {
-                    return Err(Error::graph(
-                        name,
-                        format!(
-                            "mul takes equal shapes or a map and [c, 1, 1], got {:?} and {:?}",
-                            ins[0].dims(),
-                            ins[1].dims()
-                        ),
-                    ));
-                }
-                ins[0]
-            }
-            Op::Concat => match ins[0] {
-                ValueShape::Map { height, width, .. } => {
-                    if ins.iter().any(
-                        |s| !matches!(*s, ValueShape::Map { height: h, width: w, .. } if (h, w) == (height, width)),
-                    ) {
-                        let all: Vec<_> = ins.iter().map(|s| s.dims()).collect();
-                        return Err(Error::graph(name, format!("concat inputs differ in height or width: {all:?}")));
-                    }
-                    ValueShape::Map { channels: ins.iter().map(|s| s.channels()).sum(), height, width }
-                }
-                ValueShape::Flat { .. } => {
-                    if ins.iter().any(|s| matches!(s, ValueShape::Map { .. })) {
-                        return Err(Error::graph(name, "concat of vectors and feature maps"));
-                    }
-                    ValueShape::Flat { features: ins.iter().map(|s| s.numel()).sum() }
-                }
-            },
-            Op::Softmax => ValueShape::Flat { features: ins[0].numel() },
-            Op::MaxPool2d { .. } | Op::AvgPool2d { .. } => {
-                let (c, h, w) = map_input(op.kind())?;
-                let window = PoolWindow::of(op).expect("a pool");
-                let [height, width] = window.output([h, w]).map_err(|e| Error::graph(name, e))?;
-                ValueShape::Map { channels: c, height, width }
-            }
-            Op::Pad { begin, end, mode } => {
-                let (c, h, w) = map_input("pad")?;
-                match mode {
-                    PadMode::Constant { value } if !value.is_finite() => {
-                        return Err(Error::graph(name, "the padding value must be finite"));
-                    }
-                    PadMode::Reflect if begin[0].max(end[0]) >= h || begin[1].max(end[1]) >= w => {
-                        return Err(Error::graph(name, format!("reflect padding must be smaller than {h}×{w}")));
-                    }
-                    _ => {}
-                }
-                ValueShape::Map { channels: c, height: h + begin[0] + end[0], width: w + begin[1] + end[1] }
-            }
-            Op::Lrn { size, alpha, beta, bias } => {
-                map_input("lrn")?;
-                if *size == 0 || !(alpha.is_finite() && beta.is_finite() && bias.is_finite()) {
-                    return Err(Error::graph(name, "lrn needs a positive size and finite alpha, beta and bias"));
-                }
-                ins[0]
-            }
-            Op::Unflatten { channels, height, width } => {
-                if channels * height * width != ins[0].numel() || *channels == 0 {
-                    return Err(Error::graph(
-                        name,
-                        format!("cannot view {:?} as [{channels}, {height}, {width}]", ins[0].dims()),
-                    ));
-                }
-                ValueShape::Map { channels: *channels, height: *height, width: *width }
-            }
-            Op::ChannelShuffle { groups } => {
-                let (c, _, _) = map_input("channel_shuffle")?;
-                if *groups == 0 || c % groups != 0 {
-                    return Err(Error::graph(name, format!("{groups} groups do not divide {c} channels")));
-                }
-                ins[0]
-            }
-            Op::GlobalAvgPool => {
-                let (c, _, _) = map_input("global_avg_pool")?;
-                ValueShape::Map { channels: c, height: 1, width: 1 }
-            }
-            Op::Flatten => ValueShape::Flat { features: ins[0].numel() },
-            Op::Add => {
-                if ins.iter().any(|s| *s != ins[0]) {
-                    let all: Vec<_> = ins.iter().map(|s| s.dims()).collect();
-                    return Err(Error::graph(name, format!("add inputs differ in shape: {all:?}")));
-                }
-                ins[0]
-            }
-        };
+        let out = node_shape(id, name, op, inputs, &shapes)?;
         shapes.push(out);
     }
     if shapes.is_empty() {
         return Err(Error::graph("<graph>", "a graph needs at least an input node"));
     }
     Ok(shapes)
+}
+
+/// The output shape of node `id` (`name`, `op`, `inputs`) given the shapes of the nodes before
+/// it: one step of [`infer_shapes`], so that a builder adding nodes one by one stays linear.
+pub(crate) fn node_shape(
+    id: NodeId,
+    name: &str,
+    op: &Op,
+    inputs: &[NodeId],
+    shapes: &[ValueShape],
+) -> Result<ValueShape> {
+    if let Some(&bad) = inputs.iter().find(|&&i| i >= id) {
+        return Err(Error::graph(name, format!("input {bad} is not an earlier node")));
+    }
+    let arity = match op {
+        Op::Input { .. } => 0,
+        Op::Add | Op::Concat => inputs.len().max(2),
+        Op::Mul => 2,
+        _ => 1,
+    };
+    if inputs.len() != arity {
+        return Err(Error::graph(name, format!("{} takes {arity} input(s), got {}", op.kind(), inputs.len())));
+    }
+    if id == 0 && !matches!(op, Op::Input { .. }) {
+        return Err(Error::graph(name, "the first node must be the input"));
+    }
+    if id > 0 && matches!(op, Op::Input { .. }) {
+        return Err(Error::graph(name, "only the first node may be an input"));
+    }
+    let ins: Vec<ValueShape> = inputs.iter().map(|&i| shapes[i]).collect();
+    let map_input = |what: &str| -> Result<(usize, usize, usize)> {
+        match ins[0] {
+            ValueShape::Map { channels, height, width } => Ok((channels, height, width)),
+            ValueShape::Flat { .. } => {
+                Err(Error::graph(name, format!("{what} needs a feature map, got a flat vector")))
+            }
+        }
+    };
+    let out = match op {
+        Op::Input { channels, height, width } => {
+            if *channels == 0 || *height == 0 || *width == 0 {
+                return Err(Error::graph(name, "input dimensions must be positive"));
+            }
+            ValueShape::Map { channels: *channels, height: *height, width: *width }
+        }
+        Op::Conv2d { in_channels, out_channels, kernel, stride, padding, dilation, groups, .. } => {
+            let (c, h, w) = map_input("conv2d")?;
+            if c != *in_channels {
+                return Err(Error::graph(name, format!("expects {in_channels} input channels, gets {c}")));
+            }
+            if *groups == 0 || in_channels % groups != 0 || out_channels % groups != 0 || *out_channels == 0 {
+                return Err(Error::graph(
+                    name,
+                    format!("groups {groups} must divide in {in_channels} and out {out_channels} channels"),
+                ));
+            }
+            if stride.contains(&0) || dilation.contains(&0) || kernel.contains(&0) {
+                return Err(Error::graph(name, "kernel, stride and dilation must be positive"));
+            }
+            let height = conv_out(h, kernel[0], stride[0], padding[0], dilation[0])
+                .ok_or_else(|| Error::graph(name, format!("kernel does not fit height {h}")))?;
+            let width = conv_out(w, kernel[1], stride[1], padding[1], dilation[1])
+                .ok_or_else(|| Error::graph(name, format!("kernel does not fit width {w}")))?;
+            ValueShape::Map { channels: *out_channels, height, width }
+        }
+        Op::BatchNorm2d { features, epsilon, momentum } => {
+            let (c, _, _) = map_input("batch_norm2d")?;
+            if c != *features {
+                return Err(Error::graph(name, format!("has {features} features, input has {c} channels")));
+            }
+            if !(epsilon.is_finite() && *epsilon > 0.0 && (0.0..=1.0).contains(momentum)) {
+                return Err(Error::graph(name, "epsilon must be > 0 and momentum in [0, 1]"));
+            }
+            ins[0]
+        }
+        Op::Linear { in_features, out_features, .. } => {
+            let n = ins[0].numel();
+            if n != *in_features || *out_features == 0 {
+                return Err(Error::graph(name, format!("expects {in_features} input features, gets {n}")));
+            }
+            ValueShape::Flat { features: *out_features }
+        }
+        Op::Relu | Op::Identity | Op::Sigmoid | Op::HardSwish => ins[0],
+        Op::Clip { min, max } => {
+            if !(min.is_finite() && max.is_finite() && min <= max) {
+                return Err(Error::graph(name, format!("clip bounds [{min}, {max}] must be finite and ordered")));
+            }
+            ins[0]
+        }
+        Op::HardSigmoid { alpha, beta } => {
+            if !(alpha.is_finite() && beta.is_finite()) {
+                return Err(Error::graph(name, "hard_sigmoid alpha and beta must be finite"));
+            }
+            ins[0]
+        }
+        Op::LeakyRelu { alpha } => {
+            if !alpha.is_finite() {
+                return Err(Error::graph(name, "leaky_relu alpha must be finite"));
+            }
+            ins[0]
+        }
+        Op::Mul => {
+            let per_channel = matches!((ins[0], ins[1]),
+                (ValueShape::Map { channels: c, .. }, ValueShape::Map { channels, height: 1, width: 1 }) if c == channels);
+            if ins[0] != ins[1] && !per_channel {
+                return Err(Error::graph(
+                    name,
+                    format!(
+                        "mul takes equal shapes or a map and [c, 1, 1], got {:?} and {:?}",
+                        ins[0].dims(),
+                        ins[1].dims()
+                    ),
+                ));
+            }
+            ins[0]
+        }
+        Op::Concat => match ins[0] {
+            ValueShape::Map { height, width, .. } => {
+                if ins
+                    .iter()
+                    .any(|s| !matches!(*s, ValueShape::Map { height: h, width: w, .. } if (h, w) == (height, width)))
+                {
+                    let all: Vec<_> = ins.iter().map(|s| s.dims()).collect();
+                    return Err(Error::graph(name, format!("concat inputs differ in height or width: {all:?}")));
+                }
+                ValueShape::Map { channels: ins.iter().map(|s| s.channels()).sum(), height, width }
+            }
+            ValueShape::Flat { .. } => {
+                if ins.iter().any(|s| matches!(s, ValueShape::Map { .. })) {
+                    return Err(Error::graph(name, "concat of vectors and feature maps"));
+                }
+                ValueShape::Flat { features: ins.iter().map(|s| s.numel()).sum() }
+            }
+        },
+        Op::Softmax => ValueShape::Flat { features: ins[0].numel() },
+        Op::MaxPool2d { .. } | Op::AvgPool2d { .. } => {
+            let (c, h, w) = map_input(op.kind())?;
+            let window = PoolWindow::of(op).expect("a pool");
+            let [height, width] = window.output([h, w]).map_err(|e| Error::graph(name, e))?;
+            ValueShape::Map { channels: c, height, width }
+        }
+        Op::Pad { begin, end, mode } => {
+            let (c, h, w) = map_input("pad")?;
+            match mode {
+                PadMode::Constant { value } if !value.is_finite() => {
+                    return Err(Error::graph(name, "the padding value must be finite"));
+                }
+                PadMode::Reflect if begin[0].max(end[0]) >= h || begin[1].max(end[1]) >= w => {
+                    return Err(Error::graph(name, format!("reflect padding must be smaller than {h}×{w}")));
+                }
+                _ => {}
+            }
+            ValueShape::Map { channels: c, height: h + begin[0] + end[0], width: w + begin[1] + end[1] }
+        }
+        Op::Lrn { size, alpha, beta, bias } => {
+            map_input("lrn")?;
+            if *size == 0 || !(alpha.is_finite() && beta.is_finite() && bias.is_finite()) {
+                return Err(Error::graph(name, "lrn needs a positive size and finite alpha, beta and bias"));
+            }
+            ins[0]
+        }
+        Op::Unflatten { channels, height, width } => {
+            if channels * height * width != ins[0].numel() || *channels == 0 {
+                return Err(Error::graph(
+                    name,
+                    format!("cannot view {:?} as [{channels}, {height}, {width}]", ins[0].dims()),
+                ));
+            }
+            ValueShape::Map { channels: *channels, height: *height, width: *width }
+        }
+        Op::ChannelShuffle { groups } => {
+            let (c, _, _) = map_input("channel_shuffle")?;
+            if *groups == 0 || c % groups != 0 {
+                return Err(Error::graph(name, format!("{groups} groups do not divide {c} channels")));
+            }
+            ins[0]
+        }
+        Op::GlobalAvgPool => {
+            let (c, _, _) = map_input("global_avg_pool")?;
+            ValueShape::Map { channels: c, height: 1, width: 1 }
+        }
+        Op::Flatten => ValueShape::Flat { features: ins[0].numel() },
+        Op::Add => {
+            if ins.iter().any(|s| *s != ins[0]) {
+                let all: Vec<_> = ins.iter().map(|s| s.dims()).collect();
+                return Err(Error::graph(name, format!("add inputs differ in shape: {all:?}")));
+            }
+            ins[0]
+        }
+    };
+    Ok(out)
 }
 
 /// The geometry of a max or average pool, all of ONNX's attributes included; shared by shape

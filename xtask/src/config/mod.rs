@@ -22,6 +22,8 @@ use shrink_quant::{Calibrator, Override};
 
 pub use crate::plan::Plan;
 
+mod raw;
+
 /// A config error: exit code 2, message names the file and the line/column or key.
 #[derive(Debug)]
 pub struct ConfigError(pub String);
@@ -56,6 +58,10 @@ pub struct Experiment {
     /// How latency is measured after each stage.
     #[serde(default)]
     pub latency: LatencySettings,
+    /// Let prune, quantize and qat stages work on a model no stage trained (a zoo model's
+    /// random initial weights): refused unless set, as that is almost always a mistake.
+    #[serde(default)]
+    pub allow_untrained: bool,
     /// The stages, in order.
     pub stages: Vec<Stage>,
 }
@@ -96,6 +102,11 @@ pub struct DataConfig {
     /// the other kinds, what the images are turned into (grey copied to all three, or luma).
     #[serde(default)]
     pub channels: Option<usize>,
+    /// The number of classes, when the labels should be checked against it (IDX labels
+    /// outside it are refused); absent: the training labels' largest plus one, every class
+    /// below it having an image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<usize>,
 }
 
 /// Data formats.
@@ -473,14 +484,33 @@ impl Stage {
     }
 }
 
+/// The largest config file read: configs are written by hand (the largest in `configs/` is a
+/// few kilobytes), and parsing takes several tens of times a file's size in memory, so a
+/// larger file is refused before it is parsed.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 /// Parses `path` strictly and validates it into a plan. Nothing is loaded.
 ///
 /// # Errors
 /// A [`ConfigError`] naming the file and the line and column (parse errors) or the key
 /// (validation errors).
 pub fn load_plan(path: &Path) -> Result<Plan> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError(format!("{}: cannot read the config: {e}", path.display())))?;
+    let cannot = |e: std::io::Error| ConfigError(format!("{}: cannot read the config: {e}", path.display()));
+    let size = std::fs::metadata(path).map_err(cannot)?.len();
+    if size > MAX_CONFIG_BYTES {
+        return Err(ConfigError(format!(
+            "{}: the config is {size} bytes; configs of up to {MAX_CONFIG_BYTES} bytes are read (a config is written by hand, and parsing takes tens of times its size in memory)",
+            path.display()
+        ))
+        .into());
+    }
+    let bytes = std::fs::read(path).map_err(cannot)?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let offset = e.utf8_error().valid_up_to();
+        let text = String::from_utf8_lossy(&e.as_bytes()[..offset]);
+        let (line, col) = line_col(&text, offset);
+        ConfigError(format!("{}:{line}:{col}: byte {offset}: not UTF-8 text (a TOML file is UTF-8)", path.display()))
+    })?;
     parse_plan(&text, path)
 }
 
@@ -490,6 +520,15 @@ pub fn load_plan(path: &Path) -> Result<Plan> {
 /// # Errors
 /// As [`load_plan`].
 pub fn parse_plan(text: &str, path: &Path) -> Result<Plan> {
+    let at = |offset: usize| {
+        let (line, col) = line_col(text, offset);
+        format!("{}:{line}:{col}", path.display())
+    };
+    let located = |e: raw::Located| ConfigError(format!("{}: {}", at(e.offset), e.message));
+    let document = raw::Document::parse(text);
+    if let Some(doc) = &document {
+        doc.check_written_values().map_err(located)?;
+    }
     let experiment: Experiment = toml::from_str(text).map_err(|e| {
         let place = e
             .span()
@@ -500,7 +539,19 @@ pub fn parse_plan(text: &str, path: &Path) -> Result<Plan> {
             .unwrap_or_default();
         ConfigError(format!("{}{place}: {}", path.display(), e.message()))
     })?;
-    crate::plan::validate(path, experiment).map_err(|e| ConfigError(format!("{}: {e:#}", path.display())).into())
+    if let Some(doc) = &document {
+        let read = toml::Value::try_from(&experiment)
+            .map_err(|e| ConfigError(format!("{}: cannot write the config back: {e}", path.display())))?;
+        doc.check_everything_was_read(&read).map_err(located)?;
+    }
+    crate::plan::validate(path, experiment).map_err(|e| {
+        let message = format!("{e:#}");
+        let offset = document.as_ref().zip(raw::key_in_message(&message)).and_then(|(doc, key)| doc.locate(key));
+        match offset {
+            Some(offset) => ConfigError(format!("{}: {message}", at(offset))).into(),
+            None => ConfigError(format!("{}: {message}", path.display())).into(),
+        }
+    })
 }
 
 /// Tagged tables (`[[stages]]`, `optimizer = { kind = .. }`) are parsed as a whole, so toml
