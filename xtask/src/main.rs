@@ -121,6 +121,9 @@ impl<'a> MakeWriter<'a> for RunLog {
     }
 }
 
+/// The target of events meant for `log.txt` alone (what stderr already shows another way).
+const LOG_ONLY: &str = "shrink_log_only";
+
 /// Logging: stderr at the level asked (override with `SHRINK_LOG`), `log.txt` at info; the
 /// GPU stack's chatter is filtered out of both.
 fn init_logging(verbose: u8, quiet: bool) -> RunLog {
@@ -132,8 +135,8 @@ fn init_logging(verbose: u8, quiet: bool) -> RunLog {
         _ => "trace",
     };
     let noise = "wgpu_core=warn,wgpu_hal=warn,naga=warn,cubecl=warn";
-    let stderr_filter =
-        EnvFilter::try_from_env("SHRINK_LOG").unwrap_or_else(|_| EnvFilter::new(format!("{level},{noise}")));
+    let stderr_filter = EnvFilter::try_from_env("SHRINK_LOG")
+        .unwrap_or_else(|_| EnvFilter::new(format!("{level},{noise},{LOG_ONLY}=off")));
     let log = RunLog::default();
     let file_filter = EnvFilter::new(format!("info,{noise}"));
     tracing_subscriber::registry()
@@ -299,7 +302,8 @@ fn run_one(
             code
         }
         Err(err) => {
-            tracing::error!("{err:#}");
+            // For log.txt; stderr gets the line below (once).
+            tracing::error!(target: LOG_ONLY, "{err:#}");
             eprintln!("error: {}: {err:#}\nreport: {}", plan.source.display(), dir.join("report.json").display());
             if is_input_error(&err) { ExitCode::from(2) } else { ExitCode::from(1) }
         }

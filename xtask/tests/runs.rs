@@ -316,6 +316,9 @@ fn labels_outside_the_classes_exit_2_naming_the_record() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("train-labels-idx1-ubyte: byte 25: record 17 has label 255"), "{err}");
+    // Said once, without terminal colour codes (stderr is not a terminal here).
+    assert_eq!(err.matches("record 17 has label 255").count(), 1, "{err}");
+    assert!(!err.contains('\u{1b}'), "{err}");
     std::fs::write(folder.join("train-labels-idx1-ubyte"), idx(&[40], &labels)).unwrap();
     damaged = labels.clone();
     damaged[3] = 10;

@@ -675,6 +675,14 @@ kind = "evaluate"
     }
 
     #[test]
+    fn a_config_that_is_not_utf8_names_the_byte() {
+        let p = write("latin1.toml", "");
+        std::fs::write(&p, b"name = \"t\"\n# caf\xe9\n").unwrap();
+        let e = load_plan(&p).unwrap_err().to_string();
+        assert!(e.contains("latin1.toml:2:6: byte 16: not UTF-8"), "{e}");
+    }
+
+    #[test]
     fn misspelt_key_names_file_line_column_and_expected_keys() {
         let text = GOOD.replace("epochs = 1", "epoch = 1");
         let e = load_plan(&write("typo.toml", &text)).unwrap_err().to_string();
