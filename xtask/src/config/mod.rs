@@ -675,6 +675,15 @@ kind = "evaluate"
     }
 
     #[test]
+    fn a_config_over_the_size_limit_is_refused_unread() {
+        // Millions of stages: parsing would take gigabytes; refused from the file's size.
+        let stage = "[[stages]]\nkind = \"evaluate\"\n";
+        let text = format!("{GOOD}{}", stage.repeat(MAX_CONFIG_BYTES as usize / stage.len() + 1));
+        let e = load_plan(&write("huge.toml", &text)).unwrap_err().to_string();
+        assert!(e.contains("huge.toml") && e.contains("configs of up to 1048576 bytes"), "{e}");
+    }
+
+    #[test]
     fn a_config_that_is_not_utf8_names_the_byte() {
         let p = write("latin1.toml", "");
         std::fs::write(&p, b"name = \"t\"\n# caf\xe9\n").unwrap();
