@@ -677,6 +677,16 @@ fn check_layer_rules(plan: &Plan) -> Result<()> {
         return Ok(());
     }
     let mut current = plan.model.clone();
+    // The model is built once per architecture, not once per stage (a config may have many).
+    let mut built: Option<(ModelSpec, shrink_core::Graph)> = None;
+    let mut graph_of = |spec: &ModelSpec| -> Result<shrink_core::Graph> {
+        let graph = match built.take() {
+            Some((s, g)) if s == *spec => g,
+            _ => build_for_checks(plan, spec)?,
+        };
+        built = Some((spec.clone(), graph.clone()));
+        Ok(graph)
+    };
     for (i, stage) in plan.stages.iter().enumerate() {
         let at = format!("stages[{i}] (kind = \"{}\")", stage.kind());
         let overrides = match stage {
@@ -685,15 +695,14 @@ fn check_layer_rules(plan: &Plan) -> Result<()> {
                 continue;
             }
             StagePlan::Prune(p) if has_rules(stage) => {
-                shrink_prune::check_settings(&build_for_checks(plan, &current)?, &p.settings)
-                    .map_err(|err| prune_error(&at, err))?;
+                shrink_prune::check_settings(&graph_of(&current)?, &p.settings).map_err(|err| prune_error(&at, err))?;
                 continue;
             }
             StagePlan::Quantize(q) if has_rules(stage) => &q.ptq.overrides,
             StagePlan::Qat(q) if has_rules(stage) => &q.qat.ptq.overrides,
             _ => continue,
         };
-        let graph = build_for_checks(plan, &current)?;
+        let graph = graph_of(&current)?;
         for (j, o) in overrides.iter().enumerate() {
             shrink_quant::check_overrides(&graph, std::slice::from_ref(o))
                 .map_err(|err| anyhow::anyhow!("key `{at}.overrides[{j}].pattern`: {err}"))?;
