@@ -31,7 +31,8 @@ struct CacheEntry {
     train_seconds: f64,
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+/// SHA-256 of `bytes` in hex: what cache entries and checkpoints record of their files.
+pub fn sha256_hex(bytes: &[u8]) -> String {
     format!("{:x}", Sha256::digest(bytes))
 }
 

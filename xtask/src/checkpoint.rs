@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use shrink_core::io;
 use shrink_quant::QuantizedModel;
 
@@ -73,7 +72,7 @@ pub fn save(run_dir: &Path, run: &RunState, stages: &[StageReport]) -> Result<()
         let file = dir.join(format!("{name}.safetensors"));
         if file.exists() {
             let bytes = std::fs::read(&file).with_context(|| format!("reading back {}", file.display()))?;
-            files.insert(format!("{name}.safetensors"), format!("{:x}", Sha256::digest(&bytes)));
+            files.insert(format!("{name}.safetensors"), crate::cache::sha256_hex(&bytes));
         }
     }
     let state = State {
@@ -129,7 +128,7 @@ pub fn load(run_dir: &Path, device: &burn::tensor::Device) -> Result<Option<Rest
         let file = dir.join(name);
         let recorded = state.files.get(name);
         let bytes = std::fs::read(&file).with_context(|| format!("{}: cannot read; {FRESH_HINT}", file.display()))?;
-        if recorded != Some(&format!("{:x}", Sha256::digest(&bytes))) {
+        if recorded != Some(&crate::cache::sha256_hex(&bytes)) {
             bail!("{}: not the file the checkpoint recorded (damaged or replaced); {FRESH_HINT}", file.display());
         }
         Ok(file)

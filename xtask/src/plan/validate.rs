@@ -67,9 +67,9 @@ pub(crate) fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
         allow_untrained: e.allow_untrained,
         stages,
     };
-    // The limits first: the checks after them build the models.
+    // The limits first: they build every model the plan names (importing an ONNX file, so an
+    // op shrink cannot convert stops the run here), after checking its size from its settings.
     super::limits::check(&plan)?;
-    check_imported_model(&plan)?;
     check_distill_pairs(&plan)?;
     check_layer_rules(&plan)?;
     Ok(plan)
@@ -614,15 +614,6 @@ fn check_quant_common(at: &str, weight_bits: u32, calibrator: &Calibrator, overr
 fn build_for_checks(plan: &Plan, spec: &ModelSpec) -> Result<shrink_core::Graph> {
     let device = BackendKind::Flex.device()?;
     Ok(spec.build_for_names(plan.data.shape, &device)?)
-}
-
-/// Imports an ONNX model now, so that an op shrink cannot convert, or an input that does not fit
-/// the data, stops the run before any data loads.
-fn check_imported_model(plan: &Plan) -> Result<()> {
-    if matches!(plan.model, ModelSpec::Onnx { .. }) {
-        build_for_checks(plan, &plan.model).context("key `model`")?;
-    }
-    Ok(())
 }
 
 /// Checks every distill stage's hint and attention pairs on the architectures they will name
