@@ -1,10 +1,11 @@
 //! ONNX export, first part (#20): every graph exports at opsets 13 and 17 and imports back (with
 //! shrink's own importer, onnx-ir) to a graph that computes the same logits — zoo models, the
 //! PyTorch-trained models of data/onnx, and model-zoo graphs with concat, LRN, pads and channel
-//! shuffles. ONNX Runtime's own check of the exported files is the next part.
+//! shuffles; with batch norms kept and folded; metadata written.
 
 use std::path::{Path, PathBuf};
 
+use onnx_ir::Message;
 use shrink_core::burn::tensor::{Distribution, Tensor};
 use shrink_core::onnx::{ExportOptions, ImportOptions, export, import, import_bytes};
 use shrink_core::zoo::ModelSpec;
@@ -18,27 +19,42 @@ fn logits(g: &Graph, x: Tensor<4>) -> Vec<f32> {
     g.forward(x).into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
 }
 
-/// Exports `g` at both opsets, imports each file back, and compares the logits on `x`.
+/// Exports `g` at both opsets, batch norms kept and folded, imports each file back, and
+/// compares the logits on `x`.
 fn round_trip(g: &Graph, x: Tensor<4>, what: &str) {
     let device = BackendKind::Flex.device().unwrap();
     let want = logits(g, x.clone());
     let shape = g.shapes().unwrap()[0].dims();
+    let batch_norms = g.nodes.iter().filter(|n| n.op.kind() == "batch_norm2d").count();
     for opset in [13, 17] {
-        let bytes = export(g, &ExportOptions { opset, metadata: vec![("config".into(), what.into())] }).unwrap();
-        // SHRINK_EXPORT_DIR keeps the files (to run them in ONNX Runtime by hand).
-        if let Ok(dir) = std::env::var("SHRINK_EXPORT_DIR") {
-            std::fs::write(Path::new(&dir).join(format!("{what}.opset{opset}.onnx")), &bytes).unwrap();
+        for fold_batch_norms in [false, true] {
+            let metadata = vec![("config".to_string(), what.to_string())];
+            let bytes = export(g, &ExportOptions { opset, fold_batch_norms, metadata }).unwrap();
+            // SHRINK_EXPORT_DIR keeps the files (to run them in ONNX Runtime by hand).
+            if let Ok(dir) = std::env::var("SHRINK_EXPORT_DIR") {
+                let name = format!("{what}.opset{opset}{}.onnx", if fold_batch_norms { ".folded" } else { "" });
+                std::fs::write(Path::new(&dir).join(name), &bytes).unwrap();
+            }
+            let proto = onnx_ir::ModelProto::parse_from_bytes(&bytes).unwrap();
+            let written = proto.graph.node.iter().filter(|n| n.op_type == "BatchNormalization").count();
+            assert_eq!(written, if fold_batch_norms { 0 } else { batch_norms }, "{what}: batch norms written");
+            assert!(proto.metadata_props.iter().any(|p| p.key == "config" && p.value == what), "{what}: metadata");
+            let options = ImportOptions { keep_final_softmax: true, ..ImportOptions::default() };
+            let back = import_bytes(&bytes, Path::new(what), &options, &device)
+                .unwrap_or_else(|e| panic!("{what}, opset {opset}: {e}"))
+                .graph;
+            assert_eq!(back.shapes().unwrap()[0].dims(), shape, "{what}");
+            let got = logits(&back, x.clone());
+            let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+            let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert_eq!(got.len(), want.len(), "{what}");
+            // Folding rounds the weights once more in f32.
+            let tolerance = if fold_batch_norms { 1e-4 } else { 1e-5 };
+            assert!(
+                worst <= tolerance * scale.max(1.0),
+                "{what}, opset {opset}, folded {fold_batch_norms}: worst difference {worst} (scale {scale})"
+            );
         }
-        let options = ImportOptions { keep_final_softmax: true, ..ImportOptions::default() };
-        let back = import_bytes(&bytes, Path::new(what), &options, &device)
-            .unwrap_or_else(|e| panic!("{what}, opset {opset}: {e}"))
-            .graph;
-        assert_eq!(back.shapes().unwrap()[0].dims(), shape, "{what}");
-        let got = logits(&back, x.clone());
-        let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert_eq!(got.len(), want.len(), "{what}");
-        assert!(worst <= 1e-5 * scale.max(1.0), "{what}, opset {opset}: worst difference {worst} (scale {scale})");
     }
 }
 

@@ -30,6 +30,7 @@ pub mod adaround;
 pub mod calibrate;
 pub mod equalize;
 pub mod kernels;
+pub mod onnx;
 pub mod ptq;
 pub mod qat;
 pub mod scheme;
@@ -37,7 +38,7 @@ pub mod vnni;
 pub mod weights;
 
 pub use calibrate::{Calibrator, Observer};
-pub use ptq::{LayerQuant, Override, PtqSettings, QuantizedModel, check_overrides, quantize_static};
+pub use ptq::{LayerQuant, Override, PtqSettings, QuantizedModel, check_overrides, output_grid, quantize_static};
 pub use qat::{QatDistill, QatOutcome, QatSettings, quantization_aware_training};
 pub use scheme::{
     ACTIVATION_SCHEME, ActivationType, Granularity, QuantParams, QuantScheme, fake_quantize, params_for_range,

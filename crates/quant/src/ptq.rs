@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use burn::module::Module;
 use burn::tensor::Tensor;
 use serde::{Deserialize, Serialize};
-use shrink_core::graph::{Activation, Graph, NodeId, Op};
+use shrink_core::graph::{Activation, ForwardHooks, Graph, NodeId, Op};
 use shrink_core::runtime::{FreezeOptions, KernelRegistry, Plan, freeze_with};
 
 use crate::calibrate::{Calibrator, Observer};
@@ -109,13 +109,14 @@ impl LayerQuant {
         QuantParams { scale: self.input_scale, zero_point: self.input_zero_point }
     }
 
-    fn int_layer(&self) -> IntLayer {
+    pub(crate) fn int_layer(&self) -> IntLayer {
         IntLayer {
             weight_bits: self.weight_bits,
             weight_scales: self.weight_scales.clone(),
             weight_zero_points: self.weight_zero_points.clone(),
             input: self.input(),
             dynamic: self.dynamic,
+            output: None,
         }
     }
 }
@@ -131,6 +132,14 @@ pub struct QuantizedModel {
     pub layers: BTreeMap<String, LayerQuant>,
     /// Layers left in f32, with the reason.
     pub float_layers: Vec<(String, String)>,
+    /// Convolutions whose output is rounded to a u8 grid of its own (calibrated), by node name:
+    /// those whose output reaches something other than quantized layers (a residual add, a
+    /// pooling, a layer left in f32, the model's output; see [`output_grid`]). The simulation
+    /// and the integer plan round there, and a QDQ export ([`crate::onnx`]) writes the same
+    /// rounding as a `QuantizeLinear`/`DequantizeLinear` pair, which is what lets ONNX Runtime
+    /// run such a convolution in integers: so the exported model computes what the plan does.
+    /// Empty for dynamic quantization and for model files written before this rounding.
+    pub outputs: BTreeMap<String, QuantParams>,
     /// The layer pairs cross-layer equalization rescaled before quantizing (empty when it was
     /// off; not kept in model files, whose weights already carry it).
     pub equalized: Vec<crate::equalize::EqualizedPair>,
@@ -223,15 +232,17 @@ pub(crate) fn calibrate(
     calibration: &mut dyn Iterator<Item = Tensor<4>>,
     on_batch: &mut dyn FnMut(&Tensor<4>),
     on_input: &mut dyn FnMut(NodeId, &Activation) -> Result<(), Error>,
-) -> Result<BTreeMap<NodeId, Observer>, Error> {
+) -> Result<Observed, Error> {
     let mut observers: BTreeMap<NodeId, Observer> = layers.keys().map(|&id| (id, Observer::new(calibrator))).collect();
+    let taps: Vec<NodeId> = layers.keys().copied().collect();
+    let mut outputs: BTreeMap<NodeId, Observer> = layers.keys().map(|&id| (id, Observer::new(calibrator))).collect();
     let mut batches = 0;
     for x in calibration {
         batches += 1;
         on_batch(&x);
         let mut failure = None;
         let mut error = None;
-        folded.forward_hooked(x, &[], &mut |id, a| {
+        let (_, tapped) = folded.forward_hooked(x, &taps, &mut |id, a| {
             if let Some(o) = observers.get_mut(&id)
                 && error.is_none()
             {
@@ -256,11 +267,35 @@ pub(crate) fn calibrate(
                 folded.nodes[id].name
             )));
         }
+        for (id, a) in taps.iter().zip(&tapped) {
+            if let Err(i) = outputs.get_mut(id).expect("tapped layer").observe(&values(a)?) {
+                return Err(Error::Calibration(format!(
+                    "the output of layer `{}` holds a non-finite value (element {i}) in calibration batch {batches}",
+                    folded.nodes[*id].name
+                )));
+            }
+        }
     }
     if batches == 0 {
         return Err(Error::Calibration("no calibration batch".into()));
     }
-    Ok(observers)
+    Ok(Observed { inputs: observers, outputs })
+}
+
+/// What calibration observed: the input and the output of each planned layer.
+pub(crate) struct Observed {
+    pub inputs: BTreeMap<NodeId, Observer>,
+    pub outputs: BTreeMap<NodeId, Observer>,
+}
+
+impl Observed {
+    /// The u8 parameters of each layer's output, by node name.
+    pub(crate) fn output_params(&self, graph: &Graph) -> BTreeMap<String, QuantParams> {
+        self.outputs
+            .iter()
+            .filter_map(|(&id, o)| Some((graph.nodes[id].name.clone(), o.params(ACTIVATION_SCHEME)?)))
+            .collect()
+    }
 }
 
 /// Quantizes `graph` statically: folds its batch norms, observes the input of every conv and
@@ -307,10 +342,10 @@ pub fn quantize_static(
     let mut kept_images: Vec<Tensor<4>> = Vec::new();
     let mut kept = 0usize;
     // Dynamic quantization measures ranges at run time: the batches are not even drawn.
-    let observers = if settings.dynamic {
-        BTreeMap::new()
+    let observed = if settings.dynamic {
+        None
     } else {
-        calibrate(
+        Some(calibrate(
             &folded,
             &plan,
             settings.calibrator,
@@ -327,8 +362,10 @@ pub fn quantize_static(
                 Some(m) => m.add(a),
                 None => Ok(()),
             },
-        )?
+        )?)
     };
+    let no_observers = BTreeMap::new();
+    let observers = observed.as_ref().map_or(&no_observers, |o| &o.inputs);
     // AdaRound: each planned layer's input on the first calibration images, from one more
     // forward pass of the float model over them.
     let mut inputs: BTreeMap<NodeId, Tensor<4>> = BTreeMap::new();
@@ -372,6 +409,9 @@ pub fn quantize_static(
         float_layers,
     )?;
     model.equalized = equalized;
+    if let Some(observed) = &observed {
+        model.outputs = rounded_outputs(&model.graph, &model.layers, observed)?;
+    }
     Ok(model)
 }
 
@@ -526,7 +566,71 @@ pub(crate) fn quantize_weights(
             },
         );
     }
-    Ok(QuantizedModel { graph: folded, layers, float_layers, equalized: Vec::new() })
+    Ok(QuantizedModel { graph: folded, layers, float_layers, outputs: BTreeMap::new(), equalized: Vec::new() })
+}
+
+/// The one rule for where a quantized layer's output needs a grid of its own. Given the input
+/// parameters of the quantized layers (`input_grid`), the grid every quantized layer downstream
+/// of node `id` reads its value on — when the value reaches only quantized layers, through ops
+/// that commute with rounding to that grid (ReLU, max pooling, flattening, identities), all
+/// with the same parameters. Then rounding at `id` to that grid changes nothing the model
+/// computes. `None` otherwise: a convolution there gets a grid of its own
+/// ([`QuantizedModel::outputs`]).
+pub fn output_grid(
+    graph: &Graph,
+    input_grid: &dyn Fn(NodeId) -> Option<QuantParams>,
+    id: NodeId,
+) -> Option<QuantParams> {
+    let consumers = graph.consumers(id);
+    if consumers.is_empty() || id == graph.output {
+        return None;
+    }
+    let mut grid: Option<QuantParams> = None;
+    for c in consumers {
+        let p = match (&graph.nodes[c].op, input_grid(c)) {
+            (_, Some(p)) => p,
+            (Op::Relu | Op::MaxPool2d { .. } | Op::Flatten | Op::Identity | Op::Unflatten { .. }, None) => {
+                output_grid(graph, input_grid, c)?
+            }
+            _ => return None,
+        };
+        if grid.is_some_and(|g| g != p) {
+            return None;
+        }
+        grid = Some(p);
+    }
+    grid
+}
+
+/// The convolutions of `layers` (by id, with their input parameters) that get an output grid of
+/// their own ([`output_grid`]).
+fn own_output_grids(graph: &Graph, layers: &BTreeMap<NodeId, QuantParams>) -> Vec<NodeId> {
+    let input_grid = |c: NodeId| layers.get(&c).copied();
+    layers
+        .keys()
+        .copied()
+        .filter(|&id| matches!(graph.nodes[id].op, Op::Conv2d { .. }) && output_grid(graph, &input_grid, id).is_none())
+        .collect()
+}
+
+/// The calibrated output parameters of the convolutions that need them ([`own_output_grids`]).
+pub(crate) fn rounded_outputs(
+    graph: &Graph,
+    layers: &BTreeMap<String, LayerQuant>,
+    observed: &Observed,
+) -> Result<BTreeMap<String, QuantParams>, Error> {
+    let mut inputs = BTreeMap::new();
+    for (name, l) in layers {
+        inputs.insert(graph.node_id(name).map_err(|e| Error::Setting(e.to_string()))?, l.input());
+    }
+    let params = observed.output_params(graph);
+    Ok(own_output_grids(graph, &inputs)
+        .into_iter()
+        .filter_map(|id| {
+            let name = &graph.nodes[id].name;
+            params.get(name).map(|p| (name.clone(), *p))
+        })
+        .collect())
 }
 
 /// `x` rounded as the integer kernels round it: `scale * (clamp(round(x / scale + zp)) - zp)`
@@ -540,29 +644,43 @@ impl QuantizedModel {
     /// Simulated (fake-quant) forward on burn: dequantized weights, and each quantized layer's
     /// input rounded to its u8 grid. The integer plan computes the same within float rounding.
     pub fn forward_simulated(&self, x: Tensor<4>) -> Tensor<2> {
-        let ids: BTreeMap<NodeId, (QuantParams, bool)> = self
-            .layers
-            .iter()
-            .map(|(name, l)| (self.graph.node_id(name).expect("layer of this graph"), (l.input(), l.dynamic)))
-            .collect();
-        // Dynamic layers: the batch's own range, as the kernel measures it.
-        let batch_params = |t: &Tensor<2>| {
-            let lo = t.clone().min().into_scalar::<f32>().min(0.0);
-            let hi = t.clone().max().into_scalar::<f32>().max(0.0);
-            crate::params_for_range(lo, hi, ACTIVATION_SCHEME)
-        };
-        self.graph
-            .forward_hooked(x, &[], &mut |id, a| match ids.get(&id) {
-                Some(&(p, dynamic)) => {
-                    let p = if dynamic { batch_params(&a.clone().flatten()) } else { p };
-                    match a {
-                        Activation::Map(t) => Activation::Map(fake_quant_tensor(t, p)),
-                        Activation::Flat(t) => Activation::Flat(fake_quant_tensor(t, p)),
+        struct Simulated {
+            inputs: BTreeMap<NodeId, (QuantParams, bool)>,
+            outputs: BTreeMap<NodeId, QuantParams>,
+        }
+        fn round(a: Activation, p: QuantParams) -> Activation {
+            match a {
+                Activation::Map(t) => Activation::Map(fake_quant_tensor(t, p)),
+                Activation::Flat(t) => Activation::Flat(fake_quant_tensor(t, p)),
+            }
+        }
+        impl ForwardHooks for Simulated {
+            fn layer_input(&mut self, id: NodeId, a: Activation) -> Activation {
+                match self.inputs.get(&id) {
+                    // Dynamic layers: the batch's own range, as the kernel measures it.
+                    Some(&(_, true)) => {
+                        let t = a.clone().flatten();
+                        let lo = t.clone().min().into_scalar::<f32>().min(0.0);
+                        let hi = t.max().into_scalar::<f32>().max(0.0);
+                        round(a, crate::params_for_range(lo, hi, ACTIVATION_SCHEME))
                     }
+                    Some(&(p, false)) => round(a, p),
+                    None => a,
                 }
-                None => a,
-            })
-            .0
+            }
+            fn layer_output(&mut self, id: NodeId, a: Activation) -> Activation {
+                match self.outputs.get(&id) {
+                    Some(&p) => round(a, p),
+                    None => a,
+                }
+            }
+        }
+        let id = |name: &String| self.graph.node_id(name).expect("layer of this graph");
+        let mut hooks = Simulated {
+            inputs: self.layers.iter().map(|(name, l)| (id(name), (l.input(), l.dynamic))).collect(),
+            outputs: self.outputs.iter().map(|(name, &p)| (id(name), p)).collect(),
+        };
+        self.graph.forward_with_hooks(x, &[], &mut hooks).0
     }
 
     /// A kernel registry whose builders give each quantized layer its integer kernel, with the
@@ -576,7 +694,11 @@ impl QuantizedModel {
     /// requantized, in the layout that one reads, instead of f32 (same bits, one pass less; see
     /// [`crate::kernels::int8_registry`]).
     pub fn registry_with(&self, fuse_requantization: bool) -> KernelRegistry {
-        let layers = self.layers.iter().map(|(name, l)| (name.clone(), l.int_layer())).collect();
+        let layers = self
+            .layers
+            .iter()
+            .map(|(name, l)| (name.clone(), IntLayer { output: self.outputs.get(name).copied(), ..l.int_layer() }))
+            .collect();
         crate::kernels::int8_registry(layers, fuse_requantization)
     }
 
@@ -608,6 +730,9 @@ struct Annotations {
     format: String,
     inputs: BTreeMap<String, InputAnnotation>,
     float_layers: Vec<(String, String)>,
+    /// Calibrated output parameters (files written before they were recorded have none).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    outputs: BTreeMap<String, InputAnnotation>,
 }
 
 impl QuantizedModel {
@@ -657,6 +782,11 @@ impl QuantizedModel {
                 })
                 .collect(),
             float_layers: self.float_layers.clone(),
+            outputs: self
+                .outputs
+                .iter()
+                .map(|(n, p)| (n.clone(), InputAnnotation { scale: p.scale, zero_point: p.zero_point, dynamic: false }))
+                .collect(),
         };
         let value = serde_json::to_value(&annotations).expect("serialisable");
         shrink_core::io::to_bytes_with(&self.graph, &self.int_weights()?, Some(&value))
@@ -722,8 +852,18 @@ impl QuantizedModel {
         if let Some(name) = loaded.int_weights.keys().find(|n| !layers.contains_key(*n)) {
             return Err(bad(format!("layer `{name}` has integer weights but no input parameters")));
         }
+        let mut outputs = BTreeMap::new();
+        for (name, p) in a.outputs {
+            if !layers.contains_key(&name) {
+                return Err(bad(format!("output parameters name `{name}`, which is not a quantized layer")));
+            }
+            if !(p.scale.is_finite() && p.scale > 0.0 && (0..=255).contains(&p.zero_point)) {
+                return Err(bad(format!("output parameters of layer `{name}` are out of range")));
+            }
+            outputs.insert(name, QuantParams { scale: p.scale, zero_point: p.zero_point });
+        }
         let graph = loaded.graph;
-        Ok(Self { graph, layers, float_layers: a.float_layers, equalized: Vec::new() })
+        Ok(Self { graph, layers, float_layers: a.float_layers, outputs, equalized: Vec::new() })
     }
 }
 
@@ -758,6 +898,7 @@ impl QuantizedModel {
             graph,
             layers: BTreeMap::from([(layer.to_string(), lq.clone())]),
             float_layers,
+            outputs: self.outputs.iter().filter(|(n, _)| n.as_str() == layer).map(|(n, p)| (n.clone(), *p)).collect(),
             equalized: self.equalized.clone(),
         })
     }

@@ -268,8 +268,13 @@ pub fn quantization_aware_training(
 
     // Initial activation ranges: the calibrator on the calibration batches.
     let mut images = 0usize;
-    let observers =
-        calibrate(&folded, &plan, ptq.calibrator, calibration, &mut |x| images += x.dims()[0], &mut |_, _| Ok(()))?;
+    // The batches are kept to calibrate the trained layers' output ranges at the end.
+    let mut kept: Vec<Tensor<4>> = Vec::new();
+    let on_batch = &mut |x: &Tensor<4>| {
+        images += x.dims()[0];
+        kept.push(x.clone());
+    };
+    let observers = calibrate(&folded, &plan, ptq.calibrator, calibration, on_batch, &mut |_, _| Ok(()))?.inputs;
     let mut layers = Vec::new();
     let mut weight_scales = Vec::new();
     let mut input_scales = Vec::new();
@@ -353,13 +358,15 @@ pub fn quantization_aware_training(
             .insert(layer.node, LayerPlan { bits: layer.bits, input, weight_scales, input_mean: None, adaround: None });
     }
     let graph = trained.graph.valid().to_device(device);
-    let model = quantize_weights(
+    let observed = calibrate(&graph, &plan, ptq.calibrator, &mut kept.into_iter(), &mut |_| {}, &mut |_, _| Ok(()))?;
+    let mut model = quantize_weights(
         graph,
         plan_out,
         WeightScheme { per_channel: ptq.per_channel, asymmetric: false },
         false,
         float_layers,
     )?;
+    model.outputs = crate::ptq::rounded_outputs(&model.graph, &model.layers, &observed)?;
     Ok(QatOutcome { model, history, calibration_images: images })
 }
 

@@ -188,6 +188,16 @@ pub(crate) fn quantize_one(v: f32, inv: f32, zp: f32) -> u8 {
     (((v * inv + zp).clamp(0.0, 255.0) + ROUNDING_MAGIC).to_bits() & 0xFF) as u8
 }
 
+/// `x` rounded in place to the u8 grid of `p` and back: `scale · (q − zero_point)` with `q` as
+/// [`quantize_u8`] computes it — where a quantized model rounds a layer's output that its plan
+/// otherwise keeps in f32 (see [`crate::QuantizedModel::outputs`]).
+pub fn round_to_grid(x: &mut [f32], p: QuantParams) {
+    let (inv, zp) = (1.0 / p.scale, p.zero_point as f32);
+    for v in x {
+        *v = (quantize_one(*v, inv, zp) as f32 - zp) * p.scale;
+    }
+}
+
 /// Quantizes `x` to u8 with `p`: `q = round(clamp(x / scale + zp, 0, 255))`, ties to even, as
 /// `f32::round_ties_even` would; NaN becomes 0. One pass, vectorised.
 pub fn quantize_u8(x: &[f32], p: QuantParams, out: &mut [u8]) {

@@ -174,6 +174,7 @@ fn check_conv(c: &ConvCase) -> Result<(), TestCaseError> {
         weight_zero_points: if c.asymmetric { c.weight_zero.iter().map(|&z| z as i32).collect() } else { Vec::new() },
         input,
         dynamic: false,
+        output: None,
     };
     let want = reference(c, input);
     let run = |kernel: &dyn Kernel| {

@@ -665,6 +665,10 @@ impl Graph {
             }
             let out = match &node.op {
                 Op::Input { .. } => Activation::Map(input.take().expect("one input node")),
+                op @ (Op::Conv2d { .. } | Op::Linear { .. }) => {
+                    let y = apply(op, node.params.as_ref(), args, id, hooks);
+                    hooks.layer_output(id, y)
+                }
                 op => apply(op, node.params.as_ref(), args, id, hooks),
             };
             for (k, &t) in taps.iter().enumerate() {
@@ -692,6 +696,10 @@ pub trait ForwardHooks {
     /// The input of convolution or linear layer `node`, before the layer reads it.
     fn layer_input(&mut self, _node: NodeId, x: Activation) -> Activation {
         x
+    }
+    /// The output of convolution or linear layer `node`, before its consumers read it.
+    fn layer_output(&mut self, _node: NodeId, y: Activation) -> Activation {
+        y
     }
     /// The weight `[out, in / groups, kh, kw]` of convolution `node`, as the layer uses it.
     fn conv_weight(&mut self, _node: NodeId, w: Tensor<4>) -> Tensor<4> {

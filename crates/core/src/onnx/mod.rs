@@ -52,7 +52,7 @@ use onnx_ir::{Message, ModelProto, OnnxGraph, OnnxGraphBuilder};
 use serde::{Deserialize, Serialize};
 
 use self::convert::{Converter, HostParams, input_dims};
-pub use self::export::{ExportOptions, export};
+pub use self::export::{Attr, Elem, ExportOptions, Float, LayerEncoding, Writer, export, export_encoded};
 pub use self::scan::SUPPORTED_OPS;
 use self::values::Value;
 use crate::graph::{ConvParams, Graph, GraphBuilder, LinearParams, NodeId, Op, Params, batch_norm_from};

@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use rten_gemm::{GemmExecutor, GemmInputA, GemmInputB, GemmOptions, QuantParams as RtenQuant};
 use rten_tensor::NdTensorView;
 use shrink_core::graph::{Op, ValueShape};
-use shrink_core::runtime::{Kernel, KernelRegistry, LayerLink, LayerView};
+use shrink_core::runtime::{Kernel, KernelRegistry, LayerLink, LayerView, RunContext};
 
 use crate::QuantParams;
 
@@ -164,6 +164,9 @@ pub struct IntLayer {
     pub input: QuantParams,
     /// Dynamic quantization: the input's range is measured on each batch at run time.
     pub dynamic: bool,
+    /// The u8 grid the layer's output is rounded to after its epilogue (see
+    /// [`crate::QuantizedModel::outputs`]); `None`: the output stays as the epilogue writes it.
+    pub output: Option<QuantParams>,
 }
 
 impl IntLayer {
@@ -282,6 +285,44 @@ pub fn int8_registry(layers: BTreeMap<String, IntLayer>, fuse_requantization: bo
     let mut registry = KernelRegistry::default();
     registry.register("int8", move |view: &LayerView<'_>| {
         let layer = layers.get(view.name)?;
+        let kernel = int8_kernel(view, layer, &layers, fuse_requantization)?;
+        Some(match layer.output {
+            Some(grid) => Box::new(RoundedOutput { kernel, grid }),
+            None => kernel,
+        })
+    });
+    registry
+}
+
+/// A kernel whose output is rounded to a u8 grid after it runs ([`crate::scheme::round_to_grid`]).
+#[derive(Debug)]
+struct RoundedOutput {
+    kernel: Box<dyn Kernel>,
+    grid: QuantParams,
+}
+
+impl Kernel for RoundedOutput {
+    fn label(&self) -> String {
+        format!("{}+rounded-output", self.kernel.label())
+    }
+
+    fn scratch_per_image(&self) -> usize {
+        self.kernel.scratch_per_image()
+    }
+
+    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, scratch: &mut [f32], ctx: &RunContext) {
+        self.kernel.run(inputs, output, batch, scratch, ctx);
+        crate::scheme::round_to_grid(output, self.grid);
+    }
+}
+
+fn int8_kernel(
+    view: &LayerView<'_>,
+    layer: &IntLayer,
+    layers: &BTreeMap<String, IntLayer>,
+    fuse_requantization: bool,
+) -> Option<Box<dyn Kernel>> {
+    {
         match view.op {
             Op::Conv2d { .. } => match ConvDirectInt8::new(view, layer) {
                 Some(mut k) => {
@@ -294,12 +335,12 @@ pub fn int8_registry(layers: BTreeMap<String, IntLayer>, fuse_requantization: bo
                             value,
                         };
                         if let Some(next) = view.read_by
-                            && let Some(image) = requantized_handover(&this(next.value), &next, &layers)
+                            && let Some(image) = requantized_handover(&this(next.value), &next, layers)
                         {
                             k = k.requantize_for(image);
                         }
                         if let Some(previous) = view.reads_from
-                            && requantized_handover(&previous, &this(previous.value), &layers).is_some()
+                            && requantized_handover(&previous, &this(previous.value), layers).is_some()
                         {
                             k = k.with_quantized_input();
                         }
@@ -311,8 +352,7 @@ pub fn int8_registry(layers: BTreeMap<String, IntLayer>, fuse_requantization: bo
             Op::Linear { .. } => LinearInt8::new(view, layer).map(|k| Box::new(k) as Box<dyn Kernel>),
             _ => None,
         }
-    });
-    registry
+    }
 }
 
 /// The fusion rule, in one place: the image `to` reads when `from` (the layer whose value only
@@ -324,7 +364,12 @@ pub fn requantized_handover(
     to: &LayerLink<'_>,
     layers: &BTreeMap<String, IntLayer>,
 ) -> Option<crate::vnni::QuadImage> {
-    ConvDirectInt8::plan_input(from.op, from.input, from.output, layers.get(from.name)?)?;
+    let producer = layers.get(from.name)?;
+    if producer.output.is_some() {
+        // Its output is rounded to its own grid after the epilogue: no handover.
+        return None;
+    }
+    ConvDirectInt8::plan_input(from.op, from.input, from.output, producer)?;
     let image = ConvDirectInt8::plan_input(to.op, to.input, to.output, layers.get(to.name)?)?;
     (image.len() + crate::vnni::DirectConv::SLACK <= 4 * from.value.numel()).then_some(image)
 }

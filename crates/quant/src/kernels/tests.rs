@@ -87,6 +87,7 @@ fn every_int8_conv_kernel_gives_the_same_bits() {
             // Inputs span [-1.2, 1.2) against a range of about [-0.9, 1.1]: some saturate.
             input: QuantParams { scale: 2.0 / 255.0, zero_point: 115 },
             dynamic: false,
+            output: None,
         };
         // Asymmetric weights (zero points −3..=3, int4 on the last cases).
         let asymmetric = IntLayer {
@@ -148,6 +149,7 @@ fn int8_linear_gives_the_same_bits_on_both_gemms() {
             weight_zero_points: if case % 2 == 1 { (0..n).map(|o| (o as i32 % 5) - 2).collect() } else { Vec::new() },
             input: QuantParams { scale: 1.5 / 255.0, zero_point: 140 },
             dynamic,
+            output: None,
         };
         let batch = 5;
         let input: Vec<f32> = (0..batch * k).map(|i| noise(i, 40 + case)).collect();
