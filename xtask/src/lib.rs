@@ -3,4 +3,5 @@
 //! them; the runner itself is the `xtask` binary.
 
 pub mod config;
+pub mod onnxruntime;
 pub mod plan;

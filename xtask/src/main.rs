@@ -5,6 +5,7 @@
 //!   run that stopped unfinished (killed, or a failed stage) resumes from its last finished stage
 //!   when the same config is run again by the same revision; `--fresh` starts over.
 //! - `cargo xtask bench <suite>` runs a benchmark suite at one thread (`runs/bench/<suite>.json`).
+//! - `cargo xtask export RUN_DIR --onnx FILE` writes a run's model as ONNX (QDQ when quantized).
 //! - `cargo xtask check` runs the CI steps (fmt, clippy, docs, tests with wgpu), as `.ci/run`.
 //! - `cargo xtask list` lists configs, models and backends.
 //!
@@ -14,6 +15,7 @@ mod bench;
 mod cache;
 mod checkpoint;
 mod data;
+mod export;
 mod measure;
 mod progress;
 mod report;
@@ -80,6 +82,20 @@ enum Command {
         /// Timed runs per contender.
         #[arg(long, default_value_t = 15)]
         repeats: usize,
+    },
+    /// Export a run's model as ONNX: QDQ int8 when the run quantized it, f32 otherwise.
+    Export {
+        /// The run directory (holding `model.safetensors`).
+        run_dir: PathBuf,
+        /// The ONNX file to write.
+        #[arg(long)]
+        onnx: PathBuf,
+        /// Opset of the default domain: 13 or 17.
+        #[arg(long, default_value_t = 17)]
+        opset: i64,
+        /// Fold batch norms into the convolutions (an f32 model; a quantized one has them folded).
+        #[arg(long)]
+        fold_batch_norms: bool,
     },
     /// Run the CI steps: fmt --check, clippy -D warnings, docs -D warnings, the tests (wgpu included).
     Check,
@@ -175,9 +191,60 @@ fn main() -> ExitCode {
                 }
             },
         },
+        Command::Export { run_dir, onnx, opset, fold_batch_norms } => {
+            match export_run(&run_dir, &onnx, opset, fold_batch_norms) {
+                Ok(what) => {
+                    eprintln!("{what}");
+                    println!("{}", onnx.display());
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("error: {err:#}");
+                    ExitCode::from(if is_input_error(&err) { 2 } else { 1 })
+                }
+            }
+        }
         Command::Check => check(),
         Command::List => list(),
     }
+}
+
+/// `cargo xtask export`: the run's model file as ONNX; returns what was written.
+fn export_run(run_dir: &Path, out: &Path, opset: i64, fold_batch_norms: bool) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let model = run_dir.join("model.safetensors");
+    let bytes = std::fs::read(&model).map_err(|e| shrink_core::Error::Io { path: model.clone(), error: e })?;
+    let name = std::fs::read_to_string(run_dir.join("report.json"))
+        .ok()
+        .and_then(|r| serde_json::from_str::<serde_json::Value>(&r).ok())
+        .and_then(|r| Some((r["name"].as_str()?.to_string(), r["provenance"]["git_revision"].as_str()?.to_string())));
+    let (config, revision) = name.unwrap_or_else(|| ("unknown".into(), "unknown".into()));
+    let settings = config::ExportSettings { onnx: true, opset, fold_batch_norms, check_onnxruntime: false };
+    if ![13, 17].contains(&opset) {
+        return Err(shrink_core::Error::InvalidSetting {
+            key: "--opset".into(),
+            message: format!("13 or 17, got {opset}"),
+        }
+        .into());
+    }
+    let options = export::options(&settings, &config, &revision);
+    let device = shrink_core::BackendKind::Flex.device()?;
+    let loaded = shrink_core::io::from_bytes_with(&bytes, &model, &device)?;
+    let (onnx, what) = if loaded.annotations.is_some() {
+        let q = shrink_quant::QuantizedModel::from_bytes(&bytes, &model, &device)?;
+        let (onnx, summary) = shrink_quant::onnx::export_qdq(&q, &options)?;
+        let what = format!(
+            "QDQ int8: {} integer layers, {} left in f32, {} with a rounded output",
+            summary.integer_layers.len(),
+            summary.float_layers.len(),
+            summary.requantized_outputs.len()
+        );
+        (onnx, what)
+    } else {
+        (shrink_core::onnx::export(&loaded.graph, &options)?, "f32".to_string())
+    };
+    shrink_core::io::write_atomic(out, &onnx).with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(format!("{}: {what}, {} bytes, opset {opset}", out.display(), onnx.len()))
 }
 
 fn is_input_error(err: &anyhow::Error) -> bool {

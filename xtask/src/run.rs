@@ -105,6 +105,31 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
         None => io::save(&state.graph, &run_dir.join("model.safetensors"))?,
     }
     report.model_file = Some("model.safetensors".into());
+    if plan.export.onnx {
+        let _span = tracing::info_span!("export").entered();
+        let options = crate::export::options(&plan.export, &plan.name, &report.provenance.git_revision);
+        let mut exported = crate::export::write_files(&state.graph, state.quantized.as_ref(), &options, run_dir)?;
+        if plan.export.check_onnxruntime {
+            let order: Vec<usize> = (0..data.test.len()).collect();
+            let mut images = Vec::new();
+            let mut labels = Vec::new();
+            for chunk in order.chunks(250) {
+                let (x, y) = data.batcher.batch(&data.test, chunk, &device, None);
+                images.extend(shrink_core::host::floats(x)?);
+                labels.extend(y.into_data().iter::<i64>().map(|l| l as u32));
+            }
+            let checked = crate::export::check_with_onnxruntime(
+                &state.graph,
+                state.quantized.as_ref(),
+                &images,
+                &labels,
+                run_dir,
+            )?;
+            tracing::info!(onnxruntime = %checked.onnxruntime, "checked by ONNX Runtime");
+            exported.onnxruntime = Some(checked);
+        }
+        report.export = Some(exported);
+    }
     crate::report::write_training_curve(report, &run_dir.join("training_curve.svg"))?;
     Ok(())
 }

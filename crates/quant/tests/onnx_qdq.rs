@@ -33,15 +33,22 @@ fn check_tensors(model: &QuantizedModel, bytes: &[u8]) {
     let g = m.graph.as_ref().unwrap();
     let init: HashMap<&str, &TensorProto> = g.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
     assert!(g.node.iter().all(|n| n.domain.is_empty()), "standard operators only");
+    // The `DequantizeLinear` node that writes `value`, and its initializers.
+    let dequantized = |value: &str| {
+        let dq = g.node.iter().find(|n| n.output[0] == value).unwrap_or_else(|| panic!("nothing writes {value}"));
+        assert_eq!(dq.op_type, "DequantizeLinear", "{value}");
+        dq.input.iter().map(|i| init[i.as_str()]).collect::<Vec<_>>()
+    };
     for (name, l) in &model.layers {
         let id = model.graph.node_id(name).unwrap();
         let (w, dims) = model.graph.layer_weight(id).unwrap().unwrap();
-        let q = init[format!("{name}.weight.quantized").as_str()];
+        let node = g.node.iter().find(|n| n.name == *name).unwrap();
+        let weight = dequantized(&node.input[1]);
+        let q = weight[0];
         assert_eq!(q.data_type, 3, "{name}: int8 weights");
         assert_eq!(q.dims, dims.iter().map(|&d| d as i64).collect::<Vec<_>>());
-        let scales = raw_f32(init[format!("{name}.weight.scale").as_str()]);
-        let zeros: Vec<i32> =
-            init[format!("{name}.weight.zero_point").as_str()].raw_data.iter().map(|&b| b as i8 as i32).collect();
+        let scales = raw_f32(weight[1]);
+        let zeros: Vec<i32> = weight[2].raw_data.iter().map(|&b| b as i8 as i32).collect();
         let per = w.len() / dims[0];
         for (i, (&b, &v)) in q.raw_data.iter().zip(&w).enumerate() {
             let o = if scales.len() == 1 { 0 } else { i / per };
@@ -51,15 +58,15 @@ fn check_tensors(model: &QuantizedModel, bytes: &[u8]) {
             assert!((-range..range).contains(&(b as i8 as i32)), "{name}: {}-bit values", l.weight_bits);
         }
         let bias = model.graph.layer_bias(id).unwrap().unwrap();
-        let bq = raw_i32(init[format!("{name}.bias.quantized").as_str()]);
-        let bs = raw_f32(init[format!("{name}.bias.scale").as_str()]);
+        let b = dequantized(&node.input[2]);
+        assert_eq!(b[0].data_type, 6, "{name}: int32 bias");
+        let (bq, bs) = (raw_i32(b[0]), raw_f32(b[1]));
         for o in 0..bias.len() {
             let s = l.input_scale * l.weight_scales[o];
             assert_eq!(bs[o], s, "{name}: bias scale = input scale × weight scale");
             assert!((bq[o] as f32 * s - bias[o]).abs() <= 0.51 * s, "{name}: bias {o}: {} × {s} vs {}", bq[o], bias[o]);
         }
         // The layer reads a dequantized value with its calibrated input parameters.
-        let node = g.node.iter().find(|n| n.name == *name).unwrap();
         let dq = g.node.iter().find(|n| n.output[0] == node.input[0]).unwrap();
         assert_eq!(dq.op_type, "DequantizeLinear", "{name} reads {}", node.input[0]);
         assert_eq!(raw_f32(init[dq.input[1].as_str()]), vec![l.input_scale], "{name}: input scale");

@@ -58,12 +58,53 @@ pub struct Experiment {
     /// How latency is measured after each stage.
     #[serde(default)]
     pub latency: LatencySettings,
+    /// What the run writes besides its own model file.
+    #[serde(default, skip_serializing_if = "ExportSettings::is_off")]
+    pub export: ExportSettings,
     /// Let prune, quantize and qat stages work on a model no stage trained (a zoo model's
     /// random initial weights): refused unless set, as that is almost always a mistake.
     #[serde(default)]
     pub allow_untrained: bool,
     /// The stages, in order.
     pub stages: Vec<Stage>,
+}
+
+/// `[export]`: ONNX files of the final model, written into the run directory.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportSettings {
+    /// Write `model.onnx` (the f32 model) and, after a quantize or qat stage, `model.int8.onnx`
+    /// (QDQ: ONNX Runtime, TensorRT and OpenVINO run it on integer kernels).
+    #[serde(default)]
+    pub onnx: bool,
+    /// Opset of the default domain: 13 or 17.
+    #[serde(default = "default_opset")]
+    pub opset: i64,
+    /// Fold batch norms into the convolutions of `model.onnx` (the QDQ file always has them
+    /// folded).
+    #[serde(default)]
+    pub fold_batch_norms: bool,
+    /// Run both files in ONNX Runtime (Python's `onnxruntime`, which must be installed) on the
+    /// test images and report how they agree with shrink's own plans, and which layers ONNX
+    /// Runtime runs on integer kernels.
+    #[serde(default)]
+    pub check_onnxruntime: bool,
+}
+
+impl Default for ExportSettings {
+    fn default() -> Self {
+        Self { onnx: false, opset: default_opset(), fold_batch_norms: false, check_onnxruntime: false }
+    }
+}
+
+impl ExportSettings {
+    fn is_off(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+fn default_opset() -> i64 {
+    17
 }
 
 fn default_seed() -> u64 {

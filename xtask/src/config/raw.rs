@@ -173,7 +173,7 @@ impl<'a> Document<'a> {
         for (name, span, node) in entries {
             let table = matches!(node.shape(), Shape::Table(_));
             let wrong = match name {
-                "data" | "model" | "latency" => (!table).then(|| format!("one table `[{name}]`")),
+                "data" | "model" | "latency" | "export" => (!table).then(|| format!("one table `[{name}]`")),
                 "stages" => match node.shape() {
                     Shape::Array(items) if items.iter().all(|n| matches!(n.shape(), Shape::Table(_))) => None,
                     _ => Some("tables `[[stages]]`, one per stage".to_string()),

@@ -46,6 +46,8 @@ pub struct Plan {
     pub model: ModelSpec,
     /// How latency is measured after each stage.
     pub latency: LatencySettings,
+    /// ONNX files written at the end.
+    pub export: config::ExportSettings,
     /// Whether stages may prune or quantize a model no stage trained.
     pub allow_untrained: bool,
     /// The stages, in order.
@@ -368,6 +370,7 @@ impl Plan {
             data: self.data.to_config(),
             model: self.model.clone(),
             latency: self.latency.clone(),
+            export: self.export.clone(),
             allow_untrained: self.allow_untrained,
             stages: self.stages.iter().map(StagePlan::to_stage).collect(),
         }

@@ -18,6 +18,23 @@ use super::{
 };
 use crate::config::{DataConfig, DataKind, Experiment, PruneScope, QuantMode, Stage};
 
+/// `[export]`: a known opset, and ONNX Runtime importable before anything trains when the run
+/// is to check its files with it.
+fn check_export(x: &crate::config::ExportSettings) -> Result<()> {
+    if ![13, 17].contains(&x.opset) {
+        bail!("key `export.opset`: 13 or 17, got {}", x.opset);
+    }
+    if (x.check_onnxruntime || x.fold_batch_norms) && !x.onnx {
+        bail!("key `export`: `check_onnxruntime` and `fold_batch_norms` apply to the ONNX files: set `onnx = true`");
+    }
+    if x.check_onnxruntime
+        && let Err(why) = crate::onnxruntime::available()
+    {
+        bail!("key `export.check_onnxruntime`: {why}");
+    }
+    Ok(())
+}
+
 /// Checks `experiment` (read from `source`) and turns it into a plan.
 ///
 /// # Errors
@@ -30,6 +47,7 @@ pub(crate) fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
     if l.batch_sizes.is_empty() || l.batch_sizes.contains(&0) || l.repeats == 0 {
         bail!("key `latency`: batch sizes must be positive and repeats at least 1");
     }
+    check_export(&e.export)?;
     if e.stages.is_empty() {
         bail!("key `stages`: at least one stage is needed");
     }
@@ -64,6 +82,7 @@ pub(crate) fn validate(source: &Path, experiment: Experiment) -> Result<Plan> {
         data,
         model: e.model.clone(),
         latency: e.latency.clone(),
+        export: e.export.clone(),
         allow_untrained: e.allow_untrained,
         stages,
     };

@@ -35,6 +35,9 @@ pub fn markdown(r: &Report) -> String {
     if let Some(last) = r.stages.last() {
         s += &last_stage(last);
     }
+    if let Some(x) = &r.export {
+        s += &export(x, r.stages.last().map_or(0, |st| st.file_bytes));
+    }
     s += "\n## Conventions\n\n";
     for c in &r.conventions {
         s += &format!("- {c}\n");
@@ -401,6 +404,68 @@ fn last_stage(last: &StageReport) -> String {
     s += "\n## Layers (last stage)\n\n| layer | kind | params | non-zeros | MACs | output |\n|---|---|---|---|---|---|\n";
     for l in &last.layers {
         s += &format!("| {} | {} | {} | {} | {} | {:?} |\n", l.name, l.kind, l.params, l.nonzeros, l.macs, l.output);
+    }
+    s
+}
+
+/// `[export]`: the ONNX files, what they hold, and ONNX Runtime's check of them.
+fn export(x: &crate::export::ExportReport, shrink_bytes: usize) -> String {
+    let mut s = "\n## ONNX export\n\n| file | format | size |\n|---|---|---|\n".to_string();
+    for f in &x.files {
+        s += &format!("| `{}` | {} | {} |\n", f.file, f.format, mb(f.bytes));
+    }
+    if let [f32_file, int8_file] = &x.files[..] {
+        s += &format!(
+            "\nThe QDQ file is {:.3}× the f32 one (shrink's own int8 model file: {}).\n",
+            int8_file.bytes as f64 / f32_file.bytes.max(1) as f64,
+            mb(shrink_bytes)
+        );
+    }
+    for note in &x.notes {
+        s += &format!("\n- {note}");
+    }
+    if !x.notes.is_empty() {
+        s += "\n";
+    }
+    if let Some(q) = &x.qdq
+        && !q.float_layers.is_empty()
+    {
+        s += "\nLayers left in f32 (written in f32):\n";
+        for (name, why) in &q.float_layers {
+            s += &format!("- `{name}`: {why}\n");
+        }
+    }
+    let Some(o) = &x.onnxruntime else { return s };
+    s += &format!(
+        "\n### Checked by ONNX Runtime {} ({} test images, CPU, full graph optimisation, one thread)\n\n",
+        o.onnxruntime, o.images
+    );
+    s += "| | shrink | ONNX Runtime | agreement |\n|---|---|---|---|\n";
+    if let Some(f) = &o.f32 {
+        s += &format!(
+            "| f32 top-1 | {:.3} (f32 plan) | {:.3} | largest difference {:.2e} of the largest logit |\n",
+            f.top1_shrink, f.top1_onnxruntime, f.max_relative_difference
+        );
+    }
+    if let Some(q) = &o.int8 {
+        s += &format!(
+            "| int8 top-1 | {:.3} (integer plan) | {:.3} | {:.2} % of logits within 2 output steps ({:.4}: a u8 grid over the logits' range), largest {:.2} steps |\n",
+            q.top1_shrink,
+            q.top1_onnxruntime,
+            100.0 * q.within_2_steps,
+            q.output_step,
+            q.max_steps
+        );
+        let integer = q.layers.values().filter(|v| v.is_some()).count();
+        s += &format!(
+            "\nONNX Runtime runs {integer} of the {} quantized layers on integer kernels (its optimised graph: {}).\n",
+            q.layers.len(),
+            q.optimized_ops.iter().map(|(op, n)| format!("{op} ×{n}")).collect::<Vec<_>>().join(", ")
+        );
+        let float: Vec<&str> = q.layers.iter().filter(|(_, v)| v.is_none()).map(|(k, _)| k.as_str()).collect();
+        if !float.is_empty() {
+            s += &format!("In f32 there: {}.\n", float.join(", "));
+        }
     }
     s
 }

@@ -463,6 +463,9 @@ pub struct Report {
     pub stages: Vec<StageReport>,
     /// Model file in the run directory.
     pub model_file: Option<String>,
+    /// The ONNX files `[export]` wrote, and ONNX Runtime's check of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export: Option<crate::export::ExportReport>,
     /// Conventions behind the numbers.
     pub conventions: Vec<String>,
     /// Each time the run was resumed from its checkpoint after it stopped unfinished.
@@ -495,6 +498,7 @@ impl Report {
             data: None,
             stages: Vec::new(),
             model_file: None,
+            export: None,
             resumed: Vec::new(),
             conventions: vec![
                 "MACs: 1 MAC = one multiply and one add, conv and linear layers only; FLOPs = 2 x MACs".into(),
