@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use shrink_bench::runtime::{Case, runtime_cases};
 
@@ -91,13 +91,17 @@ pub fn in_single_threaded_child() -> Option<std::process::ExitCode> {
     })
 }
 
-/// Runs `suite`, writes its report under `out/bench/`, returns the JSON path.
-pub fn run_suite(suite: &str, out: &Path, repeats: usize) -> Result<PathBuf> {
+/// Runs `suite`, writes its report under `out/bench/`, returns the JSON path (`None`: skipped,
+/// with the reason on stderr). `run` is the run directory the `onnxruntime` suite times.
+pub fn run_suite(suite: &str, out: &Path, repeats: usize, run: Option<&Path>) -> Result<Option<PathBuf>> {
+    if suite == "onnxruntime" {
+        return onnxruntime_suite(out, repeats, run);
+    }
     let cases = match suite {
         "runtime" => runtime_cases,
         "quant" => shrink_bench::quant::quant_cases,
         "prune" => shrink_bench::prune::prune_cases,
-        other => bail!("unknown bench suite `{other}`: expected one of runtime, quant, prune"),
+        other => bail!("unknown bench suite `{other}`: expected one of runtime, quant, prune, onnxruntime"),
     };
     let threads = shrink_core::backend::set_cpu_threads(1);
     if threads != 1 {
@@ -108,13 +112,18 @@ pub fn run_suite(suite: &str, out: &Path, repeats: usize) -> Result<PathBuf> {
         eprintln!("bench: {}", case.name);
         rows.extend(measure(case, repeats));
     }
+    write_suite(suite, threads, repeats, rows, out, "").map(Some)
+}
+
+/// Writes a suite's `json` and `md` under `out/bench/`; returns the JSON path.
+fn write_suite(suite: &str, threads: usize, repeats: usize, rows: Vec<Row>, out: &Path, about: &str) -> Result<PathBuf> {
     let (git_revision, cpu) = (crate::report::git_revision(), crate::report::cpu_model());
     let report = SuiteReport { suite: suite.into(), threads, repeats, git_revision, cpu, rows };
     let dir = out.join("bench");
     let json = dir.join(format!("{suite}.json"));
     shrink_core::io::write_atomic(&json, serde_json::to_string_pretty(&report)?.as_bytes())?;
     let mut md = format!(
-        "# bench `{suite}` — {} thread, median of {} interleaved runs\n\ngit {}; CPU {}\n\n| case / runner | median | GFLOP/s | ratio vs baseline |\n|---|---|---|---|\n",
+        "# bench `{suite}` — {} thread, median of {} interleaved runs\n\ngit {}; CPU {}\n{about}\n| case / runner | median | GFLOP/s | ratio vs baseline |\n|---|---|---|---|\n",
         report.threads, report.repeats, report.git_revision, report.cpu
     );
     for r in &report.rows {
@@ -126,4 +135,126 @@ pub fn run_suite(suite: &str, out: &Path, repeats: usize) -> Result<PathBuf> {
     shrink_core::io::write_atomic(&dir.join(format!("{suite}.md")), md.as_bytes())?;
     eprint!("{md}");
     Ok(json)
+}
+
+/// The `onnxruntime` suite: the model of a run directory (default: the newest complete run of
+/// `configs/resnet_int8.toml` under `out`) on shrink's f32 and integer plans beside ONNX Runtime
+/// on the run's exported `model.onnx` and `model.int8.onnx` — the same weights — at batch 1
+/// and 64, one thread, interleaved. shrink's f32 plan runs the graph imported back from
+/// `model.onnx` (export → import is exact), its integer plan the run's quantized model file.
+/// Skipped, with the reason, where ONNX Runtime is not installed.
+fn onnxruntime_suite(out: &Path, repeats: usize, run: Option<&Path>) -> Result<Option<PathBuf>> {
+    if let Err(why) = xtask::onnxruntime::available() {
+        eprintln!("bench onnxruntime skipped: {why}");
+        return Ok(None);
+    }
+    let run = match run {
+        Some(r) => r.to_path_buf(),
+        None => newest_complete_run(&out.join("resnet_int8"))?,
+    };
+    for file in ["model.onnx", "model.int8.onnx", "model.safetensors"] {
+        if !run.join(file).is_file() {
+            bail!(
+                "{} has no {file}: the suite needs a run with `[export] onnx = true` and a quantize stage \
+                 (`cargo xtask run configs/resnet_int8.toml`)",
+                run.display()
+            );
+        }
+    }
+    let threads = shrink_core::backend::set_cpu_threads(1);
+    if threads != 1 {
+        bail!("the thread pool was already started with {threads} threads");
+    }
+    let device = shrink_core::BackendKind::Flex.device()?;
+    let graph = shrink_core::onnx::import(&run.join("model.onnx"), &Default::default(), &device)?.graph;
+    let quantized = shrink_quant::QuantizedModel::load(&run.join("model.safetensors"), &device)?;
+    let macs = shrink_core::metrics::model_stats(&graph)?.macs as f64;
+    let [c, h, w] = graph.input_shape();
+    let mut f32_plan = shrink_core::runtime::freeze(&graph)?;
+    let mut int8_plan = quantized.freeze(1)?;
+    let mut server = xtask::onnxruntime::BenchServer::start()?;
+    server.load("f32", &run.join("model.onnx"))?;
+    server.load("int8", &run.join("model.int8.onnx"))?;
+    let names = ["shrink f32 plan", "shrink int8 plan", "onnxruntime f32", "onnxruntime int8"];
+    let baselines = ["onnxruntime f32", "onnxruntime int8", "onnxruntime f32", "onnxruntime int8"];
+    let mut rows = Vec::new();
+    for batch in [1usize, 64] {
+        eprintln!("bench: resnet b{batch}");
+        let normal = shrink_core::burn::tensor::Distribution::Normal(0.0, 1.0);
+        let input = shrink_core::host::floats(shrink_core::InitRng::seeded(1).tensor([batch, c, h, w], normal, &device))?;
+        let shape = [batch, c, h, w];
+        let mut time = |k: usize| -> Result<f64> {
+            Ok(match k {
+                0 => {
+                    let start = Instant::now();
+                    f32_plan.run(&input, batch)?;
+                    start.elapsed().as_secs_f64() * 1e3
+                }
+                1 => {
+                    let start = Instant::now();
+                    int8_plan.run(&input, batch)?;
+                    start.elapsed().as_secs_f64() * 1e3
+                }
+                2 => server.run("f32", shape)?,
+                _ => server.run("int8", shape)?,
+            })
+        };
+        for k in 0..4 {
+            time(k)?;
+            time(k)?;
+        }
+        let mut times = vec![Vec::with_capacity(repeats); 4];
+        for _ in 0..repeats {
+            for (k, t) in times.iter_mut().enumerate() {
+                t.push(time(k)?);
+            }
+        }
+        let medians: Vec<f64> = times
+            .iter_mut()
+            .map(|t| {
+                t.sort_by(f64::total_cmp);
+                t[t.len() / 2]
+            })
+            .collect();
+        for k in 0..4 {
+            let base = names.iter().position(|n| *n == baselines[k]).expect("a contender");
+            rows.push(Row {
+                name: format!("resnet b{batch} / {}", names[k]),
+                value: medians[k],
+                unit: "ms",
+                gflops: 2.0 * macs * batch as f64 / (medians[k] * 1e-3) / 1e9,
+                ratio: medians[base] / medians[k],
+                baseline: baselines[k].into(),
+            });
+        }
+    }
+    let about = format!(
+        "\nModel: `{}` (its `model.onnx` imported back for shrink's f32 plan, its quantized `model.safetensors` \
+         for the integer plan; ONNX Runtime on the same weights: `model.onnx` and `model.int8.onnx`, full graph \
+         optimisation, one intra-op thread). Ratio > 1: faster than the ONNX Runtime contender of the same precision.\n",
+        run.display()
+    );
+    write_suite("onnxruntime", threads, repeats, rows, out, &about).map(Some)
+}
+
+/// The newest run directory under `dir` (`<name>/<timestamp>`) whose report says `complete`.
+fn newest_complete_run(dir: &Path) -> Result<PathBuf> {
+    let mut runs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|entries| entries.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    runs.sort();
+    runs.into_iter()
+        .rev()
+        .find(|r| {
+            std::fs::read_to_string(r.join("report.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .is_some_and(|v| v["status"] == "complete")
+        })
+        .with_context(|| {
+            format!(
+                "no complete run under {}: run `cargo xtask run configs/resnet_int8.toml` first, or pass --run RUN_DIR",
+                dir.display()
+            )
+        })
 }

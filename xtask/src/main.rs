@@ -74,7 +74,7 @@ enum Command {
     },
     /// Run a benchmark suite side by side at one thread; writes `OUT/bench/<suite>.json`.
     Bench {
-        /// Suite: `runtime`.
+        /// Suite: `runtime`, `quant`, `prune` or `onnxruntime`.
         suite: String,
         /// Root of the output (`runs`).
         #[arg(long, default_value = "runs")]
@@ -82,6 +82,10 @@ enum Command {
         /// Timed runs per contender.
         #[arg(long, default_value_t = 15)]
         repeats: usize,
+        /// The run whose model the `onnxruntime` suite times (default: the newest complete run
+        /// of `configs/resnet_int8.toml` under OUT).
+        #[arg(long)]
+        run: Option<PathBuf>,
     },
     /// Export a run's model as ONNX: QDQ int8 when the run quantized it, f32 otherwise.
     Export {
@@ -178,13 +182,14 @@ fn main() -> ExitCode {
             let cache = cache.unwrap_or_else(|| out.join("cache").join("baselines"));
             run_configs(&configs, dry_run, fresh, &RunOptions { out, cache, progress: !cli.quiet }, &log)
         }
-        Command::Bench { suite, out, repeats } => match bench::in_single_threaded_child() {
+        Command::Bench { suite, out, repeats, run } => match bench::in_single_threaded_child() {
             Some(code) => code,
-            None => match bench::run_suite(&suite, &out, repeats.max(1)) {
-                Ok(path) => {
+            None => match bench::run_suite(&suite, &out, repeats.max(1), run.as_deref()) {
+                Ok(Some(path)) => {
                     println!("{}", path.display());
                     ExitCode::SUCCESS
                 }
+                Ok(None) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
                     ExitCode::from(2)

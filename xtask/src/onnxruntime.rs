@@ -132,3 +132,88 @@ pub fn check(dir: &Path) -> Result<OrtResult> {
         format!("ONNX Runtime's check printed something that is not its JSON: {}", String::from_utf8_lossy(&out.stdout))
     })
 }
+
+/// The benchmark server, as committed.
+pub const BENCH_SCRIPT: &str = include_str!("../../scripts/ort_bench.py");
+
+/// ONNX Runtime sessions in a Python child process that times its own runs
+/// (`scripts/ort_bench.py`), so that a benchmark can interleave them with shrink's.
+pub struct BenchServer {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    _script: TempScript,
+}
+
+/// The script written where the child reads it, removed on drop.
+struct TempScript(std::path::PathBuf);
+
+impl Drop for TempScript {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl BenchServer {
+    /// Starts the server.
+    ///
+    /// # Errors
+    /// When Python cannot start it.
+    pub fn start() -> Result<Self> {
+        use std::process::Stdio;
+        let path = std::env::temp_dir().join(format!("shrink-ort-bench-{}.py", std::process::id()));
+        std::fs::write(&path, BENCH_SCRIPT).with_context(|| format!("cannot write {}", path.display()))?;
+        let script = TempScript(path);
+        let py = python();
+        let mut child = Command::new(&py)
+            .arg(&script.0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start `{py}` for ONNX Runtime"))?;
+        let stdin = child.stdin.take().context("the child's stdin")?;
+        let stdout = std::io::BufReader::new(child.stdout.take().context("the child's stdout")?);
+        Ok(Self { child, stdin, stdout, _script: script })
+    }
+
+    fn ask(&mut self, line: &str) -> Result<String> {
+        use std::io::{BufRead, Write};
+        writeln!(self.stdin, "{line}").context("ONNX Runtime's server stopped")?;
+        self.stdin.flush()?;
+        let mut answer = String::new();
+        if self.stdout.read_line(&mut answer)? == 0 {
+            bail!("ONNX Runtime's server stopped after `{line}`");
+        }
+        Ok(answer.trim().to_string())
+    }
+
+    /// Creates session `id` for the ONNX file `path`.
+    ///
+    /// # Errors
+    /// When ONNX Runtime cannot load it.
+    pub fn load(&mut self, id: &str, path: &Path) -> Result<()> {
+        let answer = self.ask(&format!("load {id} {}", path.display()))?;
+        if answer != "ok" {
+            bail!("ONNX Runtime could not load {}: {answer}", path.display());
+        }
+        Ok(())
+    }
+
+    /// Milliseconds of one run of session `id` on a batch of `shape` (`[n, c, h, w]`).
+    ///
+    /// # Errors
+    /// When the server fails.
+    pub fn run(&mut self, id: &str, shape: [usize; 4]) -> Result<f64> {
+        let answer = self.ask(&format!("run {id} {} {} {} {}", shape[0], shape[1], shape[2], shape[3]))?;
+        answer.parse().with_context(|| format!("ONNX Runtime's server answered `{answer}`"))
+    }
+}
+
+impl Drop for BenchServer {
+    fn drop(&mut self) {
+        use std::io::Write;
+        let _ = writeln!(self.stdin, "quit");
+        let _ = self.stdin.flush();
+        let _ = self.child.wait();
+    }
+}

@@ -6,7 +6,8 @@
 //! shrink quantized runs on an integer operator in ONNX Runtime's optimised graph, and the
 //! file is at most 0.27× the f32 one (the smoke LeNet's 0.28×: its 236 output channels' scales
 //! weigh more in a 62k-parameter model). `cargo xtask export` writes the same file from the
-//! run directory. Where onnxruntime is not installed the test says so and passes, unless
+//! run directory, and `cargo xtask bench onnxruntime` times it on both runtimes. Where
+//! onnxruntime is not installed the test says so and passes, unless
 //! `SHRINK_REQUIRE_ONNXRUNTIME=1` (CI installs it and sets that).
 
 use std::path::{Path, PathBuf};
@@ -98,6 +99,16 @@ fn exported_models_run_in_onnx_runtime_as_in_shrink() {
         let out = xtask(&["export", &run_dir.display().to_string(), "--onnx", &again.display().to_string()]);
         assert!(out.status.success(), "{config}: {}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(run_dir.join("model.int8.onnx")).unwrap(), "{config}");
+        // `cargo xtask bench onnxruntime` times the run's model on both runtimes.
+        let bench_dir = dir.join("bench-out");
+        let args = ["bench", "onnxruntime", "--repeats", "1", "--out", &bench_dir.display().to_string()];
+        let out = xtask(&[&args[..], &["--run", &run_dir.display().to_string()]].concat());
+        assert!(out.status.success(), "{config}: {}", String::from_utf8_lossy(&out.stderr));
+        let bench: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(bench_dir.join("bench/onnxruntime.json")).unwrap()).unwrap();
+        let rows = bench["rows"].as_array().unwrap();
+        assert_eq!(rows.len(), 8, "{config}: 4 runners at batch 1 and 64");
+        assert!(rows.iter().all(|r| r["value"].as_f64().unwrap() > 0.0), "{config}");
     }
     // A run directory without a model is bad input: exit 2 naming the file.
     let out = xtask(&["export", &dir.display().to_string(), "--onnx", &dir.join("x.onnx").display().to_string()]);
