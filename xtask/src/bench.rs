@@ -116,7 +116,14 @@ pub fn run_suite(suite: &str, out: &Path, repeats: usize, run: Option<&Path>) ->
 }
 
 /// Writes a suite's `json` and `md` under `out/bench/`; returns the JSON path.
-fn write_suite(suite: &str, threads: usize, repeats: usize, rows: Vec<Row>, out: &Path, about: &str) -> Result<PathBuf> {
+fn write_suite(
+    suite: &str,
+    threads: usize,
+    repeats: usize,
+    rows: Vec<Row>,
+    out: &Path,
+    about: &str,
+) -> Result<PathBuf> {
     let (git_revision, cpu) = (crate::report::git_revision(), crate::report::cpu_model());
     let report = SuiteReport { suite: suite.into(), threads, repeats, git_revision, cpu, rows };
     let dir = out.join("bench");
@@ -181,7 +188,8 @@ fn onnxruntime_suite(out: &Path, repeats: usize, run: Option<&Path>) -> Result<O
     for batch in [1usize, 64] {
         eprintln!("bench: resnet b{batch}");
         let normal = shrink_core::burn::tensor::Distribution::Normal(0.0, 1.0);
-        let input = shrink_core::host::floats(shrink_core::InitRng::seeded(1).tensor([batch, c, h, w], normal, &device))?;
+        let input =
+            shrink_core::host::floats(shrink_core::InitRng::seeded(1).tensor([batch, c, h, w], normal, &device))?;
         let shape = [batch, c, h, w];
         let mut time = |k: usize| -> Result<f64> {
             Ok(match k {
@@ -203,7 +211,7 @@ fn onnxruntime_suite(out: &Path, repeats: usize, run: Option<&Path>) -> Result<O
             time(k)?;
             time(k)?;
         }
-        let mut times = vec![Vec::with_capacity(repeats); 4];
+        let mut times: Vec<Vec<f64>> = (0..4).map(|_| Vec::with_capacity(repeats)).collect();
         for _ in 0..repeats {
             for (k, t) in times.iter_mut().enumerate() {
                 t.push(time(k)?);
