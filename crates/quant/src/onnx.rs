@@ -34,7 +34,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 use shrink_core::graph::{Graph, NodeId, Op};
@@ -81,6 +81,7 @@ pub fn export_qdq(model: &QuantizedModel, options: &ExportOptions) -> Result<(Ve
         quantized: HashMap::new(),
         pairs: HashMap::new(),
         indices: HashMap::new(),
+        node_names: model.graph.nodes.iter().map(|n| n.name.clone()).collect(),
         summary: QdqSummary { float_layers: model.float_layers.clone(), ..QdqSummary::default() },
     };
     let options = ExportOptions { fold_batch_norms: false, ..options.clone() };
@@ -96,6 +97,8 @@ struct Qdq<'a> {
     pairs: HashMap<(String, u32, i32), String>,
     /// Each quantized layer's index, for its tensors' names.
     indices: HashMap<NodeId, usize>,
+    /// The graph's node names, which the added tensors' names must not take.
+    node_names: HashSet<String>,
     summary: QdqSummary,
 }
 
@@ -113,7 +116,7 @@ impl Qdq<'_> {
         if let Some(dq) = self.pairs.get(&key) {
             return dq.clone();
         }
-        let stem = format!("a{}", self.pairs.len());
+        let stem = self.fresh(format!("a{}", self.pairs.len()));
         let scale = w.floats(&format!("{stem}.s"), &[], &[p.scale]);
         let zero = w.tensor(&format!("{stem}.z"), Elem::U8, &[], vec![p.zero_point as u8]);
         let (q, dq) = (format!("{stem}.q"), stem);
@@ -128,6 +131,18 @@ impl Qdq<'_> {
     fn index(&mut self, id: NodeId) -> usize {
         let next = self.indices.len();
         *self.indices.entry(id).or_insert(next)
+    }
+
+    /// `stem`, or `stem` with `_` appended until neither it nor a name derived from it (`.q`,
+    /// `.s`, `.z`) is the name of a graph node (whose value the export names after it).
+    fn fresh(&self, mut stem: String) -> String {
+        while [String::new(), ".q".into(), ".s".into(), ".z".into()]
+            .iter()
+            .any(|suffix| self.node_names.contains(&format!("{stem}{suffix}")))
+        {
+            stem.push('_');
+        }
+        stem
     }
 }
 
@@ -163,7 +178,8 @@ impl LayerEncoding for Qdq<'_> {
             if per_tensor { (&[], &l.weight_scales[..1], &zeros[..1]) } else { (&[out], &l.weight_scales, &zeros) };
         let node_name = graph.nodes[id].name.clone();
         let bits = l.weight_bits;
-        let stem = format!("w{}", self.index(id));
+        let k = self.index(id);
+        let stem = self.fresh(format!("w{k}"));
         let q = w.tensor(&format!("{stem}.q"), Elem::I8, dims, ints);
         let scale = w.floats(&format!("{stem}.s"), scale_dims, scales);
         // The zero point even when 0: ONNX Runtime fuses a Gemm only with it.
@@ -187,7 +203,8 @@ impl LayerEncoding for Qdq<'_> {
     ) -> shrink_core::Result<String> {
         let Some(l) = self.layer(graph, id).cloned() else { return Ok(w.floats(name, &[values.len()], values)) };
         let scales: Vec<f32> = l.weight_scales.iter().map(|&s| l.input_scale * s).collect();
-        let stem = format!("b{}", self.index(id));
+        let k = self.index(id);
+        let stem = self.fresh(format!("b{k}"));
         let mut ints = Vec::with_capacity(values.len());
         for (o, (&b, &s)) in values.iter().zip(&scales).enumerate() {
             let q = (b / s).round();

@@ -142,3 +142,34 @@ fn qdq_export_writes_the_integer_model() {
         }
     }
 }
+
+#[test]
+fn added_tensor_names_never_take_a_layers_name() {
+    use shrink_core::burn::tensor::Distribution;
+    use shrink_core::graph::{Conv2dSpec, GraphBuilder};
+    let device = BackendKind::Flex.device().unwrap();
+    // Layers named as the export names its own tensors (`wk`, `bk`, `aj`, `aj.q`).
+    let mut b = GraphBuilder::new([1, 8, 8]);
+    let x = b.input();
+    let x = b.conv2d("w0", x, Conv2dSpec::new(4, 3).padding(1).bias(true));
+    let x = b.relu("a0", x);
+    let x = b.conv2d("b1", x, Conv2dSpec::new(4, 3).padding(1).bias(true));
+    let x = b.relu("a1.q", x);
+    let x = b.flatten("flatten", x);
+    let x = b.linear("w1", x, 3, true);
+    let g = b.build(x, &mut shrink_core::InitRng::seeded(3), &device).unwrap();
+    let calib: Vec<_> = (0..2)
+        .map(|s| shrink_core::InitRng::seeded(s).tensor([4, 1, 8, 8], Distribution::Normal(0.0, 1.0), &device))
+        .collect();
+    let q = quantize_static(&g, &mut calib.into_iter(), &PtqSettings::default()).unwrap();
+    let (bytes, _) = export_qdq(&q, &ExportOptions::default()).unwrap();
+    check_tensors(&q, &bytes);
+    let m = ModelProto::parse_from_bytes(&bytes).unwrap();
+    let g = m.graph.as_ref().unwrap();
+    let mut names: Vec<&str> = g.node.iter().map(|n| n.output[0].as_str()).collect();
+    names.extend(g.initializer.iter().map(|t| t.name.as_str()));
+    let count = names.len();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), count, "every value is written once: {names:?}");
+}
