@@ -17,6 +17,7 @@ reports it as not installed), 2 for a bad directory.
 
 import json
 import os
+import re
 import sys
 import tempfile
 
@@ -56,8 +57,11 @@ def integer_layers(optimized_path, layers):
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
     found = {}
     for layer in layers:
-        # ONNX Runtime names a fused node after the node it replaced (with a suffix).
-        hits = [n.op_type for n in m.graph.node if n.op_type in INTEGER_OPS and n.name.startswith(layer)]
+        # ONNX Runtime names a fused node after the node it replaced, with suffixes such as
+        # `_token_12` or `_quant`; the name without them must be the layer's (a prefix alone
+        # would let `conv10` answer for `conv1`).
+        hits = [n.op_type for n in m.graph.node
+                if n.op_type in INTEGER_OPS and re.sub(r"(_token_\d+|_quant)+$", "", n.name) == layer]
         found[layer] = hits[0] if hits else None
     return ops, found
 

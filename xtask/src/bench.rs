@@ -49,13 +49,7 @@ fn measure(mut case: Case, repeats: usize) -> Vec<Row> {
             times[i].push(start.elapsed().as_secs_f64() * 1e3);
         }
     }
-    let medians: Vec<f64> = times
-        .iter_mut()
-        .map(|t| {
-            t.sort_by(f64::total_cmp);
-            t[t.len() / 2]
-        })
-        .collect();
+    let medians: Vec<f64> = times.iter_mut().map(|t| median(t)).collect();
     let base = case.contenders.iter().position(|c| c.runner == case.baseline).map(|i| medians[i]);
     case.contenders
         .iter()
@@ -69,6 +63,12 @@ fn measure(mut case: Case, repeats: usize) -> Vec<Row> {
             baseline: case.baseline.clone(),
         })
         .collect()
+}
+
+/// The median of `times` (sorted in place).
+fn median(times: &mut [f64]) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
 }
 
 /// burn-ndarray's matmul (matrixmultiply) runs its own thread pool, sized by
@@ -176,6 +176,12 @@ fn onnxruntime_suite(out: &Path, repeats: usize, run: Option<&Path>) -> Result<O
     let graph = shrink_core::onnx::import(&run.join("model.onnx"), &Default::default(), &device)?.graph;
     let quantized = shrink_quant::QuantizedModel::load(&run.join("model.safetensors"), &device)?;
     let macs = shrink_core::metrics::model_stats(&graph)?.macs as f64;
+    // The model's name as the run's report gives it (`resnet20`, `lenet5`, …).
+    let model = std::fs::read_to_string(run.join("report.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|r| r["model"].as_str().map(String::from))
+        .unwrap_or_else(|| "model".into());
     let [c, h, w] = graph.input_shape();
     let mut f32_plan = shrink_core::runtime::freeze(&graph)?;
     let mut int8_plan = quantized.freeze(1)?;
@@ -186,7 +192,7 @@ fn onnxruntime_suite(out: &Path, repeats: usize, run: Option<&Path>) -> Result<O
     let baselines = ["onnxruntime f32", "onnxruntime int8", "onnxruntime f32", "onnxruntime int8"];
     let mut rows = Vec::new();
     for batch in [1usize, 64] {
-        eprintln!("bench: resnet b{batch}");
+        eprintln!("bench: {model} b{batch}");
         let normal = shrink_core::burn::tensor::Distribution::Normal(0.0, 1.0);
         let input =
             shrink_core::host::floats(shrink_core::InitRng::seeded(1).tensor([batch, c, h, w], normal, &device))?;
@@ -217,17 +223,11 @@ fn onnxruntime_suite(out: &Path, repeats: usize, run: Option<&Path>) -> Result<O
                 t.push(time(k)?);
             }
         }
-        let medians: Vec<f64> = times
-            .iter_mut()
-            .map(|t| {
-                t.sort_by(f64::total_cmp);
-                t[t.len() / 2]
-            })
-            .collect();
+        let medians: Vec<f64> = times.iter_mut().map(|t| median(t)).collect();
         for k in 0..4 {
             let base = names.iter().position(|n| *n == baselines[k]).expect("a contender");
             rows.push(Row {
-                name: format!("resnet b{batch} / {}", names[k]),
+                name: format!("{model} b{batch} / {}", names[k]),
                 value: medians[k],
                 unit: "ms",
                 gflops: 2.0 * macs * batch as f64 / (medians[k] * 1e-3) / 1e9,
