@@ -21,9 +21,15 @@
 //! Names: the layers keep theirs (node and output); the tensors the encoding adds have short
 //! ones, which keeps the file near a quarter of the f32 one (long layer names repeated in
 //! every tensor name cost ResNet-20 1 % of the f32 file): the `k`-th quantized layer reads its
-//! weight as `wk` (the `DequantizeLinear` output) from `wk.q` (int8), `wk.s` (scales) and `wk.z`
-//! (zero points), its bias as `bk` from `bk.q` and `bk.s`; the `j`-th Q/DQ pair writes `aj.q`
-//! and `aj` with `aj.s` and `aj.z`. The added nodes have no names.
+//! weight as `wk` (the `DequantizeLinear` output) from `wkq` (int8), `wks` (scales) and `wkz`
+//! (zero points), its bias as `bk` from `bkq` and `bks`; the `j`-th Q/DQ pair writes `ajq`
+//! and `aj` with `ajs` and `ajz`. The added nodes have no names.
+//!
+//! Size: small constants of equal type, shape and bytes (the zero points 0 of most pairs, the
+//! scales of two pairs on one grid) are written once and shared, and a convolution's weight
+//! zero points are left out when all are 0 (ONNX Runtime fuses a `Gemm` only with them, so a
+//! linear layer keeps its). A smoke LeNet-5 (62k parameters, 236 output channels) writes 0.270×
+//! its f32 file, ResNet-20 0.266×.
 //!
 //! ```no_run
 //! # fn quantized() -> shrink_quant::QuantizedModel { unimplemented!() }
@@ -82,6 +88,7 @@ pub fn export_qdq(model: &QuantizedModel, options: &ExportOptions) -> Result<(Ve
         pairs: HashMap::new(),
         indices: HashMap::new(),
         node_names: model.graph.nodes.iter().map(|n| n.name.clone()).collect(),
+        constants: HashMap::new(),
         summary: QdqSummary { float_layers: model.float_layers.clone(), ..QdqSummary::default() },
     };
     let options = ExportOptions { fold_batch_norms: false, ..options.clone() };
@@ -99,6 +106,8 @@ struct Qdq<'a> {
     indices: HashMap<NodeId, usize>,
     /// The graph's node names, which the added tensors' names must not take.
     node_names: HashSet<String>,
+    /// The small constants written, by type, shape and bytes.
+    constants: HashMap<(Elem, Vec<usize>, Vec<u8>), String>,
     summary: QdqSummary,
 }
 
@@ -117,9 +126,9 @@ impl Qdq<'_> {
             return dq.clone();
         }
         let stem = self.fresh(format!("a{}", self.pairs.len()));
-        let scale = w.floats(&format!("{stem}.s"), &[], &[p.scale]);
-        let zero = w.tensor(&format!("{stem}.z"), Elem::U8, &[], vec![p.zero_point as u8]);
-        let (q, dq) = (format!("{stem}.q"), stem);
+        let scale = self.constant(w, &format!("{stem}s"), Elem::F32, &[], p.scale.to_le_bytes().to_vec());
+        let zero = self.constant(w, &format!("{stem}z"), Elem::U8, &[], vec![p.zero_point as u8]);
+        let (q, dq) = (format!("{stem}q"), stem);
         w.node("", "QuantizeLinear", vec![value.into(), scale.clone(), zero.clone()], &q, &[]);
         w.node("", "DequantizeLinear", vec![q, scale, zero], &dq, &[]);
         self.quantized.insert(dq.clone(), p);
@@ -133,10 +142,10 @@ impl Qdq<'_> {
         *self.indices.entry(id).or_insert(next)
     }
 
-    /// `stem`, or `stem` with `_` appended until neither it nor a name derived from it (`.q`,
-    /// `.s`, `.z`) is the name of a graph node (whose value the export names after it).
+    /// `stem`, or `stem` with `_` appended until neither it nor a name derived from it (`q`,
+    /// `s`, `z` appended) is the name of a graph node (whose value the export names after it).
     fn fresh(&self, mut stem: String) -> String {
-        while [String::new(), ".q".into(), ".s".into(), ".z".into()]
+        while ["", "q", "s", "z"]
             .iter()
             .any(|suffix| self.node_names.contains(&format!("{stem}{suffix}")))
         {
@@ -144,7 +153,25 @@ impl Qdq<'_> {
         }
         stem
     }
+
+    /// Initializer `name`, or the constant of equal type, shape and bytes written before (small
+    /// ones only: zero points and scales); returns the name to read.
+    fn constant(&mut self, w: &mut Writer, name: &str, elem: Elem, dims: &[usize], raw: Vec<u8>) -> String {
+        if raw.len() > SHARED_BYTES {
+            return w.tensor(name, elem, dims, raw);
+        }
+        let key = (elem, dims.to_vec(), raw);
+        if let Some(existing) = self.constants.get(&key) {
+            return existing.clone();
+        }
+        let name = w.tensor(name, elem, dims, key.2.clone());
+        self.constants.insert(key, name.clone());
+        name
+    }
 }
+
+/// The largest constant [`Qdq::constant`] shares (a layer's zero points fit).
+const SHARED_BYTES: usize = 1024;
 
 impl LayerEncoding for Qdq<'_> {
     fn input(&mut self, w: &mut Writer, graph: &Graph, id: NodeId, input: &str) -> shrink_core::Result<String> {
@@ -180,10 +207,14 @@ impl LayerEncoding for Qdq<'_> {
         let bits = l.weight_bits;
         let k = self.index(id);
         let stem = self.fresh(format!("w{k}"));
-        let q = w.tensor(&format!("{stem}.q"), Elem::I8, dims, ints);
-        let scale = w.floats(&format!("{stem}.s"), scale_dims, scales);
-        // The zero point even when 0: ONNX Runtime fuses a Gemm only with it.
-        let inputs = vec![q, scale, w.tensor(&format!("{stem}.z"), Elem::I8, scale_dims, zeros.to_vec())];
+        let q = w.tensor(&format!("{stem}q"), Elem::I8, dims, ints);
+        let scale = self.constant(w, &format!("{stem}s"), Elem::F32, scale_dims, f32_bytes(scales));
+        let mut inputs = vec![q, scale];
+        // The zero point unless a convolution's are all 0 (the default): ONNX Runtime fuses a
+        // Gemm only with it.
+        if !(matches!(graph.nodes[id].op, Op::Conv2d { .. }) && zeros.iter().all(|&z| z == 0)) {
+            inputs.push(self.constant(w, &format!("{stem}z"), Elem::I8, scale_dims, zeros.to_vec()));
+        }
         let attrs: &[(&str, Attr)] = if per_tensor { &[] } else { &[("axis", Attr::Int(0))] };
         w.node("", "DequantizeLinear", inputs, &stem, attrs);
         if bits < 8 {
@@ -220,12 +251,12 @@ impl LayerEncoding for Qdq<'_> {
             ints.push(q as i32);
         }
         let q = w.tensor(
-            &format!("{stem}.q"),
+            &format!("{stem}q"),
             Elem::I32,
             &[values.len()],
             ints.iter().flat_map(|v| v.to_le_bytes()).collect(),
         );
-        let scale = w.floats(&format!("{stem}.s"), &[values.len()], &scales);
+        let scale = self.constant(w, &format!("{stem}s"), Elem::F32, &[values.len()], f32_bytes(&scales));
         // The zero point is left out: 0, of the int32 type.
         w.node("", "DequantizeLinear", vec![q, scale], &stem, &[("axis", Attr::Int(0))]);
         Ok(stem)
@@ -269,4 +300,8 @@ impl LayerEncoding for Qdq<'_> {
         }
         Ok(output.into())
     }
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }

@@ -37,7 +37,7 @@ impl Default for ExportOptions {
 }
 
 /// ONNX's element types, as written here.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Elem {
     /// `FLOAT`.
     F32,
