@@ -58,10 +58,10 @@ fn gemm_case(m: usize, k: usize, n: usize) -> Case {
     let mut contenders = vec![int8_gemm, f32_gemm];
     // Our AVX-512 VNNI GEMM (the plans' kernel where the CPU has it): weights packed once, the
     // activations read as they are; the zero point is subtracted in the plans' epilogue.
-    if shrink_quant::vnni::available() {
+    if shrink_core::kernels::vnni::available() {
         let qa: Vec<u8> = a.iter().map(|v| ((v + 0.5) * 255.0) as u8).collect();
         let qb: Vec<i8> = b.iter().map(|v| (v * 254.0) as i8).collect();
-        let packed = shrink_quant::vnni::PackedWeights::new(&qb, k, n);
+        let packed = shrink_core::kernels::vnni::PackedWeights::new(&qb, k, n);
         let lda = packed.padded_depth();
         let mut rows = vec![0u8; m * lda];
         for (dst, src) in rows.chunks_exact_mut(lda).zip(qa.chunks_exact(k)) {
@@ -72,7 +72,7 @@ fn gemm_case(m: usize, k: usize, n: usize) -> Case {
             0,
             Contender {
                 runner: "int8 shrink-avx512-vnni".into(),
-                run: Box::new(move || shrink_quant::vnni::gemm(&rows, lda, m, &packed, &mut c)),
+                run: Box::new(move || shrink_core::kernels::vnni::gemm(&rows, lda, m, &packed, &mut c)),
             },
         );
     }

@@ -15,10 +15,13 @@ fn metadata() -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-const OURS: [&str; 6] = ["shrink-core", "shrink-prune", "shrink-quant", "shrink-distill", "shrink-bench", "xtask"];
+const OURS: [&str; 7] =
+    ["shrink-kernels", "shrink-core", "shrink-prune", "shrink-quant", "shrink-distill", "shrink-bench", "xtask"];
 const BACKEND_FEATURES: [&str; 10] =
     ["flex", "ndarray", "wgpu", "vulkan", "metal", "webgpu", "cuda", "rocm", "cpu", "tch"];
 
+/// kernels ← core ← prune/quant/distill: the technique crates reach the kernels through
+/// shrink-core's re-export, and the kernel crate stands on nothing of ours and no burn.
 #[test]
 fn technique_crates_depend_on_shrink_core_only() {
     let meta = metadata();
@@ -38,7 +41,13 @@ fn technique_crates_depend_on_shrink_core_only() {
     for c in ["shrink-prune", "shrink-quant", "shrink-distill"] {
         assert_eq!(deps[c], vec!["shrink-core".to_string()], "{c} may depend on shrink-core only");
     }
-    assert!(deps["shrink-core"].is_empty());
+    assert_eq!(deps["shrink-core"], vec!["shrink-kernels".to_string()], "shrink-core stands on shrink-kernels only");
+    assert!(deps["shrink-kernels"].is_empty(), "shrink-kernels depends on no shrink crate");
+    let kernels = packages.iter().find(|p| p["name"] == "shrink-kernels").unwrap();
+    for d in kernels["dependencies"].as_array().unwrap() {
+        let dep = d["name"].as_str().unwrap();
+        assert!(!dep.starts_with("burn"), "shrink-kernels depends on {dep}: the kernel crate has no burn");
+    }
 }
 
 #[test]

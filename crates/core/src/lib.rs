@@ -12,6 +12,8 @@
 //! - [`onnx`]: ONNX import — a model exported from PyTorch, TensorFlow or Paddle becomes a graph.
 //! - [`runtime`]: the CPU inference plan — [`runtime::freeze`] folds batch norms, fuses ReLUs,
 //!   plans buffers and runs f32 GEMM kernels; other crates plug kernels in through a registry.
+//! - [`kernels`]: the compute kernels themselves (GEMMs, convolutions, sparse and integer
+//!   kernels, ISA dispatch), the burn-free crate `shrink-kernels` below this one.
 //! - [`backend`]: the one module that names burn's backends.
 //! - [`init`]: the seeded generator initial weights are drawn from ([`InitRng`]).
 //! - [`host`]: reading tensors back to the host, fallibly.
@@ -56,6 +58,10 @@ pub use init::InitRng;
 
 /// burn, re-exported so that users of shrink-core name the same version.
 pub use burn;
+
+/// The compute kernels (`shrink-kernels`, no burn): what the plan's layers, shrink-quant's
+/// integer kernels and shrink-prune's sparse ones call.
+pub use shrink_kernels as kernels;
 
 /// The names most programs need: `use shrink_core::prelude::*;`.
 pub mod prelude {

@@ -1,9 +1,8 @@
 //! A safe wrapper around the `gemm` crate (faer's GEMM, already the matmul of burn's flex
 //! backend), for row-major f32 matrices.
 //!
-//! One of shrink's four `unsafe` modules (with `data/mapped.rs` here, `shrink_quant::vnni` and
-//! `shrink_prune::kernels`): `gemm::gemm` takes raw pointers and strides. The wrapper checks
-//! every slice length against the shapes first, so the call cannot read or write out of bounds.
+//! `gemm::gemm` takes raw pointers and strides. The wrapper checks every slice length against
+//! the shapes first, so the call cannot read or write out of bounds.
 #![allow(unsafe_code)]
 
 /// `c = a × b` (or `c += a × b` when `accumulate`), row-major: `a` is `m × k` with row stride

@@ -20,7 +20,7 @@ const PANEL: usize = 16;
 /// Depths per `vpdpbusd` lane.
 const DEPTH_STEP: usize = 4;
 
-/// Whether this CPU runs [`gemm`] and [`DirectConv`] (AVX-512 F, BW, VL, DQ and VNNI).
+/// Whether this CPU runs [`gemm()`] and [`DirectConv`] (AVX-512 F, BW, VL, DQ and VNNI).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -57,7 +57,7 @@ pub fn available_for_test(test: &str) -> bool {
     false
 }
 
-/// Weights `w [k, n]` (i8) packed for [`gemm`]: panels of 16 columns, each `k/4` blocks of
+/// Weights `w [k, n]` (i8) packed for [`gemm()`]: panels of 16 columns, each `k/4` blocks of
 /// 16 columns × 4 depths; depths and columns padded with zeros.
 #[derive(Clone, Debug)]
 pub struct PackedWeights {
@@ -94,7 +94,7 @@ impl PackedWeights {
         self.depth
     }
 
-    /// Columns of the output rows [`gemm`] writes: `n` rounded up to 16.
+    /// Columns of the output rows [`gemm()`] writes: `n` rounded up to 16.
     pub fn padded_columns(&self) -> usize {
         self.columns.next_multiple_of(PANEL)
     }

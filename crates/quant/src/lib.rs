@@ -9,7 +9,7 @@
 //! - [`ptq`]: static post-training quantization of a graph ([`ptq::quantize_static`]) into a
 //!   [`ptq::QuantizedModel`] that runs on burn with simulated rounding, or frozen into a CPU plan
 //!   on real integer kernels ([`kernels`]: u8 × i8 → i32, on our AVX-512 VNNI kernels
-//!   ([`vnni`]) or rten-gemm);
+//!   ([`shrink_core::kernels::vnni`]) or rten-gemm);
 //! - [`qat`]: quantization-aware training ([`quantization_aware_training`]): fake-quant with the
 //!   straight-through estimator on core's training loop, scales from the data or learned (LSQ),
 //!   into the same [`ptq::QuantizedModel`].
@@ -34,7 +34,6 @@ pub mod onnx;
 pub mod ptq;
 pub mod qat;
 pub mod scheme;
-pub mod vnni;
 pub mod weights;
 
 pub use calibrate::{Calibrator, Observer};

@@ -145,10 +145,7 @@ impl Qdq<'_> {
     /// `stem`, or `stem` with `_` appended until neither it nor a name derived from it (`q`,
     /// `s`, `z` appended) is the name of a graph node (whose value the export names after it).
     fn fresh(&self, mut stem: String) -> String {
-        while ["", "q", "s", "z"]
-            .iter()
-            .any(|suffix| self.node_names.contains(&format!("{stem}{suffix}")))
-        {
+        while ["", "q", "s", "z"].iter().any(|suffix| self.node_names.contains(&format!("{stem}{suffix}"))) {
             stem.push('_');
         }
         stem

@@ -7,11 +7,11 @@
 
 use proptest::prelude::*;
 use shrink_core::graph::{Op, ValueShape};
+use shrink_core::kernels::vnni;
 use shrink_core::runtime::{Kernel, LayerView, RunContext};
 use shrink_quant::QuantParams;
 use shrink_quant::kernels::{ConvDirectInt8, ConvInt8, Int8Gemm, IntLayer, dequantize};
 use shrink_quant::scheme::quantize_u8;
-use shrink_quant::vnni;
 
 /// One random convolution: geometry, integer weights and their zero points, input.
 #[derive(Clone, Debug)]

@@ -1,10 +1,10 @@
 //! The f32 kernels of the CPU plan. Each implements [`Kernel`]; weights are laid out once, at
 //! freeze time, in the order the GEMM reads them.
 
-use super::gemm::sgemm;
 use super::{Aligned, aligned};
 use super::{Kernel, LayerView, RunContext};
 use crate::graph::{Op, PadMode, PoolWindow, ValueShape};
+use shrink_kernels::sgemm::sgemm;
 
 fn map_dims(shape: ValueShape) -> (usize, usize, usize) {
     match shape {

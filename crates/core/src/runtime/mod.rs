@@ -47,13 +47,12 @@
 
 mod freeze;
 mod fusion;
-mod gemm;
 mod kernels;
 
 pub use freeze::{freeze, freeze_with};
 pub use fusion::batch_norm_after;
-pub use gemm::sgemm;
 pub use kernels::{ConvF32, ConvGeometry, ConvRten, LinearF32, LinearRten, PoolKind, Simple, Unary};
+pub use shrink_kernels::sgemm::sgemm;
 
 use std::fmt::Debug;
 

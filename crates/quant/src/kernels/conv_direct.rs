@@ -1,5 +1,5 @@
 //! [`ConvDirectInt8`]: integer convolution computed directly on the quantized image, on
-//! AVX-512 VNNI ([`crate::vnni::DirectConv`]).
+//! AVX-512 VNNI ([`shrink_core::kernels::vnni::DirectConv`]).
 
 use shrink_core::graph::{Op, ValueShape};
 use shrink_core::runtime::{Kernel, LayerView, RunContext};
@@ -9,13 +9,13 @@ use crate::QuantParams;
 use crate::scheme::quantize_one;
 
 /// Integer convolution on AVX-512 VNNI, computed directly on the quantized image
-/// ([`crate::vnni::DirectConv`]): the input is quantized once into four-channel-interleaved
+/// ([`shrink_core::kernels::vnni::DirectConv`]): the input is quantized once into four-channel-interleaved
 /// rows padded with its zero point, and the epilogue writes channel-major f32, so unlike
 /// [`ConvInt8`](super::ConvInt8) nothing is transposed or unrolled. Convolutions with a stride other than 1 or 2
 /// (or unequal strides), dilation, groups, or outputs the kernel's grid would waste more than
-/// a third of the work on (see [`crate::vnni::DirectConv::supports`]) use [`ConvInt8`](super::ConvInt8).
+/// a third of the work on (see [`shrink_core::kernels::vnni::DirectConv::supports`]) use [`ConvInt8`](super::ConvInt8).
 pub struct ConvDirectInt8 {
-    conv: crate::vnni::DirectConv,
+    conv: shrink_core::kernels::vnni::DirectConv,
     epilogue: ChannelEpilogue,
     input_params: QuantParams,
     input: (usize, usize, usize),
@@ -24,12 +24,12 @@ pub struct ConvDirectInt8 {
     kernel: [usize; 2],
     stride: usize,
     /// Rows and columns of the quantized image the kernel reads (see
-    /// [`crate::vnni::DirectConv::image_size`]).
+    /// [`shrink_core::kernels::vnni::DirectConv::image_size`]).
     image: (usize, usize),
     bits: u32,
     /// The output goes, requantized, straight into the next convolution's input image (see
     /// [`ConvDirectInt8::requantize_for`]).
-    requantize: Option<crate::vnni::QuadImage>,
+    requantize: Option<shrink_core::kernels::vnni::QuadImage>,
     /// The input arrives already quantized, in this kernel's image layout (written by the
     /// previous convolution's epilogue).
     quantized_input: bool,
@@ -51,7 +51,7 @@ impl ConvDirectInt8 {
         let (input, output) = (dims(view.input), dims(view.output));
         let per = view.weight.len() / out_channels;
         let weights: Vec<i8> = view.weight.iter().enumerate().map(|(i, &w)| layer.int_weight(w, i / per)).collect();
-        let conv = crate::vnni::DirectConv::new(&weights, out_channels, input.0, kernel, stride[0]);
+        let conv = shrink_core::kernels::vnni::DirectConv::new(&weights, out_channels, input.0, kernel, stride[0]);
         Some(Self {
             image: (planned.height, planned.width),
             epilogue: ChannelEpilogue::new(view, layer, conv.column_sums()),
@@ -76,25 +76,31 @@ impl ConvDirectInt8 {
         input: ValueShape,
         output: ValueShape,
         layer: &IntLayer,
-    ) -> Option<crate::vnni::QuadImage> {
+    ) -> Option<shrink_core::kernels::vnni::QuadImage> {
         let Op::Conv2d { kernel, stride, padding, dilation, groups, out_channels, .. } = *op else {
             return None;
         };
         let ((cin, h, w), (_, oh, ow)) = (dims(input), dims(output));
-        if !crate::vnni::available()
+        if !shrink_core::kernels::vnni::available()
             || layer.dynamic
             || groups != 1
             || stride[0] != stride[1]
-            || !crate::vnni::DirectConv::supports_stride(stride[0])
+            || !shrink_core::kernels::vnni::DirectConv::supports_stride(stride[0])
             || dilation != [1, 1]
             || layer.weight_scales.len() != out_channels
-            || !crate::vnni::DirectConv::supports(oh, ow)
+            || !shrink_core::kernels::vnni::DirectConv::supports(oh, ow)
         {
             return None;
         }
-        let (hp, wp) =
-            crate::vnni::DirectConv::image_size(kernel, stride[0], h + 2 * padding[0], w + 2 * padding[1], oh, ow);
-        Some(crate::vnni::QuadImage {
+        let (hp, wp) = shrink_core::kernels::vnni::DirectConv::image_size(
+            kernel,
+            stride[0],
+            h + 2 * padding[0],
+            w + 2 * padding[1],
+            oh,
+            ow,
+        );
+        Some(shrink_core::kernels::vnni::QuadImage {
             quads: cin.div_ceil(4),
             height: hp,
             width: wp,
@@ -111,10 +117,13 @@ impl ConvDirectInt8 {
     ///
     /// # Panics
     /// When the image does not fit this layer's output buffer, or its channels differ.
-    pub fn requantize_for(mut self, next: crate::vnni::QuadImage) -> Self {
+    pub fn requantize_for(mut self, next: shrink_core::kernels::vnni::QuadImage) -> Self {
         let (cout, oh, ow) = self.output;
         assert_eq!(next.quads, cout.div_ceil(4), "the next layer reads this layer's channels");
-        assert!(next.len() + crate::vnni::DirectConv::SLACK <= 4 * cout * oh * ow, "the image must fit the buffer");
+        assert!(
+            next.len() + shrink_core::kernels::vnni::DirectConv::SLACK <= 4 * cout * oh * ow,
+            "the image must fit the buffer"
+        );
         self.requantize = Some(next);
         self
     }
@@ -140,7 +149,7 @@ impl ConvDirectInt8 {
         let (c, _, _) = self.input;
         let (hp, wp) = self.padded();
         let (_, oh, ow) = self.output;
-        let (gh, gw) = crate::vnni::DirectConv::grid(oh, ow);
+        let (gh, gw) = shrink_core::kernels::vnni::DirectConv::grid(oh, ow);
         let [kh, kw] = self.kernel;
         let zero = self.input_params.zero_point;
         plane.clear();
@@ -200,7 +209,7 @@ impl Kernel for ConvDirectInt8 {
         let (in_len, out_len) = (cin * h * w, cout * oh * ow);
         BUFFERS.with(|b| {
             let Buffers { image: own, sums, acc: plane, .. } = &mut *b.borrow_mut();
-            own.resize(self.conv.quads() * hp * wp * 4 + crate::vnni::DirectConv::SLACK, 0);
+            own.resize(self.conv.quads() * hp * wp * 4 + shrink_core::kernels::vnni::DirectConv::SLACK, 0);
             for i in 0..batch {
                 let x = &inputs[0][i * in_len..(i + 1) * in_len];
                 let image: &[u8] = if self.quantized_input {
@@ -218,10 +227,10 @@ impl Kernel for ConvDirectInt8 {
                     Some(next) => {
                         let bytes: &mut [u8] = bytemuck::cast_slice_mut(out);
                         // The next image's border (and the slack) hold its zero point.
-                        bytes[..next.len() + crate::vnni::DirectConv::SLACK].fill(next.zero_point);
-                        crate::vnni::Output::Quads { bytes, image: next }
+                        bytes[..next.len() + shrink_core::kernels::vnni::DirectConv::SLACK].fill(next.zero_point);
+                        shrink_core::kernels::vnni::Output::Quads { bytes, image: next }
                     }
-                    None => crate::vnni::Output::F32(out),
+                    None => shrink_core::kernels::vnni::Output::F32(out),
                 };
                 self.conv.run(image, hp, wp, oh, ow, out, &epilogue);
             }

@@ -1,6 +1,6 @@
 //! Integer kernels for the CPU plan: u8 × i8 → i32, weights quantized and packed once when the
 //! plan is frozen, never dequantized while it runs. On CPUs with AVX-512 VNNI the arithmetic is
-//! our own ([`crate::vnni`]: a direct convolution, and a GEMM that needs no packing of the
+//! our own ([`shrink_core::kernels::vnni`]: a direct convolution, and a GEMM that needs no packing of the
 //! activations); elsewhere it is rten-gemm's (AVX-512, AVX2 or NEON, chosen at run time).
 //!
 //! Activations travel between steps of the plan in f32. Each integer layer quantizes its input
@@ -44,13 +44,17 @@ thread_local! {
 /// The name of the integer GEMM kernel the plans use on this CPU: `shrink-avx512-vnni`, or the
 /// one rten picked (e.g. `x86_64-u8i8i32-avx2`).
 pub fn int8_gemm_kernel_name() -> String {
-    if crate::vnni::available() { "shrink-avx512-vnni".into() } else { INT8.with(|e| e.kernel_name().to_string()) }
+    if shrink_core::kernels::vnni::available() {
+        "shrink-avx512-vnni".into()
+    } else {
+        INT8.with(|e| e.kernel_name().to_string())
+    }
 }
 
 /// Which GEMM an integer layer runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Int8Gemm {
-    /// [`crate::vnni`]: the default where the CPU has AVX-512 VNNI.
+    /// [`shrink_core::kernels::vnni`]: the default where the CPU has AVX-512 VNNI.
     Vnni,
     /// rten-gemm: everywhere else.
     Rten,
@@ -59,13 +63,13 @@ pub enum Int8Gemm {
 impl Int8Gemm {
     /// The fastest one this CPU runs.
     pub fn best() -> Self {
-        if crate::vnni::available() { Self::Vnni } else { Self::Rten }
+        if shrink_core::kernels::vnni::available() { Self::Vnni } else { Self::Rten }
     }
 }
 
 /// Weights `[k, n]` (i8, symmetric: zero point 0) packed once for one of the GEMMs.
 pub(crate) enum PackedInt8 {
-    Vnni(crate::vnni::PackedWeights),
+    Vnni(shrink_core::kernels::vnni::PackedWeights),
     /// With the depth, the weights' zero points (all 0, passed on every call) and
     /// [`Self::zero_sums`] (all 0).
     Rten(rten_gemm::PackedBMatrix<i8>, usize, Vec<i8>, Vec<i32>),
@@ -74,7 +78,7 @@ pub(crate) enum PackedInt8 {
 impl PackedInt8 {
     pub(crate) fn new(wt: &[i8], k: usize, n: usize, gemm: Int8Gemm) -> Self {
         match gemm {
-            Int8Gemm::Vnni => Self::Vnni(crate::vnni::PackedWeights::new(wt, k, n)),
+            Int8Gemm::Vnni => Self::Vnni(shrink_core::kernels::vnni::PackedWeights::new(wt, k, n)),
             Int8Gemm::Rten => {
                 Self::Rten(INT8.with(|e| e.prepack_b(NdTensorView::from_data([k, n], wt))), k, vec![0; n], vec![0; n])
             }
@@ -118,7 +122,7 @@ impl PackedInt8 {
     /// [`Self::zero_sums`] says).
     pub(crate) fn gemm(&self, a: &[u8], rows: usize, zero: u8, row_zero: &mut Vec<u8>, acc: &mut [i32]) {
         match self {
-            Self::Vnni(w) => crate::vnni::gemm(a, w.padded_depth(), rows, w, acc),
+            Self::Vnni(w) => shrink_core::kernels::vnni::gemm(a, w.padded_depth(), rows, w, acc),
             &Self::Rten(ref w, k, ref weight_zero, _) => {
                 let n = weight_zero.len();
                 row_zero.clear();
@@ -200,11 +204,11 @@ pub(crate) fn dims(shape: ValueShape) -> (usize, usize, usize) {
 
 /// The integer epilogue, the one definition of how an i32 accumulator becomes an output value:
 /// `(acc − correction − weight_zero · window_sum) · scale + bias`, then ReLU if asked, with
-/// wrapping i32 arithmetic (as the SIMD lanes of [`crate::vnni`] compute it) and the float
+/// wrapping i32 arithmetic (as the SIMD lanes of [`shrink_core::kernels::vnni`] compute it) and the float
 /// product and sum rounded separately (no fused multiply-add). `correction` is the input's zero
 /// point times the weights' sum, `weight_zero · window_sum` the asymmetric weights' term (0 for
 /// symmetric weights), `scale` the input scale times the weight scale. The vector epilogue of
-/// [`crate::vnni::DirectConv`] performs the same operations in the same order; the tests hold
+/// [`shrink_core::kernels::vnni::DirectConv`] performs the same operations in the same order; the tests hold
 /// both to the same bits.
 #[inline(always)]
 pub fn dequantize(
@@ -264,8 +268,8 @@ impl ChannelEpilogue {
     }
 
     /// The same epilogue as the direct convolution reads it.
-    pub fn vnni<'a>(&'a self, window_sums: &'a [i32]) -> crate::vnni::Epilogue<'a> {
-        crate::vnni::Epilogue {
+    pub fn vnni<'a>(&'a self, window_sums: &'a [i32]) -> shrink_core::kernels::vnni::Epilogue<'a> {
+        shrink_core::kernels::vnni::Epilogue {
             correction: &self.correction,
             scale: &self.scale,
             bias: &self.bias,
@@ -363,7 +367,7 @@ pub fn requantized_handover(
     from: &LayerLink<'_>,
     to: &LayerLink<'_>,
     layers: &BTreeMap<String, IntLayer>,
-) -> Option<crate::vnni::QuadImage> {
+) -> Option<shrink_core::kernels::vnni::QuadImage> {
     let producer = layers.get(from.name)?;
     if producer.output.is_some() {
         // Its output is rounded to its own grid after the epilogue: no handover.
@@ -371,5 +375,5 @@ pub fn requantized_handover(
     }
     ConvDirectInt8::plan_input(from.op, from.input, from.output, producer)?;
     let image = ConvDirectInt8::plan_input(to.op, to.input, to.output, layers.get(to.name)?)?;
-    (image.len() + crate::vnni::DirectConv::SLACK <= 4 * from.value.numel()).then_some(image)
+    (image.len() + shrink_core::kernels::vnni::DirectConv::SLACK <= 4 * from.value.numel()).then_some(image)
 }

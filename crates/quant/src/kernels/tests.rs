@@ -105,7 +105,7 @@ fn every_int8_conv_kernel_gives_the_same_bits() {
             };
             let reference = run(&ConvInt8::with_gemm(&view, &layer, Int8Gemm::Rten).expect("conv"));
             assert!(reference.iter().all(|v| v.is_finite()));
-            if crate::vnni::available_for_test("every_int8_conv_kernel_gives_the_same_bits") {
+            if shrink_core::kernels::vnni::available_for_test("every_int8_conv_kernel_gives_the_same_bits") {
                 let im2col = run(&ConvInt8::with_gemm(&view, &layer, Int8Gemm::Vnni).expect("conv"));
                 assert_eq!(im2col, reference, "im2col on the VNNI GEMM, case {case}");
                 // Rows of 17 pixels (a 32-wide grid) are left to im2col.
@@ -174,7 +174,7 @@ fn int8_linear_gives_the_same_bits_on_both_gemms() {
                 assert!((y - f).abs() < 0.05 * (1.0 + f.abs()), "case {case} ({b},{j}): {y} vs {f}");
             }
         }
-        if crate::vnni::available_for_test("int8_linear_gives_the_same_bits_on_both_gemms") {
+        if shrink_core::kernels::vnni::available_for_test("int8_linear_gives_the_same_bits_on_both_gemms") {
             let vnni = run(&LinearInt8::with_gemm(&view, &layer, Int8Gemm::Vnni).expect("linear"));
             assert_eq!(vnni, reference, "case {case}");
         }

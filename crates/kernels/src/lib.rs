@@ -1,0 +1,24 @@
+//! shrink-kernels: the compute kernels of shrink's CPU plan, with no burn (and no other shrink
+//! crate) below them, as tract keeps `tract-linalg` below `tract-core`. It builds in seconds and
+//! cross-compiles on its own; shrink-core re-exports it as `shrink_core::kernels`, and the plan's
+//! layers (core), the integer kernels (shrink-quant) and the sparse ones (shrink-prune) call it.
+//!
+//! - [`sgemm`]: row-major f32 GEMM (the `gemm` crate, faer's, behind a safe wrapper).
+//! - [`vnni`]: u8 × i8 → i32 GEMM and direct convolution on AVX-512 VNNI, with their epilogues.
+//! - [`sparse`]: CSR × dense f32 products and a direct sparse convolution, AVX-512 and AVX2.
+//!
+//! Every ISA path is tested against a plain scalar loop in this crate's tests; a test whose path
+//! this CPU lacks says so, and fails instead where `SHRINK_REQUIRE_VNNI=1` asks for it.
+//!
+//! ```
+//! use shrink_kernels::sparse::{Csr, spmm};
+//! let a = Csr::from_dense(&[1.0, 0.0, 0.0, 2.0], 2, 2);
+//! let mut out = [0.0; 2];
+//! spmm(&a, &[3.0, 4.0], 1, 1, &mut out, 1);
+//! assert_eq!(out, [3.0, 8.0]);
+//! ```
+#![warn(missing_docs)]
+
+pub mod sgemm;
+pub mod sparse;
+pub mod vnni;
