@@ -148,7 +148,9 @@ fn write_suite(
 /// `configs/resnet_int8.toml` under `out`) on shrink's f32 and integer plans beside ONNX Runtime
 /// on the run's exported `model.onnx` and `model.int8.onnx` — the same weights — at batch 1
 /// and 64, one thread, interleaved. shrink's f32 plan runs the graph imported back from
-/// `model.onnx` (export → import is exact), its integer plan the run's quantized model file.
+/// `model.onnx` (export → import is exact), its integer plan the run's quantized model file;
+/// a fifth row runs the f32 plan with its convolutions on im2col + rten-gemm
+/// (`KernelRegistry::im2col_gemm`), the kernel the direct convolution replaced.
 /// Skipped, with the reason, where ONNX Runtime is not installed.
 fn onnxruntime_suite(out: &Path, repeats: usize, run: Option<&Path>) -> Result<Option<PathBuf>> {
     if let Err(why) = xtask::onnxruntime::available() {
@@ -184,12 +186,18 @@ fn onnxruntime_suite(out: &Path, repeats: usize, run: Option<&Path>) -> Result<O
         .unwrap_or_else(|| "model".into());
     let [c, h, w] = graph.input_shape();
     let mut f32_plan = shrink_core::runtime::freeze(&graph)?;
+    let mut im2col_plan = shrink_core::runtime::freeze_with(
+        &graph,
+        &shrink_core::runtime::KernelRegistry::im2col_gemm(),
+        &Default::default(),
+    )?;
     let mut int8_plan = quantized.freeze(1)?;
     let mut server = xtask::onnxruntime::BenchServer::start()?;
     server.load("f32", &run.join("model.onnx"))?;
     server.load("int8", &run.join("model.int8.onnx"))?;
-    let names = ["shrink f32 plan", "shrink int8 plan", "onnxruntime f32", "onnxruntime int8"];
-    let baselines = ["onnxruntime f32", "onnxruntime int8", "onnxruntime f32", "onnxruntime int8"];
+    let names =
+        ["shrink f32 plan", "shrink int8 plan", "onnxruntime f32", "onnxruntime int8", "shrink f32 im2col-gemm"];
+    let baselines = ["onnxruntime f32", "onnxruntime int8", "onnxruntime f32", "onnxruntime int8", "onnxruntime f32"];
     let mut rows = Vec::new();
     for batch in [1usize, 64] {
         eprintln!("bench: {model} b{batch}");
@@ -210,21 +218,26 @@ fn onnxruntime_suite(out: &Path, repeats: usize, run: Option<&Path>) -> Result<O
                     start.elapsed().as_secs_f64() * 1e3
                 }
                 2 => server.run("f32", shape)?,
-                _ => server.run("int8", shape)?,
+                3 => server.run("int8", shape)?,
+                _ => {
+                    let start = Instant::now();
+                    im2col_plan.run(&input, batch)?;
+                    start.elapsed().as_secs_f64() * 1e3
+                }
             })
         };
-        for k in 0..4 {
+        for k in 0..names.len() {
             time(k)?;
             time(k)?;
         }
-        let mut times: Vec<Vec<f64>> = (0..4).map(|_| Vec::with_capacity(repeats)).collect();
+        let mut times: Vec<Vec<f64>> = (0..names.len()).map(|_| Vec::with_capacity(repeats)).collect();
         for _ in 0..repeats {
             for (k, t) in times.iter_mut().enumerate() {
                 t.push(time(k)?);
             }
         }
         let medians: Vec<f64> = times.iter_mut().map(|t| median(t)).collect();
-        for k in 0..4 {
+        for k in 0..names.len() {
             let base = names.iter().position(|n| *n == baselines[k]).expect("a contender");
             rows.push(Row {
                 name: format!("{model} b{batch} / {}", names[k]),

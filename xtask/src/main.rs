@@ -177,6 +177,11 @@ use tracing_subscriber::Layer;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let log = init_logging(cli.verbose, cli.quiet);
+    // A kernel path named by SHRINK_ISA that does not exist or this CPU lacks: said once, here.
+    if let Err(e) = shrink_core::kernels::isa::from_env() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     match cli.command {
         Command::Run { configs, dry_run, out, cache, fresh } => {
             let cache = cache.unwrap_or_else(|| out.join("cache").join("baselines"));

@@ -106,7 +106,8 @@ fn exported_models_run_in_onnx_runtime_as_in_shrink() {
         let bench: serde_json::Value =
             serde_json::from_slice(&std::fs::read(bench_dir.join("bench/onnxruntime.json")).unwrap()).unwrap();
         let rows = bench["rows"].as_array().unwrap();
-        assert_eq!(rows.len(), 8, "{config}: 4 runners at batch 1 and 64");
+        // shrink f32 (direct and im2col), shrink int8, ONNX Runtime f32 and int8.
+        assert_eq!(rows.len(), 10, "{config}: 5 runners at batch 1 and 64");
         assert!(rows.iter().all(|r| r["value"].as_f64().unwrap() > 0.0), "{config}");
     }
     // A run directory without a model is bad input: exit 2 naming the file.

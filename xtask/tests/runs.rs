@@ -240,6 +240,28 @@ fn misspelt_key_exits_2_with_file_line_and_expected_keys() {
     assert!(err.contains("unknown field `epochz`") && err.contains("`epochs`"), "{err}");
 }
 
+#[test]
+fn a_kernel_path_this_cpu_lacks_or_that_does_not_exist_exits_2() {
+    for value in ["sse9", "AVX512 "] {
+        let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(["run", "--dry-run", "configs/smoke/mlp.toml"])
+            .env("SHRINK_ISA", value)
+            .current_dir(root())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{value}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("SHRINK_ISA={value}")) && err.contains("portable"), "{err}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["run", "--dry-run", "configs/smoke/mlp.toml"])
+        .env("SHRINK_ISA", "portable")
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// A config over an IDX folder whose four files hold `header` followed by `data`.
 fn idx_config(dir: &Path, header: &[u8], data: &[u8]) -> PathBuf {
     let idx = dir.join("idx");

@@ -101,9 +101,19 @@ fn batch_norm_is_folded_and_relu_fused() {
     let kernels = plan.kernels();
     // No batch norm and no standalone ReLU survive in a ResNet: all are folded or fused.
     assert!(kernels.iter().all(|(_, k)| !k.starts_with("batch_norm") && k != "relu/f32"), "{kernels:?}");
+    // The convolutions run on the direct kernel of the CPU's best path (im2col on rten-gemm
+    // where it has none); each block's residual add and ReLU join the convolution before them.
+    let isa = shrink_core::kernels::isa::selected();
+    let how = if isa == shrink_core::kernels::isa::Isa::Portable {
+        "im2col-rten-gemm".to_string()
+    } else {
+        format!("direct-{}", isa.name())
+    };
     let stem = kernels.iter().find(|(n, _)| n == "stem.conv").unwrap();
-    assert_eq!(stem.1, "conv2d/f32-im2col-rten-gemm+relu");
-    assert!(kernels.iter().any(|(n, k)| n == "layer1.0.add" && k == "add/f32+relu"));
+    assert_eq!(stem.1, format!("conv2d/f32-{how}+relu"));
+    let second = kernels.iter().find(|(n, _)| n == "layer1.0.2.conv").unwrap();
+    assert_eq!(second.1, format!("conv2d/f32-{how}+add+relu"));
+    assert!(kernels.iter().all(|(_, k)| !k.starts_with("add")), "{kernels:?}");
     // Buffers are reused: far fewer than steps.
     assert!(plan.buffer_count() <= 5, "{} buffers for {} steps", plan.buffer_count(), kernels.len());
 }

@@ -164,6 +164,7 @@ fn check_conv(c: &ConvCase) -> Result<(), TestCaseError> {
         input: ValueShape::Map { channels: c.cin, height: c.h, width: c.w },
         output: ValueShape::Map { channels: c.cout, height: oh, width: ow },
         relu: c.relu,
+        residual: false,
         read_by: None,
         reads_from: None,
     };

@@ -30,7 +30,7 @@ pub fn freeze_with(graph: &Graph, registry: &KernelRegistry, options: &FreezeOpt
     graph.validate()?;
     let graph = graph.clone().valid();
     let shapes = graph.shapes()?;
-    let fused = fusion::fuse(&graph);
+    let fused = fusion::fuse(&graph, registry.is_default());
     let pairs = fusion::layer_pairs(&graph, &fused);
     // Layer step `i` as its neighbour sees it, sharing the value `producer` computes.
     let link = |i: usize, producer: usize| -> LayerLink<'_> {
@@ -55,7 +55,10 @@ pub fn freeze_with(graph: &Graph, registry: &KernelRegistry, options: &FreezeOpt
             continue;
         }
         let Some((i, step)) = next_step.next_if(|(_, s)| s.node == id) else { continue };
-        let inputs: Vec<usize> = node.inputs.iter().map(|&i| value_of[i].expect("topological order")).collect();
+        let mut inputs: Vec<usize> = node.inputs.iter().map(|&i| value_of[i].expect("topological order")).collect();
+        if let Some((_, other)) = step.residual {
+            inputs.push(value_of[other].expect("computed by an earlier step"));
+        }
         if inputs.len() > MAX_INPUTS {
             return Err(Error::graph(&node.name, format!("the CPU plan takes at most {MAX_INPUTS} inputs per node")));
         }
@@ -125,6 +128,7 @@ fn build_kernel(
             input: shapes[node.inputs[0]],
             output: shapes[step.node],
             relu: step.relu,
+            residual: step.residual.is_some(),
             read_by: neighbours.read_by,
             reads_from: neighbours.reads_from,
         })

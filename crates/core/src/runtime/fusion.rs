@@ -2,7 +2,9 @@
 //!
 //! A node's value is absorbed by its only consumer when that consumer can be computed in the
 //! same pass — a batch norm folded into the convolution before it, a ReLU fused into the
-//! epilogue of its producer — unless the node is the graph's output. [`Graph::fold_batch_norms`]
+//! epilogue of its producer, and (for the plan's own f32 kernels) the residual add a
+//! convolution's value meets, when the add's other input is computed before the convolution —
+//! unless the node is the graph's output. [`Graph::fold_batch_norms`]
 //! folds by the same rule ([`batch_norm_after`]), and kernel builders learn the decisions
 //! through [`super::LayerView`]'s `read_by` and `reads_from` instead of working them out again.
 
@@ -21,6 +23,9 @@ pub(crate) struct Fused {
     pub absorbed: Vec<NodeId>,
     /// Whether a ReLU is fused into the step.
     pub relu: bool,
+    /// A two-input add fused into a convolution's epilogue, and its other input (computed by an
+    /// earlier step), which the step reads as its second input.
+    pub residual: Option<(NodeId, NodeId)>,
 }
 
 impl Fused {
@@ -57,15 +62,16 @@ pub(crate) fn is_alias(op: &Op) -> bool {
 }
 
 /// The steps of `graph`'s plan in order; alias nodes ([`is_alias`]) and absorbed nodes have
-/// none.
-pub(crate) fn fuse(graph: &Graph) -> Vec<Fused> {
+/// none. `residual`: whether convolutions absorb the add after them (the plan's own kernels
+/// take it; kernels from a registry's builders are never offered it).
+pub(crate) fn fuse(graph: &Graph, residual: bool) -> Vec<Fused> {
     let mut absorbed = vec![false; graph.nodes.len()];
     let mut steps = Vec::new();
     for (id, node) in graph.nodes.iter().enumerate().skip(1) {
         if absorbed[id] || is_alias(&node.op) {
             continue;
         }
-        let mut step = Fused { node: id, batch_norm: None, absorbed: Vec::new(), relu: false };
+        let mut step = Fused { node: id, batch_norm: None, absorbed: Vec::new(), relu: false, residual: None };
         if matches!(node.op, Op::Conv2d { .. }) {
             if let Some(bn) = batch_norm_after(graph, id) {
                 step.batch_norm = Some(bn);
@@ -74,6 +80,19 @@ pub(crate) fn fuse(graph: &Graph) -> Vec<Fused> {
                 // The identity a batch norm folded by `Graph::fold_batch_norms` left: look
                 // through it for a ReLU to fuse.
                 step.absorbed.push(identity);
+            }
+        }
+        if residual
+            && matches!(node.op, Op::Conv2d { .. })
+            && let Some(add) = sole_consumer(graph, step.tail(), |op| matches!(op, Op::Add))
+            && let [a, b] = graph.nodes[add].inputs[..]
+        {
+            let other = if a == step.tail() { b } else { a };
+            // Computed by an earlier step (node ids are in topological order), and not this
+            // convolution's own value twice.
+            if other < id {
+                step.residual = Some((add, other));
+                step.absorbed.push(add);
             }
         }
         let takes_relu = matches!(node.op, Op::Conv2d { .. } | Op::Linear { .. } | Op::BatchNorm2d { .. } | Op::Add);
@@ -135,7 +154,7 @@ mod tests {
     fn steps_absorb_batch_norms_and_relus_and_skip_aliases() {
         let g = graph();
         let id = |n: &str| g.node_id(n).unwrap();
-        let steps = fuse(&g);
+        let steps = fuse(&g, false);
         let nodes: Vec<&str> = steps.iter().map(|s| g.nodes[s.node].name.as_str()).collect();
         assert_eq!(nodes, ["c1", "c2", "add", "c3", "fc"]);
         assert_eq!(steps[0].absorbed, [id("bn1"), id("r1")]);
@@ -145,6 +164,35 @@ mod tests {
         assert_eq!(steps[2].tail(), id("r2"));
         // c3 feeds the flatten (an alias), not fc: no pair; c1's value is read twice.
         assert!(layer_pairs(&g, &steps).is_empty());
+    }
+
+    #[test]
+    fn a_residual_add_and_its_relu_join_the_convolution_that_reaches_them_last() {
+        let g = graph();
+        let id = |n: &str| g.node_id(n).unwrap();
+        let steps = fuse(&g, true);
+        let nodes: Vec<&str> = steps.iter().map(|s| g.nodes[s.node].name.as_str()).collect();
+        assert_eq!(nodes, ["c1", "c2", "c3", "fc"]);
+        assert_eq!(steps[1].absorbed, [id("bn2"), id("add"), id("r2")]);
+        assert_eq!(steps[1].residual, Some((id("add"), id("r1"))));
+        assert!(steps[1].relu);
+        // c1's value reaches the add too, but through r1, which c2 also reads: not fused there.
+        assert_eq!(steps[0].residual, None);
+        // A shortcut convolution built after the main path takes the add instead.
+        let device = crate::BackendKind::Flex.device().unwrap();
+        let mut b = GraphBuilder::new([3, 8, 8]);
+        let x = b.input();
+        let main = b.conv2d("main", x, Conv2dSpec::new(4, 3).padding(1));
+        let short = b.conv2d("short", x, Conv2dSpec::new(4, 1));
+        let sum = b.add("add", &[main, short]);
+        let out = b.relu("out", sum);
+        let g = b.build(out, &mut InitRng::seeded(1), &device).unwrap();
+        let steps = fuse(&g, true);
+        assert_eq!(steps[0].residual, None);
+        assert_eq!(steps[1].residual, Some((g.node_id("add").unwrap(), g.node_id("main").unwrap())));
+        // The ReLU after it too, although it is the graph's output: the step computes it.
+        assert!(steps[1].relu);
+        assert_eq!(steps[1].tail(), g.output);
     }
 
     #[test]
@@ -162,7 +210,7 @@ mod tests {
         let g = b.build(out, &mut InitRng::seeded(2), &device).unwrap();
         let (folded, names) = g.fold_batch_norms().unwrap();
         assert_eq!(names, ["bn1"]);
-        let steps = fuse(&folded);
+        let steps = fuse(&folded, false);
         assert_eq!(steps[0].absorbed, [folded.node_id("bn1").unwrap(), folded.node_id("r1").unwrap()]);
         assert_eq!(steps[0].batch_norm, None);
         assert_eq!(layer_pairs(&folded, &steps), [(0, 1)]);

@@ -25,6 +25,15 @@ fn transposed(weight: &[f32], out_features: usize, in_features: usize) -> Vec<f3
 }
 
 /// Adds the bias and applies ReLU over `[channels, plane]` in one pass (the GEMM's epilogue).
+/// `out += residual`, then the ReLU: a fused residual add, after the bias.
+fn add_relu(out: &mut [f32], residual: &[f32], relu: bool) {
+    if relu {
+        out.iter_mut().zip(residual).for_each(|(o, &r)| *o = (*o + r).max(0.0));
+    } else {
+        out.iter_mut().zip(residual).for_each(|(o, &r)| *o += r);
+    }
+}
+
 fn bias_relu(out: &mut [f32], bias: Option<&[f32]>, plane: usize, relu: bool) {
     match (bias, relu) {
         (None, false) => {}
@@ -121,6 +130,8 @@ pub struct ConvF32 {
     weight: Aligned,
     bias: Option<Vec<f32>>,
     relu: bool,
+    /// Adds its second input after the bias (a fused residual add).
+    residual: bool,
     input: (usize, usize, usize),
     output: (usize, usize, usize),
     kernel: [usize; 2],
@@ -143,6 +154,7 @@ impl ConvF32 {
             weight: aligned(view.weight),
             bias: view.bias.map(|b| b.to_vec()),
             relu: view.relu,
+            residual: view.residual,
             input: map_dims(view.input),
             output: map_dims(view.output),
             kernel,
@@ -206,7 +218,7 @@ impl ConvF32 {
         }
     }
 
-    fn image(&self, image: &[f32], out: &mut [f32], col: &mut [f32], threads: usize) {
+    fn image(&self, image: &[f32], residual: Option<&[f32]>, out: &mut [f32], col: &mut [f32], threads: usize) {
         let (cin, _, _) = self.input;
         let (cout, oh, ow) = self.output;
         let n = oh * ow;
@@ -226,7 +238,25 @@ impl ConvF32 {
                 }
             }
         }
-        bias_relu(out, self.bias.as_deref(), n, self.relu);
+        bias_relu(out, self.bias.as_deref(), n, self.relu && residual.is_none());
+        if let Some(r) = residual {
+            add_relu(out, r, self.relu);
+        }
+    }
+
+    /// The label's suffix for what the epilogue fuses.
+    fn fused(&self) -> &'static str {
+        fused_suffix(self.residual, self.relu)
+    }
+}
+
+/// What a convolution's label says it fuses.
+fn fused_suffix(residual: bool, relu: bool) -> &'static str {
+    match (residual, relu) {
+        (true, true) => "+add+relu",
+        (true, false) => "+add",
+        (false, true) => "+relu",
+        (false, false) => "",
     }
 }
 
@@ -239,7 +269,7 @@ impl Kernel for ConvF32 {
         } else {
             "im2col-gemm"
         };
-        format!("conv2d/f32-{how}{}", if self.relu { "+relu" } else { "" })
+        format!("conv2d/f32-{how}{}", self.fused())
     }
 
     fn scratch_per_image(&self) -> usize {
@@ -257,7 +287,8 @@ impl Kernel for ConvF32 {
         let (cout, oh, ow) = self.output;
         let (in_len, out_len, s_len) = (cin * h * w, cout * oh * ow, self.scratch_per_image());
         ctx.for_each_image(batch, output, out_len, scratch, s_len, |i, out, col, gemm_threads| {
-            self.image(&inputs[0][i * in_len..(i + 1) * in_len], out, col, gemm_threads);
+            let residual = inputs.get(1).map(|r| &r[i * out_len..(i + 1) * out_len]);
+            self.image(&inputs[0][i * in_len..(i + 1) * in_len], residual, out, col, gemm_threads);
         });
     }
 }
@@ -674,6 +705,71 @@ fn pad_plane(
     }
 }
 
+/// Direct convolution ([`shrink_kernels::conv::DirectConv`]): no im2col matrix; the image is
+/// padded (and split into phase planes for a stride of 2 or more) into the plan's scratch, and
+/// 4 output channels × up to 96 positions are accumulated in registers, with the bias and the
+/// fused ReLU applied as each tile is stored. For dense (groups = 1), undilated convolutions
+/// with equal strides, on the path `SHRINK_ISA` selects or the best this CPU has.
+#[derive(Debug)]
+pub struct ConvDirect {
+    conv: shrink_kernels::conv::DirectConv,
+    bias: Option<Vec<f32>>,
+    relu: bool,
+    residual: bool,
+}
+
+impl ConvDirect {
+    /// Builds the kernel, or `None` for a convolution it does not run (groups, dilation,
+    /// unequal strides), or where the CPU has no vector path (the GEMM kernels are faster there).
+    pub fn new(view: &LayerView<'_>) -> Option<Self> {
+        let Op::Conv2d { kernel, stride, padding, dilation, groups, .. } = *view.op else { return None };
+        let isa = shrink_kernels::isa::selected();
+        if groups != 1 || dilation != [1, 1] || stride[0] != stride[1] || isa == shrink_kernels::isa::Isa::Portable {
+            return None;
+        }
+        let (cin, h, w) = map_dims(view.input);
+        let (cout, ..) = map_dims(view.output);
+        let shape = shrink_kernels::conv::ConvShape {
+            input: [cin, h, w],
+            out_channels: cout,
+            kernel,
+            stride: stride[0],
+            padding,
+        };
+        Some(Self {
+            conv: shrink_kernels::conv::DirectConv::with_isa(view.weight, shape, isa),
+            bias: view.bias.map(|b| b.to_vec()),
+            relu: view.relu,
+            residual: view.residual,
+        })
+    }
+}
+
+impl Kernel for ConvDirect {
+    fn label(&self) -> String {
+        format!("conv2d/f32-direct-{}{}", self.conv.isa().name(), fused_suffix(self.residual, self.relu))
+    }
+
+    fn scratch_per_image(&self) -> usize {
+        self.conv.scratch_len()
+    }
+
+    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, scratch: &mut [f32], _ctx: &RunContext) {
+        let shape = self.conv.shape();
+        let [c, h, w] = shape.input;
+        let [oh, ow] = shape.output();
+        let (in_len, out_len) = (c * h * w, shape.out_channels * oh * ow);
+        for (i, out) in output.chunks_exact_mut(out_len).enumerate().take(batch) {
+            let epilogue = shrink_kernels::conv::Epilogue {
+                bias: self.bias.as_deref(),
+                residual: inputs.get(1).map(|r| &r[i * out_len..(i + 1) * out_len]),
+                relu: self.relu,
+            };
+            self.conv.run(&inputs[0][i * in_len..(i + 1) * in_len], out, epilogue, scratch);
+        }
+    }
+}
+
 /// Convolution on rten-gemm, the default: the weights of each group are packed once, at freeze
 /// time, into the GEMM's panel layout; the image is unrolled (im2col by row copies) into the
 /// plan's scratch and rten packs it into thread-local buffers that are reused, so a forward pass
@@ -721,7 +817,7 @@ impl ConvRten {
 impl Kernel for ConvRten {
     fn label(&self) -> String {
         let how = if self.inner.is_pointwise() { "rten-gemm" } else { "im2col-rten-gemm" };
-        format!("conv2d/f32-{how}{}", if self.inner.relu { "+relu" } else { "" })
+        format!("conv2d/f32-{how}{}", self.inner.fused())
     }
 
     fn scratch_per_image(&self) -> usize {
@@ -751,8 +847,10 @@ impl Kernel for ConvRten {
                 let b = rten_gemm::GemmInputB::Unpacked(rten_tensor::NdTensorView::from_data([k, n], rhs));
                 RTEN.with(|exec| exec.gemm(dst, a, b, opts)).expect("shapes checked at freeze time");
             }
-            if c.relu {
-                out.iter_mut().for_each(|v| *v = v.max(0.0));
+            match inputs.get(1) {
+                Some(r) => add_relu(out, &r[i * out_len..(i + 1) * out_len], c.relu),
+                None if c.relu => out.iter_mut().for_each(|v| *v = v.max(0.0)),
+                None => {}
             }
         }
     }

@@ -51,7 +51,7 @@ mod kernels;
 
 pub use freeze::{freeze, freeze_with};
 pub use fusion::batch_norm_after;
-pub use kernels::{ConvF32, ConvGeometry, ConvRten, LinearF32, LinearRten, PoolKind, Simple, Unary};
+pub use kernels::{ConvDirect, ConvF32, ConvGeometry, ConvRten, LinearF32, LinearRten, PoolKind, Simple, Unary};
 pub use shrink_kernels::sgemm::sgemm;
 
 use std::fmt::Debug;
@@ -86,8 +86,12 @@ pub struct LayerView<'a> {
     pub input: ValueShape,
     /// Output shape, batch excluded.
     pub output: ValueShape,
-    /// Whether a ReLU on the output is fused into this layer.
+    /// Whether a ReLU on the output is fused into this layer (after the residual, if any).
     pub relu: bool,
+    /// Whether a residual add is fused into this convolution: the kernel adds its second input
+    /// (an image of the output's shape) after the bias. Only the plan's own kernels are offered
+    /// it: a registry with builders never fuses adds, so a builder always sees `false`.
+    pub residual: bool,
     /// The layer that alone reads this layer's output (its value after the absorbed batch norm
     /// and ReLU), when nothing else reads that value and it is not the graph's output. The plan
     /// decides this once, by its fusion rules; a builder may use it to hand the value over in
@@ -196,6 +200,24 @@ impl KernelRegistry {
         r
     }
 
+    /// Whether the registry has no builders: the plan's own kernels only, which take fused
+    /// residual adds.
+    pub fn is_default(&self) -> bool {
+        self.builders.is_empty()
+    }
+
+    /// A registry whose convolutions run on rten-gemm over an im2col matrix (the default before
+    /// the direct kernel, and still the default's fallback): what `cargo xtask bench
+    /// onnxruntime` measures the direct convolution against.
+    pub fn im2col_gemm() -> Self {
+        let mut r = Self::default();
+        r.register("f32/im2col-rten-gemm", |view: &LayerView<'_>| match view.op {
+            Op::Conv2d { .. } => ConvRten::new(view).map(|k| Box::new(k) as Box<dyn Kernel>),
+            _ => None,
+        });
+        r
+    }
+
     fn build(&self, view: &LayerView<'_>) -> Box<dyn Kernel> {
         for (name, builder) in &self.builders {
             if let Some(k) = builder(view) {
@@ -204,10 +226,15 @@ impl KernelRegistry {
             }
         }
         match view.op {
-            Op::Conv2d { .. } => match ConvRten::new(view) {
-                Some(k) => Box::new(k),
-                None => Box::new(ConvF32::new(view)),
-            },
+            Op::Conv2d { .. } => {
+                if let Some(k) = ConvDirect::new(view) {
+                    return Box::new(k);
+                }
+                match ConvRten::new(view) {
+                    Some(k) => Box::new(k),
+                    None => Box::new(ConvF32::new(view)),
+                }
+            }
             Op::Linear { .. } => Box::new(LinearRten::new(view)),
             op => unreachable!("layer views are only made for conv2d and linear, not {}", op.kind()),
         }

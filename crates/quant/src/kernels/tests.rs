@@ -77,6 +77,7 @@ fn every_int8_conv_kernel_gives_the_same_bits() {
             input: ValueShape::Map { channels: cin, height: h, width: w },
             output: ValueShape::Map { channels: cout, height: oh, width: ow },
             relu,
+            residual: false,
             read_by: None,
             reads_from: None,
         };
@@ -139,6 +140,7 @@ fn int8_linear_gives_the_same_bits_on_both_gemms() {
             input: ValueShape::Flat { features: k },
             output: ValueShape::Flat { features: n },
             relu,
+            residual: false,
             read_by: None,
             reads_from: None,
         };

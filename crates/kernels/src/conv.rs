@@ -1,0 +1,499 @@
+//! Direct f32 convolution (groups = 1, no dilation, any kernel size, stride and padding) on
+//! channel-major images, with bias, ReLU and a residual add in its epilogue.
+//!
+//! No im2col matrix is written. The image is copied once into a zero-padded buffer, split into
+//! `stride × stride` phase planes for strided layers (phase `(py, px)` holds the padded pixels
+//! `(s·y + py, s·x + px)`), so that every tap `(c, ky, kx)` of every output pixel reads the
+//! prepared buffer at `offset(c, ky, kx) + i`, where `i = oy · wq + ox` runs over a "wide" output
+//! grid of `oh` rows of `wq` (the phase plane's width ≥ `ow`) positions. The product is then a
+//! GEMM whose right-hand rows are windows of one buffer, read in place:
+//! `wide[o, i] = Σ_k w[o, k] · x[offset[k] + i]`, the `wq − ow` extra columns of each row
+//! computed and thrown away.
+//!
+//! The micro-kernel keeps 4 output channels × up to 96 positions (24 AVX-512 registers; 4 × 24
+//! on AVX2) in registers; per tap it loads the positions once and broadcasts 4 weights. Weights
+//! are packed once, as panels of 4 channels by depth. Every path (AVX-512, AVX2 + FMA, and the
+//! portable loop) adds the taps in the same order with one fused multiply-add each, and all share
+//! one scalar epilogue ([`epilogue`]), so they give the same bits as [`reference()`], the plain
+//! loop (tested).
+#![allow(unsafe_code)]
+
+use crate::isa::{self, Isa};
+
+/// Output channels per panel.
+const OC: usize = 4;
+/// f32 lanes of one AVX-512 register.
+const LANES: usize = 16;
+/// Positions per full tile (6 AVX-512 registers per channel).
+const TILE: usize = 6 * LANES;
+
+/// `(acc + bias) + residual`, then ReLU: the one epilogue of every path.
+#[inline(always)]
+pub fn epilogue(acc: f32, bias: f32, residual: Option<f32>, relu: bool) -> f32 {
+    let mut v = acc + bias;
+    if let Some(r) = residual {
+        v += r;
+    }
+    if relu { v.max(0.0) } else { v }
+}
+
+/// [`epilogue`] over a row, with the choices made once (so the loops vectorise).
+fn epilogue_row(acc: &[f32], bias: f32, residual: Option<&[f32]>, relu: bool, out: &mut [f32]) {
+    match (residual, relu) {
+        (None, false) => out.iter_mut().zip(acc).for_each(|(o, &a)| *o = epilogue(a, bias, None, false)),
+        (None, true) => out.iter_mut().zip(acc).for_each(|(o, &a)| *o = epilogue(a, bias, None, true)),
+        (Some(r), false) => {
+            out.iter_mut().zip(acc).zip(r).for_each(|((o, &a), &r)| *o = epilogue(a, bias, Some(r), false))
+        }
+        (Some(r), true) => {
+            out.iter_mut().zip(acc).zip(r).for_each(|((o, &a), &r)| *o = epilogue(a, bias, Some(r), true))
+        }
+    }
+}
+
+/// The geometry of one convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvShape {
+    /// Input channels, height, width.
+    pub input: [usize; 3],
+    /// Output channels.
+    pub out_channels: usize,
+    /// Kernel height and width.
+    pub kernel: [usize; 2],
+    /// Stride (both directions).
+    pub stride: usize,
+    /// Padding (top = bottom, left = right).
+    pub padding: [usize; 2],
+}
+
+impl ConvShape {
+    /// Output height and width.
+    pub fn output(&self) -> [usize; 2] {
+        let [_, h, w] = self.input;
+        let s = self.stride;
+        [(h + 2 * self.padding[0] - self.kernel[0]) / s + 1, (w + 2 * self.padding[1] - self.kernel[1]) / s + 1]
+    }
+}
+
+/// What the epilogue adds to each output: a bias per channel, a residual (an image of the
+/// output's shape) and a ReLU.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Epilogue<'a> {
+    /// Bias per output channel.
+    pub bias: Option<&'a [f32]>,
+    /// Added after the bias, one value per output.
+    pub residual: Option<&'a [f32]>,
+    /// ReLU last.
+    pub relu: bool,
+}
+
+/// A convolution's weights packed for [`DirectConv::run`], with the offsets of its taps.
+#[derive(Clone, Debug)]
+pub struct DirectConv {
+    shape: ConvShape,
+    /// Taps: `c · kh · kw`.
+    depth: usize,
+    /// Panels of [`OC`] channels, each `depth × OC` (channels beyond the last are zero).
+    packed: Vec<f32>,
+    /// Each tap's offset in the prepared image.
+    offsets: Vec<usize>,
+    /// Phase plane height and width.
+    plane: [usize; 2],
+    /// The prepared image's length, slack for the last tile's reads included.
+    image_len: usize,
+    isa: Isa,
+}
+
+impl DirectConv {
+    /// Packs `weight` (`[out, in, kh, kw]`, row-major) for `shape`, on the best path this CPU
+    /// has ([`isa::selected`]).
+    ///
+    /// # Panics
+    /// If `weight` does not hold `out · in · kh · kw` values, the stride is 0 or the kernel does
+    /// not fit the padded input.
+    pub fn new(weight: &[f32], shape: ConvShape) -> Self {
+        Self::with_isa(weight, shape, isa::selected())
+    }
+
+    /// As [`DirectConv::new`], on path `isa` (which the CPU must have: see [`Isa::available`]).
+    ///
+    /// # Panics
+    /// As [`DirectConv::new`], and if the CPU lacks `isa`.
+    pub fn with_isa(weight: &[f32], shape: ConvShape, isa: Isa) -> Self {
+        assert!(isa.available(), "this CPU lacks {isa:?}");
+        let [c, h, w] = shape.input;
+        let [kh, kw] = shape.kernel;
+        let s = shape.stride;
+        assert!(s >= 1, "stride 0");
+        assert!(
+            h + 2 * shape.padding[0] >= kh && w + 2 * shape.padding[1] >= kw,
+            "kernel larger than the padded input"
+        );
+        let depth = c * kh * kw;
+        assert_eq!(weight.len(), shape.out_channels * depth, "weights must be [out, in, kh, kw]");
+        let panels = shape.out_channels.div_ceil(OC);
+        let mut packed = vec![0.0; panels * depth * OC];
+        for o in 0..shape.out_channels {
+            let (p, lane) = (o / OC, o % OC);
+            for k in 0..depth {
+                packed[(p * depth + k) * OC + lane] = weight[o * depth + k];
+            }
+        }
+        let (hp, wp) = (h + 2 * shape.padding[0], w + 2 * shape.padding[1]);
+        let plane = [hp.div_ceil(s), wp.div_ceil(s)];
+        let plane_len = c * plane[0] * plane[1];
+        let mut offsets = Vec::with_capacity(depth);
+        for ci in 0..c {
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    let phase = (ky % s) * s + kx % s;
+                    offsets.push(phase * plane_len + ci * plane[0] * plane[1] + (ky / s) * plane[1] + kx / s);
+                }
+            }
+        }
+        let [oh, _] = shape.output();
+        let wide = oh * plane[1];
+        let reads = offsets.iter().max().copied().unwrap_or(0) + wide.next_multiple_of(LANES);
+        let image_len = (s * s * plane_len).max(reads);
+        Self { shape, depth, packed, offsets, plane, image_len, isa }
+    }
+
+    /// The geometry.
+    pub fn shape(&self) -> ConvShape {
+        self.shape
+    }
+
+    /// The path it runs on.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// Scratch values [`DirectConv::run`] needs.
+    pub fn scratch_len(&self) -> usize {
+        self.image_len
+    }
+
+    /// Convolves one image (`[c, h, w]`) into `out` (`[out, oh, ow]`), with `epilogue`.
+    ///
+    /// # Panics
+    /// If a slice is shorter than its shape, or `scratch` than [`DirectConv::scratch_len`].
+    pub fn run(&self, image: &[f32], out: &mut [f32], epilogue: Epilogue<'_>, scratch: &mut [f32]) {
+        let ConvShape { input: [c, h, w], out_channels, .. } = self.shape;
+        let [oh, ow] = self.shape.output();
+        assert!(image.len() >= c * h * w, "image too short");
+        assert!(out.len() >= out_channels * oh * ow, "output too short");
+        assert!(epilogue.bias.is_none_or(|b| b.len() >= out_channels), "bias too short");
+        assert!(epilogue.residual.is_none_or(|r| r.len() >= out_channels * oh * ow), "residual too short");
+        let x = &mut scratch[..self.image_len];
+        self.prepare(image, x);
+        let x = &*x;
+        let wide = oh * self.plane[1];
+        let mut acc = [[0.0f32; TILE]; OC];
+        for p in 0..out_channels.div_ceil(OC) {
+            let weights = &self.packed[p * self.depth * OC..(p + 1) * self.depth * OC];
+            let mut i0 = 0;
+            while i0 < wide {
+                let n = TILE.min(wide - i0);
+                self.tile(weights, x, i0, n, &mut acc);
+                for (lane, row) in acc.iter().enumerate() {
+                    let o = p * OC + lane;
+                    if o >= out_channels {
+                        break;
+                    }
+                    let bias = epilogue.bias.map_or(0.0, |b| b[o]);
+                    // The tile's positions, row by row of the wide grid; the columns past `ow`
+                    // are dropped.
+                    let (mut j, wq) = (0, self.plane[1]);
+                    while j < n {
+                        let (oy, ox) = ((i0 + j) / wq, (i0 + j) % wq);
+                        let len = (wq - ox).min(n - j);
+                        if ox < ow {
+                            let valid = len.min(ow - ox);
+                            let at = o * oh * ow + oy * ow + ox;
+                            let residual = epilogue.residual.map(|r| &r[at..at + valid]);
+                            epilogue_row(&row[j..j + valid], bias, residual, epilogue.relu, &mut out[at..at + valid]);
+                        }
+                        j += len;
+                    }
+                }
+                i0 += n;
+            }
+        }
+    }
+
+    /// Writes the zero-padded image, the phase planes the taps read for a stride > 1, and
+    /// zeros in the slack.
+    fn prepare(&self, image: &[f32], x: &mut [f32]) {
+        let ConvShape { input: [c, h, w], kernel: [kh, kw], stride: s, padding: [pad_y, pad_x], .. } = self.shape;
+        let [hq, wq] = self.plane;
+        x.fill(0.0);
+        let plane_len = c * hq * wq;
+        for ci in 0..c {
+            for y in 0..h {
+                let row = &image[(ci * h + y) * w..][..w];
+                let yp = y + pad_y;
+                // Phase rows no tap reads (a 1×1 kernel of stride 2 reads one phase of four).
+                if yp % s >= kh {
+                    continue;
+                }
+                let base = ci * hq * wq + (yp / s) * wq;
+                if s == 1 {
+                    x[base + pad_x..][..w].copy_from_slice(row);
+                    continue;
+                }
+                for phase_x in 0..s.min(kw) {
+                    // The input columns whose padded column `xi + pad_x` is `phase_x` mod `s`,
+                    // at padded column / s in the phase plane.
+                    let first = (phase_x + s - pad_x % s) % s;
+                    let dst = &mut x[((yp % s) * s + phase_x) * plane_len + base..][..wq];
+                    let start = (first + pad_x) / s;
+                    for (d, &v) in dst[start..].iter_mut().zip(row.iter().skip(first).step_by(s)) {
+                        *d = v;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `acc[lane][j] = Σ_k w[k][lane] · x[offset[k] + i0 + j]` for `j < n` (entries past `n`
+    /// are left undefined).
+    fn tile(&self, weights: &[f32], x: &[f32], i0: usize, n: usize, acc: &mut [[f32; TILE]; OC]) {
+        // The reads stay inside `x`: `new` sized it for `max offset + wide` rounded up to whole
+        // registers, and `i0 + n ≤ wide`.
+        let vectors = n.div_ceil(LANES);
+        debug_assert!(self.offsets.iter().all(|&o| o + i0 + vectors * LANES <= x.len()));
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                // SAFETY: `with_isa` checked that the CPU has AVX-512F (and FMA); the reads stay
+                // inside `x` as `new` sized it (checked above in debug builds) and the writes
+                // inside `acc`.
+                unsafe { x86::tile_avx512(weights, x, &self.offsets, i0, vectors, acc) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                // SAFETY: `with_isa` checked that the CPU has AVX2 and FMA; reads and writes as
+                // for AVX-512, in 8-lane halves.
+                unsafe { x86::tile_avx2(weights, x, &self.offsets, i0, vectors * 2, acc) }
+            }
+            _ => portable_tile(weights, x, &self.offsets, i0, vectors * LANES, acc),
+        }
+    }
+}
+
+/// The portable path: the same taps in the same order, one `mul_add` each.
+fn portable_tile(weights: &[f32], x: &[f32], offsets: &[usize], i0: usize, n: usize, acc: &mut [[f32; TILE]; OC]) {
+    for row in acc.iter_mut() {
+        row[..n].fill(0.0);
+    }
+    for (k, &off) in offsets.iter().enumerate() {
+        let src = &x[off + i0..][..n];
+        for (lane, row) in acc.iter_mut().enumerate() {
+            let wk = weights[k * OC + lane];
+            for (a, &v) in row[..n].iter_mut().zip(src) {
+                *a = wk.mul_add(v, *a);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{OC, TILE};
+
+    /// `vectors` (1 to 6) registers of 16 positions per channel.
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn tile_avx512(
+        weights: &[f32],
+        x: &[f32],
+        offsets: &[usize],
+        i0: usize,
+        vectors: usize,
+        acc: &mut [[f32; TILE]; OC],
+    ) {
+        // SAFETY: every arm forwards the caller's contract.
+        unsafe {
+            match vectors {
+                1 => avx512::<1>(weights, x, offsets, i0, acc),
+                2 => avx512::<2>(weights, x, offsets, i0, acc),
+                3 => avx512::<3>(weights, x, offsets, i0, acc),
+                4 => avx512::<4>(weights, x, offsets, i0, acc),
+                5 => avx512::<5>(weights, x, offsets, i0, acc),
+                _ => avx512::<6>(weights, x, offsets, i0, acc),
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn avx512<const V: usize>(
+        weights: &[f32],
+        x: &[f32],
+        offsets: &[usize],
+        i0: usize,
+        acc: &mut [[f32; TILE]; OC],
+    ) {
+        let mut sum = [[_mm512_setzero_ps(); V]; OC];
+        let base = x.as_ptr().wrapping_add(i0);
+        for (k, &off) in offsets.iter().enumerate() {
+            let src = base.wrapping_add(off);
+            let mut v = [_mm512_setzero_ps(); V];
+            for (j, vj) in v.iter_mut().enumerate() {
+                // SAFETY: `off + i0 + 16·V ≤ x.len()` (the caller's contract).
+                *vj = unsafe { _mm512_loadu_ps(src.add(j * 16)) };
+            }
+            for (lane, s) in sum.iter_mut().enumerate() {
+                let w = _mm512_set1_ps(weights[k * OC + lane]);
+                for j in 0..V {
+                    s[j] = _mm512_fmadd_ps(w, v[j], s[j]);
+                }
+            }
+        }
+        for (lane, s) in sum.iter().enumerate() {
+            for (j, &sj) in s.iter().enumerate() {
+                // SAFETY: `16·V ≤ TILE` values of the row.
+                unsafe { _mm512_storeu_ps(acc[lane].as_mut_ptr().add(j * 16), sj) };
+            }
+        }
+    }
+
+    /// `vectors` (1 to 12) registers of 8 positions per channel, in passes of at most 3.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile_avx2(
+        weights: &[f32],
+        x: &[f32],
+        offsets: &[usize],
+        i0: usize,
+        vectors: usize,
+        acc: &mut [[f32; TILE]; OC],
+    ) {
+        let mut j = 0;
+        while j < vectors {
+            // SAFETY: every arm forwards the caller's contract, for positions `8·j ..` of the tile.
+            unsafe {
+                match vectors - j {
+                    1 => avx2::<1>(weights, x, offsets, i0, j * 8, acc),
+                    2 => avx2::<2>(weights, x, offsets, i0, j * 8, acc),
+                    _ => avx2::<3>(weights, x, offsets, i0, j * 8, acc),
+                }
+            }
+            j += 3;
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2<const V: usize>(
+        weights: &[f32],
+        x: &[f32],
+        offsets: &[usize],
+        i0: usize,
+        at: usize,
+        acc: &mut [[f32; TILE]; OC],
+    ) {
+        let mut sum = [[_mm256_setzero_ps(); V]; OC];
+        let base = x.as_ptr().wrapping_add(i0 + at);
+        for (k, &off) in offsets.iter().enumerate() {
+            let src = base.wrapping_add(off);
+            let mut v = [_mm256_setzero_ps(); V];
+            for (j, vj) in v.iter_mut().enumerate() {
+                // SAFETY: `off + i0 + at + 8·V ≤ x.len()` (the caller's contract).
+                *vj = unsafe { _mm256_loadu_ps(src.add(j * 8)) };
+            }
+            for (lane, s) in sum.iter_mut().enumerate() {
+                let w = _mm256_set1_ps(weights[k * OC + lane]);
+                for j in 0..V {
+                    s[j] = _mm256_fmadd_ps(w, v[j], s[j]);
+                }
+            }
+        }
+        for (lane, s) in sum.iter().enumerate() {
+            for (j, &sj) in s.iter().enumerate() {
+                // SAFETY: `at + 8·V ≤ TILE` values of the row.
+                unsafe { _mm256_storeu_ps(acc[lane].as_mut_ptr().add(at + j * 8), sj) };
+            }
+        }
+    }
+}
+
+/// The plain loop every path is held to: for each output, the taps `(c, ky, kx)` in order, one
+/// `mul_add` each (padding reads 0), then [`epilogue`].
+pub fn reference(image: &[f32], weight: &[f32], shape: ConvShape, epi: Epilogue<'_>) -> Vec<f32> {
+    let ConvShape { input: [c, h, w], out_channels, kernel: [kh, kw], stride: s, padding: [py, px] } = shape;
+    let [oh, ow] = shape.output();
+    let mut out = vec![0.0; out_channels * oh * ow];
+    for o in 0..out_channels {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let mut acc = 0.0f32;
+                for ci in 0..c {
+                    for ky in 0..kh {
+                        for kx in 0..kw {
+                            let (y, x) = ((oy * s + ky) as isize - py as isize, (ox * s + kx) as isize - px as isize);
+                            let v = if (0..h as isize).contains(&y) && (0..w as isize).contains(&x) {
+                                image[(ci * h + y as usize) * w + x as usize]
+                            } else {
+                                0.0
+                            };
+                            acc = weight[((o * c + ci) * kh + ky) * kw + kx].mul_add(v, acc);
+                        }
+                    }
+                }
+                let at = (o * oh + oy) * ow + ox;
+                out[at] = epilogue(acc, epi.bias.map_or(0.0, |b| b[o]), epi.residual.map(|r| r[at]), epi.relu);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 8388608.0 - 1.0).collect()
+    }
+
+    /// Every path this CPU has gives the reference's bits, over geometries that exercise
+    /// partial panels, partial tiles, strides 1 to 3, 1×1 to 5×5 kernels and every epilogue.
+    #[test]
+    fn every_path_gives_the_reference_bits() {
+        let shapes = [
+            ConvShape { input: [3, 28, 28], out_channels: 16, kernel: [3, 3], stride: 1, padding: [1, 1] },
+            ConvShape { input: [16, 14, 14], out_channels: 32, kernel: [3, 3], stride: 2, padding: [1, 1] },
+            ConvShape { input: [16, 14, 14], out_channels: 32, kernel: [1, 1], stride: 2, padding: [0, 0] },
+            ConvShape { input: [5, 7, 9], out_channels: 6, kernel: [1, 1], stride: 1, padding: [0, 0] },
+            ConvShape { input: [2, 11, 6], out_channels: 3, kernel: [5, 3], stride: 3, padding: [2, 0] },
+            ConvShape { input: [7, 1, 1], out_channels: 9, kernel: [3, 3], stride: 1, padding: [1, 1] },
+            ConvShape { input: [4, 9, 10], out_channels: 5, kernel: [3, 1], stride: 2, padding: [1, 0] },
+            ConvShape { input: [64, 7, 7], out_channels: 64, kernel: [3, 3], stride: 1, padding: [1, 1] },
+        ];
+        for isa in Isa::ALL.into_iter().filter(|i| i.available_for_test("every_path_gives_the_reference_bits")) {
+            for (n, &shape) in shapes.iter().enumerate() {
+                let [c, h, w] = shape.input;
+                let [oh, ow] = shape.output();
+                let image = values(c * h * w, n as u32);
+                let weight = values(shape.out_channels * c * shape.kernel[0] * shape.kernel[1], 7 + n as u32);
+                let bias = values(shape.out_channels, 99);
+                let residual = values(shape.out_channels * oh * ow, 5);
+                for epi in [
+                    Epilogue::default(),
+                    Epilogue { bias: Some(&bias), residual: None, relu: true },
+                    Epilogue { bias: Some(&bias), residual: Some(&residual), relu: true },
+                ] {
+                    let conv = DirectConv::with_isa(&weight, shape, isa);
+                    let mut scratch = vec![f32::NAN; conv.scratch_len()];
+                    let mut out = vec![f32::NAN; shape.out_channels * oh * ow];
+                    conv.run(&image, &mut out, epi, &mut scratch);
+                    let want = reference(&image, &weight, shape, epi);
+                    for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                        assert_eq!(a.to_bits(), b.to_bits(), "{isa:?} {shape:?} at {i}: {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! The instruction-set paths of the kernels, detected at run time and selectable with the
+//! environment variable `SHRINK_ISA` (`portable`, `avx2`, `avx512`), so each path can be run and
+//! measured on one machine that has it.
+//!
+//! Tests run every path the CPU has ([`Isa::available_for_test`]); a path named in
+//! `SHRINK_REQUIRE_ISA` (a comma-separated list, e.g. `avx2,avx512`) must be there, or the test
+//! fails instead of skipping it.
+
+use std::sync::OnceLock;
+
+/// A code path of the f32 kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Isa {
+    /// Plain Rust (`mul_add`), on any CPU.
+    Portable,
+    /// AVX2 and FMA: 8 lanes.
+    Avx2,
+    /// AVX-512F and FMA: 16 lanes.
+    Avx512,
+}
+
+impl Isa {
+    /// Every path, slowest first.
+    pub const ALL: [Isa; 3] = [Isa::Portable, Isa::Avx2, Isa::Avx512];
+
+    /// The name `SHRINK_ISA` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    /// The path named `name`.
+    pub fn parse(name: &str) -> Option<Isa> {
+        Self::ALL.into_iter().find(|i| i.name() == name)
+    }
+
+    /// Whether this CPU runs the path.
+    pub fn available(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma"),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// Whether a test can run the path here. Where it cannot, the test says so on stderr and
+    /// goes on without it, unless `SHRINK_REQUIRE_ISA` names it: then this panics.
+    ///
+    /// # Panics
+    /// When `SHRINK_REQUIRE_ISA` names this path and the CPU lacks it.
+    pub fn available_for_test(self, test: &str) -> bool {
+        if self.available() {
+            return true;
+        }
+        let required = std::env::var("SHRINK_REQUIRE_ISA").unwrap_or_default();
+        assert!(
+            !required.split(',').any(|r| r.trim() == self.name()),
+            "{test}: SHRINK_REQUIRE_ISA names {}, but this CPU lacks it",
+            self.name()
+        );
+        eprintln!("{test}: the {} path is skipped: this CPU lacks it", self.name());
+        false
+    }
+}
+
+/// The best path this CPU has.
+pub fn best() -> Isa {
+    Isa::ALL.into_iter().rev().find(|i| i.available()).unwrap_or(Isa::Portable)
+}
+
+/// `SHRINK_ISA` read and checked: `Ok(None)` when unset, an error naming the value when it names
+/// no path or one this CPU lacks (programs check this once at start and exit with it).
+///
+/// # Errors
+/// The message says what `SHRINK_ISA` holds and which paths this CPU has.
+pub fn from_env() -> Result<Option<Isa>, String> {
+    let Ok(value) = std::env::var("SHRINK_ISA") else { return Ok(None) };
+    let have: Vec<&str> = Isa::ALL.into_iter().filter(|i| i.available()).map(Isa::name).collect();
+    match Isa::parse(value.trim()) {
+        Some(isa) if isa.available() => Ok(Some(isa)),
+        Some(isa) => Err(format!("SHRINK_ISA={value}: this CPU lacks {}; it has {}", isa.name(), have.join(", "))),
+        None => Err(format!(
+            "SHRINK_ISA={value} names no kernel path: expected one of {} (this CPU has {})",
+            Isa::ALL.map(Isa::name).join(", "),
+            have.join(", ")
+        )),
+    }
+}
+
+/// The path the kernels use: `SHRINK_ISA` where it names one this CPU has, else [`best`]
+/// (programs report a bad `SHRINK_ISA` through [`from_env`] before they get here).
+pub fn selected() -> Isa {
+    static SELECTED: OnceLock<Isa> = OnceLock::new();
+    *SELECTED.get_or_init(|| from_env().ok().flatten().unwrap_or_else(best))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_the_best_path_is_available() {
+        for isa in Isa::ALL {
+            assert_eq!(Isa::parse(isa.name()), Some(isa));
+        }
+        assert_eq!(Isa::parse("sse"), None);
+        assert!(best().available());
+        assert!(Isa::Portable.available());
+    }
+}
