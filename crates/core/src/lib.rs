@@ -11,7 +11,7 @@
 //! - [`io`]: model files (safetensors with the graph in the header), atomic writes.
 //! - [`onnx`]: ONNX import — a model exported from PyTorch, TensorFlow or Paddle becomes a graph.
 //! - [`runtime`]: the CPU inference plan — [`runtime::freeze`] folds batch norms, fuses ReLUs,
-//!   plans buffers and runs f32 GEMM kernels; other crates plug kernels in through a registry.
+//!   plans buffers and runs f32 kernels (direct convolutions, GEMMs); other crates plug kernels in through a registry.
 //! - [`kernels`]: the compute kernels themselves (GEMMs, convolutions, sparse and integer
 //!   kernels, ISA dispatch), the burn-free crate `shrink-kernels` below this one.
 //! - [`backend`]: the one module that names burn's backends.

@@ -503,7 +503,7 @@ impl Report {
             conventions: vec![
                 "MACs: 1 MAC = one multiply and one add, conv and linear layers only; FLOPs = 2 x MACs".into(),
                 "parameters: trainable values (weights, biases, batch-norm gamma/beta); bytes include batch-norm running statistics, f32".into(),
-                "latency: measured wall time of a forward pass after warm-up, median and p90; burn-* = burn's forward incl. read-back, cpu-plan = shrink's frozen CPU plan (batch norm folded, f32 GEMM kernels), cpu-plan-int8 = the same plan with quantized layers on integer kernels".into(),
+                "latency: measured wall time of a forward pass after warm-up, median and p90; burn-* = burn's forward incl. read-back, cpu-plan = shrink's frozen CPU plan (batch norm folded, f32 kernels: direct convolutions, GEMM for linear layers), cpu-plan-int8 = the same plan with quantized layers on integer kernels".into(),
                 "accuracy: measured on the test split after each stage, by what `evaluated on` names: after a quantize stage, the integer kernels; the simulated (fake-quant) accuracy is shown beside it".into(),
                 "file: size of the stage's model file as shrink writes it (safetensors; f32, or packed integer weights + f32 scales)".into(),
             ],
