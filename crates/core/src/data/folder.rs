@@ -107,5 +107,6 @@ mod tests {
         std::fs::write(root.join("a_blue").join("broken.png"), b"not a png").unwrap();
         let e = load_image_folder(&root, [2, 4], 3).unwrap_err().to_string();
         assert!(e.contains("broken.png"), "{e}");
+        let _ = std::fs::remove_dir_all(root.parent().unwrap());
     }
 }

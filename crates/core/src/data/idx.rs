@@ -434,9 +434,12 @@ pub(crate) mod tests {
         assert!(e.contains("damaged gzip stream") && !e.contains("byte 0:"), "{e}");
     }
 
+    /// A fresh, empty directory for the calling test: process ids repeat between runs, so what
+    /// an earlier run left under the same name (its `broken.png`) is removed first.
     pub(crate) fn tempdir() -> std::path::PathBuf {
         let d =
             std::env::temp_dir().join(format!("shrink-idx-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
     }
