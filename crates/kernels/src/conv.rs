@@ -178,6 +178,23 @@ impl DirectConv {
     /// # Panics
     /// If a slice is shorter than its shape, or `scratch` than [`DirectConv::scratch_len`].
     pub fn run(&self, image: &[f32], out: &mut [f32], epilogue: Epilogue<'_>, scratch: &mut [f32]) {
+        self.run_threads(image, out, epilogue, scratch, 1);
+    }
+
+    /// As [`DirectConv::run`], with the output channels split between `threads` workers of the
+    /// current rayon pool (in jobs of a few panels, taken by whichever worker is free), so one
+    /// image uses several cores. The result is the same bits whatever `threads`.
+    ///
+    /// # Panics
+    /// As [`DirectConv::run`].
+    pub fn run_threads(
+        &self,
+        image: &[f32],
+        out: &mut [f32],
+        epilogue: Epilogue<'_>,
+        scratch: &mut [f32],
+        threads: usize,
+    ) {
         let ConvShape { input: [c, h, w], out_channels, .. } = self.shape;
         let [oh, ow] = self.shape.output();
         assert!(image.len() >= c * h * w, "image too short");
@@ -187,9 +204,29 @@ impl DirectConv {
         let x = &mut scratch[..self.image_len];
         self.prepare(image, x);
         let x = &*x;
+        let panels = out_channels.div_ceil(OC);
+        let out = &mut out[..out_channels * oh * ow];
+        if threads <= 1 || panels < 2 {
+            self.panels(x, 0..panels, out, epilogue);
+            return;
+        }
+        use rayon::prelude::*;
+        let per_job = panels.div_ceil(2 * threads).max(1);
+        out.par_chunks_mut(per_job * OC * oh * ow).enumerate().for_each(|(j, chunk)| {
+            let first = j * per_job;
+            self.panels(x, first..(first + per_job).min(panels), chunk, epilogue);
+        });
+    }
+
+    /// Panels `range` of the prepared image `x` into `out`, which starts at the range's first
+    /// output channel.
+    fn panels(&self, x: &[f32], range: std::ops::Range<usize>, out: &mut [f32], epilogue: Epilogue<'_>) {
+        let out_channels = self.shape.out_channels;
+        let [oh, ow] = self.shape.output();
+        let base = range.start * OC * oh * ow;
         let wide = oh * self.plane[1];
         let mut acc = [[0.0f32; TILE]; OC];
-        for p in 0..out_channels.div_ceil(OC) {
+        for p in range {
             let weights = &self.packed[p * self.depth * OC..(p + 1) * self.depth * OC];
             let mut i0 = 0;
             while i0 < wide {
@@ -211,7 +248,8 @@ impl DirectConv {
                             let valid = len.min(ow - ox);
                             let at = o * oh * ow + oy * ow + ox;
                             let residual = epilogue.residual.map(|r| &r[at..at + valid]);
-                            epilogue_row(&row[j..j + valid], bias, residual, epilogue.relu, &mut out[at..at + valid]);
+                            let dst = &mut out[at - base..at - base + valid];
+                            epilogue_row(&row[j..j + valid], bias, residual, epilogue.relu, dst);
                         }
                         j += len;
                     }
@@ -485,12 +523,20 @@ mod tests {
                     Epilogue { bias: Some(&bias), residual: Some(&residual), relu: true },
                 ] {
                     let conv = DirectConv::with_isa(&weight, shape, isa);
-                    let mut scratch = vec![f32::NAN; conv.scratch_len()];
-                    let mut out = vec![f32::NAN; shape.out_channels * oh * ow];
-                    conv.run(&image, &mut out, epi, &mut scratch);
                     let want = reference(&image, &weight, shape, epi);
-                    for (i, (a, b)) in out.iter().zip(&want).enumerate() {
-                        assert_eq!(a.to_bits(), b.to_bits(), "{isa:?} {shape:?} at {i}: {a} vs {b}");
+                    // One thread, and the channels split between three workers.
+                    for threads in [1, 3] {
+                        let mut scratch = vec![f32::NAN; conv.scratch_len()];
+                        let mut out = vec![f32::NAN; shape.out_channels * oh * ow];
+                        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                        pool.install(|| conv.run_threads(&image, &mut out, epi, &mut scratch, threads));
+                        for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                            assert_eq!(
+                                a.to_bits(),
+                                b.to_bits(),
+                                "{isa:?} {shape:?} {threads} threads at {i}: {a} vs {b}"
+                            );
+                        }
                     }
                 }
             }

@@ -754,7 +754,7 @@ impl Kernel for ConvDirect {
         self.conv.scratch_len()
     }
 
-    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, scratch: &mut [f32], _ctx: &RunContext) {
+    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, scratch: &mut [f32], ctx: &RunContext) {
         let shape = self.conv.shape();
         let [c, h, w] = shape.input;
         let [oh, ow] = shape.output();
@@ -765,7 +765,7 @@ impl Kernel for ConvDirect {
                 residual: inputs.get(1).map(|r| &r[i * out_len..(i + 1) * out_len]),
                 relu: self.relu,
             };
-            self.conv.run(&inputs[0][i * in_len..(i + 1) * in_len], out, epilogue, scratch);
+            self.conv.run_threads(&inputs[0][i * in_len..(i + 1) * in_len], out, epilogue, scratch, ctx.threads);
         }
     }
 }
