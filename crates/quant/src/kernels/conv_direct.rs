@@ -182,9 +182,22 @@ impl ConvDirectInt8 {
         for q in 0..c.div_ceil(4) {
             for y in 0..h {
                 let dst = &mut out[((q * hp + y + ph) * wp + pw) * 4..][..w * 4];
-                for lane in 0..4.min(c - 4 * q) {
-                    let src = &x[((4 * q + lane) * h + y) * w..][..w];
-                    for (i, &v) in src.iter().enumerate() {
+                let row = |lane: usize| &x[((4 * q + lane) * h + y) * w..][..w];
+                if 4 * q + 4 <= c {
+                    // Four whole channels: each pixel's four bytes built in one word, a loop
+                    // the compiler vectorises (byte-strided stores, one lane at a time, do not).
+                    let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
+                    for (i, d) in dst.chunks_exact_mut(4).enumerate() {
+                        let word = quantize_one(r0[i], inv, zp) as u32
+                            | (quantize_one(r1[i], inv, zp) as u32) << 8
+                            | (quantize_one(r2[i], inv, zp) as u32) << 16
+                            | (quantize_one(r3[i], inv, zp) as u32) << 24;
+                        d.copy_from_slice(&word.to_le_bytes());
+                    }
+                    continue;
+                }
+                for lane in 0..c - 4 * q {
+                    for (i, &v) in row(lane).iter().enumerate() {
                         dst[i * 4 + lane] = quantize_one(v, inv, zp);
                     }
                 }
