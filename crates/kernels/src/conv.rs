@@ -342,6 +342,9 @@ mod x86 {
     use super::{OC, TILE};
 
     /// `vectors` (1 to 6) registers of 16 positions per channel.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F and FMA, and `off + i0 + 16 · vectors ≤ x.len()` for every offset.
     #[target_feature(enable = "avx512f,fma")]
     pub(super) unsafe fn tile_avx512(
         weights: &[f32],
@@ -364,6 +367,8 @@ mod x86 {
         }
     }
 
+    /// # Safety
+    /// As `tile_avx512`, with `V` registers.
     #[inline]
     #[target_feature(enable = "avx512f,fma")]
     unsafe fn avx512<const V: usize>(
@@ -398,6 +403,9 @@ mod x86 {
     }
 
     /// `vectors` (1 to 12) registers of 8 positions per channel, in passes of at most 3.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA, and `off + i0 + 8 · vectors ≤ x.len()` for every offset.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn tile_avx2(
         weights: &[f32],
@@ -421,6 +429,8 @@ mod x86 {
         }
     }
 
+    /// # Safety
+    /// As `tile_avx2`, for the `V` registers from position `at`.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn avx2<const V: usize>(
