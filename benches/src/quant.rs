@@ -56,12 +56,13 @@ fn gemm_case(m: usize, k: usize, n: usize) -> Case {
         }
     };
     let mut contenders = vec![int8_gemm, f32_gemm];
-    // Our AVX-512 VNNI GEMM (the plans' kernel where the CPU has it): weights packed once, the
-    // activations read as they are; the zero point is subtracted in the plans' epilogue.
-    if shrink_core::kernels::vnni::available() {
+    // Our integer GEMM on the selected path (the plans' kernel: AVX-512 VNNI or AVX2): weights
+    // packed once, the activations read as they are; the zero point is subtracted in the plans'
+    // epilogue.
+    if let Some(isa) = shrink_core::kernels::int8::path() {
         let qa: Vec<u8> = a.iter().map(|v| ((v + 0.5) * 255.0) as u8).collect();
         let qb: Vec<i8> = b.iter().map(|v| (v * 254.0) as i8).collect();
-        let packed = shrink_core::kernels::vnni::PackedWeights::new(&qb, k, n);
+        let packed = shrink_core::kernels::int8::PackedWeights::with_isa(&qb, k, n, isa);
         let lda = packed.padded_depth();
         let mut rows = vec![0u8; m * lda];
         for (dst, src) in rows.chunks_exact_mut(lda).zip(qa.chunks_exact(k)) {
@@ -71,8 +72,8 @@ fn gemm_case(m: usize, k: usize, n: usize) -> Case {
         contenders.insert(
             0,
             Contender {
-                runner: "int8 shrink-avx512-vnni".into(),
-                run: Box::new(move || shrink_core::kernels::vnni::gemm(&rows, lda, m, &packed, &mut c)),
+                runner: format!("int8 shrink-{}", isa.name()),
+                run: Box::new(move || shrink_core::kernels::int8::gemm(&rows, lda, m, &packed, &mut c)),
             },
         );
     }

@@ -107,7 +107,7 @@ fn batch_norm_is_folded_and_relu_fused() {
     let how = if isa == shrink_core::kernels::isa::Isa::Portable {
         "im2col-rten-gemm".to_string()
     } else {
-        format!("direct-{}", isa.name())
+        format!("direct-{}", isa.f32_path().name())
     };
     let stem = kernels.iter().find(|(n, _)| n == "stem.conv").unwrap();
     assert_eq!(stem.1, format!("conv2d/f32-{how}+relu"));

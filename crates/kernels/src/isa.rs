@@ -1,27 +1,33 @@
 //! The instruction-set paths of the kernels, detected at run time and selectable with the
-//! environment variable `SHRINK_ISA` (`portable`, `avx2`, `avx512`), so each path can be run and
-//! measured on one machine that has it.
+//! environment variable `SHRINK_ISA` (`portable`, `avx2`, `avx512`, `avx512-vnni`), so each path
+//! can be run and measured on one machine that has it.
+//!
+//! One choice covers every kernel: the f32 kernels use the widest floating-point path it allows
+//! ([`Isa::f32_path`]), the integer ones the widest integer path ([`Isa::int8_path`]) — AVX-512
+//! without VNNI has no integer path of its own, so `avx512` runs the integer kernels on AVX2.
 //!
 //! Tests run every path the CPU has ([`Isa::available_for_test`]); a path named in
-//! `SHRINK_REQUIRE_ISA` (a comma-separated list, e.g. `avx2,avx512`) must be there, or the test
-//! fails instead of skipping it.
+//! `SHRINK_REQUIRE_ISA` (a comma-separated list, e.g. `avx2,avx512,avx512-vnni`) must be there, or
+//! the test fails instead of skipping it.
 
 use std::sync::OnceLock;
 
-/// A code path of the f32 kernels.
+/// A code path of the kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Isa {
-    /// Plain Rust (`mul_add`), on any CPU.
+    /// Plain Rust (`mul_add`), on any CPU; integer layers on rten-gemm's portable kernels.
     Portable,
-    /// AVX2 and FMA: 8 lanes.
+    /// AVX2 and FMA: 8 lanes of f32; integers as exact i16 pair products (`vpmaddwd`).
     Avx2,
-    /// AVX-512F and FMA: 16 lanes.
+    /// AVX-512F and FMA: 16 lanes of f32; integers as on AVX2.
     Avx512,
+    /// AVX-512 (F, BW, VL, DQ) with VNNI: f32 as AVX-512, integers by `vpdpbusd`.
+    Avx512Vnni,
 }
 
 impl Isa {
     /// Every path, slowest first.
-    pub const ALL: [Isa; 3] = [Isa::Portable, Isa::Avx2, Isa::Avx512];
+    pub const ALL: [Isa; 4] = [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni];
 
     /// The name `SHRINK_ISA` takes.
     pub fn name(self) -> &'static str {
@@ -29,6 +35,24 @@ impl Isa {
             Isa::Portable => "portable",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Avx512Vnni => "avx512-vnni",
+        }
+    }
+
+    /// The path the f32 kernels take under this choice: `Portable`, `Avx2` or `Avx512`.
+    pub fn f32_path(self) -> Isa {
+        match self {
+            Isa::Avx512Vnni => Isa::Avx512,
+            other => other,
+        }
+    }
+
+    /// The path the integer kernels take under this choice: `Portable` (no kernel of ours),
+    /// `Avx2` or `Avx512Vnni`.
+    pub fn int8_path(self) -> Isa {
+        match self {
+            Isa::Avx512 => Isa::Avx2,
+            other => other,
         }
     }
 
@@ -45,6 +69,15 @@ impl Isa {
             Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => {
+                Isa::Avx512.available()
+                    && Isa::Avx2.available()
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::arch::is_x86_feature_detected!("avx512dq")
+                    && std::arch::is_x86_feature_detected!("avx512vnni")
+            }
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
@@ -113,5 +146,9 @@ mod tests {
         assert_eq!(Isa::parse("sse"), None);
         assert!(best().available());
         assert!(Isa::Portable.available());
+        for isa in Isa::ALL {
+            assert!(isa.f32_path() <= Isa::Avx512 && isa.f32_path() <= isa);
+            assert!(isa.int8_path() != Isa::Avx512 && isa.int8_path() <= isa);
+        }
     }
 }

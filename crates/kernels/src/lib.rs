@@ -5,13 +5,12 @@
 //!
 //! - [`conv`]: direct f32 convolution (no im2col) with bias, ReLU and a residual add fused.
 //! - [`sgemm`]: row-major f32 GEMM (the `gemm` crate, faer's, behind a safe wrapper).
-//! - [`vnni`]: u8 × i8 → i32 GEMM and direct convolution on AVX-512 VNNI, with their epilogues.
+//! - [`int8`]: u8 × i8 → i32 GEMM and direct convolution, AVX-512 VNNI and (exact) AVX2.
 //! - [`sparse`]: CSR × dense f32 products and a direct sparse convolution, AVX-512 and AVX2.
 //! - [`isa`]: the run-time choice of code path, overridable with `SHRINK_ISA`.
 //!
 //! Every ISA path is tested against a plain scalar loop in this crate's tests; a test whose path
-//! this CPU lacks says so, and fails instead where `SHRINK_REQUIRE_ISA` (or, for the integer
-//! kernels, `SHRINK_REQUIRE_VNNI=1`) asks for it.
+//! this CPU lacks says so, and fails instead where `SHRINK_REQUIRE_ISA` asks for it.
 //!
 //! ```
 //! use shrink_kernels::sparse::{Csr, spmm};
@@ -23,7 +22,7 @@
 #![warn(missing_docs)]
 
 pub mod conv;
+pub mod int8;
 pub mod isa;
 pub mod sgemm;
 pub mod sparse;
-pub mod vnni;

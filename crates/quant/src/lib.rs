@@ -8,8 +8,8 @@
 //!   percentile, MSE);
 //! - [`ptq`]: static post-training quantization of a graph ([`ptq::quantize_static`]) into a
 //!   [`ptq::QuantizedModel`] that runs on burn with simulated rounding, or frozen into a CPU plan
-//!   on real integer kernels ([`kernels`]: u8 × i8 → i32, on our AVX-512 VNNI kernels
-//!   ([`shrink_core::kernels::vnni`]) or rten-gemm);
+//!   on real integer kernels ([`kernels`]: u8 × i8 → i32, on our AVX-512 VNNI or exact AVX2 kernels
+//!   ([`shrink_core::kernels::int8`]) or rten-gemm);
 //! - [`qat`]: quantization-aware training ([`quantization_aware_training`]): fake-quant with the
 //!   straight-through estimator on core's training loop, scales from the data or learned (LSQ),
 //!   into the same [`ptq::QuantizedModel`].

@@ -1,5 +1,5 @@
 //! [`ConvDirectInt8`]: integer convolution computed directly on the quantized image, on
-//! AVX-512 VNNI ([`shrink_core::kernels::vnni::DirectConv`]).
+//! AVX-512 VNNI or AVX2 ([`shrink_core::kernels::int8::DirectConv`]).
 
 use shrink_core::graph::{Op, ValueShape};
 use shrink_core::runtime::{Kernel, LayerView, RunContext};
@@ -8,14 +8,14 @@ use super::{BUFFERS, Buffers, ChannelEpilogue, IntLayer, dims};
 use crate::QuantParams;
 use crate::scheme::quantize_one;
 
-/// Integer convolution on AVX-512 VNNI, computed directly on the quantized image
-/// ([`shrink_core::kernels::vnni::DirectConv`]): the input is quantized once into four-channel-interleaved
+/// Integer convolution on AVX-512 VNNI or AVX2, computed directly on the quantized image
+/// ([`shrink_core::kernels::int8::DirectConv`]): the input is quantized once into four-channel-interleaved
 /// rows padded with its zero point, and the epilogue writes channel-major f32, so unlike
 /// [`ConvInt8`](super::ConvInt8) nothing is transposed or unrolled. Convolutions with a stride other than 1 or 2
 /// (or unequal strides), dilation, groups, or outputs the kernel's grid would waste more than
-/// a third of the work on (see [`shrink_core::kernels::vnni::DirectConv::supports`]) use [`ConvInt8`](super::ConvInt8).
+/// a third of the work on (see [`shrink_core::kernels::int8::DirectConv::supports`]) use [`ConvInt8`](super::ConvInt8).
 pub struct ConvDirectInt8 {
-    conv: shrink_core::kernels::vnni::DirectConv,
+    conv: shrink_core::kernels::int8::DirectConv,
     epilogue: ChannelEpilogue,
     input_params: QuantParams,
     input: (usize, usize, usize),
@@ -24,12 +24,12 @@ pub struct ConvDirectInt8 {
     kernel: [usize; 2],
     stride: usize,
     /// Rows and columns of the quantized image the kernel reads (see
-    /// [`shrink_core::kernels::vnni::DirectConv::image_size`]).
+    /// [`shrink_core::kernels::int8::DirectConv::image_size`]).
     image: (usize, usize),
     bits: u32,
     /// The output goes, requantized, straight into the next convolution's input image (see
     /// [`ConvDirectInt8::requantize_for`]).
-    requantize: Option<shrink_core::kernels::vnni::QuadImage>,
+    requantize: Option<shrink_core::kernels::int8::QuadImage>,
     /// The input arrives already quantized, in this kernel's image layout (written by the
     /// previous convolution's epilogue).
     quantized_input: bool,
@@ -42,16 +42,26 @@ impl std::fmt::Debug for ConvDirectInt8 {
 }
 
 impl ConvDirectInt8 {
-    /// Builds the kernel, or `None` where it does not apply (no AVX-512 VNNI, an unsupported
+    /// Builds the kernel on the selected integer path ([`shrink_core::kernels::int8::path`]),
+    /// or `None` where it does not apply (no integer path of ours on this CPU, an unsupported
     /// stride, dilation or groups other than 1, an unsupported output width, dynamic
     /// quantization).
     pub fn new(view: &LayerView<'_>, layer: &IntLayer) -> Option<Self> {
+        Self::with_isa(view, layer, shrink_core::kernels::int8::path()?)
+    }
+
+    /// As [`Self::new`], on integer path `isa` (`Avx512Vnni` or `Avx2`, which the CPU must run).
+    pub fn with_isa(view: &LayerView<'_>, layer: &IntLayer, isa: shrink_core::kernels::isa::Isa) -> Option<Self> {
+        if !shrink_core::kernels::int8::supports(isa) {
+            return None;
+        }
         let planned = Self::plan_input(view.op, view.input, view.output, layer)?;
         let Op::Conv2d { kernel, stride, padding, out_channels, .. } = *view.op else { unreachable!("planned") };
         let (input, output) = (dims(view.input), dims(view.output));
         let per = view.weight.len() / out_channels;
         let weights: Vec<i8> = view.weight.iter().enumerate().map(|(i, &w)| layer.int_weight(w, i / per)).collect();
-        let conv = shrink_core::kernels::vnni::DirectConv::new(&weights, out_channels, input.0, kernel, stride[0]);
+        let conv =
+            shrink_core::kernels::int8::DirectConv::with_isa(&weights, out_channels, input.0, kernel, stride[0], isa);
         Some(Self {
             image: (planned.height, planned.width),
             epilogue: ChannelEpilogue::new(view, layer, conv.column_sums()),
@@ -68,31 +78,30 @@ impl ConvDirectInt8 {
         })
     }
 
-    /// Whether a conv `op` from `input` to `output` quantized as `layer` gets this kernel
-    /// ([`Self::new`] builds it exactly then), and if so the image it reads: what the previous
-    /// layer's epilogue must write to fuse its requantization.
+    /// Whether a conv `op` from `input` to `output` quantized as `layer` fits this kernel
+    /// ([`Self::new`] builds it exactly then, where the CPU has an integer path), and if so the
+    /// image it reads: what the previous layer's epilogue must write to fuse its requantization.
     pub fn plan_input(
         op: &Op,
         input: ValueShape,
         output: ValueShape,
         layer: &IntLayer,
-    ) -> Option<shrink_core::kernels::vnni::QuadImage> {
+    ) -> Option<shrink_core::kernels::int8::QuadImage> {
         let Op::Conv2d { kernel, stride, padding, dilation, groups, out_channels, .. } = *op else {
             return None;
         };
         let ((cin, h, w), (_, oh, ow)) = (dims(input), dims(output));
-        if !shrink_core::kernels::vnni::available()
-            || layer.dynamic
+        if layer.dynamic
             || groups != 1
             || stride[0] != stride[1]
-            || !shrink_core::kernels::vnni::DirectConv::supports_stride(stride[0])
+            || !shrink_core::kernels::int8::DirectConv::supports_stride(stride[0])
             || dilation != [1, 1]
             || layer.weight_scales.len() != out_channels
-            || !shrink_core::kernels::vnni::DirectConv::supports(oh, ow)
+            || !shrink_core::kernels::int8::DirectConv::supports(oh, ow)
         {
             return None;
         }
-        let (hp, wp) = shrink_core::kernels::vnni::DirectConv::image_size(
+        let (hp, wp) = shrink_core::kernels::int8::DirectConv::image_size(
             kernel,
             stride[0],
             h + 2 * padding[0],
@@ -100,7 +109,7 @@ impl ConvDirectInt8 {
             oh,
             ow,
         );
-        Some(shrink_core::kernels::vnni::QuadImage {
+        Some(shrink_core::kernels::int8::QuadImage {
             quads: cin.div_ceil(4),
             height: hp,
             width: wp,
@@ -117,11 +126,11 @@ impl ConvDirectInt8 {
     ///
     /// # Panics
     /// When the image does not fit this layer's output buffer, or its channels differ.
-    pub fn requantize_for(mut self, next: shrink_core::kernels::vnni::QuadImage) -> Self {
+    pub fn requantize_for(mut self, next: shrink_core::kernels::int8::QuadImage) -> Self {
         let (cout, oh, ow) = self.output;
         assert_eq!(next.quads, cout.div_ceil(4), "the next layer reads this layer's channels");
         assert!(
-            next.len() + shrink_core::kernels::vnni::DirectConv::SLACK <= 4 * cout * oh * ow,
+            next.len() + shrink_core::kernels::int8::DirectConv::SLACK <= 4 * cout * oh * ow,
             "the image must fit the buffer"
         );
         self.requantize = Some(next);
@@ -149,7 +158,7 @@ impl ConvDirectInt8 {
         let (c, _, _) = self.input;
         let (hp, wp) = self.padded();
         let (_, oh, ow) = self.output;
-        let (gh, gw) = shrink_core::kernels::vnni::DirectConv::grid(oh, ow);
+        let (gh, gw) = shrink_core::kernels::int8::DirectConv::grid(oh, ow);
         let [kh, kw] = self.kernel;
         let zero = self.input_params.zero_point;
         plane.clear();
@@ -212,7 +221,7 @@ impl Kernel for ConvDirectInt8 {
         let relu = if self.epilogue.relu { "+relu" } else { "" };
         let out = if self.requantize.is_some() { "+requantize-u8" } else { "" };
         let input = if self.quantized_input { " (u8 input)" } else { "" };
-        format!("conv2d/int8-direct-vnni{relu}{out}{bits}{input}")
+        format!("conv2d/int8-direct-{}{relu}{out}{bits}{input}", self.conv.isa().name())
     }
 
     fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], _ctx: &RunContext) {
@@ -222,7 +231,7 @@ impl Kernel for ConvDirectInt8 {
         let (in_len, out_len) = (cin * h * w, cout * oh * ow);
         BUFFERS.with(|b| {
             let Buffers { image: own, sums, acc: plane, .. } = &mut *b.borrow_mut();
-            own.resize(self.conv.quads() * hp * wp * 4 + shrink_core::kernels::vnni::DirectConv::SLACK, 0);
+            own.resize(self.conv.quads() * hp * wp * 4 + shrink_core::kernels::int8::DirectConv::SLACK, 0);
             for i in 0..batch {
                 let x = &inputs[0][i * in_len..(i + 1) * in_len];
                 let image: &[u8] = if self.quantized_input {
@@ -234,16 +243,16 @@ impl Kernel for ConvDirectInt8 {
                 if self.epilogue.asymmetric() {
                     self.window_sums(image, plane, sums);
                 }
-                let epilogue = self.epilogue.vnni(sums);
+                let epilogue = self.epilogue.kernel(sums);
                 let out = &mut output[i * out_len..(i + 1) * out_len];
                 let out = match self.requantize {
                     Some(next) => {
                         let bytes: &mut [u8] = bytemuck::cast_slice_mut(out);
                         // The next image's border (and the slack) hold its zero point.
-                        bytes[..next.len() + shrink_core::kernels::vnni::DirectConv::SLACK].fill(next.zero_point);
-                        shrink_core::kernels::vnni::Output::Quads { bytes, image: next }
+                        bytes[..next.len() + shrink_core::kernels::int8::DirectConv::SLACK].fill(next.zero_point);
+                        shrink_core::kernels::int8::Output::Quads { bytes, image: next }
                     }
-                    None => shrink_core::kernels::vnni::Output::F32(out),
+                    None => shrink_core::kernels::int8::Output::F32(out),
                 };
                 self.conv.run(image, hp, wp, oh, ow, out, &epilogue);
             }

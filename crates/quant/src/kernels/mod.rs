@@ -1,7 +1,8 @@
 //! Integer kernels for the CPU plan: u8 × i8 → i32, weights quantized and packed once when the
-//! plan is frozen, never dequantized while it runs. On CPUs with AVX-512 VNNI the arithmetic is
-//! our own ([`shrink_core::kernels::vnni`]: a direct convolution, and a GEMM that needs no packing of the
-//! activations); elsewhere it is rten-gemm's (AVX-512, AVX2 or NEON, chosen at run time).
+//! plan is frozen, never dequantized while it runs. On x86 CPUs with AVX2 or AVX-512 VNNI the
+//! arithmetic is our own ([`shrink_core::kernels::int8`]: a direct convolution, and a GEMM that
+//! needs no packing of the activations, both exact — AVX2 without `vpmaddubsw`'s saturation);
+//! elsewhere it is rten-gemm's portable or NEON kernels, chosen at run time.
 //!
 //! Activations travel between steps of the plan in f32. Each integer layer quantizes its input
 //! to u8 in one pass (the rounding its calibrated parameters define), multiplies in integers,
@@ -41,35 +42,42 @@ thread_local! {
     };
 }
 
-/// The name of the integer GEMM kernel the plans use on this CPU: `shrink-avx512-vnni`, or the
-/// one rten picked (e.g. `x86_64-u8i8i32-avx2`).
+/// The name of the integer GEMM kernel the plans use on this CPU (and `SHRINK_ISA`):
+/// `shrink-avx512-vnni`, `shrink-avx2`, or the one rten picked (e.g. `generic-u8i8i32`).
 pub fn int8_gemm_kernel_name() -> String {
-    if shrink_core::kernels::vnni::available() {
-        "shrink-avx512-vnni".into()
-    } else {
-        INT8.with(|e| e.kernel_name().to_string())
+    match Int8Gemm::best() {
+        Int8Gemm::Shrink(isa) => format!("shrink-{}", isa.name()),
+        Int8Gemm::Rten => INT8.with(|e| e.kernel_name().to_string()),
     }
+}
+
+/// Whether rten-gemm's integer kernel on this CPU may saturate (its AVX2 and AVX-512-without-VNNI
+/// kernels add pairs of u8 × i8 products in i16 with saturation): the plans never use it there
+/// ([`Int8Gemm::best`] picks shrink's exact AVX2 kernel), and tests do not hold it to exact results.
+pub fn rten_int8_saturates() -> bool {
+    INT8.with(|e| e.may_saturate())
 }
 
 /// Which GEMM an integer layer runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Int8Gemm {
-    /// [`shrink_core::kernels::vnni`]: the default where the CPU has AVX-512 VNNI.
-    Vnni,
-    /// rten-gemm: everywhere else.
+    /// [`shrink_core::kernels::int8`] on one of its paths (`Avx512Vnni` or `Avx2`): the default
+    /// where the CPU has one.
+    Shrink(shrink_core::kernels::isa::Isa),
+    /// rten-gemm: everywhere else (its AVX2 kernel is never used: it saturates).
     Rten,
 }
 
 impl Int8Gemm {
-    /// The fastest one this CPU runs.
+    /// The fastest one this CPU runs (under `SHRINK_ISA`).
     pub fn best() -> Self {
-        if shrink_core::kernels::vnni::available() { Self::Vnni } else { Self::Rten }
+        shrink_core::kernels::int8::path().map_or(Self::Rten, Self::Shrink)
     }
 }
 
 /// Weights `[k, n]` (i8, symmetric: zero point 0) packed once for one of the GEMMs.
 pub(crate) enum PackedInt8 {
-    Vnni(shrink_core::kernels::vnni::PackedWeights),
+    Shrink(shrink_core::kernels::int8::PackedWeights),
     /// With the depth, the weights' zero points (all 0, passed on every call) and
     /// [`Self::zero_sums`] (all 0).
     Rten(rten_gemm::PackedBMatrix<i8>, usize, Vec<i8>, Vec<i32>),
@@ -78,7 +86,7 @@ pub(crate) enum PackedInt8 {
 impl PackedInt8 {
     pub(crate) fn new(wt: &[i8], k: usize, n: usize, gemm: Int8Gemm) -> Self {
         match gemm {
-            Int8Gemm::Vnni => Self::Vnni(shrink_core::kernels::vnni::PackedWeights::new(wt, k, n)),
+            Int8Gemm::Shrink(isa) => Self::Shrink(shrink_core::kernels::int8::PackedWeights::with_isa(wt, k, n, isa)),
             Int8Gemm::Rten => {
                 Self::Rten(INT8.with(|e| e.prepack_b(NdTensorView::from_data([k, n], wt))), k, vec![0; n], vec![0; n])
             }
@@ -87,7 +95,7 @@ impl PackedInt8 {
 
     pub(crate) fn name(&self) -> &'static str {
         match self {
-            Self::Vnni(_) => "vnni",
+            Self::Shrink(w) => w.isa().name(),
             Self::Rten(..) => "rten",
         }
     }
@@ -95,7 +103,7 @@ impl PackedInt8 {
     /// Bytes between rows of the activations.
     pub(crate) fn lda(&self, k: usize) -> usize {
         match self {
-            Self::Vnni(w) => w.padded_depth(),
+            Self::Shrink(w) => w.padded_depth(),
             Self::Rten(..) => k,
         }
     }
@@ -103,17 +111,17 @@ impl PackedInt8 {
     /// Values between rows of the accumulators.
     pub(crate) fn ldc(&self, n: usize) -> usize {
         match self {
-            Self::Vnni(w) => w.padded_columns(),
+            Self::Shrink(w) => w.padded_columns(),
             Self::Rten(..) => n,
         }
     }
 
     /// Per column `j`, what times the activations' zero point to subtract from the
-    /// accumulators: rten subtracts zero points itself (0), the VNNI kernel leaves
+    /// accumulators: rten subtracts zero points itself (0), shrink's kernels leave
     /// `zero · Σ_k w[k, j]`.
     pub(crate) fn zero_sums(&self) -> &[i32] {
         match self {
-            Self::Vnni(w) => w.column_sums(),
+            Self::Shrink(w) => w.column_sums(),
             Self::Rten(_, _, _, zeros) => zeros,
         }
     }
@@ -122,7 +130,7 @@ impl PackedInt8 {
     /// [`Self::zero_sums`] says).
     pub(crate) fn gemm(&self, a: &[u8], rows: usize, zero: u8, row_zero: &mut Vec<u8>, acc: &mut [i32]) {
         match self {
-            Self::Vnni(w) => shrink_core::kernels::vnni::gemm(a, w.padded_depth(), rows, w, acc),
+            Self::Shrink(w) => shrink_core::kernels::int8::gemm(a, w.padded_depth(), rows, w, acc),
             &Self::Rten(ref w, k, ref weight_zero, _) => {
                 let n = weight_zero.len();
                 row_zero.clear();
@@ -204,11 +212,11 @@ pub(crate) fn dims(shape: ValueShape) -> (usize, usize, usize) {
 
 /// The integer epilogue, the one definition of how an i32 accumulator becomes an output value:
 /// `(acc − correction − weight_zero · window_sum) · scale + bias`, then ReLU if asked, with
-/// wrapping i32 arithmetic (as the SIMD lanes of [`shrink_core::kernels::vnni`] compute it) and the float
+/// wrapping i32 arithmetic (as the SIMD lanes of [`shrink_core::kernels::int8`] compute it) and the float
 /// product and sum rounded separately (no fused multiply-add). `correction` is the input's zero
 /// point times the weights' sum, `weight_zero · window_sum` the asymmetric weights' term (0 for
 /// symmetric weights), `scale` the input scale times the weight scale. The vector epilogue of
-/// [`shrink_core::kernels::vnni::DirectConv`] performs the same operations in the same order; the tests hold
+/// [`shrink_core::kernels::int8::DirectConv`] performs the same operations in the same order; the tests hold
 /// both to the same bits.
 #[inline(always)]
 pub fn dequantize(
@@ -268,8 +276,8 @@ impl ChannelEpilogue {
     }
 
     /// The same epilogue as the direct convolution reads it.
-    pub fn vnni<'a>(&'a self, window_sums: &'a [i32]) -> shrink_core::kernels::vnni::Epilogue<'a> {
-        shrink_core::kernels::vnni::Epilogue {
+    pub fn kernel<'a>(&'a self, window_sums: &'a [i32]) -> shrink_core::kernels::int8::Epilogue<'a> {
+        shrink_core::kernels::int8::Epilogue {
             correction: &self.correction,
             scale: &self.scale,
             bias: &self.bias,
@@ -281,7 +289,7 @@ impl ChannelEpilogue {
 }
 
 /// A kernel registry that gives each layer of `layers` (by node name) its integer kernel: the
-/// direct VNNI convolution where it applies, else im2col on the best GEMM; linear layers on the
+/// direct convolution (AVX-512 VNNI or AVX2) where it applies, else im2col on the best GEMM; linear layers on the
 /// GEMM. With `fuse_requantization`, two direct convolutions the plan pairs (the first's value
 /// read by the second alone: [`LayerView::read_by`]) hand the value over as u8, written by the
 /// first's epilogue in the second's input layout ([`requantized_handover`]).
@@ -367,7 +375,8 @@ pub fn requantized_handover(
     from: &LayerLink<'_>,
     to: &LayerLink<'_>,
     layers: &BTreeMap<String, IntLayer>,
-) -> Option<shrink_core::kernels::vnni::QuadImage> {
+) -> Option<shrink_core::kernels::int8::QuadImage> {
+    shrink_core::kernels::int8::path()?;
     let producer = layers.get(from.name)?;
     if producer.output.is_some() {
         // Its output is rounded to its own grid after the epilogue: no handover.
@@ -375,5 +384,5 @@ pub fn requantized_handover(
     }
     ConvDirectInt8::plan_input(from.op, from.input, from.output, producer)?;
     let image = ConvDirectInt8::plan_input(to.op, to.input, to.output, layers.get(to.name)?)?;
-    (image.len() + shrink_core::kernels::vnni::DirectConv::SLACK <= 4 * from.value.numel()).then_some(image)
+    (image.len() + shrink_core::kernels::int8::DirectConv::SLACK <= 4 * from.value.numel()).then_some(image)
 }

@@ -1,0 +1,1223 @@
+//! Integer kernels, u8 × i8 → i32: a GEMM and a direct convolution, on two paths chosen at run
+//! time ([`path`], overridable with `SHRINK_ISA`): AVX-512 VNNI and AVX2. Elsewhere the integer
+//! layers use rten-gemm's portable kernels.
+//!
+//! **AVX-512 VNNI** (`vpdpbusd`) multiplies four consecutive u8 of an activation row by four i8
+//! of a weight column and adds them to one i32 lane, so the activations need no packing at all:
+//! each step of the GEMM broadcasts four bytes of a row straight from memory, and the direct
+//! convolution reads 16 pixels × 4 channels as one register. Only the weights are packed, once.
+//! (Why not rten-gemm here: it packs the activations on every call and sums their rows; for the
+//! convolutions of small CNNs that costs more than the multiplication — measured: 68 GOP/s on
+//! 8192×144×16, where the arithmetic alone runs at over 300.)
+//!
+//! **AVX2** has no such instruction. The usual substitute, `vpmaddubsw`, adds two u8 × i8
+//! products into an i16 **with saturation**: 255·127 + 255·127 = 64,770 does not fit, so results
+//! silently differ from the exact sum whenever two large products meet (rten-gemm's AVX2 kernel
+//! and ONNX Runtime's U8S8 path accept that; the usual fix, 7-bit weights, changes the model).
+//! This path is exact instead: the four bytes of each word are split into their even and odd
+//! bytes as i16 pairs (`a & 0x00FF00FF` and `a >> 8` per 16-bit half: one AND and one shift per
+//! activation vector), the weights are packed as the matching i16 pairs, and `vpmaddwd` adds two
+//! i16 products into an i32 — at most 2 · 255 · 128 = 65,280, far from any limit. It costs two
+//! multiply-adds per four bytes where VNNI needs one, and it gives the same bits as VNNI and the
+//! scalar reference (tested on every path).
+//!
+//! Both kernels compute `Σ_k a[m, k] · w[k, n]`, without zero points; the caller subtracts
+//! `zero_point(a) · Σ_k w[k, n]` ([`PackedWeights::column_sums`]), which is exact when the
+//! activations are padded with their zero point (as the convolution does).
+#![allow(unsafe_code)]
+
+use crate::isa::{self, Isa};
+
+/// Output channels per VNNI panel: one 512-bit register of i32.
+const PANEL: usize = 16;
+/// Output channels per AVX2 panel: one 256-bit register of i32.
+const PANEL_AVX2: usize = 8;
+/// Depths per `vpdpbusd` lane (and per pair of `vpmaddwd` on AVX2).
+const DEPTH_STEP: usize = 4;
+
+/// The integer path the kernels take under the selected ISA ([`isa::selected`] and
+/// [`Isa::int8_path`]): `Some(Isa::Avx512Vnni)` or `Some(Isa::Avx2)`, `None` where this crate has
+/// no integer kernel for it (the plan then uses rten-gemm's portable kernels).
+pub fn path() -> Option<Isa> {
+    let isa = isa::selected().int8_path();
+    supports(isa).then_some(isa)
+}
+
+/// Whether `isa` is an integer path of this module ([`Isa::Avx512Vnni`] or [`Isa::Avx2`]) that
+/// this CPU runs.
+pub fn supports(isa: Isa) -> bool {
+    matches!(isa, Isa::Avx512Vnni | Isa::Avx2) && isa.available()
+}
+
+/// [`path`] for a test: where it is `None` the test says so on stderr — and fails instead where
+/// `SHRINK_REQUIRE_ISA` names an integer path this CPU lacks ([`paths_for_test`]).
+pub fn path_for_test(test: &str) -> Option<Isa> {
+    let found = path();
+    if found.is_none() {
+        paths_for_test(test);
+        eprintln!("{test}: no integer kernel path of ours under {:?}: that part is skipped", isa::selected());
+    }
+    found
+}
+
+/// The integer paths a test must check on this CPU: each one it has, the others skipped with a
+/// message — or the test fails where `SHRINK_REQUIRE_ISA` names one ([`Isa::available_for_test`]).
+pub fn paths_for_test(test: &str) -> Vec<Isa> {
+    [Isa::Avx2, Isa::Avx512Vnni].into_iter().filter(|i| i.available_for_test(test)).collect()
+}
+
+/// Weights `w [k, n]` (i8) packed for [`gemm()`] on one path. AVX-512 VNNI: panels of 16
+/// columns, each `k/4` blocks of 16 columns × 4 depths (one word per column: its four bytes).
+/// AVX2: panels of 8 columns, each `k/4` blocks of two rows of 8 words — the i16 pairs of depths
+/// 0 and 2, then of depths 1 and 3. Depths and columns are padded with zeros.
+#[derive(Clone, Debug)]
+pub struct PackedWeights {
+    words: Vec<i32>,
+    /// Depth, padded to a multiple of 4.
+    depth: usize,
+    columns: usize,
+    column_sums: Vec<i32>,
+    isa: Isa,
+}
+
+/// The i16 pairs `(b0, b2)` and `(b1, b3)` of four i8 `b`, as the AVX2 path multiplies them.
+fn i16_pairs(b: [i8; 4]) -> [i32; 2] {
+    let pair = |lo: i8, hi: i8| (lo as i16 as u16 as u32 | (hi as i16 as u16 as u32) << 16) as i32;
+    [pair(b[0], b[2]), pair(b[1], b[3])]
+}
+
+impl PackedWeights {
+    /// Packs `w`, row-major `[k, n]`, for the selected integer path ([`path`]).
+    ///
+    /// # Panics
+    /// Where this module has no integer path for the selected ISA (see [`path`]).
+    pub fn new(w: &[i8], k: usize, n: usize) -> Self {
+        Self::with_isa(w, k, n, path().expect("no integer kernel path on this CPU"))
+    }
+
+    /// Packs `w`, row-major `[k, n]`, for path `isa` ([`Isa::Avx512Vnni`] or [`Isa::Avx2`]; the
+    /// CPU need not have it until [`gemm()`] runs).
+    ///
+    /// # Panics
+    /// On another path, or when `w` is not `[k, n]`.
+    pub fn with_isa(w: &[i8], k: usize, n: usize, isa: Isa) -> Self {
+        assert!(matches!(isa, Isa::Avx512Vnni | Isa::Avx2), "no integer kernel for {isa:?}");
+        assert_eq!(w.len(), k * n, "weights must be [k, n]");
+        let depth = k.next_multiple_of(DEPTH_STEP);
+        let steps = depth / DEPTH_STEP;
+        let panel = if isa == Isa::Avx2 { PANEL_AVX2 } else { PANEL };
+        let panels = n.div_ceil(panel);
+        let mut words = vec![0i32; panels * steps * panel * if isa == Isa::Avx2 { 2 } else { 1 }];
+        for p in 0..panels {
+            for s in 0..steps {
+                for c in 0..panel.min(n - p * panel) {
+                    let col = p * panel + c;
+                    let bytes: [i8; 4] = std::array::from_fn(|d| {
+                        let kk = s * DEPTH_STEP + d;
+                        if kk < k { w[kk * n + col] } else { 0 }
+                    });
+                    if isa == Isa::Avx2 {
+                        let [even, odd] = i16_pairs(bytes);
+                        let at = ((p * steps + s) * 2) * panel + c;
+                        words[at] = even;
+                        words[at + panel] = odd;
+                    } else {
+                        words[(p * steps + s) * panel + c] = i32::from_le_bytes(bytes.map(|b| b as u8));
+                    }
+                }
+            }
+        }
+        let column_sums = (0..n).map(|col| (0..k).map(|kk| w[kk * n + col] as i32).sum()).collect();
+        Self { words, depth, columns: n, column_sums, isa }
+    }
+
+    /// The path the weights are packed for.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// Row length the activations must have (at least): the depth rounded up to 4. The bytes
+    /// past the real depth meet zero weights, so their values do not matter.
+    pub fn padded_depth(&self) -> usize {
+        self.depth
+    }
+
+    /// Columns of the output rows [`gemm()`] writes: `n` rounded up to 16 (on either path).
+    pub fn padded_columns(&self) -> usize {
+        self.columns.next_multiple_of(PANEL)
+    }
+
+    /// `Σ_k w[k, n]` per column, to remove the activations' zero point from the result.
+    pub fn column_sums(&self) -> &[i32] {
+        &self.column_sums
+    }
+}
+
+/// `c[m, :] = Σ_k a[m, k] · w[k, :]` for `m < rows`, exactly: `a` rows are `lda` bytes apart (at
+/// least [`PackedWeights::padded_depth`]), `c` rows hold [`PackedWeights::padded_columns`] values
+/// (columns past `n` are left as they were or overwritten).
+///
+/// # Panics
+/// When the CPU lacks the path the weights were packed for, or a slice is too short.
+pub fn gemm(a: &[u8], lda: usize, rows: usize, w: &PackedWeights, c: &mut [i32]) {
+    let ldc = w.padded_columns();
+    assert!(w.isa.available(), "this CPU lacks {:?}", w.isa);
+    assert!(lda >= w.depth && (rows == 0 || a.len() >= (rows - 1) * lda + w.depth), "a is too short");
+    assert!(c.len() >= rows * ldc, "c is too short");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the CPU has the path's features (checked above) and the slices hold what the
+    // kernel reads and writes (checked above; the kernel reads rows below `rows` only).
+    unsafe {
+        match w.isa {
+            Isa::Avx512Vnni => x86::gemm(a, lda, rows, w, c, ldc),
+            _ => x86::gemm_avx2(a, lda, rows, w, c, ldc),
+        }
+    }
+}
+
+/// A convolution (stride 1 or 2) computed directly on the quantized image, without unrolling
+/// patches: the image is stored as `[c/4][h][w][4]` (four channels interleaved, padded with its
+/// zero point), so consecutive output pixels of one kernel tap read contiguous words — 16 pixels
+/// are one AVX-512 register, exactly what `vpdpbusd` takes, 8 one AVX2 register — and the weights
+/// of 4 channels × 1 tap are one broadcast word (two i16-pair words on AVX2). The accumulators of
+/// a tile hold 8 output channels × 16 or 32 pixels (AVX2: 4 channels × 16 pixels), so the
+/// epilogue (zero-point correction, scale, bias, ReLU) writes channel-major f32 rows with no
+/// transposition, or the next layer's image.
+///
+/// Rows are computed on a virtual output grid ([`DirectConv::grid`]): the width rounded up to a
+/// multiple of 16 (or 8, two rows per vector, for widths up to 8), the height to an even number
+/// for the latter, reading extra zero-point padding on the right and bottom of the image; only
+/// the real pixels are stored (masked stores). Grids that waste more than a third of the work
+/// are left to other kernels.
+#[derive(Clone, Debug)]
+pub struct DirectConv {
+    /// AVX-512 VNNI: `[tap][quad][out]`, four i8 weights (input channels `4·quad..4·quad+4`)
+    /// per word. AVX2: `[tap][quad][out][2]`, their i16 pairs (channels 0 and 2, 1 and 3).
+    words: Vec<i32>,
+    quads: usize,
+    out_channels: usize,
+    /// Output channels rounded up to a tile (8); the extra ones have zero weights.
+    out_padded: usize,
+    kernel: [usize; 2],
+    stride: usize,
+    column_sums: Vec<i32>,
+    isa: Isa,
+}
+
+/// What the direct convolution's epilogue applies per output channel `o` and pixel `p`:
+/// `y = (acc − correction[o] − weight_zero[o] · window_sums[p]) · scale[o] + bias[o]`, then
+/// ReLU if asked (the same operations, in the same order, as the scalar epilogue, so both give
+/// the same bits).
+#[derive(Clone, Copy, Debug)]
+pub struct Epilogue<'a> {
+    /// Per output channel.
+    pub correction: &'a [i32],
+    /// Per output channel.
+    pub scale: &'a [f32],
+    /// Per output channel.
+    pub bias: &'a [f32],
+    /// ReLU on the output.
+    pub relu: bool,
+    /// Asymmetric weights: zero point per output channel; empty for symmetric weights.
+    pub weight_zero: &'a [i32],
+    /// With `weight_zero`: `Σ (a − a_zero)` over each output pixel's receptive field.
+    pub window_sums: &'a [i32],
+}
+
+const TILE_CHANNELS: usize = 8;
+
+/// Where the direct convolution writes its output.
+#[derive(Debug)]
+pub enum Output<'a> {
+    /// `[out_channels][oh][ow]` f32.
+    F32(&'a mut [f32]),
+    /// Requantized for the next convolution, in the layout it reads (see [`QuadImage`]); the
+    /// caller has filled `bytes` with the next layer's zero point (its padding).
+    Quads {
+        /// `[quads][height][width][4]` u8 (and [`DirectConv::SLACK`] bytes more).
+        bytes: &'a mut [u8],
+        /// The layout and the next layer's input parameters.
+        image: QuadImage,
+    },
+}
+
+/// A quantized image as [`DirectConv`] reads it: `[quads][height][width][4]` u8, the real
+/// image at `(padding[0], padding[1])` inside a border of zero points.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QuadImage {
+    /// Groups of four channels.
+    pub quads: usize,
+    /// Rows, padding included.
+    pub height: usize,
+    /// Columns, padding included.
+    pub width: usize,
+    /// Rows and columns of padding before the image.
+    pub padding: [usize; 2],
+    /// `1 / scale` of the quantization.
+    pub inverse_scale: f32,
+    /// Zero point of the quantization.
+    pub zero_point: u8,
+}
+
+impl QuadImage {
+    /// Bytes the image takes, without the slack.
+    pub fn len(&self) -> usize {
+        self.quads * self.height * self.width * 4
+    }
+
+    /// Whether the image has no pixels.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl DirectConv {
+    /// Packs `weight`, `[out, in, kh, kw]` (i8), for a convolution with the same `stride`
+    /// (1 or 2) along both axes, on the selected integer path ([`path`]).
+    ///
+    /// # Panics
+    /// On another stride, or where this module has no integer path for the selected ISA.
+    pub fn new(weight: &[i8], out_channels: usize, in_channels: usize, kernel: [usize; 2], stride: usize) -> Self {
+        let isa = path().expect("no integer kernel path on this CPU");
+        Self::with_isa(weight, out_channels, in_channels, kernel, stride, isa)
+    }
+
+    /// As [`DirectConv::new`], on path `isa` ([`Isa::Avx512Vnni`] or [`Isa::Avx2`]; the CPU need
+    /// not have it until [`DirectConv::run`]).
+    ///
+    /// # Panics
+    /// On another stride or path.
+    pub fn with_isa(
+        weight: &[i8],
+        out_channels: usize,
+        in_channels: usize,
+        kernel: [usize; 2],
+        stride: usize,
+        isa: Isa,
+    ) -> Self {
+        assert!(Self::supports_stride(stride), "stride {stride}");
+        assert!(matches!(isa, Isa::Avx512Vnni | Isa::Avx2), "no integer kernel for {isa:?}");
+        let pairs = isa == Isa::Avx2;
+        let [kh, kw] = kernel;
+        assert_eq!(weight.len(), out_channels * in_channels * kh * kw, "weights must be [out, in, kh, kw]");
+        let quads = in_channels.div_ceil(4);
+        let out_padded = out_channels.next_multiple_of(TILE_CHANNELS);
+        let mut words = vec![0i32; kh * kw * quads * out_padded * if pairs { 2 } else { 1 }];
+        for tap in 0..kh * kw {
+            for q in 0..quads {
+                for o in 0..out_channels {
+                    let bytes: [i8; 4] = std::array::from_fn(|l| {
+                        let c = 4 * q + l;
+                        if c < in_channels { weight[(o * in_channels + c) * kh * kw + tap] } else { 0 }
+                    });
+                    let at = (tap * quads + q) * out_padded + o;
+                    if pairs {
+                        words[2 * at..2 * at + 2].copy_from_slice(&i16_pairs(bytes));
+                    } else {
+                        words[at] = i32::from_le_bytes(bytes.map(|b| b as u8));
+                    }
+                }
+            }
+        }
+        let per = in_channels * kh * kw;
+        let column_sums =
+            (0..out_channels).map(|o| weight[o * per..(o + 1) * per].iter().map(|&w| w as i32).sum()).collect();
+        Self { words, quads, out_channels, out_padded, kernel, stride, column_sums, isa }
+    }
+
+    /// The path it runs on.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// Whether the kernel covers a stride (the same along both axes): 1 or 2.
+    pub fn supports_stride(stride: usize) -> bool {
+        matches!(stride, 1 | 2)
+    }
+
+    /// Bytes the image buffer needs beyond `[quads][hp][wp][4]`: with stride 2 the last vector
+    /// of a row reads one word past the last pixel it uses.
+    pub const SLACK: usize = 64;
+
+    /// The virtual output grid an `oh × ow` output is computed on: `(rows, width)`, the width a
+    /// multiple of 16, or 8 for outputs up to 8 wide (whose rows then go in pairs: rows even).
+    pub fn grid(oh: usize, ow: usize) -> (usize, usize) {
+        if ow <= 8 { (oh.next_multiple_of(2), 8) } else { (oh, ow.next_multiple_of(16)) }
+    }
+
+    /// Whether the kernel covers an output of `oh × ow` pixels: when its [`Self::grid`] adds at
+    /// most a third to the work (e.g. 28 → 32 or 7 → 8 wide, not 17 → 32 or 4 → 8).
+    pub fn supports(oh: usize, ow: usize) -> bool {
+        let (gh, gw) = Self::grid(oh, ow);
+        oh > 0 && ow > 0 && 3 * gh * gw <= 4 * oh * ow
+    }
+
+    /// The padded image `(hp, wp)` a convolution with this `kernel` and `stride` reads for an
+    /// `oh × ow` output: at least the real padded image `(h, w)`, and enough rows and columns
+    /// (zero points) for the whole grid.
+    pub fn image_size(kernel: [usize; 2], stride: usize, h: usize, w: usize, oh: usize, ow: usize) -> (usize, usize) {
+        let (gh, gw) = Self::grid(oh, ow);
+        let [kh, kw] = kernel;
+        (h.max((gh - 1) * stride + kh), w.max((gw - 1) * stride + kw))
+    }
+
+    /// Groups of four input channels: the image's first dimension.
+    pub fn quads(&self) -> usize {
+        self.quads
+    }
+
+    /// `Σ w` per output channel, to remove the input's zero point from the result.
+    pub fn column_sums(&self) -> &[i32] {
+        &self.column_sums
+    }
+
+    /// Convolves one image, `[quads][hp][wp][4]` u8 already padded to at least
+    /// [`Self::image_size`] and followed by [`Self::SLACK`] bytes, into `out`: f32, or
+    /// requantized for the next convolution (the same values rounded as that layer would round
+    /// them, so the result is bit for bit the same). With asymmetric weights,
+    /// `epilogue.window_sums` holds one sum per pixel of the [`Self::grid`].
+    ///
+    /// # Panics
+    /// When the CPU lacks the path it was packed for, the output shape is not
+    /// [`Self::supports`]ed, or a slice is too short.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &self,
+        image: &[u8],
+        hp: usize,
+        wp: usize,
+        oh: usize,
+        ow: usize,
+        out: Output<'_>,
+        epilogue: &Epilogue<'_>,
+    ) {
+        let [kh, kw] = self.kernel;
+        assert!(self.isa.available(), "this CPU lacks {:?}", self.isa);
+        assert!(Self::supports(oh, ow), "unsupported output width {ow}");
+        let s = self.stride;
+        let (gh, gw) = Self::grid(oh, ow);
+        assert!(hp >= (gh - 1) * s + kh && wp >= (gw - 1) * s + kw, "image smaller than the output grid needs");
+        assert!(image.len() >= self.quads * hp * wp * 4 + Self::SLACK, "image is too short");
+        match &out {
+            Output::F32(out) => assert!(out.len() >= self.out_channels * oh * ow, "output is too short"),
+            Output::Quads { bytes, image } => {
+                assert!(image.quads == self.out_channels.div_ceil(4), "one quad per four output channels");
+                assert!(
+                    image.height >= oh + image.padding[0] && image.width >= ow + image.padding[1],
+                    "the next image is smaller than this output"
+                );
+                assert!(bytes.len() >= image.len(), "output is too short");
+            }
+        }
+        let n = self.out_channels;
+        assert!(epilogue.correction.len() >= n && epilogue.scale.len() >= n && epilogue.bias.len() >= n);
+        assert!(
+            epilogue.weight_zero.is_empty()
+                || (epilogue.weight_zero.len() >= n && epilogue.window_sums.len() >= gh * gw),
+            "asymmetric weights need a zero point per channel and a sum per pixel of the grid"
+        );
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: features and every bound the kernel relies on are checked above.
+        unsafe {
+            match self.isa {
+                Isa::Avx512Vnni => x86::direct(self, image, hp, wp, oh, ow, out, epilogue),
+                _ => x86::direct_avx2(self, image, hp, wp, oh, ow, out, epilogue),
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{DEPTH_STEP, DirectConv, Epilogue, Output, PANEL, PANEL_AVX2, PackedWeights, TILE_CHANNELS};
+
+    /// Rows per block: the block's activations (at most a few tens of KiB) stay in L1/L2 while
+    /// every panel group passes over them.
+    const ROW_BLOCK: usize = 96;
+
+    /// See [`super::gemm`].
+    ///
+    /// # Safety
+    /// The CPU has the target features; `lda >= w.depth`, `a` holds `rows` rows (the last one at
+    /// least `w.depth` bytes) and `c` holds `rows × ldc` values with `ldc >= w.padded_columns()`
+    /// (what [`super::gemm`] asserts).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+    pub(super) unsafe fn gemm(a: &[u8], lda: usize, rows: usize, w: &PackedWeights, c: &mut [i32], ldc: usize) {
+        let panels = w.columns.div_ceil(PANEL);
+        let steps = w.depth / DEPTH_STEP;
+        // Words per panel.
+        let panel_len = steps * PANEL;
+        for r0 in (0..rows).step_by(ROW_BLOCK) {
+            let r1 = (r0 + ROW_BLOCK).min(rows);
+            let mut p = 0;
+            while p < panels {
+                // Register budget: MR × R accumulators + R weights + 1 broadcast ≤ 32.
+                let r = (panels - p).min(4);
+                let b = &w.words[p * panel_len..];
+                let col = p * PANEL;
+                // SAFETY: this function's contract covers the CPU features, `a` and `c`; `b`
+                // holds the `panels − p ≥ r` panels from `p` on, `panel_len` words each.
+                unsafe {
+                    match r {
+                        4 => rows_of::<6, 4>(a, lda, r0, r1, b, panel_len, steps, c, ldc, col),
+                        3 => rows_of::<8, 3>(a, lda, r0, r1, b, panel_len, steps, c, ldc, col),
+                        2 => rows_of::<12, 2>(a, lda, r0, r1, b, panel_len, steps, c, ldc, col),
+                        _ => rows_of::<16, 1>(a, lda, r0, r1, b, panel_len, steps, c, ldc, col),
+                    }
+                }
+                p += r;
+            }
+        }
+    }
+
+    /// Rows `r0..r1` against `R` panels starting at `b`, in tiles of `MR` rows.
+    ///
+    /// # Safety
+    /// The CPU has the target features; `b` holds `R` panels of `panel_len = steps · 16` words;
+    /// rows `r0..r1` of `a` (`lda` apart) hold at least `steps · 4` bytes each; `c` holds rows
+    /// `r0..r1` of `ldc` values, and `col + 16 · R <= ldc`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+    unsafe fn rows_of<const MR: usize, const R: usize>(
+        a: &[u8],
+        lda: usize,
+        r0: usize,
+        r1: usize,
+        b: &[i32],
+        panel_len: usize,
+        steps: usize,
+        c: &mut [i32],
+        ldc: usize,
+        col: usize,
+    ) {
+        let mut i = r0;
+        while i < r1 {
+            let used = MR.min(r1 - i);
+            // Rows past the end repeat the last row (read, never stored), so every load is in bounds.
+            let rows: [*const u8; MR] = std::array::from_fn(|t| a[(i + t.min(used - 1)) * lda..].as_ptr());
+            let mut acc = [[_mm512_setzero_si512(); R]; MR];
+            let b = b.as_ptr();
+            for s in 0..steps {
+                // SAFETY: 16 words at `(s + 1) · 16 <= panel_len` into panel `j < R` of `b`.
+                let wv: [__m512i; R] = std::array::from_fn(|j| unsafe {
+                    _mm512_loadu_si512(b.add(j * panel_len + s * PANEL) as *const __m512i)
+                });
+                for t in 0..MR {
+                    // SAFETY: 4 bytes at `s · 4 + 4 <= steps · 4` into a row below `r1` (rows past
+                    // `used` repeat the last real row).
+                    let av = _mm512_set1_epi32(unsafe { (rows[t].add(s * DEPTH_STEP) as *const i32).read_unaligned() });
+                    for j in 0..R {
+                        acc[t][j] = _mm512_dpbusd_epi32(acc[t][j], av, wv[j]);
+                    }
+                }
+            }
+            for (t, acc) in acc.iter().enumerate().take(used) {
+                for (j, v) in acc.iter().enumerate() {
+                    let dst = c[(i + t) * ldc + col + j * PANEL..][..PANEL].as_mut_ptr();
+                    // SAFETY: `dst` starts a 16-value slice of `c` (bounds checked just above).
+                    unsafe { _mm512_storeu_si512(dst as *mut __m512i, *v) };
+                }
+            }
+            i += MR;
+        }
+    }
+
+    /// The direct convolution: tiles of 8 output channels × 16·`R` output pixels.
+    ///
+    /// # Safety
+    /// As [`direct_tiles`]: everything [`DirectConv::run`] asserts.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+    pub(super) unsafe fn direct(
+        conv: &DirectConv,
+        image: &[u8],
+        hp: usize,
+        wp: usize,
+        oh: usize,
+        ow: usize,
+        out: Output<'_>,
+        epilogue: &Epilogue<'_>,
+    ) {
+        let (_, gw) = DirectConv::grid(oh, ow);
+        // SAFETY: this function's contract is `direct_tiles`'s; the match only picks the tile
+        // shape that fits the grid (R = 2 needs widths of 32, SPLIT widths of 8, S the stride).
+        unsafe {
+            match (conv.stride, gw.is_multiple_of(32), gw.is_multiple_of(16)) {
+                (1, true, _) => direct_tiles::<2, false, 1>(conv, image, hp, wp, oh, ow, out, epilogue),
+                (1, false, true) => direct_tiles::<1, false, 1>(conv, image, hp, wp, oh, ow, out, epilogue),
+                (1, false, false) => direct_tiles::<1, true, 1>(conv, image, hp, wp, oh, ow, out, epilogue),
+                (_, true, _) => direct_tiles::<2, false, 2>(conv, image, hp, wp, oh, ow, out, epilogue),
+                (_, false, true) => direct_tiles::<1, false, 2>(conv, image, hp, wp, oh, ow, out, epilogue),
+                (_, false, false) => direct_tiles::<1, true, 2>(conv, image, hp, wp, oh, ow, out, epilogue),
+            }
+        }
+    }
+
+    /// `R` vectors of 16 pixels per tile; `SPLIT`: a vector covers two rows of 8 pixels; `S`:
+    /// the stride (with 2, a vector gathers the even words of two loads).
+    ///
+    /// # Safety
+    /// The CPU has the target features and the arguments satisfy what [`DirectConv::run`]
+    /// asserts: the grid of `oh × ow` is supported and `S` is the stride; `hp` and `wp` cover the
+    /// grid's receptive field (`(gh − 1) · S + kh` rows, `(gw − 1) · S + kw` columns); `image`
+    /// holds `quads · hp · wp · 4` bytes plus [`DirectConv::SLACK`]; `out` holds every output
+    /// channel's `oh × ow` pixels (f32), or the next image; the epilogue has a value per channel
+    /// and, for asymmetric weights, a window sum per pixel of the grid. `R = 2` needs a grid
+    /// width that is a multiple of 32, `SPLIT` one of 8.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+    unsafe fn direct_tiles<const R: usize, const SPLIT: bool, const S: usize>(
+        conv: &DirectConv,
+        image: &[u8],
+        hp: usize,
+        wp: usize,
+        oh: usize,
+        ow: usize,
+        mut out: Output<'_>,
+        epilogue: &Epilogue<'_>,
+    ) {
+        const MR: usize = TILE_CHANNELS;
+        let [kh, kw] = conv.kernel;
+        let n = oh * ow;
+        let (gh, gw) = DirectConv::grid(oh, ow);
+        // Lanes of a row's last vector that hold real pixels (SPLIT: of each half).
+        let row_mask = |x0: usize| -> u32 { if x0 >= ow { 0 } else { (1u32 << (ow - x0).min(16)) - 1 } };
+        let img = image.as_ptr();
+        let words = conv.words.as_ptr();
+        let zero = _mm512_setzero_si512();
+        // Words 0, 2, …, 30 of two vectors (indices from 16 on select the second).
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        for p0 in (0..gh * gw).step_by(16 * R) {
+            // Byte offset in the image of each vector's first pixel (tap 0, quad 0); with SPLIT
+            // the second half starts on the next output row.
+            let (oy, ox) = (p0 / gw, p0 % gw);
+            let first: [usize; R] = std::array::from_fn(|r| (oy * S * wp + (ox + 16 * r) * S) * 4);
+            let second = ((oy + 1) * S * wp + ox * S) * 4;
+            for o0 in (0..conv.out_padded).step_by(MR) {
+                let mut acc = [[zero; R]; MR];
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let tap = ky * kw + kx;
+                        for q in 0..conv.quads {
+                            let shift = ((q * hp + ky) * wp + kx) * 4;
+                            // SAFETY: each load reads pixels of quad `q`'s plane inside the
+                            // receptive field of grid pixels, which `hp × wp` covers; a stride-2
+                            // load reads at most one 64-byte word past the last pixel it uses,
+                            // which lands in the next row or the SLACK after the last plane.
+                            let a: [__m512i; R] = std::array::from_fn(|r| unsafe {
+                                if S == 2 {
+                                    // 16 output pixels: the even words of 32 (or 2 × 16) input pixels.
+                                    let lo = _mm512_loadu_si512(img.add(first[r] + shift) as *const __m512i);
+                                    let hi_at = if SPLIT { second } else { first[r] + 64 };
+                                    let hi = _mm512_loadu_si512(img.add(hi_at + shift) as *const __m512i);
+                                    _mm512_permutex2var_epi32(lo, even, hi)
+                                } else if SPLIT {
+                                    let lo = _mm256_loadu_si256(img.add(first[r] + shift) as *const __m256i);
+                                    let hi = _mm256_loadu_si256(img.add(second + shift) as *const __m256i);
+                                    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+                                } else {
+                                    _mm512_loadu_si512(img.add(first[r] + shift) as *const __m512i)
+                                }
+                            });
+                            // SAFETY: `tap < kh · kw`, `q < quads` and `o0 + 8 <= out_padded`: the
+                            // 8 words read below lie inside `words` (`kh·kw·quads·out_padded`).
+                            let w = unsafe { words.add((tap * conv.quads + q) * conv.out_padded + o0) };
+                            for (t, acc) in acc.iter_mut().enumerate() {
+                                // SAFETY: `t < 8`, see above.
+                                let b = _mm512_set1_epi32(unsafe { *w.add(t) });
+                                for r in 0..R {
+                                    acc[r] = _mm512_dpbusd_epi32(acc[r], a[r], b);
+                                }
+                            }
+                        }
+                    }
+                }
+                let mut ys = [[_mm512_setzero_ps(); R]; MR];
+                for (t, acc) in acc.iter().enumerate() {
+                    let o = o0 + t;
+                    if o >= conv.out_channels {
+                        break;
+                    }
+                    let correction = _mm512_set1_epi32(epilogue.correction[o]);
+                    let scale = _mm512_set1_ps(epilogue.scale[o]);
+                    let bias = _mm512_set1_ps(epilogue.bias[o]);
+                    let weight_zero = epilogue.weight_zero.get(o).map(|&z| _mm512_set1_epi32(z));
+                    for (r, v) in acc.iter().enumerate() {
+                        let mut v = _mm512_sub_epi32(*v, correction);
+                        if let Some(z) = weight_zero {
+                            // SAFETY: 16 i32 of a slice of that length (bounds checked as it is made).
+                            let sums = unsafe {
+                                _mm512_loadu_si512(epilogue.window_sums[p0 + 16 * r..][..16].as_ptr() as *const __m512i)
+                            };
+                            v = _mm512_sub_epi32(v, _mm512_mullo_epi32(z, sums));
+                        }
+                        let y = _mm512_cvtepi32_ps(v);
+                        let mut y = _mm512_add_ps(_mm512_mul_ps(y, scale), bias);
+                        if epilogue.relu {
+                            y = _mm512_max_ps(y, _mm512_setzero_ps());
+                        }
+                        ys[t][r] = y;
+                    }
+                }
+                match &mut out {
+                    Output::F32(out) => {
+                        for (t, ys) in ys.iter().enumerate().take(conv.out_channels.saturating_sub(o0)) {
+                            let row = &mut out[(o0 + t) * n..(o0 + t + 1) * n];
+                            for (r, &y) in ys.iter().enumerate() {
+                                // SAFETY: the CPU has the features (this function's contract);
+                                // `store_f32` writes only through bounds-checked slices of `row`.
+                                unsafe { store_f32(row, y, oy, ox + 16 * r, oh, ow, SPLIT, row_mask(ox + 16 * r)) };
+                            }
+                        }
+                    }
+                    Output::Quads { bytes, image } => {
+                        // Rounded as the next layer rounds its input (`kernels::quantize_u8`:
+                        // multiply, add the zero point, clamp, round half to even; NaN to 0),
+                        // four channels interleaved per pixel.
+                        let inv = _mm512_set1_ps(image.inverse_scale);
+                        let zp = _mm512_set1_ps(image.zero_point as f32);
+                        let max = _mm512_set1_ps(255.0);
+                        for half in 0..MR / 4 {
+                            let quad = o0 / 4 + half;
+                            if 4 * quad >= conv.out_channels {
+                                break;
+                            }
+                            #[allow(clippy::needless_range_loop)] // `r` indexes the inner arrays of `ys`
+                            for r in 0..R {
+                                let q: [__m128i; 4] = std::array::from_fn(|c| {
+                                    let v = _mm512_add_ps(_mm512_mul_ps(ys[4 * half + c][r], inv), zp);
+                                    let v = _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), max);
+                                    _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v))
+                                });
+                                let (a_lo, a_hi) = (_mm_unpacklo_epi8(q[0], q[1]), _mm_unpackhi_epi8(q[0], q[1]));
+                                let (b_lo, b_hi) = (_mm_unpacklo_epi8(q[2], q[3]), _mm_unpackhi_epi8(q[2], q[3]));
+                                let mut px = _mm512_castsi128_si512(_mm_unpacklo_epi16(a_lo, b_lo));
+                                px = _mm512_inserti32x4::<1>(px, _mm_unpackhi_epi16(a_lo, b_lo));
+                                px = _mm512_inserti32x4::<2>(px, _mm_unpacklo_epi16(a_hi, b_hi));
+                                px = _mm512_inserti32x4::<3>(px, _mm_unpackhi_epi16(a_hi, b_hi));
+                                let plane = &mut bytes[quad * image.height * image.width * 4..]
+                                    [..image.height * image.width * 4];
+                                let [ph, pw] = image.padding;
+                                let at = |y: usize, x: usize| ((y + ph) * image.width + x + pw) * 4;
+                                if SPLIT {
+                                    let mask = row_mask(0) as __mmask8;
+                                    let lo = plane[at(oy, 0)..][..4 * ow].as_mut_ptr();
+                                    // SAFETY: the mask enables `min(ow, 8)` lanes of 4 bytes: the
+                                    // `4 · ow` bytes of the slice just made (bounds checked).
+                                    unsafe {
+                                        _mm256_mask_storeu_epi32(lo as *mut i32, mask, _mm512_castsi512_si256(px))
+                                    };
+                                    if oy + 1 < oh {
+                                        let hi = plane[at(oy + 1, 0)..][..4 * ow].as_mut_ptr();
+                                        let px_hi = _mm512_extracti64x4_epi64::<1>(px);
+                                        // SAFETY: as above, on the next row.
+                                        unsafe { _mm256_mask_storeu_epi32(hi as *mut i32, mask, px_hi) };
+                                    }
+                                } else {
+                                    let x0 = ox + 16 * r;
+                                    let mask = row_mask(x0);
+                                    if mask != 0 {
+                                        let dst = plane[at(oy, x0)..][..4 * (ow - x0).min(16)].as_mut_ptr();
+                                        // SAFETY: the mask enables `min(ow − x0, 16)` lanes of 4
+                                        // bytes: the slice just made (bounds checked).
+                                        unsafe { _mm512_mask_storeu_epi32(dst as *mut i32, mask as __mmask16, px) };
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stores the real pixels of one output vector `y` of a channel's `row` (`oh × ow`): 16
+    /// pixels of row `oy` from `x0`, or with `split` 8 of row `oy` and 8 of row `oy + 1`.
+    ///
+    /// # Safety
+    /// The CPU has the target features; `mask` enables at most the real pixels: `min(ow − x0,
+    /// 16)` lanes, or with `split` at most `ow <= 8` lanes of each half. Every store goes through
+    /// a bounds-checked slice of `row`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+    unsafe fn store_f32(
+        row: &mut [f32],
+        y: __m512,
+        oy: usize,
+        x0: usize,
+        oh: usize,
+        ow: usize,
+        split: bool,
+        mask: u32,
+    ) {
+        if split {
+            let half = mask as __mmask8;
+            let lo = row[oy * ow..][..ow].as_mut_ptr();
+            // SAFETY: at most `ow` lanes enabled (this function's contract) into `ow` values.
+            unsafe { _mm256_mask_storeu_ps(lo, half, _mm512_castps512_ps256(y)) };
+            if oy + 1 < oh {
+                let hi = row[(oy + 1) * ow..][..ow].as_mut_ptr();
+                // SAFETY: as above, on the next row.
+                unsafe { _mm256_mask_storeu_ps(hi, half, _mm512_extractf32x8_ps::<1>(y)) };
+            }
+        } else if mask != 0 {
+            let dst = row[oy * ow + x0..][..(ow - x0).min(16)].as_mut_ptr();
+            // SAFETY: at most `min(ow − x0, 16)` lanes enabled, the slice's length.
+            unsafe { _mm512_mask_storeu_ps(dst, mask as __mmask16, y) };
+        }
+    }
+    /// Rows per block of the AVX2 GEMM, as [`ROW_BLOCK`].
+    const ROW_BLOCK_AVX2: usize = 64;
+
+    /// See [`super::gemm`]: the AVX2 path (exact i16 pairs, see the module's documentation).
+    ///
+    /// # Safety
+    /// As [`gemm`], with AVX2 in place of AVX-512 VNNI, and `w` packed for AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn gemm_avx2(a: &[u8], lda: usize, rows: usize, w: &PackedWeights, c: &mut [i32], ldc: usize) {
+        let panels = w.columns.div_ceil(PANEL_AVX2);
+        let steps = w.depth / DEPTH_STEP;
+        // Words per panel: per step, 8 even pairs and 8 odd pairs.
+        let panel_len = steps * 2 * PANEL_AVX2;
+        for r0 in (0..rows).step_by(ROW_BLOCK_AVX2) {
+            let r1 = (r0 + ROW_BLOCK_AVX2).min(rows);
+            let mut p = 0;
+            while p < panels {
+                // Register budget (16): MR × R accumulators + 2R weights + 2 activations + mask.
+                let r = (panels - p).min(2);
+                let b = &w.words[p * panel_len..];
+                let col = p * PANEL_AVX2;
+                // SAFETY: as in `gemm`; `b` holds the `panels − p ≥ r` panels from `p` on.
+                unsafe {
+                    match r {
+                        2 => rows_of_avx2::<4, 2>(a, lda, r0, r1, b, panel_len, steps, c, ldc, col),
+                        _ => rows_of_avx2::<8, 1>(a, lda, r0, r1, b, panel_len, steps, c, ldc, col),
+                    }
+                }
+                p += r;
+            }
+        }
+    }
+
+    /// The even bytes (0 and 2) and the odd bytes (1 and 3) of each word of `v`, as i16 pairs.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn split_pairs(v: __m256i) -> (__m256i, __m256i) {
+        (_mm256_and_si256(v, _mm256_set1_epi32(0x00FF_00FF)), _mm256_srli_epi16::<8>(v))
+    }
+
+    /// `acc + even · w_even + odd · w_odd`, each `vpmaddwd` adding two i16 products into i32.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn madd_pairs(acc: __m256i, even: __m256i, odd: __m256i, w_even: __m256i, w_odd: __m256i) -> __m256i {
+        _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(even, w_even), _mm256_madd_epi16(odd, w_odd)))
+    }
+
+    /// Rows `r0..r1` against `R` AVX2 panels starting at `b`, in tiles of `MR` rows.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `b` holds `R` panels of `panel_len = steps · 16` words; rows `r0..r1`
+    /// of `a` (`lda` apart) hold at least `steps · 4` bytes each; `c` holds rows `r0..r1` of
+    /// `ldc` values, and `col + 8 · R <= ldc`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn rows_of_avx2<const MR: usize, const R: usize>(
+        a: &[u8],
+        lda: usize,
+        r0: usize,
+        r1: usize,
+        b: &[i32],
+        panel_len: usize,
+        steps: usize,
+        c: &mut [i32],
+        ldc: usize,
+        col: usize,
+    ) {
+        let mut i = r0;
+        while i < r1 {
+            let used = MR.min(r1 - i);
+            // Rows past the end repeat the last row (read, never stored), so every load is in bounds.
+            let rows: [*const u8; MR] = std::array::from_fn(|t| a[(i + t.min(used - 1)) * lda..].as_ptr());
+            let mut acc = [[_mm256_setzero_si256(); R]; MR];
+            let b = b.as_ptr();
+            for s in 0..steps {
+                // SAFETY: 2 × 8 words at `(s + 1) · 16 <= panel_len` into panel `j < R` of `b`.
+                let wv: [(__m256i, __m256i); R] = std::array::from_fn(|j| unsafe {
+                    let at = b.add(j * panel_len + s * 2 * PANEL_AVX2);
+                    (_mm256_loadu_si256(at as *const __m256i), _mm256_loadu_si256(at.add(PANEL_AVX2) as *const __m256i))
+                });
+                for t in 0..MR {
+                    // SAFETY: 4 bytes at `s · 4 + 4 <= steps · 4` into a row below `r1`.
+                    let word = unsafe { (rows[t].add(s * DEPTH_STEP) as *const i32).read_unaligned() };
+                    let (even, odd) = split_pairs(_mm256_set1_epi32(word));
+                    for j in 0..R {
+                        acc[t][j] = madd_pairs(acc[t][j], even, odd, wv[j].0, wv[j].1);
+                    }
+                }
+            }
+            for (t, acc) in acc.iter().enumerate().take(used) {
+                for (j, v) in acc.iter().enumerate() {
+                    let dst = c[(i + t) * ldc + col + j * PANEL_AVX2..][..PANEL_AVX2].as_mut_ptr();
+                    // SAFETY: `dst` starts an 8-value slice of `c` (bounds checked just above).
+                    unsafe { _mm256_storeu_si256(dst as *mut __m256i, *v) };
+                }
+            }
+            i += MR;
+        }
+    }
+
+    /// The direct convolution on AVX2: tiles of 4 output channels (one quad of the next image)
+    /// × 2 vectors of 8 grid pixels, each vector inside one grid row (the grid's width is a
+    /// multiple of 8).
+    ///
+    /// # Safety
+    /// As [`direct`], with AVX2 in place of AVX-512 VNNI, and `conv` packed for AVX2.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn direct_avx2(
+        conv: &DirectConv,
+        image: &[u8],
+        hp: usize,
+        wp: usize,
+        oh: usize,
+        ow: usize,
+        out: Output<'_>,
+        epilogue: &Epilogue<'_>,
+    ) {
+        // SAFETY: this function's contract is `direct_tiles_avx2`'s; `S` is the stride.
+        unsafe {
+            if conv.stride == 1 {
+                direct_tiles_avx2::<1>(conv, image, hp, wp, oh, ow, out, epilogue)
+            } else {
+                direct_tiles_avx2::<2>(conv, image, hp, wp, oh, ow, out, epilogue)
+            }
+        }
+    }
+
+    /// See [`direct_avx2`]; `S` is the stride (with 2, a vector gathers the even words of two
+    /// loads).
+    ///
+    /// # Safety
+    /// As [`direct_tiles`]: everything [`DirectConv::run`] asserts, AVX2, `conv` packed for it.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn direct_tiles_avx2<const S: usize>(
+        conv: &DirectConv,
+        image: &[u8],
+        hp: usize,
+        wp: usize,
+        oh: usize,
+        ow: usize,
+        mut out: Output<'_>,
+        epilogue: &Epilogue<'_>,
+    ) {
+        const MR: usize = 4;
+        const V: usize = 2;
+        const LANES: usize = 8;
+        let [kh, kw] = conv.kernel;
+        let n = oh * ow;
+        let (gh, gw) = DirectConv::grid(oh, ow);
+        let img = image.as_ptr();
+        let words = conv.words.as_ptr();
+        let zero = _mm256_setzero_si256();
+        let lane_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        // Lanes of a vector at column `x` that hold real pixels, as a mask of whole lanes.
+        let real = |x: usize| (ow - x).min(LANES);
+        let lane_mask = |count: usize| _mm256_cmpgt_epi32(_mm256_set1_epi32(count as i32), lane_index);
+        for p0 in (0..gh * gw).step_by(LANES * V) {
+            // Each vector's grid row and column, and the byte offset of its first pixel (tap 0, quad 0).
+            let at: [(usize, usize); V] = std::array::from_fn(|v| ((p0 + LANES * v) / gw, (p0 + LANES * v) % gw));
+            let first: [usize; V] = std::array::from_fn(|v| (at[v].0 * S * wp + at[v].1 * S) * 4);
+            for o0 in (0..conv.out_channels).step_by(MR) {
+                let mut acc = [[zero; V]; MR];
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let tap = ky * kw + kx;
+                        for q in 0..conv.quads {
+                            let shift = ((q * hp + ky) * wp + kx) * 4;
+                            // SAFETY: as in `direct_tiles`: each load reads pixels of quad `q`'s
+                            // plane inside the receptive field of grid pixels, which `hp × wp`
+                            // covers; a stride-2 load reads at most one word past the last pixel
+                            // it uses, which lands in the next row or the SLACK.
+                            let pairs: [(__m256i, __m256i); V] = std::array::from_fn(|v| unsafe {
+                                let p = img.add(first[v] + shift);
+                                let a = if S == 2 {
+                                    // 8 output pixels: the even words of 16 input pixels.
+                                    let lo = _mm256_castsi256_ps(_mm256_loadu_si256(p as *const __m256i));
+                                    let hi = _mm256_castsi256_ps(_mm256_loadu_si256(p.add(32) as *const __m256i));
+                                    let mixed = _mm256_castps_si256(_mm256_shuffle_ps::<0b10_00_10_00>(lo, hi));
+                                    _mm256_permute4x64_epi64::<0b11_01_10_00>(mixed)
+                                } else {
+                                    _mm256_loadu_si256(p as *const __m256i)
+                                };
+                                split_pairs(a)
+                            });
+                            // SAFETY: `tap < kh · kw`, `q < quads` and `o0 + 4 <= out_padded`: the
+                            // 8 words read below lie inside `words` (`2 · kh·kw·quads·out_padded`).
+                            let w = unsafe { words.add(((tap * conv.quads + q) * conv.out_padded + o0) * 2) };
+                            for (t, acc) in acc.iter_mut().enumerate() {
+                                // SAFETY: `t < 4`, see above.
+                                let (we, wo) =
+                                    unsafe { (_mm256_set1_epi32(*w.add(2 * t)), _mm256_set1_epi32(*w.add(2 * t + 1))) };
+                                for v in 0..V {
+                                    acc[v] = madd_pairs(acc[v], pairs[v].0, pairs[v].1, we, wo);
+                                }
+                            }
+                        }
+                    }
+                }
+                // The same operations, in the same order, as the AVX-512 epilogue.
+                let mut ys = [[_mm256_setzero_ps(); V]; MR];
+                for (t, acc) in acc.iter().enumerate() {
+                    let o = o0 + t;
+                    if o >= conv.out_channels {
+                        break;
+                    }
+                    let correction = _mm256_set1_epi32(epilogue.correction[o]);
+                    let scale = _mm256_set1_ps(epilogue.scale[o]);
+                    let bias = _mm256_set1_ps(epilogue.bias[o]);
+                    let weight_zero = epilogue.weight_zero.get(o).map(|&z| _mm256_set1_epi32(z));
+                    for (v, a) in acc.iter().enumerate() {
+                        let mut a = _mm256_sub_epi32(*a, correction);
+                        if let Some(z) = weight_zero {
+                            // SAFETY: 8 i32 of a slice of that length (bounds checked as it is made).
+                            let sums = unsafe {
+                                _mm256_loadu_si256(
+                                    epilogue.window_sums[p0 + LANES * v..][..LANES].as_ptr() as *const __m256i
+                                )
+                            };
+                            a = _mm256_sub_epi32(a, _mm256_mullo_epi32(z, sums));
+                        }
+                        let y = _mm256_cvtepi32_ps(a);
+                        let mut y = _mm256_add_ps(_mm256_mul_ps(y, scale), bias);
+                        if epilogue.relu {
+                            y = _mm256_max_ps(y, _mm256_setzero_ps());
+                        }
+                        ys[t][v] = y;
+                    }
+                }
+                match &mut out {
+                    Output::F32(out) => {
+                        for (t, ys) in ys.iter().enumerate().take(conv.out_channels.saturating_sub(o0)) {
+                            let plane = &mut out[(o0 + t) * n..(o0 + t + 1) * n];
+                            for (v, &y) in ys.iter().enumerate() {
+                                let (gy, gx) = at[v];
+                                if gy >= oh || gx >= ow {
+                                    continue;
+                                }
+                                let count = real(gx);
+                                let dst = plane[gy * ow + gx..][..count].as_mut_ptr();
+                                // SAFETY: `count` lanes into a slice of `count` values.
+                                unsafe {
+                                    if count == LANES {
+                                        _mm256_storeu_ps(dst, y)
+                                    } else {
+                                        _mm256_maskstore_ps(dst, lane_mask(count), y)
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    Output::Quads { bytes, image } => {
+                        // Rounded as the next layer rounds its input (`kernels::quantize_u8`:
+                        // multiply, add the zero point, clamp, round half to even; NaN to 0);
+                        // the four channels of the tile are one quad, each pixel one word.
+                        let inv = _mm256_set1_ps(image.inverse_scale);
+                        let zp = _mm256_set1_ps(image.zero_point as f32);
+                        let max = _mm256_set1_ps(255.0);
+                        let quad = o0 / 4;
+                        let plane =
+                            &mut bytes[quad * image.height * image.width * 4..][..image.height * image.width * 4];
+                        let [ph, pw] = image.padding;
+                        #[allow(clippy::needless_range_loop)] // `v` indexes the inner arrays of `ys`
+                        for v in 0..V {
+                            let (gy, gx) = at[v];
+                            if gy >= oh || gx >= ow {
+                                continue;
+                            }
+                            let q: [__m256i; MR] = std::array::from_fn(|c| {
+                                let y = _mm256_add_ps(_mm256_mul_ps(ys[c][v], inv), zp);
+                                let y = _mm256_min_ps(_mm256_max_ps(y, _mm256_setzero_ps()), max);
+                                _mm256_cvtps_epi32(y)
+                            });
+                            let px = _mm256_or_si256(
+                                _mm256_or_si256(q[0], _mm256_slli_epi32::<8>(q[1])),
+                                _mm256_or_si256(_mm256_slli_epi32::<16>(q[2]), _mm256_slli_epi32::<24>(q[3])),
+                            );
+                            let count = real(gx);
+                            let dst = plane[((gy + ph) * image.width + gx + pw) * 4..][..4 * count].as_mut_ptr();
+                            // SAFETY: `count` words into a slice of `4 · count` bytes.
+                            unsafe {
+                                if count == LANES {
+                                    _mm256_storeu_si256(dst as *mut __m256i, px)
+                                } else {
+                                    _mm256_maskstore_epi32(dst as *mut i32, lane_mask(count), px)
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel equals a plain i32 loop exactly, for shapes that exercise partial panels,
+    /// partial row tiles, every panel group width and depths that are not a multiple of 4.
+    #[test]
+    fn gemm_equals_the_reference_loop_on_every_path() {
+        for isa in paths_for_test("gemm_equals_the_reference_loop_on_every_path") {
+            gemm_equals_the_reference_loop(isa);
+        }
+    }
+
+    fn gemm_equals_the_reference_loop(isa: Isa) {
+        for (m, k, n) in [(1, 1, 1), (7, 5, 3), (13, 144, 16), (50, 27, 33), (97, 300, 64), (200, 64, 80), (17, 9, 10)]
+        {
+            let a: Vec<u8> = (0..m * k).map(|i| (i * 37 % 256) as u8).collect();
+            let w: Vec<i8> = (0..k * n).map(|i| ((i * 53 % 256) as i32 - 128) as i8).collect();
+            let packed = PackedWeights::with_isa(&w, k, n, isa);
+            let lda = packed.padded_depth() + 8;
+            let mut rows = vec![0u8; m * lda];
+            for r in 0..m {
+                rows[r * lda..r * lda + k].copy_from_slice(&a[r * k..(r + 1) * k]);
+                // Padding bytes meet zero weights: any value gives the same result.
+                rows[r * lda + k..(r + 1) * lda].fill(0xA5);
+            }
+            let ldc = packed.padded_columns();
+            let mut c = vec![-1i32; m * ldc];
+            gemm(&rows, lda, m, &packed, &mut c);
+            for r in 0..m {
+                for j in 0..n {
+                    let want: i32 = (0..k).map(|p| a[r * k + p] as i32 * w[p * n + j] as i32).sum();
+                    assert_eq!(c[r * ldc + j], want, "{isa:?} {m}x{k}x{n} at ({r},{j})");
+                }
+            }
+            for j in 0..n {
+                assert_eq!(packed.column_sums()[j], (0..k).map(|p| w[p * n + j] as i32).sum::<i32>());
+            }
+        }
+    }
+
+    /// Extreme values: 255 × −128 and 255 × 127 summed over a long depth stay exact (no
+    /// saturation, where `vpmaddubsw` would clip each pair at ±32,767), on every path.
+    #[test]
+    fn gemm_does_not_saturate() {
+        for isa in paths_for_test("gemm_does_not_saturate") {
+            for weight in [-128i8, 127] {
+                let (m, k, n) = (3, 4096, 16);
+                let a = vec![255u8; m * k];
+                let w = vec![weight; k * n];
+                let packed = PackedWeights::with_isa(&w, k, n, isa);
+                let mut c = vec![0i32; m * packed.padded_columns()];
+                gemm(&a, k, m, &packed, &mut c);
+                assert!(c.iter().all(|&v| v == 255 * weight as i32 * k as i32), "{isa:?} {weight}");
+            }
+        }
+    }
+
+    /// The direct convolution's accumulators against a plain loop over the padded image, on
+    /// every path and both strides, with extreme bytes (no saturation) and output channels that
+    /// fill no whole tile; f32 output (scale 1, no bias: the accumulators themselves) and the
+    /// requantized image, whose bytes both paths must agree on.
+    #[test]
+    fn direct_conv_equals_the_reference_loop_on_every_path() {
+        let paths = paths_for_test("direct_conv_equals_the_reference_loop_on_every_path");
+        for (case, &(cin, cout, [kh, kw], stride, (oh, ow))) in [
+            (3usize, 5usize, [3usize, 3], 1usize, (7usize, 7usize)),
+            (8, 16, [3, 3], 1, (12, 14)),
+            (4, 6, [1, 1], 2, (8, 7)),
+            (9, 11, [3, 3], 2, (6, 30)),
+            (1, 8, [5, 5], 1, (24, 24)),
+            (16, 4, [3, 1], 1, (3, 32)),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let (hp, wp) = DirectConv::image_size([kh, kw], stride, 0, 0, oh, ow);
+            let quads = cin.div_ceil(4);
+            let mut state = 0x9E37_79B9u32.wrapping_mul(case as u32 + 1);
+            let mut next = move || {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                state
+            };
+            // Half the bytes and weights at the extremes, the rest anywhere.
+            let image: Vec<u8> = (0..quads * hp * wp * 4 + DirectConv::SLACK)
+                .map(|_| match next() % 4 {
+                    0 => 255,
+                    1 => 0,
+                    _ => next() as u8,
+                })
+                .collect();
+            let weight: Vec<i8> = (0..cout * cin * kh * kw)
+                .map(|_| match next() % 4 {
+                    0 => 127,
+                    1 => -128,
+                    _ => next() as i8,
+                })
+                .collect();
+            let byte = |c: usize, y: usize, x: usize| {
+                if c < cin { image[((c / 4 * hp + y) * wp + x) * 4 + c % 4] as i32 } else { 0 }
+            };
+            let want: Vec<i32> = (0..cout * oh * ow)
+                .map(|i| {
+                    let (o, y, x) = (i / (oh * ow), i / ow % oh, i % ow);
+                    let mut sum = 0;
+                    for c in 0..cin {
+                        for ky in 0..kh {
+                            for kx in 0..kw {
+                                let w = weight[((o * cin + c) * kh + ky) * kw + kx] as i32;
+                                sum += w * byte(c, y * stride + ky, x * stride + kx);
+                            }
+                        }
+                    }
+                    sum
+                })
+                .collect();
+            let zeros = vec![0i32; cout];
+            let (ones, nothing) = (vec![1.0f32; cout], vec![0.0f32; cout]);
+            let epilogue = Epilogue {
+                correction: &zeros,
+                scale: &ones,
+                bias: &nothing,
+                relu: false,
+                weight_zero: &[],
+                window_sums: &[],
+            };
+            let next_image = QuadImage {
+                quads: cout.div_ceil(4),
+                height: oh + 2,
+                width: ow + 2,
+                padding: [1, 1],
+                inverse_scale: 1.0 / 700.0,
+                zero_point: 100,
+            };
+            let mut requantized = Vec::new();
+            for &isa in &paths {
+                let conv = DirectConv::with_isa(&weight, cout, cin, [kh, kw], stride, isa);
+                let mut out = vec![f32::NAN; cout * oh * ow];
+                conv.run(&image, hp, wp, oh, ow, Output::F32(&mut out), &epilogue);
+                for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
+                    assert_eq!(got, want as f32, "{isa:?} case {case} at {i}");
+                }
+                let mut bytes = vec![next_image.zero_point; next_image.len()];
+                conv.run(&image, hp, wp, oh, ow, Output::Quads { bytes: &mut bytes, image: next_image }, &epilogue);
+                requantized.push(bytes);
+            }
+            assert!(requantized.windows(2).all(|w| w[0] == w[1]), "case {case}: the paths requantize differently");
+        }
+    }
+}
