@@ -56,10 +56,10 @@ fn gemm_case(m: usize, k: usize, n: usize) -> Case {
         }
     };
     let mut contenders = vec![int8_gemm, f32_gemm];
-    // Our integer GEMM on the selected path (the plans' kernel: AVX-512 VNNI or AVX2): weights
-    // packed once, the activations read as they are; the zero point is subtracted in the plans'
-    // epilogue.
-    if let Some(isa) = shrink_core::kernels::int8::path() {
+    // Our integer GEMM on the selected path (the plans' kernel on x86): weights packed once, the
+    // activations read as they are; the zero point is subtracted in the plans' epilogue.
+    if cfg!(target_arch = "x86_64") {
+        let isa = shrink_core::kernels::int8::path();
         let qa: Vec<u8> = a.iter().map(|v| ((v + 0.5) * 255.0) as u8).collect();
         let qb: Vec<i8> = b.iter().map(|v| (v * 254.0) as i8).collect();
         let packed = shrink_core::kernels::int8::PackedWeights::with_isa(&qb, k, n, isa);
@@ -166,6 +166,29 @@ fn quantize_case() -> Case {
             },
         ],
     }
+}
+
+/// The cases of the `isa` suite: ResNet-20 (CIFAR-sized, random weights, calibrated on random
+/// batches) as the f32 plan and the int8 plan, built on every kernel path this CPU has
+/// ([`shrink_core::kernels::isa::with_selected`]), at batch 1 and 64. Each case times one path's
+/// two plans interleaved, so the int8 / f32 ratio of a path is measured side by side.
+pub fn isa_cases() -> Vec<Case> {
+    use shrink_core::kernels::isa::{self, Isa};
+    let (graph, macs) = resnet20_graph();
+    let mut cases = Vec::new();
+    for path in Isa::ALL.into_iter().filter(|i| i.available()) {
+        for batch in [1, 64] {
+            let input = random(batch * 3 * 32 * 32, 4);
+            let integer = isa::with_selected(path, shrink_quant::kernels::int8_gemm_kernel_name);
+            cases.push(Case {
+                name: format!("resnet20 cifar b{batch} [{}; int8 on {integer}]", path.name()),
+                flops: 2.0 * macs * batch as f64,
+                baseline: "f32 cpu-plan".into(),
+                contenders: isa::with_selected(path, || plan_pair(&graph, &input, batch)),
+            });
+        }
+    }
+    cases
 }
 
 /// The cases of the `quant` suite.

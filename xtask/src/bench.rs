@@ -101,7 +101,8 @@ pub fn run_suite(suite: &str, out: &Path, repeats: usize, run: Option<&Path>) ->
         "runtime" => runtime_cases,
         "quant" => shrink_bench::quant::quant_cases,
         "prune" => shrink_bench::prune::prune_cases,
-        other => bail!("unknown bench suite `{other}`: expected one of runtime, quant, prune, onnxruntime"),
+        "isa" => shrink_bench::quant::isa_cases,
+        other => bail!("unknown bench suite `{other}`: expected one of runtime, quant, prune, isa, onnxruntime"),
     };
     let threads = shrink_core::backend::set_cpu_threads(1);
     if threads != 1 {
@@ -112,8 +113,16 @@ pub fn run_suite(suite: &str, out: &Path, repeats: usize, run: Option<&Path>) ->
         eprintln!("bench: {}", case.name);
         rows.extend(measure(case, repeats));
     }
-    write_suite(suite, threads, repeats, rows, out, "").map(Some)
+    let about = if suite == "isa" { ISA_ABOUT } else { "" };
+    write_suite(suite, threads, repeats, rows, out, about).map(Some)
 }
+
+/// What the `isa` suite's rows mean.
+const ISA_ABOUT: &str = "\n`[path; int8 on GEMM]`: the kernel path (`SHRINK_ISA`) both plans were built on, and the \
+integer GEMM it gives. Ratio: the int8 plan against the f32 plan of the same path, timed interleaved. The f32 \
+plan's convolutions run on the direct kernel of the path (under `portable`, im2col on rten-gemm, which picks \
+its own vector kernel: that row is not scalar f32), its linear layers on rten-gemm in every row; the int8 \
+plan's convolutions run on the path's direct kernel (under `portable`, im2col on a plain loop).\n";
 
 /// Writes a suite's `json` and `md` under `out/bench/`; returns the JSON path.
 fn write_suite(

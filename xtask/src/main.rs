@@ -74,7 +74,7 @@ enum Command {
     },
     /// Run a benchmark suite side by side at one thread; writes `OUT/bench/<suite>.json`.
     Bench {
-        /// Suite: `runtime`, `quant`, `prune` or `onnxruntime`.
+        /// Suite: `runtime`, `quant`, `prune`, `isa` (every kernel path this CPU has) or `onnxruntime`.
         suite: String,
         /// Root of the output (`runs`).
         #[arg(long, default_value = "runs")]

@@ -36,38 +36,38 @@ const PANEL_AVX2: usize = 8;
 const DEPTH_STEP: usize = 4;
 
 /// The integer path the kernels take under the selected ISA ([`isa::selected`] and
-/// [`Isa::int8_path`]): `Some(Isa::Avx512Vnni)` or `Some(Isa::Avx2)`, `None` where this crate has
-/// no integer kernel for it (the plan then uses rten-gemm's portable kernels).
-pub fn path() -> Option<Isa> {
-    let isa = isa::selected().int8_path();
-    supports(isa).then_some(isa)
+/// [`Isa::int8_path`]): [`Isa::Avx512Vnni`], [`Isa::Avx2`] or [`Isa::Portable`] (a plain exact
+/// loop: the GEMM only, no direct convolution).
+pub fn path() -> Isa {
+    isa::selected().int8_path()
 }
 
-/// Whether `isa` is an integer path of this module ([`Isa::Avx512Vnni`] or [`Isa::Avx2`]) that
-/// this CPU runs.
+/// Whether [`gemm()`] runs on `isa` on this CPU ([`Isa::Avx512Vnni`], [`Isa::Avx2`] or
+/// [`Isa::Portable`]).
 pub fn supports(isa: Isa) -> bool {
-    matches!(isa, Isa::Avx512Vnni | Isa::Avx2) && isa.available()
-}
-
-/// [`path`] for a test: where it is `None` the test says so on stderr — and fails instead where
-/// `SHRINK_REQUIRE_ISA` names an integer path this CPU lacks ([`paths_for_test`]).
-pub fn path_for_test(test: &str) -> Option<Isa> {
-    let found = path();
-    if found.is_none() {
-        paths_for_test(test);
-        eprintln!("{test}: no integer kernel path of ours under {:?}: that part is skipped", isa::selected());
-    }
-    found
+    matches!(isa, Isa::Avx512Vnni | Isa::Avx2 | Isa::Portable) && isa.available()
 }
 
 /// The integer paths a test must check on this CPU: each one it has, the others skipped with a
 /// message — or the test fails where `SHRINK_REQUIRE_ISA` names one ([`Isa::available_for_test`]).
 pub fn paths_for_test(test: &str) -> Vec<Isa> {
-    [Isa::Avx2, Isa::Avx512Vnni].into_iter().filter(|i| i.available_for_test(test)).collect()
+    [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni].into_iter().filter(|i| i.available_for_test(test)).collect()
 }
 
-/// Weights `w [k, n]` (i8) packed for [`gemm()`] on one path. AVX-512 VNNI: panels of 16
-/// columns, each `k/4` blocks of 16 columns × 4 depths (one word per column: its four bytes).
+/// Whether the selected integer path has the direct convolution ([`DirectConv::runs_on`]); where
+/// it has not, the test says so on stderr — and fails instead where `SHRINK_REQUIRE_ISA` names
+/// an integer path this CPU lacks ([`paths_for_test`]).
+pub fn direct_for_test(test: &str) -> bool {
+    if DirectConv::runs_on(path()) {
+        return true;
+    }
+    paths_for_test(test);
+    eprintln!("{test}: no direct integer convolution under {:?}: that part is skipped", isa::selected());
+    false
+}
+
+/// Weights `w [k, n]` (i8) packed for [`gemm()`] on one path. AVX-512 VNNI (and portable):
+/// panels of 16 columns, each `k/4` blocks of 16 columns × 4 depths (one word per column: its four bytes).
 /// AVX2: panels of 8 columns, each `k/4` blocks of two rows of 8 words — the i16 pairs of depths
 /// 0 and 2, then of depths 1 and 3. Depths and columns are padded with zeros.
 #[derive(Clone, Debug)]
@@ -88,20 +88,17 @@ fn i16_pairs(b: [i8; 4]) -> [i32; 2] {
 
 impl PackedWeights {
     /// Packs `w`, row-major `[k, n]`, for the selected integer path ([`path`]).
-    ///
-    /// # Panics
-    /// Where this module has no integer path for the selected ISA (see [`path`]).
     pub fn new(w: &[i8], k: usize, n: usize) -> Self {
-        Self::with_isa(w, k, n, path().expect("no integer kernel path on this CPU"))
+        Self::with_isa(w, k, n, path())
     }
 
-    /// Packs `w`, row-major `[k, n]`, for path `isa` ([`Isa::Avx512Vnni`] or [`Isa::Avx2`]; the
-    /// CPU need not have it until [`gemm()`] runs).
+    /// Packs `w`, row-major `[k, n]`, for path `isa` (see [`supports`]; the CPU need not have it
+    /// until [`gemm()`] runs). The portable path uses the VNNI layout.
     ///
     /// # Panics
-    /// On another path, or when `w` is not `[k, n]`.
+    /// On a path [`gemm()`] does not have, or when `w` is not `[k, n]`.
     pub fn with_isa(w: &[i8], k: usize, n: usize, isa: Isa) -> Self {
-        assert!(matches!(isa, Isa::Avx512Vnni | Isa::Avx2), "no integer kernel for {isa:?}");
+        assert!(matches!(isa, Isa::Avx512Vnni | Isa::Avx2 | Isa::Portable), "no integer GEMM for {isa:?}");
         assert_eq!(w.len(), k * n, "weights must be [k, n]");
         let depth = k.next_multiple_of(DEPTH_STEP);
         let steps = depth / DEPTH_STEP;
@@ -164,13 +161,36 @@ pub fn gemm(a: &[u8], lda: usize, rows: usize, w: &PackedWeights, c: &mut [i32])
     assert!(w.isa.available(), "this CPU lacks {:?}", w.isa);
     assert!(lda >= w.depth && (rows == 0 || a.len() >= (rows - 1) * lda + w.depth), "a is too short");
     assert!(c.len() >= rows * ldc, "c is too short");
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: the CPU has the path's features (checked above) and the slices hold what the
-    // kernel reads and writes (checked above; the kernel reads rows below `rows` only).
-    unsafe {
-        match w.isa {
-            Isa::Avx512Vnni => x86::gemm(a, lda, rows, w, c, ldc),
-            _ => x86::gemm_avx2(a, lda, rows, w, c, ldc),
+    match w.isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has the path's features (checked above) and the slices hold what the
+        // kernel reads and writes (checked above; the kernel reads rows below `rows` only).
+        Isa::Avx512Vnni => unsafe { x86::gemm(a, lda, rows, w, c, ldc) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { x86::gemm_avx2(a, lda, rows, w, c, ldc) },
+        _ => gemm_portable(a, lda, rows, w, c, ldc),
+    }
+}
+
+/// The portable path of [`gemm()`]: a plain loop over the VNNI layout, wrapping i32 sums (as the
+/// vector lanes wrap).
+fn gemm_portable(a: &[u8], lda: usize, rows: usize, w: &PackedWeights, c: &mut [i32], ldc: usize) {
+    let steps = w.depth / DEPTH_STEP;
+    let panel_len = steps * PANEL;
+    for r in 0..rows {
+        let row = &a[r * lda..][..w.depth];
+        for (p, panel) in w.words.chunks_exact(panel_len).enumerate() {
+            let mut acc = [0i32; PANEL];
+            for (x, words) in row.chunks_exact(DEPTH_STEP).zip(panel.chunks_exact(PANEL)) {
+                for (acc, &word) in acc.iter_mut().zip(words) {
+                    let b = word.to_le_bytes();
+                    for d in 0..DEPTH_STEP {
+                        *acc = acc.wrapping_add(x[d] as i32 * b[d] as i8 as i32);
+                    }
+                }
+            }
+            c[r * ldc + p * PANEL..][..PANEL].copy_from_slice(&acc);
         }
     }
 }
@@ -276,10 +296,16 @@ impl DirectConv {
     /// (1 or 2) along both axes, on the selected integer path ([`path`]).
     ///
     /// # Panics
-    /// On another stride, or where this module has no integer path for the selected ISA.
+    /// On another stride, or where the selected integer path has no direct convolution
+    /// ([`Self::runs_on`]).
     pub fn new(weight: &[i8], out_channels: usize, in_channels: usize, kernel: [usize; 2], stride: usize) -> Self {
-        let isa = path().expect("no integer kernel path on this CPU");
-        Self::with_isa(weight, out_channels, in_channels, kernel, stride, isa)
+        Self::with_isa(weight, out_channels, in_channels, kernel, stride, path())
+    }
+
+    /// Whether the direct convolution runs on integer path `isa` on this CPU: AVX-512 VNNI or
+    /// AVX2 (the portable path has the GEMM only).
+    pub fn runs_on(isa: Isa) -> bool {
+        matches!(isa, Isa::Avx512Vnni | Isa::Avx2) && isa.available()
     }
 
     /// As [`DirectConv::new`], on path `isa` ([`Isa::Avx512Vnni`] or [`Isa::Avx2`]; the CPU need
@@ -1133,7 +1159,10 @@ mod tests {
     /// requantized image, whose bytes both paths must agree on.
     #[test]
     fn direct_conv_equals_the_reference_loop_on_every_path() {
-        let paths = paths_for_test("direct_conv_equals_the_reference_loop_on_every_path");
+        let paths: Vec<Isa> = paths_for_test("direct_conv_equals_the_reference_loop_on_every_path")
+            .into_iter()
+            .filter(|&i| DirectConv::runs_on(i))
+            .collect();
         for (case, &(cin, cout, [kh, kw], stride, (oh, ow))) in [
             (3usize, 5usize, [3usize, 3], 1usize, (7usize, 7usize)),
             (8, 16, [3, 3], 1, (12, 14)),

@@ -10,12 +10,14 @@
 //! `SHRINK_REQUIRE_ISA` (a comma-separated list, e.g. `avx2,avx512,avx512-vnni`) must be there, or
 //! the test fails instead of skipping it.
 
+use std::cell::Cell;
 use std::sync::OnceLock;
 
 /// A code path of the kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Isa {
-    /// Plain Rust (`mul_add`), on any CPU; integer layers on rten-gemm's portable kernels.
+    /// Plain Rust (`mul_add`), on any CPU; integers by a plain loop (a GEMM, no direct
+    /// convolution).
     Portable,
     /// AVX2 and FMA: 8 lanes of f32; integers as exact i16 pair products (`vpmaddwd`).
     Avx2,
@@ -47,8 +49,7 @@ impl Isa {
         }
     }
 
-    /// The path the integer kernels take under this choice: `Portable` (no kernel of ours),
-    /// `Avx2` or `Avx512Vnni`.
+    /// The path the integer kernels take under this choice: `Portable`, `Avx2` or `Avx512Vnni`.
     pub fn int8_path(self) -> Isa {
         match self {
             Isa::Avx512 => Isa::Avx2,
@@ -127,11 +128,36 @@ pub fn from_env() -> Result<Option<Isa>, String> {
     }
 }
 
-/// The path the kernels use: `SHRINK_ISA` where it names one this CPU has, else [`best`]
-/// (programs report a bad `SHRINK_ISA` through [`from_env`] before they get here).
+thread_local! {
+    static OVERRIDE: Cell<Option<Isa>> = const { Cell::new(None) };
+}
+
+/// The path the kernels use: inside [`with_selected`] its path, else `SHRINK_ISA` where it names
+/// one this CPU has, else [`best`] (programs report a bad `SHRINK_ISA` through [`from_env`]
+/// before they get here). Kernels read it when they are built and keep their path.
 pub fn selected() -> Isa {
     static SELECTED: OnceLock<Isa> = OnceLock::new();
-    *SELECTED.get_or_init(|| from_env().ok().flatten().unwrap_or_else(best))
+    OVERRIDE.with(Cell::get).unwrap_or_else(|| *SELECTED.get_or_init(|| from_env().ok().flatten().unwrap_or_else(best)))
+}
+
+/// Runs `f` with `isa` as this thread's [`selected`] path: the kernels (and plans) built inside
+/// run on it from then on, so one process can build the same model on every path and time them
+/// side by side (`cargo xtask bench isa`).
+///
+/// # Panics
+/// When the CPU lacks `isa`.
+pub fn with_selected<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
+    assert!(isa.available(), "this CPU lacks {isa:?}");
+    let before = OVERRIDE.with(|o| o.replace(Some(isa)));
+    // Restored even if `f` unwinds.
+    struct Restore(Option<Isa>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            OVERRIDE.with(|o| o.set(self.0));
+        }
+    }
+    let _restore = Restore(before);
+    f()
 }
 
 #[cfg(test)]
@@ -149,6 +175,16 @@ mod tests {
         for isa in Isa::ALL {
             assert!(isa.f32_path() <= Isa::Avx512 && isa.f32_path() <= isa);
             assert!(isa.int8_path() != Isa::Avx512 && isa.int8_path() <= isa);
+        }
+    }
+
+    #[test]
+    fn a_path_selected_for_a_scope_is_restored_after_it() {
+        let outside = selected();
+        for isa in Isa::ALL.into_iter().filter(|i| i.available()) {
+            assert_eq!(with_selected(isa, selected), isa);
+            assert_eq!(with_selected(isa, || with_selected(Isa::Portable, selected)), Isa::Portable);
+            assert_eq!(selected(), outside);
         }
     }
 }

@@ -373,7 +373,7 @@ fn fused_requantization_gives_the_same_bits() {
             let producers = labels.iter().filter(|(_, k)| k.contains("+requantize-u8")).count();
             let consumers = labels.iter().filter(|(_, k)| k.contains("(u8 input)")).count();
             assert_eq!(producers, consumers, "{labels:?}");
-            if shrink_core::kernels::int8::path_for_test("fused_requantization_gives_the_same_bits").is_some() {
+            if shrink_core::kernels::int8::direct_for_test("fused_requantization_gives_the_same_bits") {
                 // Each residual block's first conv feeds its second: one pair per block whose
                 // maps the direct kernel takes (not 4×4 ones: its 8-wide grid would double them).
                 assert_eq!(producers, if side == 16 { 2 } else { 3 }, "{labels:?}");

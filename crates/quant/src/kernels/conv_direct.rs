@@ -43,16 +43,17 @@ impl std::fmt::Debug for ConvDirectInt8 {
 
 impl ConvDirectInt8 {
     /// Builds the kernel on the selected integer path ([`shrink_core::kernels::int8::path`]),
-    /// or `None` where it does not apply (no integer path of ours on this CPU, an unsupported
+    /// or `None` where it does not apply (the path has no direct convolution, an unsupported
     /// stride, dilation or groups other than 1, an unsupported output width, dynamic
     /// quantization).
     pub fn new(view: &LayerView<'_>, layer: &IntLayer) -> Option<Self> {
-        Self::with_isa(view, layer, shrink_core::kernels::int8::path()?)
+        Self::with_isa(view, layer, shrink_core::kernels::int8::path())
     }
 
-    /// As [`Self::new`], on integer path `isa` (`Avx512Vnni` or `Avx2`, which the CPU must run).
+    /// As [`Self::new`], on integer path `isa` (`None` where the direct convolution does not run
+    /// on it: [`shrink_core::kernels::int8::DirectConv::runs_on`]).
     pub fn with_isa(view: &LayerView<'_>, layer: &IntLayer, isa: shrink_core::kernels::isa::Isa) -> Option<Self> {
-        if !shrink_core::kernels::int8::supports(isa) {
+        if !shrink_core::kernels::int8::DirectConv::runs_on(isa) {
             return None;
         }
         let planned = Self::plan_input(view.op, view.input, view.output, layer)?;

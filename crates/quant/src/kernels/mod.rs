@@ -1,8 +1,8 @@
 //! Integer kernels for the CPU plan: u8 × i8 → i32, weights quantized and packed once when the
-//! plan is frozen, never dequantized while it runs. On x86 CPUs with AVX2 or AVX-512 VNNI the
-//! arithmetic is our own ([`shrink_core::kernels::int8`]: a direct convolution, and a GEMM that
-//! needs no packing of the activations, both exact — AVX2 without `vpmaddubsw`'s saturation);
-//! elsewhere it is rten-gemm's portable or NEON kernels, chosen at run time.
+//! plan is frozen, never dequantized while it runs. On x86 the arithmetic is our own
+//! ([`shrink_core::kernels::int8`]: on AVX-512 VNNI and AVX2 a direct convolution, and a GEMM
+//! that needs no packing of the activations, all exact — AVX2 without `vpmaddubsw`'s saturation;
+//! a plain GEMM loop on the portable path); elsewhere it is rten-gemm's (NEON or generic).
 //!
 //! Activations travel between steps of the plan in f32. Each integer layer quantizes its input
 //! to u8 in one pass (the rounding its calibrated parameters define), multiplies in integers,
@@ -43,7 +43,8 @@ thread_local! {
 }
 
 /// The name of the integer GEMM kernel the plans use on this CPU (and `SHRINK_ISA`):
-/// `shrink-avx512-vnni`, `shrink-avx2`, or the one rten picked (e.g. `generic-u8i8i32`).
+/// `shrink-avx512-vnni`, `shrink-avx2`, `shrink-portable`, or the one rten picked off x86
+/// (e.g. `arm-u8i8i32-dotprod`).
 pub fn int8_gemm_kernel_name() -> String {
     match Int8Gemm::best() {
         Int8Gemm::Shrink(isa) => format!("shrink-{}", isa.name()),
@@ -61,17 +62,19 @@ pub fn rten_int8_saturates() -> bool {
 /// Which GEMM an integer layer runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Int8Gemm {
-    /// [`shrink_core::kernels::int8`] on one of its paths (`Avx512Vnni` or `Avx2`): the default
-    /// where the CPU has one.
+    /// [`shrink_core::kernels::int8`] on one of its paths (`Avx512Vnni`, `Avx2` or `Portable`):
+    /// the default on x86.
     Shrink(shrink_core::kernels::isa::Isa),
-    /// rten-gemm: everywhere else (its AVX2 kernel is never used: it saturates).
+    /// rten-gemm: off x86 (its NEON kernels are exact; its x86 ones without VNNI saturate and
+    /// are never used).
     Rten,
 }
 
 impl Int8Gemm {
-    /// The fastest one this CPU runs (under `SHRINK_ISA`).
+    /// The one the plans use under the selected path (`SHRINK_ISA`): shrink's on x86, rten's
+    /// elsewhere (until shrink has NEON kernels).
     pub fn best() -> Self {
-        shrink_core::kernels::int8::path().map_or(Self::Rten, Self::Shrink)
+        if cfg!(target_arch = "x86_64") { Self::Shrink(shrink_core::kernels::int8::path()) } else { Self::Rten }
     }
 }
 
@@ -376,7 +379,9 @@ pub fn requantized_handover(
     to: &LayerLink<'_>,
     layers: &BTreeMap<String, IntLayer>,
 ) -> Option<shrink_core::kernels::int8::QuadImage> {
-    shrink_core::kernels::int8::path()?;
+    if !shrink_core::kernels::int8::DirectConv::runs_on(shrink_core::kernels::int8::path()) {
+        return None;
+    }
     let producer = layers.get(from.name)?;
     if producer.output.is_some() {
         // Its output is rounded to its own grid after the epilogue: no handover.
