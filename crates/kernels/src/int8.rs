@@ -417,6 +417,27 @@ impl DirectConv {
         out: Output<'_>,
         epilogue: &Epilogue<'_>,
     ) {
+        self.run_threads(image, hp, wp, oh, ow, out, epilogue, 1);
+    }
+
+    /// As [`Self::run`], with the output channels split between `threads` workers of the
+    /// current rayon pool (in jobs of whole tiles of 8 channels, taken by whichever worker is
+    /// free), so one image uses several cores. The same bits whatever `threads`.
+    ///
+    /// # Panics
+    /// As [`Self::run`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_threads(
+        &self,
+        image: &[u8],
+        hp: usize,
+        wp: usize,
+        oh: usize,
+        ow: usize,
+        out: Output<'_>,
+        epilogue: &Epilogue<'_>,
+        threads: usize,
+    ) {
         let [kh, kw] = self.kernel;
         assert!(self.isa.available(), "this CPU lacks {:?}", self.isa);
         assert!(Self::supports(oh, ow), "unsupported output width {ow}");
@@ -442,12 +463,56 @@ impl DirectConv {
                 || (epilogue.weight_zero.len() >= n && epilogue.window_sums.len() >= gh * gw),
             "asymmetric weights need a zero point per channel and a sum per pixel of the grid"
         );
+        let tiles = self.out_channels.div_ceil(TILE_CHANNELS);
+        let job = |channels: std::ops::Range<usize>, out: Output<'_>| {
+            // SAFETY: features and every bound the kernel relies on are checked above; each
+            // job's output (below) starts at its first channel and holds its channels.
+            unsafe { self.channels(channels, image, hp, wp, oh, ow, out, epilogue) }
+        };
+        if threads <= 1 || tiles < 2 {
+            job(0..self.out_padded, out);
+            return;
+        }
+        use rayon::prelude::*;
+        let per_job = tiles.div_ceil(2 * threads).max(1) * TILE_CHANNELS;
+        let range = |j: usize| j * per_job..(j + 1) * per_job;
+        match out {
+            Output::F32(out) => out[..self.out_channels * oh * ow]
+                .par_chunks_mut(per_job * oh * ow)
+                .enumerate()
+                .for_each(|(j, chunk)| job(range(j), Output::F32(chunk))),
+            Output::Quads { bytes, image: next } => bytes[..next.len()]
+                .par_chunks_mut(per_job / 4 * next.height * next.width * 4)
+                .enumerate()
+                .for_each(|(j, chunk)| job(range(j), Output::Quads { bytes: chunk, image: next })),
+        }
+    }
+
+    /// Output channels `channels` (from a multiple of 8) into `out`, which starts at the range's
+    /// first channel.
+    ///
+    /// # Safety
+    /// What [`Self::run_threads`] asserts; `out` holds the range's channels below
+    /// `out_channels` (f32: `oh · ow` values each; the next image: its planes of their quads).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn channels(
+        &self,
+        channels: std::ops::Range<usize>,
+        image: &[u8],
+        hp: usize,
+        wp: usize,
+        oh: usize,
+        ow: usize,
+        out: Output<'_>,
+        epilogue: &Epilogue<'_>,
+    ) {
+        let channels = channels.start..channels.end.min(self.out_padded);
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: features and every bound the kernel relies on are checked above.
+        // SAFETY: this function's contract.
         unsafe {
             match self.isa {
-                Isa::Avx512Vnni => x86::direct(self, image, hp, wp, oh, ow, out, epilogue),
-                _ => x86::direct_avx2(self, image, hp, wp, oh, ow, out, epilogue),
+                Isa::Avx512Vnni => x86::direct(self, channels, image, hp, wp, oh, ow, out, epilogue),
+                _ => x86::direct_avx2(self, channels, image, hp, wp, oh, ow, out, epilogue),
             }
         }
     }
@@ -551,14 +616,16 @@ mod x86 {
         }
     }
 
-    /// The direct convolution: tiles of 8 output channels × 16·`R` output pixels.
+    /// The direct convolution: tiles of 8 output channels × 16·`R` output pixels, for the output
+    /// channels `channels` (from a multiple of 8), written to `out` from the range's first.
     ///
     /// # Safety
-    /// As [`direct_tiles`]: everything [`DirectConv::run`] asserts.
+    /// As [`direct_tiles`]: everything [`DirectConv::run`] asserts, for the range's channels.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
     pub(super) unsafe fn direct(
         conv: &DirectConv,
+        channels: std::ops::Range<usize>,
         image: &[u8],
         hp: usize,
         wp: usize,
@@ -572,12 +639,24 @@ mod x86 {
         // shape that fits the grid (R = 2 needs widths of 32, SPLIT widths of 8, S the stride).
         unsafe {
             match (conv.stride, gw.is_multiple_of(32), gw.is_multiple_of(16)) {
-                (1, true, _) => direct_tiles::<2, false, 1>(conv, image, hp, wp, oh, ow, out, epilogue),
-                (1, false, true) => direct_tiles::<1, false, 1>(conv, image, hp, wp, oh, ow, out, epilogue),
-                (1, false, false) => direct_tiles::<1, true, 1>(conv, image, hp, wp, oh, ow, out, epilogue),
-                (_, true, _) => direct_tiles::<2, false, 2>(conv, image, hp, wp, oh, ow, out, epilogue),
-                (_, false, true) => direct_tiles::<1, false, 2>(conv, image, hp, wp, oh, ow, out, epilogue),
-                (_, false, false) => direct_tiles::<1, true, 2>(conv, image, hp, wp, oh, ow, out, epilogue),
+                (1, true, _) => {
+                    direct_tiles::<2, false, 1>(conv, channels.clone(), image, hp, wp, oh, ow, out, epilogue)
+                }
+                (1, false, true) => {
+                    direct_tiles::<1, false, 1>(conv, channels.clone(), image, hp, wp, oh, ow, out, epilogue)
+                }
+                (1, false, false) => {
+                    direct_tiles::<1, true, 1>(conv, channels.clone(), image, hp, wp, oh, ow, out, epilogue)
+                }
+                (_, true, _) => {
+                    direct_tiles::<2, false, 2>(conv, channels.clone(), image, hp, wp, oh, ow, out, epilogue)
+                }
+                (_, false, true) => {
+                    direct_tiles::<1, false, 2>(conv, channels.clone(), image, hp, wp, oh, ow, out, epilogue)
+                }
+                (_, false, false) => {
+                    direct_tiles::<1, true, 2>(conv, channels.clone(), image, hp, wp, oh, ow, out, epilogue)
+                }
             }
         }
     }
@@ -598,6 +677,7 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
     unsafe fn direct_tiles<const R: usize, const SPLIT: bool, const S: usize>(
         conv: &DirectConv,
+        channels: std::ops::Range<usize>,
         image: &[u8],
         hp: usize,
         wp: usize,
@@ -623,7 +703,7 @@ mod x86 {
             let (oy, ox) = (p0 / gw, p0 % gw);
             let first: [usize; R] = std::array::from_fn(|r| (oy * S * wp + (ox + 16 * r) * S) * 4);
             let second = ((oy + 1) * S * wp + ox * S) * 4;
-            for o0 in (0..conv.out_padded).step_by(MR) {
+            for o0 in channels.clone().step_by(MR) {
                 let mut acc = [[zero; R]; MR];
                 for ky in 0..kh {
                     for kx in 0..kw {
@@ -692,7 +772,8 @@ mod x86 {
                 match &mut out {
                     Output::F32(out) => {
                         for (t, ys) in ys.iter().enumerate().take(conv.out_channels.saturating_sub(o0)) {
-                            let row = &mut out[(o0 + t) * n..(o0 + t + 1) * n];
+                            let at = o0 + t - channels.start;
+                            let row = &mut out[at * n..(at + 1) * n];
                             for (r, &y) in ys.iter().enumerate() {
                                 // SAFETY: the CPU has the features (this function's contract);
                                 // `store_f32` writes only through bounds-checked slices of `row`.
@@ -725,7 +806,7 @@ mod x86 {
                                 px = _mm512_inserti32x4::<1>(px, _mm_unpackhi_epi16(a_lo, b_lo));
                                 px = _mm512_inserti32x4::<2>(px, _mm_unpacklo_epi16(a_hi, b_hi));
                                 px = _mm512_inserti32x4::<3>(px, _mm_unpackhi_epi16(a_hi, b_hi));
-                                let plane = &mut bytes[quad * image.height * image.width * 4..]
+                                let plane = &mut bytes[(quad - channels.start / 4) * image.height * image.width * 4..]
                                     [..image.height * image.width * 4];
                                 let [ph, pw] = image.padding;
                                 let at = |y: usize, x: usize| ((y + ph) * image.width + x + pw) * 4;
@@ -900,7 +981,8 @@ mod x86 {
 
     /// The direct convolution on AVX2: tiles of 4 output channels (one quad of the next image)
     /// × 2 vectors of 8 grid pixels, each vector inside one grid row (the grid's width is a
-    /// multiple of 8).
+    /// multiple of 8), for the output channels `channels`, written to `out` from the range's
+    /// first.
     ///
     /// # Safety
     /// As [`direct`], with AVX2 in place of AVX-512 VNNI, and `conv` packed for AVX2.
@@ -908,6 +990,7 @@ mod x86 {
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn direct_avx2(
         conv: &DirectConv,
+        channels: std::ops::Range<usize>,
         image: &[u8],
         hp: usize,
         wp: usize,
@@ -919,9 +1002,9 @@ mod x86 {
         // SAFETY: this function's contract is `direct_tiles_avx2`'s; `S` is the stride.
         unsafe {
             if conv.stride == 1 {
-                direct_tiles_avx2::<1>(conv, image, hp, wp, oh, ow, out, epilogue)
+                direct_tiles_avx2::<1>(conv, channels, image, hp, wp, oh, ow, out, epilogue)
             } else {
-                direct_tiles_avx2::<2>(conv, image, hp, wp, oh, ow, out, epilogue)
+                direct_tiles_avx2::<2>(conv, channels, image, hp, wp, oh, ow, out, epilogue)
             }
         }
     }
@@ -936,6 +1019,7 @@ mod x86 {
     #[target_feature(enable = "avx2")]
     unsafe fn direct_tiles_avx2<const S: usize>(
         conv: &DirectConv,
+        channels: std::ops::Range<usize>,
         image: &[u8],
         hp: usize,
         wp: usize,
@@ -961,7 +1045,7 @@ mod x86 {
             // Each vector's grid row and column, and the byte offset of its first pixel (tap 0, quad 0).
             let at: [(usize, usize); V] = std::array::from_fn(|v| ((p0 + LANES * v) / gw, (p0 + LANES * v) % gw));
             let first: [usize; V] = std::array::from_fn(|v| (at[v].0 * S * wp + at[v].1 * S) * 4);
-            for o0 in (0..conv.out_channels).step_by(MR) {
+            for o0 in (channels.start..channels.end.min(conv.out_channels)).step_by(MR) {
                 let mut acc = [[zero; V]; MR];
                 for ky in 0..kh {
                     for kx in 0..kw {
@@ -1032,7 +1116,8 @@ mod x86 {
                 match &mut out {
                     Output::F32(out) => {
                         for (t, ys) in ys.iter().enumerate().take(conv.out_channels.saturating_sub(o0)) {
-                            let plane = &mut out[(o0 + t) * n..(o0 + t + 1) * n];
+                            let c = o0 + t - channels.start;
+                            let plane = &mut out[c * n..(c + 1) * n];
                             for (v, &y) in ys.iter().enumerate() {
                                 let (gy, gx) = at[v];
                                 if gy >= oh || gx >= ow {
@@ -1058,7 +1143,7 @@ mod x86 {
                         let inv = _mm256_set1_ps(image.inverse_scale);
                         let zp = _mm256_set1_ps(image.zero_point as f32);
                         let max = _mm256_set1_ps(255.0);
-                        let quad = o0 / 4;
+                        let quad = (o0 - channels.start) / 4;
                         let plane =
                             &mut bytes[quad * image.height * image.width * 4..][..image.height * image.width * 4];
                         let [ph, pw] = image.padding;
@@ -1170,6 +1255,7 @@ mod tests {
             (9, 11, [3, 3], 2, (6, 30)),
             (1, 8, [5, 5], 1, (24, 24)),
             (16, 4, [3, 1], 1, (3, 32)),
+            (8, 37, [3, 3], 2, (7, 7)),
         ]
         .iter()
         .enumerate()
@@ -1235,16 +1321,23 @@ mod tests {
                 zero_point: 100,
             };
             let mut requantized = Vec::new();
+            // One thread, and the output channels split between three workers.
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
             for &isa in &paths {
                 let conv = DirectConv::with_isa(&weight, cout, cin, [kh, kw], stride, isa);
-                let mut out = vec![f32::NAN; cout * oh * ow];
-                conv.run(&image, hp, wp, oh, ow, Output::F32(&mut out), &epilogue);
-                for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
-                    assert_eq!(got, want as f32, "{isa:?} case {case} at {i}");
+                for threads in [1, 3] {
+                    let mut out = vec![f32::NAN; cout * oh * ow];
+                    pool.install(|| {
+                        conv.run_threads(&image, hp, wp, oh, ow, Output::F32(&mut out), &epilogue, threads)
+                    });
+                    for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
+                        assert_eq!(got, want as f32, "{isa:?} case {case}, {threads} threads, at {i}");
+                    }
+                    let mut bytes = vec![next_image.zero_point; next_image.len()];
+                    let quads = Output::Quads { bytes: &mut bytes, image: next_image };
+                    pool.install(|| conv.run_threads(&image, hp, wp, oh, ow, quads, &epilogue, threads));
+                    requantized.push(bytes);
                 }
-                let mut bytes = vec![next_image.zero_point; next_image.len()];
-                conv.run(&image, hp, wp, oh, ow, Output::Quads { bytes: &mut bytes, image: next_image }, &epilogue);
-                requantized.push(bytes);
             }
             assert!(requantized.windows(2).all(|w| w[0] == w[1]), "case {case}: the paths requantize differently");
         }

@@ -225,7 +225,7 @@ impl Kernel for ConvDirectInt8 {
         format!("conv2d/int8-direct-{}{relu}{out}{bits}{input}", self.conv.isa().name())
     }
 
-    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], _ctx: &RunContext) {
+    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], ctx: &RunContext) {
         let (cin, h, w) = self.input;
         let (hp, wp) = self.padded();
         let (cout, oh, ow) = self.output;
@@ -255,7 +255,8 @@ impl Kernel for ConvDirectInt8 {
                     }
                     None => shrink_core::kernels::int8::Output::F32(out),
                 };
-                self.conv.run(image, hp, wp, oh, ow, out, &epilogue);
+                // A single image on a multi-threaded plan splits its channels between the threads.
+                self.conv.run_threads(image, hp, wp, oh, ow, out, &epilogue, ctx.threads);
             }
         });
     }
