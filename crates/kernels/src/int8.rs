@@ -242,6 +242,93 @@ pub struct Epilogue<'a> {
     pub weight_zero: &'a [i32],
     /// With `weight_zero`: `Σ (a − a_zero)` over each output pixel's receptive field.
     pub window_sums: &'a [i32],
+    /// A u8 grid the value is rounded to after the bias (a quantized model's rounded output).
+    pub grid: Option<Grid>,
+    /// A fused residual add: an image of the output's shape (`[out_channels][oh][ow]` f32)
+    /// added after the rounding, before the ReLU; empty for none.
+    pub residual: &'a [f32],
+}
+
+impl Epilogue<'_> {
+    /// The scalar definition of the epilogue, which the vector epilogues follow operation by
+    /// operation: output channel `o`'s value for accumulator `acc` ([`dequantize`] without the
+    /// ReLU), rounded to [`Self::grid`], plus `residual` (the residual image's value at the
+    /// pixel; ignored without [`Self::residual`]), then the ReLU. `window_sum` is the pixel's
+    /// window sum (ignored for symmetric weights).
+    #[inline(always)]
+    pub fn apply(&self, o: usize, acc: i32, window_sum: i32, residual: f32) -> f32 {
+        let weight_zero = self.weight_zero.get(o).copied().unwrap_or(0);
+        let mut y = dequantize(acc, self.correction[o], weight_zero, window_sum, self.scale[o], self.bias[o], false);
+        if let Some(grid) = self.grid {
+            y = grid.round(y);
+        }
+        if !self.residual.is_empty() {
+            y += residual;
+        }
+        if self.relu { y.max(0.0) } else { y }
+    }
+}
+
+/// The integer epilogue, the one definition of how an i32 accumulator becomes a value:
+/// `(acc − correction − weight_zero · window_sum) · scale + bias`, then ReLU if asked, with
+/// wrapping i32 arithmetic (as the SIMD lanes compute it) and the float product and sum rounded
+/// separately (no fused multiply-add). `correction` is the input's zero point times the weights'
+/// sum, `weight_zero · window_sum` the asymmetric weights' term (0 for symmetric weights),
+/// `scale` the input scale times the weight scale. The vector epilogues of [`DirectConv`]
+/// perform the same operations in the same order ([`Epilogue::apply`]); the tests hold them
+/// to the same bits.
+#[inline(always)]
+pub fn dequantize(
+    acc: i32,
+    correction: i32,
+    weight_zero: i32,
+    window_sum: i32,
+    scale: f32,
+    bias: f32,
+    relu: bool,
+) -> f32 {
+    let a = acc.wrapping_sub(correction).wrapping_sub(weight_zero.wrapping_mul(window_sum));
+    let y = a as f32 * scale + bias;
+    if relu { y.max(0.0) } else { y }
+}
+
+/// 1.5 × 2²³: added to a float in `[0, 2²²)`, it leaves that float rounded to the nearest
+/// integer (ties to even) in the low mantissa bits, a rounding that vectorises (unlike
+/// `f32::round` without SSE4.1, or a saturating float-to-int cast).
+const ROUNDING_MAGIC: f32 = 12_582_912.0;
+
+/// The one definition of u8 quantization: `round_ties_even(clamp(v · inverse_scale +
+/// zero_point, 0, 255))` (the product and the sum rounded separately; NaN becomes 0). The
+/// vector paths compute the same with `cvtps2dq` under the default rounding mode.
+#[inline(always)]
+pub fn quantize(v: f32, inverse_scale: f32, zero_point: f32) -> u8 {
+    (((v * inverse_scale + zero_point).clamp(0.0, 255.0) + ROUNDING_MAGIC).to_bits() & 0xFF) as u8
+}
+
+/// A u8 grid a value is rounded to and back: `scale · (q − zero_point)` with `q` as
+/// [`quantize`] computes it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Grid {
+    /// The grid's step.
+    pub scale: f32,
+    /// `1 / scale`, what [`quantize`] multiplies by.
+    pub inverse_scale: f32,
+    /// The u8 that stands for 0.
+    pub zero_point: u8,
+}
+
+impl Grid {
+    /// The grid of step `scale` with `zero_point`.
+    pub fn new(scale: f32, zero_point: u8) -> Self {
+        Self { scale, inverse_scale: 1.0 / scale, zero_point }
+    }
+
+    /// `v` rounded to the grid.
+    #[inline(always)]
+    pub fn round(self, v: f32) -> f32 {
+        let zero_point = self.zero_point as f32;
+        (quantize(v, self.inverse_scale, zero_point) as f32 - zero_point) * self.scale
+    }
 }
 
 const TILE_CHANNELS: usize = 8;
@@ -462,6 +549,10 @@ impl DirectConv {
             epilogue.weight_zero.is_empty()
                 || (epilogue.weight_zero.len() >= n && epilogue.window_sums.len() >= gh * gw),
             "asymmetric weights need a zero point per channel and a sum per pixel of the grid"
+        );
+        assert!(
+            epilogue.residual.is_empty() || epilogue.residual.len() >= n * oh * ow,
+            "the residual is an image of the output's shape"
         );
         let tiles = self.out_channels.div_ceil(TILE_CHANNELS);
         let job = |channels: std::ops::Range<usize>, out: Output<'_>| {
@@ -742,6 +833,7 @@ mod x86 {
                         }
                     }
                 }
+                // `Epilogue::apply`, operation by operation.
                 let mut ys = [[_mm512_setzero_ps(); R]; MR];
                 for (t, acc) in acc.iter().enumerate() {
                     let o = o0 + t;
@@ -763,6 +855,16 @@ mod x86 {
                         }
                         let y = _mm512_cvtepi32_ps(v);
                         let mut y = _mm512_add_ps(_mm512_mul_ps(y, scale), bias);
+                        if let Some(grid) = epilogue.grid {
+                            y = round_to_grid(y, grid);
+                        }
+                        if !epilogue.residual.is_empty() {
+                            let plane = &epilogue.residual[o * n..(o + 1) * n];
+                            // SAFETY: the CPU has the features (this function's contract);
+                            // `load_f32` reads only through bounds-checked slices of `plane`.
+                            let x = unsafe { load_f32(plane, oy, ox + 16 * r, oh, ow, SPLIT, row_mask(ox + 16 * r)) };
+                            y = _mm512_add_ps(y, x);
+                        }
                         if epilogue.relu {
                             y = _mm512_max_ps(y, _mm512_setzero_ps());
                         }
@@ -785,9 +887,7 @@ mod x86 {
                         // Rounded as the next layer rounds its input (`kernels::quantize_u8`:
                         // multiply, add the zero point, clamp, round half to even; NaN to 0),
                         // four channels interleaved per pixel.
-                        let inv = _mm512_set1_ps(image.inverse_scale);
-                        let zp = _mm512_set1_ps(image.zero_point as f32);
-                        let max = _mm512_set1_ps(255.0);
+                        let (inv, zp) = (image.inverse_scale, image.zero_point);
                         for half in 0..MR / 4 {
                             let quad = o0 / 4 + half;
                             if 4 * quad >= conv.out_channels {
@@ -796,9 +896,7 @@ mod x86 {
                             #[allow(clippy::needless_range_loop)] // `r` indexes the inner arrays of `ys`
                             for r in 0..R {
                                 let q: [__m128i; 4] = std::array::from_fn(|c| {
-                                    let v = _mm512_add_ps(_mm512_mul_ps(ys[4 * half + c][r], inv), zp);
-                                    let v = _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), max);
-                                    _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v))
+                                    _mm512_cvtepi32_epi8(quantize_512(ys[4 * half + c][r], inv, zp))
                                 });
                                 let (a_lo, a_hi) = (_mm_unpacklo_epi8(q[0], q[1]), _mm_unpackhi_epi8(q[0], q[1]));
                                 let (b_lo, b_hi) = (_mm_unpacklo_epi8(q[2], q[3]), _mm_unpackhi_epi8(q[2], q[3]));
@@ -839,6 +937,52 @@ mod x86 {
                     }
                 }
             }
+        }
+    }
+
+    /// [`super::quantize`] on 16 lanes: multiply, add the zero point, clamp, round half to
+    /// even (`cvtps2dq` under the default rounding mode; NaN to 0 by the clamp), as i32.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+    fn quantize_512(y: __m512, inverse_scale: f32, zero_point: u8) -> __m512i {
+        let v = _mm512_add_ps(_mm512_mul_ps(y, _mm512_set1_ps(inverse_scale)), _mm512_set1_ps(zero_point as f32));
+        _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), _mm512_set1_ps(255.0)))
+    }
+
+    /// [`Grid::round`](super::Grid::round) on 16 lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+    fn round_to_grid(y: __m512, grid: super::Grid) -> __m512 {
+        let q = _mm512_cvtepi32_ps(quantize_512(y, grid.inverse_scale, grid.zero_point));
+        _mm512_mul_ps(_mm512_sub_ps(q, _mm512_set1_ps(grid.zero_point as f32)), _mm512_set1_ps(grid.scale))
+    }
+
+    /// Loads what [`store_f32`] stores (the same pixels of a channel's `row`); lanes of pixels
+    /// outside the output are 0.
+    ///
+    /// # Safety
+    /// As [`store_f32`]: every load goes through a bounds-checked slice of `row`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+    unsafe fn load_f32(row: &[f32], oy: usize, x0: usize, oh: usize, ow: usize, split: bool, mask: u32) -> __m512 {
+        if split {
+            let half = mask as __mmask8;
+            // SAFETY: at most `ow` lanes enabled (this function's contract) from `ow` values.
+            let lo = unsafe { _mm256_maskz_loadu_ps(half, row[oy * ow..][..ow].as_ptr()) };
+            let hi = if oy + 1 < oh {
+                // SAFETY: as above, on the next row.
+                unsafe { _mm256_maskz_loadu_ps(half, row[(oy + 1) * ow..][..ow].as_ptr()) }
+            } else {
+                _mm256_setzero_ps()
+            };
+            _mm512_insertf32x8::<1>(_mm512_castps256_ps512(lo), hi)
+        } else if mask != 0 {
+            let src = row[oy * ow + x0..][..(ow - x0).min(16)].as_ptr();
+            // SAFETY: at most `min(ow − x0, 16)` lanes enabled, the slice's length.
+            unsafe { _mm512_maskz_loadu_ps(mask as __mmask16, src) }
+        } else {
+            _mm512_setzero_ps()
         }
     }
 
@@ -909,6 +1053,14 @@ mod x86 {
                 p += r;
             }
         }
+    }
+
+    /// [`quantize_512`] on 8 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn quantize_256(y: __m256, inverse_scale: f32, zero_point: u8) -> __m256i {
+        let v = _mm256_add_ps(_mm256_mul_ps(y, _mm256_set1_ps(inverse_scale)), _mm256_set1_ps(zero_point as f32));
+        _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, _mm256_setzero_ps()), _mm256_set1_ps(255.0)))
     }
 
     /// The even bytes (0 and 2) and the odd bytes (1 and 3) of each word of `v`, as i16 pairs.
@@ -1107,6 +1259,25 @@ mod x86 {
                         }
                         let y = _mm256_cvtepi32_ps(a);
                         let mut y = _mm256_add_ps(_mm256_mul_ps(y, scale), bias);
+                        if let Some(grid) = epilogue.grid {
+                            let q = _mm256_cvtepi32_ps(quantize_256(y, grid.inverse_scale, grid.zero_point));
+                            let zero_point = _mm256_set1_ps(grid.zero_point as f32);
+                            y = _mm256_mul_ps(_mm256_sub_ps(q, zero_point), _mm256_set1_ps(grid.scale));
+                        }
+                        let (gy, gx) = at[v];
+                        if !epilogue.residual.is_empty() && gy < oh && gx < ow {
+                            let count = real(gx);
+                            let src = epilogue.residual[o * n + gy * ow + gx..][..count].as_ptr();
+                            // SAFETY: `count` lanes from a slice of `count` values.
+                            let x = unsafe {
+                                if count == LANES {
+                                    _mm256_loadu_ps(src)
+                                } else {
+                                    _mm256_maskload_ps(src, lane_mask(count))
+                                }
+                            };
+                            y = _mm256_add_ps(y, x);
+                        }
                         if epilogue.relu {
                             y = _mm256_max_ps(y, _mm256_setzero_ps());
                         }
@@ -1140,9 +1311,6 @@ mod x86 {
                         // Rounded as the next layer rounds its input (`kernels::quantize_u8`:
                         // multiply, add the zero point, clamp, round half to even; NaN to 0);
                         // the four channels of the tile are one quad, each pixel one word.
-                        let inv = _mm256_set1_ps(image.inverse_scale);
-                        let zp = _mm256_set1_ps(image.zero_point as f32);
-                        let max = _mm256_set1_ps(255.0);
                         let quad = (o0 - channels.start) / 4;
                         let plane =
                             &mut bytes[quad * image.height * image.width * 4..][..image.height * image.width * 4];
@@ -1153,11 +1321,8 @@ mod x86 {
                             if gy >= oh || gx >= ow {
                                 continue;
                             }
-                            let q: [__m256i; MR] = std::array::from_fn(|c| {
-                                let y = _mm256_add_ps(_mm256_mul_ps(ys[c][v], inv), zp);
-                                let y = _mm256_min_ps(_mm256_max_ps(y, _mm256_setzero_ps()), max);
-                                _mm256_cvtps_epi32(y)
-                            });
+                            let q: [__m256i; MR] =
+                                std::array::from_fn(|c| quantize_256(ys[c][v], image.inverse_scale, image.zero_point));
                             let px = _mm256_or_si256(
                                 _mm256_or_si256(q[0], _mm256_slli_epi32::<8>(q[1])),
                                 _mm256_or_si256(_mm256_slli_epi32::<16>(q[2]), _mm256_slli_epi32::<24>(q[3])),
@@ -1311,7 +1476,29 @@ mod tests {
                 relu: false,
                 weight_zero: &[],
                 window_sums: &[],
+                grid: None,
+                residual: &[],
             };
+            // The whole epilogue: zero-point correction, scale and bias, a rounded output, a
+            // residual add (values on both sides of 0 and of the grid's range) and the ReLU,
+            // against its scalar definition.
+            let correction: Vec<i32> = (0..cout).map(|_| (next() % 2001) as i32 - 1000).collect();
+            let scale: Vec<f32> = (0..cout).map(|_| 2e-5 + (next() % 1000) as f32 * 2e-7).collect();
+            let bias: Vec<f32> = (0..cout).map(|_| (next() % 2001) as f32 / 100.0 - 10.0).collect();
+            let residual: Vec<f32> = (0..cout * oh * ow).map(|_| (next() % 4001) as f32 / 100.0 - 20.0).collect();
+            let full = Epilogue {
+                correction: &correction,
+                scale: &scale,
+                bias: &bias,
+                relu: true,
+                weight_zero: &[],
+                window_sums: &[],
+                grid: Some(Grid::new(0.37, 7)),
+                residual: &residual,
+            };
+            let full_want: Vec<f32> =
+                (0..cout * oh * ow).map(|i| full.apply(i / (oh * ow), want[i], 0, residual[i])).collect();
+            assert!(full_want.contains(&0.0) && full_want.iter().any(|&v| v > 0.0), "case {case}");
             let next_image = QuadImage {
                 quads: cout.div_ceil(4),
                 height: oh + 2,
@@ -1332,6 +1519,11 @@ mod tests {
                     });
                     for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
                         assert_eq!(got, want as f32, "{isa:?} case {case}, {threads} threads, at {i}");
+                    }
+                    out.fill(f32::NAN);
+                    pool.install(|| conv.run_threads(&image, hp, wp, oh, ow, Output::F32(&mut out), &full, threads));
+                    for (i, (&got, &want)) in out.iter().zip(&full_want).enumerate() {
+                        assert_eq!(got, want, "{isa:?} case {case}, {threads} threads, whole epilogue at {i}");
                     }
                     let mut bytes = vec![next_image.zero_point; next_image.len()];
                     let quads = Output::Quads { bytes: &mut bytes, image: next_image };

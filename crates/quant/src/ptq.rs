@@ -683,23 +683,25 @@ impl QuantizedModel {
         self.graph.forward_with_hooks(x, &[], &mut hooks).0
     }
 
-    /// A kernel registry whose builders give each quantized layer its integer kernel, with the
-    /// requantization between consecutive direct convolutions fused ([`Self::registry_with`]).
+    /// A kernel registry whose builders give each quantized layer its integer kernel, with
+    /// residual adds and the requantization between consecutive direct convolutions fused into
+    /// their epilogues ([`Self::registry_with`]).
     pub fn registry(&self) -> KernelRegistry {
         self.registry_with(true)
     }
 
-    /// As [`Self::registry`]; with `fuse_requantization`, a direct convolution whose output
+    /// As [`Self::registry`]; with `fuse`, a convolution whose value meets a residual add takes
+    /// the add (and the ReLU after it) into its epilogue, and a direct convolution whose output
     /// (after its folded batch norm and ReLU) feeds only another direct convolution writes it
-    /// requantized, in the layout that one reads, instead of f32 (same bits, one pass less; see
+    /// requantized, in the layout that one reads, instead of f32 (same bits, fewer passes; see
     /// [`crate::kernels::int8_registry`]).
-    pub fn registry_with(&self, fuse_requantization: bool) -> KernelRegistry {
+    pub fn registry_with(&self, fuse: bool) -> KernelRegistry {
         let layers = self
             .layers
             .iter()
             .map(|(name, l)| (name.clone(), IntLayer { output: self.outputs.get(name).copied(), ..l.int_layer() }))
             .collect();
-        crate::kernels::int8_registry(layers, fuse_requantization)
+        crate::kernels::int8_registry(layers, fuse)
     }
 
     /// Freezes the model into a CPU plan running the integer kernels.

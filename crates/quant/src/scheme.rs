@@ -177,24 +177,20 @@ impl ActivationType {
     }
 }
 
-/// 1.5 × 2²³: added to a float in `[0, 2²²)`, it leaves that float rounded to the nearest
-/// integer (ties to even) in the low mantissa bits, a rounding that vectorises (unlike
-/// `f32::round` without SSE4.1, or a saturating float-to-int cast).
-const ROUNDING_MAGIC: f32 = 12_582_912.0;
-
-/// `round_ties_even(clamp(v / scale + zero_point, 0, 255))` for `v * inv` = `v / scale`.
+/// `round_ties_even(clamp(v / scale + zero_point, 0, 255))` for `v * inv` = `v / scale`: the
+/// kernels' one definition ([`shrink_core::kernels::int8::quantize`]).
 #[inline(always)]
 pub(crate) fn quantize_one(v: f32, inv: f32, zp: f32) -> u8 {
-    (((v * inv + zp).clamp(0.0, 255.0) + ROUNDING_MAGIC).to_bits() & 0xFF) as u8
+    shrink_core::kernels::int8::quantize(v, inv, zp)
 }
 
 /// `x` rounded in place to the u8 grid of `p` and back: `scale · (q − zero_point)` with `q` as
 /// [`quantize_u8`] computes it — where a quantized model rounds a layer's output that its plan
 /// otherwise keeps in f32 (see [`crate::QuantizedModel::outputs`]).
 pub fn round_to_grid(x: &mut [f32], p: QuantParams) {
-    let (inv, zp) = (1.0 / p.scale, p.zero_point as f32);
+    let grid = shrink_core::kernels::int8::Grid::new(p.scale, p.zero_point as u8);
     for v in x {
-        *v = (quantize_one(*v, inv, zp) as f32 - zp) * p.scale;
+        *v = grid.round(*v);
     }
 }
 

@@ -357,7 +357,7 @@ fn i8_activations_are_symmetric_and_the_plan_computes_them_exactly() {
 }
 
 #[test]
-fn fused_requantization_gives_the_same_bits() {
+fn fused_adds_and_requantization_give_the_same_bits() {
     for (side, asymmetric_weights) in [(16, false), (28, false), (28, true)] {
         let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, side, side], 10, 13, &device()).unwrap();
         let calib = batches([1, side, side], 2, 14);
@@ -373,12 +373,16 @@ fn fused_requantization_gives_the_same_bits() {
             let producers = labels.iter().filter(|(_, k)| k.contains("+requantize-u8")).count();
             let consumers = labels.iter().filter(|(_, k)| k.contains("(u8 input)")).count();
             assert_eq!(producers, consumers, "{labels:?}");
-            if shrink_core::kernels::int8::direct_for_test("fused_requantization_gives_the_same_bits") {
+            if shrink_core::kernels::int8::direct_for_test("fused_adds_and_requantization_give_the_same_bits") {
                 // Each residual block's first conv feeds its second: one pair per block whose
                 // maps the direct kernel takes (not 4×4 ones: its 8-wide grid would double them).
                 assert_eq!(producers, if side == 16 { 2 } else { 3 }, "{labels:?}");
             }
-            assert!(unfused.kernels().iter().all(|(_, k)| !k.contains("requantize")));
+            assert!(unfused.kernels().iter().all(|(_, k)| !k.contains("requantize") && !k.contains("+add")));
+            // Every residual add joins a convolution: one per block (depth 8: three blocks).
+            assert_eq!(labels.iter().filter(|(_, k)| k.contains("+add+relu")).count(), 3, "{labels:?}");
+            assert!(labels.iter().all(|(_, k)| !k.starts_with("add")), "{labels:?}");
+            assert_eq!(unfused.kernels().iter().filter(|(_, k)| k.starts_with("add/f32+relu")).count(), 3);
             let (a, b) = (fused.run(&input, 8).unwrap().to_vec(), unfused.run(&input, 8).unwrap().to_vec());
             assert_eq!(a, b, "{side}x{side}, asymmetric {asymmetric_weights}, {threads} threads");
             // One image at a time gives the same as the batch.

@@ -30,7 +30,7 @@ pub fn freeze_with(graph: &Graph, registry: &KernelRegistry, options: &FreezeOpt
     graph.validate()?;
     let graph = graph.clone().valid();
     let shapes = graph.shapes()?;
-    let fused = fusion::fuse(&graph, registry.is_default());
+    let fused = fusion::fuse(&graph, registry.fuses_residuals());
     let pairs = fusion::layer_pairs(&graph, &fused);
     // Layer step `i` as its neighbour sees it, sharing the value `producer` computes.
     let link = |i: usize, producer: usize| -> LayerLink<'_> {

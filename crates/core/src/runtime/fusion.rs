@@ -63,7 +63,7 @@ pub(crate) fn is_alias(op: &Op) -> bool {
 
 /// The steps of `graph`'s plan in order; alias nodes ([`is_alias`]) and absorbed nodes have
 /// none. `residual`: whether convolutions absorb the add after them (the plan's own kernels
-/// take it; kernels from a registry's builders are never offered it).
+/// take it, and those of registries that say so: `KernelRegistry::fuses_residuals`).
 pub(crate) fn fuse(graph: &Graph, residual: bool) -> Vec<Fused> {
     let mut absorbed = vec![false; graph.nodes.len()];
     let mut steps = Vec::new();

@@ -89,8 +89,9 @@ pub struct LayerView<'a> {
     /// Whether a ReLU on the output is fused into this layer (after the residual, if any).
     pub relu: bool,
     /// Whether a residual add is fused into this convolution: the kernel adds its second input
-    /// (an image of the output's shape) after the bias. Only the plan's own kernels are offered
-    /// it: a registry with builders never fuses adds, so a builder always sees `false`.
+    /// (an image of the output's shape) after the bias, before the ReLU. Only registries made
+    /// with [`KernelRegistry::fusing_residuals`] (and the plan's own kernels) are offered it: in
+    /// any other registry a builder always sees `false`.
     pub residual: bool,
     /// The layer that alone reads this layer's output (its value after the absorbed batch norm
     /// and ReLU), when nothing else reads that value and it is not the graph's output. The plan
@@ -168,6 +169,8 @@ pub type KernelBuilder = Box<dyn Fn(&LayerView<'_>) -> Option<Box<dyn Kernel>> +
 #[derive(Default)]
 pub struct KernelRegistry {
     builders: Vec<(String, KernelBuilder)>,
+    /// Whether its builders take fused residual adds ([`KernelRegistry::fusing_residuals`]).
+    residuals: bool,
 }
 
 impl std::fmt::Debug for KernelRegistry {
@@ -200,10 +203,25 @@ impl KernelRegistry {
         r
     }
 
+    /// An empty registry whose builders promise to take fused residual adds: every
+    /// convolution a builder accepts while [`LayerView::residual`] is set adds the step's second
+    /// input after its bias (a builder that cannot declines the layer, which then runs on the
+    /// plan's own kernels). The plan then fuses residual adds into convolutions as it does with
+    /// no builders; other registries never see one.
+    pub fn fusing_residuals() -> Self {
+        Self { builders: Vec::new(), residuals: true }
+    }
+
     /// Whether the registry has no builders: the plan's own kernels only, which take fused
     /// residual adds.
     pub fn is_default(&self) -> bool {
         self.builders.is_empty()
+    }
+
+    /// Whether the plan fuses residual adds into convolutions: with no builders, or builders
+    /// that take them ([`Self::fusing_residuals`]).
+    pub fn fuses_residuals(&self) -> bool {
+        self.is_default() || self.residuals
     }
 
     /// A registry whose convolutions run on rten-gemm over an im2col matrix (the default before

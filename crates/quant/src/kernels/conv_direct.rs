@@ -6,7 +6,7 @@ use shrink_core::runtime::{Kernel, LayerView, RunContext};
 
 use super::{BUFFERS, Buffers, ChannelEpilogue, IntLayer, dims};
 use crate::QuantParams;
-use crate::scheme::quantize_one;
+use shrink_core::kernels::int8::quantize as quantize_one;
 
 /// Integer convolution on AVX-512 VNNI or AVX2, computed directly on the quantized image
 /// ([`shrink_core::kernels::int8::DirectConv`]): the input is quantized once into four-channel-interleaved
@@ -219,10 +219,9 @@ impl ConvDirectInt8 {
 impl Kernel for ConvDirectInt8 {
     fn label(&self) -> String {
         let bits = if self.bits == 8 { String::new() } else { format!(" (int{} weights)", self.bits) };
-        let relu = if self.epilogue.relu { "+relu" } else { "" };
         let out = if self.requantize.is_some() { "+requantize-u8" } else { "" };
         let input = if self.quantized_input { " (u8 input)" } else { "" };
-        format!("conv2d/int8-direct-{}{relu}{out}{bits}{input}", self.conv.isa().name())
+        format!("conv2d/int8-direct-{}{}{out}{bits}{input}", self.conv.isa().name(), self.epilogue.label())
     }
 
     fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], ctx: &RunContext) {
@@ -244,7 +243,8 @@ impl Kernel for ConvDirectInt8 {
                 if self.epilogue.asymmetric() {
                     self.window_sums(image, plane, sums);
                 }
-                let epilogue = self.epilogue.kernel(sums);
+                let residual = inputs.get(1).map_or(&[][..], |r| &r[i * out_len..(i + 1) * out_len]);
+                let epilogue = self.epilogue.kernel(sums, residual);
                 let out = &mut output[i * out_len..(i + 1) * out_len];
                 let out = match self.requantize {
                     Some(next) => {

@@ -6,7 +6,7 @@ use shrink_core::runtime::{Kernel, LayerView, RunContext};
 
 use super::{BUFFERS, Buffers, ChannelEpilogue, Int8Gemm, IntLayer, PackedInt8, dims, row_sums};
 use crate::QuantParams;
-use crate::scheme::quantize_one;
+use shrink_core::kernels::int8::quantize as quantize_one;
 
 /// Bytes of unrolled patches one integer conv call works on (several images per GEMM when they
 /// are small).
@@ -147,7 +147,7 @@ impl Kernel for ConvInt8 {
     fn label(&self) -> String {
         let bits = if self.bits == 8 { String::new() } else { format!(" (int{} weights)", self.bits) };
         let gemm = self.weights.name();
-        format!("conv2d/int8-im2col-gemm-{gemm}{}{bits}", if self.epilogue.relu { "+relu" } else { "" })
+        format!("conv2d/int8-im2col-gemm-{gemm}{}{bits}", self.epilogue.label())
     }
 
     fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], _ctx: &RunContext) {
@@ -184,7 +184,10 @@ impl Kernel for ConvInt8 {
                 // accumulators stay in L1 while each channel's outputs are written contiguously.
                 const BLOCK: usize = 64;
                 for i in 0..g {
-                    let out = &mut output[(first + i) * out_len..(first + i + 1) * out_len];
+                    let image = (first + i) * out_len..(first + i + 1) * out_len;
+                    let residual = inputs.get(1).map_or(&[][..], |r| &r[image.clone()]);
+                    let epilogue = self.epilogue.kernel(&[], residual);
+                    let out = &mut output[image];
                     let acc = &acc[i * n * ldc..(i + 1) * n * ldc];
                     let sums = if asymmetric { &sums[i * n..(i + 1) * n] } else { &[][..] };
                     for j0 in (0..n).step_by(BLOCK) {
@@ -193,7 +196,8 @@ impl Kernel for ConvInt8 {
                             let dst = &mut out[c * n + j0..c * n + j0 + len];
                             for (jj, o) in dst.iter_mut().enumerate() {
                                 let window = if asymmetric { sums[j0 + jj] } else { 0 };
-                                *o = self.epilogue.apply(c, acc[(j0 + jj) * ldc + c], window);
+                                let r = residual.get(c * n + j0 + jj).copied().unwrap_or(0.0);
+                                *o = epilogue.apply(c, acc[(j0 + jj) * ldc + c], window, r);
                             }
                         }
                     }

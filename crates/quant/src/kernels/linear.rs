@@ -21,6 +21,8 @@ pub struct LinearInt8 {
     weight_zero: Vec<i32>,
     bias: Vec<f32>,
     relu: bool,
+    /// The u8 grid the output is rounded to ([`IntLayer::output`]), after the ReLU.
+    grid: Option<shrink_core::kernels::int8::Grid>,
     input_params: QuantParams,
     in_features: usize,
     out_features: usize,
@@ -59,6 +61,7 @@ impl LinearInt8 {
             weight_zero: layer.nonzero_weight_zero_points().unwrap_or_default(),
             bias: view.bias.map(|b| b.to_vec()).unwrap_or_else(|| vec![0.0; out_features]),
             relu: view.relu,
+            grid: layer.output.map(|p| shrink_core::kernels::int8::Grid::new(p.scale, p.zero_point as u8)),
             input_params: layer.input,
             in_features,
             out_features,
@@ -72,7 +75,9 @@ impl Kernel for LinearInt8 {
         let bits = if self.bits == 8 { String::new() } else { format!(" (int{} weights)", self.bits) };
         let how = if self.dynamic { "int8-dynamic" } else { "int8" };
         let gemm = self.weights.name();
-        format!("linear/{how}-gemm-{gemm}{}{bits}", if self.relu { "+relu" } else { "" })
+        let relu = if self.relu { "+relu" } else { "" };
+        let rounded = if self.grid.is_some() { "+rounded-output" } else { "" };
+        format!("linear/{how}-gemm-{gemm}{relu}{rounded}{bits}")
     }
 
     fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], _ctx: &RunContext) {
@@ -107,7 +112,8 @@ impl Kernel for LinearInt8 {
                     let correction = params.zero_point.wrapping_mul(zero_sums[j]);
                     let weight_zero = if asymmetric { self.weight_zero[j] } else { 0 };
                     let scale = self.weight_scales[j] * params.scale;
-                    o[j] = dequantize(a[j], correction, weight_zero, sum, scale, self.bias[j], relu);
+                    let y = dequantize(a[j], correction, weight_zero, sum, scale, self.bias[j], relu);
+                    o[j] = self.grid.map_or(y, |g| g.round(y));
                 }
             }
         });

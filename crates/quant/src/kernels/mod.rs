@@ -7,7 +7,8 @@
 //! Activations travel between steps of the plan in f32. Each integer layer quantizes its input
 //! to u8 in one pass (the rounding its calibrated parameters define), multiplies in integers,
 //! and its epilogue turns the i32 accumulators back into f32 with the input and per-channel
-//! weight scales, the bias and the fused ReLU. The exception: a direct convolution feeding
+//! weight scales and the bias, rounds the result to the layer's output grid if it has one,
+//! adds a fused residual and applies the fused ReLU. The exception: a direct convolution feeding
 //! another one alone writes its output already requantized in the layout that one reads
 //! ([`ConvDirectInt8::requantize_for`]), the same bytes the other would have computed.
 
@@ -27,7 +28,7 @@ use std::collections::BTreeMap;
 use rten_gemm::{GemmExecutor, GemmInputA, GemmInputB, GemmOptions, QuantParams as RtenQuant};
 use rten_tensor::NdTensorView;
 use shrink_core::graph::{Op, ValueShape};
-use shrink_core::runtime::{Kernel, KernelRegistry, LayerLink, LayerView, RunContext};
+use shrink_core::runtime::{Kernel, KernelRegistry, LayerLink, LayerView};
 
 use crate::QuantParams;
 
@@ -213,28 +214,7 @@ pub(crate) fn dims(shape: ValueShape) -> (usize, usize, usize) {
     }
 }
 
-/// The integer epilogue, the one definition of how an i32 accumulator becomes an output value:
-/// `(acc − correction − weight_zero · window_sum) · scale + bias`, then ReLU if asked, with
-/// wrapping i32 arithmetic (as the SIMD lanes of [`shrink_core::kernels::int8`] compute it) and the float
-/// product and sum rounded separately (no fused multiply-add). `correction` is the input's zero
-/// point times the weights' sum, `weight_zero · window_sum` the asymmetric weights' term (0 for
-/// symmetric weights), `scale` the input scale times the weight scale. The vector epilogue of
-/// [`shrink_core::kernels::int8::DirectConv`] performs the same operations in the same order; the tests hold
-/// both to the same bits.
-#[inline(always)]
-pub fn dequantize(
-    acc: i32,
-    correction: i32,
-    weight_zero: i32,
-    window_sum: i32,
-    scale: f32,
-    bias: f32,
-    relu: bool,
-) -> f32 {
-    let a = acc.wrapping_sub(correction).wrapping_sub(weight_zero.wrapping_mul(window_sum));
-    let y = a as f32 * scale + bias;
-    if relu { y.max(0.0) } else { y }
-}
+pub use shrink_core::kernels::int8::dequantize;
 
 /// What an integer layer's epilogue applies per output channel (see [`dequantize`]), owned by
 /// its kernel.
@@ -249,6 +229,10 @@ pub(crate) struct ChannelEpilogue {
     pub scale: Vec<f32>,
     pub bias: Vec<f32>,
     pub relu: bool,
+    /// The u8 grid the output is rounded to ([`IntLayer::output`]).
+    pub grid: Option<shrink_core::kernels::int8::Grid>,
+    /// Whether a residual add is fused: the kernel's second input is added after the rounding.
+    pub residual: bool,
 }
 
 impl ChannelEpilogue {
@@ -262,6 +246,8 @@ impl ChannelEpilogue {
             scale: layer.weight_scales.iter().map(|s| s * layer.input.scale).collect(),
             bias: view.bias.map(|b| b.to_vec()).unwrap_or_else(|| vec![0.0; channels]),
             relu: view.relu,
+            grid: layer.output.map(|p| shrink_core::kernels::int8::Grid::new(p.scale, p.zero_point as u8)),
+            residual: view.residual,
         }
     }
 
@@ -270,16 +256,15 @@ impl ChannelEpilogue {
         !self.weight_zero.is_empty()
     }
 
-    /// Output channel `c`'s value for accumulator `acc` (`window_sum`: see [`dequantize`];
-    /// ignored for symmetric weights).
-    #[inline(always)]
-    pub fn apply(&self, c: usize, acc: i32, window_sum: i32) -> f32 {
-        let weight_zero = self.weight_zero.get(c).copied().unwrap_or(0);
-        dequantize(acc, self.correction[c], weight_zero, window_sum, self.scale[c], self.bias[c], self.relu)
-    }
-
-    /// The same epilogue as the direct convolution reads it.
-    pub fn kernel<'a>(&'a self, window_sums: &'a [i32]) -> shrink_core::kernels::int8::Epilogue<'a> {
+    /// The epilogue as the kernels read it, for one image: `window_sums` per pixel of the
+    /// direct convolution's grid (asymmetric weights; else ignored) and, with a fused residual
+    /// add, `residual`, the image added ([`shrink_core::kernels::int8::Epilogue::apply`] is its
+    /// scalar definition).
+    pub fn kernel<'a>(
+        &'a self,
+        window_sums: &'a [i32],
+        residual: &'a [f32],
+    ) -> shrink_core::kernels::int8::Epilogue<'a> {
         shrink_core::kernels::int8::Epilogue {
             correction: &self.correction,
             scale: &self.scale,
@@ -287,61 +272,58 @@ impl ChannelEpilogue {
             relu: self.relu,
             weight_zero: &self.weight_zero,
             window_sums: if self.asymmetric() { window_sums } else { &[] },
+            grid: self.grid,
+            residual: if self.residual { residual } else { &[] },
         }
+    }
+
+    /// The suffix of a kernel's label: what the epilogue fuses (`+rounded-output`, `+add`,
+    /// `+relu`), in the order it applies them.
+    pub fn label(&self) -> String {
+        let mut s = String::new();
+        if self.grid.is_some() {
+            s.push_str("+rounded-output");
+        }
+        if self.residual {
+            s.push_str("+add");
+        }
+        if self.relu {
+            s.push_str("+relu");
+        }
+        s
     }
 }
 
 /// A kernel registry that gives each layer of `layers` (by node name) its integer kernel: the
-/// direct convolution (AVX-512 VNNI or AVX2) where it applies, else im2col on the best GEMM; linear layers on the
-/// GEMM. With `fuse_requantization`, two direct convolutions the plan pairs (the first's value
-/// read by the second alone: [`LayerView::read_by`]) hand the value over as u8, written by the
-/// first's epilogue in the second's input layout ([`requantized_handover`]).
-pub fn int8_registry(layers: BTreeMap<String, IntLayer>, fuse_requantization: bool) -> KernelRegistry {
-    let mut registry = KernelRegistry::default();
+/// direct convolution (AVX-512 VNNI or AVX2) where it applies, else im2col on the best GEMM;
+/// linear layers on the GEMM. Each epilogue rounds its output to the layer's grid
+/// ([`IntLayer::output`]). With `fuse`, the plan also fuses into the integer convolutions'
+/// epilogues what it fuses into its own: the residual add (and the ReLU after it) a
+/// convolution's value meets ([`LayerView::residual`]); and two direct convolutions it pairs
+/// (the first's value read by the second alone: [`LayerView::read_by`]) hand the value over as
+/// u8, written by the first's epilogue in the second's input layout
+/// ([`requantized_handover`]). Without, each add is a step of its own and every value
+/// travels in f32: the same bits, more passes.
+pub fn int8_registry(layers: BTreeMap<String, IntLayer>, fuse: bool) -> KernelRegistry {
+    let mut registry = if fuse { KernelRegistry::fusing_residuals() } else { KernelRegistry::default() };
     registry.register("int8", move |view: &LayerView<'_>| {
         let layer = layers.get(view.name)?;
-        let kernel = int8_kernel(view, layer, &layers, fuse_requantization)?;
-        Some(match layer.output {
-            Some(grid) => Box::new(RoundedOutput { kernel, grid }),
-            None => kernel,
-        })
+        int8_kernel(view, layer, &layers, fuse)
     });
     registry
-}
-
-/// A kernel whose output is rounded to a u8 grid after it runs ([`crate::scheme::round_to_grid`]).
-#[derive(Debug)]
-struct RoundedOutput {
-    kernel: Box<dyn Kernel>,
-    grid: QuantParams,
-}
-
-impl Kernel for RoundedOutput {
-    fn label(&self) -> String {
-        format!("{}+rounded-output", self.kernel.label())
-    }
-
-    fn scratch_per_image(&self) -> usize {
-        self.kernel.scratch_per_image()
-    }
-
-    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, scratch: &mut [f32], ctx: &RunContext) {
-        self.kernel.run(inputs, output, batch, scratch, ctx);
-        crate::scheme::round_to_grid(output, self.grid);
-    }
 }
 
 fn int8_kernel(
     view: &LayerView<'_>,
     layer: &IntLayer,
     layers: &BTreeMap<String, IntLayer>,
-    fuse_requantization: bool,
+    fuse: bool,
 ) -> Option<Box<dyn Kernel>> {
     {
         match view.op {
             Op::Conv2d { .. } => match ConvDirectInt8::new(view, layer) {
                 Some(mut k) => {
-                    if fuse_requantization {
+                    if fuse {
                         let this = |value| LayerLink {
                             name: view.name,
                             op: view.op,
