@@ -144,6 +144,23 @@ fn profile_times_every_step_and_computes_what_run_computes() {
     assert!(plan.profile(&x[1..], 2).is_err());
 }
 
+/// A batch larger than the images whose buffers fit the cache budget runs in chunks, on one
+/// thread and on two: the same bits as the images one by one.
+#[test]
+fn large_batches_run_in_chunks_with_the_same_bits() {
+    let device = BackendKind::Flex.device().unwrap();
+    let g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([3, 64, 64], 10, 0, &device).unwrap();
+    let per = 3 * 64 * 64;
+    for threads in [1, 2] {
+        let mut plan = freeze_with(&g, &KernelRegistry::default(), &FreezeOptions { threads }).unwrap();
+        let batch = 2 * plan.images_per_pass() + 1;
+        assert!(plan.images_per_pass() < 4, "{}", plan.images_per_pass());
+        let x: Vec<f32> = (0..batch * per).map(|i| (i % 23) as f32 / 23.0 - 0.5).collect();
+        let one_by_one: Vec<f32> = x.chunks(per).flat_map(|image| plan.run(image, 1).unwrap().to_vec()).collect();
+        assert_eq!(plan.run(&x, batch).unwrap(), &one_by_one[..], "{threads} threads");
+    }
+}
+
 #[test]
 fn folded_conv_batch_norm_matches_within_1e5() {
     let device = BackendKind::Flex.device().unwrap();

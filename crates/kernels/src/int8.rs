@@ -376,6 +376,55 @@ impl QuadImage {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Quantizes the channel-major f32 image `x` (`[channels][h][w]`, `channels` at most four
+    /// per quad) into `out` in this layout: each value as [`quantize`] defines it, the border
+    /// and the missing channels of the last quad the zero point. Vectorised on `isa`'s path
+    /// (AVX-512 or AVX2, where the CPU has it; a scalar loop otherwise), the same bytes on
+    /// every path.
+    ///
+    /// # Panics
+    /// When `x` or `out` is too short, or the image does not fit the layout.
+    pub fn quantize_from(&self, x: &[f32], [channels, h, w]: [usize; 3], out: &mut [u8], isa: Isa) {
+        assert!(channels.div_ceil(4) == self.quads, "one quad per four channels");
+        assert!(h + self.padding[0] <= self.height && w + self.padding[1] <= self.width, "the image does not fit");
+        assert!(x.len() >= channels * h * w && out.len() >= self.len(), "a slice is too short");
+        let zero = self.zero_point;
+        let [ph, pw] = self.padding;
+        let row_bytes = self.width * 4;
+        for q in 0..self.quads {
+            let plane = &mut out[q * self.height * row_bytes..(q + 1) * self.height * row_bytes];
+            // The border only: the interior is written below.
+            plane[..ph * row_bytes].fill(zero);
+            plane[(ph + h) * row_bytes..].fill(zero);
+            for y in 0..h {
+                let row = &mut plane[(ph + y) * row_bytes..(ph + y + 1) * row_bytes];
+                row[..pw * 4].fill(zero);
+                row[(pw + w) * 4..].fill(zero);
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if matches!(isa, Isa::Avx512Vnni | Isa::Avx512) && Isa::Avx512.available() {
+            // SAFETY: the CPU has AVX-512; the bounds are asserted above.
+            return unsafe { x86::quantize_image_512(self, x, [channels, h, w], out) };
+        } else if isa != Isa::Portable && Isa::Avx2.available() {
+            // SAFETY: the CPU has AVX2; the bounds are asserted above.
+            return unsafe { x86::quantize_image_256(self, x, [channels, h, w], out) };
+        }
+        let _ = isa;
+        let (inv, zp) = (self.inverse_scale, zero as f32);
+        for q in 0..self.quads {
+            for y in 0..h {
+                let dst = &mut out[((q * self.height + y + ph) * self.width + pw) * 4..][..w * 4];
+                for (i, px) in dst.chunks_exact_mut(4).enumerate() {
+                    for (lane, byte) in px.iter_mut().enumerate() {
+                        let c = 4 * q + lane;
+                        *byte = if c < channels { quantize(x[(c * h + y) * w + i], inv, zp) } else { zero };
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl DirectConv {
@@ -949,6 +998,53 @@ mod x86 {
         _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), _mm512_set1_ps(255.0)))
     }
 
+    /// [`QuadImage::quantize_from`](super::QuadImage::quantize_from) on AVX-512: 16 pixels ×
+    /// 4 channels per step, each channel quantized in one vector and the four interleaved as
+    /// the bytes of each pixel's word.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F; the bounds `quantize_from` asserts hold. Every load and store
+    /// goes through a bounds-checked slice.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn quantize_image_512(
+        image: &super::QuadImage,
+        x: &[f32],
+        [channels, h, w]: [usize; 3],
+        out: &mut [u8],
+    ) {
+        let [ph, pw] = image.padding;
+        let (inv, zp) = (_mm512_set1_ps(image.inverse_scale), _mm512_set1_ps(image.zero_point as f32));
+        let (floor, ceiling) = (_mm512_setzero_ps(), _mm512_set1_ps(255.0));
+        let missing = _mm512_set1_epi32(image.zero_point as i32);
+        for q in 0..image.quads {
+            for y in 0..h {
+                let dst = &mut out[((q * image.height + y + ph) * image.width + pw) * 4..][..w * 4];
+                for x0 in (0..w).step_by(16) {
+                    let count = (w - x0).min(16);
+                    let mask = ((1u32 << count) - 1) as __mmask16;
+                    let lane = |l: usize| -> __m512i {
+                        let c = 4 * q + l;
+                        if c >= channels {
+                            return missing;
+                        }
+                        let src = x[(c * h + y) * w + x0..][..count].as_ptr();
+                        // SAFETY: `count` lanes enabled from a slice of `count` values.
+                        let v = unsafe { _mm512_maskz_loadu_ps(mask, src) };
+                        let v = _mm512_add_ps(_mm512_mul_ps(v, inv), zp);
+                        _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, floor), ceiling))
+                    };
+                    let word = _mm512_or_si512(
+                        _mm512_or_si512(lane(0), _mm512_slli_epi32::<8>(lane(1))),
+                        _mm512_or_si512(_mm512_slli_epi32::<16>(lane(2)), _mm512_slli_epi32::<24>(lane(3))),
+                    );
+                    let to = dst[x0 * 4..][..count * 4].as_mut_ptr();
+                    // SAFETY: `count` words into a slice of `4 · count` bytes.
+                    unsafe { _mm512_mask_storeu_epi32(to as *mut i32, mask, word) };
+                }
+            }
+        }
+    }
+
     /// [`Grid::round`](super::Grid::round) on 16 lanes.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
@@ -1051,6 +1147,50 @@ mod x86 {
                     }
                 }
                 p += r;
+            }
+        }
+    }
+
+    /// [`QuadImage::quantize_from`](super::QuadImage::quantize_from) on AVX2: 8 pixels × 4
+    /// channels per step, as [`quantize_image_512`].
+    ///
+    /// # Safety
+    /// The CPU has AVX2; the bounds `quantize_from` asserts hold. Every load and store goes
+    /// through a bounds-checked slice.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn quantize_image_256(
+        image: &super::QuadImage,
+        x: &[f32],
+        [channels, h, w]: [usize; 3],
+        out: &mut [u8],
+    ) {
+        let [ph, pw] = image.padding;
+        let missing = _mm256_set1_epi32(image.zero_point as i32);
+        let lane_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        for q in 0..image.quads {
+            for y in 0..h {
+                let dst = &mut out[((q * image.height + y + ph) * image.width + pw) * 4..][..w * 4];
+                for x0 in (0..w).step_by(8) {
+                    let count = (w - x0).min(8);
+                    let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(count as i32), lane_index);
+                    let lane = |l: usize| -> __m256i {
+                        let c = 4 * q + l;
+                        if c >= channels {
+                            return missing;
+                        }
+                        let src = x[(c * h + y) * w + x0..][..count].as_ptr();
+                        // SAFETY: `count` lanes enabled from a slice of `count` values.
+                        let v = unsafe { _mm256_maskload_ps(src, mask) };
+                        quantize_256(v, image.inverse_scale, image.zero_point)
+                    };
+                    let word = _mm256_or_si256(
+                        _mm256_or_si256(lane(0), _mm256_slli_epi32::<8>(lane(1))),
+                        _mm256_or_si256(_mm256_slli_epi32::<16>(lane(2)), _mm256_slli_epi32::<24>(lane(3))),
+                    );
+                    let to = dst[x0 * 4..][..count * 4].as_mut_ptr();
+                    // SAFETY: `count` words into a slice of `4 · count` bytes.
+                    unsafe { _mm256_maskstore_epi32(to as *mut i32, mask, word) };
+                }
             }
         }
     }
@@ -1399,6 +1539,54 @@ mod tests {
                 let mut c = vec![0i32; m * packed.padded_columns()];
                 gemm(&a, k, m, &packed, &mut c);
                 assert!(c.iter().all(|&v| v == 255 * weight as i32 * k as i32), "{isa:?} {weight}");
+            }
+        }
+    }
+
+    /// Quantizing an f32 image into the four-channel layout gives the same bytes on every path
+    /// as [`quantize`] value by value: rows that fill no whole vector, channels that fill no
+    /// whole quad, padding on every side, ties, values beyond both ends of the range and NaN.
+    #[test]
+    fn quantized_images_equal_the_scalar_definition_on_every_path() {
+        let paths: Vec<Isa> = paths_for_test("quantized_images_equal_the_scalar_definition_on_every_path");
+        for &(channels, h, w, padding) in
+            &[(1usize, 3usize, 5usize, [1usize, 2]), (4, 7, 16, [0, 0]), (6, 5, 37, [2, 1]), (16, 2, 8, [1, 1])]
+        {
+            let image = QuadImage {
+                quads: channels.div_ceil(4),
+                height: h + 2 * padding[0] + 1,
+                width: w + 2 * padding[1] + 3,
+                padding,
+                inverse_scale: 1.0 / 0.25,
+                zero_point: 37,
+            };
+            let x: Vec<f32> = (0..channels * h * w)
+                .map(|i| match i % 13 {
+                    0 => f32::NAN,
+                    1 => 1e9,
+                    2 => -1e9,
+                    3 => 0.125 * (i % 7) as f32, // ties on the quarter grid: .5 steps
+                    _ => (i as f32 * 0.37).sin() * 40.0,
+                })
+                .collect();
+            let want: Vec<u8> = (0..image.len())
+                .map(|at| {
+                    let (px, lane) = (at / 4, at % 4);
+                    let (q, y, xx) =
+                        (px / (image.height * image.width), px / image.width % image.height, px % image.width);
+                    let (c, y, xx) = (4 * q + lane, y.wrapping_sub(padding[0]), xx.wrapping_sub(padding[1]));
+                    if c < channels && y < h && xx < w {
+                        quantize(x[(c * h + y) * w + xx], image.inverse_scale, image.zero_point as f32)
+                    } else {
+                        image.zero_point
+                    }
+                })
+                .collect();
+            assert!(want.contains(&0) && want.contains(&255));
+            for isa in paths.iter().copied().chain([Isa::Avx512].into_iter().filter(|i| i.available())) {
+                let mut out = vec![0xA5u8; image.len()];
+                image.quantize_from(&x, [channels, h, w], &mut out, isa);
+                assert_eq!(out, want, "{isa:?}, {channels} channels {h}x{w}");
             }
         }
     }

@@ -6,7 +6,6 @@ use shrink_core::runtime::{Kernel, LayerView, RunContext};
 
 use super::{BUFFERS, Buffers, ChannelEpilogue, IntLayer, dims};
 use crate::QuantParams;
-use shrink_core::kernels::int8::quantize as quantize_one;
 
 /// Integer convolution on AVX-512 VNNI or AVX2, computed directly on the quantized image
 /// ([`shrink_core::kernels::int8::DirectConv`]): the input is quantized once into four-channel-interleaved
@@ -180,39 +179,19 @@ impl ConvDirectInt8 {
     }
 
     /// Quantizes channel-major image `x` into `out`, `[c/4][hp][wp][4]`, with a border (and
-    /// missing channels of the last group) of zero points.
+    /// missing channels of the last group) of zero points, vectorised on the kernel's path.
     fn quantize_quads(&self, x: &[f32], out: &mut [u8]) {
         let (c, h, w) = self.input;
         let (hp, wp) = self.padded();
-        let [ph, pw] = self.padding;
-        if (hp, wp) != (h, w) || !c.is_multiple_of(4) {
-            out.fill(self.input_params.zero_point as u8);
-        }
-        let (inv, zp) = (1.0 / self.input_params.scale, self.input_params.zero_point as f32);
-        for q in 0..c.div_ceil(4) {
-            for y in 0..h {
-                let dst = &mut out[((q * hp + y + ph) * wp + pw) * 4..][..w * 4];
-                let row = |lane: usize| &x[((4 * q + lane) * h + y) * w..][..w];
-                if 4 * q + 4 <= c {
-                    // Four whole channels: each pixel's four bytes built in one word, a loop
-                    // the compiler vectorises (byte-strided stores, one lane at a time, do not).
-                    let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
-                    for (i, d) in dst.chunks_exact_mut(4).enumerate() {
-                        let word = quantize_one(r0[i], inv, zp) as u32
-                            | (quantize_one(r1[i], inv, zp) as u32) << 8
-                            | (quantize_one(r2[i], inv, zp) as u32) << 16
-                            | (quantize_one(r3[i], inv, zp) as u32) << 24;
-                        d.copy_from_slice(&word.to_le_bytes());
-                    }
-                    continue;
-                }
-                for lane in 0..c - 4 * q {
-                    for (i, &v) in row(lane).iter().enumerate() {
-                        dst[i * 4 + lane] = quantize_one(v, inv, zp);
-                    }
-                }
-            }
-        }
+        let image = shrink_core::kernels::int8::QuadImage {
+            quads: c.div_ceil(4),
+            height: hp,
+            width: wp,
+            padding: self.padding,
+            inverse_scale: 1.0 / self.input_params.scale,
+            zero_point: self.input_params.zero_point as u8,
+        };
+        image.quantize_from(x, [c, h, w], out, self.conv.isa());
     }
 }
 
