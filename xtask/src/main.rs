@@ -5,6 +5,7 @@
 //!   run that stopped unfinished (killed, or a failed stage) resumes from its last finished stage
 //!   when the same config is run again by the same revision; `--fresh` starts over.
 //! - `cargo xtask bench <suite>` runs a benchmark suite at one thread (`runs/bench/<suite>.json`).
+//! - `cargo xtask bench-compare BASE HEAD` compares two commits' bench ratios (the PR gate).
 //! - `cargo xtask export RUN_DIR --onnx FILE` writes a run's model as ONNX (QDQ when quantized).
 //! - `cargo xtask check` runs the CI steps (fmt, clippy, docs, tests with wgpu), as `.ci/run`.
 //! - `cargo xtask list` lists configs, models and backends.
@@ -86,6 +87,18 @@ enum Command {
         /// of `configs/resnet_int8.toml` under OUT).
         #[arg(long)]
         run: Option<PathBuf>,
+    },
+    /// Compare the bench ratios of two commits (`<suite>.json` under each directory) and fail
+    /// (exit 1) when one of shrink's ratios against ONNX Runtime or burn-ndarray fell by more
+    /// than the tolerance: the pull-request gate of the bench workflow. Prints a Markdown table.
+    BenchCompare {
+        /// The base commit's bench directory (e.g. `base/bench`).
+        base: PathBuf,
+        /// The head commit's bench directory.
+        head: PathBuf,
+        /// Largest tolerated fall of a gated ratio (0.10: 10 %).
+        #[arg(long, default_value_t = 0.10)]
+        tolerance: f64,
     },
     /// Export a run's model as ONNX: QDQ int8 when the run quantized it, f32 otherwise.
     Export {
@@ -201,6 +214,27 @@ fn main() -> ExitCode {
                 }
             },
         },
+        Command::BenchCompare { base, head, tolerance } => {
+            if !(0.0..1.0).contains(&tolerance) {
+                eprintln!("error: --tolerance {tolerance}: expected a fraction in [0, 1), e.g. 0.10 for 10 %");
+                return ExitCode::from(2);
+            }
+            match xtask::bench_gate::compare_dirs(&base, &head, tolerance) {
+                Ok((table, regressed)) => {
+                    println!("{table}");
+                    if regressed {
+                        eprintln!("error: a gated ratio fell by more than {:.0} % (see the table)", tolerance * 100.0);
+                        ExitCode::from(1)
+                    } else {
+                        ExitCode::SUCCESS
+                    }
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Export { run_dir, onnx, opset, fold_batch_norms } => {
             match export_run(&run_dir, &onnx, opset, fold_batch_norms) {
                 Ok(what) => {
@@ -432,7 +466,7 @@ fn check() -> ExitCode {
 
 fn list() -> ExitCode {
     println!("configs:");
-    for dir in ["configs", "configs/smoke"] {
+    for dir in ["configs", "configs/smoke", "configs/bench"] {
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
             .map(|rd| {
                 rd.filter_map(|e| e.ok().map(|e| e.path()))

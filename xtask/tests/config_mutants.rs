@@ -276,7 +276,7 @@ fn dry_run(path: &Path) -> Result<Outcome, String> {
 #[test]
 fn mutated_configs_are_accepted_or_refused_with_a_located_message() {
     let mut sources = Vec::new();
-    for dir in ["configs", "configs/smoke"] {
+    for dir in ["configs", "configs/smoke", "configs/bench"] {
         let mut files: Vec<PathBuf> = std::fs::read_dir(root().join(dir))
             .unwrap()
             .map(|e| e.unwrap().path())

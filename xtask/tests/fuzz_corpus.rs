@@ -22,7 +22,7 @@ fn config_corpus_parses_or_is_refused_naming_the_file() {
     std::env::set_current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("..")).unwrap();
     let mut all = files("fuzz/corpus/config");
     let seeds = all.len();
-    for dir in ["configs", "configs/smoke", "configs/broken"] {
+    for dir in ["configs", "configs/smoke", "configs/bench", "configs/broken"] {
         all.extend(files(dir).into_iter().filter(|p| p.extension().is_some_and(|x| x == "toml")));
     }
     assert!(all.len() > seeds + 100);

@@ -39,6 +39,7 @@ fn report(run_dir: &str) -> serde_json::Value {
 fn every_config_dry_runs() {
     let mut all = configs("configs");
     all.extend(configs("configs/smoke"));
+    all.extend(configs("configs/bench"));
     assert!(all.len() >= 3);
     for c in all {
         let out = xtask(&["run", "--dry-run", &c]);
@@ -570,4 +571,44 @@ fn onnx_models_from_pytorch_are_imported_compressed_and_reported() {
             (stages[0]["file_bytes"].as_u64().unwrap(), stages[4]["file_bytes"].as_u64().unwrap());
         assert!(int8_bytes * 3 < f32_bytes, "{name}: {f32_bytes} → {int8_bytes} bytes");
     }
+}
+
+/// `bench-compare`, the pull-request gate: a gated ratio that fell by more than the tolerance
+/// fails it (exit 1) and the table says which; within the tolerance it passes; a directory
+/// without reports, or a report that is not one, is bad input (exit 2, naming the file).
+#[test]
+fn bench_compare_fails_on_a_ratio_regression_only() {
+    let dir = tmp("bench-compare");
+    let suite = |ratio: f64| {
+        format!(
+            r#"{{"suite": "onnxruntime", "threads": 1, "repeats": 3, "git_revision": "abc", "cpu": "test",
+            "rows": [{{"name": "resnet20 b1 / shrink int8 plan", "value": 1.0, "unit": "ms", "gflops": 1.0,
+            "ratio": {ratio}, "baseline": "onnxruntime int8"}}]}}"#
+        )
+    };
+    for (name, ratio) in [("base", 1.30), ("slower", 1.10), ("noisy", 1.25)] {
+        std::fs::create_dir_all(dir.join(name)).unwrap();
+        std::fs::write(dir.join(name).join("onnxruntime.json"), suite(ratio)).unwrap();
+    }
+    let path = |name: &str| dir.join(name).display().to_string();
+    let out = xtask(&["bench-compare", &path("base"), &path("slower")]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("resnet20 b1 / shrink int8 plan") && table.contains("**regression**"), "{table}");
+    let out = xtask(&["bench-compare", &path("base"), &path("noisy")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("gated, ok"));
+    let out = xtask(&["bench-compare", &path("base"), &path("slower"), "--tolerance", "0.2"]);
+    assert!(out.status.success());
+
+    std::fs::create_dir_all(dir.join("empty")).unwrap();
+    let out = xtask(&["bench-compare", &path("base"), &path("empty")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("share no bench suite"));
+    std::fs::create_dir_all(dir.join("broken")).unwrap();
+    std::fs::write(dir.join("broken").join("onnxruntime.json"), "{\"suite\": 3}").unwrap();
+    let out = xtask(&["bench-compare", &path("base"), &path("broken")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("onnxruntime.json"));
+    std::fs::remove_dir_all(&dir).unwrap();
 }
