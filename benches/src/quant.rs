@@ -191,9 +191,67 @@ pub fn isa_cases() -> Vec<Case> {
     cases
 }
 
+/// The integer direct convolution on pruned weights, dense against sparse
+/// (`DirectConv::into_sparse`) on the same i8 weights with a fraction `zero` of them zero (at
+/// random places, as magnitude pruning leaves them), one image, f32 output: where the sparse
+/// path starts to pay (`int8::sparse_max_word_density`). `None` where the selected integer path has
+/// no direct convolution.
+fn sparse_conv_case(channels: usize, side: usize, zero: f64) -> Option<Case> {
+    use shrink_core::kernels::int8::{DirectConv, Epilogue, Output, path};
+    if !DirectConv::runs_on(path()) {
+        return None;
+    }
+    let taps = 9;
+    let values = random(channels * channels * taps, 21);
+    let keep = random(channels * channels * taps, 22);
+    // `random` is uniform in [-0.5, 0.5): a weight is zeroed with probability `zero`.
+    let weight: Vec<i8> = values
+        .iter()
+        .zip(&keep)
+        .map(|(&v, &k)| if f64::from(k + 0.5) < zero { 0 } else { (v * 254.0) as i8 })
+        .collect();
+    let dense = DirectConv::new(&weight, channels, channels, [3, 3], 1);
+    let density = dense.word_density();
+    let (hp, wp) = DirectConv::image_size([3, 3], 1, side + 2, side + 2, side, side);
+    let sparse = dense.clone().into_sparse(hp, wp);
+    let image: Vec<u8> =
+        random(dense.quads() * hp * wp * 4 + DirectConv::SLACK, 23).iter().map(|v| ((v + 0.5) * 255.0) as u8).collect();
+    let (zeros, ones, nothing) = (vec![0i32; channels], vec![1e-3f32; channels], vec![0f32; channels]);
+    let contender = |conv: DirectConv, runner: &str| {
+        let (image, zeros, ones, nothing) = (image.clone(), zeros.clone(), ones.clone(), nothing.clone());
+        let mut out = vec![0f32; channels * side * side];
+        Contender {
+            runner: runner.into(),
+            run: Box::new(move || {
+                let epilogue = Epilogue {
+                    correction: &zeros,
+                    scale: &ones,
+                    bias: &nothing,
+                    relu: true,
+                    weight_zero: &[],
+                    window_sums: &[],
+                    grid: None,
+                    residual: &[],
+                };
+                conv.run(&image, hp, wp, side, side, Output::F32(&mut out), &epilogue);
+                std::hint::black_box(&out);
+            }),
+        }
+    };
+    Some(Case {
+        name: format!(
+            "int8 conv3x3 {channels}->{channels} {side}x{side}, {:.0} % zero (word density {density:.2})",
+            zero * 100.0
+        ),
+        flops: 2.0 * (channels * channels * taps * side * side) as f64,
+        baseline: "int8 dense direct".into(),
+        contenders: vec![contender(sparse, "int8 sparse direct"), contender(dense, "int8 dense direct")],
+    })
+}
+
 /// The cases of the `quant` suite.
 pub fn quant_cases() -> Vec<Case> {
-    vec![
+    let mut cases = vec![
         gemm_case(256, 256, 256),
         gemm_case(512, 512, 512),
         gemm_case(1024, 1024, 1024),
@@ -202,5 +260,11 @@ pub fn quant_cases() -> Vec<Case> {
         resnet20_case(1),
         resnet20_case(64),
         quantize_case(),
-    ]
+    ];
+    for (channels, side) in [(64, 32), (16, 28)] {
+        for zero in [0.5, 0.7, 0.8, 0.9, 0.95] {
+            cases.extend(sparse_conv_case(channels, side, zero));
+        }
+    }
+    cases
 }

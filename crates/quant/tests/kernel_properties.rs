@@ -65,7 +65,16 @@ fn conv_case() -> impl Strategy<Value = ConvCase> {
             let n = cout * cin * kernel * kernel;
             (
                 Just((cin, h, w, cout, kernel, stride, padding, relu, bits, asymmetric, batch)),
-                proptest::collection::vec((lo..=hi).prop_map(|v| v as i8), n),
+                // A third of the cases pruned (90 % of the stored weights 0: the direct
+                // kernel's sparse path, which skips zero words).
+                (
+                    proptest::collection::vec((lo..=hi).prop_map(|v| v as i8), n),
+                    0u8..3,
+                    proptest::collection::vec(0u8..10, n),
+                )
+                    .prop_map(|(w, pruned, mask)| {
+                        w.into_iter().zip(mask).map(|(w, m)| if pruned == 0 && m < 9 { 0 } else { w }).collect()
+                    }),
                 proptest::collection::vec((lo..=hi).prop_map(|v| v as i8), cout),
                 proptest::collection::vec(0.001f32..0.05, cout),
                 proptest::collection::vec(-1.0f32..1.0, cout),
@@ -202,7 +211,18 @@ fn check_conv(c: &ConvCase) -> Result<(), TestCaseError> {
         let im2col = ConvInt8::with_gemm(&view, &layer, Int8Gemm::Shrink(isa)).expect("groups = 1");
         same_bits(&run(&im2col), &format!("im2col on the {isa:?} GEMM"))?;
         match ConvDirectInt8::with_isa(&view, &layer, isa) {
-            Some(direct) => same_bits(&run(&direct), &format!("the direct {isa:?} convolution"))?,
+            Some(direct) => {
+                same_bits(&run(&direct), &format!("the direct {isa:?} convolution: {}", direct.label()))?;
+                // Pruned weights take the sparse path, exactly below the crossover.
+                let density =
+                    int8::DirectConv::with_isa(&c.weights, c.cout, c.cin, [c.kernel; 2], c.stride, isa).word_density();
+                prop_assert_eq!(
+                    direct.label().contains("sparse"),
+                    density <= int8::sparse_max_word_density(isa),
+                    "word density {}",
+                    density
+                );
+            }
             None => prop_assert!(
                 !int8::DirectConv::runs_on(isa) || !int8::DirectConv::supports(oh, ow),
                 "declined a supported {oh}x{ow} output on {isa:?}"

@@ -444,3 +444,39 @@ fn imported_models_quantize_static_and_dynamic() {
         }
     }
 }
+
+/// A pruned-then-quantized model (90 % of each convolution's weights zero, as magnitude
+/// pruning leaves them) runs its pruned convolutions on the integer kernels' sparse path, and the
+/// integer plan still computes what the simulated forward computes.
+#[test]
+fn pruned_convolutions_run_on_the_sparse_integer_path() {
+    if !shrink_core::kernels::int8::direct_for_test("pruned_convolutions_run_on_the_sparse_integer_path") {
+        return;
+    }
+    let mut g = ModelSpec::CifarResnet { depth: 8, width: 1.0 }.build([1, 28, 28], 10, 17, &device()).unwrap();
+    for node in &mut g.nodes {
+        if let Some(shrink_core::graph::Params::Conv(p)) = &mut node.params {
+            let w = p.weight.val();
+            let mut magnitudes = to_vec(w.clone().abs());
+            magnitudes.sort_by(f32::total_cmp);
+            let threshold = magnitudes[magnitudes.len() * 9 / 10];
+            let keep = w.clone().abs().greater_equal_elem(threshold);
+            p.weight = burn::module::Param::from_tensor(w.clone().mask_fill(keep.bool_not(), 0.0));
+        }
+    }
+    let calib = batches([1, 28, 28], 2, 18);
+    let q = quantize_static(&g, &mut calib.into_iter(), &PtqSettings::default()).unwrap();
+    let mut plan = q.freeze(1).unwrap();
+    let labels = plan.kernels();
+    let sparse = labels.iter().filter(|(_, k)| k.starts_with("conv2d/int8-direct-sparse")).count();
+    let convs = labels.iter().filter(|(_, k)| k.starts_with("conv2d/int8-direct")).count();
+    // Every direct convolution with more than one input channel (the stem reads one: its words
+    // hold one weight each, so they are 10 % non-zero too).
+    assert!(sparse >= convs - 1 && sparse >= 7, "{labels:?}");
+    let x = batches([1, 28, 28], 1, 19).remove(0);
+    let simulated = to_vec(q.forward_simulated(x.clone()));
+    let got = plan.run(&to_vec(x), 8).unwrap().to_vec();
+    let scale = simulated.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = got.iter().zip(&simulated).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst <= 0.02 * scale, "{worst} vs scale {scale}");
+}

@@ -10,7 +10,9 @@ use crate::QuantParams;
 /// Integer convolution on AVX-512 VNNI or AVX2, computed directly on the quantized image
 /// ([`shrink_core::kernels::int8::DirectConv`]): the input is quantized once into four-channel-interleaved
 /// rows padded with its zero point, and the epilogue writes channel-major f32, so unlike
-/// [`ConvInt8`](super::ConvInt8) nothing is transposed or unrolled. Convolutions with a stride other than 1 or 2
+/// [`ConvInt8`](super::ConvInt8) nothing is transposed or unrolled. Pruned weights (at most
+/// [`shrink_core::kernels::int8::sparse_max_word_density`] of their four-channel words
+/// non-zero) run on its sparse path, which skips the zero words. Convolutions with a stride other than 1 or 2
 /// (or unequal strides), dilation, groups, or outputs the kernel's grid would waste more than
 /// a third of the work on (see [`shrink_core::kernels::int8::DirectConv::supports`]) use [`ConvInt8`](super::ConvInt8).
 pub struct ConvDirectInt8 {
@@ -60,8 +62,12 @@ impl ConvDirectInt8 {
         let (input, output) = (dims(view.input), dims(view.output));
         let per = view.weight.len() / out_channels;
         let weights: Vec<i8> = view.weight.iter().enumerate().map(|(i, &w)| layer.int_weight(w, i / per)).collect();
-        let conv =
+        let mut conv =
             shrink_core::kernels::int8::DirectConv::with_isa(&weights, out_channels, input.0, kernel, stride[0], isa);
+        // Pruned weights: the sparse path, below the measured crossover.
+        if conv.word_density() <= shrink_core::kernels::int8::sparse_max_word_density(isa) {
+            conv = conv.into_sparse(planned.height, planned.width);
+        }
         Some(Self {
             image: (planned.height, planned.width),
             epilogue: ChannelEpilogue::new(view, layer, conv.column_sums()),
@@ -200,7 +206,8 @@ impl Kernel for ConvDirectInt8 {
         let bits = if self.bits == 8 { String::new() } else { format!(" (int{} weights)", self.bits) };
         let out = if self.requantize.is_some() { "+requantize-u8" } else { "" };
         let input = if self.quantized_input { " (u8 input)" } else { "" };
-        format!("conv2d/int8-direct-{}{}{out}{bits}{input}", self.conv.isa().name(), self.epilogue.label())
+        let sparse = if self.conv.is_sparse() { "sparse-" } else { "" };
+        format!("conv2d/int8-direct-{sparse}{}{}{out}{bits}{input}", self.conv.isa().name(), self.epilogue.label())
     }
 
     fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], ctx: &RunContext) {
