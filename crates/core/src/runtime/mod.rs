@@ -393,9 +393,7 @@ impl Program<'_> {
         let len = self.value_len[self.output_value] * batch;
         &ws.buffers[self.slot_of[self.output_value]][..len]
     }
-}
 
-impl Program<'_> {
     /// Runs `batch` images on the calling thread, `chunk` at a time (all at once when they are
     /// no more), the outputs gathered in `output` when there are several chunks.
     fn execute_in_chunks<'w>(
@@ -462,7 +460,9 @@ impl Plan {
     }
 
     /// Runs a batch on the calling thread, step by step, and returns each step's node, kernel
-    /// label and wall time: where a forward pass spends its time.
+    /// label and wall time: where a forward pass spends its time. The whole batch goes through
+    /// each step at once (not in [`Self::run`]'s cache-sized chunks), so each time covers every
+    /// image.
     ///
     /// # Errors
     /// As [`Plan::run`].
@@ -501,10 +501,10 @@ impl Plan {
     }
 
     /// Runs a batch of `[batch, c, h, w]` images (contiguous f32) and returns the outputs,
-    /// `[batch, outputs]`. A large batch runs through the plan a few images at a time ([`Self::images_per_pass`]: as many
-    /// as keep their buffers in [`CACHE_BUDGET`]), so each layer's output is still in the
-    /// core's cache when the next layer reads it; with several threads each worker takes such
-    /// chunks. Buffers grow on the first call with a larger batch and are reused after that: a
+    /// `[batch, outputs]`. A large batch runs through the plan a few images at a time
+    /// ([`Self::images_per_pass`]: as many as keep their buffers in [`CACHE_BUDGET`]), so each
+    /// layer's output is still in the core's cache when the next layer reads it; with several
+    /// threads each worker takes such chunks. Buffers grow on the first call with a larger batch and are reused after that: a
     /// call at the same or a smaller batch size allocates nothing.
     ///
     /// # Errors
