@@ -110,7 +110,7 @@ pub fn compare(base: &Suite, head: &Suite, tolerance: f64) -> Vec<Change> {
         })
         .collect();
     for (name, r) in base_rows {
-        if !changes.iter().any(|c| c.name == name && c.base.is_some()) && !head.rows.iter().any(|h| h.name == name) {
+        if !head.rows.iter().any(|h| h.name == name) {
             changes.push(Change {
                 suite: base.suite.clone(),
                 name: name.to_string(),

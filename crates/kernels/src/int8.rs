@@ -1111,7 +1111,7 @@ mod x86 {
     /// [`super::quantize`] on 16 lanes: multiply, add the zero point, clamp, round half to
     /// even (`cvtps2dq` under the default rounding mode; NaN to 0 by the clamp), as i32.
     #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")]
+    #[target_feature(enable = "avx512f")]
     fn quantize_512(y: __m512, inverse_scale: f32, zero_point: u8) -> __m512i {
         let v = _mm512_add_ps(_mm512_mul_ps(y, _mm512_set1_ps(inverse_scale)), _mm512_set1_ps(zero_point as f32));
         _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), _mm512_set1_ps(255.0)))
@@ -1132,8 +1132,6 @@ mod x86 {
         out: &mut [u8],
     ) {
         let [ph, pw] = image.padding;
-        let (inv, zp) = (_mm512_set1_ps(image.inverse_scale), _mm512_set1_ps(image.zero_point as f32));
-        let (floor, ceiling) = (_mm512_setzero_ps(), _mm512_set1_ps(255.0));
         let missing = _mm512_set1_epi32(image.zero_point as i32);
         for q in 0..image.quads {
             for y in 0..h {
@@ -1149,8 +1147,7 @@ mod x86 {
                         let src = x[(c * h + y) * w + x0..][..count].as_ptr();
                         // SAFETY: `count` lanes enabled from a slice of `count` values.
                         let v = unsafe { _mm512_maskz_loadu_ps(mask, src) };
-                        let v = _mm512_add_ps(_mm512_mul_ps(v, inv), zp);
-                        _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, floor), ceiling))
+                        quantize_512(v, image.inverse_scale, image.zero_point)
                     };
                     let word = _mm512_or_si512(
                         _mm512_or_si512(lane(0), _mm512_slli_epi32::<8>(lane(1))),
