@@ -1,0 +1,364 @@
+//! The channel-vectorised algorithm of [`DirectConv`](super::DirectConv): one register holds
+//! `L` output channels of one output position (`L` = 16 on AVX-512, 8 on AVX2), the way oneDNN's
+//! and ONNX Runtime's NCHWc kernels work.
+//!
+//! The image is copied once into a zero-padded channel-blocked buffer, `[c / L][hp][wp][L]`
+//! (`hp`, `wp` padded). A tile is `R` consecutive output positions of one output row by `B`
+//! blocks of `L` output channels: `R × B` accumulators (at most 28 of AVX-512's 32 registers,
+//! 14 of AVX2's 16). Per tap `(c, ky, kx)` it loads `B` weight vectors and multiplies each by
+//! the input value of every position, broadcast from memory — one fused multiply-add per
+//! accumulator, no lane wasted on padding columns (the position-vectorised algorithm computes
+//! `wp − ow` of them per row) and no lane wasted on channels as long as the layer has a multiple
+//! of `L`. A stride only changes which input value a position reads.
+//!
+//! The taps are added in the reference's order, one `mul_add` each, and the tile goes through
+//! the same [`epilogue`](super::epilogue) into the channel-major output, so the bits
+//! equal [`reference`](super::reference)'s (tested with every path in `conv`'s tests).
+#![allow(unsafe_code)]
+
+use super::{ConvShape, Epilogue, epilogue_row};
+use crate::isa::Isa;
+
+/// Accumulator registers one tile may use.
+const fn max_accumulators(lanes: usize) -> usize {
+    if lanes == 16 { 28 } else { 14 }
+}
+
+/// Weights packed for the channel-vectorised algorithm, and its tiling.
+#[derive(Clone, Debug)]
+pub(super) struct ChannelConv {
+    shape: ConvShape,
+    /// f32 lanes of one register: 16 (AVX-512) or 8 (AVX2).
+    lanes: usize,
+    /// Blocks of `lanes` output channels, each `[c][kh][kw][lanes]` (missing channels zero).
+    packed: Vec<f32>,
+    /// Padded input height and width.
+    padded: [usize; 2],
+    isa: Isa,
+}
+
+impl ChannelConv {
+    /// Packs `weight` (`[out, in, kh, kw]`) for `isa` (`Avx512` or `Avx2`, present on this CPU).
+    pub(super) fn new(weight: &[f32], shape: ConvShape, isa: Isa) -> Self {
+        debug_assert!(matches!(isa, Isa::Avx512 | Isa::Avx2) && isa.available());
+        let lanes = if isa == Isa::Avx512 { 16 } else { 8 };
+        let [c, h, w] = shape.input;
+        let depth = c * shape.kernel[0] * shape.kernel[1];
+        let blocks = shape.out_channels.div_ceil(lanes);
+        let mut packed = vec![0.0; blocks * depth * lanes];
+        for o in 0..shape.out_channels {
+            let (b, lane) = (o / lanes, o % lanes);
+            for k in 0..depth {
+                packed[(b * depth + k) * lanes + lane] = weight[o * depth + k];
+            }
+        }
+        let padded = [h + 2 * shape.padding[0], w + 2 * shape.padding[1]];
+        Self { shape, lanes, packed, padded, isa }
+    }
+
+    /// Blocks of output channels.
+    fn blocks(&self) -> usize {
+        self.shape.out_channels.div_ceil(self.lanes)
+    }
+
+    /// Output-channel blocks per tile: 4, 2 or 1, the most the layer has (with 4, a tile has at
+    /// most 28 / 4 = 7 positions on AVX-512).
+    fn blocks_per_tile(&self) -> usize {
+        tile_blocks(self.blocks())
+    }
+
+    /// Scratch values: the padded, blocked image.
+    pub(super) fn scratch_len(&self) -> usize {
+        self.shape.input[0].div_ceil(self.lanes) * self.padded[0] * self.padded[1] * self.lanes
+    }
+
+    /// Output channels per job of a thread split: one tile's blocks.
+    pub(super) fn channels_per_job(&self) -> usize {
+        self.blocks_per_tile() * self.lanes
+    }
+
+    /// Writes `image` (`[c][h][w]`) into `x` as `[c / L][hp][wp][L]` with a zero border.
+    pub(super) fn prepare(&self, image: &[f32], x: &mut [f32]) {
+        let ConvShape { input: [c, h, w], padding: [py, px], .. } = self.shape;
+        let [hp, wp] = self.padded;
+        let l = self.lanes;
+        x[..self.scratch_len()].fill(0.0);
+        for ci in 0..c {
+            let (block, lane) = (ci / l, ci % l);
+            for y in 0..h {
+                let row = &image[(ci * h + y) * w..][..w];
+                let dst = &mut x[((block * hp + y + py) * wp + px) * l + lane..];
+                for (i, &v) in row.iter().enumerate() {
+                    dst[i * l] = v;
+                }
+            }
+        }
+    }
+
+    /// Output channels `channels` (whole tiles' blocks, from a multiple of
+    /// [`Self::channels_per_job`]) of the prepared image `x` into `out`, which starts at the
+    /// range's first channel.
+    pub(super) fn run(&self, x: &[f32], channels: std::ops::Range<usize>, out: &mut [f32], epi: Epilogue<'_>) {
+        let [oh, ow] = self.shape.output();
+        let l = self.lanes;
+        let b_max = self.blocks_per_tile();
+        let r_max = (max_accumulators(l) / b_max).min(ow);
+        // Positions per tile: the row split into tiles of nearly equal size.
+        let tiles_per_row = ow.div_ceil(r_max);
+        let depth = self.shape.input[0] * self.shape.kernel[0] * self.shape.kernel[1];
+        let mut tile = [0.0f32; 28 * 16];
+        let first_block = channels.start / l;
+        let last_block = channels.end.div_ceil(l).min(self.blocks());
+        let mut block = first_block;
+        while block < last_block {
+            let b = tile_blocks(last_block - block).min(b_max);
+            let weights = &self.packed[block * depth * l..(block + b) * depth * l];
+            for oy in 0..oh {
+                let mut ox = 0;
+                for t in 0..tiles_per_row {
+                    // Split `ow` as evenly as possible: the first tiles take the remainder.
+                    let r = ow / tiles_per_row + usize::from(t < ow % tiles_per_row);
+                    self.tile(weights, x, [oy, ox], b, r, &mut tile);
+                    self.store(&tile, block, b, [oy, ox], r, channels.start, out, epi);
+                    ox += r;
+                }
+            }
+            block += b;
+        }
+    }
+
+    /// The epilogue of one tile (`tile[j · b · L + bi · L + lane]` for position `j`, block `bi`)
+    /// into the channel-major `out` (which starts at channel `first`).
+    #[allow(clippy::too_many_arguments)]
+    fn store(
+        &self,
+        tile: &[f32],
+        block: usize,
+        b: usize,
+        [oy, ox]: [usize; 2],
+        r: usize,
+        first: usize,
+        out: &mut [f32],
+        epi: Epilogue<'_>,
+    ) {
+        let [oh, ow] = self.shape.output();
+        let l = self.lanes;
+        let mut column = [0.0f32; 28];
+        for bi in 0..b {
+            for lane in 0..l {
+                let o = (block + bi) * l + lane;
+                if o >= self.shape.out_channels {
+                    return;
+                }
+                // The channel's values, gathered from the tile, then the row epilogue (which
+                // vectorises).
+                for (j, v) in column[..r].iter_mut().enumerate() {
+                    *v = tile[(j * b + bi) * l + lane];
+                }
+                let at = (o * oh + oy) * ow + ox;
+                let residual = epi.residual.map(|res| &res[at..at + r]);
+                let bias = epi.bias.map_or(0.0, |v| v[o]);
+                epilogue_row(&column[..r], bias, residual, epi.relu, &mut out[at - first * oh * ow..][..r]);
+            }
+        }
+    }
+
+    /// `tile[(j · b + bi) · L + lane] = Σ_k w[block bi][k][lane] · x[tap k of position j]`.
+    fn tile(&self, weights: &[f32], x: &[f32], [oy, ox]: [usize; 2], b: usize, r: usize, tile: &mut [f32; 28 * 16]) {
+        let ConvShape { input: [c, ..], kernel: [kh, kw], stride: s, .. } = self.shape;
+        let [hp, wp] = self.padded;
+        let l = self.lanes;
+        // The first input value position 0 of the tile reads, for channel 0 and tap (0, 0).
+        let origin = ((oy * s) * wp + ox * s) * l;
+        // The reads: channel ci, tap (ky, kx), position j at
+        // `origin + (ci / L) · hp · wp · L + ci % L + (ky · wp + kx) · L + j · s · L`,
+        // at most the last value of the last block's padded image.
+        debug_assert!(
+            origin + ((c - 1) / l * hp * wp + (kh - 1) * wp + kw - 1 + (r - 1) * s) * l + (c - 1) % l
+                < x.len().min(self.scratch_len())
+        );
+        debug_assert!(r * b <= max_accumulators(l) && weights.len() >= b * c * kh * kw * l);
+        let geometry = Geometry { channels: c, kernel: [kh, kw], row: wp * l, plane: hp * wp * l, step: s * l };
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `new` was given a path this CPU has; the reads stay inside `x` and the
+            // weights (checked above in debug builds: `run` only makes tiles inside the output,
+            // whose taps lie inside the padded image), the writes inside `tile` (`r · b ≤ 28`).
+            Isa::Avx512 => unsafe { x86::tile_avx512(weights, &x[origin..], geometry, b, r, tile) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as for AVX-512 (`r · b ≤ 14`).
+            Isa::Avx2 => unsafe { x86::tile_avx2(weights, &x[origin..], geometry, b, r, tile) },
+            _ => unreachable!("the channel-vectorised convolution runs on AVX-512 or AVX2"),
+        }
+    }
+}
+
+/// The most blocks of output channels a tile takes out of `blocks`: 4, 2 or 1.
+fn tile_blocks(blocks: usize) -> usize {
+    match blocks {
+        4.. => 4,
+        2 | 3 => 2,
+        _ => 1,
+    }
+}
+
+/// Strides of the blocked image, in f32.
+#[derive(Clone, Copy)]
+struct Geometry {
+    /// Input channels.
+    channels: usize,
+    kernel: [usize; 2],
+    /// One padded row: `wp · L`.
+    row: usize,
+    /// One block's padded image: `hp · wp · L`.
+    plane: usize,
+    /// From one output position to the next: `stride · L`.
+    step: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::Geometry;
+
+    /// Calls `$f::<B, R>` for the runtime `b` and `r`, `B` in 1, 2, 4 and `R ≤ $max / B`.
+    macro_rules! dispatch {
+        ($f:ident, $b:expr, $r:expr, $args:tt, [$($r1:literal)*], [$($r2:literal)*], [$($r4:literal)*]) => {
+            match ($b, $r) {
+                $((1, $r1) => $f::<1, $r1> $args,)*
+                $((2, $r2) => $f::<2, $r2> $args,)*
+                $((4, $r4) => $f::<4, $r4> $args,)*
+                (b, r) => unreachable!("no tile of {b} blocks by {r} positions"),
+            }
+        };
+    }
+
+    /// One tile of `b` blocks (1, 2 or 4) by `r` positions (`r · b ≤ 28`), 16 channels per block.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F and FMA; `x` holds every value the taps read (see `ChannelConv::tile`)
+    /// and `weights` `b` blocks of `channels · kh · kw · 16`.
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn tile_avx512(
+        weights: &[f32],
+        x: &[f32],
+        g: Geometry,
+        b: usize,
+        r: usize,
+        tile: &mut [f32; 448],
+    ) {
+        // SAFETY: every arm forwards the caller's contract.
+        unsafe {
+            dispatch!(
+                avx512,
+                b,
+                r,
+                (weights, x, g, tile),
+                [1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28],
+                [1 2 3 4 5 6 7 8 9 10 11 12 13 14],
+                [1 2 3 4 5 6 7]
+            )
+        }
+    }
+
+    /// # Safety
+    /// As `tile_avx512`, with `B` blocks and `R` positions.
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn avx512<const B: usize, const R: usize>(weights: &[f32], x: &[f32], g: Geometry, tile: &mut [f32; 448]) {
+        const L: usize = 16;
+        let [kh, kw] = g.kernel;
+        let depth = g.channels * kh * kw;
+        let mut acc = [[_mm512_setzero_ps(); B]; R];
+        let (w, x) = (weights.as_ptr(), x.as_ptr());
+        let mut k = 0;
+        for ci in 0..g.channels {
+            let channel = (ci / L) * g.plane + ci % L;
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    let src = x.wrapping_add(channel + ky * g.row + kx * L);
+                    let mut wv = [_mm512_setzero_ps(); B];
+                    for (bi, v) in wv.iter_mut().enumerate() {
+                        // SAFETY: block `bi`, tap `k` of the packed weights (the caller's contract).
+                        *v = unsafe { _mm512_loadu_ps(w.add((bi * depth + k) * L)) };
+                    }
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        // SAFETY: position `j`'s value for this tap (the caller's contract).
+                        let v = _mm512_set1_ps(unsafe { *src.add(j * g.step) });
+                        for (ab, &wb) in a.iter_mut().zip(&wv) {
+                            *ab = _mm512_fmadd_ps(wb, v, *ab);
+                        }
+                    }
+                    k += 1;
+                }
+            }
+        }
+        for (j, a) in acc.iter().enumerate() {
+            for (bi, &v) in a.iter().enumerate() {
+                // SAFETY: `(j · B + bi + 1) · 16 ≤ R · B · 16 ≤ 448`.
+                unsafe { _mm512_storeu_ps(tile.as_mut_ptr().add((j * B + bi) * L), v) };
+            }
+        }
+    }
+
+    /// One tile of `b` blocks (1, 2 or 4) by `r` positions (`r · b ≤ 14`), 8 channels per block.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; otherwise as `tile_avx512`, with blocks of 8 channels.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile_avx2(weights: &[f32], x: &[f32], g: Geometry, b: usize, r: usize, tile: &mut [f32; 448]) {
+        // SAFETY: every arm forwards the caller's contract.
+        unsafe {
+            dispatch!(
+                avx2,
+                b,
+                r,
+                (weights, x, g, tile),
+                [1 2 3 4 5 6 7 8 9 10 11 12 13 14],
+                [1 2 3 4 5 6 7],
+                [1 2 3]
+            )
+        }
+    }
+
+    /// # Safety
+    /// As `tile_avx2`, with `B` blocks and `R` positions.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2<const B: usize, const R: usize>(weights: &[f32], x: &[f32], g: Geometry, tile: &mut [f32; 448]) {
+        const L: usize = 8;
+        let [kh, kw] = g.kernel;
+        let depth = g.channels * kh * kw;
+        let mut acc = [[_mm256_setzero_ps(); B]; R];
+        let (w, x) = (weights.as_ptr(), x.as_ptr());
+        let mut k = 0;
+        for ci in 0..g.channels {
+            let channel = (ci / L) * g.plane + ci % L;
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    let src = x.wrapping_add(channel + ky * g.row + kx * L);
+                    let mut wv = [_mm256_setzero_ps(); B];
+                    for (bi, v) in wv.iter_mut().enumerate() {
+                        // SAFETY: block `bi`, tap `k` of the packed weights (the caller's contract).
+                        *v = unsafe { _mm256_loadu_ps(w.add((bi * depth + k) * L)) };
+                    }
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        // SAFETY: position `j`'s value for this tap (the caller's contract).
+                        let v = _mm256_set1_ps(unsafe { *src.add(j * g.step) });
+                        for (ab, &wb) in a.iter_mut().zip(&wv) {
+                            *ab = _mm256_fmadd_ps(wb, v, *ab);
+                        }
+                    }
+                    k += 1;
+                }
+            }
+        }
+        for (j, a) in acc.iter().enumerate() {
+            for (bi, &v) in a.iter().enumerate() {
+                // SAFETY: `(j · B + bi + 1) · 8 ≤ R · B · 8 ≤ 448`.
+                unsafe { _mm256_storeu_ps(tile.as_mut_ptr().add((j * B + bi) * L), v) };
+            }
+        }
+    }
+}
