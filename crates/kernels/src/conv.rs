@@ -19,9 +19,11 @@
 //!
 //! Wider layers take a second algorithm, [`Algorithm::Channels`]: output channels in the lanes, input
 //! values broadcast, on a channel-blocked copy of the image (ONNX Runtime's and oneDNN's NCHWc
-//! kernels work this way). It wastes no lane on padding columns and needs no phase planes, but
-//! writes its channel-major output through a gather; [`Algorithm::for_layer`] says which layers
-//! gain (measured), and both algorithms give the reference's bits.
+//! kernels work this way). It wastes no lane on padding columns and needs no phase planes; its
+//! input is blocked and its channel-major output written through 16 × 16 register transposes
+//! on AVX-512 (scalar loops on AVX2), or it reads and writes [`BlockedImage`]s directly where two
+//! such convolutions follow each other. [`Algorithm::for_layer`] says which layers gain
+//! (measured), and both algorithms give the reference's bits.
 #![allow(unsafe_code)]
 
 mod channels;
@@ -38,22 +40,94 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
-    /// The algorithm [`DirectConv::new`] takes for a layer on `isa`'s f32 path: channels where
-    /// the layer has at least two registers of output channels (two blocks per tile: each
-    /// broadcast input value feeds two or more multiply-adds) and at least 64 taps per output
-    /// (below, the channel-major epilogue, which gathers each channel from the tile, costs more
-    /// than the lanes saved). Measured on ResNet-20 (AMD EPYC Zen 4, batch 64, `Plan::profile`):
-    /// the 64-channel 3×3 layers 20 % faster than on positions, the 32-channel ones 6 %; the
-    /// 16-channel ones 15 % slower, the 1×1 shortcuts of 16 and 32 taps 5–35 % slower.
+    /// The algorithm [`DirectConv::new`] takes for a layer on `isa`'s f32 path: channels for 32
+    /// or more output channels (two AVX-512 registers, four AVX2 ones: each broadcast input
+    /// value feeds two or more multiply-adds), on AVX2 only with 64 or more taps per output too
+    /// (its image blocking and channel-major stores are scalar loops, which short layers do not
+    /// repay). Measured per ResNet-20 layer (AMD EPYC Zen 4, one image, channels against
+    /// positions): on AVX-512 the 3×3 layers of 32 and 64 channels 1.06–1.6×, the 1×1 stride-2
+    /// shortcuts 1.1–1.2×, 16 channels 1.0× and the 1-channel stem 0.7×; on AVX2 64 channels
+    /// 1.4×, 32 channels 1.0×, the shortcuts 0.4–0.6×.
     pub fn for_layer(shape: &ConvShape, isa: Isa) -> Algorithm {
-        let lanes = match isa.f32_path() {
-            Isa::Avx512 => 16,
-            Isa::Avx2 => 8,
-            _ => return Algorithm::Positions,
-        };
+        let lanes = lanes(isa);
+        if lanes == 0 {
+            return Algorithm::Positions;
+        }
         let taps = shape.input[0] * shape.kernel[0] * shape.kernel[1];
-        if shape.out_channels >= 2 * lanes && taps >= 64 { Algorithm::Channels } else { Algorithm::Positions }
+        if shape.out_channels >= 32 && (lanes == 16 || taps >= 64) { Algorithm::Channels } else { Algorithm::Positions }
     }
+}
+
+/// f32 lanes of a register on `isa`'s f32 path (0 on the portable path, which has no channel
+/// algorithm).
+fn lanes(isa: Isa) -> usize {
+    match isa.f32_path() {
+        Isa::Avx512 => 16,
+        Isa::Avx2 => 8,
+        _ => 0,
+    }
+}
+
+/// A zero-padded, channel-blocked image, `[channels / lanes][height][width][lanes]` (the last
+/// block's missing channels never read): what [`Algorithm::Channels`] reads, and what a
+/// convolution can write for the next one ([`Output::Blocked`]) so that the next one does not
+/// copy its input again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockedImage {
+    /// Channels of the image.
+    pub channels: usize,
+    /// Channels per block: 16 (AVX-512) or 8 (AVX2).
+    pub lanes: usize,
+    /// Rows, padding included.
+    pub height: usize,
+    /// Columns, padding included.
+    pub width: usize,
+    /// Rows and columns of zeros before the image (as many after it).
+    pub padding: [usize; 2],
+}
+
+impl BlockedImage {
+    /// The layout [`Algorithm::Channels`] reads the input of `shape` in, on `isa`'s f32 path
+    /// (`None` where the layer runs on positions: [`Algorithm::for_layer`]). The convolution
+    /// before it may write its output so ([`Output::Blocked`]).
+    pub fn input_of(shape: &ConvShape, isa: Isa) -> Option<BlockedImage> {
+        (Algorithm::for_layer(shape, isa) == Algorithm::Channels).then(|| Self::padded(shape, lanes(isa)))
+    }
+
+    /// `shape`'s input, zero-padded, in blocks of `lanes` channels.
+    fn padded(shape: &ConvShape, lanes: usize) -> BlockedImage {
+        let [c, h, w] = shape.input;
+        let [py, px] = shape.padding;
+        BlockedImage { channels: c, lanes, height: h + 2 * py, width: w + 2 * px, padding: [py, px] }
+    }
+
+    /// Values the image takes.
+    pub fn len(&self) -> usize {
+        self.channels.div_ceil(self.lanes) * self.height * self.width * self.lanes
+    }
+
+    /// Whether the image has no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The image a convolution reads.
+#[derive(Clone, Copy, Debug)]
+pub enum Input<'a> {
+    /// `[c][h][w]`.
+    ChannelMajor(&'a [f32]),
+    /// Already in the convolution's [`DirectConv::input_layout`] (written by the one before it).
+    Blocked(&'a [f32]),
+}
+
+/// Where a convolution writes.
+#[derive(Debug)]
+pub enum Output<'a> {
+    /// `[out][oh][ow]`.
+    ChannelMajor(&'a mut [f32]),
+    /// In the next convolution's input layout (its whole image, border included, is written).
+    Blocked(&'a mut [f32], BlockedImage),
 }
 
 /// Output channels per panel.
@@ -254,31 +328,102 @@ impl DirectConv {
         scratch: &mut [f32],
         threads: usize,
     ) {
+        self.run_with(Input::ChannelMajor(image), Output::ChannelMajor(out), epilogue, scratch, threads);
+    }
+
+    /// The layout the channel algorithm reads its image in (`None` on positions): what the
+    /// convolution before it may write ([`Output::Blocked`]) and pass as [`Input::Blocked`].
+    pub fn input_layout(&self) -> Option<BlockedImage> {
+        self.channels.as_ref().map(|c| c.input_layout())
+    }
+
+    /// As [`DirectConv::run_threads`], reading and writing the given layouts. The values are
+    /// the same bits in either layout.
+    ///
+    /// # Panics
+    /// As [`DirectConv::run`]; and for a blocked input or output on the positions algorithm, a
+    /// blocked input shorter than [`Self::input_layout`]'s, or a blocked output of another
+    /// channel count or block width than this convolution's, or too small for its output.
+    pub fn run_with(
+        &self,
+        input: Input<'_>,
+        output: Output<'_>,
+        epilogue: Epilogue<'_>,
+        scratch: &mut [f32],
+        threads: usize,
+    ) {
         let ConvShape { input: [c, h, w], out_channels, .. } = self.shape;
         let [oh, ow] = self.shape.output();
-        assert!(image.len() >= c * h * w, "image too short");
-        assert!(out.len() >= out_channels * oh * ow, "output too short");
         assert!(epilogue.bias.is_none_or(|b| b.len() >= out_channels), "bias too short");
         assert!(epilogue.residual.is_none_or(|r| r.len() >= out_channels * oh * ow), "residual too short");
-        let x = &mut scratch[..self.image_len];
-        if let Some(conv) = &self.channels {
-            conv.prepare(image, x);
-            let x = &*x;
-            let out = &mut out[..out_channels * oh * ow];
-            if threads <= 1 || out_channels <= conv.channels_per_job() {
-                conv.run(x, 0..out_channels, out, epilogue);
-                return;
+        let Some(conv) = &self.channels else {
+            let (Input::ChannelMajor(image), Output::ChannelMajor(out)) = (input, output) else {
+                panic!("blocked images are the channel algorithm's")
+            };
+            assert!(image.len() >= c * h * w, "image too short");
+            assert!(out.len() >= out_channels * oh * ow, "output too short");
+            let x = &mut scratch[..self.image_len];
+            self.prepare(image, x);
+            return self.positions(x, out, epilogue, threads);
+        };
+        let x: &[f32] = match input {
+            Input::ChannelMajor(image) => {
+                assert!(image.len() >= c * h * w, "image too short");
+                let x = &mut scratch[..self.image_len];
+                conv.prepare(image, x);
+                x
             }
-            use rayon::prelude::*;
-            let per_job = conv.channels_per_job();
-            out.par_chunks_mut(per_job * oh * ow).enumerate().for_each(|(j, chunk)| {
-                let first = j * per_job;
-                conv.run(x, first..(first + per_job).min(out_channels), chunk, epilogue);
-            });
-            return;
+            Input::Blocked(x) => {
+                assert!(x.len() >= self.image_len, "blocked image too short");
+                &x[..self.image_len]
+            }
+        };
+        let per_job = conv.channels_per_job();
+        let parallel = threads > 1 && out_channels > per_job;
+        use rayon::prelude::*;
+        match output {
+            Output::ChannelMajor(out) => {
+                assert!(out.len() >= out_channels * oh * ow, "output too short");
+                let out = &mut out[..out_channels * oh * ow];
+                if !parallel {
+                    return conv.run(x, 0..out_channels, channels::Dest::ChannelMajor(out), epilogue);
+                }
+                out.par_chunks_mut(per_job * oh * ow).enumerate().for_each(|(j, chunk)| {
+                    let first = j * per_job;
+                    let range = first..(first + per_job).min(out_channels);
+                    conv.run(x, range, channels::Dest::ChannelMajor(chunk), epilogue);
+                });
+            }
+            Output::Blocked(out, image) => {
+                let [py, px] = image.padding;
+                assert!(
+                    image.channels == out_channels
+                        && image.lanes == conv.lanes()
+                        && image.height >= oh + 2 * py
+                        && image.width >= ow + 2 * px
+                        && out.len() >= image.len(),
+                    "a blocked output must be this convolution's channels, in its blocks, and fit"
+                );
+                let out = &mut out[..image.len()];
+                // The border (and every value the tiles do not write) is zero.
+                out.fill(0.0);
+                if !parallel {
+                    return conv.run(x, 0..out_channels, channels::Dest::Blocked(out, image), epilogue);
+                }
+                let block_len = image.height * image.width * image.lanes;
+                out.par_chunks_mut(per_job / image.lanes * block_len).enumerate().for_each(|(j, chunk)| {
+                    let first = j * per_job;
+                    let range = first..(first + per_job).min(out_channels);
+                    conv.run(x, range, channels::Dest::Blocked(chunk, image), epilogue);
+                });
+            }
         }
-        self.prepare(image, x);
-        let x = &*x;
+    }
+
+    /// The positions algorithm on the prepared image `x`.
+    fn positions(&self, x: &[f32], out: &mut [f32], epilogue: Epilogue<'_>, threads: usize) {
+        let out_channels = self.shape.out_channels;
+        let [oh, ow] = self.shape.output();
         let panels = out_channels.div_ceil(OC);
         let out = &mut out[..out_channels * oh * ow];
         if threads <= 1 || panels < 2 {
@@ -630,6 +775,72 @@ mod tests {
                                 a.to_bits(),
                                 b.to_bits(),
                                 "{isa:?} {algorithm:?} {shape:?} {threads} threads at {i}: {a} vs {b}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A convolution that writes the next one's blocked input, and the next one reading it, give
+    /// the bits of the two reference loops one after the other: with and without bias, residual
+    /// and ReLU on the first, a partial block of channels between them, 1 and 3 threads.
+    #[test]
+    fn blocked_hand_over_gives_the_reference_bits() {
+        let pairs = [
+            (
+                ConvShape { input: [16, 14, 14], out_channels: 32, kernel: [3, 3], stride: 1, padding: [1, 1] },
+                ConvShape { input: [32, 14, 14], out_channels: 64, kernel: [3, 3], stride: 2, padding: [1, 1] },
+            ),
+            (
+                ConvShape { input: [9, 12, 31], out_channels: 40, kernel: [3, 3], stride: 2, padding: [1, 1] },
+                ConvShape { input: [40, 6, 16], out_channels: 48, kernel: [3, 3], stride: 1, padding: [1, 1] },
+            ),
+            (
+                ConvShape { input: [8, 9, 9], out_channels: 24, kernel: [1, 1], stride: 1, padding: [0, 0] },
+                ConvShape { input: [24, 9, 9], out_channels: 16, kernel: [5, 3], stride: 1, padding: [2, 1] },
+            ),
+        ];
+        let paths = [Isa::Avx2, Isa::Avx512];
+        for isa in paths.into_iter().filter(|i| i.available_for_test("blocked_hand_over_gives_the_reference_bits")) {
+            for (n, &(a, b)) in pairs.iter().enumerate() {
+                let [c, h, w] = a.input;
+                let [oh, ow] = a.output();
+                let [bh, bw] = b.output();
+                let image = values(c * h * w, n as u32);
+                let wa = values(a.out_channels * c * a.kernel[0] * a.kernel[1], 3 + n as u32);
+                let wb = values(b.out_channels * b.input[0] * b.kernel[0] * b.kernel[1], 11 + n as u32);
+                let bias = values(a.out_channels, 17);
+                let residual = values(a.out_channels * oh * ow, 23);
+                let second =
+                    Epilogue { bias: Some(&bias[..b.out_channels.min(bias.len())]), residual: None, relu: true };
+                let second = if b.out_channels <= bias.len() { second } else { Epilogue::default() };
+                for first in [
+                    Epilogue::default(),
+                    Epilogue { bias: Some(&bias), residual: None, relu: true },
+                    Epilogue { bias: Some(&bias), residual: Some(&residual), relu: true },
+                ] {
+                    let want = reference(&reference(&image, &wa, a, first), &wb, b, second);
+                    let conv_a = DirectConv::with_algorithm(&wa, a, isa, Algorithm::Channels);
+                    let conv_b = DirectConv::with_algorithm(&wb, b, isa, Algorithm::Channels);
+                    let layout = conv_b.input_layout().expect("the channel algorithm has a blocked input");
+                    for threads in [1, 3] {
+                        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                        let mut scratch = vec![f32::NAN; conv_a.scratch_len().max(conv_b.scratch_len())];
+                        let mut blocked = vec![f32::NAN; layout.len()];
+                        let mut out = vec![f32::NAN; b.out_channels * bh * bw];
+                        pool.install(|| {
+                            let to = Output::Blocked(&mut blocked, layout);
+                            conv_a.run_with(Input::ChannelMajor(&image), to, first, &mut scratch, threads);
+                            let to = Output::ChannelMajor(&mut out);
+                            conv_b.run_with(Input::Blocked(&blocked), to, second, &mut scratch, threads);
+                        });
+                        for (i, (x, y)) in out.iter().zip(&want).enumerate() {
+                            assert_eq!(
+                                x.to_bits(),
+                                y.to_bits(),
+                                "{isa:?} pair {n}, {threads} threads, at {i}: {x} vs {y}"
                             );
                         }
                     }

@@ -68,7 +68,7 @@ pub fn freeze_with(graph: &Graph, registry: &KernelRegistry, options: &FreezeOpt
         };
         let kernel = build_kernel(&graph, step, &shapes, registry, neighbours)?;
         let value = value_len.len();
-        value_len.push(shapes[step.tail()].numel());
+        value_len.push(shapes[step.tail()].numel().max(kernel.output_len_per_image().unwrap_or(0)));
         for v in std::iter::once(id).chain(step.absorbed.iter().copied()) {
             value_of[v] = Some(value);
         }

@@ -2,7 +2,7 @@
 //! freeze time, in the order the GEMM reads them.
 
 use super::{Aligned, aligned};
-use super::{Kernel, LayerView, RunContext};
+use super::{Kernel, LayerLink, LayerView, RunContext};
 use crate::graph::{Op, PadMode, PoolWindow, ValueShape};
 use shrink_kernels::sgemm::sgemm;
 
@@ -706,66 +706,135 @@ fn pad_plane(
 }
 
 /// Direct convolution ([`shrink_kernels::conv::DirectConv`]): no im2col matrix; the image is
-/// padded (and split into phase planes for a stride of 2 or more) into the plan's scratch, and
-/// 4 output channels × up to 96 positions are accumulated in registers, with the bias and the
-/// fused ReLU applied as each tile is stored. For dense (groups = 1), undilated convolutions
-/// with equal strides, on the path `SHRINK_ISA` selects or the best this CPU has.
+/// padded (split into phase planes for a stride of 2 or more, or blocked by channels for the
+/// channel algorithm) into the plan's scratch, and a tile of outputs is accumulated in registers,
+/// with the bias, residual and fused ReLU applied as it is stored. For dense (groups = 1),
+/// undilated convolutions with equal strides, on the path `SHRINK_ISA` selects or the best this
+/// CPU has. Between two convolutions on the channel algorithm, where the plan paired them, the
+/// first writes the second's blocked input directly ([`blocked_handover`]).
 #[derive(Debug)]
 pub struct ConvDirect {
     conv: shrink_kernels::conv::DirectConv,
     bias: Option<Vec<f32>>,
     relu: bool,
     residual: bool,
+    /// Its input arrives in its blocked layout, written by the convolution before it.
+    input_blocked: bool,
+    /// It writes its output in the next convolution's blocked layout.
+    output_blocked: Option<shrink_kernels::conv::BlockedImage>,
+}
+
+/// The geometry of a convolution the direct kernel runs on `isa` (not the portable path): groups
+/// 1, no dilation, equal strides.
+fn direct_shape(
+    op: &Op,
+    input: ValueShape,
+    output: ValueShape,
+    isa: shrink_kernels::isa::Isa,
+) -> Option<shrink_kernels::conv::ConvShape> {
+    let Op::Conv2d { kernel, stride, padding, dilation, groups, .. } = *op else { return None };
+    if groups != 1 || dilation != [1, 1] || stride[0] != stride[1] || isa == shrink_kernels::isa::Isa::Portable {
+        return None;
+    }
+    let (cin, h, w) = map_dims(input);
+    let (cout, ..) = map_dims(output);
+    Some(shrink_kernels::conv::ConvShape { input: [cin, h, w], out_channels: cout, kernel, stride: stride[0], padding })
+}
+
+/// The f32 fusion rule, in one place: the blocked image `to` reads when `from` (the layer whose
+/// value only `to` reads, as the plan paired them) writes it in its epilogue — both on the
+/// direct kernel's channel algorithm. Producer and consumer both call it, so they agree. Only
+/// for the plan's own kernels (`ConvDirect::new`'s `hand_over`): where a registry has builders,
+/// one of them could take either layer.
+pub fn blocked_handover(from: &LayerLink<'_>, to: &LayerLink<'_>) -> Option<shrink_kernels::conv::BlockedImage> {
+    use shrink_kernels::conv::{Algorithm, BlockedImage};
+    let isa = shrink_kernels::isa::selected();
+    let first = direct_shape(from.op, from.input, from.output, isa)?;
+    let second = direct_shape(to.op, to.input, to.output, isa)?;
+    if Algorithm::for_layer(&first, isa) != Algorithm::Channels || from.value != to.input {
+        return None;
+    }
+    BlockedImage::input_of(&second, isa)
 }
 
 impl ConvDirect {
     /// Builds the kernel, or `None` for a convolution it does not run (groups, dilation,
     /// unequal strides), or where the CPU has no vector path (the GEMM kernels are faster there).
-    pub fn new(view: &LayerView<'_>) -> Option<Self> {
-        let Op::Conv2d { kernel, stride, padding, dilation, groups, .. } = *view.op else { return None };
+    /// With `hand_over`, it reads or writes a blocked image where [`blocked_handover`] says so.
+    pub fn new(view: &LayerView<'_>, hand_over: bool) -> Option<Self> {
         let isa = shrink_kernels::isa::selected();
-        if groups != 1 || dilation != [1, 1] || stride[0] != stride[1] || isa == shrink_kernels::isa::Isa::Portable {
-            return None;
+        let shape = direct_shape(view.op, view.input, view.output, isa)?;
+        let this =
+            LayerLink { name: view.name, op: view.op, input: view.input, output: view.output, value: view.output };
+        let (mut input_blocked, mut output_blocked) = (false, None);
+        if hand_over {
+            input_blocked = view.reads_from.is_some_and(|from| blocked_handover(&from, &this).is_some());
+            output_blocked = view.read_by.and_then(|to| blocked_handover(&this, &to));
         }
-        let (cin, h, w) = map_dims(view.input);
-        let (cout, ..) = map_dims(view.output);
-        let shape = shrink_kernels::conv::ConvShape {
-            input: [cin, h, w],
-            out_channels: cout,
-            kernel,
-            stride: stride[0],
-            padding,
-        };
+        let conv = shrink_kernels::conv::DirectConv::with_isa(view.weight, shape, isa);
+        debug_assert!(!input_blocked || conv.input_layout().is_some());
         Some(Self {
-            conv: shrink_kernels::conv::DirectConv::with_isa(view.weight, shape, isa),
+            conv,
             bias: view.bias.map(|b| b.to_vec()),
             relu: view.relu,
             residual: view.residual,
+            input_blocked,
+            output_blocked,
         })
     }
 }
 
 impl Kernel for ConvDirect {
     fn label(&self) -> String {
-        format!("conv2d/f32-direct-{}{}", self.conv.isa().name(), fused_suffix(self.residual, self.relu))
+        let algorithm = match self.conv.algorithm() {
+            shrink_kernels::conv::Algorithm::Positions => "",
+            shrink_kernels::conv::Algorithm::Channels => "-channels",
+        };
+        let handover = match (self.input_blocked, self.output_blocked.is_some()) {
+            (false, false) => "",
+            (true, false) => "-blocked-in",
+            (false, true) => "-blocked-out",
+            (true, true) => "-blocked-in-out",
+        };
+        format!(
+            "conv2d/f32-direct-{}{algorithm}{handover}{}",
+            self.conv.isa().name(),
+            fused_suffix(self.residual, self.relu)
+        )
     }
 
     fn scratch_per_image(&self) -> usize {
         self.conv.scratch_len()
     }
 
+    fn output_len_per_image(&self) -> Option<usize> {
+        self.output_blocked.map(|image| image.len())
+    }
+
     fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, scratch: &mut [f32], ctx: &RunContext) {
+        use shrink_kernels::conv::{Input, Output};
         let shape = self.conv.shape();
         let [c, h, w] = shape.input;
         let [oh, ow] = shape.output();
-        let (in_len, out_len) = (c * h * w, shape.out_channels * oh * ow);
+        let plain_out = shape.out_channels * oh * ow;
+        let in_len = match (self.input_blocked, self.conv.input_layout()) {
+            (true, Some(layout)) => layout.len(),
+            _ => c * h * w,
+        };
+        let out_len = self.output_blocked.map_or(plain_out, |image| image.len());
         for (i, out) in output.chunks_exact_mut(out_len).enumerate().take(batch) {
             let epilogue = shrink_kernels::conv::Epilogue {
                 bias: self.bias.as_deref(),
-                residual: inputs.get(1).map(|r| &r[i * out_len..(i + 1) * out_len]),
+                residual: inputs.get(1).map(|r| &r[i * plain_out..(i + 1) * plain_out]),
                 relu: self.relu,
             };
-            self.conv.run_threads(&inputs[0][i * in_len..(i + 1) * in_len], out, epilogue, scratch, ctx.threads);
+            let image = &inputs[0][i * in_len..(i + 1) * in_len];
+            let input = if self.input_blocked { Input::Blocked(image) } else { Input::ChannelMajor(image) };
+            let output = match self.output_blocked {
+                Some(layout) => Output::Blocked(out, layout),
+                None => Output::ChannelMajor(out),
+            };
+            self.conv.run_with(input, output, epilogue, scratch, ctx.threads);
         }
     }
 }

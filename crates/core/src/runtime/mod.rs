@@ -51,7 +51,9 @@ mod kernels;
 
 pub use freeze::{freeze, freeze_with};
 pub use fusion::batch_norm_after;
-pub use kernels::{ConvDirect, ConvF32, ConvGeometry, ConvRten, LinearF32, LinearRten, PoolKind, Simple, Unary};
+pub use kernels::{
+    ConvDirect, ConvF32, ConvGeometry, ConvRten, LinearF32, LinearRten, PoolKind, Simple, Unary, blocked_handover,
+};
 pub use shrink_kernels::sgemm::sgemm;
 
 use std::fmt::Debug;
@@ -157,6 +159,13 @@ pub trait Kernel: Send + Sync + Debug {
         0
     }
 
+    /// Values per image it writes when that is more than its value's shape holds: a layout it
+    /// hands to the one layer that reads it ([`LayerView::read_by`]), such as a zero-padded
+    /// image. The plan sizes the value's buffers for it.
+    fn output_len_per_image(&self) -> Option<usize> {
+        None
+    }
+
     /// Computes `output` (`batch` images) from `inputs` (`batch` images each), contiguous,
     /// channel-major.
     fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, scratch: &mut [f32], ctx: &RunContext);
@@ -245,7 +254,9 @@ impl KernelRegistry {
         }
         match view.op {
             Op::Conv2d { .. } => {
-                if let Some(k) = ConvDirect::new(view) {
+                // Blocked hand-overs between the plan's own convolutions only: a registered
+                // builder could take the other layer of a pair.
+                if let Some(k) = ConvDirect::new(view, self.builders.is_empty()) {
                     return Box::new(k);
                 }
                 match ConvRten::new(view) {

@@ -16,7 +16,15 @@
 //! equal [`reference`](super::reference)'s (tested with every path in `conv`'s tests).
 #![allow(unsafe_code)]
 
-use super::{ConvShape, Epilogue, epilogue_row};
+use super::{BlockedImage, ConvShape, Epilogue, epilogue, epilogue_row};
+
+/// Where [`ChannelConv::run`] writes.
+pub(super) enum Dest<'a> {
+    /// Channel-major, from the first channel of the range.
+    ChannelMajor(&'a mut [f32]),
+    /// Blocked for the next convolution, from the first block of the range.
+    Blocked(&'a mut [f32], BlockedImage),
+}
 use crate::isa::Isa;
 
 /// Accumulator registers one tile may use.
@@ -77,12 +85,30 @@ impl ChannelConv {
         self.blocks_per_tile() * self.lanes
     }
 
+    /// The layout [`Self::prepare`] writes and [`Self::run`] reads.
+    pub(super) fn input_layout(&self) -> BlockedImage {
+        BlockedImage::padded(&self.shape, self.lanes)
+    }
+
+    /// f32 lanes per block.
+    pub(super) fn lanes(&self) -> usize {
+        self.lanes
+    }
+
     /// Writes `image` (`[c][h][w]`) into `x` as `[c / L][hp][wp][L]` with a zero border.
     pub(super) fn prepare(&self, image: &[f32], x: &mut [f32]) {
         let ConvShape { input: [c, h, w], padding: [py, px], .. } = self.shape;
         let [hp, wp] = self.padded;
         let l = self.lanes;
         x[..self.scratch_len()].fill(0.0);
+        #[cfg(target_arch = "x86_64")]
+        if self.isa == Isa::Avx512 {
+            assert!(image.len() >= c * h * w && x.len() >= self.scratch_len());
+            // SAFETY: the CPU has AVX-512F (`new` was given the path); the assert bounds the
+            // reads (`c · h · w`) and the writes (the padded image, inside the scratch).
+            unsafe { x86::block_image_avx512(image, [c, h, w], [hp, wp], [py, px], x) };
+            return;
+        }
         for ci in 0..c {
             let (block, lane) = (ci / l, ci % l);
             for y in 0..h {
@@ -98,7 +124,7 @@ impl ChannelConv {
     /// Output channels `channels` (whole tiles' blocks, from a multiple of
     /// [`Self::channels_per_job`]) of the prepared image `x` into `out`, which starts at the
     /// range's first channel.
-    pub(super) fn run(&self, x: &[f32], channels: std::ops::Range<usize>, out: &mut [f32], epi: Epilogue<'_>) {
+    pub(super) fn run(&self, x: &[f32], channels: std::ops::Range<usize>, mut out: Dest<'_>, epi: Epilogue<'_>) {
         let [oh, ow] = self.shape.output();
         let l = self.lanes;
         let b_max = self.blocks_per_tile();
@@ -119,7 +145,12 @@ impl ChannelConv {
                     // Split `ow` as evenly as possible: the first tiles take the remainder.
                     let r = ow / tiles_per_row + usize::from(t < ow % tiles_per_row);
                     self.tile(weights, x, [oy, ox], b, r, &mut tile);
-                    self.store(&tile, block, b, [oy, ox], r, channels.start, out, epi);
+                    match &mut out {
+                        Dest::ChannelMajor(out) => self.store(&tile, block, b, [oy, ox], r, channels.start, out, epi),
+                        Dest::Blocked(out, image) => {
+                            self.store_blocked(&tile, block, b, [oy, ox], r, first_block, out, *image, epi)
+                        }
+                    }
                     ox += r;
                 }
             }
@@ -143,6 +174,23 @@ impl ChannelConv {
     ) {
         let [oh, ow] = self.shape.output();
         let l = self.lanes;
+        #[cfg(target_arch = "x86_64")]
+        if self.isa == Isa::Avx512 {
+            let plane = oh * ow;
+            let at = oy * ow + ox;
+            let channels = (self.shape.out_channels - block * l).min(b * l);
+            assert!(out.len() >= ((block * l + channels - first) - 1) * plane + at + r, "output too short");
+            assert!(tile.len() >= r * b * l);
+            assert!(epi.bias.is_none_or(|v| v.len() >= block * l + channels));
+            assert!(epi.residual.is_none_or(|v| v.len() >= (block * l + channels - 1) * plane + at + r));
+            let bias = epi.bias.map(|v| &v[block * l..]);
+            let residual = epi.residual.map(|v| &v[block * l * plane + at..]);
+            let out = &mut out[(block * l - first) * plane + at..];
+            // SAFETY: the CPU has AVX-512F (`new` was given the path); the asserts above bound
+            // every write (`channels` rows of `r` values, `plane` apart) and read.
+            unsafe { x86::store_avx512(tile, b, r, channels, plane, bias, residual, epi.relu, out) };
+            return;
+        }
         let mut column = [0.0f32; 28];
         for bi in 0..b {
             for lane in 0..l {
@@ -159,6 +207,57 @@ impl ChannelConv {
                 let residual = epi.residual.map(|res| &res[at..at + r]);
                 let bias = epi.bias.map_or(0.0, |v| v[o]);
                 epilogue_row(&column[..r], bias, residual, epi.relu, &mut out[at - first * oh * ow..][..r]);
+            }
+        }
+    }
+
+    /// The epilogue of one tile into a blocked image (`out` starts at block `first`): each
+    /// position's `L` channels are one contiguous run there. Channels past the layer's get 0.
+    #[allow(clippy::too_many_arguments)]
+    fn store_blocked(
+        &self,
+        tile: &[f32],
+        block: usize,
+        b: usize,
+        [oy, ox]: [usize; 2],
+        r: usize,
+        first: usize,
+        out: &mut [f32],
+        image: BlockedImage,
+        epi: Epilogue<'_>,
+    ) {
+        let [oh, ow] = self.shape.output();
+        let l = self.lanes;
+        let [py, px] = image.padding;
+        let oc = self.shape.out_channels;
+        for bi in 0..b {
+            let c0 = (block + bi) * l;
+            let row = ((block + bi - first) * image.height + oy + py) * image.width + ox + px;
+            let full = c0 + l <= oc;
+            let bias = epi.bias.map(|v| &v[c0..(c0 + l).min(oc)]);
+            let lane_bias: [f32; 16] = std::array::from_fn(|i| bias.and_then(|v| v.get(i)).copied().unwrap_or(0.0));
+            for j in 0..r {
+                let src = &tile[(j * b + bi) * l..][..l];
+                let dst = &mut out[(row + j) * l..][..l];
+                if full && epi.residual.is_none() {
+                    // The common case, in a loop of a fixed length that vectorises.
+                    match (l, epi.relu) {
+                        (16, true) => lanes_epilogue::<16, true>(src, &lane_bias, dst),
+                        (16, false) => lanes_epilogue::<16, false>(src, &lane_bias, dst),
+                        (_, true) => lanes_epilogue::<8, true>(src, &lane_bias, dst),
+                        (_, false) => lanes_epilogue::<8, false>(src, &lane_bias, dst),
+                    }
+                    continue;
+                }
+                for (lane, (d, &a)) in dst.iter_mut().zip(src).enumerate() {
+                    let o = c0 + lane;
+                    *d = if o < oc {
+                        let residual = epi.residual.map(|v| v[(o * oh + oy) * ow + ox + j]);
+                        epilogue(a, bias.map_or(0.0, |v| v[lane]), residual, epi.relu)
+                    } else {
+                        0.0
+                    };
+                }
             }
         }
     }
@@ -193,6 +292,15 @@ impl ChannelConv {
     }
 }
 
+/// [`epilogue`] without a residual over `L` lanes (`L` a constant, so the loop vectorises).
+#[inline(always)]
+fn lanes_epilogue<const L: usize, const RELU: bool>(src: &[f32], bias: &[f32; 16], dst: &mut [f32]) {
+    let (src, dst) = (&src[..L], &mut dst[..L]);
+    for i in 0..L {
+        dst[i] = epilogue(src[i], bias[i], None, RELU);
+    }
+}
+
 /// The most blocks of output channels a tile takes out of `blocks`: 4, 2 or 1.
 fn tile_blocks(blocks: usize) -> usize {
     match blocks {
@@ -221,6 +329,134 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::Geometry;
+
+    /// The epilogue of a tile of `b` blocks of 16 channels by `r` positions (`tile[(j · b + bi) ·
+    /// 16 + lane]`) into `channels` channel-major rows of `out`, `plane` apart: 16 positions at
+    /// a time, transposed in registers, then `(acc + bias) + residual` and the ReLU as
+    /// [`epilogue`](super::super::epilogue) computes them (`vmaxps(v, 0)` is `v > 0 ? v : 0`,
+    /// as `f32::max(v, 0)` for every `v` a sum started at +0 can take, NaN included).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `tile` holds `r · b · 16` values; `channels ≤ 16 · b`; `out` and `residual` hold `(channels − 1) ·
+    /// plane + r` values, `bias` `channels`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn store_avx512(
+        tile: &[f32],
+        b: usize,
+        r: usize,
+        channels: usize,
+        plane: usize,
+        bias: Option<&[f32]>,
+        residual: Option<&[f32]>,
+        relu: bool,
+        out: &mut [f32],
+    ) {
+        let zero = _mm512_setzero_ps();
+        for bi in 0..b {
+            let lanes = channels.saturating_sub(bi * 16).min(16);
+            let mut j0 = 0;
+            while j0 < r {
+                let n = (r - j0).min(16);
+                let mask: __mmask16 = ((1u32 << n) - 1) as u16;
+                let mut rows = [zero; 16];
+                for (j, row) in rows.iter_mut().enumerate().take(n) {
+                    // SAFETY: position `j0 + j < r` of block `bi` (the caller's contract).
+                    *row = unsafe { _mm512_loadu_ps(tile.as_ptr().add(((j0 + j) * b + bi) * 16)) };
+                }
+                let columns = transpose16(rows);
+                for (lane, &acc) in columns.iter().enumerate().take(lanes) {
+                    let o = bi * 16 + lane;
+                    let mut v = _mm512_add_ps(acc, _mm512_set1_ps(bias.map_or(0.0, |v| v[o])));
+                    if let Some(res) = residual {
+                        // SAFETY: `n` values of row `o` from `j0` (the caller's contract).
+                        v = _mm512_add_ps(v, unsafe { _mm512_maskz_loadu_ps(mask, res.as_ptr().add(o * plane + j0)) });
+                    }
+                    if relu {
+                        v = _mm512_max_ps(v, zero);
+                    }
+                    // SAFETY: `n` values of row `o` from `j0` (the caller's contract).
+                    unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr().add(o * plane + j0), mask, v) };
+                }
+                j0 += n;
+            }
+        }
+    }
+
+    /// `image` (`[c][h][w]`) into `x` as `[c / 16][hp][wp][16]` at `(py, px)`: 16 positions of
+    /// 16 channels at a time, transposed in registers (the border is left as it is).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `image` holds `c · h · w` values and `x` the blocked image,
+    /// `c.div_ceil(16) · hp · wp · 16`, with `h + py ≤ hp` and `w + px ≤ wp`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn block_image_avx512(
+        image: &[f32],
+        [c, h, w]: [usize; 3],
+        [hp, wp]: [usize; 2],
+        [py, px]: [usize; 2],
+        x: &mut [f32],
+    ) {
+        for block in 0..c.div_ceil(16) {
+            let channels = (c - block * 16).min(16);
+            for y in 0..h {
+                let mut x0 = 0;
+                while x0 < w {
+                    let n = (w - x0).min(16);
+                    let mask: __mmask16 = ((1u32 << n) - 1) as u16;
+                    let mut rows = [_mm512_setzero_ps(); 16];
+                    for (k, row) in rows.iter_mut().enumerate().take(channels) {
+                        let at = ((block * 16 + k) * h + y) * w + x0;
+                        // SAFETY: `n` values of channel `block · 16 + k < c`, row `y`, from `x0`.
+                        *row = unsafe { _mm512_maskz_loadu_ps(mask, image.as_ptr().add(at)) };
+                    }
+                    let positions = transpose16(rows);
+                    for (i, &v) in positions.iter().enumerate().take(n) {
+                        let at = ((block * hp + y + py) * wp + x0 + i + px) * 16;
+                        // SAFETY: position `(y + py, x0 + i + px)` of block `block`, inside `x`.
+                        unsafe { _mm512_storeu_ps(x.as_mut_ptr().add(at), v) };
+                    }
+                    x0 += n;
+                }
+            }
+        }
+    }
+
+    /// The 16 × 16 transpose: `out[i]` lane `j` = `rows[j]` lane `i`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        let mut u = [_mm512_setzero_ps(); 16];
+        for q in 0..4 {
+            let (a0, a1, a2, a3) = (t[4 * q], t[4 * q + 1], t[4 * q + 2], t[4 * q + 3]);
+            let pd = _mm512_castps_pd;
+            u[4 * q] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(a0), pd(a2)));
+            u[4 * q + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(a0), pd(a2)));
+            u[4 * q + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(a1), pd(a3)));
+            u[4 * q + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(a1), pd(a3)));
+        }
+        // u[4q + c] holds, in each 128-bit lane k, column c of rows 4q .. 4q + 4 for columns
+        // 4k .. 4k + 4; gather the 128-bit pieces.
+        let mut v = [_mm512_setzero_ps(); 16];
+        for c in 0..4 {
+            for h in 0..2 {
+                let (a, b) = (u[8 * h + c], u[8 * h + 4 + c]);
+                v[8 * h + c] = _mm512_shuffle_f32x4::<0x88>(a, b);
+                v[8 * h + 4 + c] = _mm512_shuffle_f32x4::<0xDD>(a, b);
+            }
+        }
+        let mut out = [_mm512_setzero_ps(); 16];
+        for c in 0..8 {
+            out[c] = _mm512_shuffle_f32x4::<0x88>(v[c], v[8 + c]);
+            out[8 + c] = _mm512_shuffle_f32x4::<0xDD>(v[c], v[8 + c]);
+        }
+        out
+    }
 
     /// Calls `$f::<B, R>` for the runtime `b` and `r`, `B` in 1, 2, 4 and `R ≤ $max / B`.
     macro_rules! dispatch {
