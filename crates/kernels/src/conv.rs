@@ -58,6 +58,19 @@ impl Algorithm {
     }
 }
 
+/// `weight` (`[out][depth]`) as panels of `width` output channels, each `[depth][width]`
+/// (the last panel's missing channels zero): the weight layout of both algorithms.
+fn pack_panels(weight: &[f32], out_channels: usize, depth: usize, width: usize) -> Vec<f32> {
+    let mut packed = vec![0.0; out_channels.div_ceil(width) * depth * width];
+    for o in 0..out_channels {
+        let (p, lane) = (o / width, o % width);
+        for k in 0..depth {
+            packed[(p * depth + k) * width + lane] = weight[o * depth + k];
+        }
+    }
+    packed
+}
+
 /// f32 lanes of a register on `isa`'s f32 path (0 on the portable path, which has no channel
 /// algorithm).
 fn lanes(isa: Isa) -> usize {
@@ -254,14 +267,14 @@ impl DirectConv {
         );
         let depth = c * kh * kw;
         assert_eq!(weight.len(), shape.out_channels * depth, "weights must be [out, in, kh, kw]");
-        let panels = shape.out_channels.div_ceil(OC);
-        let mut packed = vec![0.0; panels * depth * OC];
-        for o in 0..shape.out_channels {
-            let (p, lane) = (o / OC, o % OC);
-            for k in 0..depth {
-                packed[(p * depth + k) * OC + lane] = weight[o * depth + k];
-            }
+        if algorithm == Algorithm::Channels && isa != Isa::Portable {
+            let channels = channels::ChannelConv::new(weight, shape, isa);
+            let image_len = channels.scratch_len();
+            // The positions algorithm's weights, offsets and planes are not needed.
+            let (packed, offsets, plane) = (Vec::new(), Vec::new(), [0, 0]);
+            return Self { shape, depth, packed, offsets, plane, image_len, isa, channels: Some(channels) };
         }
+        let packed = pack_panels(weight, shape.out_channels, depth, OC);
         let (hp, wp) = (h + 2 * shape.padding[0], w + 2 * shape.padding[1]);
         let plane = [hp.div_ceil(s), wp.div_ceil(s)];
         let plane_len = c * plane[0] * plane[1];
@@ -278,11 +291,6 @@ impl DirectConv {
         let wide = oh * plane[1];
         let reads = offsets.iter().max().copied().unwrap_or(0) + wide.next_multiple_of(LANES);
         let image_len = (s * s * plane_len).max(reads);
-        if algorithm == Algorithm::Channels && isa != Isa::Portable {
-            let channels = channels::ChannelConv::new(weight, shape, isa);
-            let image_len = channels.scratch_len();
-            return Self { shape, depth, packed: Vec::new(), offsets, plane, image_len, isa, channels: Some(channels) };
-        }
         Self { shape, depth, packed, offsets, plane, image_len, isa, channels: None }
     }
 
@@ -813,9 +821,8 @@ mod tests {
                 let wb = values(b.out_channels * b.input[0] * b.kernel[0] * b.kernel[1], 11 + n as u32);
                 let bias = values(a.out_channels, 17);
                 let residual = values(a.out_channels * oh * ow, 23);
-                let second =
-                    Epilogue { bias: Some(&bias[..b.out_channels.min(bias.len())]), residual: None, relu: true };
-                let second = if b.out_channels <= bias.len() { second } else { Epilogue::default() };
+                let second_bias = values(b.out_channels, 19);
+                let second = Epilogue { bias: Some(&second_bias), residual: None, relu: true };
                 for first in [
                     Epilogue::default(),
                     Epilogue { bias: Some(&bias), residual: None, relu: true },

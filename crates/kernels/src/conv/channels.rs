@@ -16,7 +16,7 @@
 //! equal [`reference`](super::reference)'s (tested with every path in `conv`'s tests).
 #![allow(unsafe_code)]
 
-use super::{BlockedImage, ConvShape, Epilogue, epilogue, epilogue_row};
+use super::{BlockedImage, ConvShape, Epilogue, epilogue, epilogue_row, lanes, pack_panels};
 
 /// Where [`ChannelConv::run`] writes.
 pub(super) enum Dest<'a> {
@@ -40,8 +40,6 @@ pub(super) struct ChannelConv {
     lanes: usize,
     /// Blocks of `lanes` output channels, each `[c][kh][kw][lanes]` (missing channels zero).
     packed: Vec<f32>,
-    /// Padded input height and width.
-    padded: [usize; 2],
     isa: Isa,
 }
 
@@ -49,19 +47,10 @@ impl ChannelConv {
     /// Packs `weight` (`[out, in, kh, kw]`) for `isa` (`Avx512` or `Avx2`, present on this CPU).
     pub(super) fn new(weight: &[f32], shape: ConvShape, isa: Isa) -> Self {
         debug_assert!(matches!(isa, Isa::Avx512 | Isa::Avx2) && isa.available());
-        let lanes = if isa == Isa::Avx512 { 16 } else { 8 };
-        let [c, h, w] = shape.input;
-        let depth = c * shape.kernel[0] * shape.kernel[1];
-        let blocks = shape.out_channels.div_ceil(lanes);
-        let mut packed = vec![0.0; blocks * depth * lanes];
-        for o in 0..shape.out_channels {
-            let (b, lane) = (o / lanes, o % lanes);
-            for k in 0..depth {
-                packed[(b * depth + k) * lanes + lane] = weight[o * depth + k];
-            }
-        }
-        let padded = [h + 2 * shape.padding[0], w + 2 * shape.padding[1]];
-        Self { shape, lanes, packed, padded, isa }
+        let lanes = lanes(isa);
+        let depth = shape.input[0] * shape.kernel[0] * shape.kernel[1];
+        let packed = pack_panels(weight, shape.out_channels, depth, lanes);
+        Self { shape, lanes, packed, isa }
     }
 
     /// Blocks of output channels.
@@ -77,7 +66,7 @@ impl ChannelConv {
 
     /// Scratch values: the padded, blocked image.
     pub(super) fn scratch_len(&self) -> usize {
-        self.shape.input[0].div_ceil(self.lanes) * self.padded[0] * self.padded[1] * self.lanes
+        self.input_layout().len()
     }
 
     /// Output channels per job of a thread split: one tile's blocks.
@@ -98,7 +87,7 @@ impl ChannelConv {
     /// Writes `image` (`[c][h][w]`) into `x` as `[c / L][hp][wp][L]` with a zero border.
     pub(super) fn prepare(&self, image: &[f32], x: &mut [f32]) {
         let ConvShape { input: [c, h, w], padding: [py, px], .. } = self.shape;
-        let [hp, wp] = self.padded;
+        let BlockedImage { height: hp, width: wp, .. } = self.input_layout();
         let l = self.lanes;
         x[..self.scratch_len()].fill(0.0);
         #[cfg(target_arch = "x86_64")]
@@ -265,7 +254,7 @@ impl ChannelConv {
     /// `tile[(j · b + bi) · L + lane] = Σ_k w[block bi][k][lane] · x[tap k of position j]`.
     fn tile(&self, weights: &[f32], x: &[f32], [oy, ox]: [usize; 2], b: usize, r: usize, tile: &mut [f32; 28 * 16]) {
         let ConvShape { input: [c, ..], kernel: [kh, kw], stride: s, .. } = self.shape;
-        let [hp, wp] = self.padded;
+        let BlockedImage { height: hp, width: wp, .. } = self.input_layout();
         let l = self.lanes;
         // The first input value position 0 of the tile reads, for channel 0 and tap (0, 0).
         let origin = ((oy * s) * wp + ox * s) * l;
