@@ -29,6 +29,7 @@
 mod channels;
 
 use crate::isa::{self, Isa};
+use crate::team::Team;
 
 /// Which lanes a register of the direct convolution fills.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,6 +123,25 @@ impl BlockedImage {
     /// Whether the image has no values.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Zeros the border of every block of `out` (the padding rows and columns), leaving the
+    /// image inside it as it is: what a writer of every interior value must add.
+    ///
+    /// # Panics
+    /// When `out` is shorter than [`Self::len`].
+    pub fn fill_border(&self, out: &mut [f32]) {
+        let [py, px] = self.padding;
+        let row = self.width * self.lanes;
+        let (inner, side) = ((self.width - 2 * px) * self.lanes, px * self.lanes);
+        for plane in out[..self.len()].chunks_exact_mut(self.height * row) {
+            plane[..py * row].fill(0.0);
+            plane[(self.height - py) * row..].fill(0.0);
+            for r in plane[py * row..(self.height - py) * row].chunks_exact_mut(row) {
+                r[..side].fill(0.0);
+                r[side + inner..].fill(0.0);
+            }
+        }
     }
 }
 
@@ -319,24 +339,17 @@ impl DirectConv {
     /// # Panics
     /// If a slice is shorter than its shape, or `scratch` than [`DirectConv::scratch_len`].
     pub fn run(&self, image: &[f32], out: &mut [f32], epilogue: Epilogue<'_>, scratch: &mut [f32]) {
-        self.run_threads(image, out, epilogue, scratch, 1);
+        self.run_on(image, out, epilogue, scratch, &Team::sequential());
     }
 
-    /// As [`DirectConv::run`], with the output channels split between `threads` workers of the
-    /// current rayon pool (in jobs of a few panels, taken by whichever worker is free), so one
-    /// image uses several cores. The result is the same bits whatever `threads`.
+    /// As [`DirectConv::run`], with the output channels split between the threads of `team`
+    /// (in jobs of a few panels or blocks, taken by whichever thread is free), so one image uses
+    /// several cores. The result is the same bits whatever the team.
     ///
     /// # Panics
     /// As [`DirectConv::run`].
-    pub fn run_threads(
-        &self,
-        image: &[f32],
-        out: &mut [f32],
-        epilogue: Epilogue<'_>,
-        scratch: &mut [f32],
-        threads: usize,
-    ) {
-        self.run_with(Input::ChannelMajor(image), Output::ChannelMajor(out), epilogue, scratch, threads);
+    pub fn run_on(&self, image: &[f32], out: &mut [f32], epilogue: Epilogue<'_>, scratch: &mut [f32], team: &Team) {
+        self.run_with(Input::ChannelMajor(image), Output::ChannelMajor(out), epilogue, scratch, team);
     }
 
     /// The layout the channel algorithm reads its image in (`None` on positions): what the
@@ -345,7 +358,7 @@ impl DirectConv {
         self.channels.as_ref().map(|c| c.input_layout())
     }
 
-    /// As [`DirectConv::run_threads`], reading and writing the given layouts. The values are
+    /// As [`DirectConv::run_on`], reading and writing the given layouts. The values are
     /// the same bits in either layout.
     ///
     /// # Panics
@@ -358,8 +371,9 @@ impl DirectConv {
         output: Output<'_>,
         epilogue: Epilogue<'_>,
         scratch: &mut [f32],
-        threads: usize,
+        team: &Team,
     ) {
+        let threads = team.threads();
         let ConvShape { input: [c, h, w], out_channels, .. } = self.shape;
         let [oh, ow] = self.shape.output();
         assert!(epilogue.bias.is_none_or(|b| b.len() >= out_channels), "bias too short");
@@ -372,7 +386,7 @@ impl DirectConv {
             assert!(out.len() >= out_channels * oh * ow, "output too short");
             let x = &mut scratch[..self.image_len];
             self.prepare(image, x);
-            return self.positions(x, out, epilogue, threads);
+            return self.positions(x, out, epilogue, team);
         };
         let x: &[f32] = match input {
             Input::ChannelMajor(image) => {
@@ -386,9 +400,8 @@ impl DirectConv {
                 &x[..self.image_len]
             }
         };
-        let per_job = conv.channels_per_job();
+        let per_job = conv.channels_per_job(threads);
         let parallel = threads > 1 && out_channels > per_job;
-        use rayon::prelude::*;
         match output {
             Output::ChannelMajor(out) => {
                 assert!(out.len() >= out_channels * oh * ow, "output too short");
@@ -396,7 +409,7 @@ impl DirectConv {
                 if !parallel {
                     return conv.run(x, 0..out_channels, channels::Dest::ChannelMajor(out), epilogue);
                 }
-                out.par_chunks_mut(per_job * oh * ow).enumerate().for_each(|(j, chunk)| {
+                team.for_each_chunk(out, per_job * oh * ow, &|j, chunk| {
                     let first = j * per_job;
                     let range = first..(first + per_job).min(out_channels);
                     conv.run(x, range, channels::Dest::ChannelMajor(chunk), epilogue);
@@ -413,13 +426,14 @@ impl DirectConv {
                     "a blocked output must be this convolution's channels, in its blocks, and fit"
                 );
                 let out = &mut out[..image.len()];
-                // The border (and every value the tiles do not write) is zero.
-                out.fill(0.0);
+                // The tiles write every value of the image (zeros in the lanes past the last
+                // channel); the border is zero.
+                image.fill_border(out);
                 if !parallel {
                     return conv.run(x, 0..out_channels, channels::Dest::Blocked(out, image), epilogue);
                 }
                 let block_len = image.height * image.width * image.lanes;
-                out.par_chunks_mut(per_job / image.lanes * block_len).enumerate().for_each(|(j, chunk)| {
+                team.for_each_chunk(out, per_job / image.lanes * block_len, &|j, chunk| {
                     let first = j * per_job;
                     let range = first..(first + per_job).min(out_channels);
                     conv.run(x, range, channels::Dest::Blocked(chunk, image), epilogue);
@@ -429,18 +443,17 @@ impl DirectConv {
     }
 
     /// The positions algorithm on the prepared image `x`.
-    fn positions(&self, x: &[f32], out: &mut [f32], epilogue: Epilogue<'_>, threads: usize) {
+    fn positions(&self, x: &[f32], out: &mut [f32], epilogue: Epilogue<'_>, team: &Team) {
         let out_channels = self.shape.out_channels;
         let [oh, ow] = self.shape.output();
         let panels = out_channels.div_ceil(OC);
         let out = &mut out[..out_channels * oh * ow];
-        if threads <= 1 || panels < 2 {
+        if team.threads() <= 1 || panels < 2 {
             self.panels(x, 0..panels, out, epilogue);
             return;
         }
-        use rayon::prelude::*;
-        let per_job = panels.div_ceil(2 * threads).max(1);
-        out.par_chunks_mut(per_job * OC * oh * ow).enumerate().for_each(|(j, chunk)| {
+        let per_job = panels.div_ceil(2 * team.threads()).max(1);
+        team.for_each_chunk(out, per_job * OC * oh * ow, &|j, chunk| {
             let first = j * per_job;
             self.panels(x, first..(first + per_job).min(panels), chunk, epilogue);
         });
@@ -733,6 +746,24 @@ mod tests {
         (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32 / 8388608.0 - 1.0).collect()
     }
 
+    /// `fill_border` zeros every value outside the image, in every block and lane, and leaves
+    /// every value inside it.
+    #[test]
+    fn fill_border_zeros_exactly_the_padding() {
+        for (channels, lanes, [h, w], [py, px]) in
+            [(3, 8, [5, 4], [1, 1]), (17, 16, [3, 7], [2, 0]), (8, 8, [1, 1], [0, 2]), (16, 16, [0, 3], [1, 1])]
+        {
+            let image = BlockedImage { channels, lanes, height: h + 2 * py, width: w + 2 * px, padding: [py, px] };
+            let mut out = vec![f32::NAN; image.len()];
+            image.fill_border(&mut out);
+            for (i, v) in out.iter().enumerate() {
+                let (x, y) = (i / lanes % image.width, i / lanes / image.width % image.height);
+                let inside = (py..py + h).contains(&y) && (px..px + w).contains(&x);
+                assert!(if inside { v.is_nan() } else { v.to_bits() == 0 }, "{image:?}: value {i} = {v}");
+            }
+        }
+    }
+
     /// Every path this CPU has gives the reference's bits, over geometries that exercise
     /// partial panels, partial tiles, strides 1 to 3, 1×1 to 5×5 kernels and every epilogue.
     #[test]
@@ -776,8 +807,8 @@ mod tests {
                     for threads in [1, 3] {
                         let mut scratch = vec![f32::NAN; conv.scratch_len()];
                         let mut out = vec![f32::NAN; shape.out_channels * oh * ow];
-                        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                        pool.install(|| conv.run_threads(&image, &mut out, epi, &mut scratch, threads));
+                        let team = Team::always_split(threads).unwrap();
+                        conv.run_on(&image, &mut out, epi, &mut scratch, &team);
                         for (i, (a, b)) in out.iter().zip(&want).enumerate() {
                             assert_eq!(
                                 a.to_bits(),
@@ -833,16 +864,14 @@ mod tests {
                     let conv_b = DirectConv::with_algorithm(&wb, b, isa, Algorithm::Channels);
                     let layout = conv_b.input_layout().expect("the channel algorithm has a blocked input");
                     for threads in [1, 3] {
-                        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                        let team = Team::always_split(threads).unwrap();
                         let mut scratch = vec![f32::NAN; conv_a.scratch_len().max(conv_b.scratch_len())];
                         let mut blocked = vec![f32::NAN; layout.len()];
                         let mut out = vec![f32::NAN; b.out_channels * bh * bw];
-                        pool.install(|| {
-                            let to = Output::Blocked(&mut blocked, layout);
-                            conv_a.run_with(Input::ChannelMajor(&image), to, first, &mut scratch, threads);
-                            let to = Output::ChannelMajor(&mut out);
-                            conv_b.run_with(Input::Blocked(&blocked), to, second, &mut scratch, threads);
-                        });
+                        let to = Output::Blocked(&mut blocked, layout);
+                        conv_a.run_with(Input::ChannelMajor(&image), to, first, &mut scratch, &team);
+                        let to = Output::ChannelMajor(&mut out);
+                        conv_b.run_with(Input::Blocked(&blocked), to, second, &mut scratch, &team);
                         for (i, (x, y)) in out.iter().zip(&want).enumerate() {
                             assert_eq!(
                                 x.to_bits(),

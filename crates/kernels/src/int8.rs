@@ -27,6 +27,7 @@
 #![allow(unsafe_code)]
 
 use crate::isa::{self, Isa};
+use crate::team::Team;
 
 /// Output channels per VNNI panel: one 512-bit register of i32.
 const PANEL: usize = 16;
@@ -371,8 +372,9 @@ const TILE_CHANNELS: usize = 8;
 pub enum Output<'a> {
     /// `[out_channels][oh][ow]` f32.
     F32(&'a mut [f32]),
-    /// Requantized for the next convolution, in the layout it reads (see [`QuadImage`]); the
-    /// caller has filled `bytes` with the next layer's zero point (its padding).
+    /// Requantized for the next convolution, in the layout it reads (see [`QuadImage`]): every
+    /// byte of the `oh × ow` image at the padding, all four channels of each quad; the caller
+    /// fills the rest with the next layer's zero point ([`QuadImage::fill_border`]).
     Quads {
         /// `[quads][height][width][4]` u8 (and [`DirectConv::SLACK`] bytes more).
         bytes: &'a mut [u8],
@@ -410,6 +412,38 @@ impl QuadImage {
         self.len() == 0
     }
 
+    /// Writes the zero point around an `h × w` image at `padding` in every quad of `out`,
+    /// leaving the image as it is: all a writer of every interior byte (every channel of each
+    /// quad, as [`DirectConv`]'s [`Output::Quads`] writes them) must add.
+    ///
+    /// # Panics
+    /// When `out` is shorter than [`Self::len`] or the image does not fit.
+    pub fn fill_border(&self, [h, w]: [usize; 2], out: &mut [u8]) {
+        let [ph, pw] = self.padding;
+        assert!(h + ph <= self.height && w + pw <= self.width, "the image does not fit");
+        let zero = self.zero_point;
+        let width = self.width;
+        for plane in out[..self.len()].chunks_exact_mut(self.height * width * 4) {
+            if h == 0 || w == 0 {
+                plane.fill(zero);
+                continue;
+            }
+            // The rows above and the first row's left border, then each row's right border
+            // with the next one's left border (one run), then the rest.
+            plane[..(ph * width + pw) * 4].fill(zero);
+            for y in ph..ph + h - 1 {
+                let gap = &mut plane[(y * width + pw + w) * 4..((y + 1) * width + pw) * 4];
+                if let Ok(gap) = <&mut [u8; 8]>::try_from(&mut *gap) {
+                    // One pixel of padding (the usual case): one store, no call to memset.
+                    *gap = [zero; 8];
+                } else {
+                    gap.fill(zero);
+                }
+            }
+            plane[((ph + h - 1) * width + pw + w) * 4..].fill(zero);
+        }
+    }
+
     /// Quantizes the channel-major f32 image `x` (`[channels][h][w]`, `channels` at most four
     /// per quad) into `out` in this layout: each value as [`quantize`] defines it, the border
     /// and the missing channels of the last quad the zero point. Vectorised on `isa`'s path
@@ -424,18 +458,8 @@ impl QuadImage {
         assert!(x.len() >= channels * h * w && out.len() >= self.len(), "a slice is too short");
         let zero = self.zero_point;
         let [ph, pw] = self.padding;
-        let row_bytes = self.width * 4;
-        for q in 0..self.quads {
-            let plane = &mut out[q * self.height * row_bytes..(q + 1) * self.height * row_bytes];
-            // The border only: the interior is written below.
-            plane[..ph * row_bytes].fill(zero);
-            plane[(ph + h) * row_bytes..].fill(zero);
-            for y in 0..h {
-                let row = &mut plane[(ph + y) * row_bytes..(ph + y + 1) * row_bytes];
-                row[..pw * 4].fill(zero);
-                row[(pw + w) * 4..].fill(zero);
-            }
-        }
+        // The border only: the interior is written below.
+        self.fill_border([h, w], out);
         #[cfg(target_arch = "x86_64")]
         if matches!(isa, Isa::Avx512Vnni | Isa::Avx512) && Isa::Avx512.available() {
             // SAFETY: the CPU has AVX-512; the bounds are asserted above.
@@ -634,17 +658,17 @@ impl DirectConv {
         out: Output<'_>,
         epilogue: &Epilogue<'_>,
     ) {
-        self.run_threads(image, hp, wp, oh, ow, out, epilogue, 1);
+        self.run_on(image, hp, wp, oh, ow, out, epilogue, &Team::sequential());
     }
 
-    /// As [`Self::run`], with the output channels split between `threads` workers of the
-    /// current rayon pool (in jobs of whole tiles of 8 channels, taken by whichever worker is
-    /// free), so one image uses several cores. The same bits whatever `threads`.
+    /// As [`Self::run`], with the output channels split between the threads of `team` (in jobs
+    /// of whole tiles of 8 channels, taken by whichever thread is free), so one image uses
+    /// several cores. The same bits whatever the team.
     ///
     /// # Panics
     /// As [`Self::run`].
     #[allow(clippy::too_many_arguments)]
-    pub fn run_threads(
+    pub fn run_on(
         &self,
         image: &[u8],
         hp: usize,
@@ -653,8 +677,9 @@ impl DirectConv {
         ow: usize,
         out: Output<'_>,
         epilogue: &Epilogue<'_>,
-        threads: usize,
+        team: &Team,
     ) {
+        let threads = team.threads();
         let [kh, kw] = self.kernel;
         assert!(self.isa.available(), "this CPU lacks {:?}", self.isa);
         assert!(Self::supports(oh, ow), "unsupported output width {ow}");
@@ -697,18 +722,19 @@ impl DirectConv {
             job(0..self.out_padded, out);
             return;
         }
-        use rayon::prelude::*;
         let per_job = tiles.div_ceil(2 * threads).max(1) * TILE_CHANNELS;
         let range = |j: usize| j * per_job..(j + 1) * per_job;
         match out {
-            Output::F32(out) => out[..self.out_channels * oh * ow]
-                .par_chunks_mut(per_job * oh * ow)
-                .enumerate()
-                .for_each(|(j, chunk)| job(range(j), Output::F32(chunk))),
-            Output::Quads { bytes, image: next } => bytes[..next.len()]
-                .par_chunks_mut(per_job / 4 * next.height * next.width * 4)
-                .enumerate()
-                .for_each(|(j, chunk)| job(range(j), Output::Quads { bytes: chunk, image: next })),
+            Output::F32(out) => {
+                team.for_each_chunk(&mut out[..self.out_channels * oh * ow], per_job * oh * ow, &|j, chunk| {
+                    job(range(j), Output::F32(chunk))
+                })
+            }
+            Output::Quads { bytes, image: next } => team.for_each_chunk(
+                &mut bytes[..next.len()],
+                per_job / 4 * next.height * next.width * 4,
+                &|j, chunk| job(range(j), Output::Quads { bytes: chunk, image: next }),
+            ),
         }
     }
 
@@ -716,7 +742,7 @@ impl DirectConv {
     /// first channel.
     ///
     /// # Safety
-    /// What [`Self::run_threads`] asserts; `out` holds the range's channels below
+    /// What [`Self::run_on`] asserts; `out` holds the range's channels below
     /// `out_channels` (f32: `oh · ow` values each; the next image: its planes of their quads).
     #[allow(clippy::too_many_arguments)]
     unsafe fn channels(
@@ -1641,6 +1667,28 @@ mod x86 {
 mod tests {
     use super::*;
 
+    /// `fill_border` writes the zero point everywhere outside the `h × w` image (also in rows and
+    /// columns past what the padding needs), and leaves every byte inside it.
+    #[test]
+    fn fill_border_writes_the_zero_point_exactly_around_the_image() {
+        for (quads, [height, width], [h, w], padding) in [
+            (2, [7, 6], [5, 4], [1, 1]),
+            (1, [9, 10], [5, 4], [1, 1]),
+            (3, [4, 9], [3, 7], [0, 2]),
+            (1, [3, 3], [0, 1], [1, 1]),
+        ] {
+            let image = QuadImage { quads, height, width, padding, inverse_scale: 1.0, zero_point: 7 };
+            let mut out = vec![0xa5u8; image.len()];
+            image.fill_border([h, w], &mut out);
+            let [ph, pw] = padding;
+            for (i, &v) in out.iter().enumerate() {
+                let (x, y) = (i / 4 % width, i / 4 / width % height);
+                let inside = (ph..ph + h).contains(&y) && (pw..pw + w).contains(&x);
+                assert_eq!(v, if inside { 0xa5 } else { 7 }, "{image:?}, image {h}x{w}: byte {i}");
+            }
+        }
+    }
+
     /// The kernel equals a plain i32 loop exactly, for shapes that exercise partial panels,
     /// partial row tiles, every panel group width and depths that are not a multiple of 4.
     #[test]
@@ -1851,29 +1899,35 @@ mod tests {
             };
             let mut requantized = Vec::new();
             // One thread, and the output channels split between three workers.
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+            let (one, three) = (Team::sequential(), Team::always_split(3).unwrap());
             for &isa in &paths {
                 let dense = DirectConv::with_isa(&weight, cout, cin, [kh, kw], stride, isa);
                 let sparse = dense.clone().into_sparse(hp, wp);
                 assert!(sparse.is_sparse() && !dense.is_sparse());
                 assert_eq!(dense.word_density() < 0.9, case % 2 == 1, "case {case}: {}", dense.word_density());
-                for (conv, threads) in [(&dense, 1), (&dense, 3), (&sparse, 1), (&sparse, 3)] {
+                for (conv, team) in [(&dense, &one), (&dense, &three), (&sparse, &one), (&sparse, &three)] {
+                    let threads = team.threads();
                     let mut out = vec![f32::NAN; cout * oh * ow];
-                    pool.install(|| {
-                        conv.run_threads(&image, hp, wp, oh, ow, Output::F32(&mut out), &epilogue, threads)
-                    });
+                    conv.run_on(&image, hp, wp, oh, ow, Output::F32(&mut out), &epilogue, team);
                     for (i, (&got, &want)) in out.iter().zip(&want).enumerate() {
                         assert_eq!(got, want as f32, "{isa:?} case {case}, {threads} threads, at {i}");
                     }
                     out.fill(f32::NAN);
-                    pool.install(|| conv.run_threads(&image, hp, wp, oh, ow, Output::F32(&mut out), &full, threads));
+                    conv.run_on(&image, hp, wp, oh, ow, Output::F32(&mut out), &full, team);
                     for (i, (&got, &want)) in out.iter().zip(&full_want).enumerate() {
                         assert_eq!(got, want, "{isa:?} case {case}, {threads} threads, whole epilogue at {i}");
                     }
-                    let mut bytes = vec![next_image.zero_point; next_image.len()];
-                    let quads = Output::Quads { bytes: &mut bytes, image: next_image };
-                    pool.install(|| conv.run_threads(&image, hp, wp, oh, ow, quads, &epilogue, threads));
-                    requantized.push(bytes);
+                    // Only the border filled, over two different canaries: the kernel must
+                    // write every other byte.
+                    let mut runs = [0x00u8, 0xff].map(|canary| {
+                        let mut bytes = vec![canary; next_image.len()];
+                        next_image.fill_border([oh, ow], &mut bytes);
+                        let quads = Output::Quads { bytes: &mut bytes, image: next_image };
+                        conv.run_on(&image, hp, wp, oh, ow, quads, &epilogue, team);
+                        bytes
+                    });
+                    assert!(runs[0] == runs[1], "{isa:?} case {case}, {threads} threads: bytes left unwritten");
+                    requantized.push(std::mem::take(&mut runs[0]));
                 }
             }
             assert!(requantized.windows(2).all(|w| w[0] == w[1]), "case {case}: the paths requantize differently");

@@ -7,6 +7,8 @@
 //! - [`sgemm`]: row-major f32 GEMM (the `gemm` crate, faer's, behind a safe wrapper).
 //! - [`int8`]: u8 × i8 → i32 GEMM and direct convolution, AVX-512 VNNI and (exact) AVX2.
 //! - [`sparse`]: CSR × dense f32 products and a direct sparse convolution, AVX-512 and AVX2.
+//! - [`team`]: the threads one image's layers are split between (helpers that spin between
+//!   layers instead of sleeping).
 //! - [`isa`]: the run-time choice of code path, overridable with `SHRINK_ISA`.
 //!
 //! Every ISA path is tested against a plain scalar loop in this crate's tests; a test whose path
@@ -26,3 +28,4 @@ pub mod int8;
 pub mod isa;
 pub mod sgemm;
 pub mod sparse;
+pub mod team;

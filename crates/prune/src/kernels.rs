@@ -114,7 +114,7 @@ impl Kernel for ConvSparse {
         )
     }
 
-    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], _ctx: &RunContext) {
+    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], _ctx: &RunContext<'_>) {
         let (cin, h, w) = self.geometry.input;
         let (cout, oh, ow) = self.geometry.output;
         let (n, k) = (oh * ow, self.weight.cols);
@@ -185,7 +185,7 @@ impl Kernel for LinearSparse {
         )
     }
 
-    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], _ctx: &RunContext) {
+    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], _ctx: &RunContext<'_>) {
         let (k, o) = (self.weight.cols, self.weight.rows);
         // One image: a sparse matrix-vector product; more: the batch as padded columns.
         let ld = if batch == 1 { 1 } else { padded(batch) };

@@ -189,7 +189,7 @@ fn check_conv(c: &ConvCase) -> Result<(), TestCaseError> {
     let want = reference(c, input);
     let run = |kernel: &dyn Kernel| {
         let mut out = vec![f32::NAN; want.len()];
-        kernel.run(&[&c.input], &mut out, c.batch, &mut [], &RunContext { threads: 1 });
+        kernel.run(&[&c.input], &mut out, c.batch, &mut [], &RunContext::sequential());
         out
     };
     let same_bits = |got: &[f32], path: &str| -> Result<(), TestCaseError> {

@@ -5,7 +5,7 @@ use burn::module::Module;
 
 use super::fusion::{self, Fused};
 use super::{
-    FreezeOptions, Kernel, KernelRegistry, LayerLink, LayerView, MAX_INPUTS, Plan, PoolKind, Simple, Step, Unary,
+    FreezeOptions, Kernel, KernelRegistry, LayerLink, LayerView, MAX_INPUTS, Plan, PoolKind, Simple, Step, Team, Unary,
     Workspace, thread_pool,
 };
 use crate::graph::{BatchNormFold, Graph, NodeId, Op, Params, PoolWindow, ValueShape};
@@ -90,6 +90,7 @@ pub fn freeze_with(graph: &Graph, registry: &KernelRegistry, options: &FreezeOpt
         output: super::Aligned::new(64),
         threads,
         outer: if threads > 1 { Some(thread_pool(threads)?) } else { None },
+        team: Team::new(threads).map_err(|e| Error::RunFailed(format!("cannot start {threads} threads: {e}")))?,
         single: (0..threads).map(|_| thread_pool(1)).collect::<Result<_>>()?,
     })
 }

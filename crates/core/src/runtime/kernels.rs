@@ -282,7 +282,7 @@ impl Kernel for ConvF32 {
         }
     }
 
-    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, scratch: &mut [f32], ctx: &RunContext) {
+    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, scratch: &mut [f32], ctx: &RunContext<'_>) {
         let (cin, h, w) = self.input;
         let (cout, oh, ow) = self.output;
         let (in_len, out_len, s_len) = (cin * h * w, cout * oh * ow, self.scratch_per_image());
@@ -324,9 +324,9 @@ impl Kernel for LinearF32 {
         format!("linear/f32-gemm{}", if self.relu { "+relu" } else { "" })
     }
 
-    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], ctx: &RunContext) {
+    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], ctx: &RunContext<'_>) {
         let (k, n) = (self.in_features, self.out_features);
-        sgemm(batch, n, k, inputs[0], k, &self.weight_t, n, output, n, false, ctx.threads);
+        ctx.with_gemm_threads(|threads| sgemm(batch, n, k, inputs[0], k, &self.weight_t, n, output, n, false, threads));
         for row in output.chunks_exact_mut(n) {
             for (j, v) in row.iter_mut().enumerate() {
                 let x = *v + self.bias.as_ref().map_or(0.0, |b| b[j]);
@@ -524,7 +524,7 @@ impl Kernel for Simple {
         }
     }
 
-    fn run(&self, inputs: &[&[f32]], output: &mut [f32], _batch: usize, _scratch: &mut [f32], _ctx: &RunContext) {
+    fn run(&self, inputs: &[&[f32]], output: &mut [f32], _batch: usize, _scratch: &mut [f32], _ctx: &RunContext<'_>) {
         match self {
             Simple::Relu => output.iter_mut().zip(inputs[0]).for_each(|(o, &x)| *o = x.max(0.0)),
             Simple::Add { relu } => {
@@ -811,7 +811,7 @@ impl Kernel for ConvDirect {
         self.output_blocked.map(|image| image.len())
     }
 
-    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, scratch: &mut [f32], ctx: &RunContext) {
+    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, scratch: &mut [f32], ctx: &RunContext<'_>) {
         use shrink_kernels::conv::{Input, Output};
         let shape = self.conv.shape();
         let [c, h, w] = shape.input;
@@ -834,7 +834,7 @@ impl Kernel for ConvDirect {
                 Some(layout) => Output::Blocked(out, layout),
                 None => Output::ChannelMajor(out),
             };
-            self.conv.run_with(input, output, epilogue, scratch, ctx.threads);
+            self.conv.run_with(input, output, epilogue, scratch, ctx.team);
         }
     }
 }
@@ -893,7 +893,14 @@ impl Kernel for ConvRten {
         self.inner.scratch_per_image()
     }
 
-    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, scratch: &mut [f32], _ctx: &RunContext) {
+    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, scratch: &mut [f32], ctx: &RunContext<'_>) {
+        // rten spreads a GEMM over the current rayon pool: the team's, or this thread alone.
+        ctx.with_gemm_threads(|_| self.images(inputs, output, batch, scratch));
+    }
+}
+
+impl ConvRten {
+    fn images(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, scratch: &mut [f32]) {
         let c = &self.inner;
         let (cin, h, w) = c.input;
         let (cout, oh, ow) = c.output;
@@ -958,18 +965,21 @@ impl Kernel for LinearRten {
         format!("linear/f32-rten-gemm{}", if self.relu { "+relu" } else { "" })
     }
 
-    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], _ctx: &RunContext) {
+    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], ctx: &RunContext<'_>) {
         let (k, n) = (self.in_features, self.out_features);
         let bias = self.bias.as_deref().map(rten_gemm::BiasVector::Row);
         let opts = rten_gemm::GemmOptions { bias, ..Default::default() };
         let a = rten_tensor::NdTensorView::from_data([batch, k], &inputs[0][..batch * k]);
-        RTEN.with(|exec| {
-            exec.gemm(
-                &mut output[..batch * n],
-                rten_gemm::GemmInputA::Unpacked(a),
-                rten_gemm::GemmInputB::Packed(&self.packed),
-                opts,
-            )
+        // rten spreads a GEMM over the current rayon pool: the team's, or this thread alone.
+        ctx.with_gemm_threads(|_| {
+            RTEN.with(|exec| {
+                exec.gemm(
+                    &mut output[..batch * n],
+                    rten_gemm::GemmInputA::Unpacked(a),
+                    rten_gemm::GemmInputB::Packed(&self.packed),
+                    opts,
+                )
+            })
         })
         .expect("shapes checked at freeze time");
         if self.relu {

@@ -19,7 +19,7 @@
 //! struct NaiveLinear { w: Vec<f32>, b: Vec<f32>, n_in: usize, n_out: usize }
 //! impl Kernel for NaiveLinear {
 //!     fn label(&self) -> String { "linear/naive".into() }
-//!     fn run(&self, inputs: &[&[f32]], out: &mut [f32], batch: usize, _: &mut [f32], _: &RunContext) {
+//!     fn run(&self, inputs: &[&[f32]], out: &mut [f32], batch: usize, _: &mut [f32], _: &RunContext<'_>) {
 //!         for i in 0..batch {
 //!             for o in 0..self.n_out {
 //!                 let x = &inputs[0][i * self.n_in..(i + 1) * self.n_in];
@@ -59,6 +59,7 @@ pub use shrink_kernels::sgemm::sgemm;
 use std::fmt::Debug;
 
 use crate::graph::{Op, ValueShape};
+use crate::kernels::team::Team;
 use crate::{Error, Result};
 
 /// f32 storage aligned to 64 bytes (a cache line, an AVX-512 register): the GEMM reads
@@ -122,14 +123,38 @@ pub struct LayerLink<'a> {
 }
 
 /// What a kernel may use while it runs, passed to every kernel.
-#[derive(Debug)]
-pub struct RunContext {
-    /// Threads one call may spread its GEMMs over (1 inside a plan's workers, which already
-    /// split the batch between them; more only for a single image on a multi-threaded plan).
-    pub threads: usize,
+#[derive(Debug, Clone, Copy)]
+pub struct RunContext<'a> {
+    /// The threads one call may split a layer of one image between
+    /// ([`Team::for_each_chunk`](crate::kernels::team::Team::for_each_chunk)): a one-thread
+    /// team inside a plan's workers, which already split the batch between them; several only
+    /// for a single image on a multi-threaded plan.
+    pub team: &'a Team,
+    /// The rayon pool of `team.size()` threads that a GEMM spreads over (the GEMM crates
+    /// split over the current rayon pool), or `None` where GEMMs run on the calling thread.
+    pub gemm_pool: Option<&'a rayon::ThreadPool>,
 }
 
-impl RunContext {
+/// The one-thread team of [`RunContext::sequential`].
+static ONE_THREAD: Team = Team::sequential();
+
+impl RunContext<'static> {
+    /// Everything on the calling thread.
+    pub fn sequential() -> Self {
+        Self { team: &ONE_THREAD, gemm_pool: None }
+    }
+}
+
+impl RunContext<'_> {
+    /// Runs `f(gemm_threads)` where GEMMs may spread over the team's threads: in
+    /// [`Self::gemm_pool`] with its thread count, or on the calling thread with 1.
+    pub fn with_gemm_threads<R: Send>(&self, f: impl FnOnce(usize) -> R + Send) -> R {
+        match self.gemm_pool {
+            Some(pool) if self.team.size() > 1 => pool.install(|| f(self.team.threads())),
+            _ => f(1),
+        }
+    }
+
     /// Runs `f(image, output, scratch, gemm_threads)` for every image of a batch, one after the
     /// other, reusing `scratch` (which must hold `scratch_len` values).
     pub fn for_each_image<F>(
@@ -141,11 +166,13 @@ impl RunContext {
         scratch_len: usize,
         f: F,
     ) where
-        F: Fn(usize, &mut [f32], &mut [f32], usize),
+        F: Fn(usize, &mut [f32], &mut [f32], usize) + Send,
     {
-        for (i, out) in output.chunks_exact_mut(out_len).enumerate().take(batch) {
-            f(i, out, &mut scratch[..scratch_len], self.threads);
-        }
+        self.with_gemm_threads(move |threads| {
+            for (i, out) in output.chunks_exact_mut(out_len).enumerate().take(batch) {
+                f(i, out, &mut scratch[..scratch_len], threads);
+            }
+        });
     }
 }
 
@@ -168,7 +195,7 @@ pub trait Kernel: Send + Sync + Debug {
 
     /// Computes `output` (`batch` images) from `inputs` (`batch` images each), contiguous,
     /// channel-major.
-    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, scratch: &mut [f32], ctx: &RunContext);
+    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, scratch: &mut [f32], ctx: &RunContext<'_>);
 }
 
 /// A function that may provide a kernel for a layer.
@@ -323,6 +350,9 @@ pub struct Plan {
     threads: usize,
     /// With several threads: a pool in which the GEMMs of a single image spread over all threads.
     outer: Option<rayon::ThreadPool>,
+    /// The threads a single image's layers are split between (helpers that spin between
+    /// layers: a rayon pool's sleeping workers cost as much to wake as the split saved).
+    team: Team,
     /// One single-thread pool per worker. rten-gemm spreads a GEMM over whatever rayon pool it
     /// is called in; inside these it runs sequentially, so a worker never waits on another in
     /// the middle of a layer, and a one-thread plan really uses one thread. Waiting for a
@@ -368,7 +398,7 @@ impl Program<'_> {
         ws: &'w mut Workspace,
         input: &[f32],
         batch: usize,
-        ctx: &RunContext,
+        ctx: &RunContext<'_>,
         mut times: Option<&mut [std::time::Duration]>,
     ) -> &'w [f32] {
         if batch > ws.capacity {
@@ -415,7 +445,7 @@ impl Program<'_> {
         batch: usize,
         chunk: usize,
     ) -> &'w [f32] {
-        let sequential = RunContext { threads: 1 };
+        let sequential = RunContext::sequential();
         if batch <= chunk {
             return self.execute(ws, input, batch, &sequential, None);
         }
@@ -489,7 +519,7 @@ impl Plan {
         let mut times = vec![std::time::Duration::ZERO; self.steps.len()];
         let main = &mut self.main;
         // On one thread, as a one-thread plan runs.
-        self.single[0].install(|| program.execute(main, input, batch, &RunContext { threads: 1 }, Some(&mut times)));
+        self.single[0].install(|| program.execute(main, input, batch, &RunContext::sequential(), Some(&mut times)));
         Ok(self.steps.iter().zip(times).map(|(s, t)| (s.node.clone(), s.kernel.label(), t)).collect())
     }
 
@@ -544,7 +574,7 @@ impl Plan {
                     self.output[..batch * out_per].chunks_mut(chunk * out_per).zip(input.chunks(chunk * per)),
                 );
                 let work = |ws: &mut Workspace| {
-                    let sequential = RunContext { threads: 1 };
+                    let sequential = RunContext::sequential();
                     loop {
                         let next = chunks.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).next();
                         let Some((out, images)) = next else { break };
@@ -554,10 +584,10 @@ impl Plan {
                 dispatch(&self.single, &mut self.workers, &work);
                 Ok(&self.output[..batch * out_per])
             }
+            // One image: each layer split between the team's threads, from this thread.
             Some(pool) => {
-                let ctx = RunContext { threads: self.threads };
-                let main = &mut self.main;
-                Ok(pool.install(|| program.execute(main, input, batch, &ctx, None)))
+                let ctx = RunContext { team: &self.team, gemm_pool: Some(pool) };
+                Ok(program.execute(&mut self.main, input, batch, &ctx, None))
             }
             // Already on a single thread (e.g. rayon's global pool has one): no hand-over needed.
             None if rayon::current_num_threads() == 1 => {

@@ -69,9 +69,12 @@ impl ChannelConv {
         self.input_layout().len()
     }
 
-    /// Output channels per job of a thread split: one tile's blocks.
-    pub(super) fn channels_per_job(&self) -> usize {
-        self.blocks_per_tile() * self.lanes
+    /// Output channels per job of a split between `threads`: one tile's blocks, fewer when the
+    /// layer has too few blocks to give every thread one such job (a 32-channel layer at two
+    /// threads: one block each, so a single image uses both cores).
+    pub(super) fn channels_per_job(&self, threads: usize) -> usize {
+        let blocks = (self.blocks() / threads.max(1)).clamp(1, self.blocks_per_tile());
+        blocks * self.lanes
     }
 
     /// The layout [`Self::prepare`] writes and [`Self::run`] reads.
@@ -89,15 +92,18 @@ impl ChannelConv {
         let ConvShape { input: [c, h, w], padding: [py, px], .. } = self.shape;
         let BlockedImage { height: hp, width: wp, .. } = self.input_layout();
         let l = self.lanes;
-        x[..self.scratch_len()].fill(0.0);
         #[cfg(target_arch = "x86_64")]
         if self.isa == Isa::Avx512 {
             assert!(image.len() >= c * h * w && x.len() >= self.scratch_len());
+            // The transposes write all 16 lanes of every interior position (zeros past the
+            // last channel): only the border needs zeros.
+            self.input_layout().fill_border(x);
             // SAFETY: the CPU has AVX-512F (`new` was given the path); the assert bounds the
             // reads (`c · h · w`) and the writes (the padded image, inside the scratch).
             unsafe { x86::block_image_avx512(image, [c, h, w], [hp, wp], [py, px], x) };
             return;
         }
+        x[..self.scratch_len()].fill(0.0);
         for ci in 0..c {
             let (block, lane) = (ci / l, ci % l);
             for y in 0..h {
@@ -110,7 +116,7 @@ impl ChannelConv {
         }
     }
 
-    /// Output channels `channels` (whole tiles' blocks, from a multiple of
+    /// Output channels `channels` (whole blocks, from a multiple of
     /// [`Self::channels_per_job`]) of the prepared image `x` into `out`, which starts at the
     /// range's first channel.
     pub(super) fn run(&self, x: &[f32], channels: std::ops::Range<usize>, mut out: Dest<'_>, epi: Epilogue<'_>) {

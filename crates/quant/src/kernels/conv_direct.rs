@@ -210,7 +210,7 @@ impl Kernel for ConvDirectInt8 {
         format!("conv2d/int8-direct-{sparse}{}{}{out}{bits}{input}", self.conv.isa().name(), self.epilogue.label())
     }
 
-    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], ctx: &RunContext) {
+    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], ctx: &RunContext<'_>) {
         let (cin, h, w) = self.input;
         let (hp, wp) = self.padded();
         let (cout, oh, ow) = self.output;
@@ -235,14 +235,17 @@ impl Kernel for ConvDirectInt8 {
                 let out = match self.requantize {
                     Some(next) => {
                         let bytes: &mut [u8] = bytemuck::cast_slice_mut(out);
-                        // The next image's border (and the slack) hold its zero point.
-                        bytes[..next.len() + shrink_core::kernels::int8::DirectConv::SLACK].fill(next.zero_point);
+                        // The next image's border (and the slack) hold its zero point; the
+                        // kernel writes the rest.
+                        next.fill_border([oh, ow], bytes);
+                        bytes[next.len()..next.len() + shrink_core::kernels::int8::DirectConv::SLACK]
+                            .fill(next.zero_point);
                         shrink_core::kernels::int8::Output::Quads { bytes, image: next }
                     }
                     None => shrink_core::kernels::int8::Output::F32(out),
                 };
                 // A single image on a multi-threaded plan splits its channels between the threads.
-                self.conv.run_threads(image, hp, wp, oh, ow, out, &epilogue, ctx.threads);
+                self.conv.run_on(image, hp, wp, oh, ow, out, &epilogue, ctx.team);
             }
         });
     }

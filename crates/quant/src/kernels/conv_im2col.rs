@@ -150,7 +150,7 @@ impl Kernel for ConvInt8 {
         format!("conv2d/int8-im2col-gemm-{gemm}{}{bits}", self.epilogue.label())
     }
 
-    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], _ctx: &RunContext) {
+    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], _ctx: &RunContext<'_>) {
         let (cin, h, w) = self.input;
         let (hp, wp) = self.padded();
         let (cout, oh, ow) = self.output;

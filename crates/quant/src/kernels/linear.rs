@@ -80,7 +80,7 @@ impl Kernel for LinearInt8 {
         format!("linear/{how}-gemm-{gemm}{relu}{rounded}{bits}")
     }
 
-    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], _ctx: &RunContext) {
+    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], _ctx: &RunContext<'_>) {
         let (k, n) = (self.in_features, self.out_features);
         let (lda, ldc) = (self.weights.lda(k), self.weights.ldc(n));
         BUFFERS.with(|b| {

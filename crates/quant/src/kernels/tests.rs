@@ -117,7 +117,7 @@ fn every_int8_conv_kernel_gives_the_same_bits() {
             let input: Vec<f32> = (0..batch * cin * h * w).map(|i| noise(i, 7 + case) * 1.2).collect();
             let run = |kernel: &dyn Kernel| {
                 let mut out = vec![f32::NAN; batch * cout * oh * ow];
-                kernel.run(&[&input], &mut out, batch, &mut [], &RunContext { threads: 1 });
+                kernel.run(&[&input], &mut out, batch, &mut [], &RunContext::sequential());
                 out
             };
             let reference = run(&ConvInt8::with_gemm(&view, &layer, reference_gemm()).expect("conv"));
@@ -172,7 +172,7 @@ fn int8_linear_gives_the_same_bits_on_both_gemms() {
         let input: Vec<f32> = (0..batch * k).map(|i| noise(i, 40 + case)).collect();
         let run = |kernel: &dyn Kernel| {
             let mut out = vec![f32::NAN; batch * n];
-            kernel.run(&[&input], &mut out, batch, &mut [], &RunContext { threads: 1 });
+            kernel.run(&[&input], &mut out, batch, &mut [], &RunContext::sequential());
             out
         };
         let reference = run(&LinearInt8::with_gemm(&view, &layer, reference_gemm()).expect("linear"));
