@@ -2,9 +2,10 @@
 """ONNX Runtime's side of `cargo xtask bench onnxruntime` (issue #20).
 
 A server on stdin/stdout, so that the xtask can interleave ONNX Runtime's runs with shrink's in
-one benchmark loop. Each session is CPU, full graph optimisation, one intra-op and one inter-op
-thread. Commands, one per line:
-  load ID PATH            -> "ok" (the session is created and run once)
+one benchmark loop. Each session is CPU, full graph optimisation, one inter-op thread and one
+intra-op thread unless THREADS says more (ONNX Runtime's default spinning thread pool).
+Commands, one per line:
+  load ID PATH [THREADS]  -> "ok" (the session is created and run once)
   run ID BATCH C H W      -> milliseconds of one `session.run` on a fixed random batch,
                              timed here with perf_counter (no pipe overhead in the number)
   quit
@@ -34,7 +35,7 @@ def main():
         if parts[0] == "load":
             so = ort.SessionOptions()
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            so.intra_op_num_threads = 1
+            so.intra_op_num_threads = int(parts[3]) if len(parts) > 3 else 1
             so.inter_op_num_threads = 1
             so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
             sessions[parts[1]] = ort.InferenceSession(parts[2], so, providers=["CPUExecutionProvider"])

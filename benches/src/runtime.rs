@@ -203,15 +203,21 @@ fn resnet20_case(batch: usize) -> Case {
     }
 }
 
-/// Threads that keep every core busy while a contender runs (`busy` set) and sleep otherwise,
-/// standing in for the other work of a shared machine. Stopped when dropped.
-struct Hogs {
+/// Threads that keep every core busy while a contender runs ([`Hogs::set_busy`]) and sleep
+/// otherwise, standing in for the other work of a shared machine. Stopped when dropped.
+pub struct Hogs {
     busy: std::sync::Arc<std::sync::atomic::AtomicBool>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Hogs {
-    fn start(count: usize) -> Self {
+    /// Whether the hogs spin (or sleep).
+    pub fn set_busy(&self, busy: bool) {
+        self.busy.store(busy, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Starts `count` hogs, asleep.
+    pub fn start(count: usize) -> Self {
         use std::sync::atomic::Ordering;
         let busy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -258,13 +258,132 @@ fn onnxruntime_suite(out: &Path, repeats: usize, run: Option<&Path>) -> Result<O
             });
         }
     }
+    rows.extend(two_thread_rows(&graph, &quantized, &run, &mut server, [c, h, w], macs, repeats, &model)?);
     let about = format!(
         "\nModel: `{}` (its `model.onnx` imported back for shrink's f32 plan, its quantized `model.safetensors` \
          for the integer plan; ONNX Runtime on the same weights: `model.onnx` and `model.int8.onnx`, full graph \
-         optimisation, one intra-op thread). Ratio > 1: faster than the ONNX Runtime contender of the same precision.\n",
+         optimisation, one intra-op thread). Ratio > 1: faster than the ONNX Runtime contender of the same precision.\n\n\
+         The `b1 threads` cases run batch 1 at one and two threads (ONNX Runtime: two intra-op threads), each \
+         contender {BLOCK} passes in a row per round after a 20 ms pause (as a model serving one request after \
+         another runs, with the threads of the contender before it asleep), on an idle machine and with two busy threads beside it (spinning while a contender runs); their ratios are \
+         against the same runner at one thread, and the `b1, 2 threads` rows against ONNX Runtime at two threads. \
+         These are not gated: two-thread timings on a shared CI runner are too noisy.\n",
         run.display()
     );
     write_suite("onnxruntime", threads, repeats, rows, out, &about).map(Some)
+}
+
+/// Passes each contender of the `b1 threads` cases runs in a row per round.
+const BLOCK: usize = 10;
+
+/// The `b1 threads` cases of the `onnxruntime` suite: batch 1 on shrink's f32 and integer plans
+/// and ONNX Runtime at one and two threads, on an idle machine and with two busy threads
+/// beside it. Each round runs every contender [`BLOCK`] times in a row, so a plan's helper
+/// threads are awake as they are for a model serving requests back to back.
+#[allow(clippy::too_many_arguments)]
+fn two_thread_rows(
+    graph: &shrink_core::Graph,
+    quantized: &shrink_quant::QuantizedModel,
+    run: &Path,
+    server: &mut xtask::onnxruntime::BenchServer,
+    [c, h, w]: [usize; 3],
+    macs: f64,
+    repeats: usize,
+    model: &str,
+) -> Result<Vec<Row>> {
+    use shrink_core::runtime::{FreezeOptions, KernelRegistry, freeze_with};
+    let registry = KernelRegistry::default();
+    let f32_1 = &mut freeze_with(graph, &registry, &FreezeOptions { threads: 1 })?;
+    let f32_2 = &mut freeze_with(graph, &registry, &FreezeOptions { threads: 2 })?;
+    let (int8_1, int8_2) = (&mut quantized.freeze(1)?, &mut quantized.freeze(2)?);
+    server.load_with_threads("f32-2t", &run.join("model.onnx"), 2)?;
+    server.load_with_threads("int8-2t", &run.join("model.int8.onnx"), 2)?;
+    let input: Vec<f32> = (0..c * h * w).map(|i| ((i * 7919) % 255) as f32 / 127.0 - 1.0).collect();
+    let shape = [1, c, h, w];
+    // (runner, its one-thread baseline)
+    let names = [
+        ("shrink f32 plan", "shrink f32 plan"),
+        ("shrink f32 plan, 2 threads", "shrink f32 plan"),
+        ("onnxruntime f32", "onnxruntime f32"),
+        ("onnxruntime f32, 2 threads", "onnxruntime f32"),
+        ("shrink int8 plan", "shrink int8 plan"),
+        ("shrink int8 plan, 2 threads", "shrink int8 plan"),
+        ("onnxruntime int8", "onnxruntime int8"),
+        ("onnxruntime int8, 2 threads", "onnxruntime int8"),
+    ];
+    let mut rows = Vec::new();
+    for hogs in [0usize, 2] {
+        let case = match hogs {
+            0 => format!("{model} b1 threads"),
+            n => format!("{model} b1 threads, {n} busy threads beside"),
+        };
+        eprintln!("bench: {case}");
+        let load = shrink_bench::runtime::Hogs::start(hogs);
+        let mut time = |k: usize| -> Result<f64> {
+            load.set_busy(hogs > 0);
+            let timed = |plan: &mut shrink_core::runtime::Plan| -> Result<f64> {
+                let start = Instant::now();
+                plan.run(&input, 1)?;
+                Ok(start.elapsed().as_secs_f64() * 1e3)
+            };
+            let ms = match k {
+                0 => timed(f32_1)?,
+                1 => timed(f32_2)?,
+                2 => server.run("f32", shape)?,
+                3 => server.run("f32-2t", shape)?,
+                4 => timed(int8_1)?,
+                5 => timed(int8_2)?,
+                6 => server.run("int8", shape)?,
+                _ => server.run("int8-2t", shape)?,
+            };
+            load.set_busy(false);
+            Ok(ms)
+        };
+        let mut times: Vec<Vec<f64>> = vec![Vec::with_capacity(repeats * BLOCK); names.len()];
+        for round in 0..=repeats {
+            for (k, t) in times.iter_mut().enumerate() {
+                // Long enough for the threads of the contender before (ONNX Runtime's spin
+                // for milliseconds after a run) to go to sleep: each block starts on a quiet
+                // machine, as a model does that gets its requests alone.
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                for _ in 0..BLOCK {
+                    let ms = time(k)?;
+                    // The first round warms up.
+                    if round > 0 {
+                        t.push(ms);
+                    }
+                }
+            }
+        }
+        let medians: Vec<f64> = times.iter_mut().map(|t| median(t)).collect();
+        let at = |runner: &str| names.iter().position(|n| n.0 == runner).expect("a contender");
+        for (k, (runner, baseline)) in names.iter().enumerate() {
+            rows.push(Row {
+                name: format!("{case} / {runner}"),
+                value: medians[k],
+                unit: "ms",
+                gflops: 2.0 * macs / (medians[k] * 1e-3) / 1e9,
+                ratio: medians[at(baseline)] / medians[k],
+                baseline: (*baseline).into(),
+            });
+        }
+        for (runner, peer) in [("shrink f32 plan", "onnxruntime f32"), ("shrink int8 plan", "onnxruntime int8")] {
+            let (ours, theirs) =
+                (medians[at(&format!("{runner}, 2 threads"))], medians[at(&format!("{peer}, 2 threads"))]);
+            rows.push(Row {
+                name: format!(
+                    "{model} b1, 2 threads{} / {runner}",
+                    if hogs > 0 { ", busy threads beside" } else { "" }
+                ),
+                value: ours,
+                unit: "ms",
+                gflops: 2.0 * macs / (ours * 1e-3) / 1e9,
+                ratio: theirs / ours,
+                baseline: format!("{peer}, 2 threads"),
+            });
+        }
+    }
+    Ok(rows)
 }
 
 /// The newest run directory under `dir` (`<name>/<timestamp>`) whose report says `complete`.

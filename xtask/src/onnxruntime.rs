@@ -187,12 +187,20 @@ impl BenchServer {
         Ok(answer.trim().to_string())
     }
 
-    /// Creates session `id` for the ONNX file `path`.
+    /// Creates session `id` for the ONNX file `path`, with one intra-op thread.
     ///
     /// # Errors
     /// When ONNX Runtime cannot load it.
     pub fn load(&mut self, id: &str, path: &Path) -> Result<()> {
-        let answer = self.ask(&format!("load {id} {}", path.display()))?;
+        self.load_with_threads(id, path, 1)
+    }
+
+    /// As [`Self::load`], with `threads` intra-op threads.
+    ///
+    /// # Errors
+    /// When ONNX Runtime cannot load it.
+    pub fn load_with_threads(&mut self, id: &str, path: &Path, threads: usize) -> Result<()> {
+        let answer = self.ask(&format!("load {id} {} {threads}", path.display()))?;
         if answer != "ok" {
             bail!("ONNX Runtime could not load {}: {answer}", path.display());
         }

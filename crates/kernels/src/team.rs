@@ -5,14 +5,16 @@
 //! (ResNet-20 on MNIST: ~25 calls of 5–30 µs each at batch 1). Rayon's pool puts an idle worker
 //! to sleep after a few rounds of `sched_yield` and wakes it through the kernel, which on this
 //! project's machines cost as much as the split saved: two threads ran a single image no faster
-//! than one. The team's helpers instead spin (`spin_loop`) for [`SPIN`] after their last job and
-//! only then park, so consecutive layers find them awake; the caller takes jobs too, and jobs are
+//! than one. The team's helpers instead spin after their last job (`spin_loop` for [`PAUSE`],
+//! then `sched_yield`, which leaves the core to other work that wants it) for [`SPIN`], and only
+//! then park, so consecutive layers find them awake; the caller takes jobs too, and jobs are
 //! claimed one at a time, so a helper that the OS has descheduled just takes fewer (its share is
 //! not held up waiting for it, unless it was in the middle of a job).
 //!
 //! When a call waits for the OS longer than [`STALL`] (on a machine busier than the team, the
 //! OS deschedules a helper in the middle of its job, or hands a woken helper the caller's
-//! core, for a time slice), the team runs its calls on the caller alone for [`BACK_OFF`], and
+//! core, for a time slice; a helper that only wakes up late is not counted: its job starts
+//! late but runs as long as the caller's), the team runs its calls on the caller alone for [`BACK_OFF`], and
 //! says so through [`Team::threads`] (1), so kernels split their work for one thread; then it
 //! tries again. Two threads on a loaded machine then cost about what one does, instead of a
 //! time slice per layer.
@@ -32,10 +34,16 @@ use std::time::{Duration, Instant};
 /// hold a core that other work wants for long.
 pub const SPIN: Duration = Duration::from_micros(50);
 
-/// A call that waited this long for the OS (a helper descheduled in the middle of its job, or
-/// the wake-up of a parked helper taking the caller's core) makes the team back off: far more
-/// than a wake-up or a job's imbalance takes, less than a scheduler time slice (milliseconds).
-pub const STALL: Duration = Duration::from_micros(100);
+/// How long a helper waiting for the next call spins on `spin_loop` before it spins on
+/// `sched_yield` instead (which lets other threads that want the core run): the gap between
+/// two layers of one forward pass is shorter.
+pub const PAUSE: Duration = Duration::from_micros(10);
+
+/// A helper whose job has run this long, and four times longer than the caller's own jobs of
+/// the call, was descheduled in the middle of it (or waking a parked helper took the caller's
+/// core this long): the team backs off. Far more than a job's imbalance, less than a scheduler
+/// time slice (milliseconds).
+pub const STALL: Duration = Duration::from_micros(200);
 
 /// How long a team runs its calls on the caller alone after a [`STALL`]: waiting for a
 /// descheduled thread costs a time slice per call, far more than the split saves, so the team
@@ -75,6 +83,9 @@ struct Shared {
     alone_until: AtomicU64,
     /// Whether a [`STALL`] makes the team back off.
     backs_off: bool,
+    /// Per helper: when (nanoseconds since `started`) it claimed the job it is running, 0 when
+    /// it runs none.
+    claimed_at: Vec<AtomicU64>,
     started: Instant,
     stop: AtomicBool,
 }
@@ -97,8 +108,9 @@ impl Shared {
         self.now() < self.alone_until.load(Ordering::Relaxed)
     }
 
-    /// Claims and runs jobs of generation `generation` until none is left.
-    fn work(&self, generation: u64) {
+    /// Claims and runs jobs of generation `generation` until none is left; `helper`: which
+    /// helper runs them (`None`: the caller).
+    fn work(&self, generation: u64, helper: Option<usize>) {
         loop {
             let state = self.state.load(Ordering::Acquire);
             let (g, jobs, next) = unpack(state);
@@ -112,29 +124,50 @@ impl Shared {
             // finished (it waits for `done` to count this job) and its `Job`, stored before the
             // generation was published (Release, seen through the Acquire above), is alive.
             let job = unsafe { &*self.job.load(Ordering::Acquire) };
+            if let Some(h) = helper {
+                self.claimed_at[h].store(self.now().max(1), Ordering::Relaxed);
+            }
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (job.run)(next))).is_err() {
                 self.panicked.store(true, Ordering::Relaxed);
             }
+            if let Some(h) = helper {
+                self.claimed_at[h].store(0, Ordering::Relaxed);
+            }
             self.done.fetch_add(1, Ordering::Release);
         }
+    }
+
+    /// How long the oldest job a helper is running has run (zero when none runs).
+    fn oldest_helper_job(&self) -> Duration {
+        let now = self.now();
+        let oldest = self.claimed_at.iter().map(|c| c.load(Ordering::Relaxed)).filter(|&t| t > 0).min();
+        Duration::from_nanos(oldest.map_or(0, |t| now.saturating_sub(t)))
     }
 }
 
 fn helper(shared: Arc<Shared>, index: usize) {
     let mut seen = unpack(shared.state.load(Ordering::Acquire)).0;
     loop {
-        let since = Instant::now();
-        let mut spins = 0u32;
+        let (since, mut spins, mut patient) = (Instant::now(), 0u32, true);
         let generation = loop {
             let g = unpack(shared.state.load(Ordering::Acquire)).0;
             if g != seen || shared.stop.load(Ordering::Relaxed) {
                 break Some(g);
             }
             spins = spins.wrapping_add(1);
-            if spins.is_multiple_of(64) && since.elapsed() > SPIN {
-                break None;
+            if spins.is_multiple_of(64) {
+                let waited = since.elapsed();
+                if waited > SPIN {
+                    break None;
+                }
+                patient = waited <= PAUSE;
             }
-            std::hint::spin_loop();
+            if patient {
+                std::hint::spin_loop();
+            } else {
+                // Past the gap between two layers: let whatever else wants this core run.
+                std::thread::yield_now();
+            }
         };
         if shared.stop.load(Ordering::Relaxed) {
             return;
@@ -142,7 +175,7 @@ fn helper(shared: Arc<Shared>, index: usize) {
         match generation {
             Some(g) => {
                 seen = g;
-                shared.work(g);
+                shared.work(g, Some(index));
             }
             None => {
                 // Park unless a call was published meanwhile: the caller stores the state and
@@ -190,6 +223,7 @@ impl Team {
             sleeping: (1..threads).map(|_| AtomicBool::new(false)).collect(),
             alone_until: AtomicU64::new(0),
             backs_off,
+            claimed_at: (1..threads).map(|_| AtomicU64::new(0)).collect(),
             started: Instant::now(),
             stop: AtomicBool::new(false),
         });
@@ -255,17 +289,23 @@ impl Team {
             }
         }
         // On a loaded machine, waking a helper can hand it this thread's core until the next
-        // time slice: that counts as a wait for the OS too.
-        let mut waited = woken.elapsed();
-        shared.work(generation);
-        let (since, mut spins, mut patient) = (Instant::now(), 0u32, true);
+        // time slice: that is a stall too.
+        let mut stalled = woken.elapsed() > STALL;
+        let own = Instant::now();
+        shared.work(generation, None);
+        let since = Instant::now();
+        // A helper's job that has run this long (its own jobs took the caller `own`) was
+        // descheduled: a late wake-up only delays when a job starts, not how long it runs.
+        let patience = STALL.max(4 * (since - own));
+        let (mut spins, mut patient) = (0u32, true);
         while shared.done.load(Ordering::Acquire) < jobs {
             // A helper is inside a job: it finishes in microseconds, unless the OS has
             // descheduled it, when spinning would only keep it from running. (The clock is
             // read every 64 rounds: reading it costs more than a round.)
             spins = spins.wrapping_add(1);
-            if patient && spins.is_multiple_of(64) {
-                patient = since.elapsed() <= SPIN;
+            if spins.is_multiple_of(64) && since.elapsed() > SPIN {
+                patient = false;
+                stalled |= shared.oldest_helper_job() > patience;
             }
             if patient {
                 std::hint::spin_loop();
@@ -273,10 +313,7 @@ impl Team {
                 std::thread::yield_now();
             }
         }
-        if !patient {
-            waited += since.elapsed();
-        }
-        if shared.backs_off && waited > STALL {
+        if shared.backs_off && stalled {
             shared.alone_until.store(shared.now() + BACK_OFF.as_nanos() as u64, Ordering::Relaxed);
         }
         shared.job.store(std::ptr::null_mut(), Ordering::Relaxed);
