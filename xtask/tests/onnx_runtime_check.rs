@@ -106,8 +106,12 @@ fn exported_models_run_in_onnx_runtime_as_in_shrink() {
         let bench: serde_json::Value =
             serde_json::from_slice(&std::fs::read(bench_dir.join("bench/onnxruntime.json")).unwrap()).unwrap();
         let rows = bench["rows"].as_array().unwrap();
-        // shrink f32 (direct and im2col), shrink int8, ONNX Runtime f32 and int8.
-        assert_eq!(rows.len(), 10, "{config}: 5 runners at batch 1 and 64");
+        // shrink f32 (direct and im2col), shrink int8, ONNX Runtime f32 and int8 at batch 1 and
+        // 64; then at batch 1, idle and beside busy threads: four runners at one and two
+        // threads, and shrink's two plans against ONNX Runtime at two threads.
+        assert_eq!(rows.len(), 10 + 2 * (8 + 2), "{config}: 5 runners at batch 1 and 64, then the threads cases");
+        let threads = rows.iter().filter(|r| r["name"].as_str().unwrap().contains("b1, 2 threads")).count();
+        assert_eq!(threads, 4, "{config}: shrink's plans against ONNX Runtime at two threads, idle and busy");
         assert!(rows.iter().all(|r| r["value"].as_f64().unwrap() > 0.0), "{config}");
     }
     // A run directory without a model is bad input: exit 2 naming the file.
