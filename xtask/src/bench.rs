@@ -210,9 +210,7 @@ fn onnxruntime_suite(out: &Path, repeats: usize, run: Option<&Path>) -> Result<O
     let mut rows = Vec::new();
     for batch in [1usize, 64] {
         eprintln!("bench: {model} b{batch}");
-        let normal = shrink_core::burn::tensor::Distribution::Normal(0.0, 1.0);
-        let input =
-            shrink_core::host::floats(shrink_core::InitRng::seeded(1).tensor([batch, c, h, w], normal, &device))?;
+        let input = random_batch(batch, [c, h, w], &device)?;
         let shape = [batch, c, h, w];
         let mut time = |k: usize| -> Result<f64> {
             Ok(match k {
@@ -258,7 +256,8 @@ fn onnxruntime_suite(out: &Path, repeats: usize, run: Option<&Path>) -> Result<O
             });
         }
     }
-    rows.extend(two_thread_rows(&graph, &quantized, &run, &mut server, [c, h, w], macs, repeats, &model)?);
+    let input = random_batch(1, [c, h, w], &device)?;
+    rows.extend(two_thread_rows(&graph, &quantized, &run, &mut server, &input, [c, h, w], macs, repeats, &model)?);
     let about = format!(
         "\nModel: `{}` (its `model.onnx` imported back for shrink's f32 plan, its quantized `model.safetensors` \
          for the integer plan; ONNX Runtime on the same weights: `model.onnx` and `model.int8.onnx`, full graph \
@@ -271,6 +270,13 @@ fn onnxruntime_suite(out: &Path, repeats: usize, run: Option<&Path>) -> Result<O
         run.display()
     );
     write_suite("onnxruntime", threads, repeats, rows, out, &about).map(Some)
+}
+
+/// `batch` images of shape `[c, h, w]`, normal random values (seed 1): what the `onnxruntime`
+/// suite times (speed does not depend on the values).
+fn random_batch(batch: usize, [c, h, w]: [usize; 3], device: &shrink_core::burn::tensor::Device) -> Result<Vec<f32>> {
+    let normal = shrink_core::burn::tensor::Distribution::Normal(0.0, 1.0);
+    Ok(shrink_core::host::floats(shrink_core::InitRng::seeded(1).tensor([batch, c, h, w], normal, device))?)
 }
 
 /// Passes each contender of the `b1 threads` cases runs in a row per round.
@@ -286,6 +292,7 @@ fn two_thread_rows(
     quantized: &shrink_quant::QuantizedModel,
     run: &Path,
     server: &mut xtask::onnxruntime::BenchServer,
+    input: &[f32],
     [c, h, w]: [usize; 3],
     macs: f64,
     repeats: usize,
@@ -298,7 +305,6 @@ fn two_thread_rows(
     let (int8_1, int8_2) = (&mut quantized.freeze(1)?, &mut quantized.freeze(2)?);
     server.load_with_threads("f32-2t", &run.join("model.onnx"), 2)?;
     server.load_with_threads("int8-2t", &run.join("model.int8.onnx"), 2)?;
-    let input: Vec<f32> = (0..c * h * w).map(|i| ((i * 7919) % 255) as f32 / 127.0 - 1.0).collect();
     let shape = [1, c, h, w];
     // (runner, its one-thread baseline)
     let names = [
@@ -323,7 +329,7 @@ fn two_thread_rows(
             load.set_busy(hogs > 0);
             let timed = |plan: &mut shrink_core::runtime::Plan| -> Result<f64> {
                 let start = Instant::now();
-                plan.run(&input, 1)?;
+                plan.run(input, 1)?;
                 Ok(start.elapsed().as_secs_f64() * 1e3)
             };
             let ms = match k {

@@ -132,16 +132,8 @@ impl BlockedImage {
     /// When `out` is shorter than [`Self::len`].
     pub fn fill_border(&self, out: &mut [f32]) {
         let [py, px] = self.padding;
-        let row = self.width * self.lanes;
-        let (inner, side) = ((self.width - 2 * px) * self.lanes, px * self.lanes);
-        for plane in out[..self.len()].chunks_exact_mut(self.height * row) {
-            plane[..py * row].fill(0.0);
-            plane[(self.height - py) * row..].fill(0.0);
-            for r in plane[py * row..(self.height - py) * row].chunks_exact_mut(row) {
-                r[..side].fill(0.0);
-                r[side + inner..].fill(0.0);
-            }
-        }
+        let image = [self.height - 2 * py, self.width - 2 * px];
+        crate::fill_border(&mut out[..self.len()], [self.height, self.width, self.lanes], image, self.padding, 0.0);
     }
 }
 
@@ -448,11 +440,12 @@ impl DirectConv {
         let [oh, ow] = self.shape.output();
         let panels = out_channels.div_ceil(OC);
         let out = &mut out[..out_channels * oh * ow];
-        if team.threads() <= 1 || panels < 2 {
+        let threads = team.threads();
+        if threads <= 1 || panels < 2 {
             self.panels(x, 0..panels, out, epilogue);
             return;
         }
-        let per_job = panels.div_ceil(2 * team.threads()).max(1);
+        let per_job = panels.div_ceil(2 * threads).max(1);
         team.for_each_chunk(out, per_job * OC * oh * ow, &|j, chunk| {
             let first = j * per_job;
             self.panels(x, first..(first + per_job).min(panels), chunk, epilogue);

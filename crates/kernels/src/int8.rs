@@ -419,29 +419,8 @@ impl QuadImage {
     /// # Panics
     /// When `out` is shorter than [`Self::len`] or the image does not fit.
     pub fn fill_border(&self, [h, w]: [usize; 2], out: &mut [u8]) {
-        let [ph, pw] = self.padding;
-        assert!(h + ph <= self.height && w + pw <= self.width, "the image does not fit");
-        let zero = self.zero_point;
-        let width = self.width;
-        for plane in out[..self.len()].chunks_exact_mut(self.height * width * 4) {
-            if h == 0 || w == 0 {
-                plane.fill(zero);
-                continue;
-            }
-            // The rows above and the first row's left border, then each row's right border
-            // with the next one's left border (one run), then the rest.
-            plane[..(ph * width + pw) * 4].fill(zero);
-            for y in ph..ph + h - 1 {
-                let gap = &mut plane[(y * width + pw + w) * 4..((y + 1) * width + pw) * 4];
-                if let Ok(gap) = <&mut [u8; 8]>::try_from(&mut *gap) {
-                    // One pixel of padding (the usual case): one store, no call to memset.
-                    *gap = [zero; 8];
-                } else {
-                    gap.fill(zero);
-                }
-            }
-            plane[((ph + h - 1) * width + pw + w) * 4..].fill(zero);
-        }
+        let layout = [self.height, self.width, 4];
+        crate::fill_border(&mut out[..self.len()], layout, [h, w], self.padding, self.zero_point);
     }
 
     /// Quantizes the channel-major f32 image `x` (`[channels][h][w]`, `channels` at most four

@@ -29,3 +29,45 @@ pub mod isa;
 pub mod sgemm;
 pub mod sparse;
 pub mod team;
+
+/// Writes `value` around an `h × w` image at `padding` in every plane of `planes` (each
+/// `height × width` pixels of `lanes` values), leaving the image as it is: the border of the
+/// padded layouts both the f32 ([`conv::BlockedImage`]) and the integer ([`int8::QuadImage`])
+/// convolutions read.
+///
+/// # Panics
+/// When the image does not fit the plane, or `planes` is not a whole number of planes.
+fn fill_border<T: Copy>(
+    planes: &mut [T],
+    [height, width, lanes]: [usize; 3],
+    [h, w]: [usize; 2],
+    [ph, pw]: [usize; 2],
+    value: T,
+) {
+    assert!(h + ph <= height && w + pw <= width, "the image does not fit");
+    let plane_len = height * width * lanes;
+    assert!(plane_len == 0 || planes.len().is_multiple_of(plane_len), "not whole planes");
+    if plane_len == 0 {
+        return;
+    }
+    for plane in planes.chunks_exact_mut(plane_len) {
+        if h == 0 || w == 0 {
+            plane.fill(value);
+            continue;
+        }
+        // The rows above and the first row's left border, then each row's right border with
+        // the next one's left border (one run), then the rest.
+        plane[..(ph * width + pw) * lanes].fill(value);
+        for y in ph..ph + h - 1 {
+            let gap = &mut plane[(y * width + pw + w) * lanes..((y + 1) * width + pw) * lanes];
+            if let Ok(gap) = <&mut [T; 8]>::try_from(&mut *gap) {
+                // One pixel of padding around 4-channel quads (the usual integer case): one
+                // store, no call to memset.
+                *gap = [value; 8];
+            } else {
+                gap.fill(value);
+            }
+        }
+        plane[((ph + h - 1) * width + pw + w) * lanes..].fill(value);
+    }
+}

@@ -88,7 +88,6 @@ pub fn freeze_with(graph: &Graph, registry: &KernelRegistry, options: &FreezeOpt
         input_shape: [c, h, w],
         output_value,
         output: super::Aligned::new(64),
-        threads,
         outer: if threads > 1 { Some(thread_pool(threads)?) } else { None },
         team: Team::new(threads).map_err(|e| Error::RunFailed(format!("cannot start {threads} threads: {e}")))?,
         single: (0..threads).map(|_| thread_pool(1)).collect::<Result<_>>()?,

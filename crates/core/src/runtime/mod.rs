@@ -347,7 +347,6 @@ pub struct Plan {
     workers: Vec<Workspace>,
     /// Where the workers put their outputs.
     output: Aligned,
-    threads: usize,
     /// With several threads: a pool in which the GEMMs of a single image spread over all threads.
     outer: Option<rayon::ThreadPool>,
     /// The threads a single image's layers are split between (helpers that spin between
@@ -487,7 +486,7 @@ impl Plan {
 
     /// Threads the plan uses.
     pub fn threads(&self) -> usize {
-        self.threads
+        self.team.size()
     }
 
     /// Number of buffers the plan cycles through (fewer than values: slots are reused).
@@ -566,7 +565,7 @@ impl Plan {
             Some(_) if batch > 1 => {
                 // At least two chunks per thread, taken by whichever worker is free, so a thread
                 // that the OS deschedules on a busy machine simply takes fewer.
-                let chunk = batch.div_ceil(2 * self.threads).min(cached).max(1);
+                let chunk = batch.div_ceil(2 * self.team.size()).min(cached).max(1);
                 if self.output.len() < batch * out_per {
                     self.output.resize(batch * out_per, 0.0);
                 }
