@@ -7,3 +7,4 @@ pub mod bench_gate;
 pub mod config;
 pub mod onnxruntime;
 pub mod plan;
+pub mod sweep;
