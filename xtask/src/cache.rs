@@ -90,10 +90,15 @@ pub struct Trained {
 /// The cache key of a model trained from scratch: everything that decides its weights (the
 /// architecture, the seed of its initial weights, the data, the training settings, and the
 /// stage's position, which offsets the seed of the data order).
+///
+/// The thread count is not in it: training on the CPU backends gives the same weights, bit for
+/// bit, at any thread count (`xtask/tests/runs.rs` trains a ResNet at 1 and 3 threads on flex and
+/// ndarray and compares the files), so sweep trials run at other thread counts share the
+/// baseline.
 fn key(plan: &Plan, model: &ModelSpec, seed: u64, train: &TrainSettings, index: usize) -> String {
     let mut described = serde_json::json!({
         "model": model, "data": plan.data.to_config(), "stage": train_stage(train), "seed": seed,
-        "backend": plan.backend, "threads": plan.threads,
+        "backend": plan.backend,
         "shrink": env!("CARGO_PKG_VERSION"), "burn": shrink_core::BURN_VERSION,
     });
     if let ModelSpec::Onnx { path, .. } = model {
@@ -107,6 +112,31 @@ fn key(plan: &Plan, model: &ModelSpec, seed: u64, train: &TrainSettings, index: 
     }
     let digest = Sha256::digest(described.to_string().as_bytes());
     digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Holds the cache's lock file of `key` (released when the returned file is dropped, or when
+/// the process dies): while one process trains or reads a key, another waits.
+fn lock_key(cache: &Path, key: &str, label: &str) -> Result<std::fs::File> {
+    std::fs::create_dir_all(cache).with_context(|| format!("cannot create the cache {}", cache.display()))?;
+    let path = cache.join(format!("{key}.lock"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            tracing::info!(%key, %label, "another process holds {}; waiting for it", path.display());
+            eprintln!("waiting for another process training {label} {key} ({})", path.display());
+            file.lock().with_context(|| format!("cannot lock {}", path.display()))?;
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+        }
+    }
+    Ok(file)
 }
 
 /// Builds `model` with `seed`, trains it with `train` as the stage at position `index` would
@@ -125,6 +155,8 @@ pub fn train_cached(
     let meta = cache.join(format!("{key}.json"));
     let data = cx.data;
     let graph = model.build(data.train.shape, data.train.classes, seed, device)?;
+    // One process trains a key; others (sweep trials in parallel) wait here and then load it.
+    let _lock = lock_key(cache, &key, label)?;
     match cached(&model_file, &meta, &key, &graph, device) {
         Ok(Some((graph, entry))) => {
             tracing::info!(%key, %label, "reusing the cached model from {}", cache.display());

@@ -612,3 +612,88 @@ fn bench_compare_fails_on_a_ratio_regression_only() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("onnxruntime.json"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `config` with `threads = n`, written under `dir`.
+fn at_threads(dir: &Path, config: &str, n: usize) -> String {
+    let text = std::fs::read_to_string(root().join(config)).unwrap();
+    let lines: Vec<String> = text.lines().filter(|l| !l.starts_with("threads =")).map(String::from).collect();
+    let name = lines.iter().position(|l| l.starts_with("name =")).unwrap();
+    let mut lines = lines;
+    lines.insert(name + 1, format!("threads = {n}"));
+    let path = dir.join(format!("{}-{n}.toml", Path::new(config).file_stem().unwrap().to_string_lossy()));
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    path.display().to_string()
+}
+
+/// The cached files: name (the key) → bytes.
+fn cache_files(cache: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap()))
+        .collect()
+}
+
+/// What lets sweep trials at other thread counts share a baseline: training gives the same
+/// weights, bit for bit, at 1 and 3 threads (flex and ndarray, a ResNet with batch norms), and
+/// the cache key leaves the thread count out.
+#[test]
+fn training_gives_the_same_weights_at_any_thread_count_and_one_cache_key() {
+    let dir = tmp("threads-key");
+    for config in ["configs/smoke/resnet_channels.toml", "configs/smoke/resnet_ndarray.toml"] {
+        let mut caches = Vec::new();
+        for n in [1, 3] {
+            let cache = dir.join(format!("cache-{n}-{}", Path::new(config).file_stem().unwrap().to_string_lossy()));
+            let run = xtask(&[
+                "run",
+                "-q",
+                "--out",
+                &dir.display().to_string(),
+                "--cache",
+                &cache.display().to_string(),
+                &at_threads(&dir, config, n),
+            ]);
+            assert!(run.status.success(), "{config} at {n} threads: {}", String::from_utf8_lossy(&run.stderr));
+            assert_eq!(report(String::from_utf8(run.stdout).unwrap().trim())["provenance"]["threads"], n);
+            caches.push(cache_files(&cache));
+        }
+        assert!(!caches[0].is_empty());
+        assert_eq!(
+            caches[0].keys().collect::<Vec<_>>(),
+            caches[1].keys().collect::<Vec<_>>(),
+            "{config}: one key at 1 and 3 threads"
+        );
+        assert!(caches[0] == caches[1], "{config}: the weights trained at 1 and 3 threads differ");
+    }
+}
+
+/// Two runs of one config started together on one cache: one trains the baseline, the other
+/// waits for it and reuses it (no duplicate training, no torn file).
+#[test]
+fn concurrent_runs_train_a_shared_baseline_once() {
+    let dir = tmp("concurrent-cache");
+    let (out, cache) = (dir.display().to_string(), dir.join("cache").display().to_string());
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(["run", "--out", &out, "--cache", &cache, "--fresh", "configs/smoke/resnet_channels.toml"])
+            .current_dir(root())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    let reports: Vec<serde_json::Value> = [a, b]
+        .into_iter()
+        .map(|c| {
+            let o = c.wait_with_output().unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            report(String::from_utf8(o.stdout).unwrap().trim())
+        })
+        .collect();
+    let reused = reports.iter().filter(|r| !r["stages"][0]["cached_baseline"].is_null()).count();
+    assert_eq!(reused, 1, "exactly one of the two runs trains the baseline");
+    assert_eq!(reports[0]["stages"][0]["test"], reports[1]["stages"][0]["test"]);
+    assert_eq!(cache_files(&dir.join("cache")).len(), 1);
+}
