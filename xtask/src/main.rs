@@ -4,6 +4,8 @@
 //!   stdout carries only the run directories, progress and logs go to stderr and `log.txt`. A
 //!   run that stopped unfinished (killed, or a failed stage) resumes from its last finished stage
 //!   when the same config is run again by the same revision; `--fresh` starts over.
+//! - `cargo xtask sweep <sweep.toml> [--jobs N] [--resume|--fresh] [--dry-run]` runs a sweep's
+//!   trials (`xtask::sweep`) and writes its report and Pareto charts; rerun to resume it.
 //! - `cargo xtask bench <suite>` runs a benchmark suite at one thread (`runs/bench/<suite>.json`).
 //! - `cargo xtask bench-compare BASE HEAD` compares two commits' bench ratios (the PR gate).
 //! - `cargo xtask export RUN_DIR --onnx FILE` writes a run's model as ONNX (QDQ when quantized).
@@ -22,6 +24,7 @@ mod progress;
 mod report;
 mod run;
 mod stages;
+mod sweep_run;
 
 use xtask::{config, plan};
 
@@ -72,6 +75,32 @@ enum Command {
         /// unfinished (by default that run resumes from its last finished stage).
         #[arg(long)]
         fresh: bool,
+    },
+    /// Run a sweep: a base config and axes over its fields, each trial an ordinary run under
+    /// `OUT/sweeps/<name>/<timestamp>/`; writes `sweep.json`, `report.md` and Pareto charts.
+    /// Rerunning the same command resumes the sweep (finished trials are kept).
+    Sweep {
+        /// The sweep file (e.g. `configs/sweeps/resnet_pareto.toml`).
+        file: PathBuf,
+        /// Trials run side by side; each gets the machine's cores divided by this as threads.
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        /// Root of the output: the sweep is under `OUT/sweeps/`.
+        #[arg(long, default_value = "runs")]
+        out: PathBuf,
+        /// Where trained baselines are cached (default: `OUT/cache/baselines`, shared with runs).
+        #[arg(long)]
+        cache: Option<PathBuf>,
+        /// Continue the last sweep of this name even though the sweep file changed since it
+        /// began (finished trials whose config is unchanged are kept).
+        #[arg(long)]
+        resume: bool,
+        /// Start a new sweep directory even when the last one is unfinished.
+        #[arg(long, conflicts_with = "resume")]
+        fresh: bool,
+        /// Parse the sweep and validate every trial's config; run nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Run a benchmark suite side by side at one thread; writes `OUT/bench/<suite>.json`.
     Bench {
@@ -199,6 +228,14 @@ fn main() -> ExitCode {
         Command::Run { configs, dry_run, out, cache, fresh } => {
             let cache = cache.unwrap_or_else(|| out.join("cache").join("baselines"));
             run_configs(&configs, dry_run, fresh, &RunOptions { out, cache, progress: !cli.quiet }, &log)
+        }
+        Command::Sweep { file, jobs, out, cache, resume, fresh, dry_run } => {
+            let cache = cache.unwrap_or_else(|| out.join("cache").join("baselines"));
+            if let Some(problem) = cache_dir_problem(&cache) {
+                eprintln!("error: --cache {}: {problem}", cache.display());
+                return ExitCode::from(2);
+            }
+            sweep_run::sweep(&file, &sweep_run::SweepOptions { out, cache, jobs, resume, fresh, dry_run })
         }
         Command::Bench { suite, out, repeats, run } => match bench::in_single_threaded_child() {
             Some(code) => code,

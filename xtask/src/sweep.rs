@@ -12,6 +12,7 @@
 //! combine = "grid"                   # or "zip" (axes of equal length, taken side by side)
 //! random = 8                         # optional: 8 distinct grid points, drawn with `seed`
 //! seed = 1
+//! set = { "stages[0].epochs" = 5 }   # optional: fields every trial changes alike
 //!
 //! [[axes]]
 //! field = "stages[1].sparsity"
@@ -90,9 +91,7 @@ impl FieldPath {
             let end = rest.find(['.', '[']).unwrap_or(rest.len());
             let key = &rest[..end];
             if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-                return Err(format!(
-                    "`{text}`: `{key}` is not a key (letters, digits, `_` and `-`; entries as `[i]`)"
-                ));
+                return Err(format!("`{text}`: `{key}` is not a key (letters, digits, `_` and `-`; entries as `[i]`)"));
             }
             steps.push(Step::Key(key.to_string()));
             rest = &rest[end..];
@@ -142,20 +141,30 @@ pub struct Sweep {
     pub combine: Combine,
     /// `random = N` with its seed: N distinct grid points.
     pub random: Option<(usize, u64)>,
+    /// Fields every trial sets alike (`set = { "stages[0].epochs" = 5 }`), before the axes'.
+    pub set: Vec<(FieldPath, toml::Value)>,
     pub axes: Vec<Axis>,
 }
 
-/// One trial of a sweep: its position and the fields it changes in the base config.
+/// One trial of a sweep: its position and the fields it changes in the base config (the
+/// sweep's `set` first, then one value per axis).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Point {
     pub index: usize,
     pub changes: Vec<(FieldPath, toml::Value)>,
+    /// How many of `changes` come from `set` (the rest are the axes').
+    pub fixed: usize,
 }
 
 impl Point {
-    /// The changes as `field = value` pairs, e.g. `stages[1].sparsity = 0.9, stages[2].weight_bits = 4`.
+    /// The axes' values as `field = value` pairs, e.g. `stages[1].sparsity = 0.9, stages[2].weight_bits = 4`.
     pub fn describe(&self) -> String {
-        self.changes.iter().map(|(f, v)| format!("{f} = {}", inline(v))).collect::<Vec<_>>().join(", ")
+        self.axes().iter().map(|(f, v)| format!("{f} = {}", inline(v))).collect::<Vec<_>>().join(", ")
+    }
+
+    /// The changes that vary between trials (the axes').
+    pub fn axes(&self) -> &[(FieldPath, toml::Value)] {
+        &self.changes[self.fixed..]
     }
 }
 
@@ -173,6 +182,8 @@ struct SweepFile {
     combine: Combine,
     random: Option<usize>,
     seed: Option<u64>,
+    #[serde(default)]
+    set: toml::Table,
     axes: Vec<AxisFile>,
 }
 
@@ -208,7 +219,9 @@ impl Sweep {
             None => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
         };
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-            return Err(fail(format!("key `name`: `{name}` must be letters, digits, `_` or `-` (it names a directory)")));
+            return Err(fail(format!(
+                "key `name`: `{name}` must be letters, digits, `_` or `-` (it names a directory)"
+            )));
         }
         let base = match file.base {
             toml::Value::String(p) => {
@@ -239,16 +252,26 @@ impl Sweep {
             }
             axes.push(Axis { field, values: a.values });
         }
+        let mut set = Vec::new();
+        for (field, value) in file.set {
+            let path = FieldPath::parse(&field).map_err(|e| fail(format!("key `set`: {e}")))?;
+            if axes.iter().any(|a| a.field == path) {
+                return Err(fail(format!("key `set`: `{path}` is also an axis; give its values there")));
+            }
+            set.push((path, value));
+        }
         let random = match (file.random, file.seed) {
             (Some(0), _) => return Err(fail("key `random`: 0 trials; give at least 1".into())),
             (Some(_), _) if file.combine == Combine::Zip => {
                 return Err(fail("key `random`: draws from a grid; it does not combine with combine = \"zip\"".into()));
             }
             (Some(n), seed) => Some((n, seed.unwrap_or(0))),
-            (None, Some(_)) => return Err(fail("key `seed`: seeds the `random` draw, and there is no `random = N`".into())),
+            (None, Some(_)) => {
+                return Err(fail("key `seed`: seeds the `random` draw, and there is no `random = N`".into()));
+            }
             (None, None) => None,
         };
-        let sweep = Sweep { source: path.to_path_buf(), name, base, combine: file.combine, random, axes };
+        let sweep = Sweep { source: path.to_path_buf(), name, base, combine: file.combine, random, set, axes };
         if sweep.combine == Combine::Zip
             && let Some(a) = sweep.axes.iter().find(|a| a.values.len() != sweep.axes[0].values.len())
         {
@@ -280,9 +303,14 @@ impl Sweep {
     /// # Errors
     /// As [`Sweep::parse`], or the file cannot be read (too large, not UTF-8, missing).
     pub fn load(path: &Path) -> Result<Sweep, String> {
-        let size = std::fs::metadata(path).map_err(|e| format!("{}: cannot read the sweep file: {e}", path.display()))?;
+        let size =
+            std::fs::metadata(path).map_err(|e| format!("{}: cannot read the sweep file: {e}", path.display()))?;
         if size.len() > crate::config::MAX_CONFIG_BYTES {
-            return Err(format!("{}: {} bytes; a sweep file is written by hand (at most 1 MiB)", path.display(), size.len()));
+            return Err(format!(
+                "{}: {} bytes; a sweep file is written by hand (at most 1 MiB)",
+                path.display(),
+                size.len()
+            ));
         }
         let bytes = std::fs::read(path).map_err(|e| format!("{}: cannot read the sweep file: {e}", path.display()))?;
         let text = String::from_utf8(bytes).map_err(|e| {
@@ -316,7 +344,7 @@ impl Sweep {
                 };
                 changes[a] = (axis.field.clone(), value.clone());
             }
-            Point { index, changes }
+            Point { index, changes: self.set.iter().cloned().chain(changes).collect(), fixed: self.set.len() }
         };
         match (self.random, self.grid_size()) {
             (Some((n, seed)), total) => {
@@ -488,13 +516,8 @@ pub fn pareto_front(points: &[Vec<f64>], senses: &[Sense]) -> Vec<bool> {
     };
     let points: Vec<Vec<f64>> = points.iter().map(oriented).collect();
     let valid = |p: &[f64]| p.iter().all(|v| !v.is_nan());
-    let dominates = |a: &[f64], b: &[f64]| {
-        a.iter().zip(b).all(|(x, y)| x >= y) && a.iter().zip(b).any(|(x, y)| x > y)
-    };
-    points
-        .iter()
-        .map(|p| valid(p) && !points.iter().any(|q| valid(q) && dominates(q, p)))
-        .collect()
+    let dominates = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| x >= y) && a.iter().zip(b).any(|(x, y)| x > y);
+    points.iter().map(|p| valid(p) && !points.iter().any(|q| valid(q) && dominates(q, p))).collect()
 }
 
 #[cfg(test)]
@@ -536,6 +559,19 @@ values = [8, 4]
     }
 
     #[test]
+    fn set_changes_every_trial_alike_and_is_not_an_axis() {
+        let s = sweep(&format!("base = \"b.toml\"\nset = {{ \"stages[0].epochs\" = 1, seed = 4 }}\n{AXES}")).unwrap();
+        for p in s.expand() {
+            assert_eq!(p.changes.len(), 4);
+            assert_eq!(p.fixed, 2);
+            assert!(!p.describe().contains("epochs"), "{}", p.describe());
+            assert!(p.changes.iter().any(|(f, v)| f.as_str() == "stages[0].epochs" && v.as_integer() == Some(1)));
+        }
+        let err = sweep(&format!("base = \"b.toml\"\nset = {{ \"stages[1].sparsity\" = 0.1 }}\n{AXES}")).unwrap_err();
+        assert!(err.contains("also an axis"), "{err}");
+    }
+
+    #[test]
     fn a_zip_pairs_values_and_needs_equal_lengths() {
         let text = "base = \"b.toml\"\ncombine = \"zip\"\n[[axes]]\nfield = \"a\"\nvalues = [1, 2]\n[[axes]]\nfield = \"b\"\nvalues = [\"x\", \"y\"]\n";
         let points = sweep(text).unwrap().expand();
@@ -566,7 +602,9 @@ values = [8, 4]
         // A grid far past MAX_TRIALS is fine with a draw.
         let huge = format!(
             "base = \"b.toml\"\nrandom = 5\n{}",
-            (0..8).map(|i| format!("[[axes]]\nfield = \"f{i}\"\nvalues = {:?}\n", (0..20).collect::<Vec<_>>())).collect::<String>()
+            (0..8)
+                .map(|i| format!("[[axes]]\nfield = \"f{i}\"\nvalues = {:?}\n", (0..20).collect::<Vec<_>>()))
+                .collect::<String>()
         );
         assert_eq!(sweep(&huge).unwrap().expand().len(), 5);
         let err = sweep(&huge.replace("random = 5\n", "")).unwrap_err();
@@ -582,10 +620,17 @@ values = [8, 4]
             ("base = \"b.toml\"\naxes = []\n".to_string(), "no axis"),
             ("base = \"b.toml\"\n[[axes]]\nfield = \"a\"\nvalues = []\n".to_string(), "`axes[0].values`: no values"),
             ("base = \"b.toml\"\n[[axes]]\nfield = \"a..b\"\nvalues = [1]\n".to_string(), "`axes[0].field`"),
-            ("base = \"b.toml\"\n[[axes]]\nfield = \"a\"\nvalues = [1]\n[[axes]]\nfield = \"a\"\nvalues = [2]\n".to_string(), "already axis 0"),
+            (
+                "base = \"b.toml\"\n[[axes]]\nfield = \"a\"\nvalues = [1]\n[[axes]]\nfield = \"a\"\nvalues = [2]\n"
+                    .to_string(),
+                "already axis 0",
+            ),
             ("base = 3\n[[axes]]\nfield = \"a\"\nvalues = [1]\n".to_string(), "key `base`"),
             ("name = \"a b\"\nbase = \"b.toml\"\n[[axes]]\nfield = \"a\"\nvalues = [1]\n".to_string(), "key `name`"),
-            ("base = \"b.toml\"\nbogus = 1\n[[axes]]\nfield = \"a\"\nvalues = [1]\n".to_string(), "s.toml:2:1: unknown field `bogus`"),
+            (
+                "base = \"b.toml\"\nbogus = 1\n[[axes]]\nfield = \"a\"\nvalues = [1]\n".to_string(),
+                "s.toml:2:1: unknown field `bogus`",
+            ),
             ("base = \"b.toml\"\n[[axes]]\nfield = \"a\"\nvalue = [1]\n".to_string(), "s.toml:"),
         ];
         for (text, expected) in cases {

@@ -139,3 +139,59 @@ pub fn write_training_curve(r: &Report, path: &Path) -> Result<()> {
     shrink_core::io::write_atomic(path, svg.as_bytes())?;
     Ok(())
 }
+
+/// A Pareto chart's points: each trial as (label, cost, top-1, on the front), and the baseline
+/// as (cost, top-1).
+pub struct ParetoPoints {
+    pub trials: Vec<(String, f64, f64, bool)>,
+    pub baseline: Option<(f64, f64)>,
+}
+
+/// Draws top-1 against a cost for a sweep's trials (SVG): every trial a labelled dot, the
+/// front's trials filled and joined by a line, the baseline a black cross.
+pub fn write_pareto_chart(sweep: &str, cost: &str, p: &ParetoPoints, path: &Path) -> Result<()> {
+    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("{e}");
+    let xs = p.trials.iter().map(|t| t.1).chain(p.baseline.map(|b| b.0));
+    let ys = p.trials.iter().map(|t| t.2).chain(p.baseline.map(|b| b.1));
+    let (x_lo, x_hi) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| (lo.min(x), hi.max(x)));
+    let (y_lo, y_hi) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), y| (lo.min(y), hi.max(y)));
+    let (x_lo, x_hi) = if x_lo.is_finite() { (0.0_f64.min(x_lo), x_hi.max(x_lo + 1e-9) * 1.08) } else { (0.0, 1.0) };
+    let (y_lo, y_hi) =
+        if y_lo.is_finite() { ((y_lo - 0.01).max(0.0), (y_hi + 0.005).min(1.0).max(y_lo + 1e-3)) } else { (0.0, 1.0) };
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (900, 560)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(format!("{sweep}: top-1 against {cost} (front: filled, joined)"), ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(38)
+            .y_label_area_size(60)
+            .build_cartesian_2d(x_lo..x_hi, y_lo..y_hi)
+            .map_err(|e| err(&e))?;
+        chart.configure_mesh().x_desc(cost).y_desc("top-1").draw().map_err(|e| err(&e))?;
+        let mut front: Vec<(f64, f64)> = p.trials.iter().filter(|t| t.3).map(|t| (t.1, t.2)).collect();
+        front.sort_by(|a, b| a.0.total_cmp(&b.0));
+        chart.draw_series(LineSeries::new(front, BLUE.stroke_width(2))).map_err(|e| err(&e))?;
+        chart
+            .draw_series(p.trials.iter().map(|(label, x, y, on)| {
+                let dot = if *on { BLUE.filled() } else { BLUE.stroke_width(1) };
+                EmptyElement::at((*x, *y))
+                    + Circle::new((0, 0), 4, dot)
+                    + Text::new(label.clone(), (6, -12), ("sans-serif", 11).into_font())
+            }))
+            .map_err(|e| err(&e))?;
+        if let Some((x, y)) = p.baseline {
+            chart
+                .draw_series(std::iter::once(
+                    EmptyElement::at((x, y))
+                        + Cross::new((0, 0), 6, BLACK.stroke_width(2))
+                        + Text::new("baseline", (8, 4), ("sans-serif", 12).into_font()),
+                ))
+                .map_err(|e| err(&e))?;
+        }
+        root.present().map_err(|e| err(&e))?;
+    }
+    shrink_core::io::write_atomic(path, svg.as_bytes())?;
+    Ok(())
+}

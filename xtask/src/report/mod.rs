@@ -1,7 +1,7 @@
 //! What a run reports: the types of `report.json` (this module), `report.md`
 //! ([`markdown`]) and the SVG charts ([`charts`]).
 
-mod charts;
+pub mod charts;
 mod markdown;
 
 pub use charts::{write_prune_sensitivity_chart, write_sensitivity_chart, write_training_curve};

@@ -1,0 +1,758 @@
+//! `cargo xtask sweep`: runs a sweep's trials as ordinary runs, side by side, and reports them.
+//!
+//! Every trial's config is validated before anything runs. A trial is a child process
+//! (`xtask run`) with its config under `<sweep dir>/configs/` and its run directory under
+//! `<sweep dir>/trials/`, sharing the baseline cache with every other run (one process trains a
+//! baseline, the others wait for it: [`crate::cache`]). Killing the sweep kills its trials (on
+//! Linux they die with it); running the same command again continues the same sweep directory:
+//! finished trials are kept, unfinished ones resume from their last finished stage. A changed
+//! sweep file starts a new sweep directory, unless `--resume` continues the last one.
+//!
+//! The sweep directory: `sweep.spec.json` (what the trials are), `configs/`, `trials/`, `logs/`,
+//! and after every finished trial `sweep.json`, `report.md` and the Pareto charts
+//! (`pareto_size.svg`, `pareto_latency.svg`, `pareto_macs.svg`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use xtask::config::{ConfigError, load_plan, parse_plan};
+use xtask::sweep::{Base, Sense, Sweep, inline, pareto_front};
+
+use crate::report::{Report, RunStatus};
+
+/// Options from the command line.
+pub struct SweepOptions {
+    pub out: PathBuf,
+    pub cache: PathBuf,
+    pub jobs: usize,
+    pub resume: bool,
+    pub fresh: bool,
+    pub dry_run: bool,
+}
+
+/// One trial as the sweep planned it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+struct PlannedTrial {
+    index: usize,
+    /// The trial's run name, `<sweep>_t<index>`.
+    name: String,
+    /// `field = value` for each axis.
+    changes: Vec<(String, String)>,
+    /// SHA-256 of the trial's resolved config.
+    config_sha256: String,
+}
+
+/// `sweep.spec.json`: what a sweep directory runs, to know whether a rerun is the same sweep.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+struct Spec {
+    name: String,
+    source: String,
+    /// SHA-256 over every trial's resolved config, in order.
+    fingerprint: String,
+    threads_per_trial: usize,
+    trials: Vec<PlannedTrial>,
+}
+
+/// A trial with its config text.
+struct Trial {
+    planned: PlannedTrial,
+    config: String,
+}
+
+/// Runs `cargo xtask sweep`. Exit 2 for a bad sweep file or trial config, 1 when a trial failed.
+pub fn sweep(file: &Path, opts: &SweepOptions) -> ExitCode {
+    match run(file, opts) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            if err.downcast_ref::<ConfigError>().is_some() { ExitCode::from(2) } else { ExitCode::from(1) }
+        }
+    }
+}
+
+fn run(file: &Path, opts: &SweepOptions) -> Result<ExitCode> {
+    let sweep = Sweep::load(file).map_err(ConfigError)?;
+    if opts.jobs == 0 {
+        return Err(ConfigError("--jobs 0: give at least 1 trial at a time".into()).into());
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / opts.jobs).max(1);
+    let trials = plan_trials(&sweep, threads)?;
+    let fingerprint = crate::cache::sha256_hex(trials.iter().map(|t| t.config.as_str()).collect::<String>().as_bytes());
+    let spec = Spec {
+        name: sweep.name.clone(),
+        source: file.display().to_string(),
+        fingerprint,
+        threads_per_trial: threads,
+        trials: trials.iter().map(|t| t.planned.clone()).collect(),
+    };
+    if opts.dry_run {
+        println!(
+            "{}: ok — {} trial(s), {} thread(s) each at --jobs {}",
+            file.display(),
+            trials.len(),
+            threads,
+            opts.jobs
+        );
+        for t in &trials {
+            println!("  {}: {}", t.planned.name, describe(&t.planned));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let dir = sweep_dir(&sweep, &spec, opts)?;
+    for sub in ["configs", "trials", "logs"] {
+        std::fs::create_dir_all(dir.join(sub)).with_context(|| format!("cannot create {}", dir.join(sub).display()))?;
+    }
+    shrink_core::io::write_atomic(&dir.join("sweep.spec.json"), serde_json::to_string_pretty(&spec)?.as_bytes())?;
+    for t in &trials {
+        shrink_core::io::write_atomic(&config_path(&dir, &t.planned), t.config.as_bytes())?;
+    }
+    let started = Instant::now();
+    let started_utc = crate::report::utc(time::OffsetDateTime::now_utc());
+    let mut pending: Vec<&Trial> = trials.iter().filter(|t| finished_run(&dir, t).is_none()).collect();
+    let done_before = trials.len() - pending.len();
+    eprintln!(
+        "sweep {}: {} trial(s), {done_before} finished before, --jobs {} at {threads} thread(s) each; {}",
+        sweep.name,
+        trials.len(),
+        opts.jobs,
+        dir.display()
+    );
+    let context = ReportContext { sweep: &sweep, spec: &spec, dir: &dir, jobs: opts.jobs, started_utc };
+    write_sweep_report(&context, &trials, false)?;
+    pending.reverse();
+    let mut running: Vec<(&Trial, Child, Instant)> = Vec::new();
+    let mut finished_now = 0usize;
+    let mut failed = 0usize;
+    while !pending.is_empty() || !running.is_empty() {
+        while running.len() < opts.jobs
+            && let Some(t) = pending.pop()
+        {
+            running.push((t, spawn_trial(&dir, t, opts)?, Instant::now()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let mut i = 0;
+        while i < running.len() {
+            let Some(status) = running[i].1.try_wait().context("waiting for a trial")? else {
+                i += 1;
+                continue;
+            };
+            let (t, _, began) = running.swap_remove(i);
+            finished_now += 1;
+            let row = finished_run(&dir, t).map(|(run_dir, report)| row_of(t, &run_dir, &report, &dir));
+            let remaining = pending.len() + running.len();
+            let eta = if remaining == 0 {
+                String::new()
+            } else {
+                let per = started.elapsed().as_secs_f64() / finished_now as f64;
+                format!("; ETA {}", minutes(per * remaining as f64))
+            };
+            let done = trials.len() - remaining;
+            match row {
+                Some(r) if status.success() => eprintln!(
+                    "[{done}/{}] {} {} — {}, {:.0} s{eta}",
+                    trials.len(),
+                    t.planned.name,
+                    describe(&t.planned),
+                    r.metrics(),
+                    began.elapsed().as_secs_f64()
+                ),
+                _ => {
+                    failed += 1;
+                    eprintln!(
+                        "[{done}/{}] {} {} — FAILED (exit {}), see {}{eta}",
+                        trials.len(),
+                        t.planned.name,
+                        describe(&t.planned),
+                        status.code().map_or("by a signal".into(), |c| c.to_string()),
+                        log_path(&dir, &t.planned).display()
+                    );
+                }
+            }
+            write_sweep_report(&context, &trials, false)?;
+            pause_for_tests(done_before + finished_now);
+        }
+    }
+    write_sweep_report(&context, &trials, true)?;
+    println!("{}", dir.display());
+    if failed > 0 {
+        eprintln!("error: {failed} trial(s) failed; rerun the same command to resume them");
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn describe(t: &PlannedTrial) -> String {
+    t.changes.iter().map(|(f, v)| format!("{f} = {v}")).collect::<Vec<_>>().join(", ")
+}
+
+fn minutes(seconds: f64) -> String {
+    if seconds < 90.0 { format!("{seconds:.0} s") } else { format!("{:.1} min", seconds / 60.0) }
+}
+
+/// Every trial's config: the base with the axes' values, its name, and the sweep's thread count
+/// per trial (unless an axis sets `threads`), validated as `xtask run` validates a config.
+fn plan_trials(sweep: &Sweep, threads: usize) -> Result<Vec<Trial>> {
+    let (base_plan, base_source) = match &sweep.base {
+        Base::File(path) => (load_plan(path)?, path.clone()),
+        Base::Inline(text) => (parse_plan(text, &sweep.source)?, sweep.source.clone()),
+    };
+    let base = base_plan.to_toml()?;
+    let sets_threads = sweep.axes.iter().any(|a| a.field.as_str() == "threads");
+    let mut trials = Vec::new();
+    for point in sweep.expand() {
+        let name = format!("{}_t{:03}", sweep.name, point.index);
+        let mut changes = point.changes.clone();
+        changes.push((xtask::sweep::FieldPath::parse("name").expect("a key"), toml::Value::String(name.clone())));
+        if !sets_threads {
+            changes.push((
+                xtask::sweep::FieldPath::parse("threads").expect("a key"),
+                toml::Value::Integer(threads as i64),
+            ));
+        }
+        let in_trial = |e: String| {
+            ConfigError(format!("{}: trial {} ({}): {e}", sweep.source.display(), point.index, point.describe()))
+        };
+        let text = xtask::sweep::apply(&base, &changes).map_err(in_trial)?;
+        let plan = parse_plan(&text, &base_source).map_err(|e| in_trial(format!("{e:#}")))?;
+        let config = plan.to_toml()?;
+        trials.push(Trial {
+            planned: PlannedTrial {
+                index: point.index,
+                name,
+                changes: point.axes().iter().map(|(f, v)| (f.to_string(), inline(v))).collect(),
+                config_sha256: crate::cache::sha256_hex(config.as_bytes()),
+            },
+            config,
+        });
+    }
+    Ok(trials)
+}
+
+/// The sweep directory to run in: the last one of this sweep when its trials are the same (or
+/// `--resume`), a new one otherwise (saying what changed).
+fn sweep_dir(sweep: &Sweep, spec: &Spec, opts: &SweepOptions) -> Result<PathBuf> {
+    let root = opts.out.join("sweeps").join(&sweep.name);
+    let last = (!opts.fresh).then(|| last_sweep(&root)).flatten();
+    if let Some((dir, previous)) = last {
+        if previous.fingerprint == spec.fingerprint {
+            return Ok(dir);
+        }
+        let changed = what_changed(&previous, spec);
+        if opts.resume {
+            eprintln!(
+                "--resume: continuing {} although {} changed since it began ({changed}); finished trials whose config is unchanged are kept",
+                dir.display(),
+                sweep.source.display()
+            );
+            return Ok(dir);
+        }
+        let new = new_dir(&root)?;
+        eprintln!(
+            "{} changed since {} began ({changed}): starting a new sweep in {} (--resume continues the old one)",
+            sweep.source.display(),
+            dir.display(),
+            new.display()
+        );
+        return Ok(new);
+    }
+    if opts.resume {
+        bail!(ConfigError(format!("--resume: no earlier sweep of `{}` under {}", sweep.name, root.display())));
+    }
+    new_dir(&root)
+}
+
+fn last_sweep(root: &Path) -> Option<(PathBuf, Spec)> {
+    let mut dirs: Vec<PathBuf> =
+        std::fs::read_dir(root).ok()?.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
+    dirs.sort();
+    let dir = dirs.pop()?;
+    let spec = serde_json::from_slice(&std::fs::read(dir.join("sweep.spec.json")).ok()?).ok()?;
+    Some((dir, spec))
+}
+
+fn new_dir(root: &Path) -> Result<PathBuf> {
+    let stamp = time::OffsetDateTime::now_utc()
+        .format(time::macros::format_description!("[year][month][day]T[hour][minute][second]Z"))
+        .unwrap_or_else(|_| "sweep".into());
+    let mut dir = root.join(&stamp);
+    let mut n = 1;
+    while dir.exists() {
+        n += 1;
+        dir = root.join(format!("{stamp}-{n}"));
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// What differs between two sweeps' trials, in a few words.
+fn what_changed(old: &Spec, new: &Spec) -> String {
+    let mut said = Vec::new();
+    for i in 0..old.trials.len().max(new.trials.len()) {
+        match (old.trials.get(i), new.trials.get(i)) {
+            (Some(a), Some(b)) if a.config_sha256 == b.config_sha256 => {}
+            (Some(a), Some(b)) if a.changes != b.changes => {
+                said.push(format!("trial {i}: {} → {}", describe(a), describe(b)));
+            }
+            (Some(_), Some(_)) => {
+                said.push(format!("trial {i}: the same axis values over another base config or `set`"))
+            }
+            (None, Some(b)) => said.push(format!("trial {i} is new ({})", describe(b))),
+            (Some(a), None) => said.push(format!("trial {i} is gone ({})", describe(a))),
+            (None, None) => {}
+        }
+    }
+    let n = said.len();
+    if n > 4 {
+        said.truncate(4);
+        said.push(format!("and {} more", n - 4));
+    }
+    said.join("; ")
+}
+
+fn config_path(dir: &Path, t: &PlannedTrial) -> PathBuf {
+    dir.join("configs").join(format!("{}.toml", t.name))
+}
+
+fn log_path(dir: &Path, t: &PlannedTrial) -> PathBuf {
+    dir.join("logs").join(format!("{}.log", t.name))
+}
+
+/// The trial's complete run of this config, if there is one.
+fn finished_run(dir: &Path, t: &Trial) -> Option<(PathBuf, Report)> {
+    let runs = std::fs::read_dir(dir.join("trials").join(&t.planned.name)).ok()?;
+    runs.flatten().map(|e| e.path()).find_map(|run| {
+        let report: Report = serde_json::from_slice(&std::fs::read(run.join("report.json")).ok()?).ok()?;
+        let config = std::fs::read_to_string(run.join("config.resolved.toml")).ok()?;
+        (report.status == RunStatus::Complete && config == t.config).then_some((run, report))
+    })
+}
+
+/// The last run of a trial that is not complete (failed or killed), for the report.
+fn unfinished_report(dir: &Path, t: &Trial) -> Option<(PathBuf, Report)> {
+    let mut runs: Vec<PathBuf> =
+        std::fs::read_dir(dir.join("trials").join(&t.planned.name)).ok()?.flatten().map(|e| e.path()).collect();
+    runs.sort();
+    let run = runs.pop()?;
+    let report: Report = serde_json::from_slice(&std::fs::read(run.join("report.json")).ok()?).ok()?;
+    Some((run, report))
+}
+
+fn spawn_trial(dir: &Path, t: &Trial, opts: &SweepOptions) -> Result<Child> {
+    let exe = std::env::current_exe().context("cannot find the xtask binary")?;
+    let log_file = log_path(dir, &t.planned);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_file)
+        .with_context(|| format!("cannot open {}", log_file.display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("run")
+        .arg("-q")
+        .arg("--out")
+        .arg(dir.join("trials"))
+        .arg("--cache")
+        .arg(&opts.cache)
+        .arg(config_path(dir, &t.planned))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    die_with_parent(&mut cmd);
+    cmd.spawn().with_context(|| format!("cannot start trial {}", t.planned.name))
+}
+
+/// On Linux a trial is killed when the sweep dies (`PR_SET_PDEATHSIG`), so a killed sweep
+/// leaves no trial running on its own; rerunning the sweep resumes it from its checkpoint.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)] // `pre_exec` is unsafe; the one call below is.
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec the closure only calls prctl, which is async-signal-safe,
+    // allocates nothing and touches no memory the parent shares.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_cmd: &mut Command) {}
+
+/// The kill-and-resume test's hook: with `SHRINK_TEST_STOP_AFTER_TRIALS=n`, the sweep says so
+/// and waits to be killed once `n` trials have finished. Not for anything else.
+fn pause_for_tests(finished: usize) {
+    if std::env::var("SHRINK_TEST_STOP_AFTER_TRIALS").ok().and_then(|v| v.parse::<usize>().ok()) == Some(finished) {
+        eprintln!("SHRINK_TEST_STOP_AFTER_TRIALS={finished}: waiting to be killed");
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+}
+
+/// One trial's row of the sweep report.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Row {
+    index: usize,
+    name: String,
+    changes: Vec<(String, String)>,
+    /// `complete`, `failed`, `running` (killed or under way) or `pending`.
+    status: String,
+    /// Relative to the sweep directory.
+    run_dir: Option<String>,
+    log: String,
+    error: Option<String>,
+    /// Top-1 on the test images, computed by `evaluated_on`.
+    top1: Option<f64>,
+    evaluated_on: Option<String>,
+    /// The model file's bytes.
+    file_bytes: Option<usize>,
+    nonzeros: Option<usize>,
+    macs: Option<u64>,
+    /// The runner timed: the one that evaluated, or the f32 CPU plan.
+    runner: Option<String>,
+    latency_b1_ms: Option<f64>,
+    /// The largest batch measured, and its median.
+    batch_n: Option<usize>,
+    latency_bn_ms: Option<f64>,
+    /// Sum of the stages' wall times (a cached baseline counts its load).
+    wall_seconds: Option<f64>,
+    /// On the Pareto front of top-1 against size, b1 latency, MACs.
+    front_size: bool,
+    front_latency: bool,
+    front_macs: bool,
+}
+
+impl Row {
+    fn metrics(&self) -> String {
+        let mut s = format!(
+            "top-1 {:.4} ({}), {:.3} MB",
+            self.top1.unwrap_or(f64::NAN),
+            self.evaluated_on.as_deref().unwrap_or("-"),
+            self.file_bytes.unwrap_or(0) as f64 / 1e6
+        );
+        if let Some(m) = self.macs {
+            s += &format!(", {:.2} MMACs", m as f64 / 1e6);
+        }
+        if let Some(l) = self.latency_b1_ms {
+            s += &format!(", b1 {l:.3} ms");
+        }
+        s
+    }
+}
+
+/// The measured numbers of a stage: what the row and the baseline show.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Measured {
+    top1: Option<f64>,
+    evaluated_on: Option<String>,
+    file_bytes: Option<usize>,
+    nonzeros: Option<usize>,
+    macs: Option<u64>,
+    runner: Option<String>,
+    latency_b1_ms: Option<f64>,
+    batch_n: Option<usize>,
+    latency_bn_ms: Option<f64>,
+}
+
+fn measured(st: &crate::report::StageReport) -> Measured {
+    let runners: Vec<&str> = st.latency.iter().map(|l| l.runner.as_str()).collect();
+    // The runner that evaluated when it is a CPU plan (int8, sparse), else the f32 CPU plan: the
+    // deployable kernels, not burn's training backend.
+    let evaluated = Some(st.evaluated_on.as_str()).filter(|r| r.starts_with("cpu-plan"));
+    let runner = [evaluated, Some("cpu-plan"), Some(st.evaluated_on.as_str())]
+        .into_iter()
+        .flatten()
+        .find(|r| runners.contains(r))
+        .or(runners.first().copied())
+        .map(str::to_string);
+    let of = |batch: usize| {
+        st.latency.iter().find(|l| Some(&l.runner) == runner.as_ref() && l.batch_size == batch).map(|l| l.median_ms)
+    };
+    let batch_n = st.latency.iter().filter(|l| Some(&l.runner) == runner.as_ref()).map(|l| l.batch_size).max();
+    Measured {
+        top1: st.test.as_ref().map(|t| t.top1),
+        evaluated_on: Some(st.evaluated_on.clone()),
+        file_bytes: Some(st.file_bytes),
+        nonzeros: Some(st.nonzeros),
+        macs: Some(st.macs),
+        latency_b1_ms: of(1),
+        latency_bn_ms: batch_n.filter(|b| *b > 1).and_then(of),
+        batch_n: batch_n.filter(|b| *b > 1),
+        runner,
+    }
+}
+
+fn row_of(t: &Trial, run_dir: &Path, report: &Report, sweep_dir: &Path) -> Row {
+    let m = report.stages.last().map(measured).unwrap_or_default();
+    Row {
+        index: t.planned.index,
+        name: t.planned.name.clone(),
+        changes: t.planned.changes.clone(),
+        status: report.status.to_string(),
+        run_dir: Some(run_dir.strip_prefix(sweep_dir).unwrap_or(run_dir).display().to_string()),
+        log: format!("logs/{}.log", t.planned.name),
+        error: report.error.clone(),
+        top1: m.top1,
+        evaluated_on: m.evaluated_on,
+        file_bytes: m.file_bytes,
+        nonzeros: m.nonzeros,
+        macs: m.macs,
+        runner: m.runner,
+        latency_b1_ms: m.latency_b1_ms,
+        batch_n: m.batch_n,
+        latency_bn_ms: m.latency_bn_ms,
+        wall_seconds: Some(report.stages.iter().map(|s| s.wall_seconds).sum()),
+        front_size: false,
+        front_latency: false,
+        front_macs: false,
+    }
+}
+
+/// `sweep.json`.
+#[derive(Serialize, Deserialize)]
+struct SweepReport {
+    name: String,
+    source: String,
+    status: String,
+    started_utc: String,
+    updated_utc: String,
+    git_revision: String,
+    cpu: String,
+    jobs: usize,
+    threads_per_trial: usize,
+    /// With `--jobs` above 1, trials ran side by side, so their latencies were measured while
+    /// other trials computed: compare them with care.
+    latency_measured_concurrently: bool,
+    axes: Vec<(String, Vec<String>)>,
+    combine: String,
+    random: Option<(usize, u64)>,
+    /// The trained baseline (stage 0 of the first finished trial, when it trains).
+    baseline: Option<Measured>,
+    trials: Vec<Row>,
+}
+
+struct ReportContext<'a> {
+    sweep: &'a Sweep,
+    spec: &'a Spec,
+    dir: &'a Path,
+    jobs: usize,
+    started_utc: String,
+}
+
+fn write_sweep_report(cx: &ReportContext<'_>, trials: &[Trial], last: bool) -> Result<()> {
+    let mut baseline = None;
+    let mut rows: Vec<Row> = trials
+        .iter()
+        .map(|t| {
+            if let Some((run, report)) = finished_run(cx.dir, t) {
+                if baseline.is_none() && report.stages.first().is_some_and(|s| s.kind == "train") {
+                    baseline = report.stages.first().map(measured);
+                }
+                return row_of(t, &run, &report, cx.dir);
+            }
+            let mut row = Row {
+                index: t.planned.index,
+                name: t.planned.name.clone(),
+                changes: t.planned.changes.clone(),
+                status: "pending".into(),
+                run_dir: None,
+                log: format!("logs/{}.log", t.planned.name),
+                error: None,
+                top1: None,
+                evaluated_on: None,
+                file_bytes: None,
+                nonzeros: None,
+                macs: None,
+                runner: None,
+                latency_b1_ms: None,
+                batch_n: None,
+                latency_bn_ms: None,
+                wall_seconds: None,
+                front_size: false,
+                front_latency: false,
+                front_macs: false,
+            };
+            if let Some((run, report)) = unfinished_report(cx.dir, t) {
+                row.status = report.status.to_string();
+                row.error = report.error.clone();
+                row.run_dir = Some(run.strip_prefix(cx.dir).unwrap_or(&run).display().to_string());
+            }
+            row
+        })
+        .collect();
+    mark_fronts(&mut rows);
+    let complete = rows.iter().all(|r| r.status == "complete");
+    let cpu = rows
+        .iter()
+        .filter_map(|r| r.run_dir.as_ref())
+        .find_map(|d| {
+            let r: Report = serde_json::from_slice(&std::fs::read(cx.dir.join(d).join("report.json")).ok()?).ok()?;
+            Some(r.provenance.cpu)
+        })
+        .unwrap_or_else(crate::report::cpu_model);
+    let report = SweepReport {
+        name: cx.sweep.name.clone(),
+        source: cx.spec.source.clone(),
+        status: match (last, complete) {
+            (_, true) => "complete",
+            (true, false) => "failed",
+            (false, false) => "running",
+        }
+        .into(),
+        started_utc: cx.started_utc.clone(),
+        updated_utc: crate::report::utc(time::OffsetDateTime::now_utc()),
+        git_revision: crate::report::git_revision(),
+        cpu,
+        jobs: cx.jobs,
+        threads_per_trial: cx.spec.threads_per_trial,
+        latency_measured_concurrently: cx.jobs > 1,
+        axes: cx.sweep.axes.iter().map(|a| (a.field.to_string(), a.values.iter().map(inline).collect())).collect(),
+        combine: format!("{:?}", cx.sweep.combine).to_lowercase(),
+        random: cx.sweep.random,
+        baseline,
+        trials: rows,
+    };
+    shrink_core::io::write_atomic(&cx.dir.join("sweep.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+    shrink_core::io::write_atomic(&cx.dir.join("report.md"), markdown(&report).as_bytes())?;
+    for (k, (file, what, _)) in FRONTS.iter().enumerate() {
+        crate::report::charts::write_pareto_chart(&report.name, what, &points(&report, k), &cx.dir.join(file))?;
+    }
+    Ok(())
+}
+
+type Metric = fn(&Measured) -> Option<f64>;
+
+/// The fronts: file, axis label, metric (smaller is better).
+const FRONTS: [(&str, &str, Metric); 3] = [
+    ("pareto_size.svg", "model file (MB)", |m| m.file_bytes.map(|b| b as f64 / 1e6)),
+    ("pareto_latency.svg", "latency at batch 1 (ms)", |m| m.latency_b1_ms),
+    ("pareto_macs.svg", "MMACs per image", |m| m.macs.map(|m| m as f64 / 1e6)),
+];
+
+fn measured_of(r: &Row) -> Measured {
+    Measured {
+        top1: r.top1,
+        evaluated_on: r.evaluated_on.clone(),
+        file_bytes: r.file_bytes,
+        nonzeros: r.nonzeros,
+        macs: r.macs,
+        runner: r.runner.clone(),
+        latency_b1_ms: r.latency_b1_ms,
+        batch_n: r.batch_n,
+        latency_bn_ms: r.latency_bn_ms,
+    }
+}
+
+/// Marks each complete row on the fronts of top-1 against each cost.
+fn mark_fronts(rows: &mut [Row]) {
+    let done: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].status == "complete").collect();
+    for (k, (_, _, cost)) in FRONTS.iter().enumerate() {
+        let points: Vec<Vec<f64>> = done
+            .iter()
+            .map(|&i| {
+                let m = measured_of(&rows[i]);
+                vec![m.top1.unwrap_or(f64::NAN), cost(&m).unwrap_or(f64::NAN)]
+            })
+            .collect();
+        let front = pareto_front(&points, &[Sense::Maximize, Sense::Minimize]);
+        for (&i, on) in done.iter().zip(front) {
+            match k {
+                0 => rows[i].front_size = on,
+                1 => rows[i].front_latency = on,
+                _ => rows[i].front_macs = on,
+            }
+        }
+    }
+}
+
+/// The chart's points of front `k` of [`FRONTS`]: each complete trial and the baseline.
+fn points(report: &SweepReport, k: usize) -> crate::report::charts::ParetoPoints {
+    let cost = FRONTS[k].2;
+    let trials = report
+        .trials
+        .iter()
+        .filter(|r| r.status == "complete")
+        .filter_map(|r| {
+            let m = measured_of(r);
+            let on = [r.front_size, r.front_latency, r.front_macs][k];
+            Some((format!("t{:03}", r.index), cost(&m)?, m.top1?, on))
+        })
+        .collect();
+    let baseline = report.baseline.as_ref().and_then(|b| Some((cost(b)?, b.top1?)));
+    crate::report::charts::ParetoPoints { trials, baseline }
+}
+
+fn markdown(r: &SweepReport) -> String {
+    let mut s = format!("# Sweep {} — {}\n\n", r.name, r.status);
+    s += &format!(
+        "- sweep file: `{}`; {} trial(s) ({}{}); git {}; CPU {}\n- --jobs {} at {} thread(s) per trial; started {}, updated {}\n",
+        r.source,
+        r.trials.len(),
+        r.combine,
+        r.random.map(|(n, seed)| format!(", random {n} with seed {seed}")).unwrap_or_default(),
+        r.git_revision,
+        r.cpu,
+        r.jobs,
+        r.threads_per_trial,
+        r.started_utc,
+        r.updated_utc
+    );
+    if r.latency_measured_concurrently {
+        s += "- latencies were measured while other trials ran beside them (--jobs above 1): they show the trend, not the speed alone; rerun a trial alone to time it\n";
+    }
+    for (field, values) in &r.axes {
+        s += &format!("- axis `{field}`: {}\n", values.join(", "));
+    }
+    if let Some(b) = &r.baseline {
+        s += &format!(
+            "- baseline (the trained model before compression, {}): top-1 {:.4}, {:.3} MB, {:.2} MMACs{}\n",
+            b.evaluated_on.as_deref().unwrap_or("-"),
+            b.top1.unwrap_or(f64::NAN),
+            b.file_bytes.unwrap_or(0) as f64 / 1e6,
+            b.macs.unwrap_or(0) as f64 / 1e6,
+            b.latency_b1_ms
+                .map(|l| format!(", b1 {l:.3} ms ({})", b.runner.as_deref().unwrap_or("-")))
+                .unwrap_or_default()
+        );
+    }
+    s += "\nFront columns: ● on the Pareto front of top-1 against that cost (no other trial is as accurate and cheaper).\n\n";
+    s += "| trial | changes | status | top-1 | on | size MB | nonzeros | MMACs | runner | b1 ms | bN ms | wall s | size | latency | MACs |\n";
+    s += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    let num = |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
+    let mark = |on: bool| if on { "●" } else { "" };
+    for t in &r.trials {
+        let changes = t.changes.iter().map(|(f, v)| format!("`{f}` = {v}")).collect::<Vec<_>>().join(", ");
+        let status = match &t.error {
+            Some(e) => format!("{} ({}; log `{}`)", t.status, e.lines().next().unwrap_or(""), t.log),
+            None => t.status.clone(),
+        };
+        s += &format!(
+            "| {} | {changes} | {status} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            t.index,
+            num(t.top1, 4),
+            t.evaluated_on.as_deref().unwrap_or("-"),
+            num(t.file_bytes.map(|b| b as f64 / 1e6), 3),
+            t.nonzeros.map_or("-".into(), |n| n.to_string()),
+            num(t.macs.map(|m| m as f64 / 1e6), 2),
+            t.runner.as_deref().unwrap_or("-"),
+            num(t.latency_b1_ms, 3),
+            match (t.batch_n, t.latency_bn_ms) {
+                (Some(b), Some(l)) => format!("{l:.2} (b{b})"),
+                _ => "-".into(),
+            },
+            num(t.wall_seconds, 0),
+            mark(t.front_size),
+            mark(t.front_latency),
+            mark(t.front_macs),
+        );
+    }
+    s += "\nCharts: `pareto_size.svg`, `pareto_latency.svg`, `pareto_macs.svg`. Each trial's own report is in its run directory (`trials/`).\n";
+    s
+}
