@@ -17,6 +17,10 @@
 //! [[axes]]
 //! field = "stages[1].sparsity"
 //! values = [0.5, 0.7, 0.9]
+//!
+//! [[axes]]                           # fields that change together: one value per field
+//! fields = ["stages[1].granularity", "stages[1].prune_schedule"]
+//! values = [["weights", { kind = "agp" }], ["channels", { kind = "iterative" }]]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -123,11 +127,28 @@ impl std::fmt::Display for FieldPath {
     }
 }
 
-/// One axis: a field and the values it takes.
+/// One axis: a field and the values it takes, or fields that change together and a value of
+/// each per step.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Axis {
-    pub field: FieldPath,
-    pub values: Vec<toml::Value>,
+    pub fields: Vec<FieldPath>,
+    /// One row per step of the axis, one value per field.
+    pub values: Vec<Vec<toml::Value>>,
+}
+
+impl Axis {
+    /// The axis's fields, `a` or `a + b`.
+    pub fn name(&self) -> String {
+        self.fields.iter().map(FieldPath::as_str).collect::<Vec<_>>().join(" + ")
+    }
+
+    /// Step `i`'s values as written: `0.5`, or `("channels", { kind = "iterative" })`.
+    pub fn describe_step(&self, i: usize) -> String {
+        match self.values[i].as_slice() {
+            [one] => inline(one),
+            many => format!("({})", many.iter().map(inline).collect::<Vec<_>>().join(", ")),
+        }
+    }
 }
 
 /// A parsed sweep file.
@@ -190,7 +211,8 @@ struct SweepFile {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AxisFile {
-    field: String,
+    field: Option<String>,
+    fields: Option<Vec<String>>,
     values: Vec<toml::Value>,
 }
 
@@ -243,19 +265,46 @@ impl Sweep {
         }
         let mut axes: Vec<Axis> = Vec::new();
         for (i, a) in file.axes.into_iter().enumerate() {
-            let field = FieldPath::parse(&a.field).map_err(|e| fail(format!("key `axes[{i}].field`: {e}")))?;
+            let (names, linked) = match (a.field, a.fields) {
+                (Some(f), None) => (vec![f], false),
+                (None, Some(fs)) if !fs.is_empty() => (fs, true),
+                _ => return Err(fail(format!("key `axes[{i}]`: give `field = \"…\"` or `fields = [\"…\", …]`, one of them"))),
+            };
+            let mut fields = Vec::new();
+            for name in &names {
+                let field = FieldPath::parse(name).map_err(|e| fail(format!("key `axes[{i}].field`: {e}")))?;
+                if fields.contains(&field) {
+                    return Err(fail(format!("key `axes[{i}].fields`: `{field}` twice")));
+                }
+                if let Some(j) = axes.iter().position(|b| b.fields.contains(&field)) {
+                    return Err(fail(format!("key `axes[{i}].field`: `{field}` is already axis {j}")));
+                }
+                fields.push(field);
+            }
             if a.values.is_empty() {
-                return Err(fail(format!("key `axes[{i}].values`: no values for `{field}`")));
+                return Err(fail(format!("key `axes[{i}].values`: no values for `{}`", names.join(" + "))));
             }
-            if let Some(j) = axes.iter().position(|b| b.field == field) {
-                return Err(fail(format!("key `axes[{i}].field`: `{field}` is already axis {j}")));
-            }
-            axes.push(Axis { field, values: a.values });
+            let values = if linked {
+                a.values
+                    .into_iter()
+                    .enumerate()
+                    .map(|(k, v)| match v {
+                        toml::Value::Array(row) if row.len() == fields.len() => Ok(row),
+                        _ => Err(fail(format!(
+                            "key `axes[{i}].values[{k}]`: an array of {} values, one per field of `fields`",
+                            fields.len()
+                        ))),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+            } else {
+                a.values.into_iter().map(|v| vec![v]).collect()
+            };
+            axes.push(Axis { fields, values });
         }
         let mut set = Vec::new();
         for (field, value) in file.set {
             let path = FieldPath::parse(&field).map_err(|e| fail(format!("key `set`: {e}")))?;
-            if axes.iter().any(|a| a.field == path) {
+            if axes.iter().any(|a| a.fields.contains(&path)) {
                 return Err(fail(format!("key `set`: `{path}` is also an axis; give its values there")));
             }
             set.push((path, value));
@@ -277,9 +326,9 @@ impl Sweep {
         {
             return Err(fail(format!(
                 "key `axes`: zipped axes take their values side by side, but `{}` has {} values and `{}` {}",
-                sweep.axes[0].field,
+                sweep.axes[0].name(),
                 sweep.axes[0].values.len(),
-                a.field,
+                a.name(),
                 a.values.len()
             )));
         }
@@ -332,18 +381,20 @@ impl Sweep {
     pub fn expand(&self) -> Vec<Point> {
         let point = |index: usize, grid_index: usize| {
             let mut rest = grid_index;
-            let mut changes = vec![(self.axes[0].field.clone(), toml::Value::Boolean(false)); self.axes.len()];
+            let mut steps = vec![0; self.axes.len()];
             for (a, axis) in self.axes.iter().enumerate().rev() {
-                let value = match self.combine {
-                    Combine::Zip => &axis.values[grid_index],
+                steps[a] = match self.combine {
+                    Combine::Zip => grid_index,
                     Combine::Grid => {
-                        let v = &axis.values[rest % axis.values.len()];
+                        let step = rest % axis.values.len();
                         rest /= axis.values.len();
-                        v
+                        step
                     }
                 };
-                changes[a] = (axis.field.clone(), value.clone());
             }
+            let changes = self.axes.iter().zip(&steps).flat_map(|(axis, &step)| {
+                axis.fields.iter().cloned().zip(axis.values[step].iter().cloned()).collect::<Vec<_>>()
+            });
             Point { index, changes: self.set.iter().cloned().chain(changes).collect(), fixed: self.set.len() }
         };
         match (self.random, self.grid_size()) {
@@ -569,6 +620,32 @@ values = [8, 4]
         }
         let err = sweep(&format!("base = \"b.toml\"\nset = {{ \"stages[1].sparsity\" = 0.1 }}\n{AXES}")).unwrap_err();
         assert!(err.contains("also an axis"), "{err}");
+    }
+
+    #[test]
+    fn linked_fields_change_together() {
+        let text = "base = \"b.toml\"\n[[axes]]\nfield = \"s\"\nvalues = [1, 2]\n[[axes]]\nfields = [\"g\", \"p\"]\nvalues = [[\"w\", { kind = \"agp\" }], [\"c\", { kind = \"it\" }]]\n";
+        let s = sweep(text).unwrap();
+        assert_eq!(s.axes[1].name(), "g + p");
+        assert_eq!(s.axes[1].describe_step(1), "(\"c\", { kind = \"it\" })");
+        let described: Vec<String> = s.expand().iter().map(Point::describe).collect();
+        assert_eq!(
+            described,
+            [
+                "s = 1, g = \"w\", p = { kind = \"agp\" }",
+                "s = 1, g = \"c\", p = { kind = \"it\" }",
+                "s = 2, g = \"w\", p = { kind = \"agp\" }",
+                "s = 2, g = \"c\", p = { kind = \"it\" }",
+            ]
+        );
+        for (bad, expected) in [
+            (text.replace("[\"c\", { kind = \"it\" }]", "\"c\""), "`axes[1].values[1]`: an array of 2 values"),
+            (text.replace("fields = [\"g\", \"p\"]", "fields = [\"g\", \"s\"]"), "`s` is already axis 0"),
+            (text.replace("fields = [\"g\", \"p\"]", "field = \"g\"\nfields = [\"p\"]"), "one of them"),
+        ] {
+            let err = sweep(&bad).unwrap_err();
+            assert!(err.contains(expected), "{bad}\n→ {err}");
+        }
     }
 
     #[test]

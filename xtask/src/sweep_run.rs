@@ -201,7 +201,7 @@ fn plan_trials(sweep: &Sweep, threads: usize) -> Result<Vec<Trial>> {
         Base::Inline(text) => (parse_plan(text, &sweep.source)?, sweep.source.clone()),
     };
     let base = base_plan.to_toml()?;
-    let sets_threads = sweep.axes.iter().any(|a| a.field.as_str() == "threads");
+    let sets_threads = sweep.axes.iter().any(|a| a.fields.iter().any(|f| f.as_str() == "threads"));
     let mut trials = Vec::new();
     for point in sweep.expand() {
         let name = format!("{}_t{:03}", sweep.name, point.index);
@@ -613,7 +613,7 @@ fn write_sweep_report(cx: &ReportContext<'_>, trials: &[Trial], last: bool) -> R
         jobs: cx.jobs,
         threads_per_trial: cx.spec.threads_per_trial,
         latency_measured_concurrently: cx.jobs > 1,
-        axes: cx.sweep.axes.iter().map(|a| (a.field.to_string(), a.values.iter().map(inline).collect())).collect(),
+        axes: cx.sweep.axes.iter().map(|a| (a.name(), (0..a.values.len()).map(|i| a.describe_step(i)).collect())).collect(),
         combine: format!("{:?}", cx.sweep.combine).to_lowercase(),
         random: cx.sweep.random,
         baseline,
