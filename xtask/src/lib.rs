@@ -1,6 +1,6 @@
 //! The parts of `cargo xtask` that other code reuses: the experiment config's schema and parser
 //! ([`config`]) and the typed plan it validates into ([`plan`]). The fuzz target `config` drives
-//! them; the bench regression gate ([`bench_gate`]) and the ONNX Runtime bridge
+//! them; sweep files, their expansion into trials and Pareto fronts ([`sweep`]); the bench regression gate ([`bench_gate`]) and the ONNX Runtime bridge
 //! ([`onnxruntime`]); the runner itself is the `xtask` binary.
 
 pub mod bench_gate;

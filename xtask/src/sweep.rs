@@ -268,7 +268,11 @@ impl Sweep {
             let (names, linked) = match (a.field, a.fields) {
                 (Some(f), None) => (vec![f], false),
                 (None, Some(fs)) if !fs.is_empty() => (fs, true),
-                _ => return Err(fail(format!("key `axes[{i}]`: give `field = \"…\"` or `fields = [\"…\", …]`, one of them"))),
+                _ => {
+                    return Err(fail(format!(
+                        "key `axes[{i}]`: give `field = \"…\"` or `fields = [\"…\", …]`, one of them"
+                    )));
+                }
             };
             let mut fields = Vec::new();
             for name in &names {
@@ -813,5 +817,37 @@ sparsity = 0.5
         assert_eq!(front(&points, [Maximize, Minimize]), [true, true, false, false, false]);
         assert!(pareto_front(&[], &[Maximize]).is_empty());
         assert_eq!(front(&[[1.0, 1.0]], [Minimize, Minimize]), [true]);
+    }
+
+    proptest::proptest! {
+        /// Any text is a sweep or an error naming the file; a sweep expands to the trials its
+        /// axes say, each with one value per field.
+        #[test]
+        fn any_text_is_a_sweep_or_an_error(text in "(base = \"b.toml\"\n)?(random = [0-9]\n)?(combine = \"(zip|grid)\"\n)?(\\[\\[axes\\]\\]\nfields? = (\"[a-z.\\[\\]0-9]{0,6}\"|\\[\"[a-z]\", \"[a-z]\"\\])\nvalues = \\[([0-9], |\\[[0-9], [0-9]\\], ){0,3}\\]\n){0,3}[ -~]{0,4}") {
+            match sweep(&text) {
+                Ok(s) => {
+                    let points = s.expand();
+                    let fields: usize = s.axes.iter().map(|a| a.fields.len()).sum();
+                    assert!(points.iter().all(|p| p.changes.len() == fields));
+                    let expected = match (s.combine, s.random) {
+                        (Combine::Zip, _) => s.axes[0].values.len(),
+                        (Combine::Grid, None) => s.axes.iter().map(|a| a.values.len()).product(),
+                        (Combine::Grid, Some((n, _))) => n.min(s.axes.iter().map(|a| a.values.len()).product()),
+                    };
+                    assert_eq!(points.len(), expected);
+                }
+                Err(e) => assert!(e.starts_with("configs/sweeps/s.toml"), "{e}"),
+            }
+        }
+
+        /// Any field path on a config changes it or says why not; never a panic.
+        #[test]
+        fn any_field_path_applies_or_says_why_not(path in "[a-z_]{1,8}(\\[[0-9]\\]|\\.[a-z_]{1,10}){0,4}", v in 0i64..100) {
+            if let Ok(field) = FieldPath::parse(&path) {
+                if let Ok(out) = apply(BASE, &[(field, toml::Value::Integer(v))]) {
+                    assert!(out.parse::<toml_edit::DocumentMut>().is_ok(), "{out}");
+                }
+            }
+        }
     }
 }

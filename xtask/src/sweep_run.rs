@@ -613,7 +613,12 @@ fn write_sweep_report(cx: &ReportContext<'_>, trials: &[Trial], last: bool) -> R
         jobs: cx.jobs,
         threads_per_trial: cx.spec.threads_per_trial,
         latency_measured_concurrently: cx.jobs > 1,
-        axes: cx.sweep.axes.iter().map(|a| (a.name(), (0..a.values.len()).map(|i| a.describe_step(i)).collect())).collect(),
+        axes: cx
+            .sweep
+            .axes
+            .iter()
+            .map(|a| (a.name(), (0..a.values.len()).map(|i| a.describe_step(i)).collect()))
+            .collect(),
         combine: format!("{:?}", cx.sweep.combine).to_lowercase(),
         random: cx.sweep.random,
         baseline,
