@@ -1,5 +1,6 @@
 //! What every stage ends with: the model measured — test metrics (on the integer kernels once it
-//! is quantized), size, cost, latency on each runner — into the stage's report.
+//! is quantized) and, with a validation split, validation metrics on the same kernels, size,
+//! cost, latency on each runner — into the stage's report.
 
 use anyhow::Result;
 use shrink_core::graph::Graph;
@@ -25,6 +26,11 @@ pub fn after_stage(cx: &StageContext<'_>, state: &RunState, batch: usize, report
             // The simulated accuracy is reported by the quantizing stage only.
             let simulate = report.quantization.is_some();
             let (integer, simulated, stats, latency) = quantized(cx, q, batch, simulate)?;
+            if let Some(validation) = &cx.data.validation {
+                let mut int8 = q.freeze(cx.plan.threads)?;
+                report.validation =
+                    Some(evaluate_plan(&mut int8, validation, &cx.data.batcher, batch, cx.device)?);
+            }
             if let (Some(summary), Some(simulated)) = (report.quantization.as_mut(), simulated) {
                 summary.simulated_test = simulated;
                 summary.simulated_on = backend.runner_label().into();
@@ -36,6 +42,9 @@ pub fn after_stage(cx: &StageContext<'_>, state: &RunState, batch: usize, report
         None => {
             report.evaluated_on = backend.runner_label().into();
             report.file_bytes = io::to_bytes(&state.graph)?.len();
+            if let Some(validation) = &cx.data.validation {
+                report.validation = Some(evaluate(&state.graph, validation, &cx.data.batcher, batch, cx.device)?);
+            }
             float(cx, &state.graph, batch)?
         }
     };

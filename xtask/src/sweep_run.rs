@@ -342,7 +342,7 @@ fn unfinished_report(dir: &Path, t: &Trial) -> Option<(PathBuf, Report)> {
 }
 
 fn spawn_trial(dir: &Path, t: &Trial, opts: &SweepOptions) -> Result<Child> {
-    let exe = std::env::current_exe().context("cannot find the xtask binary")?;
+    let exe = own_binary()?;
     let log_file = log_path(dir, &t.planned);
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -362,6 +362,16 @@ fn spawn_trial(dir: &Path, t: &Trial, opts: &SweepOptions) -> Result<Child> {
         .stderr(log);
     die_with_parent(&mut cmd);
     cmd.spawn().with_context(|| format!("cannot start trial {}", t.planned.name))
+}
+
+/// The binary this sweep runs: its trials run the same code even when the file is rebuilt
+/// meanwhile (on Linux `/proc/self/exe` is the running image, not the path).
+fn own_binary() -> Result<PathBuf> {
+    let proc_exe = Path::new("/proc/self/exe");
+    if cfg!(target_os = "linux") && proc_exe.exists() {
+        return Ok(proc_exe.to_path_buf());
+    }
+    std::env::current_exe().context("cannot find the xtask binary")
 }
 
 /// On Linux a trial is killed when the sweep dies (`PR_SET_PDEATHSIG`), so a killed sweep

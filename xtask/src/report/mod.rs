@@ -144,6 +144,10 @@ pub struct StageReport {
     pub kind: String,
     /// Test metrics after the stage.
     pub test: Option<Evaluation>,
+    /// The same on the validation split, when the config has one (`data.validation_fraction`):
+    /// what a search decides on, so that the test images stay unseen by every choice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<Evaluation>,
     /// Trainable parameters.
     pub params: usize,
     /// Non-zero parameters.
@@ -409,6 +413,7 @@ impl StageReport {
             index,
             kind: kind.into(),
             test: None,
+            validation: None,
             params: 0,
             nonzeros: 0,
             bytes: 0,
