@@ -236,30 +236,8 @@ impl Sweep {
             format!("{}{place}: {}", path.display(), e.message())
         })?;
         let fail = |message: String| format!("{}: {message}", path.display());
-        let name = match file.name {
-            Some(n) => n,
-            None => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
-        };
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-            return Err(fail(format!(
-                "key `name`: `{name}` must be letters, digits, `_` or `-` (it names a directory)"
-            )));
-        }
-        let base = match file.base {
-            toml::Value::String(p) => {
-                let p = PathBuf::from(p);
-                Base::File(if p.is_relative() { path.parent().unwrap_or(Path::new("")).join(p) } else { p })
-            }
-            toml::Value::Table(t) => Base::Inline(
-                toml::to_string(&t).map_err(|e| fail(format!("key `base`: cannot write it back as TOML: {e}")))?,
-            ),
-            other => {
-                return Err(fail(format!(
-                    "key `base`: a config file's path or a [base] table, not {}",
-                    other.type_str()
-                )));
-            }
-        };
+        let name = name_or_stem(file.name, path).map_err(fail)?;
+        let base = base_of(file.base, path).map_err(fail)?;
         if file.axes.is_empty() {
             return Err(fail("key `axes`: no axis; add [[axes]] with `field` and `values`".into()));
         }
@@ -305,13 +283,9 @@ impl Sweep {
             };
             axes.push(Axis { fields, values });
         }
-        let mut set = Vec::new();
-        for (field, value) in file.set {
-            let path = FieldPath::parse(&field).map_err(|e| fail(format!("key `set`: {e}")))?;
-            if axes.iter().any(|a| a.fields.contains(&path)) {
-                return Err(fail(format!("key `set`: `{path}` is also an axis; give its values there")));
-            }
-            set.push((path, value));
+        let set = set_of(file.set).map_err(fail)?;
+        if let Some((path, _)) = set.iter().find(|(p, _)| axes.iter().any(|a| a.fields.contains(p))) {
+            return Err(fail(format!("key `set`: `{path}` is also an axis; give its values there")));
         }
         let random = match (file.random, file.seed) {
             (Some(0), _) => return Err(fail("key `random`: 0 trials; give at least 1".into())),
@@ -356,20 +330,7 @@ impl Sweep {
     /// # Errors
     /// As [`Sweep::parse`], or the file cannot be read (too large, not UTF-8, missing).
     pub fn load(path: &Path) -> Result<Sweep, String> {
-        let size =
-            std::fs::metadata(path).map_err(|e| format!("{}: cannot read the sweep file: {e}", path.display()))?;
-        if size.len() > crate::config::MAX_CONFIG_BYTES {
-            return Err(format!(
-                "{}: {} bytes; a sweep file is written by hand (at most 1 MiB)",
-                path.display(),
-                size.len()
-            ));
-        }
-        let bytes = std::fs::read(path).map_err(|e| format!("{}: cannot read the sweep file: {e}", path.display()))?;
-        let text = String::from_utf8(bytes).map_err(|e| {
-            format!("{}: byte {}: not UTF-8 text (a TOML file is UTF-8)", path.display(), e.utf8_error().valid_up_to())
-        })?;
-        Sweep::parse(&text, path)
+        Sweep::parse(&read_text(path)?, path)
     }
 
     /// Trials of the full grid (`None` beyond `usize`).
@@ -410,6 +371,54 @@ impl Sweep {
             (None, None) => Vec::new(),
         }
     }
+}
+
+/// A hand-written TOML file's text (sweep or search file): at most 1 MiB, UTF-8.
+///
+/// # Errors
+/// The file cannot be read, is larger, or is not UTF-8 (the byte offset named).
+pub fn read_text(path: &Path) -> Result<String, String> {
+    let size = std::fs::metadata(path).map_err(|e| format!("{}: cannot read the file: {e}", path.display()))?;
+    if size.len() > crate::config::MAX_CONFIG_BYTES {
+        return Err(format!("{}: {} bytes; the file is written by hand (at most 1 MiB)", path.display(), size.len()));
+    }
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: cannot read the file: {e}", path.display()))?;
+    String::from_utf8(bytes).map_err(|e| {
+        format!("{}: byte {}: not UTF-8 text (a TOML file is UTF-8)", path.display(), e.utf8_error().valid_up_to())
+    })
+}
+
+/// The `name` key, or the file's stem: letters, digits, `_` and `-` (it names a directory).
+pub(crate) fn name_or_stem(name: Option<String>, path: &Path) -> Result<String, String> {
+    let name = match name {
+        Some(n) => n,
+        None => path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+    };
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        return Err(format!("key `name`: `{name}` must be letters, digits, `_` or `-` (it names a directory)"));
+    }
+    Ok(name)
+}
+
+/// The `base` key: a path (relative to the file at `path`) or an inline table.
+pub(crate) fn base_of(base: toml::Value, path: &Path) -> Result<Base, String> {
+    match base {
+        toml::Value::String(p) => {
+            let p = PathBuf::from(p);
+            Ok(Base::File(if p.is_relative() { path.parent().unwrap_or(Path::new("")).join(p) } else { p }))
+        }
+        toml::Value::Table(t) => toml::to_string(&t)
+            .map(Base::Inline)
+            .map_err(|e| format!("key `base`: cannot write it back as TOML: {e}")),
+        other => Err(format!("key `base`: a config file's path or a [base] table, not {}", other.type_str())),
+    }
+}
+
+/// The `set` table: field paths and their values.
+pub(crate) fn set_of(set: toml::Table) -> Result<Vec<(FieldPath, toml::Value)>, String> {
+    set.into_iter()
+        .map(|(field, value)| Ok((FieldPath::parse(&field).map_err(|e| format!("key `set`: {e}"))?, value)))
+        .collect()
 }
 
 /// `n` distinct numbers below `total` (all of them, shuffled, when `n ≥ total`), drawn by a
