@@ -6,6 +6,8 @@
 //!   when the same config is run again by the same revision; `--fresh` starts over.
 //! - `cargo xtask sweep <sweep.toml> [--jobs N] [--resume|--fresh] [--dry-run]` runs a sweep's
 //!   trials (`xtask::sweep`) and writes its report and Pareto charts; rerun to resume it.
+//! - `cargo xtask search <search.toml> [--fresh] [--dry-run]` runs an accuracy-driven search
+//!   (`xtask::search`), keeping the best model so far in its directory; rerun to resume it.
 //! - `cargo xtask bench <suite>` runs a benchmark suite at one thread (`runs/bench/<suite>.json`).
 //! - `cargo xtask bench-compare BASE HEAD` compares two commits' bench ratios (the PR gate).
 //! - `cargo xtask export RUN_DIR --onnx FILE` writes a run's model as ONNX (QDQ when quantized).
@@ -23,6 +25,7 @@ mod measure;
 mod progress;
 mod report;
 mod run;
+mod search_run;
 mod stages;
 mod sweep_run;
 
@@ -99,6 +102,25 @@ enum Command {
         #[arg(long, conflicts_with = "resume")]
         fresh: bool,
         /// Parse the sweep and validate every trial's config; run nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Run an accuracy-driven search: the smallest / fastest / cheapest model within a tolerated
+    /// loss of validation top-1, under `OUT/searches/<name>/<timestamp>/`; the best model so far
+    /// is always in its `best/`. Rerunning the same command resumes the search.
+    Search {
+        /// The search file (e.g. `configs/search/resnet_int_mixed.toml`).
+        file: PathBuf,
+        /// Root of the output: the search is under `OUT/searches/`.
+        #[arg(long, default_value = "runs")]
+        out: PathBuf,
+        /// Where trained baselines are cached (default: `OUT/cache/baselines`, shared with runs).
+        #[arg(long)]
+        cache: Option<PathBuf>,
+        /// Start a new search directory even when the last one of the same file is unfinished.
+        #[arg(long)]
+        fresh: bool,
+        /// Parse the search and validate its first trial's config; run nothing.
         #[arg(long)]
         dry_run: bool,
     },
@@ -236,6 +258,14 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             sweep_run::sweep(&file, &sweep_run::SweepOptions { out, cache, jobs, resume, fresh, dry_run })
+        }
+        Command::Search { file, out, cache, fresh, dry_run } => {
+            let cache = cache.unwrap_or_else(|| out.join("cache").join("baselines"));
+            if let Some(problem) = cache_dir_problem(&cache) {
+                eprintln!("error: --cache {}: {problem}", cache.display());
+                return ExitCode::from(2);
+            }
+            search_run::search(&file, &search_run::SearchOptions { out, cache, fresh, dry_run })
         }
         Command::Bench { suite, out, repeats, run } => match bench::in_single_threaded_child() {
             Some(code) => code,

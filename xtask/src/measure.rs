@@ -28,8 +28,7 @@ pub fn after_stage(cx: &StageContext<'_>, state: &RunState, batch: usize, report
             let (integer, simulated, stats, latency) = quantized(cx, q, batch, simulate)?;
             if let Some(validation) = &cx.data.validation {
                 let mut int8 = q.freeze(cx.plan.threads)?;
-                report.validation =
-                    Some(evaluate_plan(&mut int8, validation, &cx.data.batcher, batch, cx.device)?);
+                report.validation = Some(evaluate_plan(&mut int8, validation, &cx.data.batcher, batch, cx.device)?);
             }
             if let (Some(summary), Some(simulated)) = (report.quantization.as_mut(), simulated) {
                 summary.simulated_test = simulated;

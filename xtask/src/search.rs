@@ -173,7 +173,10 @@ impl Search {
         let set = crate::sweep::set_of(file.set).map_err(fail)?;
         let strategy = match (file.quantize, file.prune) {
             (Some(q), None) => {
-                if q.bits.is_empty() || q.bits.iter().any(|b| !(2..=8).contains(b)) || !q.bits.is_sorted_by(|a, b| a < b) {
+                if q.bits.is_empty()
+                    || q.bits.iter().any(|b| !(2..=8).contains(b))
+                    || !q.bits.is_sorted_by(|a, b| a < b)
+                {
                     return Err(fail(format!(
                         "key `quantize.bits`: weight widths from 2 to 8, lowest first, each once; got {:?}",
                         q.bits
@@ -287,7 +290,12 @@ pub fn run(search: &Search, evaluate: &mut Evaluate<'_>) -> Result<Stop, String>
 
 /// The quantize stage's changes for per-layer widths: the lowest width for the stage, and an
 /// override (an anchored pattern of the layer's name) for each layer above it.
-pub fn quantize_changes(stage: usize, bits: &[u32], widths: &[(String, Width)], sensitivity: bool) -> Vec<(FieldPath, toml::Value)> {
+pub fn quantize_changes(
+    stage: usize,
+    bits: &[u32],
+    widths: &[(String, Width)],
+    sensitivity: bool,
+) -> Vec<(FieldPath, toml::Value)> {
     let at = |key: &str| FieldPath::parse(&format!("stages[{stage}].{key}")).expect("a field path");
     let overrides: Vec<toml::Value> = widths
         .iter()
@@ -330,12 +338,12 @@ fn quantize(stage: usize, bits: &[u32], tolerance: Tolerance, evaluate: &mut Eva
     };
     // Fall back: layer by layer, most sensitive first, one width up; again while it fails.
     let mut holds = false;
-    'fallback: for up in 1..levels.len() {
+    'fallback: for (up, width) in levels.iter().enumerate().skip(1) {
         for i in 0..order.len() {
             level[i] = up;
             let proposal = Proposal {
                 changes: quantize_changes(stage, bits, &widths(&level), false),
-                why: format!("fall back `{}` to {} (sensitivity rank {})", order[i], levels[up], i + 1),
+                why: format!("fall back `{}` to {width} (sensitivity rank {})", order[i], i + 1),
                 wants_sensitivity: false,
             };
             let Some(o) = evaluate(&proposal)? else { return Ok(Stop::MaxTrials) };
@@ -449,7 +457,10 @@ mod tests {
             (QUANT.replace("objective = \"size\"", "objective = \"speed\""), "s.toml:2:"),
             (QUANT.replace("[quantize]\nstage = 1\nbits = [4, 8]\n", ""), "one strategy"),
             (format!("{QUANT}[prune]\nstage = 1\nmax_drop = [0.01]\n"), "one strategy"),
-            (QUANT.replace("[quantize]\nstage = 1\nbits = [4, 8]", "[prune]\nstage = 1\nmax_drop = [0.02, 0.01]"), "`prune.max_drop`"),
+            (
+                QUANT.replace("[quantize]\nstage = 1\nbits = [4, 8]", "[prune]\nstage = 1\nmax_drop = [0.02, 0.01]"),
+                "`prune.max_drop`",
+            ),
             (format!("timeout_minutes = -1\n{QUANT}"), "key `timeout_minutes`"),
         ];
         for (text, expected) in cases {
@@ -479,7 +490,8 @@ mod tests {
     impl Fake {
         fn widths(&self, p: &Proposal) -> Vec<Width> {
             let overrides = p.changes.iter().find(|(f, _)| f.as_str().ends_with("overrides")).unwrap().1.clone();
-            let base = p.changes.iter().find(|(f, _)| f.as_str().ends_with("weight_bits")).unwrap().1.as_integer().unwrap();
+            let base =
+                p.changes.iter().find(|(f, _)| f.as_str().ends_with("weight_bits")).unwrap().1.as_integer().unwrap();
             self.layers
                 .iter()
                 .map(|name| {
@@ -508,14 +520,24 @@ mod tests {
                     Width::Float => 0.0,
                 })
                 .sum();
-            let cost = widths.iter().map(|w| match w { Width::Bits(b) => *b as f64, Width::Float => 32.0 }).sum();
+            let cost = widths
+                .iter()
+                .map(|w| match w {
+                    Width::Bits(b) => *b as f64,
+                    Width::Float => 32.0,
+                })
+                .sum();
             let mut order: Vec<usize> = (0..self.layers.len()).collect();
             order.sort_by(|a, b| self.loss4[*b].total_cmp(&self.loss4[*a]));
             Ok(Some(Outcome {
                 accuracy: 0.99 - lost,
                 reference: 0.99,
                 cost,
-                sensitivity: if p.wants_sensitivity { order.iter().map(|i| self.layers[*i].to_string()).collect() } else { vec![] },
+                sensitivity: if p.wants_sensitivity {
+                    order.iter().map(|i| self.layers[*i].to_string()).collect()
+                } else {
+                    vec![]
+                },
             }))
         }
     }
@@ -574,7 +596,10 @@ mod tests {
         run_fake(&mut f, 0.003);
         let whys: Vec<&str> = f.trials.iter().map(|p| p.why.as_str()).collect();
         assert!(whys.iter().any(|w| w.starts_with("fall back `stem.conv` to float")), "{whys:?}");
-        assert!(whys.iter().any(|w| w.starts_with("lower `l1.conv` again to int4")), "the others lowered again: {whys:?}");
+        assert!(
+            whys.iter().any(|w| w.starts_with("lower `l1.conv` again to int4")),
+            "the others lowered again: {whys:?}"
+        );
     }
 
     #[test]
@@ -589,8 +614,11 @@ mod tests {
 
     #[test]
     fn prune_raises_the_budget_while_it_holds_then_bisects() {
-        let s = search(&QUANT.replace("[quantize]\nstage = 1\nbits = [4, 8]", "[prune]\nstage = 2\nmax_drop = [0.01, 0.02, 0.04, 0.08]"))
-            .unwrap();
+        let s = search(&QUANT.replace(
+            "[quantize]\nstage = 1\nbits = [4, 8]",
+            "[prune]\nstage = 2\nmax_drop = [0.01, 0.02, 0.04, 0.08]",
+        ))
+        .unwrap();
         // Accuracy falls by half the per-layer budget; with a tolerance of 0.015: 0.01 and 0.02
         // hold, 0.04 fails; then 0.03 holds (0.015 lost, at the edge) and 0.035 fails.
         let s = Search { tolerance: Tolerance::Absolute(0.015), ..s };
@@ -618,7 +646,12 @@ mod tests {
 
     #[test]
     fn quantize_changes_escape_layer_names() {
-        let changes = quantize_changes(2, &[4, 8], &[("layer1.0.conv1".into(), Width::Bits(8)), ("fc".into(), Width::Bits(4)), ("stem".into(), Width::Float)], false);
+        let changes = quantize_changes(
+            2,
+            &[4, 8],
+            &[("layer1.0.conv1".into(), Width::Bits(8)), ("fc".into(), Width::Bits(4)), ("stem".into(), Width::Float)],
+            false,
+        );
         assert_eq!(changes[0].0.as_str(), "stages[2].weight_bits");
         let overrides = changes[1].1.as_array().unwrap();
         assert_eq!(overrides.len(), 2, "the lowest width needs no override");

@@ -407,9 +407,9 @@ pub(crate) fn base_of(base: toml::Value, path: &Path) -> Result<Base, String> {
             let p = PathBuf::from(p);
             Ok(Base::File(if p.is_relative() { path.parent().unwrap_or(Path::new("")).join(p) } else { p }))
         }
-        toml::Value::Table(t) => toml::to_string(&t)
-            .map(Base::Inline)
-            .map_err(|e| format!("key `base`: cannot write it back as TOML: {e}")),
+        toml::Value::Table(t) => {
+            toml::to_string(&t).map(Base::Inline).map_err(|e| format!("key `base`: cannot write it back as TOML: {e}"))
+        }
         other => Err(format!("key `base`: a config file's path or a [base] table, not {}", other.type_str())),
     }
 }
@@ -852,10 +852,10 @@ sparsity = 0.5
         /// Any field path on a config changes it or says why not; never a panic.
         #[test]
         fn any_field_path_applies_or_says_why_not(path in "[a-z_]{1,8}(\\[[0-9]\\]|\\.[a-z_]{1,10}){0,4}", v in 0i64..100) {
-            if let Ok(field) = FieldPath::parse(&path) {
-                if let Ok(out) = apply(BASE, &[(field, toml::Value::Integer(v))]) {
-                    assert!(out.parse::<toml_edit::DocumentMut>().is_ok(), "{out}");
-                }
+            if let Ok(field) = FieldPath::parse(&path)
+                && let Ok(out) = apply(BASE, &[(field, toml::Value::Integer(v))])
+            {
+                assert!(out.parse::<toml_edit::DocumentMut>().is_ok(), "{out}");
             }
         }
     }

@@ -189,7 +189,12 @@ fn describe(t: &PlannedTrial) -> String {
     t.changes.iter().map(|(f, v)| format!("{f} = {v}")).collect::<Vec<_>>().join(", ")
 }
 
-fn minutes(seconds: f64) -> String {
+/// A file's text, or nothing when it cannot be read (for fingerprints).
+pub(crate) fn file_text(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+pub(crate) fn minutes(seconds: f64) -> String {
     if seconds < 90.0 { format!("{seconds:.0} s") } else { format!("{:.1} min", seconds / 60.0) }
 }
 
@@ -274,7 +279,7 @@ fn last_sweep(root: &Path) -> Option<(PathBuf, Spec)> {
     Some((dir, spec))
 }
 
-fn new_dir(root: &Path) -> Result<PathBuf> {
+pub(crate) fn new_dir(root: &Path) -> Result<PathBuf> {
     let stamp = time::OffsetDateTime::now_utc()
         .format(time::macros::format_description!("[year][month][day]T[hour][minute][second]Z"))
         .unwrap_or_else(|_| "sweep".into());
@@ -323,11 +328,15 @@ fn log_path(dir: &Path, t: &PlannedTrial) -> PathBuf {
 
 /// The trial's complete run of this config, if there is one.
 fn finished_run(dir: &Path, t: &Trial) -> Option<(PathBuf, Report)> {
-    let runs = std::fs::read_dir(dir.join("trials").join(&t.planned.name)).ok()?;
-    runs.flatten().map(|e| e.path()).find_map(|run| {
+    complete_run(&dir.join("trials").join(&t.planned.name), &t.config)
+}
+
+/// A complete run of `config` (its resolved text) among the run directories under `runs`.
+pub(crate) fn complete_run(runs: &Path, config: &str) -> Option<(PathBuf, Report)> {
+    std::fs::read_dir(runs).ok()?.flatten().map(|e| e.path()).find_map(|run| {
         let report: Report = serde_json::from_slice(&std::fs::read(run.join("report.json")).ok()?).ok()?;
-        let config = std::fs::read_to_string(run.join("config.resolved.toml")).ok()?;
-        (report.status == RunStatus::Complete && config == t.config).then_some((run, report))
+        let resolved = std::fs::read_to_string(run.join("config.resolved.toml")).ok()?;
+        (report.status == RunStatus::Complete && resolved == config).then_some((run, report))
     })
 }
 
@@ -342,26 +351,32 @@ fn unfinished_report(dir: &Path, t: &Trial) -> Option<(PathBuf, Report)> {
 }
 
 fn spawn_trial(dir: &Path, t: &Trial, opts: &SweepOptions) -> Result<Child> {
+    spawn_run(&dir.join("trials"), &opts.cache, &config_path(dir, &t.planned), &log_path(dir, &t.planned))
+        .with_context(|| format!("cannot start trial {}", t.planned.name))
+}
+
+/// Starts `xtask run -q --out OUT --cache CACHE CONFIG` with this process's own binary, its
+/// output appended to `log_file`; on Linux it dies with this process.
+pub(crate) fn spawn_run(out: &Path, cache: &Path, config: &Path, log_file: &Path) -> Result<Child> {
     let exe = own_binary()?;
-    let log_file = log_path(dir, &t.planned);
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&log_file)
+        .open(log_file)
         .with_context(|| format!("cannot open {}", log_file.display()))?;
     let mut cmd = Command::new(exe);
     cmd.arg("run")
         .arg("-q")
         .arg("--out")
-        .arg(dir.join("trials"))
+        .arg(out)
         .arg("--cache")
-        .arg(&opts.cache)
-        .arg(config_path(dir, &t.planned))
+        .arg(cache)
+        .arg(config)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
     die_with_parent(&mut cmd);
-    cmd.spawn().with_context(|| format!("cannot start trial {}", t.planned.name))
+    Ok(cmd.spawn()?)
 }
 
 /// The binary this sweep runs: its trials run the same code even when the file is rebuilt
@@ -459,19 +474,19 @@ impl Row {
 
 /// The measured numbers of a stage: what the row and the baseline show.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-struct Measured {
-    top1: Option<f64>,
-    evaluated_on: Option<String>,
-    file_bytes: Option<usize>,
-    nonzeros: Option<usize>,
-    macs: Option<u64>,
-    runner: Option<String>,
-    latency_b1_ms: Option<f64>,
-    batch_n: Option<usize>,
-    latency_bn_ms: Option<f64>,
+pub(crate) struct Measured {
+    pub top1: Option<f64>,
+    pub evaluated_on: Option<String>,
+    pub file_bytes: Option<usize>,
+    pub nonzeros: Option<usize>,
+    pub macs: Option<u64>,
+    pub runner: Option<String>,
+    pub latency_b1_ms: Option<f64>,
+    pub batch_n: Option<usize>,
+    pub latency_bn_ms: Option<f64>,
 }
 
-fn measured(st: &crate::report::StageReport) -> Measured {
+pub(crate) fn measured(st: &crate::report::StageReport) -> Measured {
     let runners: Vec<&str> = st.latency.iter().map(|l| l.runner.as_str()).collect();
     // The runner that evaluated when it is a CPU plan (int8, sparse), else the f32 CPU plan: the
     // deployable kernels, not burn's training backend.

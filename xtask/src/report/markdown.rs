@@ -286,7 +286,8 @@ fn quantization(st: &StageReport, q: &QuantSummary) -> String {
     if let Some(sens) = &q.sensitivity {
         let worst: Vec<&str> = sens.layers.iter().take(3).map(|(n, _, _)| n.as_str()).collect();
         s += &format!(
-            "\n### Sensitivity: one layer quantized at a time\n\nMeasured on the integer kernels against the f32 plan (top-1 {:.4}, loss {:.4}); most sensitive: {}. Chart: `{}`.\n\n| layer | top-1 | Δ top-1 (pp) | loss | Δ loss |\n|---|---|---|---|---|\n",
+            "\n### Sensitivity: one layer quantized at a time\n\nMeasured on the integer kernels against the f32 plan, on the {} images (top-1 {:.4}, loss {:.4}); most sensitive: {}. Chart: `{}`.\n\n| layer | top-1 | Δ top-1 (pp) | loss | Δ loss |\n|---|---|---|---|---|\n",
+            sens.split,
             sens.reference_top1,
             sens.reference_loss,
             worst.join(", "),

@@ -404,6 +404,13 @@ pub struct Sensitivity {
     pub layers: Vec<(String, f64, f64)>,
     /// The chart's file name in the run directory.
     pub chart: String,
+    /// The images measured: `validation` when the config has a split, else `test`.
+    #[serde(default = "test_split")]
+    pub split: String,
+}
+
+fn test_split() -> String {
+    "test".into()
 }
 
 impl StageReport {

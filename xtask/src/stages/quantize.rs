@@ -65,27 +65,38 @@ pub fn run(stage: &QuantizeStage, cx: &StageContext<'_>, state: &mut RunState, r
     Ok(())
 }
 
-/// Quantizes one layer at a time (the others f32) and measures each on the integer plan; draws
-/// the chart into the run directory.
+/// Quantizes one layer at a time (the others f32) and measures each on the integer plan — on the
+/// validation split when the config has one (a search orders layers by it, and must not look at
+/// the test images), else on the test images; draws the chart into the run directory.
 fn sensitivity(cx: &StageContext<'_>, original: &Graph, q: &QuantizedModel) -> Result<Sensitivity> {
-    let (data, device, threads) = (cx.data, cx.device, cx.plan.threads);
+    let (device, threads) = (cx.device, cx.plan.threads);
+    let (images, split) = match &cx.data.validation {
+        Some(v) => (v, "validation"),
+        None => (&cx.data.test, "test"),
+    };
     let (folded, _) = original.clone().fold_batch_norms()?;
     let mut f32_plan = shrink_core::runtime::freeze_with(
         &folded,
         &shrink_core::runtime::KernelRegistry::default(),
         &shrink_core::runtime::FreezeOptions { threads },
     )?;
-    let reference = evaluate_plan(&mut f32_plan, &data.test, &data.batcher, 250, device)?;
+    let reference = evaluate_plan(&mut f32_plan, images, &cx.data.batcher, 250, device)?;
     let mut layers = Vec::new();
     for name in q.layers.keys() {
         let one = q.with_only(original, name)?;
-        let eval = evaluate_plan(&mut one.freeze(threads)?, &data.test, &data.batcher, 250, device)?;
+        let eval = evaluate_plan(&mut one.freeze(threads)?, images, &cx.data.batcher, 250, device)?;
         tracing::info!(layer = %name, top1 = eval.top1, loss = eval.loss, "sensitivity");
         layers.push((name.clone(), eval.top1, eval.loss));
     }
     layers.sort_by(|a, b| b.2.total_cmp(&a.2));
     let chart = format!("sensitivity_stage{}.svg", cx.index);
-    let sens = Sensitivity { reference_top1: reference.top1, reference_loss: reference.loss, layers, chart };
+    let sens = Sensitivity {
+        reference_top1: reference.top1,
+        reference_loss: reference.loss,
+        layers,
+        chart,
+        split: split.into(),
+    };
     write_sensitivity_chart(&cx.plan.name, &sens, &cx.run_dir.join(&sens.chart))?;
     Ok(sens)
 }
