@@ -170,3 +170,20 @@ fn bad_search_files_exit_2_naming_the_file_and_key() {
     }
     assert!(!out.join("searches").exists(), "nothing written for a bad search");
 }
+
+#[test]
+fn every_shipped_search_dry_runs() {
+    let mut seen = 0;
+    for entry in std::fs::read_dir(root().join("configs/search")).unwrap() {
+        let path = entry.unwrap().path();
+        let rel = path.strip_prefix(root()).unwrap().display().to_string();
+        let o = Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(["search", "--dry-run", &rel])
+            .current_dir(root())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{rel}: {}", String::from_utf8_lossy(&o.stderr));
+        seen += 1;
+    }
+    assert!(seen >= 3);
+}

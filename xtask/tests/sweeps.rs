@@ -305,3 +305,18 @@ fn bad_sweeps_exit_2_naming_the_file_and_place() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--jobs 0"));
     assert!(!out.join("sweeps").exists(), "nothing written for a bad sweep");
 }
+
+#[test]
+fn every_shipped_sweep_dry_runs() {
+    let mut seen = 0;
+    for entry in std::fs::read_dir(root().join("configs/sweeps")).unwrap() {
+        let path = entry.unwrap().path();
+        let rel = path.strip_prefix(root()).unwrap().display().to_string();
+        let o = command(&["sweep", "--dry-run", &rel]).output().unwrap();
+        assert!(o.status.success(), "{rel}: {}", String::from_utf8_lossy(&o.stderr));
+        seen += 1;
+    }
+    assert!(seen >= 2);
+    let o = command(&["sweep", "--dry-run", "configs/sweeps/resnet_pareto.toml"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stdout).contains("16 trial(s)"));
+}

@@ -59,7 +59,9 @@ pub struct Experiment {
     #[serde(default)]
     pub latency: LatencySettings,
     /// What the run writes besides its own model file.
-    #[serde(default, skip_serializing_if = "ExportSettings::is_off")]
+    // Always written back: `[export] onnx = false` written by hand is then read like any table
+    // (skipping the default made the raw check call the table unread).
+    #[serde(default)]
     pub export: ExportSettings,
     /// Let prune, quantize and qat stages work on a model no stage trained (a zoo model's
     /// random initial weights): refused unless set, as that is almost always a mistake.
@@ -94,12 +96,6 @@ pub struct ExportSettings {
 impl Default for ExportSettings {
     fn default() -> Self {
         Self { onnx: false, opset: default_opset(), fold_batch_norms: false, check_onnxruntime: false }
-    }
-}
-
-impl ExportSettings {
-    fn is_off(&self) -> bool {
-        *self == Self::default()
     }
 }
 
@@ -668,6 +664,14 @@ kind = "evaluate"
         assert_eq!(plan.seed, 42);
         assert_eq!(plan.stages.len(), 2);
         assert_eq!(plan.data.shape, [1, 28, 28], "read from the IDX header");
+    }
+
+    /// The defaults written out by hand are read like any other setting.
+    #[test]
+    fn an_export_table_at_its_defaults_validates() {
+        let text = GOOD.replace("[model]", "[export]\nonnx = false\n[model]");
+        let plan = load_plan(&write("export-off.toml", &text)).unwrap();
+        assert!(!plan.export.onnx);
     }
 
     #[test]
