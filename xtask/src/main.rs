@@ -251,22 +251,14 @@ fn main() -> ExitCode {
             let cache = cache.unwrap_or_else(|| out.join("cache").join("baselines"));
             run_configs(&configs, dry_run, fresh, &RunOptions { out, cache, progress: !cli.quiet }, &log)
         }
-        Command::Sweep { file, jobs, out, cache, resume, fresh, dry_run } => {
-            let cache = cache.unwrap_or_else(|| out.join("cache").join("baselines"));
-            if let Some(problem) = cache_dir_problem(&cache) {
-                eprintln!("error: --cache {}: {problem}", cache.display());
-                return ExitCode::from(2);
-            }
-            sweep_run::sweep(&file, &sweep_run::SweepOptions { out, cache, jobs, resume, fresh, dry_run })
-        }
-        Command::Search { file, out, cache, fresh, dry_run } => {
-            let cache = cache.unwrap_or_else(|| out.join("cache").join("baselines"));
-            if let Some(problem) = cache_dir_problem(&cache) {
-                eprintln!("error: --cache {}: {problem}", cache.display());
-                return ExitCode::from(2);
-            }
-            search_run::search(&file, &search_run::SearchOptions { out, cache, fresh, dry_run })
-        }
+        Command::Sweep { file, jobs, out, cache, resume, fresh, dry_run } => match usable_cache(cache, &out) {
+            Ok(cache) => sweep_run::sweep(&file, &sweep_run::SweepOptions { out, cache, jobs, resume, fresh, dry_run }),
+            Err(code) => code,
+        },
+        Command::Search { file, out, cache, fresh, dry_run } => match usable_cache(cache, &out) {
+            Ok(cache) => search_run::search(&file, &search_run::SearchOptions { out, cache, fresh, dry_run }),
+            Err(code) => code,
+        },
         Command::Bench { suite, out, repeats, run } => match bench::in_single_threaded_child() {
             Some(code) => code,
             None => match bench::run_suite(&suite, &out, repeats.max(1), run.as_deref()) {
@@ -444,6 +436,19 @@ fn run_configs(configs: &[PathBuf], dry_run: bool, fresh: bool, opts: &RunOption
         log.set(None);
     }
     code
+}
+
+/// `--cache`, or `OUT/cache/baselines`, when it can be the cache directory; else the error is
+/// said and exit code 2 returned.
+fn usable_cache(cache: Option<PathBuf>, out: &Path) -> Result<PathBuf, ExitCode> {
+    let cache = cache.unwrap_or_else(|| out.join("cache").join("baselines"));
+    match cache_dir_problem(&cache) {
+        Some(problem) => {
+            eprintln!("error: --cache {}: {problem}", cache.display());
+            Err(ExitCode::from(2))
+        }
+        None => Ok(cache),
+    }
 }
 
 /// Why `dir` cannot be the cache directory, if it cannot: it is not a directory, or it cannot

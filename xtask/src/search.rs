@@ -143,16 +143,7 @@ impl Search {
     /// bits outside 2–8 or not increasing, budgets of 0, drops outside (0, 1) or not
     /// increasing.
     pub fn parse(text: &str, path: &Path) -> Result<Search, String> {
-        let file: SearchFile = toml::from_str(text).map_err(|e| {
-            let place = e
-                .span()
-                .map(|span| {
-                    let (line, col) = crate::config::line_col(text, span.start);
-                    format!(":{line}:{col}")
-                })
-                .unwrap_or_default();
-            format!("{}{place}: {}", path.display(), e.message())
-        })?;
+        let file: SearchFile = crate::sweep::parse_strict(text, path)?;
         let fail = |message: String| format!("{}: {message}", path.display());
         let name = crate::sweep::name_or_stem(file.name, path).map_err(fail)?;
         let base = crate::sweep::base_of(file.base, path).map_err(fail)?;

@@ -225,16 +225,7 @@ impl Sweep {
     /// or with a bad field path, a field named by two axes, zipped axes of unequal lengths,
     /// `random` with `zip` or of 0, `seed` without `random`, or more than [`MAX_TRIALS`] trials.
     pub fn parse(text: &str, path: &Path) -> Result<Sweep, String> {
-        let file: SweepFile = toml::from_str(text).map_err(|e| {
-            let place = e
-                .span()
-                .map(|span| {
-                    let (line, col) = crate::config::line_col(text, span.start);
-                    format!(":{line}:{col}")
-                })
-                .unwrap_or_default();
-            format!("{}{place}: {}", path.display(), e.message())
-        })?;
+        let file: SweepFile = parse_strict(text, path)?;
         let fail = |message: String| format!("{}: {message}", path.display());
         let name = name_or_stem(file.name, path).map_err(fail)?;
         let base = base_of(file.base, path).map_err(fail)?;
@@ -385,6 +376,21 @@ pub fn read_text(path: &Path) -> Result<String, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: cannot read the file: {e}", path.display()))?;
     String::from_utf8(bytes).map_err(|e| {
         format!("{}: byte {}: not UTF-8 text (a TOML file is UTF-8)", path.display(), e.utf8_error().valid_up_to())
+    })
+}
+
+/// `text` as `T` (whose unknown keys are errors), or an error naming `path` and the line and
+/// column.
+pub(crate) fn parse_strict<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T, String> {
+    toml::from_str(text).map_err(|e| {
+        let place = e
+            .span()
+            .map(|span| {
+                let (line, col) = crate::config::line_col(text, span.start);
+                format!(":{line}:{col}")
+            })
+            .unwrap_or_default();
+        format!("{}{place}: {}", path.display(), e.message())
     })
 }
 
