@@ -25,11 +25,8 @@ pub fn after_stage(cx: &StageContext<'_>, state: &RunState, batch: usize, report
         Some(q) => {
             // The simulated accuracy is reported by the quantizing stage only.
             let simulate = report.quantization.is_some();
-            let (integer, simulated, stats, latency) = quantized(cx, q, batch, simulate)?;
-            if let Some(validation) = &cx.data.validation {
-                let mut int8 = q.freeze(cx.plan.threads)?;
-                report.validation = Some(evaluate_plan(&mut int8, validation, &cx.data.batcher, batch, cx.device)?);
-            }
+            let (integer, validation, simulated, stats, latency) = quantized(cx, q, batch, simulate)?;
+            report.validation = validation;
             if let (Some(summary), Some(simulated)) = (report.quantization.as_mut(), simulated) {
                 summary.simulated_test = simulated;
                 summary.simulated_on = backend.runner_label().into();
@@ -41,10 +38,9 @@ pub fn after_stage(cx: &StageContext<'_>, state: &RunState, batch: usize, report
         None => {
             report.evaluated_on = backend.runner_label().into();
             report.file_bytes = io::to_bytes(&state.graph)?.len();
-            if let Some(validation) = &cx.data.validation {
-                report.validation = Some(evaluate(&state.graph, validation, &cx.data.batcher, batch, cx.device)?);
-            }
-            float(cx, &state.graph, batch)?
+            let (eval, validation, stats, latency) = float(cx, &state.graph, batch)?;
+            report.validation = validation;
+            (eval, stats, latency)
         }
     };
     tracing::info!(top1 = eval.top1, params = stats.params, macs = stats.macs, "stage measured");
@@ -52,11 +48,17 @@ pub fn after_stage(cx: &StageContext<'_>, state: &RunState, batch: usize, report
     Ok(())
 }
 
-/// A float model: test metrics on the run's backend, size, cost, and latency of burn's forward,
-/// the f32 plan and, when layers are sparse enough, the sparse plan.
-fn float(cx: &StageContext<'_>, graph: &Graph, batch: usize) -> Result<(Evaluation, ModelStats, Vec<Latency>)> {
+/// A float model: test (and validation) metrics on the run's backend, size, cost, and latency of
+/// burn's forward, the f32 plan and, when layers are sparse enough, the sparse plan.
+fn float(
+    cx: &StageContext<'_>,
+    graph: &Graph,
+    batch: usize,
+) -> Result<(Evaluation, Option<Evaluation>, ModelStats, Vec<Latency>)> {
     let (plan, data) = (cx.plan, cx.data);
     let eval = evaluate(graph, &data.test, &data.batcher, batch, cx.device)?;
+    let validation =
+        data.validation.as_ref().map(|v| evaluate(graph, v, &data.batcher, batch, cx.device)).transpose()?;
     let stats = model_stats(graph)?;
     let mut latency = measure_latency(graph, plan.backend, &plan.latency)?;
     latency.extend(measure_plan_latency(graph, plan.threads, &plan.latency)?);
@@ -64,20 +66,24 @@ fn float(cx: &StageContext<'_>, graph: &Graph, batch: usize) -> Result<(Evaluati
     if let Some(mut sparse) = sparse_plan(graph, plan.threads)? {
         latency.extend(measure_frozen_latency(&mut sparse, graph.input_shape(), "cpu-plan-sparse", &plan.latency)?);
     }
-    Ok((eval, stats, latency))
+    Ok((eval, validation, stats, latency))
 }
 
-/// A quantized model: test metrics on the integer plan (and, with `simulate`, on burn with
-/// fake-quant), size, cost, and latency of burn's forward, the f32 plan and the integer plan.
+/// A quantized model: test (and validation) metrics on the integer plan (and, with `simulate`,
+/// test metrics on burn with fake-quant), size, cost, and latency of burn's forward, the f32 plan
+/// and the integer plan.
+#[allow(clippy::type_complexity)]
 fn quantized(
     cx: &StageContext<'_>,
     q: &QuantizedModel,
     batch: usize,
     simulate: bool,
-) -> Result<(Evaluation, Option<Evaluation>, ModelStats, Vec<Latency>)> {
+) -> Result<(Evaluation, Option<Evaluation>, Option<Evaluation>, ModelStats, Vec<Latency>)> {
     let (plan, data, device) = (cx.plan, cx.data, cx.device);
     let mut int8 = q.freeze(plan.threads)?;
     let integer = evaluate_plan(&mut int8, &data.test, &data.batcher, batch, device)?;
+    let validation =
+        data.validation.as_ref().map(|v| evaluate_plan(&mut int8, v, &data.batcher, batch, device)).transpose()?;
     let classes = q.graph.num_outputs();
     let simulated = simulate
         .then(|| evaluate_with(&data.test, &data.batcher, batch, classes, device, &mut |x| Ok(q.forward_simulated(x))))
@@ -86,7 +92,7 @@ fn quantized(
     let mut latency = measure_latency(&q.graph, plan.backend, &plan.latency)?;
     latency.extend(measure_plan_latency(&q.graph, plan.threads, &plan.latency)?);
     latency.extend(measure_frozen_latency(&mut int8, q.graph.input_shape(), "cpu-plan-int8", &plan.latency)?);
-    Ok((integer, simulated, stats, latency))
+    Ok((integer, validation, simulated, stats, latency))
 }
 
 /// The CPU plan of `graph` with shrink-prune's sparse kernels, if any layer is sparse enough to

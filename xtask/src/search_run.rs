@@ -76,13 +76,7 @@ struct SearchReport {
 /// Runs `cargo xtask search`. Exit 2 for a bad search file or trial config, 1 when a trial
 /// failed (the best model so far is kept).
 pub fn search(file: &Path, opts: &SearchOptions) -> ExitCode {
-    match run(file, opts) {
-        Ok(code) => code,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            if err.downcast_ref::<ConfigError>().is_some() { ExitCode::from(2) } else { ExitCode::from(1) }
-        }
-    }
+    crate::sweep_run::exit_code(run(file, opts))
 }
 
 /// The searched stage, checked against the base plan.
@@ -181,7 +175,6 @@ fn run(file: &Path, opts: &SearchOptions) -> Result<ExitCode> {
     let mut outcomes: Vec<Option<Outcome>> = Vec::new();
     let mut timed_out = false;
     let mut best_so_far: Option<usize> = None;
-    let mut failure: Option<String> = None;
     let mut evaluate = |p: &Proposal| -> Result<Option<Outcome>, String> {
         if rows.len() >= s.max_trials {
             return Ok(None);
@@ -207,9 +200,7 @@ fn run(file: &Path, opts: &SearchOptions) -> Result<ExitCode> {
                 match complete_run(&runs, &config) {
                     Some(done) if status.success() => done,
                     _ => {
-                        let why = format!("trial {name} failed ({status}); see {}", log.display());
-                        failure = Some(why.clone());
-                        return Err(why);
+                        return Err(format!("trial {name} failed ({status}); see {}", log.display()));
                     }
                 }
             }
@@ -274,12 +265,12 @@ fn run(file: &Path, opts: &SearchOptions) -> Result<ExitCode> {
     let final_best = best(&outcomes, s.tolerance);
     write_report(&s, file, &dir, &rows, final_best, status, &started_utc, started)?;
     println!("{}", dir.display());
-    match (result, failure) {
-        (Err(e), _) => {
+    match result {
+        Err(e) => {
             eprintln!("error: {e}; the best model so far is in {}", dir.join("best").display());
             Ok(ExitCode::from(1))
         }
-        (Ok(_), _) => {
+        Ok(_) => {
             eprintln!("search {}: {status} after {} trial(s); {}", s.name, rows.len(), verdict(&s, &rows, final_best));
             Ok(ExitCode::SUCCESS)
         }

@@ -64,13 +64,16 @@ struct Trial {
 
 /// Runs `cargo xtask sweep`. Exit 2 for a bad sweep file or trial config, 1 when a trial failed.
 pub fn sweep(file: &Path, opts: &SweepOptions) -> ExitCode {
-    match run(file, opts) {
-        Ok(code) => code,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            if err.downcast_ref::<ConfigError>().is_some() { ExitCode::from(2) } else { ExitCode::from(1) }
-        }
-    }
+    exit_code(run(file, opts))
+}
+
+/// A sweep's or search's result as the exit code: its own, or the error said and 2 for bad
+/// input ([`ConfigError`]), 1 otherwise.
+pub(crate) fn exit_code(result: Result<ExitCode>) -> ExitCode {
+    result.unwrap_or_else(|err| {
+        eprintln!("error: {err:#}");
+        if err.downcast_ref::<ConfigError>().is_some() { ExitCode::from(2) } else { ExitCode::from(1) }
+    })
 }
 
 fn run(file: &Path, opts: &SweepOptions) -> Result<ExitCode> {
@@ -433,19 +436,9 @@ struct Row {
     run_dir: Option<String>,
     log: String,
     error: Option<String>,
-    /// Top-1 on the test images, computed by `evaluated_on`.
-    top1: Option<f64>,
-    evaluated_on: Option<String>,
-    /// The model file's bytes.
-    file_bytes: Option<usize>,
-    nonzeros: Option<usize>,
-    macs: Option<u64>,
-    /// The runner timed: the one that evaluated, or the f32 CPU plan.
-    runner: Option<String>,
-    latency_b1_ms: Option<f64>,
-    /// The largest batch measured, and its median.
-    batch_n: Option<usize>,
-    latency_bn_ms: Option<f64>,
+    /// What the last stage measured (none until the trial is complete).
+    #[serde(flatten)]
+    measured: Measured,
     /// Sum of the stages' wall times (a cached baseline counts its load).
     wall_seconds: Option<f64>,
     /// On the Pareto front of top-1 against size, b1 latency, MACs.
@@ -455,17 +448,36 @@ struct Row {
 }
 
 impl Row {
+    /// A trial with nothing measured yet.
+    fn pending(t: &Trial) -> Row {
+        Row {
+            index: t.planned.index,
+            name: t.planned.name.clone(),
+            changes: t.planned.changes.clone(),
+            status: "pending".into(),
+            run_dir: None,
+            log: format!("logs/{}.log", t.planned.name),
+            error: None,
+            measured: Measured::default(),
+            wall_seconds: None,
+            front_size: false,
+            front_latency: false,
+            front_macs: false,
+        }
+    }
+
     fn metrics(&self) -> String {
+        let m = &self.measured;
         let mut s = format!(
             "top-1 {:.4} ({}), {:.3} MB",
-            self.top1.unwrap_or(f64::NAN),
-            self.evaluated_on.as_deref().unwrap_or("-"),
-            self.file_bytes.unwrap_or(0) as f64 / 1e6
+            m.top1.unwrap_or(f64::NAN),
+            m.evaluated_on.as_deref().unwrap_or("-"),
+            m.file_bytes.unwrap_or(0) as f64 / 1e6
         );
-        if let Some(m) = self.macs {
-            s += &format!(", {:.2} MMACs", m as f64 / 1e6);
+        if let Some(macs) = m.macs {
+            s += &format!(", {:.2} MMACs", macs as f64 / 1e6);
         }
-        if let Some(l) = self.latency_b1_ms {
+        if let Some(l) = m.latency_b1_ms {
             s += &format!(", b1 {l:.3} ms");
         }
         s
@@ -475,13 +487,17 @@ impl Row {
 /// The measured numbers of a stage: what the row and the baseline show.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub(crate) struct Measured {
+    /// Top-1 on the test images, computed by `evaluated_on`.
     pub top1: Option<f64>,
     pub evaluated_on: Option<String>,
+    /// The model file's bytes.
     pub file_bytes: Option<usize>,
     pub nonzeros: Option<usize>,
     pub macs: Option<u64>,
+    /// The runner timed: the one that evaluated when it is a CPU plan, else the f32 CPU plan.
     pub runner: Option<String>,
     pub latency_b1_ms: Option<f64>,
+    /// The largest batch measured, and its median.
     pub batch_n: Option<usize>,
     pub latency_bn_ms: Option<f64>,
 }
@@ -515,28 +531,13 @@ pub(crate) fn measured(st: &crate::report::StageReport) -> Measured {
 }
 
 fn row_of(t: &Trial, run_dir: &Path, report: &Report, sweep_dir: &Path) -> Row {
-    let m = report.stages.last().map(measured).unwrap_or_default();
     Row {
-        index: t.planned.index,
-        name: t.planned.name.clone(),
-        changes: t.planned.changes.clone(),
         status: report.status.to_string(),
         run_dir: Some(run_dir.strip_prefix(sweep_dir).unwrap_or(run_dir).display().to_string()),
-        log: format!("logs/{}.log", t.planned.name),
         error: report.error.clone(),
-        top1: m.top1,
-        evaluated_on: m.evaluated_on,
-        file_bytes: m.file_bytes,
-        nonzeros: m.nonzeros,
-        macs: m.macs,
-        runner: m.runner,
-        latency_b1_ms: m.latency_b1_ms,
-        batch_n: m.batch_n,
-        latency_bn_ms: m.latency_bn_ms,
+        measured: report.stages.last().map(measured).unwrap_or_default(),
         wall_seconds: Some(report.stages.iter().map(|s| s.wall_seconds).sum()),
-        front_size: false,
-        front_latency: false,
-        front_macs: false,
+        ..Row::pending(t)
     }
 }
 
@@ -582,28 +583,7 @@ fn write_sweep_report(cx: &ReportContext<'_>, trials: &[Trial], last: bool) -> R
                 }
                 return row_of(t, &run, &report, cx.dir);
             }
-            let mut row = Row {
-                index: t.planned.index,
-                name: t.planned.name.clone(),
-                changes: t.planned.changes.clone(),
-                status: "pending".into(),
-                run_dir: None,
-                log: format!("logs/{}.log", t.planned.name),
-                error: None,
-                top1: None,
-                evaluated_on: None,
-                file_bytes: None,
-                nonzeros: None,
-                macs: None,
-                runner: None,
-                latency_b1_ms: None,
-                batch_n: None,
-                latency_bn_ms: None,
-                wall_seconds: None,
-                front_size: false,
-                front_latency: false,
-                front_macs: false,
-            };
+            let mut row = Row::pending(t);
             if let Some((run, report)) = unfinished_report(cx.dir, t) {
                 row.status = report.status.to_string();
                 row.error = report.error.clone();
@@ -666,20 +646,6 @@ const FRONTS: [(&str, &str, Metric); 3] = [
     ("pareto_macs.svg", "MMACs per image", |m| m.macs.map(|m| m as f64 / 1e6)),
 ];
 
-fn measured_of(r: &Row) -> Measured {
-    Measured {
-        top1: r.top1,
-        evaluated_on: r.evaluated_on.clone(),
-        file_bytes: r.file_bytes,
-        nonzeros: r.nonzeros,
-        macs: r.macs,
-        runner: r.runner.clone(),
-        latency_b1_ms: r.latency_b1_ms,
-        batch_n: r.batch_n,
-        latency_bn_ms: r.latency_bn_ms,
-    }
-}
-
 /// Marks each complete row on the fronts of top-1 against each cost.
 fn mark_fronts(rows: &mut [Row]) {
     let done: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].status == "complete").collect();
@@ -687,8 +653,8 @@ fn mark_fronts(rows: &mut [Row]) {
         let points: Vec<Vec<f64>> = done
             .iter()
             .map(|&i| {
-                let m = measured_of(&rows[i]);
-                vec![m.top1.unwrap_or(f64::NAN), cost(&m).unwrap_or(f64::NAN)]
+                let m = &rows[i].measured;
+                vec![m.top1.unwrap_or(f64::NAN), cost(m).unwrap_or(f64::NAN)]
             })
             .collect();
         let front = pareto_front(&points, &[Sense::Maximize, Sense::Minimize]);
@@ -710,9 +676,8 @@ fn points(report: &SweepReport, k: usize) -> crate::report::charts::ParetoPoints
         .iter()
         .filter(|r| r.status == "complete")
         .filter_map(|r| {
-            let m = measured_of(r);
             let on = [r.front_size, r.front_latency, r.front_macs][k];
-            Some((format!("t{:03}", r.index), cost(&m)?, m.top1?, on))
+            Some((format!("t{:03}", r.index), cost(&r.measured)?, r.measured.top1?, on))
         })
         .collect();
     let baseline = report.baseline.as_ref().and_then(|b| Some((cost(b)?, b.top1?)));
@@ -766,14 +731,14 @@ fn markdown(r: &SweepReport) -> String {
         s += &format!(
             "| {} | {changes} | {status} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             t.index,
-            num(t.top1, 4),
-            t.evaluated_on.as_deref().unwrap_or("-"),
-            num(t.file_bytes.map(|b| b as f64 / 1e6), 3),
-            t.nonzeros.map_or("-".into(), |n| n.to_string()),
-            num(t.macs.map(|m| m as f64 / 1e6), 2),
-            t.runner.as_deref().unwrap_or("-"),
-            num(t.latency_b1_ms, 3),
-            match (t.batch_n, t.latency_bn_ms) {
+            num(t.measured.top1, 4),
+            t.measured.evaluated_on.as_deref().unwrap_or("-"),
+            num(t.measured.file_bytes.map(|b| b as f64 / 1e6), 3),
+            t.measured.nonzeros.map_or("-".into(), |n| n.to_string()),
+            num(t.measured.macs.map(|m| m as f64 / 1e6), 2),
+            t.measured.runner.as_deref().unwrap_or("-"),
+            num(t.measured.latency_b1_ms, 3),
+            match (t.measured.batch_n, t.measured.latency_bn_ms) {
                 (Some(b), Some(l)) => format!("{l:.2} (b{b})"),
                 _ => "-".into(),
             },
