@@ -8,6 +8,9 @@
 //!   trials (`xtask::sweep`) and writes its report and Pareto charts; rerun to resume it.
 //! - `cargo xtask search <search.toml> [--fresh] [--dry-run]` runs an accuracy-driven search
 //!   (`xtask::search`), keeping the best model so far in its directory; rerun to resume it.
+//!   With `--slurm` both submit their trials to Slurm (`slurm_run`); `sweep --collect DIR`
+//!   follows a sweep submitted with `--detach`.
+//! - `cargo xtask prepare <config.toml>...` trains the baselines the configs' runs share.
 //! - `cargo xtask bench <suite>` runs a benchmark suite at one thread (`runs/bench/<suite>.json`).
 //! - `cargo xtask bench-compare BASE HEAD` compares two commits' bench ratios (the PR gate).
 //! - `cargo xtask export RUN_DIR --onnx FILE` writes a run's model as ONNX (QDQ when quantized).
@@ -22,10 +25,12 @@ mod checkpoint;
 mod data;
 mod export;
 mod measure;
+mod prepare;
 mod progress;
 mod report;
 mod run;
 mod search_run;
+mod slurm_run;
 mod stages;
 mod sweep_run;
 
@@ -36,7 +41,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
@@ -56,6 +61,61 @@ struct Cli {
     /// Only errors on stderr.
     #[arg(short, long, global = true)]
     quiet: bool,
+}
+
+/// Running the trials on Slurm: each option overrides the same key of the file's `[slurm]`.
+#[derive(Args, Clone, Debug, Default)]
+struct SlurmArgs {
+    /// Submit the trials to Slurm as one job array (after one job that trains the shared
+    /// baseline) and follow them; OUT must be on a filesystem the nodes share.
+    #[arg(long)]
+    slurm: bool,
+    /// With --slurm: submit and return; `--collect DIR` follows the sweep later.
+    #[arg(long, requires = "slurm")]
+    detach: bool,
+    /// With --slurm: the xtask binary the tasks run (default: this one, copied to OUT/bin/).
+    #[arg(long, requires = "slurm")]
+    binary: Option<PathBuf>,
+    /// Slurm partition.
+    #[arg(long, requires = "slurm")]
+    partition: Option<String>,
+    /// Slurm account.
+    #[arg(long, requires = "slurm")]
+    account: Option<String>,
+    /// Time limit per task (`MM`, `HH:MM:SS`, `D-HH:MM:SS`, …).
+    #[arg(long, requires = "slurm")]
+    time: Option<String>,
+    /// CPUs per task (also the trials' thread count; default: the base config's `threads`).
+    #[arg(long, requires = "slurm")]
+    cpus_per_task: Option<usize>,
+    /// Memory per task (`4G`, `500M`).
+    #[arg(long, requires = "slurm")]
+    mem: Option<String>,
+    /// At most this many tasks at once (`--array=…%K`).
+    #[arg(long, requires = "slurm")]
+    parallel: Option<usize>,
+    /// More sbatch options, one per flag (`--sbatch=--qos=short`).
+    #[arg(long = "sbatch", value_name = "OPTION", requires = "slurm", allow_hyphen_values = true)]
+    sbatch: Vec<String>,
+}
+
+impl SlurmArgs {
+    fn flags(self) -> slurm_run::SlurmFlags {
+        slurm_run::SlurmFlags {
+            slurm: self.slurm,
+            detach: self.detach,
+            binary: self.binary,
+            settings: xtask::slurm::SlurmSettings {
+                partition: self.partition,
+                account: self.account,
+                time: self.time,
+                cpus_per_task: self.cpus_per_task,
+                mem: self.mem,
+                parallel: self.parallel,
+                sbatch: self.sbatch,
+            },
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -84,7 +144,8 @@ enum Command {
     /// Rerunning the same command resumes the sweep (finished trials are kept).
     Sweep {
         /// The sweep file (e.g. `configs/sweeps/resnet_pareto.toml`).
-        file: PathBuf,
+        #[arg(required_unless_present = "collect")]
+        file: Option<PathBuf>,
         /// Trials run side by side; each gets the machine's cores divided by this as threads.
         #[arg(long, default_value_t = 1)]
         jobs: usize,
@@ -104,6 +165,12 @@ enum Command {
         /// Parse the sweep and validate every trial's config; run nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Follow a sweep submitted with `--slurm --detach` until its trials end, and write its
+        /// report; no sweep file is needed.
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["slurm", "resume", "fresh", "dry_run"])]
+        collect: Option<PathBuf>,
+        #[command(flatten)]
+        slurm: SlurmArgs,
     },
     /// Run an accuracy-driven search: the smallest / fastest / cheapest model within a tolerated
     /// loss of validation top-1, under `OUT/searches/<name>/<timestamp>/`; the best model so far
@@ -123,6 +190,21 @@ enum Command {
         /// Parse the search and validate its first trial's config; run nothing.
         #[arg(long)]
         dry_run: bool,
+        #[command(flatten)]
+        slurm: SlurmArgs,
+    },
+    /// Train (or find in the cache) the models the configs' runs share — baselines and
+    /// teachers — and nothing else: what a sweep on Slurm runs before its trials.
+    Prepare {
+        /// Config files.
+        #[arg(required = true)]
+        configs: Vec<PathBuf>,
+        /// Where trained baselines are cached.
+        #[arg(long, default_value = "runs/cache/baselines")]
+        cache: PathBuf,
+        /// Write this JSON file (host, time, models) when done.
+        #[arg(long)]
+        mark: Option<PathBuf>,
     },
     /// Run a benchmark suite side by side at one thread; writes `OUT/bench/<suite>.json`.
     Bench {
@@ -251,14 +333,35 @@ fn main() -> ExitCode {
             let cache = cache.unwrap_or_else(|| out.join("cache").join("baselines"));
             run_configs(&configs, dry_run, fresh, &RunOptions { out, cache, progress: !cli.quiet }, &log)
         }
-        Command::Sweep { file, jobs, out, cache, resume, fresh, dry_run } => match usable_cache(cache, &out) {
-            Ok(cache) => sweep_run::sweep(&file, &sweep_run::SweepOptions { out, cache, jobs, resume, fresh, dry_run }),
+        Command::Sweep { file, jobs, out, cache, resume, fresh, dry_run, collect, slurm } => {
+            match usable_cache(cache, &out) {
+                Ok(cache) => sweep_run::sweep(
+                    file.as_deref(),
+                    &sweep_run::SweepOptions {
+                        out,
+                        cache,
+                        jobs,
+                        resume,
+                        fresh,
+                        dry_run,
+                        slurm: slurm.flags(),
+                        collect,
+                    },
+                ),
+                Err(code) => code,
+            }
+        }
+        Command::Search { file, out, cache, fresh, dry_run, slurm } => match usable_cache(cache, &out) {
+            Ok(cache) => search_run::search(
+                &file,
+                &search_run::SearchOptions { out, cache, fresh, dry_run, slurm: slurm.flags() },
+            ),
             Err(code) => code,
         },
-        Command::Search { file, out, cache, fresh, dry_run } => match usable_cache(cache, &out) {
-            Ok(cache) => search_run::search(&file, &search_run::SearchOptions { out, cache, fresh, dry_run }),
-            Err(code) => code,
-        },
+        Command::Prepare { configs, cache, mark } => {
+            let opts = RunOptions { out: std::env::temp_dir(), cache, progress: false };
+            sweep_run::exit_code(prepare::prepare(&configs, &opts, mark.as_deref()).map(|()| ExitCode::SUCCESS))
+        }
         Command::Bench { suite, out, repeats, run } => match bench::in_single_threaded_child() {
             Some(code) => code,
             None => match bench::run_suite(&suite, &out, repeats.max(1), run.as_deref()) {

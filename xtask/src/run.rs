@@ -98,7 +98,7 @@ fn run_stages(plan: &Plan, opts: &RunOptions, run_dir: &Path, report: &mut Repor
         report.current_stage = None;
         crate::checkpoint::save(run_dir, &state, &report.stages)?;
         write_report(report, run_dir)?;
-        pause_for_tests(report.stages.len());
+        pause_for_tests(&plan.name, report.stages.len());
     }
     match &state.quantized {
         Some(q) => q.save(&run_dir.join("model.safetensors"))?,
@@ -161,9 +161,12 @@ fn initial_state(
 
 /// The kill-and-resume test's hook: with `SHRINK_TEST_STOP_AFTER_STAGES=n`, the run prints a line
 /// and waits forever once the checkpoint after `n` finished stages is written, so the test can
-/// `kill -9` it at a known point. Not for anything else.
-fn pause_for_tests(stages_done: usize) {
-    if std::env::var("SHRINK_TEST_STOP_AFTER_STAGES").ok().and_then(|v| v.parse::<usize>().ok()) == Some(stages_done) {
+/// `kill -9` it at a known point; with `SHRINK_TEST_STOP_ONLY=<run name>` only that run waits (a
+/// sweep's one trial). Not for anything else.
+fn pause_for_tests(name: &str, stages_done: usize) {
+    if std::env::var("SHRINK_TEST_STOP_AFTER_STAGES").ok().and_then(|v| v.parse::<usize>().ok()) == Some(stages_done)
+        && std::env::var("SHRINK_TEST_STOP_ONLY").map_or(true, |only| only == name)
+    {
         eprintln!("SHRINK_TEST_STOP_AFTER_STAGES={stages_done}: waiting to be killed");
         loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));

@@ -104,6 +104,8 @@ pub struct Search {
     /// Fields every trial sets alike (fine-tuning budgets, the validation split).
     pub set: Vec<(FieldPath, toml::Value)>,
     pub strategy: Strategy,
+    /// `[slurm]`: how `--slurm` submits each trial (flags override it).
+    pub slurm: crate::slurm::SlurmSettings,
 }
 
 #[derive(Deserialize)]
@@ -119,6 +121,8 @@ struct SearchFile {
     set: toml::Table,
     quantize: Option<QuantizeFile>,
     prune: Option<PruneFile>,
+    #[serde(default)]
+    slurm: crate::slurm::SlurmSettings,
 }
 
 #[derive(Deserialize)]
@@ -189,6 +193,7 @@ impl Search {
             }
             _ => return Err(fail("give one strategy: a [quantize] or a [prune] table".into())),
         };
+        file.slurm.validate().map_err(fail)?;
         Ok(Search {
             source: path.to_path_buf(),
             name,
@@ -199,6 +204,7 @@ impl Search {
             timeout_minutes: file.timeout_minutes,
             set,
             strategy,
+            slurm: file.slurm,
         })
     }
 

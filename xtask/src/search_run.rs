@@ -27,6 +27,8 @@ pub struct SearchOptions {
     pub cache: PathBuf,
     pub fresh: bool,
     pub dry_run: bool,
+    /// `--slurm`: each trial a job on Slurm, followed to its end.
+    pub slurm: crate::slurm_run::SlurmFlags,
 }
 
 /// One trial's row in `search.json`.
@@ -49,6 +51,9 @@ struct Row {
     /// What the trial's last stage measured (test top-1 included, never used to decide).
     measured: Measured,
     wall_seconds: f64,
+    /// The trial's Slurm job, on Slurm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    slurm: Option<crate::slurm_run::TaskState>,
 }
 
 /// `search.json`.
@@ -109,9 +114,24 @@ fn run(file: &Path, opts: &SearchOptions) -> Result<ExitCode> {
         Base::Inline(text) => (parse_plan(text, &s.source)?, s.source.clone()),
     };
     let base = base_plan.to_toml()?;
+    let mut slurm = opts.slurm.clone();
+    slurm.settings = s.slurm.overridden_by(&opts.slurm.settings);
+    slurm.settings.validate().map_err(|e| ConfigError(format!("{}: {e}", file.display())))?;
+    if slurm.detach {
+        return Err(ConfigError(
+            "--detach: a search chooses each trial from the ones before, so it follows its trials on Slurm and cannot detach"
+                .into(),
+        )
+        .into());
+    }
+    // On Slurm a trial runs with `cpus_per_task` threads when it is given.
+    let threads = slurm.settings.cpus_per_task.filter(|_| slurm.slurm);
     // The trial's config: the base, `set`, the strategy's changes, the trial's name.
     let config_of = |changes: &[(FieldPath, toml::Value)], name: &str| -> Result<(xtask::plan::Plan, String)> {
         let mut all: Vec<(FieldPath, toml::Value)> = s.set.clone();
+        if let Some(t) = threads {
+            all.push((FieldPath::parse("threads").expect("a key"), toml::Value::Integer(t as i64)));
+        }
         all.extend(changes.iter().cloned());
         all.push((FieldPath::parse("name").expect("a key"), toml::Value::String(name.into())));
         let fail = |e: String| ConfigError(format!("{}: trial {name}: {e}", s.source.display()));
@@ -169,6 +189,15 @@ fn run(file: &Path, opts: &SearchOptions) -> Result<ExitCode> {
         s.tolerance.describe()
     );
 
+    let mut cluster = match slurm.slurm {
+        true => {
+            if slurm.settings.cpus_per_task.is_none() {
+                slurm.settings.cpus_per_task = Some(probe.threads);
+            }
+            Some(crate::slurm_run::Cluster::open(&dir, &s.name, &opts.cache, &opts.out, &slurm)?)
+        }
+        false => None,
+    };
     let started = Instant::now();
     let started_utc = crate::report::utc(time::OffsetDateTime::now_utc());
     let mut rows: Vec<Row> = Vec::new();
@@ -194,13 +223,17 @@ fn run(file: &Path, opts: &SearchOptions) -> Result<ExitCode> {
             Some(done) => done,
             None => {
                 let log = dir.join("logs").join(format!("{name}.log"));
-                let status = spawn_run(&dir.join("trials"), &opts.cache, &config_file, &log)
-                    .and_then(|mut c| Ok(c.wait()?))
-                    .map_err(|e| format!("trial {name}: {e:#}"))?;
+                let status = match cluster.as_mut() {
+                    Some(c) => on_slurm(c, index, &config_file),
+                    None => spawn_run(&dir.join("trials"), &opts.cache, &config_file, &log)
+                        .and_then(|mut c| Ok(c.wait()?))
+                        .map(|status| (status.success(), status.to_string())),
+                }
+                .map_err(|e| format!("trial {name}: {e:#}"))?;
                 match complete_run(&runs, &config) {
-                    Some(done) if status.success() => done,
+                    Some(done) if status.0 => done,
                     _ => {
-                        return Err(format!("trial {name} failed ({status}); see {}", log.display()));
+                        return Err(format!("trial {name} failed ({}); see {}", status.1, log.display()));
                     }
                 }
             }
@@ -226,6 +259,7 @@ fn run(file: &Path, opts: &SearchOptions) -> Result<ExitCode> {
             cost: outcome.cost,
             measured: last,
             wall_seconds: report.stages.iter().map(|st| st.wall_seconds).sum(),
+            slurm: cluster.as_ref().and_then(|c| c.tasks().remove(&index)),
         });
         outcomes.push(Some(outcome.clone()));
         let winner = best(&outcomes, s.tolerance);
@@ -275,6 +309,19 @@ fn run(file: &Path, opts: &SearchOptions) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Runs trial `index` as a Slurm job (after a job that trains the shared baseline, when it is
+/// not cached yet) and waits for it; a task still queued or running from before is waited for
+/// instead. Returns whether it completed, and its Slurm state.
+fn on_slurm(cluster: &mut crate::slurm_run::Cluster, index: usize, config: &Path) -> Result<(bool, String)> {
+    if !cluster.active().contains(&index) {
+        cluster.submit(&[index], &[config.to_path_buf()])?;
+    }
+    cluster.watch(&[index], || Ok(()))?;
+    let task = cluster.tasks().remove(&index).unwrap_or_default();
+    let line = format!("Slurm {} {}, Slurm's output {}", task.job, task.state, task.log);
+    Ok((task.state == "COMPLETED", line))
 }
 
 /// A trial's outcome from its report: validation top-1 of the searched stage's input and of the
@@ -446,7 +493,10 @@ fn markdown(r: &SearchReport) -> String {
         s += &format!(
             "| {}{mark} | {} | {:.4} | {:+.2} | {} | {} | {} | {} | {} | {:.0} |\n",
             t.index,
-            t.why,
+            match &t.slurm {
+                Some(task) => format!("{} (Slurm {} {})", t.why, task.job, task.state),
+                None => t.why.clone(),
+            },
             t.validation_top1,
             (t.validation_top1 - t.reference) * 100.0,
             if t.holds { "yes" } else { "no" },

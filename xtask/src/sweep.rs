@@ -165,6 +165,8 @@ pub struct Sweep {
     /// Fields every trial sets alike (`set = { "stages[0].epochs" = 5 }`), before the axes'.
     pub set: Vec<(FieldPath, toml::Value)>,
     pub axes: Vec<Axis>,
+    /// `[slurm]`: how `--slurm` submits the trials (flags override it).
+    pub slurm: crate::slurm::SlurmSettings,
 }
 
 /// One trial of a sweep: its position and the fields it changes in the base config (the
@@ -206,6 +208,8 @@ struct SweepFile {
     #[serde(default)]
     set: toml::Table,
     axes: Vec<AxisFile>,
+    #[serde(default)]
+    slurm: crate::slurm::SlurmSettings,
 }
 
 #[derive(Deserialize)]
@@ -289,7 +293,17 @@ impl Sweep {
             }
             (None, None) => None,
         };
-        let sweep = Sweep { source: path.to_path_buf(), name, base, combine: file.combine, random, set, axes };
+        file.slurm.validate().map_err(fail)?;
+        let sweep = Sweep {
+            source: path.to_path_buf(),
+            name,
+            base,
+            combine: file.combine,
+            random,
+            set,
+            axes,
+            slurm: file.slurm,
+        };
         if sweep.combine == Combine::Zip
             && let Some(a) = sweep.axes.iter().find(|a| a.values.len() != sweep.axes[0].values.len())
         {

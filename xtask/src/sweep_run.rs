@@ -22,6 +22,7 @@ use xtask::config::{ConfigError, load_plan, parse_plan};
 use xtask::sweep::{Base, Sense, Sweep, inline, pareto_front};
 
 use crate::report::{Report, RunStatus};
+use crate::slurm_run::{Cluster, SlurmFlags, TaskState};
 
 /// Options from the command line.
 pub struct SweepOptions {
@@ -31,6 +32,10 @@ pub struct SweepOptions {
     pub resume: bool,
     pub fresh: bool,
     pub dry_run: bool,
+    /// `--slurm` and its options.
+    pub slurm: SlurmFlags,
+    /// `--collect DIR`: follow a sweep submitted to Slurm before and write its report.
+    pub collect: Option<PathBuf>,
 }
 
 /// One trial as the sweep planned it.
@@ -54,6 +59,13 @@ struct Spec {
     fingerprint: String,
     threads_per_trial: usize,
     trials: Vec<PlannedTrial>,
+    /// Each axis with its values described, for the report.
+    #[serde(default)]
+    axes: Vec<(String, Vec<String>)>,
+    #[serde(default)]
+    combine: String,
+    #[serde(default)]
+    random: Option<(usize, u64)>,
 }
 
 /// A trial with its config text.
@@ -63,7 +75,7 @@ struct Trial {
 }
 
 /// Runs `cargo xtask sweep`. Exit 2 for a bad sweep file or trial config, 1 when a trial failed.
-pub fn sweep(file: &Path, opts: &SweepOptions) -> ExitCode {
+pub fn sweep(file: Option<&Path>, opts: &SweepOptions) -> ExitCode {
     exit_code(run(file, opts))
 }
 
@@ -76,13 +88,31 @@ pub(crate) fn exit_code(result: Result<ExitCode>) -> ExitCode {
     })
 }
 
-fn run(file: &Path, opts: &SweepOptions) -> Result<ExitCode> {
+fn run(file: Option<&Path>, opts: &SweepOptions) -> Result<ExitCode> {
+    let Some(file) = file.filter(|_| opts.collect.is_none()) else {
+        let dir = opts.collect.as_deref().expect("clap: a sweep file or --collect");
+        return collect(dir);
+    };
     let sweep = Sweep::load(file).map_err(ConfigError)?;
     if opts.jobs == 0 {
         return Err(ConfigError("--jobs 0: give at least 1 trial at a time".into()).into());
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = (cores / opts.jobs).max(1);
+    let mut slurm = opts.slurm.clone();
+    slurm.settings = sweep.slurm.overridden_by(&opts.slurm.settings);
+    slurm.settings.validate().map_err(|e| ConfigError(format!("{}: {e}", file.display())))?;
+    // On Slurm a trial gets `cpus_per_task` threads (the base config's count when not given);
+    // here the machine's cores divided by --jobs.
+    let threads = if slurm.slurm {
+        let threads = match slurm.settings.cpus_per_task {
+            Some(c) => c,
+            None => base_plan(&sweep)?.0.threads,
+        };
+        slurm.settings.cpus_per_task = Some(threads);
+        threads
+    } else {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / opts.jobs).max(1)
+    };
     let trials = plan_trials(&sweep, threads)?;
     let fingerprint = crate::cache::sha256_hex(trials.iter().map(|t| t.config.as_str()).collect::<String>().as_bytes());
     let spec = Spec {
@@ -91,15 +121,37 @@ fn run(file: &Path, opts: &SweepOptions) -> Result<ExitCode> {
         fingerprint,
         threads_per_trial: threads,
         trials: trials.iter().map(|t| t.planned.clone()).collect(),
+        axes: sweep
+            .axes
+            .iter()
+            .map(|a| (a.name(), (0..a.values.len()).map(|i| a.describe_step(i)).collect()))
+            .collect(),
+        combine: format!("{:?}", sweep.combine).to_lowercase(),
+        random: sweep.random,
     };
     if opts.dry_run {
-        println!(
-            "{}: ok — {} trial(s), {} thread(s) each at --jobs {}",
-            file.display(),
-            trials.len(),
-            threads,
-            opts.jobs
-        );
+        if slurm.slurm {
+            println!(
+                "{}: ok — {} trial(s) as one Slurm array, {threads} CPU(s) and thread(s) per task; #SBATCH {}",
+                file.display(),
+                trials.len(),
+                slurm
+                    .settings
+                    .header_lines()
+                    .iter()
+                    .map(|l| l.trim_start_matches("#SBATCH "))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+        } else {
+            println!(
+                "{}: ok — {} trial(s), {} thread(s) each at --jobs {}",
+                file.display(),
+                trials.len(),
+                threads,
+                opts.jobs
+            );
+        }
         for t in &trials {
             println!("  {}: {}", t.planned.name, describe(&t.planned));
         }
@@ -113,8 +165,37 @@ fn run(file: &Path, opts: &SweepOptions) -> Result<ExitCode> {
     for t in &trials {
         shrink_core::io::write_atomic(&config_path(&dir, &t.planned), t.config.as_bytes())?;
     }
-    let started = Instant::now();
     let started_utc = crate::report::utc(time::OffsetDateTime::now_utc());
+    if slurm.slurm {
+        let mut cluster = Cluster::open(&dir, &sweep.name, &opts.cache, &opts.out, &slurm)?;
+        let active = cluster.active();
+        let submit: Vec<&Trial> =
+            trials.iter().filter(|t| finished_run(&dir, t).is_none() && !active.contains(&t.planned.index)).collect();
+        eprintln!(
+            "sweep {}: {} trial(s), {} finished before, {} still queued or running, {} to submit; {}",
+            sweep.name,
+            trials.len(),
+            trials.iter().filter(|t| finished_run(&dir, t).is_some()).count(),
+            active.len(),
+            submit.len(),
+            dir.display()
+        );
+        if !submit.is_empty() {
+            let indices: Vec<usize> = submit.iter().map(|t| t.planned.index).collect();
+            let configs: Vec<PathBuf> = submit.iter().map(|t| config_path(&dir, &t.planned)).collect();
+            cluster.submit(&indices, &configs)?;
+        }
+        let jobs = slurm.settings.parallel.unwrap_or(trials.len());
+        let context = ReportContext { spec: &spec, dir: &dir, jobs, started_utc, cluster: Some(&cluster) };
+        write_sweep_report(&context, &trials, false)?;
+        if slurm.detach {
+            println!("{}", dir.display());
+            eprintln!("detached; follow it and write its report with: cargo xtask sweep --collect {}", dir.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+        return follow(&context, &trials);
+    }
+    let started = Instant::now();
     let mut pending: Vec<&Trial> = trials.iter().filter(|t| finished_run(&dir, t).is_none()).collect();
     let done_before = trials.len() - pending.len();
     eprintln!(
@@ -124,7 +205,7 @@ fn run(file: &Path, opts: &SweepOptions) -> Result<ExitCode> {
         opts.jobs,
         dir.display()
     );
-    let context = ReportContext { sweep: &sweep, spec: &spec, dir: &dir, jobs: opts.jobs, started_utc };
+    let context = ReportContext { spec: &spec, dir: &dir, jobs: opts.jobs, started_utc, cluster: None };
     write_sweep_report(&context, &trials, false)?;
     pending.reverse();
     let mut running: Vec<(&Trial, Child, Instant)> = Vec::new();
@@ -188,6 +269,46 @@ fn run(file: &Path, opts: &SweepOptions) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Follows a sweep's trials on Slurm until none is queued or running, rewriting the report as
+/// they finish; exit 1 when any failed.
+fn follow(cx: &ReportContext<'_>, trials: &[Trial]) -> Result<ExitCode> {
+    let cluster = cx.cluster.expect("a sweep on Slurm");
+    let indices: Vec<usize> = trials.iter().map(|t| t.planned.index).collect();
+    cluster.watch(&indices, || write_sweep_report(cx, trials, false))?;
+    write_sweep_report(cx, trials, true)?;
+    println!("{}", cx.dir.display());
+    let unfinished = trials.iter().filter(|t| finished_run(cx.dir, t).is_none()).count();
+    if unfinished > 0 {
+        eprintln!(
+            "error: {unfinished} trial(s) failed or were cancelled (see report.md); rerun the same command (or --resume) to resubmit only those"
+        );
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--collect DIR`: a sweep submitted with `--slurm --detach`, followed to its end.
+fn collect(dir: &Path) -> Result<ExitCode> {
+    let spec_file = dir.join("sweep.spec.json");
+    let spec: Spec = serde_json::from_slice(&std::fs::read(&spec_file).map_err(|e| {
+        ConfigError(format!("--collect {}: no sweep here ({}: {e})", dir.display(), spec_file.display()))
+    })?)
+    .map_err(|e| ConfigError(format!("{}: {e}", spec_file.display())))?;
+    let trials = spec
+        .trials
+        .iter()
+        .map(|p| {
+            let path = config_path(dir, p);
+            let config = std::fs::read_to_string(&path).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+            Ok(Trial { planned: p.clone(), config })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let cluster = Cluster::reopen(dir, &spec.name)?;
+    let started_utc = crate::report::utc(time::OffsetDateTime::now_utc());
+    let context = ReportContext { spec: &spec, dir, jobs: trials.len(), started_utc, cluster: Some(&cluster) };
+    follow(&context, &trials)
+}
+
 fn describe(t: &PlannedTrial) -> String {
     t.changes.iter().map(|(f, v)| format!("{f} = {v}")).collect::<Vec<_>>().join(", ")
 }
@@ -204,10 +325,7 @@ pub(crate) fn minutes(seconds: f64) -> String {
 /// Every trial's config: the base with the axes' values, its name, and the sweep's thread count
 /// per trial (unless an axis sets `threads`), validated as `xtask run` validates a config.
 fn plan_trials(sweep: &Sweep, threads: usize) -> Result<Vec<Trial>> {
-    let (base_plan, base_source) = match &sweep.base {
-        Base::File(path) => (load_plan(path)?, path.clone()),
-        Base::Inline(text) => (parse_plan(text, &sweep.source)?, sweep.source.clone()),
-    };
+    let (base_plan, base_source) = base_plan(sweep)?;
     let base = base_plan.to_toml()?;
     let sets_threads = sweep.axes.iter().any(|a| a.fields.iter().any(|f| f.as_str() == "threads"));
     let mut trials = Vec::new();
@@ -238,6 +356,14 @@ fn plan_trials(sweep: &Sweep, threads: usize) -> Result<Vec<Trial>> {
         });
     }
     Ok(trials)
+}
+
+/// The sweep's base config, and the file relative paths in it are resolved against.
+fn base_plan(sweep: &Sweep) -> Result<(xtask::plan::Plan, PathBuf)> {
+    Ok(match &sweep.base {
+        Base::File(path) => (load_plan(path)?, path.clone()),
+        Base::Inline(text) => (parse_plan(text, &sweep.source)?, sweep.source.clone()),
+    })
 }
 
 /// The sweep directory to run in: the last one of this sweep when its trials are the same (or
@@ -441,6 +567,9 @@ struct Row {
     measured: Measured,
     /// Sum of the stages' wall times (a cached baseline counts its load).
     wall_seconds: Option<f64>,
+    /// The trial's latest Slurm task, on Slurm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    slurm: Option<TaskState>,
     /// On the Pareto front of top-1 against size, b1 latency, MACs.
     front_size: bool,
     front_latency: bool,
@@ -460,6 +589,7 @@ impl Row {
             error: None,
             measured: Measured::default(),
             wall_seconds: None,
+            slurm: None,
             front_size: false,
             front_latency: false,
             front_macs: false,
@@ -553,6 +683,9 @@ struct SweepReport {
     cpu: String,
     jobs: usize,
     threads_per_trial: usize,
+    /// `local`, or `slurm` (then `jobs` is the array's `%K`, or its size).
+    #[serde(default)]
+    scheduler: String,
     /// With `--jobs` above 1, trials ran side by side, so their latencies were measured while
     /// other trials computed: compare them with care.
     latency_measured_concurrently: bool,
@@ -565,23 +698,26 @@ struct SweepReport {
 }
 
 struct ReportContext<'a> {
-    sweep: &'a Sweep,
     spec: &'a Spec,
     dir: &'a Path,
     jobs: usize,
     started_utc: String,
+    /// The sweep's trials are on Slurm.
+    cluster: Option<&'a Cluster>,
 }
 
 fn write_sweep_report(cx: &ReportContext<'_>, trials: &[Trial], last: bool) -> Result<()> {
     let mut baseline = None;
+    let tasks = cx.cluster.map(Cluster::tasks).unwrap_or_default();
     let mut rows: Vec<Row> = trials
         .iter()
         .map(|t| {
+            let task = tasks.get(&t.planned.index).cloned();
             if let Some((run, report)) = finished_run(cx.dir, t) {
                 if baseline.is_none() && report.stages.first().is_some_and(|s| s.kind == "train") {
                     baseline = report.stages.first().map(measured);
                 }
-                return row_of(t, &run, &report, cx.dir);
+                return Row { slurm: task, ..row_of(t, &run, &report, cx.dir) };
             }
             let mut row = Row::pending(t);
             if let Some((run, report)) = unfinished_report(cx.dir, t) {
@@ -589,6 +725,16 @@ fn write_sweep_report(cx: &ReportContext<'_>, trials: &[Trial], last: bool) -> R
                 row.error = report.error.clone();
                 row.run_dir = Some(run.strip_prefix(cx.dir).unwrap_or(&run).display().to_string());
             }
+            if let Some(task) = &task {
+                // Slurm knows better than a report a killed task could not finish writing.
+                row.status = match (task.active, task.state.as_str()) {
+                    (true, "PENDING") => "pending",
+                    (true, _) => "running",
+                    (false, _) => "failed",
+                }
+                .into();
+            }
+            row.slurm = task;
             row
         })
         .collect();
@@ -603,7 +749,7 @@ fn write_sweep_report(cx: &ReportContext<'_>, trials: &[Trial], last: bool) -> R
         })
         .unwrap_or_else(crate::report::cpu_model);
     let report = SweepReport {
-        name: cx.sweep.name.clone(),
+        name: cx.spec.name.clone(),
         source: cx.spec.source.clone(),
         status: match (last, complete) {
             (_, true) => "complete",
@@ -617,15 +763,11 @@ fn write_sweep_report(cx: &ReportContext<'_>, trials: &[Trial], last: bool) -> R
         cpu,
         jobs: cx.jobs,
         threads_per_trial: cx.spec.threads_per_trial,
+        scheduler: if cx.cluster.is_some() { "slurm" } else { "local" }.into(),
         latency_measured_concurrently: cx.jobs > 1,
-        axes: cx
-            .sweep
-            .axes
-            .iter()
-            .map(|a| (a.name(), (0..a.values.len()).map(|i| a.describe_step(i)).collect()))
-            .collect(),
-        combine: format!("{:?}", cx.sweep.combine).to_lowercase(),
-        random: cx.sweep.random,
+        axes: cx.spec.axes.clone(),
+        combine: cx.spec.combine.clone(),
+        random: cx.spec.random,
         baseline,
         trials: rows,
     };
@@ -687,20 +829,24 @@ fn points(report: &SweepReport, k: usize) -> crate::report::charts::ParetoPoints
 fn markdown(r: &SweepReport) -> String {
     let mut s = format!("# Sweep {} — {}\n\n", r.name, r.status);
     s += &format!(
-        "- sweep file: `{}`; {} trial(s) ({}{}); git {}; CPU {}\n- --jobs {} at {} thread(s) per trial; started {}, updated {}\n",
+        "- sweep file: `{}`; {} trial(s) ({}{}); git {}; CPU {}\n- {} at {} thread(s) per trial; started {}, updated {}\n",
         r.source,
         r.trials.len(),
         r.combine,
         r.random.map(|(n, seed)| format!(", random {n} with seed {seed}")).unwrap_or_default(),
         r.git_revision,
         r.cpu,
-        r.jobs,
+        if r.scheduler == "slurm" {
+            format!("Slurm job array, at most {} task(s) at once", r.jobs)
+        } else {
+            format!("--jobs {}", r.jobs)
+        },
         r.threads_per_trial,
         r.started_utc,
         r.updated_utc
     );
     if r.latency_measured_concurrently {
-        s += "- latencies were measured while other trials ran beside them (--jobs above 1): they show the trend, not the speed alone; rerun a trial alone to time it\n";
+        s += "- latencies were measured while other trials may have run beside them: they show the trend, not the speed alone; rerun a trial alone to time it\n";
     }
     for (field, values) in &r.axes {
         s += &format!("- axis `{field}`: {}\n", values.join(", "));
@@ -724,10 +870,19 @@ fn markdown(r: &SweepReport) -> String {
     let mark = |on: bool| if on { "●" } else { "" };
     for t in &r.trials {
         let changes = t.changes.iter().map(|(f, v)| format!("`{f}` = {v}")).collect::<Vec<_>>().join(", ");
-        let status = match &t.error {
+        let mut status = match &t.error {
             Some(e) => format!("{} ({}; log `{}`)", t.status, e.lines().next().unwrap_or(""), t.log),
             None => t.status.clone(),
         };
+        if let Some(task) = &t.slurm {
+            status += &format!(
+                " · Slurm {} {}{}{}",
+                task.job,
+                task.state,
+                task.node.as_ref().map(|n| format!(" on {n}")).unwrap_or_default(),
+                if task.state == "COMPLETED" { String::new() } else { format!(", `{}`", task.log) }
+            );
+        }
         s += &format!(
             "| {} | {changes} | {status} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             t.index,

@@ -97,6 +97,13 @@ pub fn cpu_model() -> String {
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
+/// This machine's host name (`unknown` when neither `hostname` nor `/etc/hostname` says).
+pub fn hostname() -> String {
+    command("hostname", &[])
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 impl Provenance {
     /// Collects provenance now.
     pub fn collect(e: &Plan, started: time::OffsetDateTime) -> Self {
@@ -104,9 +111,7 @@ impl Provenance {
             git_revision: git_revision(),
             git_dirty: command("git", &["status", "--porcelain", "--untracked-files=no"])
                 .is_some_and(|s| !s.is_empty()),
-            host: command("hostname", &[])
-                .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
-                .unwrap_or_else(|| "unknown".into()),
+            host: hostname(),
             cpu: cpu_model(),
             backend: e.backend.name().into(),
             threads: e.threads,

@@ -11,7 +11,7 @@ use shrink_core::zoo::ModelSpec;
 use shrink_distill::{Teacher, distill, ensemble_log_probs};
 
 use super::{RunState, StageContext};
-use crate::plan::{DistillStage, StagePlan};
+use crate::plan::{DistillStage, Plan, StagePlan};
 use crate::progress::Progress;
 use crate::report::{DistillSummary, ModelResult, StageReport, StudentRun};
 
@@ -60,6 +60,24 @@ fn teachers(stage: &DistillStage, cx: &StageContext<'_>, state: &RunState) -> Re
         teachers.push(Teacher { graph, weight: 1.0 });
         return Ok((teachers, results));
     }
+    for (j, t) in teacher_trainings(stage, plan).into_iter().enumerate() {
+        let trained = crate::cache::train_cached(cx, &t.model, t.seed, t.train, t.index, &t.label)?;
+        let (spec, seed, label) = (t.model, t.seed, t.label);
+        let r = test(cx, &trained.graph)?;
+        tracing::info!(teacher = j, model = %spec.name(), seed, top1 = r.top1, reused = trained.reused, "teacher ready");
+        let mut result = model_result(label, &spec, Some(seed), &r);
+        if trained.reused {
+            result.label += &format!(" (cached {})", trained.key);
+        }
+        results.push(result);
+        teachers.push(Teacher { graph: trained.graph, weight: stage.teachers[j].weight });
+    }
+    Ok((teachers, results))
+}
+
+/// The trainings of a distill stage's own teachers: each teacher spec trained from scratch
+/// with the settings of the plan's first train stage, cached like a baseline.
+pub(crate) fn teacher_trainings<'p>(stage: &DistillStage, plan: &'p Plan) -> Vec<super::SharedTraining<'p>> {
     let (first_train, settings) = plan
         .stages
         .iter()
@@ -69,21 +87,18 @@ fn teachers(stage: &DistillStage, cx: &StageContext<'_>, state: &RunState) -> Re
             _ => None,
         })
         .expect("validated: a train stage comes before a distill stage");
-    for (j, t) in stage.teachers.iter().enumerate() {
-        let spec = t.model.clone().unwrap_or_else(|| plan.model.clone());
-        let seed = t.seed.unwrap_or(plan.seed);
-        let label = format!("teacher {j}");
-        let trained = crate::cache::train_cached(cx, &spec, seed, settings, first_train, &label)?;
-        let r = test(cx, &trained.graph)?;
-        tracing::info!(teacher = j, model = %spec.name(), seed, top1 = r.top1, reused = trained.reused, "teacher ready");
-        let mut result = model_result(label, &spec, Some(seed), &r);
-        if trained.reused {
-            result.label += &format!(" (cached {})", trained.key);
-        }
-        results.push(result);
-        teachers.push(Teacher { graph: trained.graph, weight: t.weight });
-    }
-    Ok((teachers, results))
+    stage
+        .teachers
+        .iter()
+        .enumerate()
+        .map(|(j, t)| super::SharedTraining {
+            model: t.model.clone().unwrap_or_else(|| plan.model.clone()),
+            seed: t.seed.unwrap_or(plan.seed),
+            train: settings,
+            index: first_train,
+            label: format!("teacher {j}"),
+        })
+        .collect()
 }
 
 /// With several teachers: their ensemble's test result (the mean of their probabilities).

@@ -52,6 +52,52 @@ pub struct RunState {
     pub quantized: Option<QuantizedModel>,
 }
 
+/// A model trained from scratch that runs of the same data and settings share through the cache
+/// ([`crate::cache::train_cached`]): a baseline, a distillation teacher, a student trained alone.
+pub struct SharedTraining<'p> {
+    pub model: shrink_core::zoo::ModelSpec,
+    pub seed: u64,
+    pub train: &'p shrink_core::train::TrainSettings,
+    /// The stage's position (it offsets the seed of the data order).
+    pub index: usize,
+    pub label: String,
+}
+
+/// Every shared training `plan` does, in the order its stages do them: what a sweep's
+/// preparation job trains before the trials start (`xtask prepare`).
+pub fn shared_trainings(plan: &Plan) -> Vec<SharedTraining<'_>> {
+    let mut out = Vec::new();
+    let mut fresh = true;
+    for (index, stage) in plan.stages.iter().enumerate() {
+        match stage {
+            StagePlan::Train(t) => {
+                if fresh {
+                    let (model, seed) = (plan.model.clone(), plan.seed);
+                    out.push(SharedTraining { model, seed, train: &t.train, index, label: "baseline".into() });
+                }
+                fresh = false;
+            }
+            StagePlan::Distill(d) => {
+                out.extend(distill::teacher_trainings(d, plan));
+                if let (true, Some(spec)) = (d.compare_scratch, &d.student) {
+                    for r in 0..d.seeds {
+                        out.push(SharedTraining {
+                            model: spec.clone(),
+                            seed: plan.seed.wrapping_add(r as u64),
+                            train: &d.train,
+                            index,
+                            label: "student alone".into(),
+                        });
+                    }
+                }
+                fresh = false;
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 /// Runs `stage` on `state`, recording what it did in `report`.
 ///
 /// # Errors
