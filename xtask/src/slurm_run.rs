@@ -80,7 +80,13 @@ pub struct Cluster {
     /// Trials are `<name>_t<index>`.
     name: String,
     ledger: Ledger,
+    /// Since when a preparation job that exited 0 has shown no mark here.
+    mark_missing_since: std::cell::Cell<Option<Instant>>,
 }
+
+/// How long a mark written on another node may take to show here: a shared filesystem (NFS)
+/// caches directory attributes for up to a minute by default.
+const MARK_GRACE: Duration = Duration::from_secs(60);
 
 const POLL: Duration = Duration::from_secs(2);
 
@@ -112,7 +118,7 @@ impl Cluster {
             quoted(p)?;
         }
         let ledger = Ledger { binary, cache, workdir, settings: flags.settings.clone(), submissions: Vec::new() };
-        let mut cluster = Cluster { dir, name: name.into(), ledger };
+        let mut cluster = Cluster { dir, name: name.into(), ledger, mark_missing_since: Default::default() };
         if let Some(previous) = cluster.read_ledger()? {
             cluster.ledger.submissions = previous.submissions;
         }
@@ -143,6 +149,7 @@ impl Cluster {
                 settings: SlurmSettings::default(),
                 submissions: Vec::new(),
             },
+            mark_missing_since: Default::default(),
         };
         cluster.ledger = cluster.read_ledger()?.ok_or_else(|| {
             ConfigError(format!(
@@ -201,7 +208,7 @@ impl Cluster {
 dir={dir}
 i=${{SLURM_ARRAY_TASK_ID:?this script is task i of a job array}}
 name=$(printf '%s_t%03d' '{name}' "$i")
-echo "job ${{SLURM_ARRAY_JOB_ID}}_$i on $(hostname) at $(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$dir/slurm/tasks/$name.start"
+echo "job ${{SLURM_ARRAY_JOB_ID}}_$i on $(hostname) at $(date -u +%Y-%m-%dT%H:%M:%S.%NZ)" > "$dir/slurm/tasks/$name.start"
 {bin} run -q --out "$dir/trials" --cache {cache} "$dir/configs/$name.toml" >> "$dir/logs/$name.log" 2>&1
 code=$?
 echo "$code" > "$dir/slurm/tasks/$name.exit"
@@ -343,6 +350,15 @@ dir={dir}
         let mark = self.dir.join("slurm").join(format!("prepared_{}.json", prep.job_id));
         if mark.exists() {
             return None;
+        }
+        if state.as_ref().is_none_or(|s| s.0 == "COMPLETED") {
+            // It exited 0, so it wrote its mark where it runs; give a shared filesystem time
+            // to show it here.
+            let since = self.mark_missing_since.get().unwrap_or_else(Instant::now);
+            self.mark_missing_since.set(Some(since));
+            if since.elapsed() < MARK_GRACE {
+                return None;
+            }
         }
         let output = self.dir.join("logs").join("slurm").join(format!("prepare_{}.out", prep.job_id));
         let state = state.map_or_else(|| "ended".to_string(), |s| s.0);

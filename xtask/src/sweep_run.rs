@@ -195,6 +195,21 @@ fn run(file: Option<&Path>, opts: &SweepOptions) -> Result<ExitCode> {
         }
         return follow(&context, &trials);
     }
+    // A sweep submitted to Slurm before must not run here while its tasks still run there.
+    if dir.join("slurm").join("submissions.json").exists()
+        && let Ok(cluster) = Cluster::reopen(&dir, &sweep.name)
+    {
+        let active = cluster.active();
+        if !active.is_empty() {
+            return Err(ConfigError(format!(
+                "{}: {} trial(s) of this sweep are still queued or running on Slurm; follow them with --collect {} (or scancel them) before running it here",
+                dir.display(),
+                active.len(),
+                dir.display()
+            ))
+            .into());
+        }
+    }
     let started = Instant::now();
     let mut pending: Vec<&Trial> = trials.iter().filter(|t| finished_run(&dir, t).is_none()).collect();
     let done_before = trials.len() - pending.len();

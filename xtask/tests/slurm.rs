@@ -50,6 +50,13 @@ fn slurm_here() -> bool {
     answers
 }
 
+/// Seconds since midnight of a UTC time `YYYY-MM-DDTHH:MM:SS[.frac]Z` (the tests run within a day).
+fn seconds_of(utc: &str) -> f64 {
+    let time = utc.split('T').nth(1).unwrap().trim_end_matches('Z');
+    let parts: Vec<f64> = time.split(':').map(|p| p.parse().unwrap()).collect();
+    parts[0] * 3600.0 + parts[1] * 60.0 + parts[2]
+}
+
 /// A sweep's trials by index: the metrics a local and a Slurm sweep must agree on.
 fn metrics(
     report: &serde_json::Value,
@@ -79,8 +86,9 @@ fn a_sweep_through_slurm_matches_the_local_one_and_resumes_a_cancelled_task() {
     let (local_out, slurm_out) = (out.join("local"), out.join("slurm"));
     let (local_out, slurm_out) = (local_out.to_str().unwrap(), slurm_out.to_str().unwrap());
 
-    // The same sweep here: two trials at a time, one thread each.
-    let local = xtask(&["sweep", "--out", local_out, "--jobs", "2", SMOKE], &[]);
+    // The same sweep here, one thread per trial (as many trials at a time as cores).
+    let jobs = std::thread::available_parallelism().map_or(1, |n| n.get()).to_string();
+    let local = xtask(&["sweep", "--out", local_out, "--jobs", &jobs, SMOKE], &[]);
     assert!(local.status.success(), "{}", String::from_utf8_lossy(&local.stderr));
     let local_dir = PathBuf::from(String::from_utf8(local.stdout).unwrap().trim());
 
@@ -108,6 +116,19 @@ fn a_sweep_through_slurm_matches_the_local_one_and_resumes_a_cancelled_task() {
         assert!(t0.elapsed() < Duration::from_secs(300), "trial 1 never reached its second stage; {}", log.display());
         std::thread::sleep(Duration::from_millis(200));
     }
+    // No task started before the preparation job had trained the baseline.
+    let prepared = json(&dir.join(format!("slurm/prepared_{}.json", subs[0]["job_id"])));
+    let finished = seconds_of(prepared["finished_utc"].as_str().unwrap());
+    for i in [0, 1] {
+        let start = std::fs::read_to_string(dir.join(format!("slurm/tasks/smoke_lenet_t{i:03}.start"))).unwrap();
+        let at = seconds_of(start.trim().rsplit(' ').next().unwrap());
+        assert!(at >= finished, "task {i} started at {at} s, before the baseline was ready at {finished} s: {start}");
+    }
+    // Run here meanwhile, the same sweep would run trial 1 twice: refused.
+    let here = xtask(&["sweep", "--out", slurm_out, "--jobs", &jobs, SMOKE], &[]);
+    let here_err = String::from_utf8_lossy(&here.stderr);
+    assert_eq!(here.status.code(), Some(2), "{here_err}");
+    assert!(here_err.contains("still queued or running on Slurm"), "{here_err}");
     let cancel = Command::new("scancel").arg(format!("{array}_1")).status().unwrap();
     assert!(cancel.success());
 
