@@ -1,6 +1,7 @@
-//! Integer kernels, u8 × i8 → i32: a GEMM and a direct convolution, on two paths chosen at run
-//! time ([`path`], overridable with `SHRINK_ISA`): AVX-512 VNNI and AVX2. Elsewhere the integer
-//! layers use rten-gemm's portable kernels.
+//! Integer kernels, u8 × i8 → i32: a GEMM and a direct convolution, on paths chosen at run
+//! time ([`path`], overridable with `SHRINK_ISA`): AVX-512 VNNI and AVX2 on x86-64; on aarch64 the
+//! GEMM (no direct convolution yet) on NEON with `usdot` (i8mm), `sdot` (dot product) or plain
+//! NEON.
 //!
 //! **AVX-512 VNNI** (`vpdpbusd`) multiplies four consecutive u8 of an activation row by four i8
 //! of a weight column and adds them to one i32 lane, so the activations need no packing at all:
@@ -21,7 +22,17 @@
 //! multiply-adds per four bytes where VNNI needs one, and it gives the same bits as VNNI and the
 //! scalar reference (tested on every path).
 //!
-//! Both kernels compute `Σ_k a[m, k] · w[k, n]`, without zero points; the caller subtracts
+//! **NEON** takes the VNNI layout as it is: one step of a panel (16 columns × 4 depths) is four
+//! 128-bit registers of 4 columns × 4 bytes, and a row's four bytes broadcast to every lane are
+//! what `usdot` (FEAT_I8MM: u8 × i8, four products per i32 lane) multiplies them with. `sdot`
+//! (FEAT_DotProd) multiplies i8 × i8 only, so the activations are offset by −128 (`a ^ 0x80`)
+//! and `128 · Σ_k w[k, n]` is added back — exact in wrapping i32, as every path sums. Without
+//! either, plain NEON widens the offset products to i16 (`smull`; |−128 · −128| = 16,384 fits)
+//! and sums them in pairs into i32 (`saddlp`, `addp`). Four rows share each step's weight
+//! registers. These paths are checked under qemu-aarch64 in CI (bit-exact against the scalar
+//! reference); their speed is not measured yet: no ARM machine is at hand.
+//!
+//! Every kernel computes `Σ_k a[m, k] · w[k, n]`, without zero points; the caller subtracts
 //! `zero_point(a) · Σ_k w[k, n]` ([`PackedWeights::column_sums`]), which is exact when the
 //! activations are padded with their zero point (as the convolution does).
 #![allow(unsafe_code)]
@@ -46,13 +57,23 @@ pub fn path() -> Isa {
 /// Whether [`gemm()`] runs on `isa` on this CPU ([`Isa::Avx512Vnni`], [`Isa::Avx2`] or
 /// [`Isa::Portable`]).
 pub fn supports(isa: Isa) -> bool {
-    matches!(isa, Isa::Avx512Vnni | Isa::Avx2 | Isa::Portable) && isa.available()
+    has_gemm(isa) && isa.available()
+}
+
+/// The paths [`gemm()`] has code for (on their architecture).
+fn has_gemm(isa: Isa) -> bool {
+    matches!(isa, Isa::Avx512Vnni | Isa::Avx2 | Isa::Portable | Isa::Neon | Isa::NeonDot | Isa::NeonI8mm)
 }
 
 /// The integer paths a test must check on this CPU: each one it has, the others skipped with a
 /// message — or the test fails where `SHRINK_REQUIRE_ISA` names one ([`Isa::available_for_test`]).
 pub fn paths_for_test(test: &str) -> Vec<Isa> {
-    [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni].into_iter().filter(|i| i.available_for_test(test)).collect()
+    let paths = if cfg!(target_arch = "aarch64") {
+        [Isa::Portable, Isa::Neon, Isa::NeonDot, Isa::NeonI8mm].as_slice()
+    } else {
+        [Isa::Portable, Isa::Avx2, Isa::Avx512Vnni].as_slice()
+    };
+    paths.iter().copied().filter(|i| i.available_for_test(test)).collect()
 }
 
 /// Whether the selected integer path has the direct convolution ([`DirectConv::runs_on`]); where
@@ -67,7 +88,7 @@ pub fn direct_for_test(test: &str) -> bool {
     false
 }
 
-/// Weights `w [k, n]` (i8) packed for [`gemm()`] on one path. AVX-512 VNNI (and portable):
+/// Weights `w [k, n]` (i8) packed for [`gemm()`] on one path. AVX-512 VNNI (and portable, NEON):
 /// panels of 16 columns, each `k/4` blocks of 16 columns × 4 depths (one word per column: its four bytes).
 /// AVX2: panels of 8 columns, each `k/4` blocks of two rows of 8 words — the i16 pairs of depths
 /// 0 and 2, then of depths 1 and 3. Depths and columns are padded with zeros.
@@ -94,12 +115,12 @@ impl PackedWeights {
     }
 
     /// Packs `w`, row-major `[k, n]`, for path `isa` (see [`supports`]; the CPU need not have it
-    /// until [`gemm()`] runs). The portable path uses the VNNI layout.
+    /// until [`gemm()`] runs). The portable and NEON paths use the VNNI layout.
     ///
     /// # Panics
     /// On a path [`gemm()`] does not have, or when `w` is not `[k, n]`.
     pub fn with_isa(w: &[i8], k: usize, n: usize, isa: Isa) -> Self {
-        assert!(matches!(isa, Isa::Avx512Vnni | Isa::Avx2 | Isa::Portable), "no integer GEMM for {isa:?}");
+        assert!(has_gemm(isa), "no integer GEMM for {isa:?}");
         assert_eq!(w.len(), k * n, "weights must be [k, n]");
         let depth = k.next_multiple_of(DEPTH_STEP);
         let steps = depth / DEPTH_STEP;
@@ -170,6 +191,15 @@ pub fn gemm(a: &[u8], lda: usize, rows: usize, w: &PackedWeights, c: &mut [i32])
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Isa::Avx2 => unsafe { x86::gemm_avx2(a, lda, rows, w, c, ldc) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above.
+        Isa::NeonI8mm => unsafe { neon::gemm_i8mm(a, lda, rows, w, c, ldc) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above.
+        Isa::NeonDot => unsafe { neon::gemm_dot(a, lda, rows, w, c, ldc) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above.
+        Isa::Neon => unsafe { neon::gemm_plain(a, lda, rows, w, c, ldc) },
         _ => gemm_portable(a, lda, rows, w, c, ldc),
     }
 }
@@ -193,6 +223,134 @@ fn gemm_portable(a: &[u8], lda: usize, rows: usize, w: &PackedWeights, c: &mut [
             }
             c[r * ldc + p * PANEL..][..PANEL].copy_from_slice(&acc);
         }
+    }
+}
+
+/// The NEON paths of [`gemm()`] (see the module's documentation).
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    use super::{DEPTH_STEP, PANEL, PackedWeights};
+
+    /// How four u8 × i8 products are added into each i32 lane.
+    const PLAIN: u8 = 0;
+    const SDOT: u8 = 1;
+    const USDOT: u8 = 2;
+    /// Rows computed together: 4 × 4 accumulator registers share each step's 4 weight registers.
+    const ROWS: usize = 4;
+
+    /// `acc + Σ_d x[4j+d] · w[4j+d]` per lane `j`; `x` is offset to i8 (`a ^ 0x80`) unless
+    /// `DOT` is [`USDOT`].
+    #[inline(always)]
+    unsafe fn dot<const DOT: u8>(mut acc: int32x4_t, x: uint8x16_t, w: int8x16_t) -> int32x4_t {
+        // SAFETY: in every arm, the callers' target features include the instruction's.
+        unsafe {
+            match DOT {
+                USDOT => {
+                    std::arch::asm!("usdot {0:v}.4s, {1:v}.16b, {2:v}.16b", inout(vreg) acc, in(vreg) x, in(vreg) w,
+                        options(pure, nomem, nostack, preserves_flags));
+                    acc
+                }
+                SDOT => {
+                    std::arch::asm!("sdot {0:v}.4s, {1:v}.16b, {2:v}.16b", inout(vreg) acc, in(vreg) x, in(vreg) w,
+                        options(pure, nomem, nostack, preserves_flags));
+                    acc
+                }
+                _ => {
+                    let x = vreinterpretq_s8_u8(x);
+                    let low = vmull_s8(vget_low_s8(x), vget_low_s8(w));
+                    let high = vmull_high_s8(x, w);
+                    vaddq_s32(acc, vpaddq_s32(vpaddlq_s16(low), vpaddlq_s16(high)))
+                }
+            }
+        }
+    }
+
+    /// The first `R` rows of `a` (`lda` apart) times panel `panel` (its steps), plus `start`,
+    /// into the first 16 values of `R` rows of `c` (`ldc` apart).
+    #[inline(always)]
+    unsafe fn block<const DOT: u8, const R: usize>(
+        a: &[u8],
+        lda: usize,
+        panel: &[i32],
+        start: &[int32x4_t; 4],
+        c: &mut [i32],
+        ldc: usize,
+    ) {
+        // SAFETY: the caller checked that the `R` rows of `a` hold the padded depth, that
+        // `panel` holds every step and that `c` holds 16 values in each of the `R` rows.
+        unsafe {
+            let mut acc = [*start; R];
+            let offset = vdupq_n_u8(if DOT == USDOT { 0 } else { 0x80 });
+            for (s, words) in panel.chunks_exact(PANEL).enumerate() {
+                let p = words.as_ptr().cast::<i8>();
+                let w = [vld1q_s8(p), vld1q_s8(p.add(16)), vld1q_s8(p.add(32)), vld1q_s8(p.add(48))];
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let word = a.as_ptr().add(i * lda + s * DEPTH_STEP).cast::<u32>().read_unaligned();
+                    let x = veorq_u8(vreinterpretq_u8_u32(vdupq_n_u32(word)), offset);
+                    for j in 0..4 {
+                        acc[j] = dot::<DOT>(acc[j], x, w[j]);
+                    }
+                }
+            }
+            for (i, acc) in acc.iter().enumerate() {
+                let out = c.as_mut_ptr().add(i * ldc);
+                for (j, v) in acc.iter().enumerate() {
+                    vst1q_s32(out.add(4 * j), *v);
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn gemm<const DOT: u8>(a: &[u8], lda: usize, rows: usize, w: &PackedWeights, c: &mut [i32], ldc: usize) {
+        let steps = w.depth / DEPTH_STEP;
+        for (p, panel) in w.words.chunks_exact(steps * PANEL).enumerate() {
+            // The offset activations lose 128 · Σ_k w[k, n]: it starts the sums.
+            let mut start = [0i32; PANEL];
+            if DOT != USDOT {
+                for (o, col) in start.iter_mut().zip(p * PANEL..) {
+                    *o = w.column_sums.get(col).map_or(0, |s| s.wrapping_mul(128));
+                }
+            }
+            // SAFETY: `start` holds 16 i32; the slices were checked by `gemm()`.
+            unsafe {
+                let start = std::array::from_fn(|j| vld1q_s32(start.as_ptr().add(4 * j)));
+                let mut r = 0;
+                while r < rows {
+                    let (a, c) = (&a[r * lda..], &mut c[r * ldc + p * PANEL..]);
+                    if r + ROWS <= rows {
+                        block::<DOT, ROWS>(a, lda, panel, &start, c, ldc);
+                        r += ROWS;
+                    } else {
+                        block::<DOT, 1>(a, lda, panel, &start, c, ldc);
+                        r += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`gemm()`](super::gemm) by `usdot`.
+    #[target_feature(enable = "neon,i8mm")]
+    pub unsafe fn gemm_i8mm(a: &[u8], lda: usize, rows: usize, w: &PackedWeights, c: &mut [i32], ldc: usize) {
+        // SAFETY: the caller checked the CPU and the slices.
+        unsafe { gemm::<USDOT>(a, lda, rows, w, c, ldc) }
+    }
+
+    /// [`gemm()`](super::gemm) by `sdot`.
+    #[target_feature(enable = "neon,dotprod")]
+    pub unsafe fn gemm_dot(a: &[u8], lda: usize, rows: usize, w: &PackedWeights, c: &mut [i32], ldc: usize) {
+        // SAFETY: as above.
+        unsafe { gemm::<SDOT>(a, lda, rows, w, c, ldc) }
+    }
+
+    /// [`gemm()`](super::gemm) by `smull` and pairwise adds.
+    #[target_feature(enable = "neon")]
+    pub unsafe fn gemm_plain(a: &[u8], lda: usize, rows: usize, w: &PackedWeights, c: &mut [i32], ldc: usize) {
+        // SAFETY: as above.
+        unsafe { gemm::<PLAIN>(a, lda, rows, w, c, ldc) }
     }
 }
 
@@ -743,6 +901,11 @@ impl DirectConv {
                 Isa::Avx512Vnni => x86::direct(self, channels, image, hp, wp, oh, ow, out, epilogue),
                 _ => x86::direct_avx2(self, channels, image, hp, wp, oh, ow, out, epilogue),
             }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (channels, image, hp, wp, oh, ow, out, epilogue);
+            unreachable!("the direct integer convolution runs on AVX-512 VNNI or AVX2 ({:?})", self.isa)
         }
     }
 }

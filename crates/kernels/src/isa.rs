@@ -1,6 +1,7 @@
 //! The instruction-set paths of the kernels, detected at run time and selectable with the
-//! environment variable `SHRINK_ISA` (`portable`, `avx2`, `avx512`, `avx512-vnni`), so each path
-//! can be run and measured on one machine that has it.
+//! environment variable `SHRINK_ISA` (`portable`, `avx2`, `avx512`, `avx512-vnni` on x86-64;
+//! `neon`, `neon-dot`, `neon-i8mm` on aarch64), so each path can be run and measured on one
+//! machine that has it.
 //!
 //! One choice covers every kernel: the f32 kernels use the widest floating-point path it allows
 //! ([`Isa::f32_path`]), the integer ones the widest integer path ([`Isa::int8_path`]) — AVX-512
@@ -25,11 +26,20 @@ pub enum Isa {
     Avx512,
     /// AVX-512 (F, BW, VL, DQ) with VNNI: f32 as AVX-512, integers by `vpdpbusd`.
     Avx512Vnni,
+    /// aarch64 NEON: integers as exact i16 products (`smull`) summed in pairs (`sadalp`); f32 on
+    /// the portable path for now.
+    Neon,
+    /// NEON with the dot-product extension (FEAT_DotProd, Armv8.2+): integers by `sdot`, four
+    /// i8 products per i32 lane, the u8 activations offset to i8 and the offset added back.
+    NeonDot,
+    /// NEON with FEAT_I8MM (Armv8.6+): integers by `usdot`, u8 × i8 products directly.
+    NeonI8mm,
 }
 
 impl Isa {
-    /// Every path, slowest first.
-    pub const ALL: [Isa; 4] = [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni];
+    /// Every path, slowest first on each architecture (x86-64's, then aarch64's).
+    pub const ALL: [Isa; 7] =
+        [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni, Isa::Neon, Isa::NeonDot, Isa::NeonI8mm];
 
     /// The name `SHRINK_ISA` takes.
     pub fn name(self) -> &'static str {
@@ -38,18 +48,24 @@ impl Isa {
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
             Isa::Avx512Vnni => "avx512-vnni",
+            Isa::Neon => "neon",
+            Isa::NeonDot => "neon-dot",
+            Isa::NeonI8mm => "neon-i8mm",
         }
     }
 
-    /// The path the f32 kernels take under this choice: `Portable`, `Avx2` or `Avx512`.
+    /// The path the f32 kernels take under this choice: `Portable`, `Avx2` or `Avx512` (the
+    /// NEON choices run the f32 kernels on the portable path: no NEON f32 kernels yet).
     pub fn f32_path(self) -> Isa {
         match self {
             Isa::Avx512Vnni => Isa::Avx512,
+            Isa::Neon | Isa::NeonDot | Isa::NeonI8mm => Isa::Portable,
             other => other,
         }
     }
 
-    /// The path the integer kernels take under this choice: `Portable`, `Avx2` or `Avx512Vnni`.
+    /// The path the integer kernels take under this choice: `Portable`, `Avx2`, `Avx512Vnni`
+    /// or a NEON one.
     pub fn int8_path(self) -> Isa {
         match self {
             Isa::Avx512 => Isa::Avx2,
@@ -79,7 +95,13 @@ impl Isa {
                     && std::arch::is_x86_feature_detected!("avx512dq")
                     && std::arch::is_x86_feature_detected!("avx512vnni")
             }
-            #[cfg(not(target_arch = "x86_64"))]
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonDot => Isa::Neon.available() && std::arch::is_aarch64_feature_detected!("dotprod"),
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonI8mm => Isa::Neon.available() && std::arch::is_aarch64_feature_detected!("i8mm"),
+            #[allow(unreachable_patterns)] // every path is matched on neither architecture
             _ => false,
         }
     }
@@ -176,6 +198,11 @@ mod tests {
             assert!(isa.f32_path() <= Isa::Avx512 && isa.f32_path() <= isa);
             assert!(isa.int8_path() != Isa::Avx512 && isa.int8_path() <= isa);
         }
+        // A CPU has one architecture's paths.
+        let x86 = [Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni];
+        let arm = [Isa::Neon, Isa::NeonDot, Isa::NeonI8mm];
+        assert!(!(x86.iter().any(|i| i.available()) && arm.iter().any(|i| i.available())));
+        assert_eq!(Isa::Neon.available(), cfg!(target_arch = "aarch64"));
     }
 
     #[test]

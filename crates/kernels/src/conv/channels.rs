@@ -282,7 +282,10 @@ impl ChannelConv {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as for AVX-512 (`r · b ≤ 14`).
             Isa::Avx2 => unsafe { x86::tile_avx2(weights, &x[origin..], geometry, b, r, tile) },
-            _ => unreachable!("the channel-vectorised convolution runs on AVX-512 or AVX2"),
+            _ => {
+                let _ = (weights, geometry, b, r, tile);
+                unreachable!("the channel-vectorised convolution runs on AVX-512 or AVX2")
+            }
         }
     }
 }
@@ -307,6 +310,7 @@ fn tile_blocks(blocks: usize) -> usize {
 
 /// Strides of the blocked image, in f32.
 #[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the x86 kernels only
 struct Geometry {
     /// Input channels.
     channels: usize,

@@ -63,19 +63,26 @@ pub fn rten_int8_saturates() -> bool {
 /// Which GEMM an integer layer runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Int8Gemm {
-    /// [`shrink_core::kernels::int8`] on one of its paths (`Avx512Vnni`, `Avx2` or `Portable`):
-    /// the default on x86.
+    /// [`shrink_core::kernels::int8`] on one of its paths (`Avx512Vnni`, `Avx2`, `Portable`, or
+    /// a NEON one): the default on x86 and on aarch64.
     Shrink(shrink_core::kernels::isa::Isa),
-    /// rten-gemm: off x86 (its NEON kernels are exact; its x86 ones without VNNI saturate and
-    /// are never used).
+    /// rten-gemm: on other CPUs, and on aarch64 under `SHRINK_ISA=portable` (its NEON kernels
+    /// are exact; its x86 ones without VNNI saturate and are never used).
     Rten,
 }
 
 impl Int8Gemm {
-    /// The one the plans use under the selected path (`SHRINK_ISA`): shrink's on x86, rten's
-    /// elsewhere (until shrink has NEON kernels).
+    /// The one the plans use under the selected path (`SHRINK_ISA`): shrink's on x86 and on
+    /// aarch64's NEON paths (checked bit-exact under qemu; their speed is not measured on an ARM
+    /// machine yet), rten's elsewhere.
     pub fn best() -> Self {
-        if cfg!(target_arch = "x86_64") { Self::Shrink(shrink_core::kernels::int8::path()) } else { Self::Rten }
+        use shrink_core::kernels::isa::Isa;
+        let path = shrink_core::kernels::int8::path();
+        if cfg!(target_arch = "x86_64") || matches!(path, Isa::Neon | Isa::NeonDot | Isa::NeonI8mm) {
+            Self::Shrink(path)
+        } else {
+            Self::Rten
+        }
     }
 }
 
