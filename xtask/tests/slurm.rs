@@ -50,6 +50,15 @@ fn slurm_here() -> bool {
     answers
 }
 
+/// Cancels a job (and every task of an array) when dropped.
+struct CancelOnDrop(u64);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("scancel").arg(self.0.to_string()).stderr(std::process::Stdio::null()).status();
+    }
+}
+
 /// Seconds since midnight of a UTC time `YYYY-MM-DDTHH:MM:SS[.frac]Z` (the tests run within a day).
 fn seconds_of(utc: &str) -> f64 {
     let time = utc.split('T').nth(1).unwrap().trim_end_matches('Z');
@@ -108,6 +117,8 @@ fn a_sweep_through_slurm_matches_the_local_one_and_resumes_a_cancelled_task() {
     assert_eq!((subs[0]["kind"].as_str(), subs[1]["kind"].as_str()), (Some("prepare"), Some("trials")));
     assert_eq!(subs[1]["after"], subs[0]["job_id"], "the array waits for the job that trains the baseline");
     let array = subs[1]["job_id"].as_u64().unwrap();
+    // Should an assertion fail, the task waiting to be cancelled must not wait forever.
+    let _cancel = CancelOnDrop(array);
     let script = std::fs::read_to_string(dir.join("slurm/trial.sh")).unwrap();
     assert!(script.contains("#SBATCH --cpus-per-task=1"), "{script}");
 
