@@ -178,6 +178,57 @@ fn conv_case() -> Case {
     Case { name: "conv3x3 64->64 32x32 b8".into(), flops, baseline: "burn-ndarray".into(), contenders }
 }
 
+/// A MobileNet-style depthwise 3×3 layer on one image: shrink's kernel (the plan's) against the
+/// scalar loop it replaced (the ratio's baseline) and burn's grouped convolution.
+fn depthwise_case(channels: usize, size: usize, stride: usize) -> Case {
+    use shrink_core::kernels::depthwise::{DepthwiseShape, depthwise, depthwise_reference};
+    let out = (size + 2 - 3) / stride + 1;
+    let shape = DepthwiseShape {
+        channels,
+        input: [size, size],
+        output: [out, out],
+        kernel: [3, 3],
+        stride: [stride, stride],
+        padding: [1, 1],
+        dilation: [1, 1],
+    };
+    let (image, weights) = (random(channels * size * size, 5), random(channels * 9, 6));
+    let mut contenders = Vec::new();
+    for (runner, kernel) in [
+        ("cpu-plan", depthwise as fn(&DepthwiseShape, &[f32], &[f32], &mut [f32])),
+        ("scalar-loop", depthwise_reference),
+    ] {
+        let (image, weights) = (image.clone(), weights.clone());
+        let mut output = vec![0.0f32; channels * out * out];
+        contenders.push(Contender {
+            runner: runner.into(),
+            run: Box::new(move || {
+                kernel(&shape, &image, &weights, &mut output);
+                std::hint::black_box(&output);
+            }),
+        });
+    }
+    for backend in burn_backends() {
+        let device = backend.device().expect("compiled in");
+        let tx = Tensor::<4>::from_data(TensorData::new(image.clone(), [1, channels, size, size]), &device);
+        let tw = Tensor::<4>::from_data(TensorData::new(weights.clone(), [channels, 1, 3, 3]), &device);
+        contenders.push(Contender {
+            runner: backend.runner_label().into(),
+            run: Box::new(move || {
+                let options = ConvOptions::new([stride, stride], [1, 1], [1, 1], channels);
+                let _ = conv2d(tx.clone(), tw.clone(), None, options).into_data();
+            }),
+        });
+    }
+    let flops = 2.0 * (channels * out * out * 9) as f64;
+    Case {
+        name: format!("depthwise3x3 {channels}ch {size}x{size} s{stride} b1"),
+        flops,
+        baseline: "scalar-loop".into(),
+        contenders,
+    }
+}
+
 fn resnet20_case(batch: usize) -> Case {
     let (graph, macs) = resnet20_graph();
     let input = random(batch * 3 * 32 * 32, 4);
@@ -286,6 +337,8 @@ pub fn runtime_cases() -> Vec<Case> {
         gemm_case(512, 512, 512),
         gemm_case(64, 576, 1024),
         conv_case(),
+        depthwise_case(96, 56, 1),
+        depthwise_case(144, 56, 2),
         resnet20_case(1),
         resnet20_case(64),
         threads_case(0),

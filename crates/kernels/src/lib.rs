@@ -4,6 +4,7 @@
 //! layers (core), the integer kernels (shrink-quant) and the sparse ones (shrink-prune) call it.
 //!
 //! - [`conv`]: direct f32 convolution (no im2col) with bias, ReLU and a residual add fused.
+//! - [`depthwise`]: depthwise f32 convolution (one filter per channel) on planar images.
 //! - [`sgemm`]: row-major f32 GEMM (the `gemm` crate, faer's, behind a safe wrapper).
 //! - [`int8`]: u8 × i8 → i32 GEMM and direct convolution, AVX-512 VNNI and (exact) AVX2.
 //! - [`sparse`]: CSR × dense f32 products and a direct sparse convolution, AVX-512 and AVX2.
@@ -24,6 +25,7 @@
 #![warn(missing_docs)]
 
 pub mod conv;
+pub mod depthwise;
 pub mod int8;
 pub mod isa;
 pub mod sgemm;

@@ -192,30 +192,16 @@ impl ConvF32 {
     fn depthwise(&self, image: &[f32], out: &mut [f32]) {
         let (c, h, w) = self.input;
         let (_, oh, ow) = self.output;
-        let [kh, kw] = self.kernel;
-        for ch in 0..c {
-            let plane = &image[ch * h * w..(ch + 1) * h * w];
-            let k = &self.weight[ch * kh * kw..(ch + 1) * kh * kw];
-            let o = &mut out[ch * oh * ow..(ch + 1) * oh * ow];
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let mut acc = 0.0;
-                    for ky in 0..kh {
-                        let iy = (oy * self.stride[0] + ky * self.dilation[0]) as isize - self.padding[0] as isize;
-                        if iy < 0 || iy >= h as isize {
-                            continue;
-                        }
-                        for kx in 0..kw {
-                            let ix = (ox * self.stride[1] + kx * self.dilation[1]) as isize - self.padding[1] as isize;
-                            if ix >= 0 && ix < w as isize {
-                                acc += plane[iy as usize * w + ix as usize] * k[ky * kw + kx];
-                            }
-                        }
-                    }
-                    o[oy * ow + ox] = acc;
-                }
-            }
-        }
+        let shape = shrink_kernels::depthwise::DepthwiseShape {
+            channels: c,
+            input: [h, w],
+            output: [oh, ow],
+            kernel: self.kernel,
+            stride: self.stride,
+            padding: self.padding,
+            dilation: self.dilation,
+        };
+        shrink_kernels::depthwise::depthwise(&shape, image, &self.weight, out);
     }
 
     fn image(&self, image: &[f32], residual: Option<&[f32]>, out: &mut [f32], col: &mut [f32], threads: usize) {
