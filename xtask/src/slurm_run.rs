@@ -119,7 +119,7 @@ impl Cluster {
         }
         let ledger = Ledger { binary, cache, workdir, settings: flags.settings.clone(), submissions: Vec::new() };
         let mut cluster = Cluster { dir, name: name.into(), ledger, mark_missing_since: Default::default() };
-        if let Some(previous) = cluster.read_ledger()? {
+        if let Some(previous) = read_ledger(&cluster.dir)? {
             cluster.ledger.submissions = previous.submissions;
         }
         for sub in ["slurm/tasks", "logs/slurm"] {
@@ -139,44 +139,17 @@ impl Cluster {
     pub fn reopen(dir: &Path, name: &str) -> Result<Cluster> {
         require_slurm()?;
         let dir = absolute(dir)?;
-        let mut cluster = Cluster {
-            dir: dir.clone(),
-            name: name.into(),
-            ledger: Ledger {
-                binary: PathBuf::new(),
-                cache: PathBuf::new(),
-                workdir: PathBuf::new(),
-                settings: SlurmSettings::default(),
-                submissions: Vec::new(),
-            },
-            mark_missing_since: Default::default(),
-        };
-        cluster.ledger = cluster.read_ledger()?.ok_or_else(|| {
+        let ledger = read_ledger(&dir)?.ok_or_else(|| {
             ConfigError(format!(
                 "{}: no slurm/submissions.json — this directory was not run with --slurm",
                 dir.display()
             ))
         })?;
-        Ok(cluster)
-    }
-
-    fn ledger_path(&self) -> PathBuf {
-        self.dir.join("slurm").join("submissions.json")
-    }
-
-    fn read_ledger(&self) -> Result<Option<Ledger>> {
-        let path = self.ledger_path();
-        match std::fs::read(&path) {
-            Ok(bytes) => {
-                Ok(Some(serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))?))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-        }
+        Ok(Cluster { dir, name: name.into(), ledger, mark_missing_since: Default::default() })
     }
 
     fn save(&self) -> Result<()> {
-        shrink_core::io::write_atomic(&self.ledger_path(), serde_json::to_string_pretty(&self.ledger)?.as_bytes())?;
+        shrink_core::io::write_atomic(&ledger_path(&self.dir), serde_json::to_string_pretty(&self.ledger)?.as_bytes())?;
         Ok(())
     }
 
@@ -297,7 +270,6 @@ dir={dir}
                 let record = records
                     .get(&s.job_id)
                     .and_then(|rs| rs.iter().find(|r| r.array_job_id == Some(s.job_id) && r.tasks.contains(&i)));
-                let exit = std::fs::read_to_string(self.task_file(i, "exit")).ok();
                 let mut t = TaskState {
                     job: format!("{}_{i}", s.job_id),
                     log: format!("logs/slurm/{}_{i}.out", s.job_id),
@@ -309,12 +281,9 @@ dir={dir}
                         t.active = r.state.is_active();
                         t.reason = (r.state.is_pending() && r.reason != "None").then(|| r.reason.clone());
                         t.node = r.node.clone().filter(|_| !r.state.is_pending());
-                        if r.state.0 == "COMPLETED" && exit.as_deref().is_some_and(|e| e.trim() != "0") {
-                            t.state = format!("EXITED {}", exit.unwrap_or_default().trim());
-                        }
                     }
                     None => {
-                        t.state = match exit {
+                        t.state = match std::fs::read_to_string(self.task_file(i, "exit")).ok() {
                             Some(code) => format!("EXITED {}", code.trim()),
                             None => "ENDED (Slurm no longer lists it and it left no exit code: cancelled, timed out or its node failed)"
                                 .into(),
@@ -427,6 +396,20 @@ dir={dir}
     }
 }
 
+fn ledger_path(dir: &Path) -> PathBuf {
+    dir.join("slurm").join("submissions.json")
+}
+
+/// `slurm/submissions.json` of the sweep or search in `dir`, if it was ever submitted.
+fn read_ledger(dir: &Path) -> Result<Option<Ledger>> {
+    let path = ledger_path(dir);
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
 /// `path` made absolute against the current directory (Slurm's tasks start elsewhere).
 fn absolute(path: &Path) -> Result<PathBuf> {
     std::path::absolute(path).with_context(|| format!("cannot make {} absolute", path.display()))
@@ -463,7 +446,8 @@ fn place_own_binary(root: &Path) -> Result<PathBuf> {
     let sha = crate::cache::sha256_hex(&exe);
     let dir = root.join("bin");
     let path = dir.join(format!("xtask-{}", &sha[..16]));
-    if std::fs::read(&path).is_ok_and(|b| crate::cache::sha256_hex(&b) == sha) {
+    // Written whole (atomically) under its own SHA-256: a file of this length there is this image.
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() == exe.len() as u64) {
         return Ok(path);
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
