@@ -1,6 +1,7 @@
 //! The `quant` suite: shrink-quant's integer kernels against the f32 CPU plan they replace, on
 //! the shapes issue #4 names. Each case runs every contender on the same inputs.
 
+use shrink_core::burn::module::Module;
 use shrink_core::burn::tensor::{Tensor, TensorData};
 use shrink_core::runtime::{Plan, freeze};
 use shrink_core::{BackendKind, Graph};
@@ -120,6 +121,26 @@ fn conv_case() -> Case {
     Case {
         name: "conv3x3 64->64 32x32 b8".into(),
         flops,
+        baseline: "f32 cpu-plan".into(),
+        contenders: plan_pair(&graph, &input, batch),
+    }
+}
+
+/// A MobileNet-style depthwise 3×3 layer alone (padding 1, random weights, calibrated on random
+/// batches) as the int8 plan and the f32 plan: the integer depthwise kernel with its input
+/// quantization and epilogue against the f32 one.
+fn depthwise_layer_case(channels: usize, size: usize, stride: usize, batch: usize) -> Case {
+    use shrink_core::graph::{Conv2dSpec, GraphBuilder};
+    let device = BackendKind::Flex.device().expect("flex");
+    let mut b = GraphBuilder::new([channels, size, size]);
+    let x = b.input();
+    let y = b.conv2d("dw", x, Conv2dSpec::new(channels, 3).padding(1).stride(stride).groups(channels));
+    let graph: Graph = b.build(y, &mut shrink_core::InitRng::seeded(2), &device).expect("valid conv").valid();
+    let out = (size - 1) / stride + 1;
+    let input = random(batch * channels * size * size, 3);
+    Case {
+        name: format!("depthwise3x3 {channels}ch {size}x{size} s{stride} b{batch}"),
+        flops: 2.0 * (batch * channels * out * out * 9) as f64,
         baseline: "f32 cpu-plan".into(),
         contenders: plan_pair(&graph, &input, batch),
     }
@@ -260,6 +281,9 @@ pub fn quant_cases() -> Vec<Case> {
         resnet20_case(1),
         resnet20_case(64),
         quantize_case(),
+        depthwise_layer_case(32, 28, 2, 1),
+        depthwise_layer_case(72, 14, 1, 1),
+        depthwise_layer_case(96, 56, 1, 1),
     ];
     for (channels, side) in [(64, 32), (16, 28)] {
         for zero in [0.5, 0.7, 0.8, 0.9, 0.95] {

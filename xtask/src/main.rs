@@ -26,6 +26,7 @@ mod data;
 mod export;
 mod measure;
 mod prepare;
+mod profile;
 mod progress;
 mod report;
 mod run;
@@ -221,6 +222,18 @@ enum Command {
         #[arg(long)]
         run: Option<PathBuf>,
     },
+    /// Time a run's model step by step on the CPU plans (one thread): the f32 plan and, for a
+    /// quantized model, the integer plan, with each step's kernel and share of the time.
+    Profile {
+        /// The run directory (holding `model.safetensors`).
+        run_dir: PathBuf,
+        /// Images per pass.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Profiled passes (the median is shown).
+        #[arg(long, default_value_t = 20)]
+        repeats: usize,
+    },
     /// Compare the bench ratios of two commits (`<suite>.json` under each directory) and fail
     /// (exit 1) when one of shrink's ratios against ONNX Runtime or burn-ndarray fell by more
     /// than the tolerance: the pull-request gate of the bench workflow. Prints a Markdown table.
@@ -370,6 +383,19 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Ok(None) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(2)
+                }
+            },
+        },
+        Command::Profile { run_dir, batch, repeats } => match bench::in_single_threaded_child() {
+            Some(code) => code,
+            None => match profile::profile_run(&run_dir, batch.max(1), repeats.max(1)) {
+                Ok(table) => {
+                    println!("{table}");
+                    ExitCode::SUCCESS
+                }
                 Err(e) => {
                     eprintln!("error: {e:#}");
                     ExitCode::from(2)

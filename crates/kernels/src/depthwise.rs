@@ -7,6 +7,11 @@
 //! border tests out of the inner loop: for each tap it works out the range of output columns
 //! that read inside the image and runs over that range as one loop, which the compiler
 //! vectorises (stride 1: contiguous reads; stride 2: every other value).
+//!
+//! [`depthwise_u8`] is the integer form, on a channels-last u8 image: sixteen channels per
+//! vector lane group, every tap of an output pixel accumulated in registers (wrapping i32, so
+//! every path computes the same integers as [`depthwise_u8_reference`]). Channels-last suits
+//! the small feature maps of mobile networks, whose rows are too short to vectorise along.
 
 /// The shape of a depthwise convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,6 +132,276 @@ pub fn depthwise(shape: &DepthwiseShape, image: &[f32], weights: &[f32], out: &m
     }
 }
 
+/// Channels per block of the integer depthwise kernel: its image, weights and accumulators hold
+/// the channels rounded up to a multiple of this ([`depthwise_u8_channels`]).
+pub const CHANNEL_BLOCK: usize = 16;
+
+/// `channels` rounded up to a multiple of [`CHANNEL_BLOCK`].
+pub fn depthwise_u8_channels(channels: usize) -> usize {
+    channels.div_ceil(CHANNEL_BLOCK) * CHANNEL_BLOCK
+}
+
+/// The shape of an integer depthwise convolution over a padded channels-last u8 image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DepthwiseU8Shape {
+    /// Channels of the image, weights and accumulators: a multiple of [`CHANNEL_BLOCK`] (the
+    /// channels past the layer's own have zero weights).
+    pub channels: usize,
+    /// Rows and columns of the image, padding included (the border holds the input's zero
+    /// point, so that it stands for 0).
+    pub padded: [usize; 2],
+    /// Output rows and columns.
+    pub output: [usize; 2],
+    /// Kernel rows and columns.
+    pub kernel: [usize; 2],
+    /// Steps between output positions, in padded rows and columns.
+    pub stride: [usize; 2],
+    /// Steps between taps, in padded rows and columns.
+    pub dilation: [usize; 2],
+}
+
+impl DepthwiseU8Shape {
+    fn check(&self, image: &[u8], weights: &[i32], acc: &[i32]) {
+        let Self { channels: c, padded: [hp, wp], output: [oh, ow], kernel: [kh, kw], stride, dilation } = *self;
+        assert!(c % CHANNEL_BLOCK == 0, "channels {c} not a multiple of {CHANNEL_BLOCK}");
+        assert!(image.len() >= hp * wp * c, "the image is shorter than [rows][columns][channels]");
+        assert!(weights.len() >= kh * kw * c, "the weights are shorter than [taps][channels]");
+        assert!(acc.len() >= oh * ow * c, "the accumulators are shorter than [rows][columns][channels]");
+        assert!(stride[0] > 0 && stride[1] > 0 && kh > 0 && kw > 0, "stride or kernel 0");
+        if oh > 0 && ow > 0 {
+            assert!(
+                (oh - 1) * stride[0] + (kh - 1) * dilation[0] < hp
+                    && (ow - 1) * stride[1] + (kw - 1) * dilation[1] < wp,
+                "the last window reads past the padded image"
+            );
+        }
+    }
+}
+
+/// The scalar definition: `acc[y][x][c] = Σ_{ky, kx} image[y·s + ky·d][x·s + kx·d][c] ·
+/// weights[ky·kw + kx][c]`, wrapping i32 arithmetic.
+///
+/// # Panics
+/// When a slice is shorter than its shape, the channels are not a multiple of
+/// [`CHANNEL_BLOCK`], or a window reads past the image.
+pub fn depthwise_u8_reference(shape: &DepthwiseU8Shape, image: &[u8], weights: &[i32], acc: &mut [i32]) {
+    shape.check(image, weights, acc);
+    let DepthwiseU8Shape { channels: c, padded: [_, wp], output: [oh, ow], kernel: [kh, kw], stride, dilation } =
+        *shape;
+    for oy in 0..oh {
+        for ox in 0..ow {
+            for ch in 0..c {
+                let mut sum = 0i32;
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let (y, x) = (oy * stride[0] + ky * dilation[0], ox * stride[1] + kx * dilation[1]);
+                        let v = image[(y * wp + x) * c + ch] as i32;
+                        sum = sum.wrapping_add(v.wrapping_mul(weights[(ky * kw + kx) * c + ch]));
+                    }
+                }
+                acc[(oy * ow + ox) * c + ch] = sum;
+            }
+        }
+    }
+}
+
+/// [`depthwise_u8_reference`] on the vector unit of kernel path `isa` (AVX-512 or AVX2 on x86;
+/// elsewhere, and on the portable path, the same loop compiled for the baseline: NEON on
+/// aarch64). The integers are the same on every path.
+///
+/// # Panics
+/// As [`depthwise_u8_reference`]; when `isa` is not available on this CPU.
+#[allow(unsafe_code)] // calls the target-feature functions of the paths, after checking the CPU
+pub fn depthwise_u8(shape: &DepthwiseU8Shape, image: &[u8], weights: &[i32], acc: &mut [i32], isa: crate::isa::Isa) {
+    use crate::isa::Isa;
+    shape.check(image, weights, acc);
+    assert!(isa.available(), "this CPU lacks {isa:?}");
+    match isa {
+        // SAFETY: the path's features are available (asserted above).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 | Isa::Avx512Vnni => unsafe { depthwise_u8_avx512(shape, image, weights, acc) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { depthwise_u8_avx2(shape, image, weights, acc) },
+        _ => depthwise_u8_body(shape, image, weights, acc),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+fn depthwise_u8_avx512(shape: &DepthwiseU8Shape, image: &[u8], weights: &[i32], acc: &mut [i32]) {
+    depthwise_u8_body(shape, image, weights, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn depthwise_u8_avx2(shape: &DepthwiseU8Shape, image: &[u8], weights: &[i32], acc: &mut [i32]) {
+    depthwise_u8_body(shape, image, weights, acc)
+}
+
+/// The loop every path compiles: per output pixel and block of [`CHANNEL_BLOCK`] channels, the
+/// taps summed in sixteen lanes held in registers.
+#[inline(always)]
+fn depthwise_u8_body(shape: &DepthwiseU8Shape, image: &[u8], weights: &[i32], acc: &mut [i32]) {
+    let DepthwiseU8Shape { channels: c, padded: [_, wp], output: [oh, ow], kernel: [kh, kw], stride, dilation } =
+        *shape;
+    for oy in 0..oh {
+        for ox in 0..ow {
+            let out = &mut acc[(oy * ow + ox) * c..][..c];
+            for (b, out) in out.chunks_exact_mut(CHANNEL_BLOCK).enumerate() {
+                let mut sum = [0i32; CHANNEL_BLOCK];
+                for ky in 0..kh {
+                    let row = (oy * stride[0] + ky * dilation[0]) * wp;
+                    for kx in 0..kw {
+                        let at = (row + ox * stride[1] + kx * dilation[1]) * c + b * CHANNEL_BLOCK;
+                        let x: &[u8; CHANNEL_BLOCK] = image[at..at + CHANNEL_BLOCK].try_into().expect("16 values");
+                        let tap = (ky * kw + kx) * c + b * CHANNEL_BLOCK;
+                        let w: &[i32; CHANNEL_BLOCK] = weights[tap..tap + CHANNEL_BLOCK].try_into().expect("16 values");
+                        for i in 0..CHANNEL_BLOCK {
+                            sum[i] = sum[i].wrapping_add((x[i] as i32).wrapping_mul(w[i]));
+                        }
+                    }
+                }
+                out.copy_from_slice(&sum);
+            }
+        }
+    }
+}
+
+/// An integer depthwise layer on channel-major f32 images: what an integer plan runs per image.
+#[derive(Clone, Debug)]
+pub struct DepthwiseU8Layer {
+    /// The convolution on the padded channels-last image.
+    pub shape: DepthwiseU8Shape,
+    /// The layer's channels (at most `shape.channels`).
+    pub channels: usize,
+    /// Rows and columns of the input image.
+    pub input: [usize; 2],
+    /// Rows and columns of zero points around it (`shape.padded` is `input + 2 · padding`).
+    pub padding: [usize; 2],
+    /// `1 / scale` of the input's u8 grid.
+    pub inverse_scale: f32,
+    /// The input's zero point.
+    pub zero_point: u8,
+    /// `[tap][shape.channels]` (zero past the layer's channels).
+    pub weights: Vec<i32>,
+}
+
+/// Buffers [`DepthwiseU8Layer::run`] reuses between calls.
+#[derive(Debug, Default)]
+pub struct DepthwiseScratch {
+    planes: Vec<u8>,
+    image: Vec<u8>,
+    acc: Vec<i32>,
+    channel_major: Vec<i32>,
+}
+
+impl DepthwiseU8Layer {
+    /// One image: `x` (`[channels][h][w]`) quantized to u8 ([`crate::int8::quantize`]), the
+    /// depthwise sums of [`depthwise_u8`], and `epilogue` ([`crate::int8::Epilogue::apply`], with
+    /// `residual` the image a fused add reads) writing `out` (`[channels][oh][ow]`). Each
+    /// element-wise pass runs along contiguous memory; the two layout changes (planes to
+    /// channels-last bytes, pixel-major accumulators to channel-major) are plain copies.
+    ///
+    /// # Panics
+    /// When a slice is shorter than its shape, or `isa` is not available on this CPU.
+    #[allow(unsafe_code)] // calls the target-feature functions of the paths, after checking the CPU
+    pub fn run(
+        &self,
+        x: &[f32],
+        epilogue: &crate::int8::Epilogue<'_>,
+        residual: &[f32],
+        out: &mut [f32],
+        scratch: &mut DepthwiseScratch,
+        isa: crate::isa::Isa,
+    ) {
+        use crate::isa::Isa;
+        assert!(isa.available(), "this CPU lacks {isa:?}");
+        let ([h, w], [oh, ow]) = (self.input, self.shape.output);
+        assert!(x.len() >= self.channels * h * w && out.len() >= self.channels * oh * ow, "short image");
+        let [hp, wp] = self.shape.padded;
+        let c = self.shape.channels;
+        scratch.planes.resize(self.channels * h * w, 0);
+        scratch.image.resize(hp * wp * c, 0);
+        scratch.acc.resize(oh * ow * c, 0);
+        scratch.channel_major.resize(oh * ow * self.channels, 0);
+        match isa {
+            // SAFETY: the path's features are available (asserted above).
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 | Isa::Avx512Vnni => unsafe { self.run_avx512(x, epilogue, residual, out, scratch) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { self.run_avx2(x, epilogue, residual, out, scratch) },
+            _ => self.run_body(x, epilogue, residual, out, scratch),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    fn run_avx512(
+        &self,
+        x: &[f32],
+        e: &crate::int8::Epilogue<'_>,
+        r: &[f32],
+        out: &mut [f32],
+        s: &mut DepthwiseScratch,
+    ) {
+        self.run_body(x, e, r, out, s)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn run_avx2(&self, x: &[f32], e: &crate::int8::Epilogue<'_>, r: &[f32], out: &mut [f32], s: &mut DepthwiseScratch) {
+        self.run_body(x, e, r, out, s)
+    }
+
+    #[inline(always)]
+    fn run_body(
+        &self,
+        x: &[f32],
+        epilogue: &crate::int8::Epilogue<'_>,
+        residual: &[f32],
+        out: &mut [f32],
+        scratch: &mut DepthwiseScratch,
+    ) {
+        let DepthwiseScratch { planes, image, acc, channel_major } = scratch;
+        let ([h, w], [oh, ow], [ph, pw]) = (self.input, self.shape.output, self.padding);
+        let ([_, wp], c, n) = (self.shape.padded, self.shape.channels, oh * ow);
+        let zero = self.zero_point as f32;
+        for (q, &v) in planes.iter_mut().zip(&x[..self.channels * h * w]) {
+            *q = crate::int8::quantize(v, self.inverse_scale, zero);
+        }
+        if ph > 0 || pw > 0 || c != self.channels {
+            image.fill(self.zero_point);
+        }
+        for y in 0..h {
+            let dst = &mut image[((y + ph) * wp + pw) * c..][..w * c];
+            for (ch, plane) in planes.chunks_exact(h * w).enumerate() {
+                for (i, &q) in plane[y * w..(y + 1) * w].iter().enumerate() {
+                    dst[i * c + ch] = q;
+                }
+            }
+        }
+        depthwise_u8_body(&self.shape, image, &self.weights, acc);
+        for (p, pixel) in acc.chunks_exact(c).enumerate() {
+            for (ch, &a) in pixel[..self.channels].iter().enumerate() {
+                channel_major[ch * n + p] = a;
+            }
+        }
+        let fused = !residual.is_empty();
+        for (ch, (o, a)) in out.chunks_exact_mut(n).zip(channel_major.chunks_exact(n)).enumerate() {
+            if fused {
+                let r = &residual[ch * n..(ch + 1) * n];
+                for ((o, &a), &r) in o.iter_mut().zip(a).zip(r) {
+                    *o = epilogue.apply(ch, a, 0, r);
+                }
+            } else {
+                for (o, &a) in o.iter_mut().zip(a) {
+                    *o = epilogue.apply(ch, a, 0, 0.0);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,5 +459,68 @@ mod tests {
                 assert_eq!((lo..hi).contains(&ox), ix >= 0 && ix < w as isize, "{offset} {padding} {s} {w} {ow}: {ox}");
             }
         }
+    }
+
+    /// Every integer path the CPU has computes the scalar definition's integers, over strides,
+    /// dilations, kernel sizes and channel counts, with weights at the ends of their range.
+    #[test]
+    fn depthwise_u8_equals_the_scalar_definition_on_every_path() {
+        use crate::isa::Isa;
+        let mut state = 0x9E37_79B9u32;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state
+        };
+        let mut cases = 0;
+        for isa in Isa::ALL {
+            if !isa.available_for_test("depthwise_u8_equals_the_scalar_definition_on_every_path") {
+                continue;
+            }
+            for channels in [16, 32, 48] {
+                for ([hp, wp], kernel, stride, dilation) in [
+                    ([9, 9], [3, 3], [1, 1], [1, 1]),
+                    ([16, 10], [3, 3], [2, 2], [1, 1]),
+                    ([11, 13], [5, 5], [1, 2], [1, 1]),
+                    ([12, 12], [3, 3], [1, 1], [2, 2]),
+                    ([3, 3], [3, 3], [1, 1], [1, 1]),
+                    ([7, 5], [1, 1], [2, 1], [1, 1]),
+                ] {
+                    let span = |i: usize| (kernel[i] - 1) * dilation[i] + 1;
+                    let output = [([hp, wp][0] - span(0)) / stride[0] + 1, (wp - span(1)) / stride[1] + 1];
+                    let shape = DepthwiseU8Shape { channels, padded: [hp, wp], output, kernel, stride, dilation };
+                    let image: Vec<u8> = (0..hp * wp * channels).map(|_| next() as u8).collect();
+                    let weights: Vec<i32> = (0..kernel[0] * kernel[1] * channels)
+                        .map(|i| match i % 7 {
+                            0 => 255,
+                            1 => -255,
+                            _ => (next() % 511) as i32 - 255,
+                        })
+                        .collect();
+                    let n = output[0] * output[1] * channels;
+                    let (mut want, mut got) = (vec![i32::MIN; n], vec![i32::MAX; n]);
+                    depthwise_u8_reference(&shape, &image, &weights, &mut want);
+                    depthwise_u8(&shape, &image, &weights, &mut got, isa);
+                    assert_eq!(got, want, "{isa:?} {shape:?}");
+                    cases += 1;
+                }
+            }
+        }
+        assert!(cases >= 18, "{cases} cases");
+    }
+
+    #[test]
+    #[should_panic(expected = "reads past the padded image")]
+    fn depthwise_u8_refuses_a_window_past_the_image() {
+        let shape = DepthwiseU8Shape {
+            channels: 16,
+            padded: [4, 4],
+            output: [3, 3],
+            kernel: [3, 3],
+            stride: [1, 1],
+            dilation: [1, 1],
+        };
+        depthwise_u8_reference(&shape, &[0; 256], &[0; 144], &mut [0; 144]);
     }
 }

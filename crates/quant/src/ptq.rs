@@ -201,7 +201,8 @@ pub(crate) fn plan_layers(
     let mut plan: BTreeMap<NodeId, u32> = BTreeMap::new();
     let mut float_layers = Vec::new();
     for (id, node) in folded.layers() {
-        let grouped = matches!(node.op, Op::Conv2d { groups, .. } if groups != 1);
+        let grouped =
+            matches!(node.op, Op::Conv2d { groups, .. } if groups != 1) && !crate::kernels::is_depthwise(&node.op);
         if !matches!(node.op, Op::Conv2d { .. } | Op::Linear { .. }) {
             continue;
         }
@@ -211,7 +212,10 @@ pub(crate) fn plan_layers(
         } else if settings.dynamic && !matches!(node.op, Op::Linear { .. }) {
             float_layers.push((node.name.clone(), "dynamic quantization covers linear layers only".to_string()));
         } else if grouped {
-            float_layers.push((node.name.clone(), "grouped convolution: no integer kernel yet".to_string()));
+            float_layers.push((
+                node.name.clone(),
+                "grouped convolution other than depthwise: no integer kernel yet".to_string(),
+            ));
         } else {
             plan.insert(id, rule.and_then(|o| o.weight_bits).unwrap_or(settings.weight_bits));
         }

@@ -28,11 +28,15 @@ fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 /// VNNI the 16, 28 and 32 wide inputs and the 14-wide strided one, whose 7-wide output the
 /// kernel computes two rows at a time, run on the direct kernel; the 9×9 one on im2col + GEMM),
 /// symmetric or asymmetric weights.
-fn check_against_reference_loop(side: usize, stride: usize, settings: &PtqSettings) {
+///
+/// With `depthwise`, the convolution is a depthwise one over 16 channels instead (one filter per
+/// channel: the integer depthwise kernel).
+fn check_against_reference_loop(side: usize, stride: usize, settings: &PtqSettings, depthwise: bool) {
     let cout = 16;
-    let mut b = GraphBuilder::new([3, side, side]);
+    let (cin, groups) = if depthwise { (cout, cout) } else { (3, 1) };
+    let mut b = GraphBuilder::new([cin, side, side]);
     let x = b.input();
-    let c = b.conv2d("conv", x, Conv2dSpec { stride, padding: 1, bias: true, ..Conv2dSpec::new(cout, 3) });
+    let c = b.conv2d("conv", x, Conv2dSpec { stride, padding: 1, bias: true, groups, ..Conv2dSpec::new(cout, 3) });
     let r = b.relu("relu", c);
     let f = b.flatten("flat", r);
     let o = (side + 2 - 3) / stride + 1;
@@ -53,11 +57,12 @@ fn check_against_reference_loop(side: usize, stride: usize, settings: &PtqSettin
             _ => {}
         }
     }
-    let calib = batches([3, side, side], 2, 5);
+    let calib = batches([cin, side, side], 2, 5);
     let q = quantize_static(&g, &mut calib.clone().into_iter(), settings).unwrap();
     let mut plan = q.freeze(1).unwrap();
     let labels = plan.kernels();
-    assert!(labels.iter().any(|(n, k)| n == "conv" && k.starts_with("conv2d/int8")), "{labels:?}");
+    let conv_kernel = if depthwise { "conv2d/int8-depthwise" } else { "conv2d/int8" };
+    assert!(labels.iter().any(|(n, k)| n == "conv" && k.starts_with(conv_kernel)), "{labels:?}");
     assert!(labels.iter().any(|(n, k)| n == "fc" && k.starts_with("linear/int8")), "{labels:?}");
     let context = format!("{side}x{side} stride {stride}, {settings:?}, kernels {labels:?}");
 
@@ -89,7 +94,8 @@ fn check_against_reference_loop(side: usize, stride: usize, settings: &PtqSettin
         for oy in 0..o {
             for ox in 0..o {
                 let mut acc = 0i32;
-                for c in 0..3 {
+                let (channels, weight_cin) = if depthwise { (oc..oc + 1, 1) } else { (0..3, 3) };
+                for c in channels {
                     for ky in 0..3 {
                         for kx in 0..3 {
                             let (iy, ix) = ((oy * stride + ky) as isize - 1, (ox * stride + kx) as isize - 1);
@@ -100,7 +106,8 @@ fn check_against_reference_loop(side: usize, stride: usize, settings: &PtqSettin
                             } else {
                                 lq.input_zero_point
                             };
-                            let (wq, wz) = int_weight(lq, w[((oc * 3 + c) * 3 + ky) * 3 + kx], oc);
+                            let tap = if depthwise { 0 } else { c };
+                            let (wq, wz) = int_weight(lq, w[((oc * weight_cin + tap) * 3 + ky) * 3 + kx], oc);
                             acc += (xq - lq.input_zero_point) * (wq - wz);
                         }
                     }
@@ -133,7 +140,7 @@ fn check_against_reference_loop(side: usize, stride: usize, settings: &PtqSettin
     // GEMM) give exactly what each gives alone.
     let batch = to_vec(calib[1].clone());
     let together = plan.run(&batch, 8).unwrap().to_vec();
-    for (i, image) in batch.chunks_exact(3 * side * side).enumerate() {
+    for (i, image) in batch.chunks_exact(cin * side * side).enumerate() {
         assert_eq!(plan.run(image, 1).unwrap(), &together[i * 4..(i + 1) * 4], "image {i}: {context}");
     }
 }
@@ -145,7 +152,22 @@ fn integer_conv_equals_a_reference_integer_loop() {
             [(8, false, true), (8, true, true), (4, true, false), (2, true, true)]
         {
             let settings = PtqSettings { weight_bits: bits, asymmetric_weights, per_channel, ..PtqSettings::default() };
-            check_against_reference_loop(side, stride, &settings);
+            check_against_reference_loop(side, stride, &settings, false);
+        }
+    }
+}
+
+/// The integer depthwise kernel computes the reference integer loop exactly: strides 1 and 2,
+/// padding, symmetric and asymmetric weights (whose zero points it folds into the stored
+/// weights), 8, 4 and 2 bits, several images per call.
+#[test]
+fn integer_depthwise_conv_equals_a_reference_integer_loop() {
+    for (side, stride) in [(9, 2), (16, 1), (14, 2), (5, 1)] {
+        for (bits, asymmetric_weights, per_channel) in
+            [(8, false, true), (8, true, true), (4, true, false), (2, true, true)]
+        {
+            let settings = PtqSettings { weight_bits: bits, asymmetric_weights, per_channel, ..PtqSettings::default() };
+            check_against_reference_loop(side, stride, &settings, true);
         }
     }
 }
@@ -392,9 +414,9 @@ fn fused_adds_and_requantization_give_the_same_bits() {
 }
 
 /// Models trained and exported by PyTorch (data/onnx), imported: static PTQ puts every layer it
-/// can on the integer kernels and names the rest with the reason (depthwise convolutions have no
-/// integer kernel yet), dynamic PTQ quantizes their linear layers, and the integer plan agrees
-/// with the simulated forward on both.
+/// can on the integer kernels (the MobileNet's depthwise convolutions on the integer depthwise
+/// kernel, none left in f32) and names any other with the reason, dynamic PTQ quantizes their
+/// linear layers, and the integer plan agrees with the simulated forward on both.
 #[test]
 fn imported_models_quantize_static_and_dynamic() {
     let device = device();
@@ -429,12 +451,12 @@ fn imported_models_quantize_static_and_dynamic() {
             } else {
                 assert!(q.layers.len() > linear, "{context}: only {:?}", q.layers.keys());
             }
+            if !dynamic {
+                assert!(q.float_layers.is_empty(), "{context}: {:?}", q.float_layers);
+            }
             if file.starts_with("mobilenet") && !dynamic {
-                assert!(
-                    q.float_layers.iter().any(|(_, why)| why.contains("grouped convolution")),
-                    "{context}: {:?}",
-                    q.float_layers
-                );
+                let depthwise = labels.iter().filter(|(_, k)| k.starts_with("conv2d/int8-depthwise")).count();
+                assert_eq!(depthwise, 5, "{context}: {labels:?}");
             }
             let simulated = to_vec(q.forward_simulated(x.clone()));
             let got = q.freeze(1).unwrap().run(&to_vec(x.clone()), 8).unwrap().to_vec();

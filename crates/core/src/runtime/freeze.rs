@@ -195,6 +195,9 @@ fn build_kernel(
         }
         (Op::Clip { min, max }, _) => Box::new(Simple::Unary(Unary::Clip { min: *min, max: *max })),
         (Op::Sigmoid, _) => Box::new(Simple::Unary(Unary::Sigmoid)),
+        (Op::HardSigmoid { alpha, beta }, _) if step.gate => {
+            Box::new(Simple::Unary(Unary::HardSigmoidGate { alpha: *alpha, beta: *beta }))
+        }
         (Op::HardSigmoid { alpha, beta }, _) => {
             Box::new(Simple::Unary(Unary::HardSigmoid { alpha: *alpha, beta: *beta }))
         }

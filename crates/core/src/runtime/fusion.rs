@@ -26,6 +26,9 @@ pub(crate) struct Fused {
     /// A two-input add fused into a convolution's epilogue, and its other input (computed by an
     /// earlier step), which the step reads as its second input.
     pub residual: Option<(NodeId, NodeId)>,
+    /// A `HardSigmoid` step absorbed the `Mul` of its own input by its value (hard-swish as
+    /// exporters write it before opset 14): the step computes `x · hard_sigmoid(x)`.
+    pub gate: bool,
 }
 
 impl Fused {
@@ -55,6 +58,18 @@ pub fn batch_norm_after(graph: &Graph, conv: NodeId) -> Option<NodeId> {
         .filter(|&bn| matches!(graph.nodes[bn].params, Some(Params::BatchNorm(_))))
 }
 
+/// The `Mul` that is the only consumer of `HardSigmoid` node `id` and multiplies the hard
+/// sigmoid's own input by it: `x · hard_sigmoid(x)`, one step.
+fn gate_after(graph: &Graph, id: NodeId) -> Option<NodeId> {
+    if !matches!(graph.nodes[id].op, Op::HardSigmoid { .. }) {
+        return None;
+    }
+    let x = graph.nodes[id].inputs[0];
+    let mul = sole_consumer(graph, id, |op| matches!(op, Op::Mul))?;
+    let inputs = &graph.nodes[mul].inputs;
+    (inputs.len() == 2 && inputs.contains(&x) && inputs.contains(&id)).then_some(mul)
+}
+
 /// Whether the plan shares the input's value instead of computing a step (ops that change
 /// nothing in memory).
 pub(crate) fn is_alias(op: &Op) -> bool {
@@ -71,7 +86,12 @@ pub(crate) fn fuse(graph: &Graph, residual: bool) -> Vec<Fused> {
         if absorbed[id] || is_alias(&node.op) {
             continue;
         }
-        let mut step = Fused { node: id, batch_norm: None, absorbed: Vec::new(), relu: false, residual: None };
+        let mut step =
+            Fused { node: id, batch_norm: None, absorbed: Vec::new(), relu: false, residual: None, gate: false };
+        if let Some(mul) = gate_after(graph, id) {
+            step.gate = true;
+            step.absorbed.push(mul);
+        }
         if matches!(node.op, Op::Conv2d { .. }) {
             if let Some(bn) = batch_norm_after(graph, id) {
                 step.batch_norm = Some(bn);
@@ -216,5 +236,48 @@ mod tests {
         assert_eq!(layer_pairs(&folded, &steps), [(0, 1)]);
         // The graph's output is never absorbed, nor paired.
         assert_eq!(steps.last().unwrap().tail(), folded.output);
+    }
+
+    #[test]
+    fn a_hard_sigmoid_gating_its_own_input_is_one_step_with_the_same_bits() {
+        let device = crate::BackendKind::Flex.device().unwrap();
+        let build = |gate_input_is_x: bool| {
+            let mut b = GraphBuilder::new([3, 6, 6]);
+            let x = b.input();
+            let c = b.conv2d("c", x, Conv2dSpec::new(4, 3).padding(1));
+            let h = b.push("hs", Op::HardSigmoid { alpha: 1.0 / 6.0, beta: 0.5 }, vec![c]);
+            // Mul(h, c): the hard sigmoid's own input (a gate) or another value (no gate).
+            let other = if gate_input_is_x { c } else { b.conv2d("d", c, Conv2dSpec::new(4, 1)) };
+            let m = b.push("mul", Op::Mul, vec![h, other]);
+            let out = b.global_avg_pool("pool", m);
+            b.build(out, &mut InitRng::seeded(3), &device).unwrap()
+        };
+        let g = build(true);
+        let steps = fuse(&g, false);
+        let hs = steps.iter().find(|s| g.nodes[s.node].name == "hs").unwrap();
+        assert!(hs.gate);
+        assert_eq!(hs.absorbed, [g.node_id("mul").unwrap()]);
+        assert_eq!(steps.len(), 3);
+        let other = build(false);
+        assert!(fuse(&other, false).iter().all(|s| !s.gate));
+        // The fused step computes what the two steps compute, bit for bit, and what burn does.
+        let (gate, sigmoid) = (
+            super::super::Unary::HardSigmoidGate { alpha: 0.2, beta: 0.5 },
+            super::super::Unary::HardSigmoid { alpha: 0.2, beta: 0.5 },
+        );
+        for i in -2000..2000 {
+            let v = i as f32 * 0.0037;
+            assert_eq!(gate.apply(v).to_bits(), (v * sigmoid.apply(v)).to_bits(), "{v}");
+        }
+        let x: Vec<f32> = (0..2 * 3 * 36).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+        let mut plan = crate::runtime::freeze(&g).unwrap();
+        let labels: Vec<String> = plan.profile(&x, 2).unwrap().into_iter().map(|s| s.1).collect();
+        assert!(labels.contains(&"hard_sigmoid+mul/f32".to_string()), "{labels:?}");
+        let fused = plan.run(&x, 2).unwrap().to_vec();
+        let t = burn::tensor::Tensor::<4>::from_data(burn::tensor::TensorData::new(x.clone(), [2, 3, 6, 6]), &device);
+        let want = crate::host::floats(g.forward(t)).unwrap();
+        for (a, b) in fused.iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
+        }
     }
 }

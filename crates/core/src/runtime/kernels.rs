@@ -450,6 +450,15 @@ pub enum Unary {
     },
     /// `x · max(0, min(1, x / 6 + 1/2))`.
     HardSwish,
+    /// `x · max(0, min(1, alpha · x + beta))`: a `HardSigmoid` and the `Mul` of its input by
+    /// it, fused into one step (how exporters write hard-swish before opset 14); the same
+    /// operations as the two steps, so the same bits.
+    HardSigmoidGate {
+        /// Slope.
+        alpha: f32,
+        /// Offset.
+        beta: f32,
+    },
     /// `x` if positive, else `alpha · x`.
     LeakyRelu {
         /// Negative slope.
@@ -466,6 +475,7 @@ impl Unary {
             Unary::Sigmoid => 1.0 / (1.0 + (-x).exp()),
             Unary::HardSigmoid { alpha, beta } => (alpha * x + beta).clamp(0.0, 1.0),
             Unary::HardSwish => x * (x * (1.0 / 6.0) + 0.5).clamp(0.0, 1.0),
+            Unary::HardSigmoidGate { alpha, beta } => x * (alpha * x + beta).clamp(0.0, 1.0),
             Unary::LeakyRelu { alpha } => {
                 if x > 0.0 {
                     x
@@ -482,6 +492,7 @@ impl Unary {
             Unary::Sigmoid => "sigmoid",
             Unary::HardSigmoid { .. } => "hard_sigmoid",
             Unary::HardSwish => "hard_swish",
+            Unary::HardSigmoidGate { .. } => "hard_sigmoid+mul",
             Unary::LeakyRelu { .. } => "leaky_relu",
         }
     }
@@ -577,6 +588,9 @@ impl Kernel for Simple {
                 }
             }
             Simple::Unary(u) => output.iter_mut().zip(inputs[0]).for_each(|(o, &x)| *o = u.apply(x)),
+            Simple::Mul { plane: 1 } => {
+                output.iter_mut().zip(inputs[0].iter().zip(inputs[1])).for_each(|(o, (&a, &b))| *o = a * b);
+            }
             Simple::Mul { plane } => {
                 for (o, (a, &b)) in output.chunks_mut(*plane).zip(inputs[0].chunks(*plane).zip(inputs[1])) {
                     o.iter_mut().zip(a).for_each(|(o, &a)| *o = a * b);

@@ -14,12 +14,14 @@
 
 mod conv_direct;
 mod conv_im2col;
+mod depthwise;
 mod linear;
 #[cfg(test)]
 mod tests;
 
 pub use conv_direct::ConvDirectInt8;
 pub use conv_im2col::ConvInt8;
+pub use depthwise::{DepthwiseInt8, is_depthwise};
 pub use linear::LinearInt8;
 
 use std::cell::RefCell;
@@ -328,6 +330,7 @@ fn int8_kernel(
 ) -> Option<Box<dyn Kernel>> {
     {
         match view.op {
+            op if is_depthwise(op) => DepthwiseInt8::new(view, layer).map(|k| Box::new(k) as Box<dyn Kernel>),
             Op::Conv2d { .. } => match ConvDirectInt8::new(view, layer) {
                 Some(mut k) => {
                     if fuse {
