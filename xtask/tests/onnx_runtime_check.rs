@@ -4,7 +4,9 @@
 //! gives shrink's f32 plan's logits within 1e-4 relative; the QDQ file's top-1 is within 0.1 pp
 //! of shrink's integer plan, ≥ 99.9 % of its logits within two output steps, every layer
 //! shrink quantized runs on an integer operator in ONNX Runtime's optimised graph, and the
-//! file is at most 0.27× the f32 one. `cargo xtask export` writes the same file from the
+//! file is at most 0.27× the f32 one. The imported MobileNet of `configs/onnx_mobilenet_int8.toml`
+//! too, its five depthwise convolutions integer layers in both runtimes (≥ 99 % of its logits
+//! within two steps, the file at most 0.5×: see the test). `cargo xtask export` writes the same file from the
 //! run directory, and `cargo xtask bench onnxruntime` times it on both runtimes. Where
 //! onnxruntime is not installed the test says so and passes, unless
 //! `SHRINK_REQUIRE_ONNXRUNTIME=1` (CI installs it and sets that).
@@ -57,7 +59,11 @@ fn exported_models_run_in_onnx_runtime_as_in_shrink() {
     let dir = std::env::temp_dir().join(format!("shrink-onnx-export-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    for config in ["configs/smoke/lenet_int8.toml", "configs/resnet_int8.toml"] {
+    for config in ["configs/smoke/lenet_int8.toml", "configs/resnet_int8.toml", "configs/onnx_mobilenet_int8.toml"] {
+        // The imported MobileNet (depthwise convolutions, hard-swish, squeeze-and-excitation):
+        // its per-channel scales weigh more in a small file, and ONNX Runtime computes its
+        // hard-swish and SE products between integer layers in its own order.
+        let mobilenet = config.contains("mobilenet");
         let path = with_check(config, &dir);
         let out_dir = dir.join("runs").display().to_string();
         let out = xtask(&["run", "-q", "--out", &out_dir, &path.display().to_string()]);
@@ -72,7 +78,8 @@ fn exported_models_run_in_onnx_runtime_as_in_shrink() {
         assert_eq!(files[0]["file"], "model.onnx", "{config}");
         assert_eq!(files[1]["file"], "model.int8.onnx", "{config}");
         let ratio = size(1) / size(0);
-        assert!(ratio <= 0.27, "{config}: the QDQ file is {ratio:.3}× the f32 one");
+        let most = if mobilenet { 0.5 } else { 0.27 };
+        assert!(ratio <= most, "{config}: the QDQ file is {ratio:.3}× the f32 one");
         let ort = &export["onnxruntime"];
         let f32 = &ort["f32"];
         let rel = f32["max_relative_difference"].as_f64().unwrap();
@@ -84,11 +91,17 @@ fn exported_models_run_in_onnx_runtime_as_in_shrink() {
             "{config}: int8 top-1 {theirs} in ONNX Runtime, {ours} in shrink"
         );
         let within = int8["within_2_steps"].as_f64().unwrap();
-        assert!(within >= 0.999, "{config}: {within} of the logits within two output steps");
+        let least = if mobilenet { 0.99 } else { 0.999 };
+        assert!(within >= least, "{config}: {within} of the logits within two output steps");
         let layers = int8["layers"].as_object().unwrap();
         assert!(!layers.is_empty());
         for (layer, op) in layers {
             assert!(op.is_string(), "{config}: ONNX Runtime runs `{layer}` in f32 ({:?})", int8["optimized_ops"]);
+        }
+        if mobilenet {
+            // The depthwise convolutions are integer layers in both runtimes.
+            let depthwise = layers.iter().filter(|(l, op)| l.contains("depthwise") && op.is_string()).count();
+            assert_eq!(depthwise, 5, "{config}: {layers:?}");
         }
         // The report says what was checked.
         let md = std::fs::read_to_string(run_dir.join("report.md")).unwrap();

@@ -571,6 +571,28 @@ fn onnx_models_from_pytorch_are_imported_compressed_and_reported() {
             (stages[0]["file_bytes"].as_u64().unwrap(), stages[4]["file_bytes"].as_u64().unwrap());
         assert!(int8_bytes * 3 < f32_bytes, "{name}: {f32_bytes} → {int8_bytes} bytes");
     }
+    // `cargo xtask profile` shows where the integer MobileNet spends its time, step by step: its
+    // depthwise convolutions on the integer kernel, its hard-swishes one step each.
+    let out = xtask(&["profile", &dirs[1], "--repeats", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8_lossy(&out.stdout);
+    for want in ["## f32 plan", "## integer plan", "conv2d/int8-depthwise", "hard_sigmoid+mul/f32"] {
+        assert!(table.contains(want), "{want}: {table}");
+    }
+    let out = xtask(&["profile", &out_arg]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("model.safetensors"));
+    // configs/onnx_mobilenet_prune.toml: channels removed through the inverted residuals (the
+    // depthwise convolutions and SE blocks with their expansions) take at least 30 % of the
+    // MACs, and fine-tuning brings the accuracy back within 2 pp of the fine-tuned model.
+    let out = xtask(&["run", "-q", "--out", &out_arg, "configs/onnx_mobilenet_prune.toml"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = report(String::from_utf8(out.stdout).unwrap().trim());
+    let stages = r["stages"].as_array().unwrap();
+    let macs = |i: usize| stages[i]["macs"].as_f64().unwrap();
+    assert!(macs(2) <= 0.7 * macs(1), "MACs {} → {}", macs(1), macs(2));
+    let top1 = |i: usize| stages[i]["test"]["top1"].as_f64().unwrap();
+    assert!(top1(2) >= top1(1) - 0.02, "top-1 {} → {}", top1(1), top1(2));
 }
 
 /// `bench-compare`, the pull-request gate: a gated ratio that fell by more than the tolerance

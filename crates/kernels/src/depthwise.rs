@@ -91,8 +91,37 @@ fn inside(offset: usize, padding: usize, s: usize, w: usize, ow: usize) -> (usiz
 ///
 /// # Panics
 /// As [`depthwise_reference`].
+#[allow(unsafe_code)] // calls the target-feature functions of the paths, after checking the CPU
 pub fn depthwise(shape: &DepthwiseShape, image: &[f32], weights: &[f32], out: &mut [f32]) {
+    use crate::isa::Isa;
     shape.check(image, weights, out);
+    match crate::isa::selected().f32_path() {
+        // SAFETY: the selected path is available on this CPU (`isa::selected`).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { depthwise_avx512(shape, image, weights, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { depthwise_avx2(shape, image, weights, out) },
+        _ => depthwise_body(shape, image, weights, out),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn depthwise_avx512(shape: &DepthwiseShape, image: &[f32], weights: &[f32], out: &mut [f32]) {
+    depthwise_body(shape, image, weights, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn depthwise_avx2(shape: &DepthwiseShape, image: &[f32], weights: &[f32], out: &mut [f32]) {
+    depthwise_body(shape, image, weights, out)
+}
+
+/// [`depthwise`]'s loop, compiled once per path (products and sums stay separate operations: Rust
+/// does not contract them into fused multiply-adds, so every path rounds alike).
+#[inline(always)]
+fn depthwise_body(shape: &DepthwiseShape, image: &[f32], weights: &[f32], out: &mut [f32]) {
     let DepthwiseShape { channels, input: [h, w], output: [oh, ow], kernel: [kh, kw], stride, padding, dilation } =
         *shape;
     let columns: Vec<(usize, usize)> =
@@ -221,6 +250,7 @@ pub fn depthwise_u8(shape: &DepthwiseU8Shape, image: &[u8], weights: &[i32], acc
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx512Vnni => unsafe { depthwise_u8_avx512(shape, image, weights, acc) },
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
         Isa::Avx2 => unsafe { depthwise_u8_avx2(shape, image, weights, acc) },
         _ => depthwise_u8_body(shape, image, weights, acc),
     }
@@ -329,6 +359,7 @@ impl DepthwiseU8Layer {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 | Isa::Avx512Vnni => unsafe { self.run_avx512(x, epilogue, residual, out, scratch) },
             #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
             Isa::Avx2 => unsafe { self.run_avx2(x, epilogue, residual, out, scratch) },
             _ => self.run_body(x, epilogue, residual, out, scratch),
         }
@@ -372,20 +403,17 @@ impl DepthwiseU8Layer {
         if ph > 0 || pw > 0 || c != self.channels {
             image.fill(self.zero_point);
         }
-        for y in 0..h {
-            let dst = &mut image[((y + ph) * wp + pw) * c..][..w * c];
-            for (ch, plane) in planes.chunks_exact(h * w).enumerate() {
-                for (i, &q) in plane[y * w..(y + 1) * w].iter().enumerate() {
-                    dst[i * c + ch] = q;
-                }
-            }
+        // Pixel p = (y, x) of the planes lands at padded pixel (y + ph, x + pw).
+        let at = |p: usize| ((p / w + ph) * wp + pw + p % w) * c;
+        for b in 0..c / CHANNEL_BLOCK {
+            let planes: [Option<&[u8]>; CHANNEL_BLOCK] = std::array::from_fn(|i| {
+                let ch = b * CHANNEL_BLOCK + i;
+                (ch < self.channels).then(|| &planes[ch * h * w..(ch + 1) * h * w])
+            });
+            transpose_planes_u8(&planes, h * w, self.zero_point, image, b * CHANNEL_BLOCK, at);
         }
         depthwise_u8_body(&self.shape, image, &self.weights, acc);
-        for (p, pixel) in acc.chunks_exact(c).enumerate() {
-            for (ch, &a) in pixel[..self.channels].iter().enumerate() {
-                channel_major[ch * n + p] = a;
-            }
-        }
+        transpose_i32(acc, n, c, self.channels, channel_major);
         let fused = !residual.is_empty();
         for (ch, (o, a)) in out.chunks_exact_mut(n).zip(channel_major.chunks_exact(n)).enumerate() {
             if fused {
@@ -402,12 +430,143 @@ impl DepthwiseU8Layer {
     }
 }
 
+/// Sixteen channel planes (`n` pixels each; `None`: a channel past the layer's, all `fill`) to
+/// channels-last pixels: byte `i` of pixel `p` goes to `dst[at(p) + offset + i]`. Sixteen
+/// pixels at a time by a 16×16 byte transpose (SSE2 on x86-64), the rest one by one.
+fn transpose_planes_u8(
+    planes: &[Option<&[u8]>; CHANNEL_BLOCK],
+    n: usize,
+    fill: u8,
+    dst: &mut [u8],
+    offset: usize,
+    at: impl Fn(usize) -> usize,
+) {
+    let mut p0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    {
+        let filled = [fill; CHANNEL_BLOCK];
+        while p0 + CHANNEL_BLOCK <= n {
+            let block: [&[u8; CHANNEL_BLOCK]; CHANNEL_BLOCK] = std::array::from_fn(|i| match planes[i] {
+                Some(plane) => plane[p0..p0 + CHANNEL_BLOCK].try_into().expect("16 values"),
+                None => &filled,
+            });
+            for (j, pixel) in sse2::transpose16(&block).iter().enumerate() {
+                dst[at(p0 + j) + offset..][..CHANNEL_BLOCK].copy_from_slice(pixel);
+            }
+            p0 += CHANNEL_BLOCK;
+        }
+    }
+    for p in p0..n {
+        let d = &mut dst[at(p) + offset..][..CHANNEL_BLOCK];
+        for (v, plane) in d.iter_mut().zip(planes) {
+            *v = plane.map_or(fill, |plane| plane[p]);
+        }
+    }
+}
+
+/// Pixel-major accumulators `acc[p][c]` (`n` pixels, `c` per pixel) to channel-major
+/// `out[ch][p]` for the first `channels`: 4×4 blocks (SSE2 on x86-64), the rest one by one.
+fn transpose_i32(acc: &[i32], n: usize, c: usize, channels: usize, out: &mut [i32]) {
+    let mut p0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    while p0 + 4 <= n {
+        let mut ch = 0;
+        while ch + 4 <= channels {
+            let rows: [&[i32; 4]; 4] =
+                std::array::from_fn(|i| acc[(p0 + i) * c + ch..][..4].try_into().expect("4 values"));
+            let columns = sse2::transpose4(&rows);
+            for (j, col) in columns.iter().enumerate() {
+                out[(ch + j) * n + p0..][..4].copy_from_slice(col);
+            }
+            ch += 4;
+        }
+        for ch in ch..channels {
+            for p in p0..p0 + 4 {
+                out[ch * n + p] = acc[p * c + ch];
+            }
+        }
+        p0 += 4;
+    }
+    for p in p0..n {
+        for ch in 0..channels {
+            out[ch * n + p] = acc[p * c + ch];
+        }
+    }
+}
+
+/// The transposes on SSE2, which every x86-64 CPU has.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)] // unaligned loads and stores of 16 bytes, in bounds by their array types
+mod sse2 {
+    use std::arch::x86_64::*;
+
+    /// A 16×16 byte matrix transposed: `out[j][i] = rows[i][j]`, by four rounds of unpacking.
+    pub(super) fn transpose16(rows: &[&[u8; 16]; 16]) -> [[u8; 16]; 16] {
+        // SAFETY: each load reads the 16 bytes of one array; SSE2 is part of x86-64.
+        let a: [__m128i; 16] = std::array::from_fn(|i| unsafe { _mm_loadu_si128(rows[i].as_ptr().cast()) });
+        // Bytes of row pairs interleaved: 16-bit lanes (a2k[j], a2k+1[j]).
+        let b: [__m128i; 16] = std::array::from_fn(|i| {
+            let (k, hi) = (i / 2, i % 2 == 1);
+            // SAFETY: register operations of SSE2, part of x86-64.
+            unsafe {
+                if hi { _mm_unpackhi_epi8(a[2 * k], a[2 * k + 1]) } else { _mm_unpacklo_epi8(a[2 * k], a[2 * k + 1]) }
+            }
+        });
+        // 32-bit lanes of four rows: c[4m + q] holds pixels 4q..4q+4 of rows 4m..4m+4.
+        let c: [__m128i; 16] = std::array::from_fn(|i| {
+            let (m, q) = (i / 4, i % 4);
+            let (lo, hi) = (b[4 * m + q / 2], b[4 * m + 2 + q / 2]);
+            // SAFETY: as above.
+            unsafe { if q % 2 == 1 { _mm_unpackhi_epi16(lo, hi) } else { _mm_unpacklo_epi16(lo, hi) } }
+        });
+        // 64-bit lanes of eight rows: d[8n + t] holds pixels 2t, 2t+1 of rows 8n..8n+8.
+        let d: [__m128i; 16] = std::array::from_fn(|i| {
+            let (n, t) = (i / 8, i % 8);
+            let (lo, hi) = (c[8 * n + t / 2], c[8 * n + 4 + t / 2]);
+            // SAFETY: as above.
+            unsafe { if t % 2 == 1 { _mm_unpackhi_epi32(lo, hi) } else { _mm_unpacklo_epi32(lo, hi) } }
+        });
+        let mut out = [[0u8; 16]; 16];
+        for (j, o) in out.iter_mut().enumerate() {
+            let (t, hi) = (j / 2, j % 2 == 1);
+            // SAFETY: the store writes the 16 bytes of one array.
+            unsafe {
+                let v = if hi { _mm_unpackhi_epi64(d[t], d[8 + t]) } else { _mm_unpacklo_epi64(d[t], d[8 + t]) };
+                _mm_storeu_si128(o.as_mut_ptr().cast(), v);
+            }
+        }
+        out
+    }
+
+    /// A 4×4 matrix of 32-bit values transposed: `out[j][i] = rows[i][j]`.
+    pub(super) fn transpose4(rows: &[&[i32; 4]; 4]) -> [[i32; 4]; 4] {
+        // SAFETY: each load reads the 16 bytes of one array; SSE2 is part of x86-64.
+        unsafe {
+            let a: [__m128i; 4] = std::array::from_fn(|i| _mm_loadu_si128(rows[i].as_ptr().cast()));
+            let (t0, t1) = (_mm_unpacklo_epi32(a[0], a[1]), _mm_unpackhi_epi32(a[0], a[1]));
+            let (t2, t3) = (_mm_unpacklo_epi32(a[2], a[3]), _mm_unpackhi_epi32(a[2], a[3]));
+            let v = [
+                _mm_unpacklo_epi64(t0, t2),
+                _mm_unpackhi_epi64(t0, t2),
+                _mm_unpacklo_epi64(t1, t3),
+                _mm_unpackhi_epi64(t1, t3),
+            ];
+            let mut out = [[0i32; 4]; 4];
+            for (o, v) in out.iter_mut().zip(v) {
+                _mm_storeu_si128(o.as_mut_ptr().cast(), v);
+            }
+            out
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Bit-identical to the scalar definition over strides, paddings, dilations, kernel sizes
-    /// and images narrower than the kernel, with values whose rounding depends on the order.
+    /// Bit-identical to the scalar definition on every f32 path of this CPU, over strides,
+    /// paddings, dilations, kernel sizes and images narrower than the kernel, with values whose
+    /// rounding depends on the order.
     #[test]
     fn depthwise_equals_the_scalar_definition_bit_for_bit() {
         let mut state = 0x2545_F491u32;
@@ -417,6 +576,10 @@ mod tests {
             state ^= state << 5;
             (state as f32 / u32::MAX as f32 - 0.5) * 3.0
         };
+        let paths: Vec<crate::isa::Isa> = crate::isa::Isa::ALL
+            .into_iter()
+            .filter(|&i| i.f32_path() == i && i.available_for_test("depthwise_equals_the_scalar_definition"))
+            .collect();
         let mut cases = 0;
         for (channels, [h, w]) in [(3, [7, 9]), (8, [16, 16]), (5, [1, 3]), (2, [2, 1]), (4, [13, 32])] {
             for kernel in [[3, 3], [1, 1], [5, 5], [3, 1]] {
@@ -436,9 +599,12 @@ mod tests {
                             let n = channels * output[0] * output[1];
                             let (mut want, mut got) = (vec![f32::NAN; n], vec![f32::NAN; n]);
                             depthwise_reference(&shape, &image, &weights, &mut want);
-                            depthwise(&shape, &image, &weights, &mut got);
                             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                            assert_eq!(bits(&got), bits(&want), "{shape:?}");
+                            for &isa in &paths {
+                                got.fill(f32::NAN);
+                                crate::isa::with_selected(isa, || depthwise(&shape, &image, &weights, &mut got));
+                                assert_eq!(bits(&got), bits(&want), "{isa:?} {shape:?}");
+                            }
                             cases += 1;
                         }
                     }
@@ -522,5 +688,113 @@ mod tests {
             dilation: [1, 1],
         };
         depthwise_u8_reference(&shape, &[0; 256], &[0; 144], &mut [0; 144]);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_sse2_transposes_transpose() {
+        let rows: Vec<[u8; 16]> = (0..16).map(|i| std::array::from_fn(|j| (i * 16 + j) as u8)).collect();
+        let refs: [&[u8; 16]; 16] = std::array::from_fn(|i| &rows[i]);
+        let t = super::sse2::transpose16(&refs);
+        for i in 0..16 {
+            for j in 0..16 {
+                assert_eq!(t[j][i], rows[i][j], "{i} {j}");
+            }
+        }
+        let rows: Vec<[i32; 4]> = (0..4).map(|i| std::array::from_fn(|j| (i * 4 + j) as i32 - 7)).collect();
+        let t = super::sse2::transpose4(&std::array::from_fn(|i| &rows[i]));
+        for i in 0..4 {
+            for j in 0..4 {
+                assert_eq!(t[j][i], rows[i][j]);
+            }
+        }
+    }
+
+    /// The integer layer on every path: quantization, the sums and the epilogue give what
+    /// their scalar definitions composed give, for widths on and off the transposes' blocks
+    /// and channel counts on and off sixteen, with a fused residual add and without.
+    #[test]
+    fn the_integer_layer_composes_its_scalar_definitions() {
+        use crate::int8::{Epilogue, Grid, quantize};
+        use crate::isa::Isa;
+        let mut state = 0x1234_5678u32;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state as f32 / u32::MAX as f32 * 4.0 - 2.0
+        };
+        let paths: Vec<Isa> =
+            Isa::ALL.into_iter().filter(|i| i.available_for_test("the_integer_layer_composes")).collect();
+        for (channels, [h, w], stride) in [(5, [7, 9], 1), (16, [20, 18], 2), (21, [17, 33], 1), (40, [6, 4], 2)] {
+            let c = depthwise_u8_channels(channels);
+            let output = [(h - 1) / stride + 1, (w - 1) / stride + 1];
+            let n = output[0] * output[1];
+            let shape = DepthwiseU8Shape {
+                channels: c,
+                padded: [h + 2, w + 2],
+                output,
+                kernel: [3, 3],
+                stride: [stride, stride],
+                dilation: [1, 1],
+            };
+            let mut weights = vec![0i32; 9 * c];
+            for t in 0..9 {
+                for ch in 0..channels {
+                    weights[t * c + ch] = (next() * 120.0) as i32;
+                }
+            }
+            let layer = DepthwiseU8Layer {
+                shape,
+                channels,
+                input: [h, w],
+                padding: [1, 1],
+                inverse_scale: 1.0 / 0.02,
+                zero_point: 97,
+                weights: weights.clone(),
+            };
+            let x: Vec<f32> = (0..channels * h * w).map(|_| next()).collect();
+            let residual: Vec<f32> = (0..channels * n).map(|_| next()).collect();
+            let correction: Vec<i32> =
+                (0..channels).map(|ch| 97 * (0..9).map(|t| weights[t * c + ch]).sum::<i32>()).collect();
+            let scale: Vec<f32> = (0..channels).map(|ch| 0.02 * 0.001 * (ch + 1) as f32).collect();
+            let bias: Vec<f32> = (0..channels).map(|_| next()).collect();
+            // The scalar composition: quantize into a padded channels-last image, the reference sums.
+            let mut image = vec![97u8; (h + 2) * (w + 2) * c];
+            for ch in 0..channels {
+                for y in 0..h {
+                    for xx in 0..w {
+                        image[((y + 1) * (w + 2) + xx + 1) * c + ch] = quantize(x[(ch * h + y) * w + xx], 50.0, 97.0);
+                    }
+                }
+            }
+            let mut acc = vec![0i32; n * c];
+            depthwise_u8_reference(&shape, &image, &weights, &mut acc);
+            for fused in [false, true] {
+                let epilogue = Epilogue {
+                    correction: &correction,
+                    scale: &scale,
+                    bias: &bias,
+                    relu: fused,
+                    weight_zero: &[],
+                    window_sums: &[],
+                    grid: (!fused).then(|| Grid::new(0.05, 11)),
+                    residual: if fused { &residual } else { &[] },
+                };
+                let r: &[f32] = if fused { &residual } else { &[] };
+                let want: Vec<u32> = (0..channels * n)
+                    .map(|i| {
+                        let (ch, p) = (i / n, i % n);
+                        epilogue.apply(ch, acc[p * c + ch], 0, r.get(i).copied().unwrap_or(0.0)).to_bits()
+                    })
+                    .collect();
+                for &isa in &paths {
+                    let mut out = vec![f32::NAN; channels * n];
+                    layer.run(&x, &epilogue, r, &mut out, &mut DepthwiseScratch::default(), isa);
+                    let got: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(got, want, "{isa:?} {channels} channels {h}x{w} stride {stride} fused {fused}");
+                }
+            }
+        }
     }
 }
