@@ -93,6 +93,7 @@ fn inside(offset: usize, padding: usize, s: usize, w: usize, ow: usize) -> (usiz
 /// As [`depthwise_reference`].
 #[allow(unsafe_code)] // calls the target-feature functions of the paths, after checking the CPU
 pub fn depthwise(shape: &DepthwiseShape, image: &[f32], weights: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
     use crate::isa::Isa;
     shape.check(image, weights, out);
     match crate::isa::selected().f32_path() {
@@ -242,6 +243,7 @@ pub fn depthwise_u8_reference(shape: &DepthwiseU8Shape, image: &[u8], weights: &
 /// As [`depthwise_u8_reference`]; when `isa` is not available on this CPU.
 #[allow(unsafe_code)] // calls the target-feature functions of the paths, after checking the CPU
 pub fn depthwise_u8(shape: &DepthwiseU8Shape, image: &[u8], weights: &[i32], acc: &mut [i32], isa: crate::isa::Isa) {
+    #[cfg(target_arch = "x86_64")]
     use crate::isa::Isa;
     shape.check(image, weights, acc);
     assert!(isa.available(), "this CPU lacks {isa:?}");
@@ -344,6 +346,7 @@ impl DepthwiseU8Layer {
         scratch: &mut DepthwiseScratch,
         isa: crate::isa::Isa,
     ) {
+        #[cfg(target_arch = "x86_64")]
         use crate::isa::Isa;
         assert!(isa.available(), "this CPU lacks {isa:?}");
         let ([h, w], [oh, ow]) = (self.input, self.shape.output);
@@ -441,9 +444,11 @@ fn transpose_planes_u8(
     offset: usize,
     at: impl Fn(usize) -> usize,
 ) {
-    let mut p0 = 0;
+    #[cfg(not(target_arch = "x86_64"))]
+    let p0 = 0;
     #[cfg(target_arch = "x86_64")]
-    {
+    let p0 = {
+        let mut p0 = 0;
         let filled = [fill; CHANNEL_BLOCK];
         while p0 + CHANNEL_BLOCK <= n {
             let block: [&[u8; CHANNEL_BLOCK]; CHANNEL_BLOCK] = std::array::from_fn(|i| match planes[i] {
@@ -455,7 +460,8 @@ fn transpose_planes_u8(
             }
             p0 += CHANNEL_BLOCK;
         }
-    }
+        p0
+    };
     for p in p0..n {
         let d = &mut dst[at(p) + offset..][..CHANNEL_BLOCK];
         for (v, plane) in d.iter_mut().zip(planes) {
@@ -467,6 +473,9 @@ fn transpose_planes_u8(
 /// Pixel-major accumulators `acc[p][c]` (`n` pixels, `c` per pixel) to channel-major
 /// `out[ch][p]` for the first `channels`: 4×4 blocks (SSE2 on x86-64), the rest one by one.
 fn transpose_i32(acc: &[i32], n: usize, c: usize, channels: usize, out: &mut [i32]) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let p0 = 0;
+    #[cfg(target_arch = "x86_64")]
     let mut p0 = 0;
     #[cfg(target_arch = "x86_64")]
     while p0 + 4 <= n {
