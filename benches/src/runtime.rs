@@ -178,10 +178,19 @@ fn conv_case() -> Case {
     Case { name: "conv3x3 64->64 32x32 b8".into(), flops, baseline: "burn-ndarray".into(), contenders }
 }
 
-/// A MobileNet-style depthwise 3×3 layer on one image: shrink's kernel (the plan's) against the
-/// scalar loop it replaced (the ratio's baseline) and burn's grouped convolution.
+/// A MobileNet-style depthwise 3×3 layer on one image: shrink's kernel (the plan's, in the layout
+/// it picks for the shape, and in each layout) against the scalar loop it replaced (the ratio's
+/// baseline) and burn's grouped convolution.
 fn depthwise_case(channels: usize, size: usize, stride: usize) -> Case {
-    use shrink_core::kernels::depthwise::{DepthwiseShape, depthwise, depthwise_reference};
+    use shrink_core::kernels::depthwise::{
+        DepthwiseLayout, DepthwiseShape, depthwise, depthwise_reference, depthwise_with,
+    };
+    fn planar(s: &DepthwiseShape, x: &[f32], w: &[f32], o: &mut [f32]) {
+        depthwise_with(s, x, w, o, DepthwiseLayout::Planar)
+    }
+    fn channels_last(s: &DepthwiseShape, x: &[f32], w: &[f32], o: &mut [f32]) {
+        depthwise_with(s, x, w, o, DepthwiseLayout::ChannelsLast)
+    }
     let out = (size + 2 - 3) / stride + 1;
     let shape = DepthwiseShape {
         channels,
@@ -196,6 +205,8 @@ fn depthwise_case(channels: usize, size: usize, stride: usize) -> Case {
     let mut contenders = Vec::new();
     for (runner, kernel) in [
         ("cpu-plan", depthwise as fn(&DepthwiseShape, &[f32], &[f32], &mut [f32])),
+        ("planar", planar),
+        ("channels-last", channels_last),
         ("scalar-loop", depthwise_reference),
     ] {
         let (image, weights) = (image.clone(), weights.clone());
@@ -339,6 +350,10 @@ pub fn runtime_cases() -> Vec<Case> {
         conv_case(),
         depthwise_case(96, 56, 1),
         depthwise_case(144, 56, 2),
+        depthwise_case(128, 28, 1),
+        depthwise_case(72, 14, 1),
+        depthwise_case(32, 28, 2),
+        depthwise_case(256, 7, 1),
         resnet20_case(1),
         resnet20_case(64),
         threads_case(0),

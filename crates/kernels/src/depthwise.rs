@@ -87,36 +87,180 @@ fn inside(offset: usize, padding: usize, s: usize, w: usize, ow: usize) -> (usiz
     (lo.min(hi), hi)
 }
 
-/// [`depthwise_reference`] with the border tests out of the inner loop: bit-identical results.
+/// How [`depthwise_with`] lays the image out while it computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DepthwiseLayout {
+    /// Row by row of each channel plane, the border tests out of the inner loop: suits rows
+    /// long enough to fill vectors.
+    Planar,
+    /// Through a zero-padded channels-last copy of the image (sixteen channels per vector, every
+    /// tap of a pixel summed in registers) and a transpose back: suits the short rows of the
+    /// small feature maps of mobile networks.
+    ChannelsLast,
+}
+
+impl DepthwiseLayout {
+    /// Output rows narrower than this run channels-last (measured with `cargo xtask bench
+    /// runtime`'s depthwise cases: see the README).
+    pub const CHANNELS_LAST_BELOW: usize = 32;
+
+    /// The layout [`depthwise`] uses for `shape`.
+    pub fn for_shape(shape: &DepthwiseShape) -> Self {
+        if shape.output[1] < Self::CHANNELS_LAST_BELOW { Self::ChannelsLast } else { Self::Planar }
+    }
+}
+
+/// [`depthwise_reference`], bit-identical for finite weights, in the layout that suits the shape
+/// ([`DepthwiseLayout::for_shape`]) on the selected f32 path.
+///
+/// # Panics
+/// As [`depthwise_reference`].
+pub fn depthwise(shape: &DepthwiseShape, image: &[f32], weights: &[f32], out: &mut [f32]) {
+    depthwise_with(shape, image, weights, out, DepthwiseLayout::for_shape(shape))
+}
+
+thread_local! {
+    static CHANNELS_LAST: std::cell::RefCell<ChannelsLastScratch> = std::cell::RefCell::default();
+}
+
+/// The buffers of the channels-last layout, reused between calls on a thread.
+#[derive(Default)]
+struct ChannelsLastScratch {
+    image: Vec<f32>,
+    weights: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+/// [`depthwise`] in the given layout. Both compute each output as the scalar definition does
+/// (a product, then an add, tap by tap in row-major order); the planar one skips the taps
+/// outside the image, the channels-last one adds their `0 · w`, which leaves every sum as it is
+/// (an exact zero added to a sum that is not −0, which it never is) as long as the weights are
+/// finite.
 ///
 /// # Panics
 /// As [`depthwise_reference`].
 #[allow(unsafe_code)] // calls the target-feature functions of the paths, after checking the CPU
-pub fn depthwise(shape: &DepthwiseShape, image: &[f32], weights: &[f32], out: &mut [f32]) {
+pub fn depthwise_with(
+    shape: &DepthwiseShape,
+    image: &[f32],
+    weights: &[f32],
+    out: &mut [f32],
+    layout: DepthwiseLayout,
+) {
     #[cfg(target_arch = "x86_64")]
     use crate::isa::Isa;
     shape.check(image, weights, out);
-    match crate::isa::selected().f32_path() {
-        // SAFETY: the selected path is available on this CPU (`isa::selected`).
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { depthwise_avx512(shape, image, weights, out) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Isa::Avx2 => unsafe { depthwise_avx2(shape, image, weights, out) },
-        _ => depthwise_body(shape, image, weights, out),
-    }
+    CHANNELS_LAST.with(|scratch| {
+        let scratch = &mut *scratch.borrow_mut();
+        match crate::isa::selected().f32_path() {
+            // SAFETY: the selected path is available on this CPU (`isa::selected`).
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { depthwise_avx512(shape, image, weights, out, layout, scratch) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Isa::Avx2 => unsafe { depthwise_avx2(shape, image, weights, out, layout, scratch) },
+            _ => depthwise_in(shape, image, weights, out, layout, scratch),
+        }
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn depthwise_avx512(shape: &DepthwiseShape, image: &[f32], weights: &[f32], out: &mut [f32]) {
-    depthwise_body(shape, image, weights, out)
+fn depthwise_avx512(
+    shape: &DepthwiseShape,
+    image: &[f32],
+    weights: &[f32],
+    out: &mut [f32],
+    layout: DepthwiseLayout,
+    scratch: &mut ChannelsLastScratch,
+) {
+    depthwise_in(shape, image, weights, out, layout, scratch)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn depthwise_avx2(shape: &DepthwiseShape, image: &[f32], weights: &[f32], out: &mut [f32]) {
-    depthwise_body(shape, image, weights, out)
+fn depthwise_avx2(
+    shape: &DepthwiseShape,
+    image: &[f32],
+    weights: &[f32],
+    out: &mut [f32],
+    layout: DepthwiseLayout,
+    scratch: &mut ChannelsLastScratch,
+) {
+    depthwise_in(shape, image, weights, out, layout, scratch)
+}
+
+#[inline(always)]
+fn depthwise_in(
+    shape: &DepthwiseShape,
+    image: &[f32],
+    weights: &[f32],
+    out: &mut [f32],
+    layout: DepthwiseLayout,
+    scratch: &mut ChannelsLastScratch,
+) {
+    match layout {
+        DepthwiseLayout::Planar => depthwise_body(shape, image, weights, out),
+        DepthwiseLayout::ChannelsLast => depthwise_channels_last(shape, image, weights, out, scratch),
+    }
+}
+
+/// [`DepthwiseLayout::ChannelsLast`]: the image copied into a zero-padded channels-last buffer
+/// (channels rounded up to [`CHANNEL_BLOCK`]), per output pixel and block of sixteen channels the
+/// taps summed in registers, and the sums transposed back to planes.
+#[inline(always)]
+fn depthwise_channels_last(
+    shape: &DepthwiseShape,
+    image: &[f32],
+    weights: &[f32],
+    out: &mut [f32],
+    scratch: &mut ChannelsLastScratch,
+) {
+    let DepthwiseShape { channels, input: [h, w], output: [oh, ow], kernel: [kh, kw], stride, padding, dilation } =
+        *shape;
+    let c = depthwise_u8_channels(channels);
+    let (hp, wp, taps, n) = (h + 2 * padding[0], w + 2 * padding[1], kh * kw, oh * ow);
+    let ChannelsLastScratch { image: padded, weights: packed, acc } = scratch;
+    padded.clear();
+    padded.resize(hp * wp * c, 0.0);
+    packed.clear();
+    packed.resize(taps * c, 0.0);
+    acc.resize(n * c, 0.0);
+    for ch in 0..channels {
+        for t in 0..taps {
+            packed[t * c + ch] = weights[ch * taps + t];
+        }
+    }
+    let at = |p: usize| ((p / w + padding[0]) * wp + padding[1] + p % w) * c;
+    for b in 0..c / CHANNEL_BLOCK {
+        let planes: [Option<&[f32]>; CHANNEL_BLOCK] = std::array::from_fn(|i| {
+            let ch = b * CHANNEL_BLOCK + i;
+            (ch < channels).then(|| &image[ch * h * w..(ch + 1) * h * w])
+        });
+        transpose_planes_32(&planes, h * w, padded, b * CHANNEL_BLOCK, at);
+    }
+    for oy in 0..oh {
+        for ox in 0..ow {
+            let pixel = &mut acc[(oy * ow + ox) * c..][..c];
+            for (b, pixel) in pixel.chunks_exact_mut(CHANNEL_BLOCK).enumerate() {
+                let mut sum = [0.0f32; CHANNEL_BLOCK];
+                for ky in 0..kh {
+                    let row = (oy * stride[0] + ky * dilation[0]) * wp;
+                    for kx in 0..kw {
+                        let at = (row + ox * stride[1] + kx * dilation[1]) * c + b * CHANNEL_BLOCK;
+                        let x: &[f32; CHANNEL_BLOCK] = padded[at..at + CHANNEL_BLOCK].try_into().expect("16 values");
+                        let tap = (ky * kw + kx) * c + b * CHANNEL_BLOCK;
+                        let wk: &[f32; CHANNEL_BLOCK] = packed[tap..tap + CHANNEL_BLOCK].try_into().expect("16 values");
+                        for i in 0..CHANNEL_BLOCK {
+                            sum[i] += x[i] * wk[i];
+                        }
+                    }
+                }
+                pixel.copy_from_slice(&sum);
+            }
+        }
+    }
+    transpose_32(acc, n, c, channels, out);
 }
 
 /// [`depthwise`]'s loop, compiled once per path (products and sums stay separate operations: Rust
@@ -416,7 +560,7 @@ impl DepthwiseU8Layer {
             transpose_planes_u8(&planes, h * w, self.zero_point, image, b * CHANNEL_BLOCK, at);
         }
         depthwise_u8_body(&self.shape, image, &self.weights, acc);
-        transpose_i32(acc, n, c, self.channels, channel_major);
+        transpose_32(acc, n, c, self.channels, channel_major);
         let fused = !residual.is_empty();
         for (ch, (o, a)) in out.chunks_exact_mut(n).zip(channel_major.chunks_exact(n)).enumerate() {
             if fused {
@@ -470,9 +614,46 @@ fn transpose_planes_u8(
     }
 }
 
+/// Sixteen channel planes of 32-bit values (`n` pixels each; `None`: a channel past the
+/// layer's, left as `dst` holds it) to channels-last pixels: value `i` of pixel `p` goes to
+/// `dst[at(p) + offset + i]`. Four pixels of four channels at a time by 4×4 transposes (SSE2
+/// on x86-64), the rest one by one.
+fn transpose_planes_32<T: Copy + Default>(
+    planes: &[Option<&[T]>; CHANNEL_BLOCK],
+    n: usize,
+    dst: &mut [T],
+    offset: usize,
+    at: impl Fn(usize) -> usize,
+) {
+    for (q, group) in planes.chunks_exact(4).enumerate() {
+        let Some(count) = group.iter().position(Option::is_none).or(Some(4)).filter(|&k| k > 0) else { continue };
+        #[cfg(not(target_arch = "x86_64"))]
+        let p0 = 0;
+        #[cfg(target_arch = "x86_64")]
+        let mut p0 = 0;
+        #[cfg(target_arch = "x86_64")]
+        if count == 4 {
+            let rows: [&[T]; 4] = std::array::from_fn(|i| group[i].expect("a full group"));
+            while p0 + 4 <= n {
+                let block: [&[T; 4]; 4] = std::array::from_fn(|i| rows[i][p0..p0 + 4].try_into().expect("4 values"));
+                for (j, pixel) in sse2::transpose4(&block).iter().enumerate() {
+                    dst[at(p0 + j) + offset + 4 * q..][..4].copy_from_slice(pixel);
+                }
+                p0 += 4;
+            }
+        }
+        for p in p0..n {
+            let d = &mut dst[at(p) + offset + 4 * q..][..count];
+            for (v, plane) in d.iter_mut().zip(group) {
+                *v = plane.expect("within count")[p];
+            }
+        }
+    }
+}
+
 /// Pixel-major accumulators `acc[p][c]` (`n` pixels, `c` per pixel) to channel-major
 /// `out[ch][p]` for the first `channels`: 4×4 blocks (SSE2 on x86-64), the rest one by one.
-fn transpose_i32(acc: &[i32], n: usize, c: usize, channels: usize, out: &mut [i32]) {
+fn transpose_32<T: Copy + Default>(acc: &[T], n: usize, c: usize, channels: usize, out: &mut [T]) {
     #[cfg(not(target_arch = "x86_64"))]
     let p0 = 0;
     #[cfg(target_arch = "x86_64")]
@@ -481,7 +662,7 @@ fn transpose_i32(acc: &[i32], n: usize, c: usize, channels: usize, out: &mut [i3
     while p0 + 4 <= n {
         let mut ch = 0;
         while ch + 4 <= channels {
-            let rows: [&[i32; 4]; 4] =
+            let rows: [&[T; 4]; 4] =
                 std::array::from_fn(|i| acc[(p0 + i) * c + ch..][..4].try_into().expect("4 values"));
             let columns = sse2::transpose4(&rows);
             for (j, col) in columns.iter().enumerate() {
@@ -547,9 +728,11 @@ mod sse2 {
         out
     }
 
-    /// A 4×4 matrix of 32-bit values transposed: `out[j][i] = rows[i][j]`.
-    pub(super) fn transpose4(rows: &[&[i32; 4]; 4]) -> [[i32; 4]; 4] {
-        // SAFETY: each load reads the 16 bytes of one array; SSE2 is part of x86-64.
+    /// A 4×4 matrix of 32-bit values (`i32` or `f32`) transposed: `out[j][i] = rows[i][j]`.
+    pub(super) fn transpose4<T: Copy + Default>(rows: &[&[T; 4]; 4]) -> [[T; 4]; 4] {
+        const { assert!(std::mem::size_of::<T>() == 4) };
+        // SAFETY: each load reads the 16 bytes of one array (T is 4 bytes, asserted), each store
+        // writes them back unchanged; SSE2 is part of x86-64.
         unsafe {
             let a: [__m128i; 4] = std::array::from_fn(|i| _mm_loadu_si128(rows[i].as_ptr().cast()));
             let (t0, t1) = (_mm_unpacklo_epi32(a[0], a[1]), _mm_unpackhi_epi32(a[0], a[1]));
@@ -560,7 +743,7 @@ mod sse2 {
                 _mm_unpacklo_epi64(t1, t3),
                 _mm_unpackhi_epi64(t1, t3),
             ];
-            let mut out = [[0i32; 4]; 4];
+            let mut out = [[T::default(); 4]; 4];
             for (o, v) in out.iter_mut().zip(v) {
                 _mm_storeu_si128(o.as_mut_ptr().cast(), v);
             }
@@ -573,7 +756,7 @@ mod sse2 {
 mod tests {
     use super::*;
 
-    /// Bit-identical to the scalar definition on every f32 path of this CPU, over strides,
+    /// Bit-identical to the scalar definition on every f32 path of this CPU, in both layouts, over strides,
     /// paddings, dilations, kernel sizes and images narrower than the kernel, with values whose
     /// rounding depends on the order.
     #[test]
@@ -590,7 +773,7 @@ mod tests {
             .filter(|&i| i.f32_path() == i && i.available_for_test("depthwise_equals_the_scalar_definition"))
             .collect();
         let mut cases = 0;
-        for (channels, [h, w]) in [(3, [7, 9]), (8, [16, 16]), (5, [1, 3]), (2, [2, 1]), (4, [13, 32])] {
+        for (channels, [h, w]) in [(3, [7, 9]), (8, [16, 16]), (5, [1, 3]), (2, [2, 1]), (4, [13, 32]), (21, [9, 10])] {
             for kernel in [[3, 3], [1, 1], [5, 5], [3, 1]] {
                 for stride in [[1, 1], [2, 2], [1, 2]] {
                     for padding in [[0, 0], [1, 1], [2, 1]] {
@@ -610,9 +793,13 @@ mod tests {
                             depthwise_reference(&shape, &image, &weights, &mut want);
                             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                             for &isa in &paths {
-                                got.fill(f32::NAN);
-                                crate::isa::with_selected(isa, || depthwise(&shape, &image, &weights, &mut got));
-                                assert_eq!(bits(&got), bits(&want), "{isa:?} {shape:?}");
+                                for layout in [DepthwiseLayout::Planar, DepthwiseLayout::ChannelsLast] {
+                                    got.fill(f32::NAN);
+                                    crate::isa::with_selected(isa, || {
+                                        depthwise_with(&shape, &image, &weights, &mut got, layout)
+                                    });
+                                    assert_eq!(bits(&got), bits(&want), "{isa:?} {layout:?} {shape:?}");
+                                }
                             }
                             cases += 1;
                         }
@@ -620,7 +807,7 @@ mod tests {
                 }
             }
         }
-        assert!(cases > 250, "{cases} shapes");
+        assert!(cases > 300, "{cases} shapes");
     }
 
     #[test]
