@@ -232,13 +232,7 @@ fn depthwise_channels_last(
         }
     }
     let at = |p: usize| ((p / w + padding[0]) * wp + padding[1] + p % w) * c;
-    for b in 0..c / CHANNEL_BLOCK {
-        let planes: [Option<&[f32]>; CHANNEL_BLOCK] = std::array::from_fn(|i| {
-            let ch = b * CHANNEL_BLOCK + i;
-            (ch < channels).then(|| &image[ch * h * w..(ch + 1) * h * w])
-        });
-        transpose_planes_32(&planes, h * w, padded, b * CHANNEL_BLOCK, at);
-    }
+    crate::transpose::planes_to_pixels_32(&image[..channels * h * w], channels, h * w, padded, at);
     for oy in 0..oh {
         for ox in 0..ow {
             let pixel = &mut acc[(oy * ow + ox) * c..][..c];
@@ -260,7 +254,7 @@ fn depthwise_channels_last(
             }
         }
     }
-    transpose_32(acc, n, c, channels, out);
+    crate::transpose::pixels_to_planes_32(acc, n, c, channels, out);
 }
 
 /// [`depthwise`]'s loop, compiled once per path (products and sums stay separate operations: Rust
@@ -552,15 +546,9 @@ impl DepthwiseU8Layer {
         }
         // Pixel p = (y, x) of the planes lands at padded pixel (y + ph, x + pw).
         let at = |p: usize| ((p / w + ph) * wp + pw + p % w) * c;
-        for b in 0..c / CHANNEL_BLOCK {
-            let planes: [Option<&[u8]>; CHANNEL_BLOCK] = std::array::from_fn(|i| {
-                let ch = b * CHANNEL_BLOCK + i;
-                (ch < self.channels).then(|| &planes[ch * h * w..(ch + 1) * h * w])
-            });
-            transpose_planes_u8(&planes, h * w, self.zero_point, image, b * CHANNEL_BLOCK, at);
-        }
+        crate::transpose::planes_to_pixels_u8(planes, self.channels, h * w, image, at);
         depthwise_u8_body(&self.shape, image, &self.weights, acc);
-        transpose_32(acc, n, c, self.channels, channel_major);
+        crate::transpose::pixels_to_planes_32(acc, n, c, self.channels, channel_major);
         let fused = !residual.is_empty();
         for (ch, (o, a)) in out.chunks_exact_mut(n).zip(channel_major.chunks_exact(n)).enumerate() {
             if fused {
@@ -573,181 +561,6 @@ impl DepthwiseU8Layer {
                     *o = epilogue.apply(ch, a, 0, 0.0);
                 }
             }
-        }
-    }
-}
-
-/// Sixteen channel planes (`n` pixels each; `None`: a channel past the layer's, all `fill`) to
-/// channels-last pixels: byte `i` of pixel `p` goes to `dst[at(p) + offset + i]`. Sixteen
-/// pixels at a time by a 16×16 byte transpose (SSE2 on x86-64), the rest one by one.
-fn transpose_planes_u8(
-    planes: &[Option<&[u8]>; CHANNEL_BLOCK],
-    n: usize,
-    fill: u8,
-    dst: &mut [u8],
-    offset: usize,
-    at: impl Fn(usize) -> usize,
-) {
-    #[cfg(not(target_arch = "x86_64"))]
-    let p0 = 0;
-    #[cfg(target_arch = "x86_64")]
-    let p0 = {
-        let mut p0 = 0;
-        let filled = [fill; CHANNEL_BLOCK];
-        while p0 + CHANNEL_BLOCK <= n {
-            let block: [&[u8; CHANNEL_BLOCK]; CHANNEL_BLOCK] = std::array::from_fn(|i| match planes[i] {
-                Some(plane) => plane[p0..p0 + CHANNEL_BLOCK].try_into().expect("16 values"),
-                None => &filled,
-            });
-            for (j, pixel) in sse2::transpose16(&block).iter().enumerate() {
-                dst[at(p0 + j) + offset..][..CHANNEL_BLOCK].copy_from_slice(pixel);
-            }
-            p0 += CHANNEL_BLOCK;
-        }
-        p0
-    };
-    for p in p0..n {
-        let d = &mut dst[at(p) + offset..][..CHANNEL_BLOCK];
-        for (v, plane) in d.iter_mut().zip(planes) {
-            *v = plane.map_or(fill, |plane| plane[p]);
-        }
-    }
-}
-
-/// Sixteen channel planes of 32-bit values (`n` pixels each; `None`: a channel past the
-/// layer's, left as `dst` holds it) to channels-last pixels: value `i` of pixel `p` goes to
-/// `dst[at(p) + offset + i]`. Four pixels of four channels at a time by 4×4 transposes (SSE2
-/// on x86-64), the rest one by one.
-fn transpose_planes_32<T: Copy + Default>(
-    planes: &[Option<&[T]>; CHANNEL_BLOCK],
-    n: usize,
-    dst: &mut [T],
-    offset: usize,
-    at: impl Fn(usize) -> usize,
-) {
-    for (q, group) in planes.chunks_exact(4).enumerate() {
-        let Some(count) = group.iter().position(Option::is_none).or(Some(4)).filter(|&k| k > 0) else { continue };
-        #[cfg(not(target_arch = "x86_64"))]
-        let p0 = 0;
-        #[cfg(target_arch = "x86_64")]
-        let mut p0 = 0;
-        #[cfg(target_arch = "x86_64")]
-        if count == 4 {
-            let rows: [&[T]; 4] = std::array::from_fn(|i| group[i].expect("a full group"));
-            while p0 + 4 <= n {
-                let block: [&[T; 4]; 4] = std::array::from_fn(|i| rows[i][p0..p0 + 4].try_into().expect("4 values"));
-                for (j, pixel) in sse2::transpose4(&block).iter().enumerate() {
-                    dst[at(p0 + j) + offset + 4 * q..][..4].copy_from_slice(pixel);
-                }
-                p0 += 4;
-            }
-        }
-        for p in p0..n {
-            let d = &mut dst[at(p) + offset + 4 * q..][..count];
-            for (v, plane) in d.iter_mut().zip(group) {
-                *v = plane.expect("within count")[p];
-            }
-        }
-    }
-}
-
-/// Pixel-major accumulators `acc[p][c]` (`n` pixels, `c` per pixel) to channel-major
-/// `out[ch][p]` for the first `channels`: 4×4 blocks (SSE2 on x86-64), the rest one by one.
-fn transpose_32<T: Copy + Default>(acc: &[T], n: usize, c: usize, channels: usize, out: &mut [T]) {
-    #[cfg(not(target_arch = "x86_64"))]
-    let p0 = 0;
-    #[cfg(target_arch = "x86_64")]
-    let mut p0 = 0;
-    #[cfg(target_arch = "x86_64")]
-    while p0 + 4 <= n {
-        let mut ch = 0;
-        while ch + 4 <= channels {
-            let rows: [&[T; 4]; 4] =
-                std::array::from_fn(|i| acc[(p0 + i) * c + ch..][..4].try_into().expect("4 values"));
-            let columns = sse2::transpose4(&rows);
-            for (j, col) in columns.iter().enumerate() {
-                out[(ch + j) * n + p0..][..4].copy_from_slice(col);
-            }
-            ch += 4;
-        }
-        for ch in ch..channels {
-            for p in p0..p0 + 4 {
-                out[ch * n + p] = acc[p * c + ch];
-            }
-        }
-        p0 += 4;
-    }
-    for p in p0..n {
-        for ch in 0..channels {
-            out[ch * n + p] = acc[p * c + ch];
-        }
-    }
-}
-
-/// The transposes on SSE2, which every x86-64 CPU has.
-#[cfg(target_arch = "x86_64")]
-#[allow(unsafe_code)] // unaligned loads and stores of 16 bytes, in bounds by their array types
-mod sse2 {
-    use std::arch::x86_64::*;
-
-    /// A 16×16 byte matrix transposed: `out[j][i] = rows[i][j]`, by four rounds of unpacking.
-    pub(super) fn transpose16(rows: &[&[u8; 16]; 16]) -> [[u8; 16]; 16] {
-        // SAFETY: each load reads the 16 bytes of one array; SSE2 is part of x86-64.
-        let a: [__m128i; 16] = std::array::from_fn(|i| unsafe { _mm_loadu_si128(rows[i].as_ptr().cast()) });
-        // Bytes of row pairs interleaved: 16-bit lanes (a2k[j], a2k+1[j]).
-        let b: [__m128i; 16] = std::array::from_fn(|i| {
-            let (k, hi) = (i / 2, i % 2 == 1);
-            // SAFETY: register operations of SSE2, part of x86-64.
-            unsafe {
-                if hi { _mm_unpackhi_epi8(a[2 * k], a[2 * k + 1]) } else { _mm_unpacklo_epi8(a[2 * k], a[2 * k + 1]) }
-            }
-        });
-        // 32-bit lanes of four rows: c[4m + q] holds pixels 4q..4q+4 of rows 4m..4m+4.
-        let c: [__m128i; 16] = std::array::from_fn(|i| {
-            let (m, q) = (i / 4, i % 4);
-            let (lo, hi) = (b[4 * m + q / 2], b[4 * m + 2 + q / 2]);
-            // SAFETY: as above.
-            unsafe { if q % 2 == 1 { _mm_unpackhi_epi16(lo, hi) } else { _mm_unpacklo_epi16(lo, hi) } }
-        });
-        // 64-bit lanes of eight rows: d[8n + t] holds pixels 2t, 2t+1 of rows 8n..8n+8.
-        let d: [__m128i; 16] = std::array::from_fn(|i| {
-            let (n, t) = (i / 8, i % 8);
-            let (lo, hi) = (c[8 * n + t / 2], c[8 * n + 4 + t / 2]);
-            // SAFETY: as above.
-            unsafe { if t % 2 == 1 { _mm_unpackhi_epi32(lo, hi) } else { _mm_unpacklo_epi32(lo, hi) } }
-        });
-        let mut out = [[0u8; 16]; 16];
-        for (j, o) in out.iter_mut().enumerate() {
-            let (t, hi) = (j / 2, j % 2 == 1);
-            // SAFETY: the store writes the 16 bytes of one array.
-            unsafe {
-                let v = if hi { _mm_unpackhi_epi64(d[t], d[8 + t]) } else { _mm_unpacklo_epi64(d[t], d[8 + t]) };
-                _mm_storeu_si128(o.as_mut_ptr().cast(), v);
-            }
-        }
-        out
-    }
-
-    /// A 4×4 matrix of 32-bit values (`i32` or `f32`) transposed: `out[j][i] = rows[i][j]`.
-    pub(super) fn transpose4<T: Copy + Default>(rows: &[&[T; 4]; 4]) -> [[T; 4]; 4] {
-        const { assert!(std::mem::size_of::<T>() == 4) };
-        // SAFETY: each load reads the 16 bytes of one array (T is 4 bytes, asserted), each store
-        // writes them back unchanged; SSE2 is part of x86-64.
-        unsafe {
-            let a: [__m128i; 4] = std::array::from_fn(|i| _mm_loadu_si128(rows[i].as_ptr().cast()));
-            let (t0, t1) = (_mm_unpacklo_epi32(a[0], a[1]), _mm_unpackhi_epi32(a[0], a[1]));
-            let (t2, t3) = (_mm_unpacklo_epi32(a[2], a[3]), _mm_unpackhi_epi32(a[2], a[3]));
-            let v = [
-                _mm_unpacklo_epi64(t0, t2),
-                _mm_unpackhi_epi64(t0, t2),
-                _mm_unpacklo_epi64(t1, t3),
-                _mm_unpackhi_epi64(t1, t3),
-            ];
-            let mut out = [[T::default(); 4]; 4];
-            for (o, v) in out.iter_mut().zip(v) {
-                _mm_storeu_si128(o.as_mut_ptr().cast(), v);
-            }
-            out
         }
     }
 }
@@ -884,26 +697,6 @@ mod tests {
             dilation: [1, 1],
         };
         depthwise_u8_reference(&shape, &[0; 256], &[0; 144], &mut [0; 144]);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn the_sse2_transposes_transpose() {
-        let rows: Vec<[u8; 16]> = (0..16).map(|i| std::array::from_fn(|j| (i * 16 + j) as u8)).collect();
-        let refs: [&[u8; 16]; 16] = std::array::from_fn(|i| &rows[i]);
-        let t = super::sse2::transpose16(&refs);
-        for i in 0..16 {
-            for j in 0..16 {
-                assert_eq!(t[j][i], rows[i][j], "{i} {j}");
-            }
-        }
-        let rows: Vec<[i32; 4]> = (0..4).map(|i| std::array::from_fn(|j| (i * 4 + j) as i32 - 7)).collect();
-        let t = super::sse2::transpose4(&std::array::from_fn(|i| &rows[i]));
-        for i in 0..4 {
-            for j in 0..4 {
-                assert_eq!(t[j][i], rows[i][j]);
-            }
-        }
     }
 
     /// The integer layer on every path: quantization, the sums and the epilogue give what

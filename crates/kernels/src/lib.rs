@@ -4,9 +4,11 @@
 //! layers (core), the integer kernels (shrink-quant) and the sparse ones (shrink-prune) call it.
 //!
 //! - [`conv`]: direct f32 convolution (no im2col) with bias, ReLU and a residual add fused.
-//! - [`depthwise`]: depthwise f32 convolution (one filter per channel) on planar images.
+//! - [`depthwise`]: depthwise convolution (one filter per channel), f32 on planes or through a
+//!   channels-last copy for small maps, and u8 × i8 channels-last for the integer plans.
+//! - [`transpose`]: layout changes between channel planes and channels-last pixels.
 //! - [`sgemm`]: row-major f32 GEMM (the `gemm` crate, faer's, behind a safe wrapper).
-//! - [`int8`]: u8 × i8 → i32 GEMM and direct convolution, AVX-512 VNNI and (exact) AVX2.
+//! - [`int8`]: u8 × i8 → i32 GEMM and direct convolution, AVX-512 VNNI, (exact) AVX2 and NEON.
 //! - [`sparse`]: CSR × dense f32 products and a direct sparse convolution, AVX-512 and AVX2.
 //! - [`team`]: the threads one image's layers are split between (helpers that spin between
 //!   layers instead of sleeping).
@@ -31,6 +33,7 @@ pub mod isa;
 pub mod sgemm;
 pub mod sparse;
 pub mod team;
+pub mod transpose;
 
 /// Writes `value` around an `h × w` image at `padding` in every plane of `planes` (each
 /// `height × width` pixels of `lanes` values), leaving the image as it is: the border of the

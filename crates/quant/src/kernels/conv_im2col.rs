@@ -6,7 +6,6 @@ use shrink_core::runtime::{Kernel, LayerView, RunContext};
 
 use super::{BUFFERS, Buffers, ChannelEpilogue, Int8Gemm, IntLayer, PackedInt8, dims, row_sums};
 use crate::QuantParams;
-use shrink_core::kernels::int8::quantize as quantize_one;
 
 /// Bytes of unrolled patches one integer conv call works on (several images per GEMM when they
 /// are small).
@@ -91,25 +90,19 @@ impl ConvInt8 {
     }
 
     /// Quantizes channel-major image `x` into `out`, channels-last `[hp, wp, c]` with a border
-    /// of zero points.
-    fn quantize_padded_nhwc(&self, x: &[f32], out: &mut [u8]) {
+    /// of zero points: quantized plane by plane into `planes` (contiguous, so it vectorises),
+    /// then transposed ([`shrink_core::kernels::transpose`]).
+    fn quantize_padded_nhwc(&self, x: &[f32], planes: &mut Vec<u8>, out: &mut [u8]) {
         let (c, h, w) = self.input;
         let (_, wp) = self.padded();
         let [ph, pw] = self.padding;
         if ph > 0 || pw > 0 {
             out.fill(self.input_params.zero_point as u8);
         }
-        let (inv, zp) = (1.0 / self.input_params.scale, self.input_params.zero_point as f32);
-        // Row by row, so the strided writes stay within one padded row (L1-resident).
-        for y in 0..h {
-            let dst = &mut out[((y + ph) * wp + pw) * c..][..w * c];
-            for ch in 0..c {
-                let src = &x[(ch * h + y) * w..][..w];
-                for (i, &v) in src.iter().enumerate() {
-                    dst[i * c + ch] = quantize_one(v, inv, zp);
-                }
-            }
-        }
+        planes.resize(c * h * w, 0);
+        crate::scheme::quantize_u8(&x[..c * h * w], self.input_params, planes);
+        let at = |p: usize| ((p / w + ph) * wp + pw + p % w) * c;
+        shrink_core::kernels::transpose::planes_to_pixels_u8(planes, c, h * w, out, at);
     }
 
     /// Writes the patch of every output pixel of the padded channels-last image `q` as rows
@@ -161,7 +154,7 @@ impl Kernel for ConvInt8 {
         // maps would otherwise make many small, overhead-bound calls.
         let group = (ROWS_BUDGET / (lda * n).max(1)).clamp(1, batch.max(1));
         BUFFERS.with(|b| {
-            let Buffers { image, patches, row_zero, acc, sums } = &mut *b.borrow_mut();
+            let Buffers { image, planes, patches, row_zero, acc, channel_major, sums } = &mut *b.borrow_mut();
             image.resize(cin * hp * wp, 0);
             patches.resize(group * n * lda, 0);
             acc.resize(group * n * ldc, 0);
@@ -171,7 +164,7 @@ impl Kernel for ConvInt8 {
                 let rows = g * n;
                 for i in 0..g {
                     let x = &inputs[0][(first + i) * in_len..(first + i + 1) * in_len];
-                    self.quantize_padded_nhwc(x, image);
+                    self.quantize_padded_nhwc(x, planes, image);
                     self.unroll(image, patches, i * n, lda);
                 }
                 let zero = self.input_params.zero_point as u8;
@@ -180,25 +173,21 @@ impl Kernel for ConvInt8 {
                 if asymmetric {
                     row_sums(patches, lda, k, rows, zero, sums);
                 }
-                // Pixel-major accumulators to channel-major f32, in blocks of pixels whose
-                // accumulators stay in L1 while each channel's outputs are written contiguously.
-                const BLOCK: usize = 64;
+                // Pixel-major accumulators to channel-major planes, then the epilogue along each.
+                channel_major.resize(cout * n, 0);
                 for i in 0..g {
                     let image = (first + i) * out_len..(first + i + 1) * out_len;
                     let residual = inputs.get(1).map_or(&[][..], |r| &r[image.clone()]);
                     let epilogue = self.epilogue.kernel(&[], residual);
                     let out = &mut output[image];
                     let acc = &acc[i * n * ldc..(i + 1) * n * ldc];
+                    shrink_core::kernels::transpose::pixels_to_planes_32(acc, n, ldc, cout, channel_major);
                     let sums = if asymmetric { &sums[i * n..(i + 1) * n] } else { &[][..] };
-                    for j0 in (0..n).step_by(BLOCK) {
-                        let len = BLOCK.min(n - j0);
-                        for c in 0..cout {
-                            let dst = &mut out[c * n + j0..c * n + j0 + len];
-                            for (jj, o) in dst.iter_mut().enumerate() {
-                                let window = if asymmetric { sums[j0 + jj] } else { 0 };
-                                let r = residual.get(c * n + j0 + jj).copied().unwrap_or(0.0);
-                                *o = epilogue.apply(c, acc[(j0 + jj) * ldc + c], window, r);
-                            }
+                    for (c, (dst, a)) in out.chunks_exact_mut(n).zip(channel_major.chunks_exact(n)).enumerate() {
+                        for (j, (o, &a)) in dst.iter_mut().zip(a).enumerate() {
+                            let window = if asymmetric { sums[j] } else { 0 };
+                            let r = residual.get(c * n + j).copied().unwrap_or(0.0);
+                            *o = epilogue.apply(c, a, window, r);
                         }
                     }
                 }

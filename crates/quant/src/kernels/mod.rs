@@ -41,7 +41,15 @@ thread_local! {
     /// Quantized inputs, zero points and i32 accumulators, reused across calls: a forward pass
     /// allocates only when a layer needs more than any before it on this thread.
     pub(crate) static BUFFERS: RefCell<Buffers> = const {
-        RefCell::new(Buffers { image: Vec::new(), patches: Vec::new(), row_zero: Vec::new(), acc: Vec::new(), sums: Vec::new() })
+        RefCell::new(Buffers {
+            image: Vec::new(),
+            planes: Vec::new(),
+            patches: Vec::new(),
+            row_zero: Vec::new(),
+            acc: Vec::new(),
+            channel_major: Vec::new(),
+            sums: Vec::new(),
+        })
     };
 }
 
@@ -164,11 +172,15 @@ impl PackedInt8 {
 pub(crate) struct Buffers {
     /// A quantized image (conv, channels-last and padded) or batch (linear).
     pub(crate) image: Vec<u8>,
+    /// A quantized image in planes, before it becomes channels-last.
+    pub(crate) planes: Vec<u8>,
     /// A conv's patch rows.
     pub(crate) patches: Vec<u8>,
     /// One zero point per row of the left-hand side.
     pub(crate) row_zero: Vec<u8>,
     pub(crate) acc: Vec<i32>,
+    /// One image's accumulators in planes (`[channels][pixels]`), for the epilogue.
+    pub(crate) channel_major: Vec<i32>,
     /// Per GEMM row (or output pixel): `Σ_k (a_k − a_zero)`, for asymmetric weights.
     pub(crate) sums: Vec<i32>,
 }

@@ -1,0 +1,240 @@
+//! Layout changes between channel planes (`[channels][n]`: how the plans hold values) and
+//! channels-last pixels (`[n][stride]`: how the depthwise and GEMM-based kernels read and write
+//! them): plain copies, sixteen bytes or four 32-bit values square at a time by SSE2 transposes on
+//! x86-64 (every x86-64 CPU has SSE2), one value at a time for what is left and elsewhere.
+
+/// Channel planes of bytes to channels-last pixels: `dst[at(p) + ch] = planes[ch · n + p]` for
+/// `ch < channels`, `p < n`.
+///
+/// # Panics
+/// When `planes` is shorter than `channels · n` or a destination is out of `dst`.
+pub fn planes_to_pixels_u8(planes: &[u8], channels: usize, n: usize, dst: &mut [u8], at: impl Fn(usize) -> usize) {
+    let plane = |ch: usize| &planes[ch * n..(ch + 1) * n];
+    let mut ch0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    while ch0 + 16 <= channels {
+        let rows: [&[u8]; 16] = std::array::from_fn(|i| plane(ch0 + i));
+        let mut p0 = 0;
+        while p0 + 16 <= n {
+            let block: [&[u8; 16]; 16] = std::array::from_fn(|i| rows[i][p0..p0 + 16].try_into().expect("16 values"));
+            for (j, pixel) in sse2::transpose16(&block).iter().enumerate() {
+                dst[at(p0 + j) + ch0..][..16].copy_from_slice(pixel);
+            }
+            p0 += 16;
+        }
+        for p in p0..n {
+            let d = &mut dst[at(p) + ch0..][..16];
+            for (v, row) in d.iter_mut().zip(&rows) {
+                *v = row[p];
+            }
+        }
+        ch0 += 16;
+    }
+    if ch0 < channels {
+        for p in 0..n {
+            let d = &mut dst[at(p) + ch0..][..channels - ch0];
+            for (i, v) in d.iter_mut().enumerate() {
+                *v = planes[(ch0 + i) * n + p];
+            }
+        }
+    }
+}
+
+/// [`planes_to_pixels_u8`] for 32-bit values (`f32`, `i32`).
+///
+/// # Panics
+/// As [`planes_to_pixels_u8`].
+pub fn planes_to_pixels_32<T: Copy + Default>(
+    planes: &[T],
+    channels: usize,
+    n: usize,
+    dst: &mut [T],
+    at: impl Fn(usize) -> usize,
+) {
+    let plane = |ch: usize| &planes[ch * n..(ch + 1) * n];
+    let mut ch0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    while ch0 + 4 <= channels {
+        let rows: [&[T]; 4] = std::array::from_fn(|i| plane(ch0 + i));
+        let mut p0 = 0;
+        while p0 + 4 <= n {
+            let block: [&[T; 4]; 4] = std::array::from_fn(|i| rows[i][p0..p0 + 4].try_into().expect("4 values"));
+            for (j, pixel) in sse2::transpose4(&block).iter().enumerate() {
+                dst[at(p0 + j) + ch0..][..4].copy_from_slice(pixel);
+            }
+            p0 += 4;
+        }
+        for p in p0..n {
+            let d = &mut dst[at(p) + ch0..][..4];
+            for (v, row) in d.iter_mut().zip(&rows) {
+                *v = row[p];
+            }
+        }
+        ch0 += 4;
+    }
+    if ch0 < channels {
+        for p in 0..n {
+            let d = &mut dst[at(p) + ch0..][..channels - ch0];
+            for (i, v) in d.iter_mut().enumerate() {
+                *v = planes[(ch0 + i) * n + p];
+            }
+        }
+    }
+}
+
+/// Channels-last pixels of 32-bit values back to planes: `out[ch · n + p] = pixels[p · ld + ch]`
+/// for `ch < channels`, `p < n`.
+///
+/// # Panics
+/// When a slice is shorter than its shape.
+pub fn pixels_to_planes_32<T: Copy + Default>(pixels: &[T], n: usize, ld: usize, channels: usize, out: &mut [T]) {
+    assert!(channels <= ld && out.len() >= channels * n, "short output or ld below the channels");
+    #[cfg(not(target_arch = "x86_64"))]
+    let p0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    let mut p0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    while p0 + 4 <= n {
+        let mut ch = 0;
+        while ch + 4 <= channels {
+            let rows: [&[T; 4]; 4] =
+                std::array::from_fn(|i| pixels[(p0 + i) * ld + ch..][..4].try_into().expect("4 values"));
+            for (j, column) in sse2::transpose4(&rows).iter().enumerate() {
+                out[(ch + j) * n + p0..][..4].copy_from_slice(column);
+            }
+            ch += 4;
+        }
+        for ch in ch..channels {
+            for p in p0..p0 + 4 {
+                out[ch * n + p] = pixels[p * ld + ch];
+            }
+        }
+        p0 += 4;
+    }
+    for p in p0..n {
+        for ch in 0..channels {
+            out[ch * n + p] = pixels[p * ld + ch];
+        }
+    }
+}
+
+/// The transposes on SSE2, which every x86-64 CPU has.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)] // unaligned loads and stores of 16 bytes, in bounds by their array types
+mod sse2 {
+    use std::arch::x86_64::*;
+
+    /// A 16×16 byte matrix transposed: `out[j][i] = rows[i][j]`, by four rounds of unpacking.
+    pub(super) fn transpose16(rows: &[&[u8; 16]; 16]) -> [[u8; 16]; 16] {
+        // SAFETY: each load reads the 16 bytes of one array; SSE2 is part of x86-64.
+        let a: [__m128i; 16] = std::array::from_fn(|i| unsafe { _mm_loadu_si128(rows[i].as_ptr().cast()) });
+        // Bytes of row pairs interleaved: 16-bit lanes (a2k[j], a2k+1[j]).
+        let b: [__m128i; 16] = std::array::from_fn(|i| {
+            let (k, hi) = (i / 2, i % 2 == 1);
+            // SAFETY: register operations of SSE2, part of x86-64.
+            unsafe {
+                if hi { _mm_unpackhi_epi8(a[2 * k], a[2 * k + 1]) } else { _mm_unpacklo_epi8(a[2 * k], a[2 * k + 1]) }
+            }
+        });
+        // 32-bit lanes of four rows: c[4m + q] holds pixels 4q..4q+4 of rows 4m..4m+4.
+        let c: [__m128i; 16] = std::array::from_fn(|i| {
+            let (m, q) = (i / 4, i % 4);
+            let (lo, hi) = (b[4 * m + q / 2], b[4 * m + 2 + q / 2]);
+            // SAFETY: as above.
+            unsafe { if q % 2 == 1 { _mm_unpackhi_epi16(lo, hi) } else { _mm_unpacklo_epi16(lo, hi) } }
+        });
+        // 64-bit lanes of eight rows: d[8n + t] holds pixels 2t, 2t+1 of rows 8n..8n+8.
+        let d: [__m128i; 16] = std::array::from_fn(|i| {
+            let (n, t) = (i / 8, i % 8);
+            let (lo, hi) = (c[8 * n + t / 2], c[8 * n + 4 + t / 2]);
+            // SAFETY: as above.
+            unsafe { if t % 2 == 1 { _mm_unpackhi_epi32(lo, hi) } else { _mm_unpacklo_epi32(lo, hi) } }
+        });
+        let mut out = [[0u8; 16]; 16];
+        for (j, o) in out.iter_mut().enumerate() {
+            let (t, hi) = (j / 2, j % 2 == 1);
+            // SAFETY: the store writes the 16 bytes of one array.
+            unsafe {
+                let v = if hi { _mm_unpackhi_epi64(d[t], d[8 + t]) } else { _mm_unpacklo_epi64(d[t], d[8 + t]) };
+                _mm_storeu_si128(o.as_mut_ptr().cast(), v);
+            }
+        }
+        out
+    }
+
+    /// A 4×4 matrix of 32-bit values (`i32` or `f32`) transposed: `out[j][i] = rows[i][j]`.
+    pub(super) fn transpose4<T: Copy + Default>(rows: &[&[T; 4]; 4]) -> [[T; 4]; 4] {
+        const { assert!(std::mem::size_of::<T>() == 4) };
+        // SAFETY: each load reads the 16 bytes of one array (T is 4 bytes, asserted), each store
+        // writes them back unchanged; SSE2 is part of x86-64.
+        unsafe {
+            let a: [__m128i; 4] = std::array::from_fn(|i| _mm_loadu_si128(rows[i].as_ptr().cast()));
+            let (t0, t1) = (_mm_unpacklo_epi32(a[0], a[1]), _mm_unpackhi_epi32(a[0], a[1]));
+            let (t2, t3) = (_mm_unpacklo_epi32(a[2], a[3]), _mm_unpackhi_epi32(a[2], a[3]));
+            let v = [
+                _mm_unpacklo_epi64(t0, t2),
+                _mm_unpackhi_epi64(t0, t2),
+                _mm_unpacklo_epi64(t1, t3),
+                _mm_unpackhi_epi64(t1, t3),
+            ];
+            let mut out = [[T::default(); 4]; 4];
+            for (o, v) in out.iter_mut().zip(v) {
+                _mm_storeu_si128(o.as_mut_ptr().cast(), v);
+            }
+            out
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_sse2_transposes_transpose() {
+        let rows: Vec<[u8; 16]> = (0..16).map(|i| std::array::from_fn(|j| (i * 16 + j) as u8)).collect();
+        let refs: [&[u8; 16]; 16] = std::array::from_fn(|i| &rows[i]);
+        let t = sse2::transpose16(&refs);
+        for i in 0..16 {
+            for j in 0..16 {
+                assert_eq!(t[j][i], rows[i][j], "{i} {j}");
+            }
+        }
+        let rows: Vec<[i32; 4]> = (0..4).map(|i| std::array::from_fn(|j| (i * 4 + j) as i32 - 7)).collect();
+        let t = sse2::transpose4(&std::array::from_fn(|i| &rows[i]));
+        for i in 0..4 {
+            for j in 0..4 {
+                assert_eq!(t[j][i], rows[i][j]);
+            }
+        }
+    }
+
+    /// Every channel count and length around the blocks, against the definitions.
+    #[test]
+    fn layout_changes_move_every_value_where_its_definition_says() {
+        for channels in [1, 3, 4, 5, 15, 16, 17, 33] {
+            for n in [1, 3, 4, 15, 16, 17, 40] {
+                let stride = channels + 3;
+                let at = |p: usize| p * stride + 1;
+                let bytes: Vec<u8> = (0..channels * n).map(|i| (i * 7 + 3) as u8).collect();
+                let mut dst = vec![0u8; n * stride + 1];
+                planes_to_pixels_u8(&bytes, channels, n, &mut dst, at);
+                let words: Vec<i32> = (0..channels * n).map(|i| i as i32 * 31 - 5).collect();
+                let mut dst32 = vec![0i32; n * stride + 1];
+                planes_to_pixels_32(&words, channels, n, &mut dst32, at);
+                for ch in 0..channels {
+                    for p in 0..n {
+                        assert_eq!(dst[at(p) + ch], bytes[ch * n + p], "{channels} {n}");
+                        assert_eq!(dst32[at(p) + ch], words[ch * n + p], "{channels} {n}");
+                    }
+                }
+                // Nothing else written.
+                assert!((0..n * stride + 1).filter(|i| (*i + stride - 1) % stride >= channels).all(|i| dst[i] == 0));
+                let mut back = vec![0i32; channels * n];
+                pixels_to_planes_32(&dst32[1..], n, stride, channels, &mut back);
+                assert_eq!(back, words, "{channels} {n}");
+            }
+        }
+    }
+}
