@@ -7,6 +7,8 @@
 
 use shrink_core::graph::{Graph, NodeId, Op, ValueShape};
 
+use crate::kernels::is_depthwise;
+
 /// A pair of layers equalized together.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EqualizedPair {
@@ -16,13 +18,16 @@ pub struct EqualizedPair {
     pub second: String,
 }
 
-/// The layer pairs of `graph` that can be equalized: `first` (a conv with groups = 1, or a
-/// linear layer) reaches `second` (the same kinds) through a chain of ReLU, pooling, identity or
-/// flatten nodes, each read by exactly one node and none of them the output. Returns
-/// `(first, second, features per channel)` where the last is `h·w` when a flatten sits between.
+/// The layer pairs of `graph` that can be equalized: `first` (a conv with groups = 1, a
+/// depthwise conv or a linear layer) reaches `second` (the same kinds) through a chain of ReLU,
+/// pooling, identity or flatten nodes, each read by exactly one node and none of them the
+/// output. Returns `(first, second, features per channel)` where the last is `h·w` when a
+/// flatten sits between. A depthwise conv pairs on both sides (MobileNet's pointwise →
+/// depthwise → pointwise): filter `c` is both its output channel `c` and what reads input
+/// channel `c`.
 fn pairs(graph: &Graph) -> shrink_core::Result<Vec<(NodeId, NodeId, usize)>> {
     let shapes = graph.shapes()?;
-    let dense = |op: &Op| matches!(op, Op::Conv2d { groups: 1, .. } | Op::Linear { .. });
+    let dense = |op: &Op| matches!(op, Op::Conv2d { groups: 1, .. } | Op::Linear { .. }) || is_depthwise(op);
     let mut out = Vec::new();
     for (id, node) in graph.layers() {
         if !dense(&node.op) {
@@ -84,28 +89,27 @@ pub fn equalize_cross_layer(graph: &Graph, iterations: usize) -> shrink_core::Re
             let out = da[0];
             let per_a = wa.len() / out;
             let r1: Vec<f32> = wa.chunks_exact(per_a).map(|c| c.iter().fold(0f32, |m, v| m.max(v.abs()))).collect();
-            // Input index of `b` → channel of `a`: conv weights [o, c, kh, kw] (c = index / taps
-            // within a row); linear weights [o, f] after a flatten (c = f / per_channel).
+            // Weight index of `b` → channel of `a`: conv weights [o, c, kh, kw] (c = index / taps
+            // within a row); linear weights [o, f] after a flatten (c = f / per_channel); a
+            // depthwise conv's [c, 1, kh, kw] (c = the row: filter c reads channel c).
+            let depthwise = is_depthwise(&g.nodes[b].op);
             let row = wb.len() / db[0];
             let taps = if db.len() == 4 { db[2] * db[3] } else { per_channel };
-            if row != out * taps {
+            let channel_of = |k: usize| if depthwise { k / row } else { k % row / taps };
+            if (depthwise && db[0] != out) || (!depthwise && row != out * taps) {
                 continue; // not a channel-for-channel match (should not happen in a valid graph)
             }
             let mut r2 = vec![0f32; out];
-            for r in wb.chunks_exact(row) {
-                for (k, v) in r.iter().enumerate() {
-                    let c = k / taps;
-                    r2[c] = r2[c].max(v.abs());
-                }
+            for (k, v) in wb.iter().enumerate() {
+                let c = channel_of(k);
+                r2[c] = r2[c].max(v.abs());
             }
             // Channels that are zero on either side keep their scale.
             let s: Vec<f32> =
                 r1.iter().zip(&r2).map(|(&x, &y)| if x > 0.0 && y > 0.0 { (x / y).sqrt() } else { 1.0 }).collect();
             let wa: Vec<f32> = wa.iter().enumerate().map(|(k, v)| v / s[k / per_a]).collect();
-            for r in wb.chunks_exact_mut(row) {
-                for (k, v) in r.iter_mut().enumerate() {
-                    *v *= s[k / taps];
-                }
+            for (k, v) in wb.iter_mut().enumerate() {
+                *v *= s[channel_of(k)];
             }
             g.set_layer_weight(a, wa)?;
             scale_bias(&mut g, a, &s)?;
@@ -183,5 +187,47 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// MobileNetV1-style pointwise → ReLU → depthwise → ReLU → pointwise: both joints pair, the
+    /// depthwise conv's filters are scaled on both sides, and the function is unchanged.
+    #[test]
+    fn depthwise_convolutions_equalize_on_both_sides() {
+        use shrink_core::graph::{Conv2dSpec, GraphBuilder};
+        let device = shrink_core::BackendKind::Flex.device().unwrap();
+        let mut b = GraphBuilder::new([3, 10, 10]);
+        let x = b.input();
+        let c1 = b.conv2d("expand", x, Conv2dSpec::new(8, 1).bias(true));
+        let r1 = b.relu("r1", c1);
+        let dw = b.conv2d("dw", r1, Conv2dSpec::new(8, 3).padding(1).groups(8).bias(true));
+        let r2 = b.relu("r2", dw);
+        let c2 = b.conv2d("project", r2, Conv2dSpec::new(4, 1));
+        let p = b.global_avg_pool("pool", c2);
+        let f = b.flatten("flat", p);
+        let out = b.linear("fc", f, 3, true);
+        let mut g = b.build(out, &mut shrink_core::InitRng::seeded(9), &device).unwrap();
+        // Depthwise filter 0 is 50× the others: its channel needs the rescaling.
+        let id = g.node_id("dw").unwrap();
+        let (mut w, _) = weight(&g, id).unwrap();
+        w[..9].iter_mut().for_each(|v| *v *= 50.0);
+        g.set_layer_weight(id, w).unwrap();
+        let (e, pairs) = equalize_cross_layer(&g, 8).unwrap();
+        let names: Vec<(&str, &str)> = pairs.iter().map(|p| (p.first.as_str(), p.second.as_str())).collect();
+        assert_eq!(names, vec![("expand", "dw"), ("dw", "project"), ("project", "fc")]);
+        let x = shrink_core::InitRng::seeded(5).tensor(
+            [2, 3, 10, 10],
+            burn::tensor::Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        let floats = |t| shrink_core::host::floats(t).unwrap();
+        let (a, b): (Vec<f32>, Vec<f32>) = (floats(g.forward(x.clone())), floats(e.forward(x)));
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (p, q) in a.iter().zip(&b) {
+            assert!((p - q).abs() <= 1e-4 * scale.max(1.0), "{p} vs {q}");
+        }
+        // The outlier filter's range came down towards the others'.
+        let (before, after) = (channel_ranges(&g, "dw"), channel_ranges(&e, "dw"));
+        let spread = |r: &[f32]| r.iter().fold(0f32, |m, v| m.max(*v)) / r.iter().fold(f32::MAX, |m, v| m.min(*v));
+        assert!(spread(&after) < spread(&before) / 4.0, "{before:?} → {after:?}");
     }
 }
