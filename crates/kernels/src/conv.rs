@@ -72,8 +72,8 @@ fn pack_panels(weight: &[f32], out_channels: usize, depth: usize, width: usize) 
     packed
 }
 
-/// f32 lanes of a register on `isa`'s f32 path (0 on the portable path, which has no channel
-/// algorithm).
+/// f32 lanes of a register of the channel algorithm on `isa`'s f32 path (0 where it has none:
+/// the portable and NEON paths run positions only).
 fn lanes(isa: Isa) -> usize {
     match isa.f32_path() {
         Isa::Avx512 => 16,
@@ -279,7 +279,7 @@ impl DirectConv {
         );
         let depth = c * kh * kw;
         assert_eq!(weight.len(), shape.out_channels * depth, "weights must be [out, in, kh, kw]");
-        if algorithm == Algorithm::Channels && isa != Isa::Portable {
+        if algorithm == Algorithm::Channels && lanes(isa) > 0 {
             let channels = channels::ChannelConv::new(weight, shape, isa);
             let image_len = channels.scratch_len();
             // The positions algorithm's weights, offsets and planes are not needed.
@@ -316,7 +316,7 @@ impl DirectConv {
         self.shape
     }
 
-    /// The path it runs on: `Portable`, `Avx2` or `Avx512`.
+    /// The path it runs on: `Portable`, `Avx2`, `Avx512` or `Neon`.
     pub fn isa(&self) -> Isa {
         self.isa
     }
@@ -548,7 +548,85 @@ impl DirectConv {
                 // for AVX-512, in 8-lane halves.
                 unsafe { x86::tile_avx2(weights, x, &self.offsets, i0, vectors * 2, acc) }
             }
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => {
+                // SAFETY: reads as for AVX-512 (whole registers of 16 positions, in quarters);
+                // NEON is part of aarch64.
+                unsafe { neon::tile(weights, x, &self.offsets, i0, vectors * 4, acc) }
+            }
             _ => portable_tile(weights, x, &self.offsets, i0, vectors * LANES, acc),
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    use super::{OC, TILE};
+
+    /// `quads` (1 to 24) registers of 4 positions per channel, in passes of at most 6 (24
+    /// accumulators and 6 inputs of NEON's 32 registers).
+    ///
+    /// # Safety
+    /// `off + i0 + 4 · quads ≤ x.len()` for every offset.
+    pub(super) unsafe fn tile(
+        weights: &[f32],
+        x: &[f32],
+        offsets: &[usize],
+        i0: usize,
+        quads: usize,
+        acc: &mut [[f32; TILE]; OC],
+    ) {
+        let mut j = 0;
+        while j < quads {
+            // SAFETY: every arm forwards the caller's contract, for positions `4·j ..` of the tile.
+            unsafe {
+                match quads - j {
+                    1 => pass::<1>(weights, x, offsets, i0, j * 4, acc),
+                    2 => pass::<2>(weights, x, offsets, i0, j * 4, acc),
+                    3 => pass::<3>(weights, x, offsets, i0, j * 4, acc),
+                    4 => pass::<4>(weights, x, offsets, i0, j * 4, acc),
+                    5 => pass::<5>(weights, x, offsets, i0, j * 4, acc),
+                    _ => pass::<6>(weights, x, offsets, i0, j * 4, acc),
+                }
+            }
+            j += 6;
+        }
+    }
+
+    /// The taps in order, one fused multiply-add (`fmla`) each, as `mul_add` computes it.
+    ///
+    /// # Safety
+    /// As `tile`, for the `V` registers from position `at`.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn pass<const V: usize>(
+        weights: &[f32],
+        x: &[f32],
+        offsets: &[usize],
+        i0: usize,
+        at: usize,
+        acc: &mut [[f32; TILE]; OC],
+    ) {
+        let mut sum = [[vdupq_n_f32(0.0); V]; OC];
+        let base = x.as_ptr().wrapping_add(i0 + at);
+        for (k, &off) in offsets.iter().enumerate() {
+            let src = base.wrapping_add(off);
+            // SAFETY: `off + i0 + at + 4·V ≤ x.len()` (the caller's contract).
+            let v: [float32x4_t; V] = std::array::from_fn(|j| unsafe { vld1q_f32(src.add(j * 4)) });
+            for (lane, s) in sum.iter_mut().enumerate() {
+                let w = vdupq_n_f32(weights[k * OC + lane]);
+                for j in 0..V {
+                    s[j] = vfmaq_f32(s[j], w, v[j]);
+                }
+            }
+        }
+        for (lane, s) in sum.iter().enumerate() {
+            for (j, &sj) in s.iter().enumerate() {
+                // SAFETY: `at + 4·V ≤ TILE` values of the row.
+                unsafe { vst1q_f32(acc[lane].as_mut_ptr().add(at + j * 4), sj) };
+            }
         }
     }
 }
@@ -793,7 +871,7 @@ mod tests {
                 .flat_map(|e| [(e, Algorithm::Positions), (e, Algorithm::Channels)])
                 {
                     let conv = DirectConv::with_algorithm(&weight, shape, isa, algorithm);
-                    let want_algorithm = if isa == Isa::Portable { Algorithm::Positions } else { algorithm };
+                    let want_algorithm = if lanes(isa) == 0 { Algorithm::Positions } else { algorithm };
                     assert_eq!(conv.algorithm(), want_algorithm);
                     let want = reference(&image, &weight, shape, epi);
                     // One thread, and the channels split between three workers.

@@ -26,8 +26,8 @@ pub enum Isa {
     Avx512,
     /// AVX-512 (F, BW, VL, DQ) with VNNI: f32 as AVX-512, integers by `vpdpbusd`.
     Avx512Vnni,
-    /// aarch64 NEON: integers as exact i16 products (`smull`) summed in pairs (`sadalp`); f32 on
-    /// the portable path for now.
+    /// aarch64 NEON: integers as exact i16 products (`smull`) summed in pairs (`sadalp`); f32 by
+    /// fused multiply-adds (`fmla`, the direct convolution's positions algorithm).
     Neon,
     /// NEON with the dot-product extension (FEAT_DotProd, Armv8.2+): integers by `sdot`, four
     /// i8 products per i32 lane, the u8 activations offset to i8 and the offset added back.
@@ -54,12 +54,12 @@ impl Isa {
         }
     }
 
-    /// The path the f32 kernels take under this choice: `Portable`, `Avx2` or `Avx512` (the
-    /// NEON choices run the f32 kernels on the portable path: no NEON f32 kernels yet).
+    /// The path the f32 kernels take under this choice: `Portable`, `Avx2`, `Avx512` or `Neon`
+    /// (the f32 kernels use no dot-product or i8mm instruction).
     pub fn f32_path(self) -> Isa {
         match self {
             Isa::Avx512Vnni => Isa::Avx512,
-            Isa::Neon | Isa::NeonDot | Isa::NeonI8mm => Isa::Portable,
+            Isa::NeonDot | Isa::NeonI8mm => Isa::Neon,
             other => other,
         }
     }
@@ -195,7 +195,9 @@ mod tests {
         assert!(best().available());
         assert!(Isa::Portable.available());
         for isa in Isa::ALL {
-            assert!(isa.f32_path() <= Isa::Avx512 && isa.f32_path() <= isa);
+            assert!(
+                [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Neon].contains(&isa.f32_path()) && isa.f32_path() <= isa
+            );
             assert!(isa.int8_path() != Isa::Avx512 && isa.int8_path() <= isa);
         }
         // A CPU has one architecture's paths.

@@ -9,27 +9,33 @@
 /// # Panics
 /// When `planes` is shorter than `channels · n` or a destination is out of `dst`.
 pub fn planes_to_pixels_u8(planes: &[u8], channels: usize, n: usize, dst: &mut [u8], at: impl Fn(usize) -> usize) {
-    let plane = |ch: usize| &planes[ch * n..(ch + 1) * n];
-    let mut ch0 = 0;
+    #[cfg(not(target_arch = "x86_64"))]
+    let ch0 = 0;
     #[cfg(target_arch = "x86_64")]
-    while ch0 + 16 <= channels {
-        let rows: [&[u8]; 16] = std::array::from_fn(|i| plane(ch0 + i));
-        let mut p0 = 0;
-        while p0 + 16 <= n {
-            let block: [&[u8; 16]; 16] = std::array::from_fn(|i| rows[i][p0..p0 + 16].try_into().expect("16 values"));
-            for (j, pixel) in sse2::transpose16(&block).iter().enumerate() {
-                dst[at(p0 + j) + ch0..][..16].copy_from_slice(pixel);
+    let ch0 = {
+        let plane = |ch: usize| &planes[ch * n..(ch + 1) * n];
+        let mut ch0 = 0;
+        while ch0 + 16 <= channels {
+            let rows: [&[u8]; 16] = std::array::from_fn(|i| plane(ch0 + i));
+            let mut p0 = 0;
+            while p0 + 16 <= n {
+                let block: [&[u8; 16]; 16] =
+                    std::array::from_fn(|i| rows[i][p0..p0 + 16].try_into().expect("16 values"));
+                for (j, pixel) in sse2::transpose16(&block).iter().enumerate() {
+                    dst[at(p0 + j) + ch0..][..16].copy_from_slice(pixel);
+                }
+                p0 += 16;
             }
-            p0 += 16;
-        }
-        for p in p0..n {
-            let d = &mut dst[at(p) + ch0..][..16];
-            for (v, row) in d.iter_mut().zip(&rows) {
-                *v = row[p];
+            for p in p0..n {
+                let d = &mut dst[at(p) + ch0..][..16];
+                for (v, row) in d.iter_mut().zip(&rows) {
+                    *v = row[p];
+                }
             }
+            ch0 += 16;
         }
-        ch0 += 16;
-    }
+        ch0
+    };
     if ch0 < channels {
         for p in 0..n {
             let d = &mut dst[at(p) + ch0..][..channels - ch0];
@@ -51,27 +57,32 @@ pub fn planes_to_pixels_32<T: Copy + Default>(
     dst: &mut [T],
     at: impl Fn(usize) -> usize,
 ) {
-    let plane = |ch: usize| &planes[ch * n..(ch + 1) * n];
-    let mut ch0 = 0;
+    #[cfg(not(target_arch = "x86_64"))]
+    let ch0 = 0;
     #[cfg(target_arch = "x86_64")]
-    while ch0 + 4 <= channels {
-        let rows: [&[T]; 4] = std::array::from_fn(|i| plane(ch0 + i));
-        let mut p0 = 0;
-        while p0 + 4 <= n {
-            let block: [&[T; 4]; 4] = std::array::from_fn(|i| rows[i][p0..p0 + 4].try_into().expect("4 values"));
-            for (j, pixel) in sse2::transpose4(&block).iter().enumerate() {
-                dst[at(p0 + j) + ch0..][..4].copy_from_slice(pixel);
+    let ch0 = {
+        let plane = |ch: usize| &planes[ch * n..(ch + 1) * n];
+        let mut ch0 = 0;
+        while ch0 + 4 <= channels {
+            let rows: [&[T]; 4] = std::array::from_fn(|i| plane(ch0 + i));
+            let mut p0 = 0;
+            while p0 + 4 <= n {
+                let block: [&[T; 4]; 4] = std::array::from_fn(|i| rows[i][p0..p0 + 4].try_into().expect("4 values"));
+                for (j, pixel) in sse2::transpose4(&block).iter().enumerate() {
+                    dst[at(p0 + j) + ch0..][..4].copy_from_slice(pixel);
+                }
+                p0 += 4;
             }
-            p0 += 4;
-        }
-        for p in p0..n {
-            let d = &mut dst[at(p) + ch0..][..4];
-            for (v, row) in d.iter_mut().zip(&rows) {
-                *v = row[p];
+            for p in p0..n {
+                let d = &mut dst[at(p) + ch0..][..4];
+                for (v, row) in d.iter_mut().zip(&rows) {
+                    *v = row[p];
+                }
             }
+            ch0 += 4;
         }
-        ch0 += 4;
-    }
+        ch0
+    };
     if ch0 < channels {
         for p in 0..n {
             let d = &mut dst[at(p) + ch0..][..channels - ch0];
