@@ -67,6 +67,18 @@ fn values_and_nonzeros<const D: usize>(t: Tensor<D>) -> Result<(usize, usize)> {
     Ok((v.len(), v.iter().filter(|x| **x != 0.0).count()))
 }
 
+/// Multiply-adds per image of a conv or linear layer whose output has shape `output` (0 for any
+/// other op): the one formula the reports and the plan's threading use.
+pub fn layer_macs(op: &Op, output: ValueShape) -> u64 {
+    match (op, output) {
+        (&Op::Conv2d { in_channels, kernel, groups, .. }, ValueShape::Map { channels, height, width }) => {
+            (channels * height * width * (in_channels / groups) * kernel[0] * kernel[1]) as u64
+        }
+        (&Op::Linear { in_features, out_features, .. }, _) => (in_features * out_features) as u64,
+        _ => 0,
+    }
+}
+
 /// Parameters, non-zeros, bytes and MACs of every layer of `graph`.
 ///
 /// # Errors
@@ -77,17 +89,15 @@ pub fn model_stats(graph: &Graph) -> Result<ModelStats> {
     for (id, node) in graph.layers() {
         let out = shapes[id];
         let (params, nonzeros, buffers, macs) = match (&node.params, &node.op) {
-            (Some(Params::Conv(p)), Op::Conv2d { in_channels, kernel, groups, .. }) => {
+            (Some(Params::Conv(p)), Op::Conv2d { .. }) => {
                 let (n, nz) = values_and_nonzeros(p.weight.val())?;
                 let (bn, bnz) = p.bias.as_ref().map_or(Ok((0, 0)), |b| values_and_nonzeros(b.val()))?;
-                let ValueShape::Map { channels, height, width } = out else { unreachable!("conv makes maps") };
-                let macs = (channels * height * width * (in_channels / groups) * kernel[0] * kernel[1]) as u64;
-                (n + bn, nz + bnz, 0, macs)
+                (n + bn, nz + bnz, 0, layer_macs(&node.op, out))
             }
-            (Some(Params::Linear(p)), Op::Linear { in_features, out_features, .. }) => {
+            (Some(Params::Linear(p)), Op::Linear { .. }) => {
                 let (n, nz) = values_and_nonzeros(p.weight.val())?;
                 let (bn, bnz) = p.bias.as_ref().map_or(Ok((0, 0)), |b| values_and_nonzeros(b.val()))?;
-                (n + bn, nz + bnz, 0, (in_features * out_features) as u64)
+                (n + bn, nz + bnz, 0, layer_macs(&node.op, out))
             }
             (Some(Params::BatchNorm(bn)), _) => {
                 let (g, gz) = values_and_nonzeros(bn.gamma.val())?;

@@ -72,7 +72,8 @@ pub fn freeze_with(graph: &Graph, registry: &KernelRegistry, options: &FreezeOpt
         for v in std::iter::once(id).chain(step.absorbed.iter().copied()) {
             value_of[v] = Some(value);
         }
-        steps.push(Step { node: node.name.clone(), kernel, inputs, output: value });
+        let macs = crate::metrics::layer_macs(&node.op, shapes[step.node]);
+        steps.push(Step { node: node.name.clone(), kernel, inputs, output: value, macs });
     }
     let output_value = value_of[graph.output].expect("output computed");
     let (slot_of, slot_len) = plan_buffers(&steps, &value_len, output_value);

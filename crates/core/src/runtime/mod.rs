@@ -325,7 +325,18 @@ struct Step {
     kernel: Box<dyn Kernel>,
     inputs: Vec<usize>,
     output: usize,
+    /// Multiply-adds per image (conv and linear layers; 0 for the rest): whether a single image's
+    /// step is worth splitting between threads ([`SPLIT_MIN_MACS`]).
+    macs: u64,
 }
+
+/// The fewest multiply-adds per image for which a single image's layer is split between a
+/// plan's threads; smaller steps run on the calling thread, the helpers staying idle. Handing a
+/// layer to the team costs a few microseconds of synchronisation, more than splitting saves on
+/// a layer that takes a few tens of microseconds alone: the layers of a small MobileNet
+/// (≤ 0.15 M multiply-adds) ran 2× slower at two threads than at one, while ResNet-20's
+/// (2.4 M each) gain (`cargo xtask bench onnxruntime`, `b1 threads` rows; see the README).
+pub const SPLIT_MIN_MACS: u64 = 1 << 20;
 
 /// A frozen graph, ready to run on the CPU.
 pub struct Plan {
@@ -423,6 +434,8 @@ impl Program<'_> {
                     *slot = &ws.buffers[self.slot_of[v]][..self.value_len[v] * batch];
                 }
                 let inputs = &inputs[..step.inputs.len()];
+                let sequential = RunContext::sequential();
+                let ctx = if ctx.team.size() > 1 && step.macs < SPLIT_MIN_MACS { &sequential } else { ctx };
                 step.kernel.run(inputs, &mut out[..out_len], batch, &mut ws.scratch, ctx);
             }
             ws.buffers[out_slot] = out;
