@@ -233,27 +233,9 @@ fn depthwise_channels_last(
     }
     let at = |p: usize| ((p / w + padding[0]) * wp + padding[1] + p % w) * c;
     crate::transpose::planes_to_pixels_32(&image[..channels * h * w], channels, h * w, padded, at);
-    for oy in 0..oh {
-        for ox in 0..ow {
-            let pixel = &mut acc[(oy * ow + ox) * c..][..c];
-            for (b, pixel) in pixel.chunks_exact_mut(CHANNEL_BLOCK).enumerate() {
-                let mut sum = [0.0f32; CHANNEL_BLOCK];
-                for ky in 0..kh {
-                    let row = (oy * stride[0] + ky * dilation[0]) * wp;
-                    for kx in 0..kw {
-                        let at = (row + ox * stride[1] + kx * dilation[1]) * c + b * CHANNEL_BLOCK;
-                        let x: &[f32; CHANNEL_BLOCK] = padded[at..at + CHANNEL_BLOCK].try_into().expect("16 values");
-                        let tap = (ky * kw + kx) * c + b * CHANNEL_BLOCK;
-                        let wk: &[f32; CHANNEL_BLOCK] = packed[tap..tap + CHANNEL_BLOCK].try_into().expect("16 values");
-                        for i in 0..CHANNEL_BLOCK {
-                            sum[i] += x[i] * wk[i];
-                        }
-                    }
-                }
-                pixel.copy_from_slice(&sum);
-            }
-        }
-    }
+    let geometry =
+        DepthwiseU8Shape { channels: c, padded: [hp, wp], output: [oh, ow], kernel: [kh, kw], stride, dilation };
+    channels_last_sums(&geometry, padded, packed, acc, |sum: f32, x: f32, w: f32| sum + x * w);
     crate::transpose::pixels_to_planes_32(acc, n, c, channels, out);
 }
 
@@ -309,7 +291,8 @@ pub fn depthwise_u8_channels(channels: usize) -> usize {
     channels.div_ceil(CHANNEL_BLOCK) * CHANNEL_BLOCK
 }
 
-/// The shape of an integer depthwise convolution over a padded channels-last u8 image.
+/// The shape of a depthwise convolution over a padded channels-last image: the integer kernel's
+/// input (u8), and the f32 channels-last layout's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DepthwiseU8Shape {
     /// Channels of the image, weights and accumulators: a multiple of [`CHANNEL_BLOCK`] (the
@@ -412,22 +395,39 @@ fn depthwise_u8_avx2(shape: &DepthwiseU8Shape, image: &[u8], weights: &[i32], ac
 /// taps summed in sixteen lanes held in registers.
 #[inline(always)]
 fn depthwise_u8_body(shape: &DepthwiseU8Shape, image: &[u8], weights: &[i32], acc: &mut [i32]) {
+    channels_last_sums(shape, image, weights, acc, |sum: i32, x: u8, w: i32| {
+        sum.wrapping_add((x as i32).wrapping_mul(w))
+    });
+}
+
+/// The channels-last loop both depthwise kernels run: per output pixel and block of
+/// [`CHANNEL_BLOCK`] channels, `sum = mac(sum, x, w)` over the taps in row-major order, in
+/// sixteen lanes held in registers, from 0 (`A::default()`). `shape` gives the geometry on the
+/// padded image (its `channels` a multiple of the block).
+#[inline(always)]
+fn channels_last_sums<X: Copy, W: Copy, A: Copy + Default>(
+    shape: &DepthwiseU8Shape,
+    image: &[X],
+    weights: &[W],
+    acc: &mut [A],
+    mac: impl Fn(A, X, W) -> A,
+) {
     let DepthwiseU8Shape { channels: c, padded: [_, wp], output: [oh, ow], kernel: [kh, kw], stride, dilation } =
         *shape;
     for oy in 0..oh {
         for ox in 0..ow {
             let out = &mut acc[(oy * ow + ox) * c..][..c];
             for (b, out) in out.chunks_exact_mut(CHANNEL_BLOCK).enumerate() {
-                let mut sum = [0i32; CHANNEL_BLOCK];
+                let mut sum = [A::default(); CHANNEL_BLOCK];
                 for ky in 0..kh {
                     let row = (oy * stride[0] + ky * dilation[0]) * wp;
                     for kx in 0..kw {
                         let at = (row + ox * stride[1] + kx * dilation[1]) * c + b * CHANNEL_BLOCK;
-                        let x: &[u8; CHANNEL_BLOCK] = image[at..at + CHANNEL_BLOCK].try_into().expect("16 values");
+                        let x: &[X; CHANNEL_BLOCK] = image[at..at + CHANNEL_BLOCK].try_into().expect("16 values");
                         let tap = (ky * kw + kx) * c + b * CHANNEL_BLOCK;
-                        let w: &[i32; CHANNEL_BLOCK] = weights[tap..tap + CHANNEL_BLOCK].try_into().expect("16 values");
+                        let w: &[W; CHANNEL_BLOCK] = weights[tap..tap + CHANNEL_BLOCK].try_into().expect("16 values");
                         for i in 0..CHANNEL_BLOCK {
-                            sum[i] = sum[i].wrapping_add((x[i] as i32).wrapping_mul(w[i]));
+                            sum[i] = mac(sum[i], x[i], w[i]);
                         }
                     }
                 }
