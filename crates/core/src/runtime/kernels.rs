@@ -189,10 +189,10 @@ impl ConvF32 {
         self.geometry().im2col(image, c0, cin, col, oh * ow);
     }
 
-    fn depthwise(&self, image: &[f32], out: &mut [f32]) {
+    fn depthwise_shape(&self) -> shrink_kernels::depthwise::DepthwiseShape {
         let (c, h, w) = self.input;
         let (_, oh, ow) = self.output;
-        let shape = shrink_kernels::depthwise::DepthwiseShape {
+        shrink_kernels::depthwise::DepthwiseShape {
             channels: c,
             input: [h, w],
             output: [oh, ow],
@@ -200,8 +200,11 @@ impl ConvF32 {
             stride: self.stride,
             padding: self.padding,
             dilation: self.dilation,
-        };
-        shrink_kernels::depthwise::depthwise(&shape, image, &self.weight, out);
+        }
+    }
+
+    fn depthwise(&self, image: &[f32], out: &mut [f32]) {
+        shrink_kernels::depthwise::depthwise(&self.depthwise_shape(), image, &self.weight, out);
     }
 
     fn image(&self, image: &[f32], residual: Option<&[f32]>, out: &mut [f32], col: &mut [f32], threads: usize) {
@@ -248,8 +251,12 @@ fn fused_suffix(residual: bool, relu: bool) -> &'static str {
 
 impl Kernel for ConvF32 {
     fn label(&self) -> String {
+        use shrink_kernels::depthwise::DepthwiseLayout;
         let how = if self.is_depthwise() {
-            "direct-depthwise"
+            match DepthwiseLayout::for_shape(&self.depthwise_shape()) {
+                DepthwiseLayout::Planar => "direct-depthwise",
+                DepthwiseLayout::ChannelsLast => "direct-depthwise-channels-last",
+            }
         } else if self.is_pointwise() {
             "gemm"
         } else {

@@ -1,8 +1,10 @@
 //! Integer kernels for the CPU plan: u8 × i8 → i32, weights quantized and packed once when the
-//! plan is frozen, never dequantized while it runs. On x86 the arithmetic is our own
+//! plan is frozen, never dequantized while it runs. On x86 and aarch64 the arithmetic is our own
 //! ([`shrink_core::kernels::int8`]: on AVX-512 VNNI and AVX2 a direct convolution, and a GEMM
-//! that needs no packing of the activations, all exact — AVX2 without `vpmaddubsw`'s saturation;
-//! a plain GEMM loop on the portable path); elsewhere it is rten-gemm's (NEON or generic).
+//! that needs no packing of the activations — also on NEON —, all exact, AVX2 without
+//! `vpmaddubsw`'s saturation; a plain GEMM loop on the portable path; depthwise convolutions on
+//! [`shrink_core::kernels::depthwise`]'s channels-last loop); elsewhere, and under
+//! `SHRINK_ISA=portable` on aarch64, the GEMM is rten-gemm's.
 //!
 //! Activations travel between steps of the plan in f32. Each integer layer quantizes its input
 //! to u8 in one pass (the rounding its calibrated parameters define), multiplies in integers,
