@@ -333,9 +333,11 @@ struct Step {
 /// The fewest multiply-adds per image for which a single image's layer is split between a
 /// plan's threads; smaller steps run on the calling thread, the helpers staying idle. Handing a
 /// layer to the team costs a few microseconds of synchronisation, more than splitting saves on
-/// a layer that takes a few tens of microseconds alone: the layers of a small MobileNet
-/// (≤ 0.15 M multiply-adds) ran 2× slower at two threads than at one, while ResNet-20's
-/// (2.4 M each) gain (`cargo xtask bench onnxruntime`, `b1 threads` rows; see the README).
+/// a layer that takes a few tens of microseconds alone: the imported MobileNet's layers
+/// (≤ 0.15 M multiply-adds) ran 2× slower at two threads than at one, and run as fast as at one
+/// since. ResNet-20's (2.4 M each) are still split; at batch 1 two threads run at 0.97–1.05×
+/// one thread's speed there (`cargo xtask bench onnxruntime`, `b1 threads` rows): the speed-up
+/// issue #21 asks for is not reached yet.
 pub const SPLIT_MIN_MACS: u64 = 1 << 20;
 
 /// A frozen graph, ready to run on the CPU.
