@@ -66,7 +66,7 @@ fn measure(mut case: Case, repeats: usize) -> Vec<Row> {
 }
 
 /// The median of `times` (sorted in place).
-fn median(times: &mut [f64]) -> f64 {
+pub(crate) fn median(times: &mut [f64]) -> f64 {
     times.sort_by(f64::total_cmp);
     times[times.len() / 2]
 }

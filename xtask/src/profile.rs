@@ -64,8 +64,7 @@ fn table(
     let medians: Vec<f64> = (0..steps)
         .map(|i| {
             let mut t: Vec<f64> = runs.iter().map(|r| r[i].2.as_secs_f64() * 1e3).collect();
-            t.sort_by(f64::total_cmp);
-            t[t.len() / 2]
+            crate::bench::median(&mut t)
         })
         .collect();
     let total: f64 = medians.iter().sum();

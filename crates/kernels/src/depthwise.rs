@@ -33,6 +33,23 @@ pub struct DepthwiseShape {
 }
 
 impl DepthwiseShape {
+    /// The same convolution on the zero-padded channels-last image the channels-last loops read
+    /// ([`depthwise_u8`], [`DepthwiseLayout::ChannelsLast`]): the channels rounded up to
+    /// [`CHANNEL_BLOCK`], the padding inside the image.
+    pub fn channels_last(&self) -> ChannelsLastShape {
+        let Self { channels, input: [h, w], output, kernel, stride, padding: [ph, pw], dilation } = *self;
+        let padded = [h + 2 * ph, w + 2 * pw];
+        ChannelsLastShape { channels: depthwise_u8_channels(channels), padded, output, kernel, stride, dilation }
+    }
+
+    /// Where pixel `p` (row-major) of an input plane lands in the padded channels-last image:
+    /// the index of its first channel.
+    fn channels_last_pixel(&self, p: usize) -> usize {
+        let ([_, w], [ph, pw]) = (self.input, self.padding);
+        let (c, wp) = (depthwise_u8_channels(self.channels), w + 2 * pw);
+        ((p / w + ph) * wp + pw + p % w) * c
+    }
+
     fn check(&self, image: &[f32], weights: &[f32], out: &[f32]) {
         let ([h, w], [oh, ow], [kh, kw]) = (self.input, self.output, self.kernel);
         assert!(image.len() >= self.channels * h * w, "the image is shorter than [channels][h][w]");
@@ -111,12 +128,27 @@ impl DepthwiseLayout {
 }
 
 /// [`depthwise_reference`], bit-identical for finite weights, in the layout that suits the shape
-/// ([`DepthwiseLayout::for_shape`]) on the selected f32 path.
+/// ([`DepthwiseLayout::for_shape`]) on the selected f32 path: [`DepthwiseF32`] built for one
+/// call (a plan builds it once and keeps it).
 ///
 /// # Panics
 /// As [`depthwise_reference`].
 pub fn depthwise(shape: &DepthwiseShape, image: &[f32], weights: &[f32], out: &mut [f32]) {
-    depthwise_with(shape, image, weights, out, DepthwiseLayout::for_shape(shape))
+    DepthwiseF32::new(shape, weights, DepthwiseLayout::for_shape(shape)).run(image, out)
+}
+
+/// [`depthwise`] in the given layout.
+///
+/// # Panics
+/// As [`depthwise_reference`].
+pub fn depthwise_with(
+    shape: &DepthwiseShape,
+    image: &[f32],
+    weights: &[f32],
+    out: &mut [f32],
+    layout: DepthwiseLayout,
+) {
+    DepthwiseF32::new(shape, weights, layout).run(image, out)
 }
 
 thread_local! {
@@ -127,116 +159,116 @@ thread_local! {
 #[derive(Default)]
 struct ChannelsLastScratch {
     image: Vec<f32>,
-    weights: Vec<f32>,
     acc: Vec<f32>,
 }
 
-/// [`depthwise`] in the given layout. Both compute each output as the scalar definition does
-/// (a product, then an add, tap by tap in row-major order); the planar one skips the taps
-/// outside the image, the channels-last one adds their `0 · w`, which leaves every sum as it is
-/// (an exact zero added to a sum that is not −0, which it never is) as long as the weights are
-/// finite.
-///
-/// # Panics
-/// As [`depthwise_reference`].
-#[allow(unsafe_code)] // calls the target-feature functions of the paths, after checking the CPU
-pub fn depthwise_with(
-    shape: &DepthwiseShape,
-    image: &[f32],
-    weights: &[f32],
-    out: &mut [f32],
+/// An f32 depthwise layer, its weights laid out once for its layout. Both layouts compute
+/// each output as the scalar definition does (a product, then an add, tap by tap in row-major
+/// order); the planar one skips the taps outside the image, the channels-last one adds their
+/// `0 · w`, which leaves every sum as it is (an exact zero added to a sum that is not −0, which
+/// it never is) as long as the weights are finite.
+#[derive(Clone, Debug)]
+pub struct DepthwiseF32 {
+    shape: DepthwiseShape,
     layout: DepthwiseLayout,
-) {
+    /// Planar: `[channels][kh][kw]`; channels-last: `[tap][channels rounded up to
+    /// CHANNEL_BLOCK]`, zero past the layer's channels.
+    weights: Vec<f32>,
+}
+
+impl DepthwiseF32 {
+    /// The layer of `shape` with `weights` (`[channels][kh][kw]`) in `layout`.
+    ///
+    /// # Panics
+    /// When `weights` is shorter than its shape, or a stride is 0.
+    pub fn new(shape: &DepthwiseShape, weights: &[f32], layout: DepthwiseLayout) -> Self {
+        let ([kh, kw], channels) = (shape.kernel, shape.channels);
+        let taps = kh * kw;
+        assert!(weights.len() >= channels * taps, "the weights are shorter than [channels][kh][kw]");
+        assert!(shape.stride[0] > 0 && shape.stride[1] > 0, "stride 0");
+        let weights = match layout {
+            DepthwiseLayout::Planar => weights[..channels * taps].to_vec(),
+            DepthwiseLayout::ChannelsLast => {
+                let c = depthwise_u8_channels(channels);
+                let mut packed = vec![0.0; taps * c];
+                for ch in 0..channels {
+                    for t in 0..taps {
+                        packed[t * c + ch] = weights[ch * taps + t];
+                    }
+                }
+                packed
+            }
+        };
+        Self { shape: *shape, layout, weights }
+    }
+
+    /// The layout it computes in.
+    pub fn layout(&self) -> DepthwiseLayout {
+        self.layout
+    }
+
+    /// One image, `[channels][h][w]` into `[channels][oh][ow]`, on the selected f32 path.
+    ///
+    /// # Panics
+    /// When a slice is shorter than its shape.
+    #[allow(unsafe_code)] // calls the target-feature functions of the paths, after checking the CPU
+    pub fn run(&self, image: &[f32], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        use crate::isa::Isa;
+        let ([h, w], [oh, ow], c) = (self.shape.input, self.shape.output, self.shape.channels);
+        assert!(image.len() >= c * h * w, "the image is shorter than [channels][h][w]");
+        assert!(out.len() >= c * oh * ow, "the output is shorter than [channels][oh][ow]");
+        CHANNELS_LAST.with(|scratch| {
+            let scratch = &mut *scratch.borrow_mut();
+            match crate::isa::selected().f32_path() {
+                // SAFETY: the selected path is available on this CPU (`isa::selected`).
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => unsafe { self.run_avx512(image, out, scratch) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                Isa::Avx2 => unsafe { self.run_avx2(image, out, scratch) },
+                _ => self.run_body(image, out, scratch),
+            }
+        })
+    }
+
     #[cfg(target_arch = "x86_64")]
-    use crate::isa::Isa;
-    shape.check(image, weights, out);
-    CHANNELS_LAST.with(|scratch| {
-        let scratch = &mut *scratch.borrow_mut();
-        match crate::isa::selected().f32_path() {
-            // SAFETY: the selected path is available on this CPU (`isa::selected`).
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => unsafe { depthwise_avx512(shape, image, weights, out, layout, scratch) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
-            Isa::Avx2 => unsafe { depthwise_avx2(shape, image, weights, out, layout, scratch) },
-            _ => depthwise_in(shape, image, weights, out, layout, scratch),
-        }
-    })
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn depthwise_avx512(
-    shape: &DepthwiseShape,
-    image: &[f32],
-    weights: &[f32],
-    out: &mut [f32],
-    layout: DepthwiseLayout,
-    scratch: &mut ChannelsLastScratch,
-) {
-    depthwise_in(shape, image, weights, out, layout, scratch)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn depthwise_avx2(
-    shape: &DepthwiseShape,
-    image: &[f32],
-    weights: &[f32],
-    out: &mut [f32],
-    layout: DepthwiseLayout,
-    scratch: &mut ChannelsLastScratch,
-) {
-    depthwise_in(shape, image, weights, out, layout, scratch)
-}
-
-#[inline(always)]
-fn depthwise_in(
-    shape: &DepthwiseShape,
-    image: &[f32],
-    weights: &[f32],
-    out: &mut [f32],
-    layout: DepthwiseLayout,
-    scratch: &mut ChannelsLastScratch,
-) {
-    match layout {
-        DepthwiseLayout::Planar => depthwise_body(shape, image, weights, out),
-        DepthwiseLayout::ChannelsLast => depthwise_channels_last(shape, image, weights, out, scratch),
+    #[target_feature(enable = "avx512f")]
+    fn run_avx512(&self, image: &[f32], out: &mut [f32], scratch: &mut ChannelsLastScratch) {
+        self.run_body(image, out, scratch)
     }
-}
 
-/// [`DepthwiseLayout::ChannelsLast`]: the image copied into a zero-padded channels-last buffer
-/// (channels rounded up to [`CHANNEL_BLOCK`]), per output pixel and block of sixteen channels the
-/// taps summed in registers, and the sums transposed back to planes.
-#[inline(always)]
-fn depthwise_channels_last(
-    shape: &DepthwiseShape,
-    image: &[f32],
-    weights: &[f32],
-    out: &mut [f32],
-    scratch: &mut ChannelsLastScratch,
-) {
-    let DepthwiseShape { channels, input: [h, w], output: [oh, ow], kernel: [kh, kw], stride, padding, dilation } =
-        *shape;
-    let c = depthwise_u8_channels(channels);
-    let (hp, wp, taps, n) = (h + 2 * padding[0], w + 2 * padding[1], kh * kw, oh * ow);
-    let ChannelsLastScratch { image: padded, weights: packed, acc } = scratch;
-    padded.clear();
-    padded.resize(hp * wp * c, 0.0);
-    packed.clear();
-    packed.resize(taps * c, 0.0);
-    acc.resize(n * c, 0.0);
-    for ch in 0..channels {
-        for t in 0..taps {
-            packed[t * c + ch] = weights[ch * taps + t];
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn run_avx2(&self, image: &[f32], out: &mut [f32], scratch: &mut ChannelsLastScratch) {
+        self.run_body(image, out, scratch)
+    }
+
+    #[inline(always)]
+    fn run_body(&self, image: &[f32], out: &mut [f32], scratch: &mut ChannelsLastScratch) {
+        match self.layout {
+            DepthwiseLayout::Planar => depthwise_body(&self.shape, image, &self.weights, out),
+            DepthwiseLayout::ChannelsLast => self.channels_last(image, out, scratch),
         }
     }
-    let at = |p: usize| ((p / w + padding[0]) * wp + padding[1] + p % w) * c;
-    crate::transpose::planes_to_pixels_32(&image[..channels * h * w], channels, h * w, padded, at);
-    let geometry =
-        DepthwiseU8Shape { channels: c, padded: [hp, wp], output: [oh, ow], kernel: [kh, kw], stride, dilation };
-    channels_last_sums(&geometry, padded, packed, acc, |sum: f32, x: f32, w: f32| sum + x * w);
-    crate::transpose::pixels_to_planes_32(acc, n, c, channels, out);
+
+    /// [`DepthwiseLayout::ChannelsLast`]: the image copied into a zero-padded channels-last
+    /// buffer, per output pixel and block of sixteen channels the taps summed in registers, and
+    /// the sums transposed back to planes.
+    #[inline(always)]
+    fn channels_last(&self, image: &[f32], out: &mut [f32], scratch: &mut ChannelsLastScratch) {
+        let geometry = self.shape.channels_last();
+        let ChannelsLastShape { channels: c, padded: [hp, wp], output: [oh, ow], .. } = geometry;
+        let ([h, w], channels, n) = (self.shape.input, self.shape.channels, oh * ow);
+        let ChannelsLastScratch { image: padded, acc } = scratch;
+        padded.clear();
+        padded.resize(hp * wp * c, 0.0);
+        acc.resize(n * c, 0.0);
+        let at = |p: usize| self.shape.channels_last_pixel(p);
+        crate::transpose::planes_to_pixels(&image[..channels * h * w], channels, h * w, padded, at);
+        channels_last_sums(&geometry, padded, &self.weights, acc, |sum: f32, x: f32, w: f32| sum + x * w);
+        crate::transpose::pixels_to_planes_32(acc, n, c, channels, out);
+    }
 }
 
 /// [`depthwise`]'s loop, compiled once per path (products and sums stay separate operations: Rust
@@ -294,7 +326,7 @@ pub fn depthwise_u8_channels(channels: usize) -> usize {
 /// The shape of a depthwise convolution over a padded channels-last image: the integer kernel's
 /// input (u8), and the f32 channels-last layout's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DepthwiseU8Shape {
+pub struct ChannelsLastShape {
     /// Channels of the image, weights and accumulators: a multiple of [`CHANNEL_BLOCK`] (the
     /// channels past the layer's own have zero weights).
     pub channels: usize,
@@ -311,7 +343,7 @@ pub struct DepthwiseU8Shape {
     pub dilation: [usize; 2],
 }
 
-impl DepthwiseU8Shape {
+impl ChannelsLastShape {
     fn check(&self, image: &[u8], weights: &[i32], acc: &[i32]) {
         let Self { channels: c, padded: [hp, wp], output: [oh, ow], kernel: [kh, kw], stride, dilation } = *self;
         assert!(c % CHANNEL_BLOCK == 0, "channels {c} not a multiple of {CHANNEL_BLOCK}");
@@ -335,9 +367,9 @@ impl DepthwiseU8Shape {
 /// # Panics
 /// When a slice is shorter than its shape, the channels are not a multiple of
 /// [`CHANNEL_BLOCK`], or a window reads past the image.
-pub fn depthwise_u8_reference(shape: &DepthwiseU8Shape, image: &[u8], weights: &[i32], acc: &mut [i32]) {
+pub fn depthwise_u8_reference(shape: &ChannelsLastShape, image: &[u8], weights: &[i32], acc: &mut [i32]) {
     shape.check(image, weights, acc);
-    let DepthwiseU8Shape { channels: c, padded: [_, wp], output: [oh, ow], kernel: [kh, kw], stride, dilation } =
+    let ChannelsLastShape { channels: c, padded: [_, wp], output: [oh, ow], kernel: [kh, kw], stride, dilation } =
         *shape;
     for oy in 0..oh {
         for ox in 0..ow {
@@ -363,7 +395,7 @@ pub fn depthwise_u8_reference(shape: &DepthwiseU8Shape, image: &[u8], weights: &
 /// # Panics
 /// As [`depthwise_u8_reference`]; when `isa` is not available on this CPU.
 #[allow(unsafe_code)] // calls the target-feature functions of the paths, after checking the CPU
-pub fn depthwise_u8(shape: &DepthwiseU8Shape, image: &[u8], weights: &[i32], acc: &mut [i32], isa: crate::isa::Isa) {
+pub fn depthwise_u8(shape: &ChannelsLastShape, image: &[u8], weights: &[i32], acc: &mut [i32], isa: crate::isa::Isa) {
     #[cfg(target_arch = "x86_64")]
     use crate::isa::Isa;
     shape.check(image, weights, acc);
@@ -381,20 +413,20 @@ pub fn depthwise_u8(shape: &DepthwiseU8Shape, image: &[u8], weights: &[i32], acc
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-fn depthwise_u8_avx512(shape: &DepthwiseU8Shape, image: &[u8], weights: &[i32], acc: &mut [i32]) {
+fn depthwise_u8_avx512(shape: &ChannelsLastShape, image: &[u8], weights: &[i32], acc: &mut [i32]) {
     depthwise_u8_body(shape, image, weights, acc)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn depthwise_u8_avx2(shape: &DepthwiseU8Shape, image: &[u8], weights: &[i32], acc: &mut [i32]) {
+fn depthwise_u8_avx2(shape: &ChannelsLastShape, image: &[u8], weights: &[i32], acc: &mut [i32]) {
     depthwise_u8_body(shape, image, weights, acc)
 }
 
 /// The loop every path compiles: per output pixel and block of [`CHANNEL_BLOCK`] channels, the
 /// taps summed in sixteen lanes held in registers.
 #[inline(always)]
-fn depthwise_u8_body(shape: &DepthwiseU8Shape, image: &[u8], weights: &[i32], acc: &mut [i32]) {
+fn depthwise_u8_body(shape: &ChannelsLastShape, image: &[u8], weights: &[i32], acc: &mut [i32]) {
     channels_last_sums(shape, image, weights, acc, |sum: i32, x: u8, w: i32| {
         sum.wrapping_add((x as i32).wrapping_mul(w))
     });
@@ -406,13 +438,13 @@ fn depthwise_u8_body(shape: &DepthwiseU8Shape, image: &[u8], weights: &[i32], ac
 /// padded image (its `channels` a multiple of the block).
 #[inline(always)]
 fn channels_last_sums<X: Copy, W: Copy, A: Copy + Default>(
-    shape: &DepthwiseU8Shape,
+    shape: &ChannelsLastShape,
     image: &[X],
     weights: &[W],
     acc: &mut [A],
     mac: impl Fn(A, X, W) -> A,
 ) {
-    let DepthwiseU8Shape { channels: c, padded: [_, wp], output: [oh, ow], kernel: [kh, kw], stride, dilation } =
+    let ChannelsLastShape { channels: c, padded: [_, wp], output: [oh, ow], kernel: [kh, kw], stride, dilation } =
         *shape;
     for oy in 0..oh {
         for ox in 0..ow {
@@ -440,19 +472,14 @@ fn channels_last_sums<X: Copy, W: Copy, A: Copy + Default>(
 /// An integer depthwise layer on channel-major f32 images: what an integer plan runs per image.
 #[derive(Clone, Debug)]
 pub struct DepthwiseU8Layer {
-    /// The convolution on the padded channels-last image.
-    pub shape: DepthwiseU8Shape,
-    /// The layer's channels (at most `shape.channels`).
-    pub channels: usize,
-    /// Rows and columns of the input image.
-    pub input: [usize; 2],
-    /// Rows and columns of zero points around it (`shape.padded` is `input + 2 · padding`).
-    pub padding: [usize; 2],
+    /// The convolution, on the layer's own channels (the sums run on its
+    /// [`DepthwiseShape::channels_last`] form).
+    pub shape: DepthwiseShape,
     /// `1 / scale` of the input's u8 grid.
     pub inverse_scale: f32,
     /// The input's zero point.
     pub zero_point: u8,
-    /// `[tap][shape.channels]` (zero past the layer's channels).
+    /// `[tap][channels rounded up to CHANNEL_BLOCK]` (zero past the layer's channels).
     pub weights: Vec<i32>,
 }
 
@@ -467,8 +494,8 @@ pub struct DepthwiseScratch {
 
 impl DepthwiseU8Layer {
     /// One image: `x` (`[channels][h][w]`) quantized to u8 ([`crate::int8::quantize`]), the
-    /// depthwise sums of [`depthwise_u8`], and `epilogue` ([`crate::int8::Epilogue::apply`], with
-    /// `residual` the image a fused add reads) writing `out` (`[channels][oh][ow]`). Each
+    /// depthwise sums of [`depthwise_u8`], and `epilogue` ([`crate::int8::Epilogue::planes`],
+    /// its residual image the one a fused add reads) writing `out` (`[channels][oh][ow]`). Each
     /// element-wise pass runs along contiguous memory; the two layout changes (planes to
     /// channels-last bytes, pixel-major accumulators to channel-major) are plain copies.
     ///
@@ -479,7 +506,6 @@ impl DepthwiseU8Layer {
         &self,
         x: &[f32],
         epilogue: &crate::int8::Epilogue<'_>,
-        residual: &[f32],
         out: &mut [f32],
         scratch: &mut DepthwiseScratch,
         isa: crate::isa::Isa,
@@ -487,42 +513,34 @@ impl DepthwiseU8Layer {
         #[cfg(target_arch = "x86_64")]
         use crate::isa::Isa;
         assert!(isa.available(), "this CPU lacks {isa:?}");
-        let ([h, w], [oh, ow]) = (self.input, self.shape.output);
-        assert!(x.len() >= self.channels * h * w && out.len() >= self.channels * oh * ow, "short image");
-        let [hp, wp] = self.shape.padded;
-        let c = self.shape.channels;
-        scratch.planes.resize(self.channels * h * w, 0);
+        let DepthwiseShape { channels, input: [h, w], output: [oh, ow], .. } = self.shape;
+        assert!(x.len() >= channels * h * w && out.len() >= channels * oh * ow, "short image");
+        let ChannelsLastShape { channels: c, padded: [hp, wp], .. } = self.shape.channels_last();
+        scratch.planes.resize(channels * h * w, 0);
         scratch.image.resize(hp * wp * c, 0);
         scratch.acc.resize(oh * ow * c, 0);
-        scratch.channel_major.resize(oh * ow * self.channels, 0);
+        scratch.channel_major.resize(oh * ow * channels, 0);
         match isa {
             // SAFETY: the path's features are available (asserted above).
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 | Isa::Avx512Vnni => unsafe { self.run_avx512(x, epilogue, residual, out, scratch) },
+            Isa::Avx512 | Isa::Avx512Vnni => unsafe { self.run_avx512(x, epilogue, out, scratch) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            Isa::Avx2 => unsafe { self.run_avx2(x, epilogue, residual, out, scratch) },
-            _ => self.run_body(x, epilogue, residual, out, scratch),
+            Isa::Avx2 => unsafe { self.run_avx2(x, epilogue, out, scratch) },
+            _ => self.run_body(x, epilogue, out, scratch),
         }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    fn run_avx512(
-        &self,
-        x: &[f32],
-        e: &crate::int8::Epilogue<'_>,
-        r: &[f32],
-        out: &mut [f32],
-        s: &mut DepthwiseScratch,
-    ) {
-        self.run_body(x, e, r, out, s)
+    fn run_avx512(&self, x: &[f32], e: &crate::int8::Epilogue<'_>, out: &mut [f32], s: &mut DepthwiseScratch) {
+        self.run_body(x, e, out, s)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn run_avx2(&self, x: &[f32], e: &crate::int8::Epilogue<'_>, r: &[f32], out: &mut [f32], s: &mut DepthwiseScratch) {
-        self.run_body(x, e, r, out, s)
+    fn run_avx2(&self, x: &[f32], e: &crate::int8::Epilogue<'_>, out: &mut [f32], s: &mut DepthwiseScratch) {
+        self.run_body(x, e, out, s)
     }
 
     #[inline(always)]
@@ -530,38 +548,25 @@ impl DepthwiseU8Layer {
         &self,
         x: &[f32],
         epilogue: &crate::int8::Epilogue<'_>,
-        residual: &[f32],
         out: &mut [f32],
         scratch: &mut DepthwiseScratch,
     ) {
         let DepthwiseScratch { planes, image, acc, channel_major } = scratch;
-        let ([h, w], [oh, ow], [ph, pw]) = (self.input, self.shape.output, self.padding);
-        let ([_, wp], c, n) = (self.shape.padded, self.shape.channels, oh * ow);
+        let DepthwiseShape { channels, input: [h, w], output: [oh, ow], padding: [ph, pw], .. } = self.shape;
+        let geometry = self.shape.channels_last();
+        let (c, n) = (geometry.channels, oh * ow);
         let zero = self.zero_point as f32;
-        for (q, &v) in planes.iter_mut().zip(&x[..self.channels * h * w]) {
+        for (q, &v) in planes.iter_mut().zip(&x[..channels * h * w]) {
             *q = crate::int8::quantize(v, self.inverse_scale, zero);
         }
-        if ph > 0 || pw > 0 || c != self.channels {
+        if ph > 0 || pw > 0 || c != channels {
             image.fill(self.zero_point);
         }
-        // Pixel p = (y, x) of the planes lands at padded pixel (y + ph, x + pw).
-        let at = |p: usize| ((p / w + ph) * wp + pw + p % w) * c;
-        crate::transpose::planes_to_pixels_u8(planes, self.channels, h * w, image, at);
-        depthwise_u8_body(&self.shape, image, &self.weights, acc);
-        crate::transpose::pixels_to_planes_32(acc, n, c, self.channels, channel_major);
-        let fused = !residual.is_empty();
-        for (ch, (o, a)) in out.chunks_exact_mut(n).zip(channel_major.chunks_exact(n)).enumerate() {
-            if fused {
-                let r = &residual[ch * n..(ch + 1) * n];
-                for ((o, &a), &r) in o.iter_mut().zip(a).zip(r) {
-                    *o = epilogue.apply(ch, a, 0, r);
-                }
-            } else {
-                for (o, &a) in o.iter_mut().zip(a) {
-                    *o = epilogue.apply(ch, a, 0, 0.0);
-                }
-            }
-        }
+        let at = |p: usize| self.shape.channels_last_pixel(p);
+        crate::transpose::planes_to_pixels(planes, channels, h * w, image, at);
+        depthwise_u8_body(&geometry, image, &self.weights, acc);
+        crate::transpose::pixels_to_planes_32(acc, n, c, channels, channel_major);
+        epilogue.planes_body(channel_major, n, channels, out);
     }
 }
 
@@ -664,7 +669,7 @@ mod tests {
                 ] {
                     let span = |i: usize| (kernel[i] - 1) * dilation[i] + 1;
                     let output = [([hp, wp][0] - span(0)) / stride[0] + 1, (wp - span(1)) / stride[1] + 1];
-                    let shape = DepthwiseU8Shape { channels, padded: [hp, wp], output, kernel, stride, dilation };
+                    let shape = ChannelsLastShape { channels, padded: [hp, wp], output, kernel, stride, dilation };
                     let image: Vec<u8> = (0..hp * wp * channels).map(|_| next() as u8).collect();
                     let weights: Vec<i32> = (0..kernel[0] * kernel[1] * channels)
                         .map(|i| match i % 7 {
@@ -688,7 +693,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "reads past the padded image")]
     fn depthwise_u8_refuses_a_window_past_the_image() {
-        let shape = DepthwiseU8Shape {
+        let shape = ChannelsLastShape {
             channels: 16,
             padded: [4, 4],
             output: [3, 3],
@@ -719,7 +724,7 @@ mod tests {
             let c = depthwise_u8_channels(channels);
             let output = [(h - 1) / stride + 1, (w - 1) / stride + 1];
             let n = output[0] * output[1];
-            let shape = DepthwiseU8Shape {
+            let shape = ChannelsLastShape {
                 channels: c,
                 padded: [h + 2, w + 2],
                 output,
@@ -734,14 +739,20 @@ mod tests {
                 }
             }
             let layer = DepthwiseU8Layer {
-                shape,
-                channels,
-                input: [h, w],
-                padding: [1, 1],
+                shape: DepthwiseShape {
+                    channels,
+                    input: [h, w],
+                    output,
+                    kernel: [3, 3],
+                    stride: [stride, stride],
+                    padding: [1, 1],
+                    dilation: [1, 1],
+                },
                 inverse_scale: 1.0 / 0.02,
                 zero_point: 97,
                 weights: weights.clone(),
             };
+            assert_eq!(layer.shape.channels_last(), shape);
             let x: Vec<f32> = (0..channels * h * w).map(|_| next()).collect();
             let residual: Vec<f32> = (0..channels * n).map(|_| next()).collect();
             let correction: Vec<i32> =
@@ -779,7 +790,7 @@ mod tests {
                     .collect();
                 for &isa in &paths {
                     let mut out = vec![f32::NAN; channels * n];
-                    layer.run(&x, &epilogue, r, &mut out, &mut DepthwiseScratch::default(), isa);
+                    layer.run(&x, &epilogue, &mut out, &mut DepthwiseScratch::default(), isa);
                     let got: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
                     assert_eq!(got, want, "{isa:?} {channels} channels {h}x{w} stride {stride} fused {fused}");
                 }

@@ -459,6 +459,108 @@ impl Epilogue<'_> {
         }
         if self.relu { y.max(0.0) } else { y }
     }
+
+    /// [`Self::apply`] over one image's channel-major accumulators `acc` (`[channels][n]`, `n`
+    /// pixels per channel) into `out` (`[channels][n]`), with [`Self::window_sums`] one per
+    /// pixel and [`Self::residual`] an image of the output's shape: the epilogue of the integer
+    /// kernels that have no vector epilogue of their own, compiled for the vector unit of
+    /// `isa` (AVX-512 or AVX2 on x86, where the CPU has it; the baseline elsewhere). The same
+    /// bits as `apply` on every path: the loops only hoist its tests out of the pixels.
+    ///
+    /// # Panics
+    /// When `acc`, `out`, a residual or window sums are shorter than `channels · n` (`n`).
+    pub fn planes(&self, acc: &[i32], n: usize, channels: usize, out: &mut [f32], isa: Isa) {
+        assert!(acc.len() >= channels * n && out.len() >= channels * n, "short accumulators or output");
+        assert!(self.residual.is_empty() || self.residual.len() >= channels * n, "short residual image");
+        assert!(self.weight_zero.is_empty() || self.window_sums.len() >= n, "short window sums");
+        #[cfg(target_arch = "x86_64")]
+        if matches!(isa, Isa::Avx512Vnni | Isa::Avx512) && Isa::Avx512.available() {
+            // SAFETY: the CPU has AVX-512 F.
+            return unsafe { self.planes_avx512(acc, n, channels, out) };
+        } else if isa != Isa::Portable && Isa::Avx2.available() {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { self.planes_avx2(acc, n, channels, out) };
+        }
+        let _ = isa;
+        self.planes_body(acc, n, channels, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn planes_avx512(&self, acc: &[i32], n: usize, channels: usize, out: &mut [f32]) {
+        self.planes_body(acc, n, channels, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn planes_avx2(&self, acc: &[i32], n: usize, channels: usize, out: &mut [f32]) {
+        self.planes_body(acc, n, channels, out)
+    }
+
+    /// [`Self::planes`]' loops, for a caller already compiled for its path.
+    #[inline(always)]
+    pub(crate) fn planes_body(&self, acc: &[i32], n: usize, channels: usize, out: &mut [f32]) {
+        let (asymmetric, residual) = (!self.weight_zero.is_empty(), !self.residual.is_empty());
+        let planes = out[..channels * n].chunks_exact_mut(n).zip(acc.chunks_exact(n)).enumerate();
+        for (o, (dst, a)) in planes {
+            match (asymmetric, residual) {
+                (false, false) => dst.iter_mut().zip(a).for_each(|(d, &a)| *d = self.apply(o, a, 0, 0.0)),
+                (true, false) => {
+                    for ((d, &a), &s) in dst.iter_mut().zip(a).zip(&self.window_sums[..n]) {
+                        *d = self.apply(o, a, s, 0.0);
+                    }
+                }
+                (false, true) => {
+                    for ((d, &a), &r) in dst.iter_mut().zip(a).zip(&self.residual[o * n..][..n]) {
+                        *d = self.apply(o, a, 0, r);
+                    }
+                }
+                (true, true) => {
+                    let pixels = dst.iter_mut().zip(a).zip(&self.window_sums[..n]).zip(&self.residual[o * n..][..n]);
+                    for (((d, &a), &s), &r) in pixels {
+                        *d = self.apply(o, a, s, r);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`quantize`] over a slice (`out[i]` from `x[i]`), compiled for the vector unit of `isa`
+/// (AVX-512 or AVX2 on x86, where the CPU has it; the baseline elsewhere): the same bytes on
+/// every path.
+///
+/// # Panics
+/// When `out` is shorter than `x`.
+pub fn quantize_slice(x: &[f32], inverse_scale: f32, zero_point: u8, out: &mut [u8], isa: Isa) {
+    assert!(out.len() >= x.len(), "the output is shorter than the input");
+    #[inline(always)]
+    fn body(x: &[f32], inverse_scale: f32, zero_point: u8, out: &mut [u8]) {
+        let zero = zero_point as f32;
+        for (q, &v) in out.iter_mut().zip(x) {
+            *q = quantize(v, inverse_scale, zero);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        fn avx512(x: &[f32], inverse_scale: f32, zero_point: u8, out: &mut [u8]) {
+            body(x, inverse_scale, zero_point, out)
+        }
+        #[target_feature(enable = "avx2")]
+        fn avx2(x: &[f32], inverse_scale: f32, zero_point: u8, out: &mut [u8]) {
+            body(x, inverse_scale, zero_point, out)
+        }
+        if matches!(isa, Isa::Avx512Vnni | Isa::Avx512) && Isa::Avx512.available() {
+            // SAFETY: the CPU has AVX-512 F.
+            return unsafe { avx512(x, inverse_scale, zero_point, out) };
+        } else if isa != Isa::Portable && Isa::Avx2.available() {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { avx2(x, inverse_scale, zero_point, out) };
+        }
+    }
+    let _ = isa;
+    body(x, inverse_scale, zero_point, out)
 }
 
 /// The integer epilogue, the one definition of how an i32 accumulator becomes a value:

@@ -3,83 +3,80 @@
 //! them): plain copies, sixteen bytes or four 32-bit values square at a time by SSE2 transposes on
 //! x86-64 (every x86-64 CPU has SSE2), one value at a time for what is left and elsewhere.
 
-/// Channel planes of bytes to channels-last pixels: `dst[at(p) + ch] = planes[ch · n + p]` for
-/// `ch < channels`, `p < n`.
-///
-/// # Panics
-/// When `planes` is shorter than `channels · n` or a destination is out of `dst`.
-pub fn planes_to_pixels_u8(planes: &[u8], channels: usize, n: usize, dst: &mut [u8], at: impl Fn(usize) -> usize) {
-    #[cfg(not(target_arch = "x86_64"))]
-    let ch0 = 0;
+/// A value the layout changes move a square block at a time: sixteen bytes, or four 32-bit
+/// values, per side (one SSE2 register per row).
+pub trait Transposable: Copy + Default {
+    /// The block's side.
+    const BLOCK: usize;
+
+    /// The block of columns `p0..p0 + BLOCK` of the `BLOCK` rows `rows`, transposed:
+    /// `write(j, column)` for each `j < BLOCK` with `column[i] = rows[i][p0 + j]`.
     #[cfg(target_arch = "x86_64")]
-    let ch0 = {
-        let plane = |ch: usize| &planes[ch * n..(ch + 1) * n];
-        let mut ch0 = 0;
-        while ch0 + 16 <= channels {
-            let rows: [&[u8]; 16] = std::array::from_fn(|i| plane(ch0 + i));
-            let mut p0 = 0;
-            while p0 + 16 <= n {
-                let block: [&[u8; 16]; 16] =
-                    std::array::from_fn(|i| rows[i][p0..p0 + 16].try_into().expect("16 values"));
-                for (j, pixel) in sse2::transpose16(&block).iter().enumerate() {
-                    dst[at(p0 + j) + ch0..][..16].copy_from_slice(pixel);
-                }
-                p0 += 16;
-            }
-            for p in p0..n {
-                let d = &mut dst[at(p) + ch0..][..16];
-                for (v, row) in d.iter_mut().zip(&rows) {
-                    *v = row[p];
-                }
-            }
-            ch0 += 16;
-        }
-        ch0
-    };
-    if ch0 < channels {
-        for p in 0..n {
-            let d = &mut dst[at(p) + ch0..][..channels - ch0];
-            for (i, v) in d.iter_mut().enumerate() {
-                *v = planes[(ch0 + i) * n + p];
-            }
+    fn transpose_block(rows: &[&[Self]], p0: usize, write: impl FnMut(usize, &[Self]));
+}
+
+impl Transposable for u8 {
+    const BLOCK: usize = 16;
+
+    #[cfg(target_arch = "x86_64")]
+    fn transpose_block(rows: &[&[u8]], p0: usize, mut write: impl FnMut(usize, &[u8])) {
+        let block: [&[u8; 16]; 16] = std::array::from_fn(|i| rows[i][p0..p0 + 16].try_into().expect("16 values"));
+        for (j, column) in sse2::transpose16(&block).iter().enumerate() {
+            write(j, column);
         }
     }
 }
 
-/// [`planes_to_pixels_u8`] for 32-bit values (`f32`, `i32`).
+macro_rules! transposable_32 {
+    ($($t:ty),*) => {$(
+        impl Transposable for $t {
+            const BLOCK: usize = 4;
+
+            #[cfg(target_arch = "x86_64")]
+            fn transpose_block(rows: &[&[$t]], p0: usize, mut write: impl FnMut(usize, &[$t])) {
+                let block: [&[$t; 4]; 4] = std::array::from_fn(|i| rows[i][p0..p0 + 4].try_into().expect("4 values"));
+                for (j, column) in sse2::transpose4(&block).iter().enumerate() {
+                    write(j, column);
+                }
+            }
+        }
+    )*};
+}
+transposable_32!(i32, f32);
+
+/// Channel planes to channels-last pixels: `dst[at(p) + ch] = planes[ch · n + p]` for
+/// `ch < channels`, `p < n` (bytes, `i32` or `f32`).
 ///
 /// # Panics
-/// As [`planes_to_pixels_u8`].
-pub fn planes_to_pixels_32<T: Copy + Default>(
+/// When `planes` is shorter than `channels · n` or a destination is out of `dst`.
+pub fn planes_to_pixels<T: Transposable>(
     planes: &[T],
     channels: usize,
     n: usize,
     dst: &mut [T],
     at: impl Fn(usize) -> usize,
 ) {
+    assert!(planes.len() >= channels * n, "the planes are shorter than [channels][n]");
     #[cfg(not(target_arch = "x86_64"))]
     let ch0 = 0;
     #[cfg(target_arch = "x86_64")]
     let ch0 = {
-        let plane = |ch: usize| &planes[ch * n..(ch + 1) * n];
+        let b = T::BLOCK;
         let mut ch0 = 0;
-        while ch0 + 4 <= channels {
-            let rows: [&[T]; 4] = std::array::from_fn(|i| plane(ch0 + i));
+        while ch0 + b <= channels {
+            let rows: [&[T]; 16] = std::array::from_fn(|i| if i < b { &planes[(ch0 + i) * n..][..n] } else { &[] });
+            let rows = &rows[..b];
             let mut p0 = 0;
-            while p0 + 4 <= n {
-                let block: [&[T; 4]; 4] = std::array::from_fn(|i| rows[i][p0..p0 + 4].try_into().expect("4 values"));
-                for (j, pixel) in sse2::transpose4(&block).iter().enumerate() {
-                    dst[at(p0 + j) + ch0..][..4].copy_from_slice(pixel);
-                }
-                p0 += 4;
+            while p0 + b <= n {
+                T::transpose_block(rows, p0, |j, pixel| dst[at(p0 + j) + ch0..][..b].copy_from_slice(pixel));
+                p0 += b;
             }
             for p in p0..n {
-                let d = &mut dst[at(p) + ch0..][..4];
-                for (v, row) in d.iter_mut().zip(&rows) {
+                for (v, row) in dst[at(p) + ch0..][..b].iter_mut().zip(rows) {
                     *v = row[p];
                 }
             }
-            ch0 += 4;
+            ch0 += b;
         }
         ch0
     };
@@ -230,10 +227,10 @@ mod tests {
                 let at = |p: usize| p * stride + 1;
                 let bytes: Vec<u8> = (0..channels * n).map(|i| (i * 7 + 3) as u8).collect();
                 let mut dst = vec![0u8; n * stride + 1];
-                planes_to_pixels_u8(&bytes, channels, n, &mut dst, at);
+                planes_to_pixels(&bytes, channels, n, &mut dst, at);
                 let words: Vec<i32> = (0..channels * n).map(|i| i as i32 * 31 - 5).collect();
                 let mut dst32 = vec![0i32; n * stride + 1];
-                planes_to_pixels_32(&words, channels, n, &mut dst32, at);
+                planes_to_pixels(&words, channels, n, &mut dst32, at);
                 for ch in 0..channels {
                     for p in 0..n {
                         assert_eq!(dst[at(p) + ch], bytes[ch * n + p], "{channels} {n}");

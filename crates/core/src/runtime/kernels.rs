@@ -139,6 +139,8 @@ pub struct ConvF32 {
     padding: [usize; 2],
     dilation: [usize; 2],
     groups: usize,
+    /// A depthwise convolution's kernel, its weights laid out once for its layout.
+    depthwise: Option<shrink_kernels::depthwise::DepthwiseF32>,
 }
 
 impl ConvF32 {
@@ -150,7 +152,7 @@ impl ConvF32 {
         let Op::Conv2d { kernel, stride, padding, dilation, groups, .. } = *view.op else {
             panic!("ConvF32 needs a conv2d view")
         };
-        Self {
+        let mut conv = Self {
             weight: aligned(view.weight),
             bias: view.bias.map(|b| b.to_vec()),
             relu: view.relu,
@@ -162,7 +164,14 @@ impl ConvF32 {
             padding,
             dilation,
             groups,
+            depthwise: None,
+        };
+        if conv.is_depthwise() {
+            use shrink_kernels::depthwise::{DepthwiseF32, DepthwiseLayout};
+            let shape = conv.depthwise_shape();
+            conv.depthwise = Some(DepthwiseF32::new(&shape, view.weight, DepthwiseLayout::for_shape(&shape)));
         }
+        conv
     }
 
     fn is_pointwise(&self) -> bool {
@@ -203,16 +212,12 @@ impl ConvF32 {
         }
     }
 
-    fn depthwise(&self, image: &[f32], out: &mut [f32]) {
-        shrink_kernels::depthwise::depthwise(&self.depthwise_shape(), image, &self.weight, out);
-    }
-
     fn image(&self, image: &[f32], residual: Option<&[f32]>, out: &mut [f32], col: &mut [f32], threads: usize) {
         let (cin, _, _) = self.input;
         let (cout, oh, ow) = self.output;
         let n = oh * ow;
-        if self.is_depthwise() {
-            self.depthwise(image, out);
+        if let Some(depthwise) = &self.depthwise {
+            depthwise.run(image, out);
         } else {
             let (gin, gout) = (cin / self.groups, cout / self.groups);
             let k = gin * self.kernel[0] * self.kernel[1];
@@ -252,8 +257,8 @@ fn fused_suffix(residual: bool, relu: bool) -> &'static str {
 impl Kernel for ConvF32 {
     fn label(&self) -> String {
         use shrink_kernels::depthwise::DepthwiseLayout;
-        let how = if self.is_depthwise() {
-            match DepthwiseLayout::for_shape(&self.depthwise_shape()) {
+        let how = if let Some(depthwise) = &self.depthwise {
+            match depthwise.layout() {
                 DepthwiseLayout::Planar => "direct-depthwise",
                 DepthwiseLayout::ChannelsLast => "direct-depthwise-channels-last",
             }

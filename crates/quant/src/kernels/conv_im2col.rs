@@ -30,6 +30,8 @@ pub struct ConvInt8 {
     padding: [usize; 2],
     dilation: [usize; 2],
     bits: u32,
+    /// The integer path the quantization and the epilogue are vectorised for.
+    isa: shrink_core::kernels::isa::Isa,
 }
 
 impl std::fmt::Debug for ConvInt8 {
@@ -81,6 +83,7 @@ impl ConvInt8 {
             padding,
             dilation,
             bits: layer.weight_bits,
+            isa: shrink_core::kernels::int8::path(),
         })
     }
 
@@ -99,10 +102,23 @@ impl ConvInt8 {
         if ph > 0 || pw > 0 {
             out.fill(self.input_params.zero_point as u8);
         }
-        planes.resize(c * h * w, 0);
-        crate::scheme::quantize_u8(&x[..c * h * w], self.input_params, planes);
+        self.quantize_planes(x, planes);
         let at = |p: usize| ((p / w + ph) * wp + pw + p % w) * c;
-        shrink_core::kernels::transpose::planes_to_pixels_u8(planes, c, h * w, out, at);
+        shrink_core::kernels::transpose::planes_to_pixels(planes, c, h * w, out, at);
+    }
+
+    /// Quantizes channel-major image `x` into `planes`, still channel-major.
+    fn quantize_planes(&self, x: &[f32], planes: &mut Vec<u8>) {
+        let (c, h, w) = self.input;
+        planes.resize(c * h * w, 0);
+        let (inverse_scale, zero) = (1.0 / self.input_params.scale, self.input_params.zero_point as u8);
+        shrink_core::kernels::int8::quantize_slice(&x[..c * h * w], inverse_scale, zero, planes, self.isa);
+    }
+
+    /// Whether each patch is one input pixel (a 1×1 kernel, stride 1, no padding): the
+    /// channels-last image is then the patch matrix, written straight into the GEMM's rows.
+    fn pointwise(&self) -> bool {
+        self.kernel == [1, 1] && self.stride == [1, 1] && self.padding == [0, 0]
     }
 
     /// Writes the patch of every output pixel of the padded channels-last image `q` as rows
@@ -164,8 +180,14 @@ impl Kernel for ConvInt8 {
                 let rows = g * n;
                 for i in 0..g {
                     let x = &inputs[0][(first + i) * in_len..(first + i + 1) * in_len];
-                    self.quantize_padded_nhwc(x, planes, image);
-                    self.unroll(image, patches, i * n, lda);
+                    if self.pointwise() {
+                        self.quantize_planes(x, planes);
+                        let at = |p: usize| (i * n + p) * lda;
+                        shrink_core::kernels::transpose::planes_to_pixels(planes, cin, n, patches, at);
+                    } else {
+                        self.quantize_padded_nhwc(x, planes, image);
+                        self.unroll(image, patches, i * n, lda);
+                    }
                 }
                 let zero = self.input_params.zero_point as u8;
                 self.weights.gemm(patches, rows, zero, row_zero, acc);
@@ -178,18 +200,11 @@ impl Kernel for ConvInt8 {
                 for i in 0..g {
                     let image = (first + i) * out_len..(first + i + 1) * out_len;
                     let residual = inputs.get(1).map_or(&[][..], |r| &r[image.clone()]);
-                    let epilogue = self.epilogue.kernel(&[], residual);
-                    let out = &mut output[image];
+                    let sums = if asymmetric { &sums[i * n..(i + 1) * n] } else { &[][..] };
+                    let epilogue = self.epilogue.kernel(sums, residual);
                     let acc = &acc[i * n * ldc..(i + 1) * n * ldc];
                     shrink_core::kernels::transpose::pixels_to_planes_32(acc, n, ldc, cout, channel_major);
-                    let sums = if asymmetric { &sums[i * n..(i + 1) * n] } else { &[][..] };
-                    for (c, (dst, a)) in out.chunks_exact_mut(n).zip(channel_major.chunks_exact(n)).enumerate() {
-                        for (j, (o, &a)) in dst.iter_mut().zip(a).enumerate() {
-                            let window = if asymmetric { sums[j] } else { 0 };
-                            let r = residual.get(c * n + j).copied().unwrap_or(0.0);
-                            *o = epilogue.apply(c, a, window, r);
-                        }
-                    }
+                    epilogue.planes(channel_major, n, cout, &mut output[image], self.isa);
                 }
                 first += g;
             }

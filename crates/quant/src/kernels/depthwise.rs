@@ -4,7 +4,7 @@
 use shrink_core::graph::Op;
 use std::cell::RefCell;
 
-use shrink_core::kernels::depthwise::{DepthwiseScratch, DepthwiseU8Layer, DepthwiseU8Shape, depthwise_u8_channels};
+use shrink_core::kernels::depthwise::{DepthwiseScratch, DepthwiseShape, DepthwiseU8Layer, depthwise_u8_channels};
 use shrink_core::runtime::{Kernel, LayerView, RunContext};
 
 use super::{ChannelEpilogue, IntLayer, dims};
@@ -61,13 +61,17 @@ impl DepthwiseInt8 {
         let mut epilogue = ChannelEpilogue::new(view, layer, &sums);
         // The weights' zero points are inside the stored weights.
         epilogue.weight_zero.clear();
-        let padded = [input.1 + 2 * padding[0], input.2 + 2 * padding[1]];
         Some(Self {
             layer: DepthwiseU8Layer {
-                shape: DepthwiseU8Shape { channels: c, padded, output: [oh, ow], kernel, stride, dilation },
-                channels: out_channels,
-                input: [input.1, input.2],
-                padding,
+                shape: DepthwiseShape {
+                    channels: out_channels,
+                    input: [input.1, input.2],
+                    output: [oh, ow],
+                    kernel,
+                    stride,
+                    padding,
+                    dilation,
+                },
                 inverse_scale: 1.0 / layer.input.scale,
                 zero_point: layer.input.zero_point as u8,
                 weights,
@@ -91,9 +95,8 @@ impl Kernel for DepthwiseInt8 {
     }
 
     fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], _ctx: &RunContext<'_>) {
-        let [h, w] = self.layer.input;
-        let [oh, ow] = self.layer.shape.output;
-        let (in_len, out_len) = (self.layer.channels * h * w, self.layer.channels * oh * ow);
+        let DepthwiseShape { channels, input: [h, w], output: [oh, ow], .. } = self.layer.shape;
+        let (in_len, out_len) = (channels * h * w, channels * oh * ow);
         SCRATCH.with(|s| {
             let scratch = &mut *s.borrow_mut();
             for i in 0..batch {
@@ -101,7 +104,6 @@ impl Kernel for DepthwiseInt8 {
                 self.layer.run(
                     &inputs[0][i * in_len..(i + 1) * in_len],
                     &self.epilogue.kernel(&[], residual),
-                    residual,
                     &mut output[i * out_len..(i + 1) * out_len],
                     scratch,
                     self.isa,

@@ -47,7 +47,7 @@ fn noise(i: usize, salt: usize) -> f32 {
 /// Every conv kernel this CPU can run (direct VNNI, im2col on our VNNI GEMM, im2col on
 /// rten) gives the same bits as im2col on rten, for geometries that cover each path of the
 /// direct kernel (stride 1 and 2, rows of 32, 16 and 2 × 8 pixels, channels not a multiple
-/// of 4 or 8, 1×1, 3×3 and 5×5 kernels) and inputs that saturate the u8 range.
+/// of 4 or 8, 1×1 (pointwise too), 3×3 and 5×5 kernels) and inputs that saturate the u8 range.
 #[test]
 fn every_int8_conv_kernel_gives_the_same_bits() {
     // (cin, h, w, cout, kernel, stride, padding, relu)
@@ -69,6 +69,10 @@ fn every_int8_conv_kernel_gives_the_same_bits() {
         (16, 28, 28, 32, 3, 2, 1, false),
         (32, 14, 14, 16, 1, 2, 0, true),
         (4, 17, 17, 8, 3, 1, 1, false),
+        // Pointwise (1×1, stride 1, no padding: im2col writes the quantized pixels straight
+        // into the GEMM's rows), on maps the direct kernel also takes.
+        (24, 7, 7, 72, 1, 1, 0, false),
+        (40, 8, 8, 20, 1, 1, 0, true),
     ];
     for (case, &(cin, h, w, cout, k, stride, pad, relu)) in cases.iter().enumerate() {
         let op = Op::Conv2d {
