@@ -253,6 +253,7 @@ fn sparse_conv_case(channels: usize, side: usize, zero: f64) -> Option<Case> {
                     window_sums: &[],
                     grid: None,
                     residual: &[],
+                    activation: None,
                 };
                 conv.run(&image, hp, wp, side, side, Output::F32(&mut out), &epilogue);
                 std::hint::black_box(&out);

@@ -128,7 +128,7 @@ fn blocked_hand_overs_give_the_same_bits() {
     let g = with_random_bn_stats(
         ModelSpec::CifarResnet { depth: 8, width: 2.0 }.build([3, 16, 16], 10, 0, &device).unwrap(),
     );
-    let mut without = KernelRegistry::fusing_residuals();
+    let mut without = KernelRegistry::fusing_epilogues();
     without.register("declines", |_: &shrink_core::runtime::LayerView<'_>| None);
     for threads in [1, 2] {
         let mut plan = freeze_with(&g, &KernelRegistry::default(), &FreezeOptions { threads }).unwrap();

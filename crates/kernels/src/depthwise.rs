@@ -780,6 +780,7 @@ mod tests {
                     window_sums: &[],
                     grid: (!fused).then(|| Grid::new(0.05, 11)),
                     residual: if fused { &residual } else { &[] },
+                    activation: fused.then_some(crate::activation::Activation::HARD_SWISH),
                 };
                 let r: &[f32] = if fused { &residual } else { &[] };
                 let want: Vec<u32> = (0..channels * n)

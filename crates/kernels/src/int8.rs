@@ -37,6 +37,7 @@
 //! activations are padded with their zero point (as the convolution does).
 #![allow(unsafe_code)]
 
+use crate::activation::Activation;
 use crate::isa::{self, Isa};
 use crate::team::Team;
 
@@ -418,8 +419,8 @@ pub fn sparse_max_word_density(isa: Isa) -> f64 {
 
 /// What the direct convolution's epilogue applies per output channel `o` and pixel `p`:
 /// `y = (acc − correction[o] − weight_zero[o] · window_sums[p]) · scale[o] + bias[o]`, then
-/// ReLU if asked (the same operations, in the same order, as the scalar epilogue, so both give
-/// the same bits).
+/// ReLU if asked, then the activation (the same operations, in the same order, as the scalar
+/// epilogue, so both give the same bits).
 #[derive(Clone, Copy, Debug)]
 pub struct Epilogue<'a> {
     /// Per output channel.
@@ -439,6 +440,9 @@ pub struct Epilogue<'a> {
     /// A fused residual add: an image of the output's shape (`[out_channels][oh][ow]` f32)
     /// added after the rounding, before the ReLU; empty for none.
     pub residual: &'a [f32],
+    /// An activation applied last, after the ReLU ([`Activation::apply`]): a clip or a
+    /// hard-swish the plan fused into the layer.
+    pub activation: Option<Activation>,
 }
 
 impl Epilogue<'_> {
@@ -449,6 +453,13 @@ impl Epilogue<'_> {
     /// window sum (ignored for symmetric weights).
     #[inline(always)]
     pub fn apply(&self, o: usize, acc: i32, window_sum: i32, residual: f32) -> f32 {
+        let y = self.before_activation(o, acc, window_sum, residual);
+        self.activation.map_or(y, |a| a.apply(y))
+    }
+
+    /// [`Self::apply`] without the activation.
+    #[inline(always)]
+    fn before_activation(&self, o: usize, acc: i32, window_sum: i32, residual: f32) -> f32 {
         let weight_zero = self.weight_zero.get(o).copied().unwrap_or(0);
         let mut y = dequantize(acc, self.correction[o], weight_zero, window_sum, self.scale[o], self.bias[o], false);
         if let Some(grid) = self.grid {
@@ -497,28 +508,44 @@ impl Epilogue<'_> {
         self.planes_body(acc, n, channels, out)
     }
 
-    /// [`Self::planes`]' loops, for a caller already compiled for its path.
+    /// [`Self::planes`]' loops, for a caller already compiled for its path: one copy per
+    /// activation, so that no choice is left inside them.
     #[inline(always)]
     pub(crate) fn planes_body(&self, acc: &[i32], n: usize, channels: usize, out: &mut [f32]) {
+        use crate::activation::{clip, hard_sigmoid_gate};
+        match self.activation {
+            None => self.planes_then(acc, n, channels, out, |y| y),
+            Some(Activation::Clip { min, max }) => self.planes_then(acc, n, channels, out, |y| clip(y, min, max)),
+            Some(Activation::HardSigmoidGate { alpha, beta }) => {
+                self.planes_then(acc, n, channels, out, |y| hard_sigmoid_gate(y, alpha, beta))
+            }
+        }
+    }
+
+    /// [`Self::planes_body`] with the activation `activate` (the one [`Self::activation`] names).
+    #[inline(always)]
+    fn planes_then(&self, acc: &[i32], n: usize, channels: usize, out: &mut [f32], activate: impl Fn(f32) -> f32) {
         let (asymmetric, residual) = (!self.weight_zero.is_empty(), !self.residual.is_empty());
         let planes = out[..channels * n].chunks_exact_mut(n).zip(acc.chunks_exact(n)).enumerate();
         for (o, (dst, a)) in planes {
             match (asymmetric, residual) {
-                (false, false) => dst.iter_mut().zip(a).for_each(|(d, &a)| *d = self.apply(o, a, 0, 0.0)),
+                (false, false) => {
+                    dst.iter_mut().zip(a).for_each(|(d, &a)| *d = activate(self.before_activation(o, a, 0, 0.0)))
+                }
                 (true, false) => {
                     for ((d, &a), &s) in dst.iter_mut().zip(a).zip(&self.window_sums[..n]) {
-                        *d = self.apply(o, a, s, 0.0);
+                        *d = activate(self.before_activation(o, a, s, 0.0));
                     }
                 }
                 (false, true) => {
                     for ((d, &a), &r) in dst.iter_mut().zip(a).zip(&self.residual[o * n..][..n]) {
-                        *d = self.apply(o, a, 0, r);
+                        *d = activate(self.before_activation(o, a, 0, r));
                     }
                 }
                 (true, true) => {
                     let pixels = dst.iter_mut().zip(a).zip(&self.window_sums[..n]).zip(&self.residual[o * n..][..n]);
                     for (((d, &a), &s), &r) in pixels {
-                        *d = self.apply(o, a, s, r);
+                        *d = activate(self.before_activation(o, a, s, r));
                     }
                 }
             }
@@ -1306,6 +1333,9 @@ mod x86 {
                         if epilogue.relu {
                             y = _mm512_max_ps(y, _mm512_setzero_ps());
                         }
+                        if let Some(a) = epilogue.activation {
+                            y = activate_512(y, a);
+                        }
                         ys[t][r] = y;
                     }
                 }
@@ -1437,6 +1467,23 @@ mod x86 {
     fn round_to_grid(y: __m512, grid: super::Grid) -> __m512 {
         let q = _mm512_cvtepi32_ps(quantize_512(y, grid.inverse_scale, grid.zero_point));
         _mm512_mul_ps(_mm512_sub_ps(q, _mm512_set1_ps(grid.zero_point as f32)), _mm512_set1_ps(grid.scale))
+    }
+
+    /// [`Activation::apply`](crate::activation::Activation::apply) on 16 lanes: each bound as
+    /// `max(bound, y)` / `min(bound, y)`, which keep `y` unless it is past the bound, as the
+    /// scalar comparisons do.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn activate_512(y: __m512, activation: crate::activation::Activation) -> __m512 {
+        use crate::activation::Activation;
+        match activation {
+            Activation::Clip { min, max } => _mm512_min_ps(_mm512_set1_ps(max), _mm512_max_ps(_mm512_set1_ps(min), y)),
+            Activation::HardSigmoidGate { alpha, beta } => {
+                let gate = _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(alpha), y), _mm512_set1_ps(beta));
+                let gate = _mm512_min_ps(_mm512_set1_ps(1.0), _mm512_max_ps(_mm512_setzero_ps(), gate));
+                _mm512_mul_ps(y, gate)
+            }
+        }
     }
 
     /// Loads what [`store_f32`] stores (the same pixels of a channel's `row`); lanes of pixels
@@ -1577,6 +1624,21 @@ mod x86 {
                     // SAFETY: `count` words into a slice of `4 · count` bytes.
                     unsafe { _mm256_maskstore_epi32(to as *mut i32, mask, word) };
                 }
+            }
+        }
+    }
+
+    /// [`activate_512`] on 8 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn activate_256(y: __m256, activation: crate::activation::Activation) -> __m256 {
+        use crate::activation::Activation;
+        match activation {
+            Activation::Clip { min, max } => _mm256_min_ps(_mm256_set1_ps(max), _mm256_max_ps(_mm256_set1_ps(min), y)),
+            Activation::HardSigmoidGate { alpha, beta } => {
+                let gate = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(alpha), y), _mm256_set1_ps(beta));
+                let gate = _mm256_min_ps(_mm256_set1_ps(1.0), _mm256_max_ps(_mm256_setzero_ps(), gate));
+                _mm256_mul_ps(y, gate)
             }
         }
     }
@@ -1842,6 +1904,9 @@ mod x86 {
                         }
                         if epilogue.relu {
                             y = _mm256_max_ps(y, _mm256_setzero_ps());
+                        }
+                        if let Some(a) = epilogue.activation {
+                            y = activate_256(y, a);
                         }
                         ys[t][v] = y;
                     }
@@ -2112,6 +2177,7 @@ mod tests {
                 window_sums: &[],
                 grid: None,
                 residual: &[],
+                activation: None,
             };
             // The whole epilogue: zero-point correction, scale and bias, a rounded output, a
             // residual add (values on both sides of 0 and of the grid's range) and the ReLU,
@@ -2129,10 +2195,32 @@ mod tests {
                 window_sums: &[],
                 grid: Some(Grid::new(0.37, 7)),
                 residual: &residual,
+                activation: None,
             };
             let full_want: Vec<f32> =
                 (0..cout * oh * ow).map(|i| full.apply(i / (oh * ow), want[i], 0, residual[i])).collect();
             assert!(full_want.contains(&0.0) && full_want.iter().any(|&v| v > 0.0), "case {case}");
+            // The activations a plan fuses after the epilogue (a ReLU6-like clip with bounds on
+            // both sides of the values, hard-swish), with and without the rounding and the add.
+            let activated = [
+                Epilogue { relu: false, activation: Some(Activation::Clip { min: -1.5, max: 6.0 }), ..full },
+                Epilogue { relu: false, grid: None, activation: Some(Activation::HARD_SWISH), ..full },
+                Epilogue {
+                    residual: &[],
+                    activation: Some(Activation::HardSigmoidGate { alpha: 0.2, beta: 0.5 }),
+                    ..full
+                },
+            ];
+            let activated_want: Vec<Vec<f32>> = activated
+                .iter()
+                .map(|e| (0..cout * oh * ow).map(|i| e.apply(i / (oh * ow), want[i], 0, residual[i])).collect())
+                .collect();
+            for (e, w) in activated.iter().zip(&activated_want) {
+                let plain = Epilogue { activation: None, ..*e };
+                let changed =
+                    (0..cout * oh * ow).filter(|&i| plain.apply(i / (oh * ow), want[i], 0, residual[i]) != w[i]);
+                assert!(changed.count() > 0, "case {case}: {:?} changes nothing", e.activation);
+            }
             let next_image = QuadImage {
                 quads: cout.div_ceil(4),
                 height: oh + 2,
@@ -2160,6 +2248,13 @@ mod tests {
                     conv.run_on(&image, hp, wp, oh, ow, Output::F32(&mut out), &full, team);
                     for (i, (&got, &want)) in out.iter().zip(&full_want).enumerate() {
                         assert_eq!(got, want, "{isa:?} case {case}, {threads} threads, whole epilogue at {i}");
+                    }
+                    for (e, want) in activated.iter().zip(&activated_want) {
+                        out.fill(f32::NAN);
+                        conv.run_on(&image, hp, wp, oh, ow, Output::F32(&mut out), e, team);
+                        for (i, (&got, &want)) in out.iter().zip(want).enumerate() {
+                            assert_eq!(got.to_bits(), want.to_bits(), "{isa:?} case {case}, {:?} at {i}", e.activation);
+                        }
                     }
                     // Only the border filled, over two different canaries: the kernel must
                     // write every other byte.

@@ -3,6 +3,7 @@
 //! cross-compiles on its own; shrink-core re-exports it as `shrink_core::kernels`, and the plan's
 //! layers (core), the integer kernels (shrink-quant) and the sparse ones (shrink-prune) call it.
 //!
+//! - [`activation`]: the activations an epilogue applies after a layer (clip, hard-swish).
 //! - [`conv`]: direct f32 convolution (no im2col) with bias, ReLU and a residual add fused.
 //! - [`depthwise`]: depthwise convolution (one filter per channel), f32 on planes or through a
 //!   channels-last copy for small maps, and u8 × i8 channels-last for the integer plans.
@@ -26,6 +27,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod activation;
 pub mod conv;
 pub mod depthwise;
 pub mod int8;

@@ -7,6 +7,7 @@
 
 use proptest::prelude::*;
 use shrink_core::graph::{Op, ValueShape};
+use shrink_core::kernels::activation::Activation;
 use shrink_core::kernels::int8;
 use shrink_core::runtime::{Kernel, LayerView, RunContext};
 use shrink_quant::QuantParams;
@@ -24,6 +25,8 @@ struct ConvCase {
     stride: usize,
     padding: usize,
     relu: bool,
+    /// A clip or hard-swish fused after the layer (the plan's `LayerView::activation`).
+    activation: Option<Activation>,
     bits: u32,
     asymmetric: bool,
     /// `[cout, cin, k, k]`, in the signed storage range of `bits`.
@@ -57,14 +60,19 @@ fn conv_case() -> impl Strategy<Value = ConvCase> {
                 prop_oneof![Just(2u32), Just(4), Just(8)],
                 any::<bool>(),
                 1usize..=3,
+                prop_oneof![
+                    Just(None),
+                    Just(Some(Activation::Clip { min: -0.4, max: 0.7 })),
+                    Just(Some(Activation::HARD_SWISH))
+                ],
             )
         })
-        .prop_flat_map(|((cin, h, w, cout, kernel, stride), padding, relu, bits, asymmetric, batch)| {
+        .prop_flat_map(|((cin, h, w, cout, kernel, stride), padding, relu, bits, asymmetric, batch, activation)| {
             let half = 1i32 << (bits - 1);
             let (lo, hi) = if asymmetric { (-half, half - 1) } else { (-(half - 1), half - 1) };
             let n = cout * cin * kernel * kernel;
             (
-                Just((cin, h, w, cout, kernel, stride, padding, relu, bits, asymmetric, batch)),
+                Just((cin, h, w, cout, kernel, stride, padding, relu, activation, bits, asymmetric, batch)),
                 // A third of the cases pruned (90 % of the stored weights 0: the direct
                 // kernel's sparse path, which skips zero words).
                 (
@@ -83,7 +91,7 @@ fn conv_case() -> impl Strategy<Value = ConvCase> {
             )
         })
         .prop_map(|(g, weights, zeros, weight_scale, bias, input_zero, input)| {
-            let (cin, h, w, cout, kernel, stride, padding, relu, bits, asymmetric, batch) = g;
+            let (cin, h, w, cout, kernel, stride, padding, relu, activation, bits, asymmetric, batch) = g;
             let weight_zero = if asymmetric { zeros } else { vec![0; cout] };
             ConvCase {
                 cin,
@@ -94,6 +102,7 @@ fn conv_case() -> impl Strategy<Value = ConvCase> {
                 stride,
                 padding,
                 relu,
+                activation,
                 bits,
                 asymmetric,
                 weights,
@@ -108,7 +117,8 @@ fn conv_case() -> impl Strategy<Value = ConvCase> {
 }
 
 /// The scalar reference: the input rounded to u8 as the kernels define it (`quantize_u8`),
-/// padding holding the zero point, `Σ (a − a_zero)(w − w_zero)` in i32, then the epilogue.
+/// padding holding the zero point, `Σ (a − a_zero)(w − w_zero)` in i32, then the epilogue and
+/// the activation.
 fn reference(c: &ConvCase, input: QuantParams) -> Vec<f32> {
     let (oh, ow) = c.output();
     let (k, p, s) = (c.kernel, c.padding as isize, c.stride);
@@ -136,7 +146,8 @@ fn reference(c: &ConvCase, input: QuantParams) -> Vec<f32> {
                             }
                         }
                     }
-                    out.push(dequantize(acc, 0, 0, 0, scale, c.bias[o], c.relu));
+                    let y = dequantize(acc, 0, 0, 0, scale, c.bias[o], c.relu);
+                    out.push(c.activation.map_or(y, |a| a.apply(y)));
                 }
             }
         }
@@ -173,6 +184,7 @@ fn check_conv(c: &ConvCase) -> Result<(), TestCaseError> {
         input: ValueShape::Map { channels: c.cin, height: c.h, width: c.w },
         output: ValueShape::Map { channels: c.cout, height: oh, width: ow },
         relu: c.relu,
+        activation: c.activation,
         residual: false,
         read_by: None,
         reads_from: None,

@@ -467,6 +467,38 @@ fn imported_models_quantize_static_and_dynamic() {
     }
 }
 
+/// On the imported MobileNet, every clip and hard-swish after a layer joins that layer's
+/// integer epilogue (none left as a step of its own, none applied by an extra pass), and the plan
+/// gives the same bits as with separate steps, on one thread and two, both weight schemes.
+#[test]
+fn fused_activations_give_the_same_bits_on_the_imported_mobilenet() {
+    let device = device();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/onnx/mobilenet_mnist_opset13.onnx");
+    let g = shrink_core::onnx::import(&path, &Default::default(), &device).unwrap().graph;
+    let calib = batches([1, 28, 28], 2, 71);
+    let input = to_vec(batches([1, 28, 28], 1, 72).remove(0));
+    for asymmetric_weights in [false, true] {
+        let settings = PtqSettings { asymmetric_weights, ..PtqSettings::default() };
+        let q = quantize_static(&g, &mut calib.clone().into_iter(), &settings).unwrap();
+        for threads in [1, 2] {
+            let options = shrink_core::runtime::FreezeOptions { threads };
+            let mut fused = shrink_core::runtime::freeze_with(&q.graph, &q.registry(), &options).unwrap();
+            let mut unfused = shrink_core::runtime::freeze_with(&q.graph, &q.registry_with(false), &options).unwrap();
+            let labels = fused.kernels();
+            let context = format!("asymmetric {asymmetric_weights}, {threads} threads: {labels:?}");
+            // The stem, every expansion and depthwise conv, the head and the first classifier
+            // layer: 1 + 5 + 5 + 1 + 1.
+            let activated = labels.iter().filter(|(_, k)| k.ends_with("+clip") || k.ends_with("+hard_sigmoid+mul"));
+            assert_eq!(activated.count(), 13, "{context}");
+            assert!(labels.iter().all(|(_, k)| !k.starts_with("clip") && !k.contains(", then ")), "{context}");
+            let separate = unfused.kernels();
+            assert_eq!(separate.iter().filter(|(_, k)| k.starts_with("clip/f32")).count(), 4, "{separate:?}");
+            let (a, b) = (fused.run(&input, 8).unwrap().to_vec(), unfused.run(&input, 8).unwrap().to_vec());
+            assert_eq!(a, b, "{context}");
+        }
+    }
+}
+
 /// A pruned-then-quantized model (90 % of each convolution's weights zero, as magnitude
 /// pruning leaves them) runs its pruned convolutions on the integer kernels' sparse path, and the
 /// integer plan still computes what the simulated forward computes.

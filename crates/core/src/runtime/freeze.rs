@@ -30,7 +30,7 @@ pub fn freeze_with(graph: &Graph, registry: &KernelRegistry, options: &FreezeOpt
     graph.validate()?;
     let graph = graph.clone().valid();
     let shapes = graph.shapes()?;
-    let fused = fusion::fuse(&graph, registry.fuses_residuals());
+    let fused = fusion::fuse(&graph, registry.fuses_epilogues());
     let pairs = fusion::layer_pairs(&graph, &fused);
     // Layer step `i` as its neighbour sees it, sharing the value `producer` computes.
     let link = |i: usize, producer: usize| -> LayerLink<'_> {
@@ -41,6 +41,7 @@ pub fn freeze_with(graph: &Graph, registry: &KernelRegistry, options: &FreezeOpt
             input: shapes[node.inputs[0]],
             output: shapes[fused[i].node],
             value: shapes[fused[producer].tail()],
+            activation: fused[i].activation,
         }
     };
     // Values: 0 is the input; each step computes one; aliases share their input's.
@@ -129,6 +130,7 @@ fn build_kernel(
             input: shapes[node.inputs[0]],
             output: shapes[step.node],
             relu: step.relu,
+            activation: step.activation,
             residual: step.residual.is_some(),
             read_by: neighbours.read_by,
             reads_from: neighbours.reads_from,

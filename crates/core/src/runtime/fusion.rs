@@ -2,9 +2,10 @@
 //!
 //! A node's value is absorbed by its only consumer when that consumer can be computed in the
 //! same pass — a batch norm folded into the convolution before it, a ReLU fused into the
-//! epilogue of its producer, and (for the plan's own f32 kernels) the residual add a
-//! convolution's value meets, when the add's other input is computed before the convolution —
-//! unless the node is the graph's output. [`Graph::fold_batch_norms`]
+//! epilogue of its producer, and (for the plan's own kernels and registries that take them)
+//! the residual add a convolution's value meets, when the add's other input is computed before
+//! the convolution, and the clip or hard-swish after a conv or linear layer — unless the node
+//! is the graph's output. [`Graph::fold_batch_norms`]
 //! folds by the same rule ([`batch_norm_after`]), and kernel builders learn the decisions
 //! through [`super::LayerView`]'s `read_by` and `reads_from` instead of working them out again.
 
@@ -12,7 +13,7 @@ use crate::graph::{Graph, NodeId, Op, Params};
 
 /// What one step computes: `node`, and the nodes whose values it absorbs up to `tail`, whose
 /// value the step's output is.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Fused {
     /// The node the step is built from.
     pub node: NodeId,
@@ -29,6 +30,8 @@ pub(crate) struct Fused {
     /// A `HardSigmoid` step absorbed the `Mul` of its own input by its value (hard-swish as
     /// exporters write it before opset 14): the step computes `x · hard_sigmoid(x)`.
     pub gate: bool,
+    /// A conv or linear layer absorbed the clip or hard-swish after it (never with a ReLU).
+    pub activation: Option<crate::kernels::activation::Activation>,
 }
 
 impl Fused {
@@ -70,6 +73,30 @@ fn gate_after(graph: &Graph, id: NodeId) -> Option<NodeId> {
     (inputs.len() == 2 && inputs.contains(&x) && inputs.contains(&id)).then_some(mul)
 }
 
+/// The activation that alone reads the value of step `tail` (a clip, a hard-swish, or a
+/// `HardSigmoid` and the `Mul` of `tail` by it), with the nodes it is made of.
+fn activation_after(graph: &Graph, tail: NodeId) -> Option<(crate::kernels::activation::Activation, Vec<NodeId>)> {
+    use crate::kernels::activation::Activation;
+    if tail == graph.output {
+        return None;
+    }
+    match graph.consumers(tail)[..] {
+        [c] => match graph.nodes[c].op {
+            Op::Clip { min, max } => Some((Activation::Clip { min, max }, vec![c])),
+            Op::HardSwish => Some((Activation::HARD_SWISH, vec![c])),
+            _ => None,
+        },
+        // `tail · hard_sigmoid(tail)`: the hard sigmoid and the multiplication read it.
+        [a, b] => {
+            let (sigmoid, mul) = if matches!(graph.nodes[a].op, Op::HardSigmoid { .. }) { (a, b) } else { (b, a) };
+            let Op::HardSigmoid { alpha, beta } = graph.nodes[sigmoid].op else { return None };
+            (gate_after(graph, sigmoid) == Some(mul))
+                .then(|| (Activation::HardSigmoidGate { alpha, beta }, vec![sigmoid, mul]))
+        }
+        _ => None,
+    }
+}
+
 /// Whether the plan shares the input's value instead of computing a step (ops that change
 /// nothing in memory).
 pub(crate) fn is_alias(op: &Op) -> bool {
@@ -77,17 +104,25 @@ pub(crate) fn is_alias(op: &Op) -> bool {
 }
 
 /// The steps of `graph`'s plan in order; alias nodes ([`is_alias`]) and absorbed nodes have
-/// none. `residual`: whether convolutions absorb the add after them (the plan's own kernels
-/// take it, and those of registries that say so: `KernelRegistry::fuses_residuals`).
-pub(crate) fn fuse(graph: &Graph, residual: bool) -> Vec<Fused> {
+/// none. `epilogues`: whether convolutions absorb the add after them and layers the clip or
+/// hard-swish after them (the plan's own kernels take them, and those of registries that say
+/// so: `KernelRegistry::fuses_epilogues`).
+pub(crate) fn fuse(graph: &Graph, epilogues: bool) -> Vec<Fused> {
     let mut absorbed = vec![false; graph.nodes.len()];
     let mut steps = Vec::new();
     for (id, node) in graph.nodes.iter().enumerate().skip(1) {
         if absorbed[id] || is_alias(&node.op) {
             continue;
         }
-        let mut step =
-            Fused { node: id, batch_norm: None, absorbed: Vec::new(), relu: false, residual: None, gate: false };
+        let mut step = Fused {
+            node: id,
+            batch_norm: None,
+            absorbed: Vec::new(),
+            relu: false,
+            residual: None,
+            gate: false,
+            activation: None,
+        };
         if let Some(mul) = gate_after(graph, id) {
             step.gate = true;
             step.absorbed.push(mul);
@@ -102,7 +137,7 @@ pub(crate) fn fuse(graph: &Graph, residual: bool) -> Vec<Fused> {
                 step.absorbed.push(identity);
             }
         }
-        if residual
+        if epilogues
             && matches!(node.op, Op::Conv2d { .. })
             && let Some(add) = sole_consumer(graph, step.tail(), |op| matches!(op, Op::Add))
             && let [a, b] = graph.nodes[add].inputs[..]
@@ -119,6 +154,14 @@ pub(crate) fn fuse(graph: &Graph, residual: bool) -> Vec<Fused> {
         if takes_relu && let Some(relu) = sole_consumer(graph, step.tail(), |op| matches!(op, Op::Relu)) {
             step.relu = true;
             step.absorbed.push(relu);
+        }
+        if epilogues
+            && !step.relu
+            && matches!(node.op, Op::Conv2d { .. } | Op::Linear { .. })
+            && let Some((activation, nodes)) = activation_after(graph, step.tail())
+        {
+            step.activation = Some(activation);
+            step.absorbed.extend(nodes);
         }
         for &a in &step.absorbed {
             absorbed[a] = true;
@@ -272,12 +315,77 @@ mod tests {
         let x: Vec<f32> = (0..2 * 3 * 36).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
         let mut plan = crate::runtime::freeze(&g).unwrap();
         let labels: Vec<String> = plan.profile(&x, 2).unwrap().into_iter().map(|s| s.1).collect();
-        assert!(labels.contains(&"hard_sigmoid+mul/f32".to_string()), "{labels:?}");
+        // The plan's conv absorbs the gate (`Fused::activation`) and applies it after its kernel.
+        assert!(labels[0].ends_with(", then hard_sigmoid+mul/f32") && labels.len() == 2, "{labels:?}");
         let fused = plan.run(&x, 2).unwrap().to_vec();
         let t = burn::tensor::Tensor::<4>::from_data(burn::tensor::TensorData::new(x.clone(), [2, 3, 6, 6]), &device);
         let want = crate::host::floats(g.forward(t)).unwrap();
         for (a, b) in fused.iter().zip(&want) {
             assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
         }
+    }
+
+    /// A conv or linear layer absorbs the clip, hard-swish or hard-sigmoid gate that alone reads
+    /// it (not after a ReLU, not a value read twice), and the plan computes the same bits as
+    /// with separate steps, whether the kernel or the plan's extra pass applies it.
+    #[test]
+    fn layers_absorb_the_activation_after_them_with_the_same_bits() {
+        use crate::kernels::activation::Activation;
+        let device = crate::BackendKind::Flex.device().unwrap();
+        let mut b = GraphBuilder::new([3, 6, 6]);
+        let x = b.input();
+        let c1 = b.conv2d("c1", x, Conv2dSpec::new(4, 3).padding(1));
+        let a1 = b.push("relu6", Op::Clip { min: 0.0, max: 6.0 }, vec![c1]);
+        let c2 = b.conv2d("c2", a1, Conv2dSpec::new(5, 3).padding(1));
+        let a2 = b.push("hswish", Op::HardSwish, vec![c2]);
+        let c3 = b.conv2d("c3", a2, Conv2dSpec::new(4, 1));
+        let h = b.push("hs", Op::HardSigmoid { alpha: 0.2, beta: 0.5 }, vec![c3]);
+        let a3 = b.push("gate", Op::Mul, vec![h, c3]);
+        // A ReLU then a clip: the ReLU is fused, the clip stays a step.
+        let c4 = b.conv2d("c4", a3, Conv2dSpec::new(4, 1));
+        let r4 = b.relu("r4", c4);
+        let a4 = b.push("clip4", Op::Clip { min: -1.0, max: 0.5 }, vec![r4]);
+        // Read twice (the clip and the add): not absorbed.
+        let c5 = b.conv2d("c5", a4, Conv2dSpec::new(4, 1));
+        let a5 = b.push("clip5", Op::Clip { min: -0.25, max: 0.25 }, vec![c5]);
+        let sum = b.add("sum", &[c5, a5]);
+        let p = b.global_avg_pool("pool", sum);
+        let f = b.flatten("flat", p);
+        let l = b.linear("fc", f, 3, true);
+        let out = b.push("clip_out", Op::Clip { min: -0.1, max: 0.1 }, vec![l]);
+        let g = b.build(out, &mut InitRng::seeded(4), &device).unwrap();
+        let steps = fuse(&g, true);
+        let of = |name: &str| steps.iter().find(|s| g.nodes[s.node].name == name).unwrap();
+        let id = |name: &str| g.node_id(name).unwrap();
+        assert_eq!(of("c1").activation, Some(Activation::Clip { min: 0.0, max: 6.0 }));
+        assert_eq!(of("c1").absorbed, [id("relu6")]);
+        assert_eq!(of("c2").activation, Some(Activation::HARD_SWISH));
+        assert_eq!(of("c3").activation, Some(Activation::HardSigmoidGate { alpha: 0.2, beta: 0.5 }));
+        assert_eq!(of("c3").absorbed, [id("hs"), id("gate")]);
+        assert!(of("c4").relu && of("c4").activation.is_none());
+        assert!(of("c5").activation.is_none());
+        // The graph's output may be the activation a layer absorbs.
+        assert_eq!(of("fc").activation, Some(Activation::Clip { min: -0.1, max: 0.1 }));
+        assert_eq!(of("fc").tail(), g.output);
+        assert!(fuse(&g, false).iter().all(|s| s.activation.is_none()));
+        // Pairs form across the absorbed activation.
+        assert!(layer_pairs(&g, &steps).contains(&(0, 1)));
+
+        let input: Vec<f32> = (0..2 * 3 * 36).map(|i| ((i * 53 % 97) as f32 - 48.0) / 9.0).collect();
+        let mut fused = crate::runtime::freeze(&g).unwrap();
+        // A registry with a builder that takes nothing: no fused epilogues, separate steps.
+        let mut separate = crate::runtime::KernelRegistry::default();
+        separate.register("none", |_: &crate::runtime::LayerView<'_>| None);
+        let options = crate::runtime::FreezeOptions::default();
+        let mut unfused = crate::runtime::freeze_with(&g, &separate, &options).unwrap();
+        let labels: Vec<String> = fused.profile(&input, 2).unwrap().into_iter().map(|s| s.1).collect();
+        assert_eq!(labels.iter().filter(|l| l.contains(", then ")).count(), 4, "{labels:?}");
+        assert_eq!(unfused.kernels().len(), fused.kernels().len() + 4);
+        let (a, b) = (fused.run(&input, 2).unwrap().to_vec(), unfused.run(&input, 2).unwrap().to_vec());
+        assert_eq!(
+            a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        assert!(a.iter().any(|&v| v.abs() == 0.1), "the output clip bites: {a:?}");
     }
 }

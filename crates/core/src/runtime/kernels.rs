@@ -4,6 +4,7 @@
 use super::{Aligned, aligned};
 use super::{Kernel, LayerLink, LayerView, RunContext};
 use crate::graph::{Op, PadMode, PoolWindow, ValueShape};
+use shrink_kernels::activation::Activation;
 use shrink_kernels::sgemm::sgemm;
 
 fn map_dims(shape: ValueShape) -> (usize, usize, usize) {
@@ -118,6 +119,57 @@ impl ConvGeometry {
                         }
                     }
                 }
+            }
+        }
+    }
+}
+
+/// A layer's kernel followed by the activation fused into the layer
+/// ([`LayerView::activation`]), for kernels that do not apply it themselves: one pass over the
+/// output the kernel wrote, with [`Activation::apply`], the same bits as a separate step.
+#[derive(Debug)]
+pub struct Activated {
+    inner: Box<dyn Kernel>,
+    activation: Activation,
+    /// Values per image of the layer's output.
+    out_len: usize,
+}
+
+impl Activated {
+    /// `inner`, then `activation` over its `out_len` values per image.
+    ///
+    /// # Panics
+    /// When `inner` writes another layout than its output's (a hand-over to the next layer,
+    /// [`Kernel::output_len_per_image`]): the plan never pairs such a kernel with an activation
+    /// it leaves to this pass.
+    pub fn new(inner: Box<dyn Kernel>, activation: Activation, out_len: usize) -> Self {
+        assert!(inner.output_len_per_image().is_none(), "an activation over a hand-over layout");
+        Self { inner, activation, out_len }
+    }
+}
+
+impl Kernel for Activated {
+    fn label(&self) -> String {
+        format!("{}, then {}/f32", self.inner.label(), self.activation.label())
+    }
+
+    fn scratch_per_image(&self) -> usize {
+        self.inner.scratch_per_image()
+    }
+
+    fn applies_activation(&self) -> bool {
+        true
+    }
+
+    fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, scratch: &mut [f32], ctx: &RunContext<'_>) {
+        use shrink_kernels::activation::{clip, hard_sigmoid_gate};
+        self.inner.run(inputs, output, batch, scratch, ctx);
+        let values = &mut output[..batch * self.out_len];
+        // The variant chosen outside the loop, so that it vectorises.
+        match self.activation {
+            Activation::Clip { min, max } => values.iter_mut().for_each(|v| *v = clip(*v, min, max)),
+            Activation::HardSigmoidGate { alpha, beta } => {
+                values.iter_mut().for_each(|v| *v = hard_sigmoid_gate(*v, alpha, beta))
             }
         }
     }
@@ -483,11 +535,11 @@ impl Unary {
     #[inline]
     pub fn apply(self, x: f32) -> f32 {
         match self {
-            Unary::Clip { min, max } => x.clamp(min, max),
+            Unary::Clip { min, max } => Activation::Clip { min, max }.apply(x),
             Unary::Sigmoid => 1.0 / (1.0 + (-x).exp()),
             Unary::HardSigmoid { alpha, beta } => (alpha * x + beta).clamp(0.0, 1.0),
-            Unary::HardSwish => x * (x * (1.0 / 6.0) + 0.5).clamp(0.0, 1.0),
-            Unary::HardSigmoidGate { alpha, beta } => x * (alpha * x + beta).clamp(0.0, 1.0),
+            Unary::HardSwish => Activation::HARD_SWISH.apply(x),
+            Unary::HardSigmoidGate { alpha, beta } => Activation::HardSigmoidGate { alpha, beta }.apply(x),
             Unary::LeakyRelu { alpha } => {
                 if x > 0.0 {
                     x
@@ -761,6 +813,10 @@ fn direct_shape(
 pub fn blocked_handover(from: &LayerLink<'_>, to: &LayerLink<'_>) -> Option<shrink_kernels::conv::BlockedImage> {
     use shrink_kernels::conv::{Algorithm, BlockedImage};
     let isa = shrink_kernels::isa::selected();
+    if from.activation.is_some() {
+        // Applied after the producer's kernel (`Activated`), which a blocked output would skip.
+        return None;
+    }
     let first = direct_shape(from.op, from.input, from.output, isa)?;
     let second = direct_shape(to.op, to.input, to.output, isa)?;
     if Algorithm::for_layer(&first, isa) != Algorithm::Channels || from.value != to.input {
@@ -776,8 +832,14 @@ impl ConvDirect {
     pub fn new(view: &LayerView<'_>, hand_over: bool) -> Option<Self> {
         let isa = shrink_kernels::isa::selected();
         let shape = direct_shape(view.op, view.input, view.output, isa)?;
-        let this =
-            LayerLink { name: view.name, op: view.op, input: view.input, output: view.output, value: view.output };
+        let this = LayerLink {
+            name: view.name,
+            op: view.op,
+            input: view.input,
+            output: view.output,
+            value: view.output,
+            activation: view.activation,
+        };
         let (mut input_blocked, mut output_blocked) = (false, None);
         if hand_over {
             input_blocked = view.reads_from.is_some_and(|from| blocked_handover(&from, &this).is_some());

@@ -52,7 +52,8 @@ mod kernels;
 pub use freeze::{freeze, freeze_with};
 pub use fusion::batch_norm_after;
 pub use kernels::{
-    ConvDirect, ConvF32, ConvGeometry, ConvRten, LinearF32, LinearRten, PoolKind, Simple, Unary, blocked_handover,
+    Activated, ConvDirect, ConvF32, ConvGeometry, ConvRten, LinearF32, LinearRten, PoolKind, Simple, Unary,
+    blocked_handover,
 };
 pub use shrink_kernels::sgemm::sgemm;
 
@@ -91,9 +92,15 @@ pub struct LayerView<'a> {
     pub output: ValueShape,
     /// Whether a ReLU on the output is fused into this layer (after the residual, if any).
     pub relu: bool,
+    /// A clip or hard-swish after the layer fused into it (never with a ReLU), applied last. A
+    /// kernel that applies it says so ([`Kernel::applies_activation`]); after any other the
+    /// plan applies it to the kernel's output in a pass of its own ([`Activated`]),
+    /// the same bits either way. Only registries made with [`KernelRegistry::fusing_epilogues`]
+    /// (and the plan's own kernels) are offered it: in any other registry it is `None`.
+    pub activation: Option<crate::kernels::activation::Activation>,
     /// Whether a residual add is fused into this convolution: the kernel adds its second input
     /// (an image of the output's shape) after the bias, before the ReLU. Only registries made
-    /// with [`KernelRegistry::fusing_residuals`] (and the plan's own kernels) are offered it: in
+    /// with [`KernelRegistry::fusing_epilogues`] (and the plan's own kernels) are offered it: in
     /// any other registry a builder always sees `false`.
     pub residual: bool,
     /// The layer that alone reads this layer's output (its value after the absorbed batch norm
@@ -120,6 +127,8 @@ pub struct LayerLink<'a> {
     /// Shape of the value the two layers share (the first one's output after its absorbed
     /// nodes): the plan's buffer for it holds this many f32 per image.
     pub value: ValueShape,
+    /// The activation fused into this layer ([`LayerView::activation`]).
+    pub activation: Option<crate::kernels::activation::Activation>,
 }
 
 /// What a kernel may use while it runs, passed to every kernel.
@@ -193,6 +202,12 @@ pub trait Kernel: Send + Sync + Debug {
         None
     }
 
+    /// Whether it applies the activation of its [`LayerView::activation`] itself (else the
+    /// plan applies it after the kernel). `false` unless a kernel says otherwise.
+    fn applies_activation(&self) -> bool {
+        false
+    }
+
     /// Computes `output` (`batch` images) from `inputs` (`batch` images each), contiguous,
     /// channel-major.
     fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, scratch: &mut [f32], ctx: &RunContext<'_>);
@@ -205,8 +220,9 @@ pub type KernelBuilder = Box<dyn Fn(&LayerView<'_>) -> Option<Box<dyn Kernel>> +
 #[derive(Default)]
 pub struct KernelRegistry {
     builders: Vec<(String, KernelBuilder)>,
-    /// Whether its builders take fused residual adds ([`KernelRegistry::fusing_residuals`]).
-    residuals: bool,
+    /// Whether its builders take fused residual adds and activations
+    /// ([`KernelRegistry::fusing_epilogues`]).
+    epilogues: bool,
 }
 
 impl std::fmt::Debug for KernelRegistry {
@@ -242,10 +258,11 @@ impl KernelRegistry {
     /// An empty registry whose builders promise to take fused residual adds: every
     /// convolution a builder accepts while [`LayerView::residual`] is set adds the step's second
     /// input after its bias (a builder that cannot declines the layer, which then runs on the
-    /// plan's own kernels). The plan then fuses residual adds into convolutions as it does with
-    /// no builders; other registries never see one.
-    pub fn fusing_residuals() -> Self {
-        Self { builders: Vec::new(), residuals: true }
+    /// plan's own kernels). The plan then fuses residual adds into convolutions, and clips and
+    /// hard-swishes into the layers before them ([`LayerView::activation`]), as it does with no
+    /// builders; other registries never see either.
+    pub fn fusing_epilogues() -> Self {
+        Self { builders: Vec::new(), epilogues: true }
     }
 
     /// Whether the registry has no builders: the plan's own kernels only, which take fused
@@ -254,10 +271,10 @@ impl KernelRegistry {
         self.builders.is_empty()
     }
 
-    /// Whether the plan fuses residual adds into convolutions: with no builders, or builders
-    /// that take them ([`Self::fusing_residuals`]).
-    pub fn fuses_residuals(&self) -> bool {
-        self.is_default() || self.residuals
+    /// Whether the plan fuses residual adds into convolutions and activations into layers: with
+    /// no builders, or builders that take them ([`Self::fusing_epilogues`]).
+    pub fn fuses_epilogues(&self) -> bool {
+        self.is_default() || self.epilogues
     }
 
     /// A registry whose convolutions run on rten-gemm over an im2col matrix (the default before
@@ -272,7 +289,19 @@ impl KernelRegistry {
         r
     }
 
+    /// The kernel of a layer, with its fused activation applied after it where the kernel does
+    /// not apply it itself.
     fn build(&self, view: &LayerView<'_>) -> Box<dyn Kernel> {
+        let kernel = self.build_layer(view);
+        match view.activation {
+            Some(activation) if !kernel.applies_activation() => {
+                Box::new(kernels::Activated::new(kernel, activation, view.output.numel()))
+            }
+            _ => kernel,
+        }
+    }
+
+    fn build_layer(&self, view: &LayerView<'_>) -> Box<dyn Kernel> {
         for (name, builder) in &self.builders {
             if let Some(k) = builder(view) {
                 tracing::debug!(layer = view.name, builder = %name, "custom kernel");

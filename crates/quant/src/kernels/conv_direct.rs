@@ -202,6 +202,10 @@ impl ConvDirectInt8 {
 }
 
 impl Kernel for ConvDirectInt8 {
+    fn applies_activation(&self) -> bool {
+        true
+    }
+
     fn label(&self) -> String {
         let bits = if self.bits == 8 { String::new() } else { format!(" (int{} weights)", self.bits) };
         let out = if self.requantize.is_some() { "+requantize-u8" } else { "" };

@@ -153,6 +153,10 @@ impl ConvInt8 {
 }
 
 impl Kernel for ConvInt8 {
+    fn applies_activation(&self) -> bool {
+        true
+    }
+
     fn label(&self) -> String {
         let bits = if self.bits == 8 { String::new() } else { format!(" (int{} weights)", self.bits) };
         let gemm = self.weights.name();

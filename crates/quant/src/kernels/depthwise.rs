@@ -89,6 +89,10 @@ pub fn is_depthwise(op: &Op) -> bool {
 }
 
 impl Kernel for DepthwiseInt8 {
+    fn applies_activation(&self) -> bool {
+        true
+    }
+
     fn label(&self) -> String {
         let bits = if self.bits == 8 { String::new() } else { format!(" (int{} weights)", self.bits) };
         format!("conv2d/int8-depthwise-{}{}{bits}", self.isa.name(), self.epilogue.label())

@@ -23,6 +23,8 @@ pub struct LinearInt8 {
     relu: bool,
     /// The u8 grid the output is rounded to ([`IntLayer::output`]), after the ReLU.
     grid: Option<shrink_core::kernels::int8::Grid>,
+    /// A clip or hard-swish fused after the layer, applied after the rounding.
+    activation: Option<shrink_core::kernels::activation::Activation>,
     input_params: QuantParams,
     in_features: usize,
     out_features: usize,
@@ -62,6 +64,7 @@ impl LinearInt8 {
             bias: view.bias.map(|b| b.to_vec()).unwrap_or_else(|| vec![0.0; out_features]),
             relu: view.relu,
             grid: layer.output.map(|p| shrink_core::kernels::int8::Grid::new(p.scale, p.zero_point as u8)),
+            activation: view.activation,
             input_params: layer.input,
             in_features,
             out_features,
@@ -71,13 +74,18 @@ impl LinearInt8 {
 }
 
 impl Kernel for LinearInt8 {
+    fn applies_activation(&self) -> bool {
+        true
+    }
+
     fn label(&self) -> String {
         let bits = if self.bits == 8 { String::new() } else { format!(" (int{} weights)", self.bits) };
         let how = if self.dynamic { "int8-dynamic" } else { "int8" };
         let gemm = self.weights.name();
         let relu = if self.relu { "+relu" } else { "" };
         let rounded = if self.grid.is_some() { "+rounded-output" } else { "" };
-        format!("linear/{how}-gemm-{gemm}{relu}{rounded}{bits}")
+        let activation = self.activation.map_or(String::new(), |a| format!("+{}", a.label()));
+        format!("linear/{how}-gemm-{gemm}{relu}{rounded}{activation}{bits}")
     }
 
     fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, _scratch: &mut [f32], _ctx: &RunContext<'_>) {
@@ -113,7 +121,8 @@ impl Kernel for LinearInt8 {
                     let weight_zero = if asymmetric { self.weight_zero[j] } else { 0 };
                     let scale = self.weight_scales[j] * params.scale;
                     let y = dequantize(a[j], correction, weight_zero, sum, scale, self.bias[j], relu);
-                    o[j] = self.grid.map_or(y, |g| g.round(y));
+                    let y = self.grid.map_or(y, |g| g.round(y));
+                    o[j] = self.activation.map_or(y, |a| a.apply(y));
                 }
             }
         });

@@ -256,6 +256,8 @@ pub(crate) struct ChannelEpilogue {
     pub grid: Option<shrink_core::kernels::int8::Grid>,
     /// Whether a residual add is fused: the kernel's second input is added after the rounding.
     pub residual: bool,
+    /// A clip or hard-swish fused after the layer ([`LayerView::activation`]), applied last.
+    pub activation: Option<shrink_core::kernels::activation::Activation>,
 }
 
 impl ChannelEpilogue {
@@ -271,6 +273,7 @@ impl ChannelEpilogue {
             relu: view.relu,
             grid: layer.output.map(|p| shrink_core::kernels::int8::Grid::new(p.scale, p.zero_point as u8)),
             residual: view.residual,
+            activation: view.activation,
         }
     }
 
@@ -297,11 +300,12 @@ impl ChannelEpilogue {
             window_sums: if self.asymmetric() { window_sums } else { &[] },
             grid: self.grid,
             residual: if self.residual { residual } else { &[] },
+            activation: self.activation,
         }
     }
 
     /// The suffix of a kernel's label: what the epilogue fuses (`+rounded-output`, `+add`,
-    /// `+relu`), in the order it applies them.
+    /// `+relu`, `+clip` or `+hard_sigmoid+mul`), in the order it applies them.
     pub fn label(&self) -> String {
         let mut s = String::new();
         if self.grid.is_some() {
@@ -312,6 +316,10 @@ impl ChannelEpilogue {
         }
         if self.relu {
             s.push_str("+relu");
+        }
+        if let Some(a) = self.activation {
+            s.push('+');
+            s.push_str(a.label());
         }
         s
     }
@@ -328,7 +336,7 @@ impl ChannelEpilogue {
 /// ([`requantized_handover`]). Without, each add is a step of its own and every value
 /// travels in f32: the same bits, more passes.
 pub fn int8_registry(layers: BTreeMap<String, IntLayer>, fuse: bool) -> KernelRegistry {
-    let mut registry = if fuse { KernelRegistry::fusing_residuals() } else { KernelRegistry::default() };
+    let mut registry = if fuse { KernelRegistry::fusing_epilogues() } else { KernelRegistry::default() };
     registry.register("int8", move |view: &LayerView<'_>| {
         let layer = layers.get(view.name)?;
         int8_kernel(view, layer, &layers, fuse)
@@ -354,6 +362,7 @@ fn int8_kernel(
                             input: view.input,
                             output: view.output,
                             value,
+                            activation: view.activation,
                         };
                         if let Some(next) = view.read_by
                             && let Some(image) = requantized_handover(&this(next.value), &next, layers)
