@@ -512,40 +512,56 @@ impl Epilogue<'_> {
     /// activation, so that no choice is left inside them.
     #[inline(always)]
     pub(crate) fn planes_body(&self, acc: &[i32], n: usize, channels: usize, out: &mut [f32]) {
-        use crate::activation::{clip, hard_sigmoid_gate};
-        match self.activation {
-            None => self.planes_then(acc, n, channels, out, |y| y),
-            Some(Activation::Clip { min, max }) => self.planes_then(acc, n, channels, out, |y| clip(y, min, max)),
-            Some(Activation::HardSigmoidGate { alpha, beta }) => {
-                self.planes_then(acc, n, channels, out, |y| hard_sigmoid_gate(y, alpha, beta))
+        struct Planes<'e, 'a> {
+            e: &'e Epilogue<'e>,
+            acc: &'a [i32],
+            n: usize,
+            channels: usize,
+            out: &'a mut [f32],
+        }
+        impl crate::activation::WithActivation for Planes<'_, '_> {
+            type Output = ();
+            #[inline(always)]
+            fn run<A: crate::activation::Activate>(self, a: A) {
+                self.e.planes_then(self.acc, self.n, self.channels, self.out, a)
             }
         }
+        Activation::dispatch(self.activation, Planes { e: self, acc, n, channels, out })
     }
 
     /// [`Self::planes_body`] with the activation `activate` (the one [`Self::activation`] names).
     #[inline(always)]
-    fn planes_then(&self, acc: &[i32], n: usize, channels: usize, out: &mut [f32], activate: impl Fn(f32) -> f32) {
+    fn planes_then<A: crate::activation::Activate>(
+        &self,
+        acc: &[i32],
+        n: usize,
+        channels: usize,
+        out: &mut [f32],
+        a: A,
+    ) {
         let (asymmetric, residual) = (!self.weight_zero.is_empty(), !self.residual.is_empty());
         let planes = out[..channels * n].chunks_exact_mut(n).zip(acc.chunks_exact(n)).enumerate();
-        for (o, (dst, a)) in planes {
+        for (o, (dst, acc)) in planes {
             match (asymmetric, residual) {
                 (false, false) => {
-                    dst.iter_mut().zip(a).for_each(|(d, &a)| *d = activate(self.before_activation(o, a, 0, 0.0)))
+                    for (d, &acc) in dst.iter_mut().zip(acc) {
+                        *d = a.activate(self.before_activation(o, acc, 0, 0.0));
+                    }
                 }
                 (true, false) => {
-                    for ((d, &a), &s) in dst.iter_mut().zip(a).zip(&self.window_sums[..n]) {
-                        *d = activate(self.before_activation(o, a, s, 0.0));
+                    for ((d, &acc), &s) in dst.iter_mut().zip(acc).zip(&self.window_sums[..n]) {
+                        *d = a.activate(self.before_activation(o, acc, s, 0.0));
                     }
                 }
                 (false, true) => {
-                    for ((d, &a), &r) in dst.iter_mut().zip(a).zip(&self.residual[o * n..][..n]) {
-                        *d = activate(self.before_activation(o, a, 0, r));
+                    for ((d, &acc), &r) in dst.iter_mut().zip(acc).zip(&self.residual[o * n..][..n]) {
+                        *d = a.activate(self.before_activation(o, acc, 0, r));
                     }
                 }
                 (true, true) => {
-                    let pixels = dst.iter_mut().zip(a).zip(&self.window_sums[..n]).zip(&self.residual[o * n..][..n]);
-                    for (((d, &a), &s), &r) in pixels {
-                        *d = activate(self.before_activation(o, a, s, r));
+                    let pixels = dst.iter_mut().zip(acc).zip(&self.window_sums[..n]).zip(&self.residual[o * n..][..n]);
+                    for (((d, &acc), &s), &r) in pixels {
+                        *d = a.activate(self.before_activation(o, acc, s, r));
                     }
                 }
             }
