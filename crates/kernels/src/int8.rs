@@ -529,7 +529,7 @@ impl Epilogue<'_> {
         Activation::dispatch(self.activation, Planes { e: self, acc, n, channels, out })
     }
 
-    /// [`Self::planes_body`] with the activation `activate` (the one [`Self::activation`] names).
+    /// [`Self::planes_body`] with the activation `a` (the type of the one [`Self::activation`] names).
     #[inline(always)]
     fn planes_then<A: crate::activation::Activate>(
         &self,
