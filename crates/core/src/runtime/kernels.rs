@@ -4,7 +4,7 @@
 use super::{Aligned, aligned};
 use super::{Kernel, LayerLink, LayerView, RunContext};
 use crate::graph::{Op, PadMode, PoolWindow, ValueShape};
-use shrink_kernels::activation::Activation;
+use shrink_kernels::activation::{Activate, Activation, WithActivation};
 use shrink_kernels::sgemm::sgemm;
 
 fn map_dims(shape: ValueShape) -> (usize, usize, usize) {
@@ -162,15 +162,21 @@ impl Kernel for Activated {
     }
 
     fn run(&self, inputs: &[&[f32]], output: &mut [f32], batch: usize, scratch: &mut [f32], ctx: &RunContext<'_>) {
-        use shrink_kernels::activation::{clip, hard_sigmoid_gate};
         self.inner.run(inputs, output, batch, scratch, ctx);
-        let values = &mut output[..batch * self.out_len];
-        // The variant chosen outside the loop, so that it vectorises.
-        match self.activation {
-            Activation::Clip { min, max } => values.iter_mut().for_each(|v| *v = clip(*v, min, max)),
-            Activation::HardSigmoidGate { alpha, beta } => {
-                values.iter_mut().for_each(|v| *v = hard_sigmoid_gate(*v, alpha, beta))
-            }
+        // The variant chosen outside the loop (as a type), so that the loop vectorises.
+        Activation::dispatch(Some(self.activation), ActivateAll(&mut output[..batch * self.out_len]));
+    }
+}
+
+/// [`Activate`] over every value of a slice, in place.
+struct ActivateAll<'a>(&'a mut [f32]);
+
+impl WithActivation for ActivateAll<'_> {
+    type Output = ();
+
+    fn run<A: Activate>(self, a: A) {
+        for v in self.0.iter_mut() {
+            *v = a.activate(*v);
         }
     }
 }
