@@ -42,12 +42,11 @@ impl DepthwiseShape {
         ChannelsLastShape { channels: depthwise_u8_channels(channels), padded, output, kernel, stride, dilation }
     }
 
-    /// Where pixel `p` (row-major) of an input plane lands in the padded channels-last image:
-    /// the index of its first channel.
-    fn channels_last_pixel(&self, p: usize) -> usize {
+    /// Where the pixels of an input plane land in the padded channels-last image.
+    fn channels_last_pixels(&self) -> crate::transpose::PixelMap {
         let ([_, w], [ph, pw]) = (self.input, self.padding);
         let (c, wp) = (depthwise_u8_channels(self.channels), w + 2 * pw);
-        ((p / w + ph) * wp + pw + p % w) * c
+        crate::transpose::PixelMap { width: w, origin: (ph * wp + pw) * c, row_pitch: wp * c, pixel_pitch: c }
     }
 
     fn check(&self, image: &[f32], weights: &[f32], out: &[f32]) {
@@ -264,8 +263,8 @@ impl DepthwiseF32 {
         padded.clear();
         padded.resize(hp * wp * c, 0.0);
         acc.resize(n * c, 0.0);
-        let at = |p: usize| self.shape.channels_last_pixel(p);
-        crate::transpose::planes_to_pixels(&image[..channels * h * w], channels, h * w, padded, at);
+        let map = self.shape.channels_last_pixels();
+        crate::transpose::planes_to_pixels(&image[..channels * h * w], channels, h * w, padded, map, c);
         channels_last_sums(&geometry, padded, &self.weights, acc, |sum: f32, x: f32, w: f32| sum + x * w);
         crate::transpose::pixels_to_planes_32(acc, n, c, channels, out);
     }
@@ -435,35 +434,80 @@ fn depthwise_u8_body(shape: &ChannelsLastShape, image: &[u8], weights: &[i32], a
 /// The channels-last loop both depthwise kernels run: per output pixel and block of
 /// [`CHANNEL_BLOCK`] channels, `sum = mac(sum, x, w)` over the taps in row-major order, in
 /// sixteen lanes held in registers, from 0 (`A::default()`). `shape` gives the geometry on the
-/// padded image (its `channels` a multiple of the block).
+/// padded image (its `channels` a multiple of the block). A 3×3 kernel runs unrolled, the block's
+/// nine weight vectors held in registers across its pixels.
 #[inline(always)]
-fn channels_last_sums<X: Copy, W: Copy, A: Copy + Default>(
+fn channels_last_sums<X: Copy, W: Copy + Default, A: Copy + Default>(
     shape: &ChannelsLastShape,
     image: &[X],
     weights: &[W],
     acc: &mut [A],
-    mac: impl Fn(A, X, W) -> A,
+    mac: impl Fn(A, X, W) -> A + Copy,
 ) {
-    let ChannelsLastShape { channels: c, padded: [_, wp], output: [oh, ow], kernel: [kh, kw], stride, dilation } =
-        *shape;
-    for oy in 0..oh {
-        for ox in 0..ow {
-            let out = &mut acc[(oy * ow + ox) * c..][..c];
-            for (b, out) in out.chunks_exact_mut(CHANNEL_BLOCK).enumerate() {
+    if shape.kernel == [3, 3] {
+        sums_of::<X, W, A, 3, 3>(shape, image, weights, acc, mac)
+    } else {
+        let ChannelsLastShape { channels: c, padded: [_, wp], output: [oh, ow], kernel: [kh, kw], stride, dilation } =
+            *shape;
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let out = &mut acc[(oy * ow + ox) * c..][..c];
+                for (b, out) in out.chunks_exact_mut(CHANNEL_BLOCK).enumerate() {
+                    let mut sum = [A::default(); CHANNEL_BLOCK];
+                    for ky in 0..kh {
+                        let row = (oy * stride[0] + ky * dilation[0]) * wp;
+                        for kx in 0..kw {
+                            let at = (row + ox * stride[1] + kx * dilation[1]) * c + b * CHANNEL_BLOCK;
+                            let x: &[X; CHANNEL_BLOCK] = image[at..at + CHANNEL_BLOCK].try_into().expect("16 values");
+                            let tap = (ky * kw + kx) * c + b * CHANNEL_BLOCK;
+                            let w: &[W; CHANNEL_BLOCK] =
+                                weights[tap..tap + CHANNEL_BLOCK].try_into().expect("16 values");
+                            for i in 0..CHANNEL_BLOCK {
+                                sum[i] = mac(sum[i], x[i], w[i]);
+                            }
+                        }
+                    }
+                    out.copy_from_slice(&sum);
+                }
+            }
+        }
+    }
+}
+
+/// [`channels_last_sums`] for a `KH × KW` kernel known when compiling: block by block, its
+/// weights loaded once, every tap of a pixel unrolled.
+#[inline(always)]
+fn sums_of<X: Copy, W: Copy + Default, A: Copy + Default, const KH: usize, const KW: usize>(
+    shape: &ChannelsLastShape,
+    image: &[X],
+    weights: &[W],
+    acc: &mut [A],
+    mac: impl Fn(A, X, W) -> A + Copy,
+) {
+    let ChannelsLastShape { channels: c, padded: [_, wp], output: [oh, ow], stride, dilation, .. } = *shape;
+    for b in 0..c / CHANNEL_BLOCK {
+        let mut w = [[[W::default(); CHANNEL_BLOCK]; KW]; KH];
+        for (ky, row) in w.iter_mut().enumerate() {
+            for (kx, tap) in row.iter_mut().enumerate() {
+                let at = (ky * KW + kx) * c + b * CHANNEL_BLOCK;
+                tap.copy_from_slice(&weights[at..at + CHANNEL_BLOCK]);
+            }
+        }
+        for oy in 0..oh {
+            for ox in 0..ow {
                 let mut sum = [A::default(); CHANNEL_BLOCK];
-                for ky in 0..kh {
-                    let row = (oy * stride[0] + ky * dilation[0]) * wp;
-                    for kx in 0..kw {
-                        let at = (row + ox * stride[1] + kx * dilation[1]) * c + b * CHANNEL_BLOCK;
+                for (ky, row) in w.iter().enumerate() {
+                    let line = (oy * stride[0] + ky * dilation[0]) * wp + ox * stride[1];
+                    for (kx, tap) in row.iter().enumerate() {
+                        let at = (line + kx * dilation[1]) * c + b * CHANNEL_BLOCK;
                         let x: &[X; CHANNEL_BLOCK] = image[at..at + CHANNEL_BLOCK].try_into().expect("16 values");
-                        let tap = (ky * kw + kx) * c + b * CHANNEL_BLOCK;
-                        let w: &[W; CHANNEL_BLOCK] = weights[tap..tap + CHANNEL_BLOCK].try_into().expect("16 values");
                         for i in 0..CHANNEL_BLOCK {
-                            sum[i] = mac(sum[i], x[i], w[i]);
+                            sum[i] = mac(sum[i], x[i], tap[i]);
                         }
                     }
                 }
-                out.copy_from_slice(&sum);
+                let at = (oy * ow + ox) * c + b * CHANNEL_BLOCK;
+                acc[at..at + CHANNEL_BLOCK].copy_from_slice(&sum);
             }
         }
     }
@@ -562,8 +606,8 @@ impl DepthwiseU8Layer {
         if ph > 0 || pw > 0 || c != channels {
             image.fill(self.zero_point);
         }
-        let at = |p: usize| self.shape.channels_last_pixel(p);
-        crate::transpose::planes_to_pixels(planes, channels, h * w, image, at);
+        let map = self.shape.channels_last_pixels();
+        crate::transpose::planes_to_pixels(planes, channels, h * w, image, map, c);
         depthwise_u8_body(&geometry, image, &self.weights, acc);
         crate::transpose::pixels_to_planes_32(acc, n, c, channels, channel_major);
         epilogue.planes_body(channel_major, n, channels, out);

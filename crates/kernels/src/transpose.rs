@@ -44,35 +44,88 @@ macro_rules! transposable_32 {
 }
 transposable_32!(i32, f32);
 
-/// Channel planes to channels-last pixels: `dst[at(p) + ch] = planes[ch · n + p]` for
-/// `ch < channels`, `p < n` (bytes, `i32` or `f32`).
+/// Where the pixels of a plane (row-major, rows `width` long) land among channels-last pixels:
+/// pixel `p` at `origin + (p / width) · row_pitch + (p % width) · pixel_pitch` (each position the
+/// first of its pixel's channels).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PixelMap {
+    /// Pixels per row.
+    pub width: usize,
+    /// Where the first pixel lands.
+    pub origin: usize,
+    /// Steps between rows.
+    pub row_pitch: usize,
+    /// Steps between the pixels of a row.
+    pub pixel_pitch: usize,
+}
+
+impl PixelMap {
+    /// Pixels one after another, `pitch` apart, from `origin` (one row).
+    pub fn dense(origin: usize, pitch: usize) -> Self {
+        Self { width: usize::MAX, origin, row_pitch: 0, pixel_pitch: pitch }
+    }
+
+    /// Where pixel `p` lands (the definition).
+    pub fn at(&self, p: usize) -> usize {
+        self.origin + (p / self.width) * self.row_pitch + (p % self.width) * self.pixel_pitch
+    }
+
+    /// [`Self::at`] for `p = first, first + 1, …`, one step at a time (no division per pixel).
+    fn walk(&self, first: usize) -> impl FnMut() -> usize + '_ {
+        let (mut at, mut column) = (self.at(first), first % self.width);
+        move || {
+            let here = at;
+            column += 1;
+            if column == self.width {
+                column = 0;
+                at = at + self.row_pitch - (self.width - 1) * self.pixel_pitch;
+            } else {
+                at += self.pixel_pitch;
+            }
+            here
+        }
+    }
+}
+
+/// Channel planes to channels-last pixels: `dst[map.at(p) + ch] = planes[ch · n + p]` for
+/// `ch < channels`, `p < n` (bytes, `i32` or `f32`). `room` is how many channels each
+/// destination pixel holds: where it reaches past the channels to the next multiple of the
+/// transposes' block, the last block is moved whole, the channels past `channels` getting
+/// copies of the last channel's values (for layouts whose padding channels are never read into
+/// a result: zero weights, dropped sums); otherwise they are not written.
 ///
 /// # Panics
-/// When `planes` is shorter than `channels · n` or a destination is out of `dst`.
+/// When `planes` is shorter than `channels · n`, `room < channels`, or a destination is out of
+/// `dst`.
 pub fn planes_to_pixels<T: Transposable>(
     planes: &[T],
     channels: usize,
     n: usize,
     dst: &mut [T],
-    at: impl Fn(usize) -> usize,
+    map: PixelMap,
+    room: usize,
 ) {
     assert!(planes.len() >= channels * n, "the planes are shorter than [channels][n]");
+    assert!(room >= channels, "room for {room} of {channels} channels");
     #[cfg(not(target_arch = "x86_64"))]
     let ch0 = 0;
     #[cfg(target_arch = "x86_64")]
     let ch0 = {
         let b = T::BLOCK;
+        let whole = if room >= channels.div_ceil(b) * b { channels.div_ceil(b) * b } else { channels / b * b };
         let mut ch0 = 0;
-        while ch0 + b <= channels {
-            let rows: [&[T]; 16] = std::array::from_fn(|i| if i < b { &planes[(ch0 + i) * n..][..n] } else { &[] });
+        while ch0 < whole {
+            let rows: [&[T]; 16] =
+                std::array::from_fn(|i| if i < b { &planes[(ch0 + i).min(channels - 1) * n..][..n] } else { &[] });
             let rows = &rows[..b];
+            let mut next = map.walk(0);
             let mut p0 = 0;
             while p0 + b <= n {
-                T::transpose_block(rows, p0, |j, pixel| dst[at(p0 + j) + ch0..][..b].copy_from_slice(pixel));
+                T::transpose_block(rows, p0, |_, pixel| dst[next() + ch0..][..b].copy_from_slice(pixel));
                 p0 += b;
             }
             for p in p0..n {
-                for (v, row) in dst[at(p) + ch0..][..b].iter_mut().zip(rows) {
+                for (v, row) in dst[next() + ch0..][..b].iter_mut().zip(rows) {
                     *v = row[p];
                 }
             }
@@ -81,8 +134,9 @@ pub fn planes_to_pixels<T: Transposable>(
         ch0
     };
     if ch0 < channels {
+        let mut next = map.walk(0);
         for p in 0..n {
-            let d = &mut dst[at(p) + ch0..][..channels - ch0];
+            let d = &mut dst[next() + ch0..][..channels - ch0];
             for (i, v) in d.iter_mut().enumerate() {
                 *v = planes[(ch0 + i) * n + p];
             }
@@ -218,30 +272,50 @@ mod tests {
         }
     }
 
-    /// Every channel count and length around the blocks, against the definitions.
+    /// Every channel count and length around the blocks, with and without room for whole
+    /// blocks, on dense and row-structured maps, against the definitions.
     #[test]
     fn layout_changes_move_every_value_where_its_definition_says() {
-        for channels in [1, 3, 4, 5, 15, 16, 17, 33] {
-            for n in [1, 3, 4, 15, 16, 17, 40] {
-                let stride = channels + 3;
-                let at = |p: usize| p * stride + 1;
-                let bytes: Vec<u8> = (0..channels * n).map(|i| (i * 7 + 3) as u8).collect();
-                let mut dst = vec![0u8; n * stride + 1];
-                planes_to_pixels(&bytes, channels, n, &mut dst, at);
-                let words: Vec<i32> = (0..channels * n).map(|i| i as i32 * 31 - 5).collect();
-                let mut dst32 = vec![0i32; n * stride + 1];
-                planes_to_pixels(&words, channels, n, &mut dst32, at);
-                for ch in 0..channels {
-                    for p in 0..n {
-                        assert_eq!(dst[at(p) + ch], bytes[ch * n + p], "{channels} {n}");
-                        assert_eq!(dst32[at(p) + ch], words[ch * n + p], "{channels} {n}");
+        for channels in [1usize, 3, 4, 5, 15, 16, 17, 33] {
+            for n in [1usize, 3, 4, 15, 16, 17, 40] {
+                for room in [channels, channels.div_ceil(16) * 16] {
+                    let stride = room + 3;
+                    let width = [n, 3, 5][n % 3];
+                    for map in [
+                        PixelMap::dense(1, stride),
+                        PixelMap {
+                            width,
+                            origin: 2 * stride + 1,
+                            row_pitch: (width + 2) * stride,
+                            pixel_pitch: stride,
+                        },
+                    ] {
+                        let len = map.at(n - 1) + stride + 1;
+                        let bytes: Vec<u8> = (0..channels * n).map(|i| (i * 7 + 3) as u8).collect();
+                        let mut dst = vec![0u8; len];
+                        planes_to_pixels(&bytes, channels, n, &mut dst, map, room);
+                        let words: Vec<i32> = (0..channels * n).map(|i| i as i32 * 31 - 5).collect();
+                        let mut dst32 = vec![0i32; len];
+                        planes_to_pixels(&words, channels, n, &mut dst32, map, room);
+                        let mut written = vec![false; len];
+                        for p in 0..n {
+                            for ch in 0..room {
+                                written[map.at(p) + ch] = true;
+                                if ch < channels {
+                                    assert_eq!(dst[map.at(p) + ch], bytes[ch * n + p], "{channels} {n} {map:?}");
+                                    assert_eq!(dst32[map.at(p) + ch], words[ch * n + p], "{channels} {n} {map:?}");
+                                }
+                            }
+                        }
+                        // Nothing written outside the pixels' room.
+                        assert!((0..len).filter(|&i| !written[i]).all(|i| dst[i] == 0 && dst32[i] == 0));
+                        if map.width == usize::MAX {
+                            let mut back = vec![0i32; channels * n];
+                            pixels_to_planes_32(&dst32[1..], n, stride, channels, &mut back);
+                            assert_eq!(back, words, "{channels} {n}");
+                        }
                     }
                 }
-                // Nothing else written.
-                assert!((0..n * stride + 1).filter(|i| (*i + stride - 1) % stride >= channels).all(|i| dst[i] == 0));
-                let mut back = vec![0i32; channels * n];
-                pixels_to_planes_32(&dst32[1..], n, stride, channels, &mut back);
-                assert_eq!(back, words, "{channels} {n}");
             }
         }
     }

@@ -2,6 +2,7 @@
 //! elsewhere).
 
 use shrink_core::graph::Op;
+use shrink_core::kernels::transpose::PixelMap;
 use shrink_core::runtime::{Kernel, LayerView, RunContext};
 
 use super::{BUFFERS, Buffers, ChannelEpilogue, Int8Gemm, IntLayer, PackedInt8, dims, row_sums};
@@ -103,8 +104,8 @@ impl ConvInt8 {
             out.fill(self.input_params.zero_point as u8);
         }
         self.quantize_planes(x, planes);
-        let at = |p: usize| ((p / w + ph) * wp + pw + p % w) * c;
-        shrink_core::kernels::transpose::planes_to_pixels(planes, c, h * w, out, at);
+        let map = PixelMap { width: w, origin: (ph * wp + pw) * c, row_pitch: wp * c, pixel_pitch: c };
+        shrink_core::kernels::transpose::planes_to_pixels(planes, c, h * w, out, map, c);
     }
 
     /// Quantizes channel-major image `x` into `planes`, still channel-major.
@@ -186,8 +187,8 @@ impl Kernel for ConvInt8 {
                     let x = &inputs[0][(first + i) * in_len..(first + i + 1) * in_len];
                     if self.pointwise() {
                         self.quantize_planes(x, planes);
-                        let at = |p: usize| (i * n + p) * lda;
-                        shrink_core::kernels::transpose::planes_to_pixels(planes, cin, n, patches, at);
+                        let map = PixelMap::dense(i * n * lda, lda);
+                        shrink_core::kernels::transpose::planes_to_pixels(planes, cin, n, patches, map, cin);
                     } else {
                         self.quantize_padded_nhwc(x, planes, image);
                         self.unroll(image, patches, i * n, lda);
