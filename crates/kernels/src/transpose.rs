@@ -161,9 +161,7 @@ pub fn pixels_to_planes_32<T: Copy + Default>(pixels: &[T], n: usize, ld: usize,
         while ch + 4 <= channels {
             let rows: [&[T; 4]; 4] =
                 std::array::from_fn(|i| pixels[(p0 + i) * ld + ch..][..4].try_into().expect("4 values"));
-            for (j, column) in sse2::transpose4(&rows).iter().enumerate() {
-                out[(ch + j) * n + p0..][..4].copy_from_slice(column);
-            }
+            sse2::transpose4_into(&rows, out, ch * n + p0, n);
             ch += 4;
         }
         for ch in ch..channels {
@@ -225,6 +223,28 @@ mod sse2 {
     }
 
     /// A 4×4 matrix of 32-bit values (`i32` or `f32`) transposed: `out[j][i] = rows[i][j]`.
+    /// [`transpose4`] stored straight from the registers: column `j` into `out[at + j · pitch..][..4]`.
+    ///
+    /// # Panics
+    /// When `out` is shorter than `at + 3 · pitch + 4`.
+    #[inline(always)]
+    pub(super) fn transpose4_into<T: Copy>(rows: &[&[T; 4]; 4], out: &mut [T], at: usize, pitch: usize) {
+        const { assert!(std::mem::size_of::<T>() == 4) };
+        assert!(out.len() >= at + 3 * pitch + 4, "the output is shorter than its last column");
+        // SAFETY: each load reads the 16 bytes of one array (T is 4 bytes, asserted); each store
+        // writes 16 bytes at `at + j · pitch`, in bounds (asserted); SSE2 is part of x86-64.
+        unsafe {
+            let a: [__m128i; 4] = std::array::from_fn(|i| _mm_loadu_si128(rows[i].as_ptr().cast()));
+            let (t0, t1) = (_mm_unpacklo_epi32(a[0], a[1]), _mm_unpackhi_epi32(a[0], a[1]));
+            let (t2, t3) = (_mm_unpacklo_epi32(a[2], a[3]), _mm_unpackhi_epi32(a[2], a[3]));
+            let base = out.as_mut_ptr().add(at);
+            _mm_storeu_si128(base.cast(), _mm_unpacklo_epi64(t0, t2));
+            _mm_storeu_si128(base.add(pitch).cast(), _mm_unpackhi_epi64(t0, t2));
+            _mm_storeu_si128(base.add(2 * pitch).cast(), _mm_unpacklo_epi64(t1, t3));
+            _mm_storeu_si128(base.add(3 * pitch).cast(), _mm_unpackhi_epi64(t1, t3));
+        }
+    }
+
     pub(super) fn transpose4<T: Copy + Default>(rows: &[&[T; 4]; 4]) -> [[T; 4]; 4] {
         const { assert!(std::mem::size_of::<T>() == 4) };
         // SAFETY: each load reads the 16 bytes of one array (T is 4 bytes, asserted), each store
