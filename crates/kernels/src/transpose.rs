@@ -70,9 +70,9 @@ impl PixelMap {
         self.origin + (p / self.width) * self.row_pitch + (p % self.width) * self.pixel_pitch
     }
 
-    /// [`Self::at`] for `p = first, first + 1, …`, one step at a time (no division per pixel).
-    fn walk(&self, first: usize) -> impl FnMut() -> usize + '_ {
-        let (mut at, mut column) = (self.at(first), first % self.width);
+    /// [`Self::at`] for `p = 0, 1, …`, one step at a time (no division per pixel).
+    fn walk(&self) -> impl FnMut() -> usize + '_ {
+        let (mut at, mut column) = (self.origin, 0);
         move || {
             let here = at;
             column += 1;
@@ -118,7 +118,7 @@ pub fn planes_to_pixels<T: Transposable>(
             let rows: [&[T]; 16] =
                 std::array::from_fn(|i| if i < b { &planes[(ch0 + i).min(channels - 1) * n..][..n] } else { &[] });
             let rows = &rows[..b];
-            let mut next = map.walk(0);
+            let mut next = map.walk();
             let mut p0 = 0;
             while p0 + b <= n {
                 T::transpose_block(rows, p0, |_, pixel| dst[next() + ch0..][..b].copy_from_slice(pixel));
@@ -134,7 +134,7 @@ pub fn planes_to_pixels<T: Transposable>(
         ch0
     };
     if ch0 < channels {
-        let mut next = map.walk(0);
+        let mut next = map.walk();
         for p in 0..n {
             let d = &mut dst[next() + ch0..][..channels - ch0];
             for (i, v) in d.iter_mut().enumerate() {
@@ -222,7 +222,6 @@ mod sse2 {
         out
     }
 
-    /// A 4×4 matrix of 32-bit values (`i32` or `f32`) transposed: `out[j][i] = rows[i][j]`.
     /// [`transpose4`] stored straight from the registers: column `j` into `out[at + j · pitch..][..4]`.
     ///
     /// # Panics
@@ -245,6 +244,7 @@ mod sse2 {
         }
     }
 
+    /// A 4×4 matrix of 32-bit values (`i32` or `f32`) transposed: `out[j][i] = rows[i][j]`.
     pub(super) fn transpose4<T: Copy + Default>(rows: &[&[T; 4]; 4]) -> [[T; 4]; 4] {
         const { assert!(std::mem::size_of::<T>() == 4) };
         // SAFETY: each load reads the 16 bytes of one array (T is 4 bytes, asserted), each store
