@@ -46,7 +46,7 @@ impl DepthwiseShape {
     fn channels_last_pixels(&self) -> crate::transpose::PixelMap {
         let ([_, w], [ph, pw]) = (self.input, self.padding);
         let (c, wp) = (depthwise_u8_channels(self.channels), w + 2 * pw);
-        crate::transpose::PixelMap { width: w, origin: (ph * wp + pw) * c, row_pitch: wp * c, pixel_pitch: c }
+        crate::transpose::PixelMap::padded(w, [ph, pw], wp, c)
     }
 
     fn check(&self, image: &[f32], weights: &[f32], out: &[f32]) {

@@ -60,6 +60,18 @@ pub struct PixelMap {
 }
 
 impl PixelMap {
+    /// A plane of rows `width` long into a zero-padded channels-last image of `channels` per
+    /// pixel, `padded_width` pixels per row, the plane at `padding` (rows, columns).
+    pub fn padded(width: usize, padding: [usize; 2], padded_width: usize, channels: usize) -> Self {
+        let [ph, pw] = padding;
+        Self {
+            width,
+            origin: (ph * padded_width + pw) * channels,
+            row_pitch: padded_width * channels,
+            pixel_pitch: channels,
+        }
+    }
+
     /// Pixels one after another, `pitch` apart, from `origin` (one row).
     pub fn dense(origin: usize, pitch: usize) -> Self {
         Self { width: usize::MAX, origin, row_pitch: 0, pixel_pitch: pitch }

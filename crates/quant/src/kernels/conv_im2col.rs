@@ -104,7 +104,7 @@ impl ConvInt8 {
             out.fill(self.input_params.zero_point as u8);
         }
         self.quantize_planes(x, planes);
-        let map = PixelMap { width: w, origin: (ph * wp + pw) * c, row_pitch: wp * c, pixel_pitch: c };
+        let map = PixelMap::padded(w, [ph, pw], wp, c);
         shrink_core::kernels::transpose::planes_to_pixels(planes, c, h * w, out, map, c);
     }
 
